@@ -1,0 +1,5 @@
+"""``python -m surgery_lib`` is the same as the ``surgery-book`` command."""
+
+from surgery_lib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Encoders and heads: open_clip vision transformers and CLIP-style classification heads.
+
+The encoder is a plain :class:`open_clip.transformer.VisionTransformer`; its output is the
+unnormalised image embedding (CLS token after ``ln_post`` and ``proj``), which is what Surgery acts
+on. A :class:`ClassificationHead` L2-normalises that embedding first, exactly like the zero-shot heads
+of the papers, so the offline heads and the real CLIP heads are interchangeable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.presets import EncoderConfig
+
+StateDict = dict[str, torch.Tensor]
+
+
+def build_encoder(config: EncoderConfig) -> nn.Module:
+    """A randomly initialised open_clip ``VisionTransformer`` for ``config``.
+
+    Input: float (N, 3, image_size, image_size), normalised. Output: float (N, output_dim).
+    """
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        width=config.width,
+        layers=config.layers,
+        heads=config.heads,
+        mlp_ratio=config.mlp_ratio,
+        output_dim=config.output_dim,
+    )
+
+
+def load_encoder(config: EncoderConfig, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Build an encoder for ``config`` and load ``state`` strictly (every key, every shape).
+
+    Raises:
+        SurgeryBookError: if ``state`` belongs to another architecture.
+    """
+    encoder = build_encoder(config)
+    try:
+        encoder.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SurgeryBookError(
+            f"weights do not fit the encoder architecture {config} ({first})",
+            "load them with the preset they were trained for",
+        ) from None
+    return encoder
+
+
+def clone_state(module: nn.Module) -> StateDict:
+    """A detached CPU copy of ``module``'s state dict."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+
+
+class ClassificationHead(nn.Module):
+    """``logits = normalize(z) @ weight.T + bias``: a linear classifier on the unit sphere.
+
+    Shapes: z (N, embed_dim) -> logits (N, num_classes). For real CLIP the weight rows are the
+    class text embeddings times ``logit_scale.exp()`` and the bias is zero.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.normalize(z, dim=-1))
+
+    @property
+    def num_classes(self) -> int:
+        return self.linear.out_features
+
+
+def resolve_device(device: str | torch.device | None, default: str = "cpu") -> torch.device:
+    """``device`` (or ``default``) as a torch device, checking that CUDA is really there.
+
+    Raises:
+        SurgeryBookError: if CUDA is requested but unavailable.
+    """
+    resolved = torch.device(device if device is not None else default)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeryBookError(
+            "CUDA was requested but this torch build sees no GPU",
+            "pass --device cpu (or device='cpu'), or install a CUDA build of torch on a GPU machine",
+        )
+    return resolved
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device) -> Iterator[None]:
+    """bf16 autocast on CUDA, nothing on CPU (where bf16 is slower than fp32 for these sizes)."""
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+@torch.inference_mode()
+def embed(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Embeddings of uint8 ``images`` (N, 3, H, W): float32 (N, output_dim) on the CPU."""
+    from surgery_lib.data import normalize
+
+    device = torch.device(device)
+    encoder = encoder.to(device).eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+        with autocast(device):
+            outputs.append(encoder(batch).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)

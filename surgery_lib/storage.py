@@ -1,0 +1,132 @@
+"""The cache directory, atomic writes and checked safetensors files.
+
+Nothing is ever written in place: files are written to a temporary name in the same directory and
+renamed over the target, so an interrupted run leaves either the old file or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from surgery_lib.errors import SurgeryBookError
+
+#: Environment variable that overrides the default cache directory.
+CACHE_ENV = "SURGERY_BOOK_CACHE"
+
+
+class CorruptFileError(SurgeryBookError):
+    """A cached file exists but cannot be read back (truncated, overwritten or from another version)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"{path} is corrupt ({reason})",
+            "delete it, or run the command again to rebuild it",
+        )
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The directory that holds generated data and trained models, created if missing.
+
+    Resolution order: the ``cache_dir`` argument, then ``$SURGERY_BOOK_CACHE``, then the user's cache
+    directory (``~/.cache/surgery-book`` on Linux).
+
+    Raises:
+        SurgeryBookError: if the directory cannot be created or written to.
+    """
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV) or None
+    if cache_dir is None:
+        import platformdirs
+
+        cache_dir = platformdirs.user_cache_dir("surgery-book", appauthor=False)
+    root = Path(cache_dir).expanduser()
+    fix = f"pass a writable directory with --cache-dir (or cache_dir=...), or set ${CACHE_ENV}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise SurgeryBookError(f"cache directory {root} is not writable ({exc.strerror})", fix) from None
+    return root
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``, on error delete it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read JSON written by :func:`write_json`; a file that does not parse raises :class:`CorruptFileError`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(Path(path), f"invalid JSON: {exc}") from None
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_tensors(
+    tensors: Mapping[str, Any], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> str:
+    """Save a flat mapping of torch tensors to safetensors atomically; returns the file's SHA-256."""
+    from safetensors.torch import save_file
+
+    contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        digest = sha256_file(tmp)
+    return digest
+
+
+def load_tensors(
+    path: str | os.PathLike[str], expected_sha256: str | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Load a safetensors file as ``(tensors, metadata)``.
+
+    Raises:
+        CorruptFileError: if the file is truncated or unreadable, or its SHA-256 differs from
+            ``expected_sha256``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise CorruptFileError(path, "checksum differs from the manifest")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CorruptFileError(path, f"unreadable safetensors file: {exc}") from None
+    return tensors, metadata

@@ -1,0 +1,25 @@
+"""Shared fixtures: a private cache per test session and a smoke zoo built once into it."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A cache directory private to this test session (never the user's cache)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_suite(cache_dir):
+    from surgery_lib.data import load_suite
+
+    return load_suite("smoke", cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_zoo(cache_dir):
+    from surgery_lib.zoo import build_zoo
+
+    return build_zoo("smoke", device="cpu", cache_dir=cache_dir, progress=False)

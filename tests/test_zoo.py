@@ -1,0 +1,152 @@
+"""The model zoo on the smoke preset: manifest, reuse, resume, corruption, config changes, frozen heads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+import torch
+
+from surgery_lib import training, zoo as zoo_module
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.presets import get_preset
+from surgery_lib.zoo import MANIFEST, build_zoo, default_zoo_dir
+
+
+def _forbid_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was retrained")
+
+    monkeypatch.setattr(zoo_module, "pretrain", fail)
+    monkeypatch.setattr(zoo_module, "finetune", fail)
+    monkeypatch.setattr(zoo_module, "fit_probe", fail)
+
+
+def test_manifest_records_everything(smoke_zoo):
+    manifest = json.loads((smoke_zoo.directory / MANIFEST).read_text())
+    preset = get_preset("smoke")
+    assert manifest["preset"] == "smoke" and manifest["config"]["encoder"]["width"] == preset.encoder.width
+    assert set(manifest["models"]) == {"pretrained", "heads", "expert/mnist", "expert/shapes", "mtl"}
+    for entry in manifest["models"].values():
+        assert len(entry["sha256"]) == 64 and entry["wall_time_s"] >= 0
+        assert (smoke_zoo.directory / entry["file"]).exists()
+    assert {"torch", "open_clip", "surgery_lib"} <= set(manifest["versions"])
+    assert set(manifest["seeds"]) == {"pretrained", "heads", "expert/mnist", "expert/shapes", "mtl"}
+    assert set(manifest["accuracy"]["expert"]) == {"mnist", "shapes"}
+
+
+def test_rerun_loads_identical_weights_without_training(smoke_zoo, cache_dir, monkeypatch):
+    _forbid_training(monkeypatch)
+    again = build_zoo("smoke", device="cpu", cache_dir=cache_dir, progress=False)
+    for key, tensor in smoke_zoo.experts["shapes"].items():
+        assert torch.equal(tensor, again.experts["shapes"][key])
+    assert again.accuracy_table().equals(smoke_zoo.accuracy_table())
+
+
+def test_interrupted_build_resumes_at_the_last_finished_model(smoke_zoo, tmp_path, cache_dir, monkeypatch):
+    calls = []
+    real_finetune = zoo_module.finetune
+
+    def interrupt_second(*args, desc="", **kwargs):
+        calls.append(desc)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_finetune(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(zoo_module, "finetune", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_zoo("smoke", device="cpu", cache_dir=cache_dir, zoo_dir=tmp_path / "zoo", progress=False)
+    manifest = json.loads((tmp_path / "zoo" / MANIFEST).read_text())
+    assert set(manifest["models"]) == {"pretrained", "heads", "expert/mnist"}
+    assert not list((tmp_path / "zoo").glob("*.tmp")) and not list((tmp_path / "zoo").glob(".*"))
+
+    calls.clear()
+    monkeypatch.setattr(zoo_module, "pretrain", lambda *a, **k: pytest.fail("pretraining was repeated"))
+    monkeypatch.setattr(zoo_module, "finetune", lambda *a, desc="", **k: calls.append(desc) or real_finetune(*a, desc=desc, **k))
+    resumed = build_zoo("smoke", device="cpu", cache_dir=cache_dir, zoo_dir=tmp_path / "zoo", progress=False)
+    assert calls == ["expert shapes", "multi-task learning"]
+    # Seeded steps: the resumed zoo equals the one built in one go.
+    for key, tensor in smoke_zoo.experts["shapes"].items():
+        assert torch.equal(tensor, resumed.experts["shapes"][key])
+
+
+def test_corrupt_model_file_is_rebuilt_with_a_warning(smoke_zoo, tmp_path, cache_dir, caplog):
+    zoo_dir = tmp_path / "zoo"
+    build_zoo("smoke", device="cpu", cache_dir=cache_dir, zoo_dir=zoo_dir, progress=False)
+    expert = zoo_dir / "expert-mnist.safetensors"
+    expert.write_bytes(expert.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        rebuilt = build_zoo("smoke", device="cpu", cache_dir=cache_dir, zoo_dir=zoo_dir, progress=False)
+    assert "expert-mnist.safetensors is corrupt" in caplog.text and "rebuilding" in caplog.text
+    for key, tensor in smoke_zoo.experts["mnist"].items():
+        assert torch.equal(tensor, rebuilt.experts["mnist"][key])
+
+
+def test_corrupt_manifest_starts_afresh(tmp_path, cache_dir, caplog):
+    zoo_dir = tmp_path / "zoo"
+    zoo_dir.mkdir()
+    (zoo_dir / MANIFEST).write_text('{"preset": "smo')
+    with caplog.at_level(logging.WARNING):
+        zoo = build_zoo("smoke", device="cpu", cache_dir=cache_dir, zoo_dir=zoo_dir, progress=False)
+    assert "invalid JSON" in caplog.text and set(zoo.experts) == {"mnist", "shapes"}
+
+
+def test_changed_config_gets_a_new_zoo_directory():
+    preset = get_preset("smoke")
+    changed = dataclasses.replace(preset, recipe=dataclasses.replace(preset.recipe, expert_lr=1e-4))
+    assert default_zoo_dir(preset, "/tmp/x") != default_zoo_dir(changed, "/tmp/x")
+    # Only what determines the weights counts: the description does not.
+    relabelled = dataclasses.replace(preset, description="other words")
+    assert default_zoo_dir(preset, "/tmp/x") == default_zoo_dir(relabelled, "/tmp/x")
+
+
+def test_manifest_from_another_config_is_a_clear_error(smoke_zoo, cache_dir):
+    preset = get_preset("smoke")
+    changed = dataclasses.replace(preset, recipe=dataclasses.replace(preset.recipe, expert_steps=3))
+    with pytest.raises(SurgeryBookError, match=r"was built for preset 'smoke'.*--rebuild"):
+        build_zoo(changed, device="cpu", cache_dir=cache_dir, zoo_dir=smoke_zoo.directory, progress=False)
+
+
+def test_heads_stay_frozen_while_experts_train(smoke_zoo):
+    head = smoke_zoo.heads["shapes"]
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    encoder = smoke_zoo.encoder("pretrained")
+    training.finetune(
+        encoder, [(smoke_zoo.suite["shapes"], head)], steps=3, batch_per_task=16, lr=1e-3, weight_decay=0.1,
+        warmup_fraction=0.0, translate_px=2, seed=0, device=torch.device("cpu"), progress=False,
+    )  # fmt: skip
+    assert all(not p.requires_grad for p in head.parameters())
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+    moved = [not torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), smoke_zoo.pretrained.values())]
+    assert any(moved)
+
+
+def test_experts_differ_from_pretrained_and_each_other(smoke_zoo):
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    pre, mnist, shapes = smoke_zoo.pretrained[key], smoke_zoo.experts["mnist"][key], smoke_zoo.experts["shapes"][key]
+    assert not torch.equal(pre, mnist) and not torch.equal(mnist, shapes)
+
+
+def test_accuracy_table_shape(smoke_zoo):
+    table = smoke_zoo.accuracy_table()
+    assert list(table.columns) == ["mnist", "shapes", "average"]
+    assert list(table.index) == ["pretrained + probe", "individual (expert)", "traditional MTL"]
+    assert ((table >= 0) & (table <= 100)).all().all()
+    assert table["average"].tolist() == pytest.approx(table[["mnist", "shapes"]].mean(axis=1).tolist())
+
+
+def test_unknown_model_and_missing_gpu_are_clear_errors(smoke_zoo, cache_dir):
+    with pytest.raises(SurgeryBookError, match="no model 'letters'"):
+        smoke_zoo.encoder("letters")
+    if not torch.cuda.is_available():
+        with pytest.raises(SurgeryBookError, match="CUDA was requested"):
+            build_zoo("smoke", device="cuda", cache_dir=cache_dir, progress=False)
+
+
+def test_weights_of_another_architecture_are_refused(smoke_zoo):
+    from surgery_lib.models import load_encoder
+
+    with pytest.raises(SurgeryBookError, match="do not fit the encoder architecture"):
+        load_encoder(get_preset("mini").encoder, smoke_zoo.pretrained)
