@@ -4,6 +4,9 @@ Subcommands:
 
 - ``zoo``      build or load a preset's model zoo and print its accuracy table
 - ``data``     generate or load a preset's task suite and print its data cards
+- ``merge``    merge the experts with one method and print per-task accuracy
+- ``table``    the papers' main table: every merging method on one preset
+- ``surgery``  Surgery or SurgeryV2 on a merged model: accuracy and bias before and after
 - ``presets``  list the registered presets
 
 Errors caused by input (unknown preset, unwritable cache, ...) print one line naming the problem and
@@ -93,6 +96,111 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_options(args: argparse.Namespace):
+    from surgery_lib.methods import MergeOptions, with_options
+
+    return with_options(
+        MergeOptions(), scale=args.scale, keep_fraction=args.keep_fraction, steps=args.steps,
+        batch_size=args.batch_size, split=args.data, seed=args.seed,
+    )  # fmt: skip
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from surgery_lib.evaluation import normalized_accuracy, results_table
+    from surgery_lib.methods import METHODS, check_method, evaluate_merge, merge
+    from surgery_lib.zoo import build_zoo
+
+    check_method(args.method)
+    zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    result = merge(zoo, args.method, _merge_options(args), device=args.device, progress=not args.quiet)
+    accuracy = evaluate_merge(zoo, result, args.device)
+    experts = zoo.manifest["accuracy"]["expert"]
+    table = results_table({METHODS[args.method]: accuracy, "individual (expert)": experts})
+    normalized = normalized_accuracy(table.iloc[:1], experts).rename(index=lambda n: f"{n} / expert")
+    if args.json:
+        print(json.dumps({
+            "method": args.method, "accuracy": table.round(2).to_dict(orient="index"),
+            "normalized": normalized.round(2).to_dict(orient="index"), "seconds": round(result.seconds, 2),
+        }, indent=2))  # fmt: skip
+    else:
+        print(format_table(table, as_json=False))
+        print()
+        print(format_table(normalized, as_json=False))
+        print(f"\nmerged in {result.seconds:.1f} s")
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from surgery_lib.evaluation import write_table
+    from surgery_lib.methods import main_table
+    from surgery_lib.zoo import build_zoo
+
+    started = time.perf_counter()
+    zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    table, results = main_table(zoo, options=_merge_options(args), device=args.device, progress=not args.quiet)
+    if args.out:
+        for path in write_table(table, Path(args.out) / f"main_table_{zoo.preset.name}"):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            "preset": zoo.preset.name, "accuracy": table.round(2).to_dict(orient="index"),
+            "seconds": {m: round(r.seconds, 2) for m, r in results.items()},
+        }, indent=2))  # fmt: skip
+    else:
+        print(f"Test accuracy (%) on the {zoo.preset.name} preset, {len(zoo.tasks)} tasks\n")
+        print(format_table(table, as_json=False))
+        print(f"\n{time.perf_counter() - started:.0f} s in all")
+    return 0
+
+
+def _cmd_surgery(args: argparse.Namespace) -> int:
+    from surgery_lib.methods import METHODS, check_method, merge
+    from surgery_lib.pipeline import run_surgery, save_surgery
+    from surgery_lib.surgery import SurgeryConfig
+    from surgery_lib.zoo import build_zoo
+
+    check_method(args.merge)
+    config = SurgeryConfig(
+        rank=args.rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr,
+        seed=args.seed or 0, eval_every=0, online=args.online,
+    )  # fmt: skip
+    zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    merged = merge(zoo, args.merge, _merge_options(args), device=args.device, progress=not args.quiet)
+    run = run_surgery(
+        zoo, merged.state, version=args.version, config=config, split=args.data or "test",
+        device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    if args.save:
+        save_surgery(run, args.save, {"preset": zoo.preset.name, "merge": args.merge})
+    table = run.table()
+    name = f"{METHODS[args.merge]} + {'Surgery' if args.version == 1 else 'SurgeryV2'}"
+    if args.json:
+        print(json.dumps({
+            "preset": zoo.preset.name, "merge": args.merge, "version": args.version, "adapt_split": run.split,
+            "rank": config.rank, "steps": config.steps, "parameters_per_task": run.modules.parameters_per_task(),
+            "table": table.round(4).to_dict(orient="index"), "seconds": {k: round(v, 2) for k, v in run.seconds.items()},
+        }, indent=2))  # fmt: skip
+    else:
+        print(f"{name} on the {zoo.preset.name} preset (adapting on the {run.split} split)\n")
+        print(table.to_markdown(floatfmt=".3f"))
+        print(f"\n{run.modules.parameters_per_task():,} parameters per task; "
+              f"features {run.seconds['features_s']:.1f} s, training {run.seconds['training_s']:.1f} s")  # fmt: skip
+    return 0
+
+
+def _add_merge_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    parser.add_argument("--scale", type=float, default=None, help="task arithmetic / TIES scale (default 0.3; TIES mean 1.0)")
+    parser.add_argument("--keep-fraction", type=float, default=None, help="TIES top-k fraction kept (default 0.2)")
+    parser.add_argument("--steps", type=int, default=None, help="AdaMerging steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="AdaMerging batch size per task (default: the preset's)")
+    parser.add_argument("--data", choices=("test", "adapt"), default=None,
+                        help="unlabeled images AdaMerging adapts on: the test split as in the paper, or the held-out adapt split")
+    parser.add_argument("--seed", type=int, default=None, help="seed of batch selection (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``surgery-book``."""
     parser = argparse.ArgumentParser(prog="surgery-book", description=__doc__.split("\n\n")[0])
@@ -112,6 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--zoo-dir", default=None, help="explicit zoo directory (default: in the cache, named by config hash)")
     zoo.add_argument("--rebuild", action="store_true", help="discard the cached zoo and train everything again")
     zoo.set_defaults(run=_cmd_zoo)
+
+    merge = sub.add_parser("merge", help="merge a preset's experts with one method and print per-task accuracy")
+    _add_common(merge)
+    merge.add_argument("--method", required=True, help="weight_averaging, task_arithmetic, ties, ties_mean, fisher, "
+                       "regmean, adamerging_task, adamerging_layer or adamerging_plus")  # fmt: skip
+    _add_merge_options(merge)
+    merge.set_defaults(run=_cmd_merge)
+
+    table = sub.add_parser("table", help="the papers' main table (every merging method) for a preset")
+    _add_common(table)
+    _add_merge_options(table)
+    table.add_argument("--out", default=None, help="also write main_table_<preset>.csv and .md into this directory")
+    table.set_defaults(run=_cmd_table)
+
+    surgery = sub.add_parser("surgery", help="train Surgery (V1) or SurgeryV2 on a merged model; accuracy and bias before and after")
+    _add_common(surgery)
+    surgery.add_argument("--merge", default="task_arithmetic", help="the merging method to repair (default task_arithmetic)")
+    surgery.add_argument("--version", type=int, choices=(1, 2), default=1, help="1: Surgery on the final embedding; 2: SurgeryV2 after every block")
+    surgery.add_argument("--rank", type=int, default=16, help="rank of every module (default 16)")
+    surgery.add_argument("--surgery-steps", type=int, default=1000, help="steps per task (default 1000 = 500 official iterations x 2)")
+    surgery.add_argument("--surgery-batch-size", type=int, default=16, help="batch size per task (default 16)")
+    surgery.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    surgery.add_argument("--online", action="store_true", help="online variant: batch 1, every adaptation image once")
+    surgery.add_argument("--save", default=None, help="save the trained modules to this .safetensors file")
+    _add_merge_options(surgery)
+    surgery.set_defaults(run=_cmd_surgery)
     return parser
 
 

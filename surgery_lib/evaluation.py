@@ -1,12 +1,21 @@
-"""Evaluation: accuracy of an encoder through each task's head."""
+"""Evaluation: accuracy of an encoder through each task's head, and results tables."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from surgery_lib.data import TaskData
+from surgery_lib.errors import SurgeryBookError
 from surgery_lib.models import embed
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @torch.inference_mode()
@@ -28,3 +37,49 @@ def task_accuracy(
     """Top-1 accuracy in percent of ``encoder`` + ``head`` on ``task``'s ``split``."""
     features = embed(encoder, task.images[split], task.mean, task.std, batch_size, device)
     return accuracy_from_features(features, head, task.labels[split])
+
+
+def evaluate_tasks(
+    encoder: nn.Module,
+    heads: Mapping[str, nn.Module],
+    tasks: Mapping[str, TaskData],
+    split: str = "test",
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Accuracy (%) of one (merged) encoder on every task in ``tasks``, each through its own head."""
+    missing = [task for task in tasks if task not in heads]
+    if missing:
+        raise SurgeryBookError(f"no head for task(s) {missing}", "pass a head for every evaluated task")
+    return {task: task_accuracy(encoder, heads[task], data, split, device=device) for task, data in tasks.items()}
+
+
+def results_table(rows: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """Per-task accuracies ``{method: {task: %}}`` as a DataFrame with an ``average`` column."""
+    import pandas as pd
+
+    table = pd.DataFrame.from_dict({name: dict(values) for name, values in rows.items()}, orient="index")
+    table["average"] = table.mean(axis=1)
+    return table
+
+
+def normalized_accuracy(table: pd.DataFrame, experts: Mapping[str, float]) -> pd.DataFrame:
+    """Each accuracy divided by the task's expert accuracy, in % (the papers' "normalised accuracy")."""
+    import pandas as pd
+
+    tasks = [column for column in table.columns if column != "average"]
+    normalized = table[tasks].div(pd.Series(dict(experts), dtype=float)[tasks], axis=1) * 100
+    normalized["average"] = normalized.mean(axis=1)
+    return normalized
+
+
+def write_table(table: pd.DataFrame, stem: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``table`` as ``<stem>.csv`` and ``<stem>.md`` (two decimals), atomically; returns both paths."""
+    from surgery_lib.storage import atomic_path
+
+    stem = Path(stem)
+    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    with atomic_path(csv_path) as tmp:
+        table.round(2).to_csv(tmp, float_format="%.2f")
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(table.to_markdown(floatfmt=".2f") + "\n")
+    return csv_path, md_path

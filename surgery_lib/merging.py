@@ -6,6 +6,7 @@ Every function takes any number of experts and any architecture; nothing is trun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -51,6 +52,8 @@ def add_vectors(pretrained: StateDict, vectors: Sequence[Mapping[str, torch.Tens
         raise SurgeryBookError(
             f"{len(coefficients)} coefficients for {len(vectors)} task vectors", "give one coefficient per task"
         )
+    if not all(math.isfinite(float(c)) for c in coefficients):
+        raise SurgeryBookError(f"merging coefficients {list(coefficients)} contain NaN or infinity", "pass finite numbers")
     merged = {}
     for key, value in pretrained.items():
         if vectors and key in vectors[0]:
@@ -70,3 +73,70 @@ def task_arithmetic(pretrained: StateDict, experts: Mapping[str, StateDict], sca
     """``theta_0 + scale * sum_t tau_t`` (Ilharco et al., 2023); the papers use ``scale = 0.3``."""
     vectors = list(task_vectors(pretrained, experts).values())
     return add_vectors(pretrained, vectors, [scale] * len(vectors))
+
+
+#: The two TIES operating points in the literature; name the one you run.
+TIES_OPERATING_POINTS: dict[str, dict[str, float | str]] = {
+    # Surgery / AdaMerging code: disjoint *sum* of the elected entries, scaled by 0.3.
+    "ties": {"combine": "sum", "scale": 0.3},
+    # The TIES paper (Yadav et al., 2023): disjoint *mean*, scale about 1.
+    "ties_mean": {"combine": "mean", "scale": 1.0},
+}
+
+
+def trim_threshold(vector: Mapping[str, torch.Tensor], keep_fraction: float) -> float:
+    """The magnitude above which ``keep_fraction`` of all entries of ``vector`` lie (global, not per tensor)."""
+    if not 0 < keep_fraction <= 1:
+        raise SurgeryBookError(f"TIES keep fraction {keep_fraction} is outside (0, 1]", "pass a fraction such as 0.2")
+    magnitudes = torch.cat([t.detach().abs().flatten().float() for t in vector.values()])
+    keep = max(1, int(round(keep_fraction * magnitudes.numel())))
+    return float(torch.kthvalue(magnitudes, magnitudes.numel() - keep + 1).values)
+
+
+def ties_vectors(vectors: Sequence[Mapping[str, torch.Tensor]], keep_fraction: float = 0.2) -> list[dict[str, torch.Tensor]]:
+    """Trim each task vector to its top ``keep_fraction`` entries by magnitude, elect a sign per entry
+    (the sign of the sum of the trimmed vectors) and zero every entry that disagrees with it.
+
+    Returns one disjoint vector per task; summing them gives TIES' disjoint sum. Memory: one tensor of
+    all tasks at a time, plus one flattened copy of a single task vector for the threshold.
+    """
+    thresholds = [trim_threshold(vector, keep_fraction) for vector in vectors]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in vectors]
+    for key in vectors[0]:
+        stacked = torch.stack([vector[key] for vector in vectors])
+        limits = torch.tensor(thresholds, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
+        trimmed = torch.where(stacked.abs() >= limits, stacked, torch.zeros_like(stacked))
+        elected = torch.sign(trimmed.sum(dim=0))
+        agreeing = torch.where(torch.sign(trimmed) == elected, trimmed, torch.zeros_like(trimmed))
+        for task, value in enumerate(agreeing):
+            out[task][key] = value
+    return out
+
+
+def ties_merging(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    *,
+    keep_fraction: float = 0.2,
+    scale: float = 0.3,
+    combine: str = "sum",
+) -> dict[str, torch.Tensor]:
+    """TIES-merging (Yadav et al., 2023): trim, elect sign, disjoint merge, scale.
+
+    ``combine="sum"`` with ``scale=0.3`` is what the Surgery and AdaMerging code run; ``combine="mean"``
+    with ``scale`` about 1 is what the TIES paper recommends (see :data:`TIES_OPERATING_POINTS`).
+    """
+    if combine not in ("sum", "mean"):
+        raise SurgeryBookError(f"unknown TIES combine mode {combine!r}", "use 'sum' or 'mean'")
+    disjoint = ties_vectors(list(task_vectors(pretrained, experts).values()), keep_fraction)
+    merged = {}
+    for key, value in pretrained.items():
+        if key not in disjoint[0]:
+            merged[key] = value.clone()
+            continue
+        stacked = torch.stack([vector[key] for vector in disjoint])
+        total = stacked.sum(dim=0)
+        if combine == "mean":
+            total = total / (stacked != 0).sum(dim=0).clamp(min=1)
+        merged[key] = value + scale * total
+    return merged

@@ -9,7 +9,7 @@ of the papers, so the offline heads and the real CLIP heads are interchangeable.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,6 @@ def autocast(device: torch.device) -> Iterator[None]:
         yield
 
 
-@torch.inference_mode()
 def embed(
     encoder: nn.Module,
     images: torch.Tensor,
@@ -115,14 +114,80 @@ def embed(
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Embeddings of uint8 ``images`` (N, 3, H, W): float32 (N, output_dim) on the CPU."""
+    """Embeddings of uint8 ``images`` (N, 3, H, W): float32 (N, output_dim) on the CPU.
+
+    Runs under ``torch.inference_mode``; the result is an ordinary tensor, usable in autograd later.
+    """
     from surgery_lib.data import normalize
 
     device = torch.device(device)
     encoder = encoder.to(device).eval()
     outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
-        with autocast(device):
-            outputs.append(encoder(batch).float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0)
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+            with autocast(device):
+                outputs.append(encoder(batch).float().cpu())
+        result = torch.cat(outputs) if outputs else torch.empty(0, encoder.output_dim)
+    return result.clone()
+
+
+def forward_blocks(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an open_clip ``VisionTransformer`` block by block.
+
+    ``after_block(i, x)`` may replace the residual stream x (N, tokens, width) leaving block i; what it
+    returns is what block i + 1 receives (SurgeryV2 inserts its modules here).
+
+    Returns:
+        The final embedding (N, output_dim) and the token-mean of the (possibly corrected) stream after
+        every block, (N, blocks, width): the quantity SurgeryV2's loss and the per-block bias compare.
+    """
+    x = encoder._embeds(images)
+    transformer = encoder.transformer
+    if not getattr(transformer, "batch_first", True):
+        raise SurgeryBookError(
+            "this open_clip transformer is sequence-first", "use open_clip 3.x, whose transformers are batch-first"
+        )
+    means = []
+    for i, block in enumerate(transformer.resblocks):
+        x = block(x)
+        if after_block is not None:
+            x = after_block(i, x)
+        means.append(x.mean(dim=1))
+    pooled, _ = encoder._pool(x)
+    if encoder.proj is not None:
+        pooled = pooled @ encoder.proj
+    return pooled, torch.stack(means, dim=1)
+
+
+def embed_blocks(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final embeddings (N, output_dim) and per-block token-means (N, blocks, width) of uint8 ``images``, on the CPU.
+
+    ``dtype=torch.float16`` halves the memory of the block means (24 x 1024 values per image for ViT-L/14).
+    """
+    from surgery_lib.data import normalize
+
+    device = torch.device(device)
+    encoder = encoder.to(device).eval()
+    finals, blocks = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+            with autocast(device):
+                final, means = forward_blocks(encoder, batch)
+            finals.append(final.float().cpu())
+            blocks.append(means.to(dtype).cpu())
+        final, means = torch.cat(finals), torch.cat(blocks)
+    return final.clone(), means.clone()

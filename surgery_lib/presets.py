@@ -97,6 +97,9 @@ class Preset:
     recipe: RecipeConfig
     default_device: str = "cpu"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: AdaMerging's schedule for this preset (the official one: 500 steps, batches of 16).
+    adamerging_steps: int = 500
+    adamerging_batch_size: int = 16
 
     def to_dict(self) -> dict[str, Any]:
         """The preset as JSON-compatible data."""

@@ -51,3 +51,34 @@ def test_experts_of_another_architecture_are_refused():
     del experts["task1"]["w"]
     with pytest.raises(SurgeryBookError, match="missing"):
         weight_averaging(pretrained, experts)
+
+
+def test_ties_on_a_hand_computed_example():
+    from surgery_lib.merging import ties_merging
+
+    pretrained = {"w": torch.zeros(6)}
+    experts = {
+        "a": {"w": torch.tensor([4.0, -3.0, 0.1, 2.0, -0.2, 1.0])},
+        "b": {"w": torch.tensor([2.0, 0.9, -0.3, -5.0, 0.1, -1.0])},
+        "c": {"w": torch.tensor([-1.0, 2.0, 0.2, 4.0, 0.1, 0.5])},
+    }
+    # keep 50 % of each vector's 6 entries (global top-3 by magnitude):
+    #   a -> [4, -3, 0, 2, 0, 0]; b -> [2, 0, 0, -5, 0, -1]; c -> [-1, 2, 0, 4, 0, 0]
+    # sums [5, -1, 0, 1, 0, -1] elect signs [+, -, 0, +, 0, -]; agreeing entries:
+    #   a [4, -3, 0, 2, 0, 0]; b [2, 0, 0, 0, 0, -1]; c [0, 0, 0, 4, 0, 0]
+    disjoint_sum = torch.tensor([6.0, -3.0, 0.0, 6.0, 0.0, -1.0])
+    disjoint_mean = torch.tensor([3.0, -3.0, 0.0, 3.0, 0.0, -1.0])
+    merged_sum = ties_merging(pretrained, experts, keep_fraction=0.5, scale=0.3, combine="sum")
+    merged_mean = ties_merging(pretrained, experts, keep_fraction=0.5, scale=1.0, combine="mean")
+    assert torch.allclose(merged_sum["w"], 0.3 * disjoint_sum)
+    assert torch.allclose(merged_mean["w"], disjoint_mean)
+
+
+def test_ties_threshold_is_global_over_all_tensors():
+    from surgery_lib.merging import trim_threshold
+
+    vector = {"small": torch.tensor([0.1, 0.2]), "large": torch.tensor([5.0, 6.0, 7.0, 8.0])}
+    # top 50 % of 6 entries are the four large ones: a per-tensor trim would keep 0.2 too.
+    assert trim_threshold(vector, 0.5) == 6.0
+    with pytest.raises(SurgeryBookError, match="outside"):
+        trim_threshold(vector, 0.0)

@@ -1,0 +1,33 @@
+"""Representation bias: how far a merged model's representations are from each expert's.
+
+``bias_t = (1 / (N_t d)) sum_i ||z_merged(x_i) - z_expert(x_i)||_1`` over task t's test images: the mean
+absolute difference of the unnormalised final embeddings, the same quantity Surgery's loss minimises.
+The per-block analogue compares the token-mean of the residual stream after every block (SurgeryV2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+def representation_bias(merged: torch.Tensor, expert: torch.Tensor) -> float:
+    """Mean absolute difference of two embedding matrices of the same images: (N, d), (N, d) -> scalar."""
+    if merged.shape != expert.shape:
+        raise ValueError(f"embeddings of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}")
+    return float((merged.float() - expert.float()).abs().mean())
+
+
+def block_bias(merged: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Per-block bias of token-means (N, blocks, width) x 2 -> (blocks,)."""
+    if merged.shape != expert.shape:
+        raise ValueError(f"block means of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}")
+    return (merged.float() - expert.float()).abs().mean(dim=(0, 2))
+
+
+def bias_table(rows: Mapping[str, Mapping[str, float]]):  # -> pandas.DataFrame
+    """``{method: {task: bias}}`` as a DataFrame with an ``average`` column."""
+    from surgery_lib.evaluation import results_table
+
+    return results_table(rows)

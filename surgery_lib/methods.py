@@ -1,0 +1,172 @@
+"""Every merging method behind one name, run on a zoo: the layer the command line and notebooks use."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from surgery_lib import merging
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.evaluation import evaluate_tasks, results_table
+from surgery_lib.models import load_encoder, resolve_device
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from surgery_lib.zoo import Zoo
+
+#: Method name -> the label it gets in tables.
+METHODS: dict[str, str] = {
+    "weight_averaging": "weight averaging",
+    "fisher": "Fisher merging",
+    "regmean": "RegMean",
+    "task_arithmetic": "task arithmetic",
+    "ties": "TIES-merging (disjoint sum)",
+    "ties_mean": "TIES-merging (disjoint mean)",
+    "adamerging_task": "task-wise AdaMerging",
+    "adamerging_layer": "layer-wise AdaMerging",
+    "adamerging_plus": "layer-wise AdaMerging++",
+}
+
+#: The rows of the papers' main table, in their order (plus the zoo's reference rows first).
+MAIN_TABLE = (
+    "weight_averaging", "fisher", "regmean", "task_arithmetic", "ties",
+    "adamerging_task", "adamerging_layer", "adamerging_plus",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Options of every method; ``None`` means the method's (or preset's) default."""
+
+    scale: float | None = None  # task arithmetic 0.3; TIES: its operating point's scale
+    keep_fraction: float = 0.2  # TIES / AdaMerging++: top-k fraction kept
+    steps: int | None = None  # AdaMerging: the preset's adamerging_steps
+    batch_size: int | None = None  # AdaMerging: the preset's adamerging_batch_size
+    batches_per_task: int = 2
+    lr: float = 1e-3
+    split: str = "test"  # unlabeled images for AdaMerging: "test" (the paper) or "adapt" (held out)
+    samples: int = 256  # Fisher / RegMean: train images per task
+    alpha: float = 0.95  # RegMean off-diagonal scale
+    seed: int = 0
+
+
+@dataclass
+class MergeResult:
+    """A merged state dict, how long it took, and method-specific details (e.g. AdaMerging coefficients)."""
+
+    method: str
+    state: dict[str, torch.Tensor]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def check_method(method: str) -> str:
+    """Raise a clear error for an unknown method name."""
+    if method not in METHODS:
+        raise SurgeryBookError(f"unknown merging method {method!r}", f"use one of: {', '.join(METHODS)}")
+    return method
+
+
+def _subset(zoo: Zoo, task: str, count: int, seed: int) -> torch.Tensor:
+    data = zoo.suite[task]
+    index = torch.randperm(len(data.labels["train"]), generator=torch.Generator().manual_seed(seed))[:count]
+    return data.normalized("train", index)
+
+
+def merge(
+    zoo: Zoo,
+    method: str,
+    options: MergeOptions | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge ``zoo``'s experts (all, or ``tasks``) with ``method``; see :data:`METHODS`."""
+    check_method(method)
+    options = options or MergeOptions()
+    device = resolve_device(device, zoo.preset.default_device)
+    names = list(tasks) if tasks is not None else list(zoo.tasks)
+    experts = {t: zoo.experts[t] for t in names}
+    started = time.perf_counter()
+    details: dict[str, Any] = {}
+    if method == "weight_averaging":
+        state = merging.weight_averaging(zoo.pretrained, experts)
+    elif method == "task_arithmetic":
+        scale = 0.3 if options.scale is None else options.scale
+        state, details["scale"] = merging.task_arithmetic(zoo.pretrained, experts, scale), scale
+    elif method in ("ties", "ties_mean"):
+        point = dict(merging.TIES_OPERATING_POINTS[method])
+        if options.scale is not None:
+            point["scale"] = options.scale
+        state = merging.ties_merging(zoo.pretrained, experts, keep_fraction=options.keep_fraction, **point)  # type: ignore[arg-type]
+        details.update(point, keep_fraction=options.keep_fraction)
+    elif method == "fisher":
+        from surgery_lib.fisher import diagonal_fisher, fisher_merging
+
+        fishers = {
+            t: diagonal_fisher(zoo.encoder(t), zoo.heads[t], _subset(zoo, t, options.samples, options.seed), device, progress)
+            for t in names
+        }
+        state = fisher_merging(experts, fishers)
+    elif method == "regmean":
+        from surgery_lib.regmean import gram_matrices, regmean_merging
+
+        grams = {t: gram_matrices(zoo.encoder(t), _subset(zoo, t, options.samples, options.seed), device=device) for t in names}
+        state = regmean_merging(experts, grams, alpha=options.alpha)
+    else:
+        from surgery_lib.adamerging import adamerging
+
+        vectors = merging.task_vectors(zoo.pretrained, experts)
+        if method == "adamerging_plus":
+            trimmed = merging.ties_vectors(list(vectors.values()), options.keep_fraction)
+            vectors = dict(zip(vectors, trimmed))
+        result = adamerging(
+            zoo.encoder("pretrained"), zoo.pretrained, vectors, zoo.heads, {t: zoo.suite[t] for t in names},
+            granularity="task" if method == "adamerging_task" else "layer", split=options.split,
+            steps=options.steps if options.steps is not None else zoo.preset.adamerging_steps,
+            batch_size=options.batch_size or zoo.preset.adamerging_batch_size,
+            batches_per_task=options.batches_per_task, lr=options.lr, seed=options.seed, device=device,
+            progress=progress,
+        )  # fmt: skip
+        state, details["adamerging"] = result.merged, result
+    return MergeResult(method, state, time.perf_counter() - started, details)
+
+
+def evaluate_merge(zoo: Zoo, result: MergeResult, device: str | torch.device | None = None) -> dict[str, float]:
+    """Test accuracy (%) of a merged model on each of its tasks."""
+    device = resolve_device(device, zoo.preset.default_device)
+    encoder = load_encoder(zoo.preset.encoder, result.state)
+    return evaluate_tasks(encoder, zoo.heads, {t: zoo.suite[t] for t in zoo.tasks}, device=device)
+
+
+def main_table(
+    zoo: Zoo,
+    methods: Sequence[str] = MAIN_TABLE,
+    options: MergeOptions | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[str, MergeResult]]:
+    """The papers' main table for ``zoo``: reference rows, then one row per method (test accuracy, %)."""
+    rows = {label: {t: zoo.manifest["accuracy"][key][t] for t in zoo.tasks} for key, label in _REFERENCE_ROWS.items()}
+    results = {}
+    for method in methods:
+        result = merge(zoo, method, options, device=device, progress=progress)
+        rows[METHODS[method]] = evaluate_merge(zoo, result, device)
+        results[method] = result
+    return results_table(rows), results
+
+
+_REFERENCE_ROWS = {"pretrained": "pretrained + probe", "expert": "individual (expert)", "mtl": "traditional MTL"}
+
+
+def with_options(options: MergeOptions, **changes: Any) -> MergeOptions:
+    """``options`` with ``changes`` applied, ignoring changes that are None."""
+    return dataclasses.replace(options, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,201 @@
+"""Surgery on a zoo: merge -> cache features -> train modules -> accuracy and bias before and after."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from surgery_lib.bias import block_bias, representation_bias
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.evaluation import accuracy_from_features
+from surgery_lib.models import embed, embed_blocks, load_encoder, resolve_device
+from surgery_lib.storage import load_tensors, save_tensors
+from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery, train_surgery
+from surgery_lib.surgery_v2 import DeepSurgery, train_deep_surgery
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from surgery_lib.zoo import Zoo
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (first 16 hex digits) of a state dict's names, shapes, dtypes and values."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class SurgeryRun:
+    """Everything one surgery run measured. Accuracies in %, biases as mean absolute differences."""
+
+    version: int
+    split: str
+    config: SurgeryConfig
+    tasks: tuple[str, ...]
+    accuracy_before: dict[str, float]
+    accuracy_after: dict[str, float]
+    bias_before: dict[str, float]
+    bias_after: dict[str, float]
+    history: SurgeryHistory
+    modules: TaskSurgery | DeepSurgery
+    base_fingerprint: str
+    block_bias_before: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_bias_after: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> pd.DataFrame:
+        """Rows: accuracy and bias before and after surgery; columns: tasks and their average."""
+        from surgery_lib.evaluation import results_table
+
+        return results_table({
+            "accuracy before": self.accuracy_before, "accuracy after": self.accuracy_after,
+            "bias before": self.bias_before, "bias after": self.bias_after,
+        })  # fmt: skip
+
+    def learning_curve(self) -> pd.DataFrame:
+        """Test accuracy per task (and average) at every evaluated step."""
+        from surgery_lib.evaluation import results_table
+
+        return results_table(self.history.accuracy).rename_axis("step")
+
+
+def run_surgery(
+    zoo: Zoo,
+    merged: Mapping[str, torch.Tensor],
+    *,
+    version: int = 1,
+    config: SurgeryConfig | None = None,
+    split: str = "test",
+    tasks: Sequence[str] | None = None,
+    block_bias_too: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> SurgeryRun:
+    """Train Surgery (``version=1``) or SurgeryV2 (``version=2``) on a merged state dict of ``zoo``'s experts.
+
+    Args:
+        merged: the merged encoder weights (from any method in :mod:`surgery_lib.methods`).
+        split: unlabeled adaptation images: ``"test"`` (the paper's transductive setting) or ``"adapt"``
+            (a held-out split of the same task, never used for evaluation).
+        block_bias_too: also measure the per-block bias before and after (always done for V2).
+
+    Returns:
+        A :class:`SurgeryRun` with accuracy and bias on the test split before and after.
+    """
+    if version not in (1, 2):
+        raise SurgeryBookError(f"unknown surgery version {version!r}", "use 1 (Surgery) or 2 (SurgeryV2)")
+    if split not in ("test", "adapt"):
+        raise SurgeryBookError(f"unknown adaptation split {split!r}", "use 'test' (the paper) or 'adapt' (held out)")
+    config = config or SurgeryConfig()
+    device = resolve_device(device, zoo.preset.default_device)
+    names = tuple(tasks) if tasks is not None else zoo.tasks
+    encoder = load_encoder(zoo.preset.encoder, merged).to(device)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def features(model: torch.nn.Module, task: str, which: str, blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        data = zoo.suite[task]
+        if blocks:
+            return embed_blocks(model, data.images[which], data.mean, data.std, device=device)
+        return embed(model, data.images[which], data.mean, data.std, device=device), None
+
+    with_blocks = version == 2 or block_bias_too
+    merged_test, expert_test, expert_adapt = {}, {}, {}
+    merged_adapt = {}
+    for task in names:
+        expert = zoo.encoder(task).to(device)
+        expert_test[task] = features(expert, task, "test", with_blocks)
+        expert_adapt[task] = expert_test[task] if split == "test" else features(expert, task, split, version == 2)
+        merged_test[task] = features(encoder, task, "test", with_blocks)
+        if version == 1:
+            merged_adapt[task] = merged_test[task][0] if split == "test" else features(encoder, task, split, False)[0]
+    labels = {t: zoo.suite[t].labels["test"] for t in names}
+    timings["features_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if version == 1:
+        evaluate = {t: (merged_test[t][0], labels[t], zoo.heads[t]) for t in names}
+        modules, history = train_surgery(
+            merged_adapt, {t: expert_adapt[t][0] for t in names}, config, evaluate=evaluate, device=device, progress=progress
+        )
+        after = {t: (modules.apply_task(t, merged_test[t][0]).detach(), None) for t in names}
+    else:
+        targets = {t: (expert_adapt[t][0], expert_adapt[t][1]) for t in names}
+        modules, history = train_deep_surgery(
+            encoder, {t: zoo.suite[t] for t in names}, targets, config, split=split,
+            evaluate={t: zoo.heads[t] for t in names}, device=device, progress=progress,
+        )  # fmt: skip
+        after = {t: modules.to(device).embed(encoder, t, zoo.suite[t], device=device) for t in names}
+        modules = modules.cpu()
+    timings["training_s"] = time.perf_counter() - started
+
+    run = SurgeryRun(
+        version=version, split=split, config=config, tasks=names,
+        accuracy_before={t: accuracy_from_features(merged_test[t][0], zoo.heads[t], labels[t]) for t in names},
+        accuracy_after={t: accuracy_from_features(after[t][0], zoo.heads[t], labels[t]) for t in names},
+        bias_before={t: representation_bias(merged_test[t][0], expert_test[t][0]) for t in names},
+        bias_after={t: representation_bias(after[t][0], expert_test[t][0]) for t in names},
+        history=history, modules=modules, base_fingerprint=state_fingerprint(merged), seconds=timings,
+    )  # fmt: skip
+    if with_blocks:
+        run.block_bias_before = {t: block_bias(merged_test[t][1], expert_test[t][1]) for t in names}
+        if version == 2:
+            run.block_bias_after = {t: block_bias(after[t][1], expert_test[t][1]) for t in names}
+        else:  # V1 leaves the blocks untouched: only the final embedding moves
+            run.block_bias_after = dict(run.block_bias_before)
+    return run
+
+
+def save_surgery(run: SurgeryRun, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
+    """Save a run's trained modules as safetensors, tagged with the base merge they belong to."""
+    metadata = {
+        "version": str(run.version),
+        "tasks": json.dumps(list(run.tasks)),
+        "rank": str(run.modules.rank),
+        "base_fingerprint": run.base_fingerprint,
+        "extra": json.dumps(dict(extra or {})),
+    }
+    save_tensors(dict(run.modules.state_dict()), path, metadata)
+    return Path(path)
+
+
+def load_surgery(path: str | os.PathLike[str], merged: Mapping[str, torch.Tensor], encoder: torch.nn.Module) -> TaskSurgery | DeepSurgery:
+    """Load modules saved by :func:`save_surgery` for the base merge ``merged`` on ``encoder``'s architecture.
+
+    Raises:
+        SurgeryBookError: if the modules were trained on another base merge or for another width or depth.
+    """
+    tensors, metadata = load_tensors(path)
+    fingerprint = state_fingerprint(merged)
+    if metadata.get("base_fingerprint") != fingerprint:
+        raise SurgeryBookError(
+            f"the surgery modules in {path} were trained on another merged model "
+            f"(fingerprint {metadata.get('base_fingerprint')}, this one {fingerprint})",
+            "train surgery for this merge, or load the merge the modules were trained on",
+        )
+    tasks, rank, version = json.loads(metadata["tasks"]), int(metadata["rank"]), int(metadata["version"])
+    if version == 1:
+        modules: TaskSurgery | DeepSurgery = TaskSurgery(tasks, encoder.output_dim, rank)
+    else:
+        modules = DeepSurgery.for_encoder(encoder, tasks, rank)
+    try:
+        modules.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise SurgeryBookError(
+            f"the surgery modules in {path} do not fit this encoder's width or depth ({str(exc).splitlines()[0]})",
+            "load them on the architecture they were trained for",
+        ) from None
+    return modules

@@ -1,0 +1,164 @@
+"""SurgeryV2 (Yang et al., 2024): deep representation surgery after every residual block.
+
+Each task gets a module of Surgery's form after every block of the merged encoder, acting on every
+token of the residual stream (the corrected stream is what the next block receives), plus Surgery's
+module on the final embedding. The loss is the unweighted sum of L1 terms: one per block between the
+token-means of the corrected merged stream and of the expert's stream, plus the final-embedding term.
+
+Depth and width come from the encoder, so the same code runs a 4-block tiny ViT, ViT-B (12 x 768) and
+ViT-L/14 (24 x 1024). Expert targets are cached once; the merged forward cannot be (the modules change
+it), so every step runs the frozen merged encoder on a batch holding every task's images, each routed
+to its own task's modules, in bf16 autocast on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from surgery_lib.data import TaskData, normalize
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.models import autocast, forward_blocks
+from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery, batch_stream, l1_loss_per_task, task_seed
+
+
+class DeepSurgery(nn.Module):
+    """SurgeryV2's modules for T tasks: per block ``down`` (T, blocks, r, width), ``up`` (T, blocks, width, r),
+    and a final :class:`TaskSurgery` on the output embedding. All start as the identity."""
+
+    def __init__(self, tasks: Sequence[str], blocks: int, width: int, dim: int, rank: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1 / math.sqrt(width)
+        self.block_down = nn.Parameter(torch.empty(len(tasks), blocks, rank, width).uniform_(-bound, bound, generator=generator))
+        self.block_up = nn.Parameter(torch.zeros(len(tasks), blocks, width, rank))
+        self.final = TaskSurgery(tasks, dim, rank, seed + 1)
+
+    @classmethod
+    def for_encoder(cls, encoder: nn.Module, tasks: Sequence[str], rank: int = 16, seed: int = 0) -> DeepSurgery:
+        """Modules sized from an open_clip ``VisionTransformer`` (its depth, width and output width)."""
+        blocks = len(encoder.transformer.resblocks)
+        return cls(tasks, blocks, encoder.transformer.width, encoder.output_dim, rank, seed)
+
+    @property
+    def blocks(self) -> int:
+        return self.block_down.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.block_down.shape[2]
+
+    def parameters_per_task(self) -> int:
+        """``blocks * 2 * width * r + 2 * dim * r`` (311,296 for ViT-B/32 at r = 16)."""
+        return self.block_down[0].numel() + self.block_up[0].numel() + self.final.parameters_per_task()
+
+    def correct_block(self, block: int, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Correct stream ``x`` (T, n, tokens, width) leaving ``block``; row t uses task ``rows[t]`` (default t)."""
+        down = self.block_down[:, block] if rows is None else self.block_down[rows, block]
+        up = self.block_up[:, block] if rows is None else self.block_up[rows, block]
+        hidden = F.relu(torch.einsum("tnlw,trw->tnlr", x, down.to(x.dtype)))
+        return x - torch.einsum("tnlr,twr->tnlw", hidden, up.to(x.dtype))
+
+    def forward_tasks(self, encoder: nn.Module, images: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged forward with surgery: images (T, n, 3, H, W) -> final (T, n, dim), block means (T, n, blocks, width)."""
+        groups, per_group = images.shape[:2]
+
+        def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
+            grouped = x.reshape(groups, per_group, *x.shape[1:])
+            return self.correct_block(i, grouped, rows).reshape(x.shape)
+
+        final, means = forward_blocks(encoder, images.flatten(0, 1), after_block)
+        final = final.float().reshape(groups, per_group, -1)
+        if rows is None:
+            final = self.final(final)
+        else:
+            final = torch.stack([self.final.apply_task(self.tasks[r], f) for r, f in zip(rows.tolist(), final)])
+        return final, means.reshape(groups, per_group, *means.shape[1:])
+
+    @torch.no_grad()
+    def embed(self, encoder: nn.Module, task: str, data: TaskData, split: str = "test", batch_size: int = 512,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Corrected final embeddings (N, dim) and block means (N, blocks, width) of ``task``'s ``split``."""
+        device = torch.device(device)
+        rows = torch.tensor([self.final.index(task)], device=device)
+        finals, blocks = [], []
+        for start in range(0, len(data.labels[split]), batch_size):
+            images = data.normalized(split, slice(start, start + batch_size)).to(device)
+            with autocast(device):
+                final, means = self.forward_tasks(encoder, images[None], rows)
+            finals.append(final[0].float().cpu())
+            blocks.append(means[0].float().cpu())
+        return torch.cat(finals), torch.cat(blocks)
+
+
+def train_deep_surgery(
+    encoder: nn.Module,
+    unlabeled: Mapping[str, TaskData],
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    config: SurgeryConfig | None = None,
+    *,
+    split: str = "test",
+    evaluate: Mapping[str, nn.Module] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[DeepSurgery, SurgeryHistory]:
+    """Train SurgeryV2's modules on a frozen merged ``encoder``.
+
+    Args:
+        encoder: the merged open_clip ``VisionTransformer`` (kept frozen).
+        unlabeled: ``{task: TaskData}``; the ``split`` images are used without labels.
+        targets: ``{task: (expert final embeddings (N, dim), expert block means (N, blocks, width))}``
+            of the same images, e.g. from :func:`surgery_lib.models.embed_blocks`.
+        config: the schedule (default: the official one); ``online`` is not supported for V2.
+        evaluate: optional ``{task: head}``; test accuracy is recorded every ``config.eval_every`` steps.
+    """
+    config = config or SurgeryConfig()
+    if config.online:
+        raise SurgeryBookError("SurgeryV2 has no online variant here", "use --version 1 with --online")
+    device = torch.device(device)
+    tasks = tuple(unlabeled)
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    surgery = DeepSurgery.for_encoder(encoder, tasks, config.rank, config.seed).to(device)
+    optimizer = torch.optim.Adam(surgery.parameters(), lr=config.lr)
+    images = {t: unlabeled[t].images[split] for t in tasks}
+    final_targets = {t: targets[t][0].to(device) for t in tasks}
+    block_targets = {t: targets[t][1].to(device) for t in tasks}
+    streams = [batch_stream(len(images[t]), config.batch_size, task_seed(config.seed, i)) for i, t in enumerate(tasks)]
+    size = min(config.batch_size, *(len(images[t]) for t in tasks))
+    history = SurgeryHistory()
+    _record(surgery, encoder, unlabeled, evaluate, history, 0, device)
+    data0 = unlabeled[tasks[0]]
+    for step in tqdm(range(1, config.steps + 1), desc="SurgeryV2", disable=not progress):
+        index = [next(stream)[:size] for stream in streams]
+        batch = torch.stack([images[t][i] for t, i in zip(tasks, index)]).to(device)
+        batch = normalize(batch, data0.mean, data0.std)
+        with autocast(device):
+            final, means = surgery.forward_tasks(encoder, batch)
+        final_target = torch.stack([final_targets[t][i.to(device)] for t, i in zip(tasks, index)])
+        block_target = torch.stack([block_targets[t][i.to(device)] for t, i in zip(tasks, index)])
+        block_losses = (means.float() - block_target.float()).abs().mean(dim=(1, 3))  # (T, blocks)
+        losses = block_losses.sum(dim=1) + l1_loss_per_task(final, final_target)
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+        history.loss.append(losses.mean().item())
+        if config.eval_every and step % config.eval_every == 0:
+            _record(surgery, encoder, unlabeled, evaluate, history, step, device)
+    return surgery.cpu(), history
+
+
+def _record(surgery, encoder, data, heads, history, step, device) -> None:
+    if not heads:
+        return
+    from surgery_lib.evaluation import accuracy_from_features
+
+    history.accuracy[step] = {
+        task: accuracy_from_features(surgery.embed(encoder, task, data[task], device=device)[0], head, data[task].labels["test"])
+        for task, head in heads.items()
+    }
