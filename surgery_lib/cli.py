@@ -7,6 +7,7 @@ Subcommands:
 - ``merge``    merge the experts with one method and print per-task accuracy
 - ``table``    the papers' main table: every merging method on one preset
 - ``surgery``  Surgery or SurgeryV2 on a merged model: accuracy and bias before and after
+- ``bench``    speed of the official-style surgery loop against this library's
 - ``presets``  list the registered presets
 
 Errors caused by input (unknown preset, unwritable cache, ...) print one line naming the problem and
@@ -190,6 +191,41 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from surgery_lib.benchmark import run_benchmark, synthetic_vit_b32_setting
+    from surgery_lib.merging import task_arithmetic
+    from surgery_lib.models import load_encoder, resolve_device
+
+    device = resolve_device(args.device, "cpu")
+    versions = tuple(int(v) for v in args.versions.split(","))
+    if args.vit_b32:
+        merged, experts, data = synthetic_vit_b32_setting(device)
+        setting = "ViT-B/32 (random weights), random 224x224 images at the paper's 8 test-set sizes"
+    else:
+        from surgery_lib.zoo import build_zoo
+
+        zoo = build_zoo(args.preset, device=device, cache_dir=args.cache_dir, progress=not args.quiet)
+        merged = load_encoder(zoo.preset.encoder, task_arithmetic(zoo.pretrained, zoo.experts, 0.3))
+        experts = {t: zoo.encoder(t) for t in zoo.tasks}
+        data = {t: zoo.suite[t] for t in zoo.tasks}
+        setting = f"the {zoo.preset.name} zoo, task arithmetic, test splits"
+    results = run_benchmark(merged, experts, data, versions=versions, iterations=args.iterations, device=device)
+    rows = [
+        {"version": f"V{r.version}", "steps per task": r.steps_per_task, "official-style loop (s)": round(r.official_s, 1),
+         "this library (s)": round(r.ours_s, 1), "of which features (s)": round(r.ours_features_s, 1),
+         "speed-up": round(r.speedup, 1)}
+        for r in results
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps({"setting": setting, "device": str(device), "results": rows}, indent=2))
+    else:
+        import pandas as pd
+
+        print(f"{setting}, {len(data)} tasks, on {device}\n")
+        print(pd.DataFrame(rows).to_markdown(index=False))
+    return 0
+
+
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--scale", type=float, default=None, help="task arithmetic / TIES scale (default 0.3; TIES mean 1.0)")
@@ -246,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     surgery.add_argument("--save", default=None, help="save the trained modules to this .safetensors file")
     _add_merge_options(surgery)
     surgery.set_defaults(run=_cmd_surgery)
+
+    bench = sub.add_parser("bench", help="time the official-style surgery loop against this library's (V1 and V2)")
+    _add_common(bench)
+    bench.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    bench.add_argument("--iterations", type=int, default=500, help="official iterations (x 2 batches per task; default 500)")
+    bench.add_argument("--versions", default="1,2", help="surgery versions to time (default 1,2)")
+    bench.add_argument("--vit-b32", action="store_true", help="ViT-B/32 with random weights and 224x224 inputs at the paper's sizes (GPU)")
+    bench.set_defaults(run=_cmd_bench)
     return parser
 
 

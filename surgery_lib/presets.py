@@ -210,7 +210,10 @@ register_preset(
             "move further from the pretrained weights than pretraining on the tasks themselves.",
             "Experts are fine-tuned hard (lr 3e-4, 200 steps) so that their task vectors interfere: "
             "the representation bias the book studies needs experts that really moved.",
+            "AdaMerging runs 100 steps (2 batches of 16 per task each) instead of the official 500, "
+            "which keeps the main table at about two minutes on 2 cores.",
         ),
+        adamerging_steps=100,
     )
 )
 

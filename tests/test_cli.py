@@ -61,3 +61,22 @@ def test_module_and_console_script_agree():
     via_script = subprocess.run([str(script), "presets", "--json"], capture_output=True, text=True, timeout=600)
     assert via_module.returncode == 0 and set(json.loads(via_module.stdout)) >= {"smoke", "mini", "base"}
     assert via_script.stdout == via_module.stdout
+
+
+def test_merge_surgery_and_bench_commands(smoke_zoo, cache_dir, capsys):
+    common = ["--preset", "smoke", "--cache-dir", str(cache_dir), "--json", "--quiet"]
+    assert main(["merge", "--method", "ties", *common]) == 0
+    merged = json.loads(capsys.readouterr().out)
+    assert set(merged["accuracy"]) == {"TIES-merging (disjoint sum)", "individual (expert)"}
+    assert main(["surgery", "--merge", "task_arithmetic", "--surgery-steps", "20", "--rank", "4", *common]) == 0
+    surgery = json.loads(capsys.readouterr().out)
+    assert surgery["parameters_per_task"] == 2 * 64 * 4
+    assert set(surgery["table"]) == {"accuracy before", "accuracy after", "bias before", "bias after"}
+    assert main(["bench", "--iterations", "2", *common]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in bench["results"]] == ["V1", "V2"]
+
+
+def test_unknown_method_exits_2():
+    result = run("merge", "--preset", "smoke", "--method", "dare")
+    assert result.returncode == 2 and "unknown merging method 'dare'" in result.stderr

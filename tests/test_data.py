@@ -177,3 +177,20 @@ def test_data_cards_name_source_and_licence_of_every_task():
     assert list(cards.index) == [*get_preset("mini").suite.tasks, "pretraining_mix"]
     assert cards.loc["mnist", "train"] == 3500 and cards.loc["signs", "classes"] == 14
     assert cards["licence"].str.len().min() > 5 and cards["source"].str.len().min() > 20
+
+
+def test_parallel_generation_works_from_a_script_without_a_main_guard(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "from surgery_lib.data import load_suite\n"
+        "from surgery_lib.presets import SuiteConfig\n"
+        "cfg = SuiteConfig(tasks=('letters',), train_per_task=600, adapt_per_task=10, test_per_task=10, mix_per_class=1)\n"
+        f"suite = load_suite(cfg, cache_dir={str(tmp_path / 'cache')!r}, workers=2, progress=False)\n"
+        "print(suite['letters'].images['train'].shape[0])\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "600"

@@ -36,3 +36,45 @@ def test_task_arithmetic_loses_at_least_ten_points(mini_zoo):
     experts = mini_zoo.accuracy_table().loc["individual (expert)", "average"]
     print(f"\ntask arithmetic (0.3): {average:.2f}, experts {experts:.2f}")
     assert average <= experts - 10
+
+
+@pytest.fixture(scope="module")
+def merges(mini_zoo):
+    from surgery_lib.methods import merge
+
+    return {m: merge(mini_zoo, m, progress=False).state for m in ("weight_averaging", "task_arithmetic", "ties", "adamerging_layer")}
+
+
+def _average(values):
+    return sum(values.values()) / len(values)
+
+
+@pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic", "ties", "adamerging_layer"])
+def test_surgery_gains_three_points_and_lowers_bias_everywhere(mini_zoo, merges, method):
+    from surgery_lib.pipeline import run_surgery
+
+    run = run_surgery(mini_zoo, merges[method], progress=False)
+    before, after = _average(run.accuracy_before), _average(run.accuracy_after)
+    print(f"\n{method} + Surgery: {before:.2f} -> {after:.2f}; bias {_average(run.bias_before):.3f} -> {_average(run.bias_after):.3f}")
+    assert after >= before + 3
+    assert all(run.bias_after[t] < run.bias_before[t] for t in run.tasks)
+
+
+def test_surgery_gains_remain_with_the_held_out_adaptation_split(mini_zoo, merges):
+    from surgery_lib.pipeline import run_surgery
+
+    run = run_surgery(mini_zoo, merges["task_arithmetic"], split="adapt", progress=False)
+    before, after = _average(run.accuracy_before), _average(run.accuracy_after)
+    print(f"\ntask arithmetic + Surgery on the adapt split: {before:.2f} -> {after:.2f}")
+    assert after >= before + 3
+
+
+def test_surgery_v2_beats_surgery_and_lowers_bias_at_every_block(mini_zoo, merges):
+    from surgery_lib.pipeline import run_surgery
+
+    v1 = run_surgery(mini_zoo, merges["task_arithmetic"], progress=False)
+    v2 = run_surgery(mini_zoo, merges["task_arithmetic"], version=2, progress=False)
+    print(f"\ntask arithmetic: V1 {_average(v1.accuracy_after):.2f}, V2 {_average(v2.accuracy_after):.2f}")
+    assert _average(v2.accuracy_after) > _average(v1.accuracy_after)
+    for task in v2.tasks:
+        assert (v2.block_bias_after[task] < v2.block_bias_before[task]).all(), task

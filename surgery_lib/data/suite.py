@@ -12,6 +12,7 @@ import concurrent.futures
 import logging
 import multiprocessing
 import os
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -258,9 +259,13 @@ def _generate(tasks: Sequence[str], config: SuiteConfig, workers: int, progress:
                 arrays[task][f"{split}_images"][start : start + len(labels)] = _render_job(task, split, labels, seed)
                 bar.update(len(labels))
         else:
-            # spawn, not fork: the parent may hold torch's thread pools, which fork does not survive.
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            # fork where available: spawn would re-import the caller's __main__, which breaks user
+            # scripts without a main guard. The workers run numpy and Pillow only, never torch, so
+            # torch's thread pools in the parent do not matter to them.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
+            with warnings.catch_warnings(), concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*")
                 futures = {pool.submit(_render_job, t, s, lab, seed): (t, s, st, len(lab)) for t, s, st, lab, seed in jobs}
                 for future in concurrent.futures.as_completed(futures):
                     task, split, start, count = futures[future]

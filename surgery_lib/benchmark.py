@@ -1,0 +1,177 @@
+"""Speed benchmark: the official training loop against this library's, for Surgery and SurgeryV2.
+
+Both run in one process on the same model and data. The official-style loop follows the released
+code's structure with its one avoidable cost removed (the merge is done once, not in every forward):
+every iteration visits every task, takes ``batches`` batches of ``batch_size`` images, forwards the
+merged encoder and the task's expert on them, and takes one optimiser step per batch. This library
+instead caches expert targets (and, for V1, merged embeddings) once, then trains all tasks together.
+
+On CPU the benchmark uses the mini preset's zoo and test images; on a GPU it uses the ViT-B/32
+architecture with random weights and random 224x224 images at the paper's eight test-set sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from surgery_lib.data import TaskData
+from surgery_lib.models import autocast, embed, embed_blocks, forward_blocks
+from surgery_lib.surgery import SurgeryConfig, TaskSurgery, batch_stream, task_seed, train_surgery
+from surgery_lib.surgery_v2 import DeepSurgery, train_deep_surgery
+
+#: Test-set sizes of the paper's 8 datasets (SUN397 ... DTD): 87,190 images.
+PAPER_TEST_SIZES = {
+    "SUN397": 19887, "Cars": 8041, "RESISC45": 6300, "EuroSAT": 2700,
+    "SVHN": 26032, "GTSRB": 12630, "MNIST": 10000, "DTD": 1880,
+}  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class BenchResult:
+    """Wall times in seconds of the official-style loop and of this library for one surgery version."""
+
+    version: int
+    official_s: float
+    ours_s: float
+    ours_features_s: float
+    steps_per_task: int
+
+    @property
+    def speedup(self) -> float:
+        return self.official_s / self.ours_s
+
+
+def official_style(
+    version: int,
+    merged: nn.Module,
+    experts: Mapping[str, nn.Module],
+    data: Mapping[str, TaskData],
+    config: SurgeryConfig,
+    batches: int,
+    device: torch.device,
+) -> float:
+    """The released code's loop (merge done once): returns its wall time in seconds."""
+    tasks = tuple(data)
+    if version == 1:
+        modules: nn.Module = TaskSurgery(tasks, merged.output_dim, config.rank, config.seed).to(device)
+    else:
+        modules = DeepSurgery.for_encoder(merged, tasks, config.rank, config.seed).to(device)
+    optimizer = torch.optim.Adam(modules.parameters(), lr=config.lr)
+    streams = [batch_stream(len(data[t].labels["test"]), config.batch_size, task_seed(config.seed, i)) for i, t in enumerate(tasks)]
+    iterations = config.steps // batches
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(iterations):
+        for i, task in enumerate(tasks):
+            for _ in range(batches):
+                images = data[task].normalized("test", next(streams[i])).to(device)
+                with torch.no_grad(), autocast(device):
+                    if version == 1:
+                        z = merged(images).float()
+                        target = experts[task](images).float()
+                    else:
+                        target, target_means = forward_blocks(experts[task], images)
+                with autocast(device):
+                    if version == 1:
+                        loss = (modules.apply_task(task, z) - target).abs().mean()
+                    else:
+                        rows = torch.tensor([i], device=device)
+                        final, means = modules.forward_tasks(merged, images[None], rows)
+                        loss = (means[0].float() - target_means.float()).abs().mean(dim=(0, 2)).sum()
+                        loss = loss + (final[0] - target.float()).abs().mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def ours(
+    version: int,
+    merged: nn.Module,
+    experts: Mapping[str, nn.Module],
+    data: Mapping[str, TaskData],
+    config: SurgeryConfig,
+    device: torch.device,
+) -> tuple[float, float]:
+    """This library's path, feature extraction included: returns (total seconds, feature seconds)."""
+    _sync(device)
+    started = time.perf_counter()
+    tasks = tuple(data)
+    if version == 1:
+        z = {t: embed(merged, data[t].images["test"], data[t].mean, data[t].std, device=device) for t in tasks}
+        target = {t: embed(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device) for t in tasks}
+        _sync(device)
+        features = time.perf_counter() - started
+        train_surgery(z, target, config, device=device, progress=False)
+    else:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        targets = {
+            t: embed_blocks(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device, dtype=dtype)
+            for t in tasks
+        }
+        _sync(device)
+        features = time.perf_counter() - started
+        train_deep_surgery(merged, data, targets, config, split="test", device=device, progress=False)
+    _sync(device)
+    return time.perf_counter() - started, features
+
+
+def run_benchmark(
+    merged: nn.Module,
+    experts: Mapping[str, nn.Module],
+    data: Mapping[str, TaskData],
+    *,
+    versions: tuple[int, ...] = (1, 2),
+    iterations: int = 500,
+    batches: int = 2,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> list[BenchResult]:
+    """Time both paths for each surgery version on the official schedule (``iterations`` x ``batches`` steps per task)."""
+    device = torch.device(device)
+    merged = merged.to(device).eval().requires_grad_(False)
+    experts = {t: e.to(device).eval().requires_grad_(False) for t, e in experts.items()}
+    config = SurgeryConfig(steps=iterations * batches, batch_size=batch_size, eval_every=0)
+    results = []
+    for version in versions:
+        official_s = official_style(version, merged, experts, data, config, batches, device)
+        ours_s, features_s = ours(version, merged, experts, data, config, device)
+        results.append(BenchResult(version, official_s, ours_s, features_s, config.steps))
+    return results
+
+
+def synthetic_vit_b32_setting(device: torch.device | str, sizes: Mapping[str, int] = PAPER_TEST_SIZES, seed: int = 0):
+    """ViT-B/32 (random weights) as merged model and 8 experts, and random 224x224 uint8 test sets of ``sizes``.
+
+    The experts share one module per task only in name: each is a separately initialised ViT-B/32, so
+    the expert forward costs what it costs in the paper. Memory: 87,190 images are 13 GB of uint8.
+    """
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    def vit() -> nn.Module:
+        return VisionTransformer(224, 32, 768, 12, 12, 4.0, output_dim=512, act_layer=QuickGELU)
+
+    torch.manual_seed(seed)
+    merged = vit()
+    experts = {task: vit() for task in sizes}
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    data = {
+        task: TaskData(
+            task, ("x",), {"test": torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=generator)},
+            {"test": torch.zeros(n, dtype=torch.int64)}, mean, std,
+        )  # fmt: skip
+        for task, n in sizes.items()
+    }
+    return merged, experts, data
