@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
+from surgery_lib.progress import tqdm
 
 from surgery_lib.data import TaskData
 from surgery_lib.errors import SurgeryBookError

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from surgery_lib.progress import tqdm
 
 
 def diagonal_fisher(

@@ -115,3 +115,25 @@ def learning_curve(curves: Mapping[str, pd.Series], title: str = "Average accura
     axis.legend(frameon=False, fontsize="small")
     figure.tight_layout()
     return figure
+
+
+def task_samples(suite, per_task: int = 10, split: str = "test") -> Figure:
+    """A grid of ``per_task`` images from every task of ``suite`` (one row per task, class names as labels)."""
+    plt = _pyplot()
+    names = suite.task_names
+    figure, axes = plt.subplots(len(names), per_task, figsize=(per_task * 0.75, len(names) * 0.85))
+    axes = np.atleast_2d(axes)
+    for row, task in enumerate(names):
+        data = suite[task]
+        # One image of each class first, so every row shows the label set.
+        firsts = [int(torch.nonzero(data.labels[split] == c)[0]) for c in range(min(per_task, data.num_classes))]
+        index = (firsts + list(range(per_task)))[:per_task]
+        for column, i in enumerate(index):
+            axis = axes[row, column]
+            axis.imshow(data.images[split][i].permute(1, 2, 0).numpy())
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_title(data.class_names[int(data.labels[split][i])][:10], fontsize=6, pad=2)
+        axes[row, 0].set_ylabel(task, rotation=0, ha="right", va="center", fontsize=8)
+    figure.tight_layout(pad=0.3)
+    return figure

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from surgery_lib.progress import tqdm
 
 from surgery_lib.errors import SurgeryBookError
 

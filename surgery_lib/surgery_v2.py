@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from surgery_lib.progress import tqdm
 
 from surgery_lib.data import TaskData, normalize
 from surgery_lib.errors import SurgeryBookError

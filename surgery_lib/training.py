@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from surgery_lib.progress import tqdm
 
 from surgery_lib.data import TaskData
 from surgery_lib.models import ClassificationHead, autocast

@@ -231,7 +231,7 @@ def task_file(task: str, config: SuiteConfig, cache_dir: str | os.PathLike[str] 
 
 def _generate(tasks: Sequence[str], config: SuiteConfig, workers: int, progress: bool) -> dict[str, dict[str, np.ndarray]]:
     """Render every split of ``tasks``; returns ``{task: {"<split>_images": ..., "<split>_labels": ...}}``."""
-    from tqdm.auto import tqdm
+    from surgery_lib.progress import tqdm
 
     arrays: dict[str, dict[str, np.ndarray]] = {}
     jobs: list[tuple[str, str, int, np.ndarray, tuple[int, ...]]] = []

@@ -1,0 +1,64 @@
+"""Conventions every notebook and the book follow (structure only; nbval executes them)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from surgery_lib.project import REPOSITORY_URL
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_badge_summary_install_and_parameters(path):
+    notebook = json.loads(path.read_text())
+    cells = notebook["cells"]
+    first = "".join(cells[0]["source"])
+    colab = REPOSITORY_URL.replace("https://github.com/", "https://colab.research.google.com/github/")
+    assert f"{colab}/blob/main/notebooks/{path.name}" in first
+    assert "**What you will learn.**" in first
+    install = cells[1]
+    assert "nbval-skip" in install["metadata"].get("tags", []) and "google.colab" in "".join(install["source"])
+    assert REPOSITORY_URL in "".join(install["source"])
+    parameters = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(parameters) == 1 and 'preset = "mini"' in "".join(parameters[0]["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_outputs_are_clean(path):
+    text = path.read_text()
+    notebook = json.loads(text)
+    assert not re.search(r'"(/root/|/tmp/|/home/|/usr/local/)', text), "absolute local path in outputs"
+    assert "injected-parameters" not in text, "a papermill output was committed over the source"
+    for cell in notebook["cells"]:
+        assert "execution" not in cell.get("metadata", {}) and "papermill" not in cell.get("metadata", {})
+        for output in cell.get("outputs", []):
+            assert output.get("name") != "stderr", f"stderr output in {path.name}"
+            assert output["output_type"] != "error"
+    assert any(cell.get("outputs") for cell in notebook["cells"]), "notebook committed without outputs"
+
+
+def test_repository_url_is_the_same_everywhere():
+    book = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert book["repository"]["url"] == REPOSITORY_URL
+    assert project["project"]["urls"]["Repository"] == REPOSITORY_URL
+    mentioned = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", (ROOT / "README.md").read_text()))
+    assert mentioned <= {REPOSITORY_URL}
+
+
+def test_every_notebook_is_in_the_book():
+    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    files = {entry["file"] for entry in toc.get("chapters", [])}
+    assert {f"notebooks/{p.stem}" for p in NOTEBOOKS} <= files
