@@ -7,8 +7,6 @@ The per-block analogue compares the token-mean of the residual stream after ever
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 
@@ -25,9 +23,3 @@ def block_bias(merged: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"block means of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}")
     return (merged.float() - expert.float()).abs().mean(dim=(0, 2))
 
-
-def bias_table(rows: Mapping[str, Mapping[str, float]]):  # -> pandas.DataFrame
-    """``{method: {task: bias}}`` as a DataFrame with an ``average`` column."""
-    from surgery_lib.evaluation import results_table
-
-    return results_table(rows)

@@ -155,16 +155,15 @@ def main_table(
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, MergeResult]]:
     """The papers' main table for ``zoo``: reference rows, then one row per method (test accuracy, %)."""
-    rows = {label: {t: zoo.manifest["accuracy"][key][t] for t in zoo.tasks} for key, label in _REFERENCE_ROWS.items()}
+    from surgery_lib.zoo import ZOO_ROWS
+
+    rows = {label: {t: zoo.manifest["accuracy"][key][t] for t in zoo.tasks} for key, label in ZOO_ROWS.items()}
     results = {}
     for method in methods:
         result = merge(zoo, method, options, device=device, progress=progress)
         rows[METHODS[method]] = evaluate_merge(zoo, result, device)
         results[method] = result
     return results_table(rows), results
-
-
-_REFERENCE_ROWS = {"pretrained": "pretrained + probe", "expert": "individual (expert)", "mtl": "traditional MTL"}
 
 
 def with_options(options: MergeOptions, **changes: Any) -> MergeOptions:

@@ -130,11 +130,10 @@ def _check_manifest(manifest: dict[str, Any], preset: Preset, directory: Path) -
 class _Builder:
     """Runs the zoo's steps in order, reusing every step whose file and inputs are unchanged."""
 
-    def __init__(self, preset: Preset, directory: Path, manifest: dict[str, Any], device: torch.device, progress: bool):
-        self.preset, self.directory, self.manifest = preset, directory, manifest
-        self.device, self.progress = device, progress
+    def __init__(self, directory: Path, manifest: dict[str, Any]):
+        self.directory, self.manifest = directory, manifest
 
-    def _save_manifest(self) -> None:
+    def save_manifest(self) -> None:
         write_json(self.manifest, self.directory / MANIFEST)
 
     def step(
@@ -166,7 +165,7 @@ class _Builder:
             "wall_time_s": round(time.perf_counter() - started, 2),
             **record,
         }
-        self._save_manifest()
+        self.save_manifest()
         return tensors, sha
 
 
@@ -219,7 +218,7 @@ def build_zoo(
     started = time.perf_counter()
     suite = load_suite(preset, cache_dir=cache_dir, progress=progress)
     recipe, encoder_cfg = preset.recipe, preset.encoder
-    builder = _Builder(preset, directory, manifest, device, progress)
+    builder = _Builder(directory, manifest)
     seeds: dict[str, int] = {}
 
     # 1. Pretraining on the label-disjoint mix.
@@ -311,7 +310,7 @@ def build_zoo(
     }
     manifest["train_wall_time_s"] = round(sum(m["wall_time_s"] for m in models.values()), 2)
     manifest["last_run_wall_time_s"] = round(time.perf_counter() - started, 2)
-    builder._save_manifest()
+    builder.save_manifest()
     return Zoo(preset, directory, manifest, pretrained, heads, experts, mtl, suite)
 
 
