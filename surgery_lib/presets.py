@@ -134,7 +134,7 @@ _MINI_RECIPE = RecipeConfig(
     expert_weight_decay=0.1,
     expert_warmup_fraction=0.1,
     mtl_steps=400,
-    mtl_batch_per_task=32,
+    mtl_batch_per_task=24,
     mtl_lr=3e-4,
 )
 
