@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call
-from surgery_lib.progress import tqdm
 
 from surgery_lib.data import TaskData
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.models import autocast
+from surgery_lib.progress import tqdm
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
 from surgery_lib.progress import tqdm
 
 

@@ -22,10 +22,8 @@ EXPERT_COLOUR, MERGED_COLOUR, SURGERY_COLOUR = "#1f5fbf", "#d62728", "#2ca02c"
 
 
 def _pyplot():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "inline"):
-        matplotlib.use("Agg")
+    # No backend is forced: matplotlib picks Agg by itself where there is no display, and a user's
+    # interactive or inline backend is left alone.
     import matplotlib.pyplot as plt
 
     return plt

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from surgery_lib.progress import tqdm
 
 from surgery_lib.errors import SurgeryBookError
+from surgery_lib.progress import tqdm
 
 
 class SurgeryModule(nn.Module):

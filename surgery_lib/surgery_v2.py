@@ -19,11 +19,11 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from surgery_lib.progress import tqdm
 
 from surgery_lib.data import TaskData, normalize
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.models import autocast, forward_blocks
+from surgery_lib.progress import tqdm
 from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery, batch_stream, l1_loss_per_task, task_seed
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from surgery_lib.progress import tqdm
 
 from surgery_lib.data import TaskData
 from surgery_lib.models import ClassificationHead, autocast
+from surgery_lib.progress import tqdm
 
 
 def derive_seed(base: int, *parts: str) -> int:

@@ -313,7 +313,3 @@ def build_zoo(
     builder.save_manifest()
     return Zoo(preset, directory, manifest, pretrained, heads, experts, mtl, suite)
 
-
-def load_zoo(preset: str | Preset = "mini", **kwargs: Any) -> Zoo:
-    """Load a built zoo (building whatever is missing); same arguments as :func:`build_zoo`."""
-    return build_zoo(preset, **kwargs)

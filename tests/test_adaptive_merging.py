@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from surgery_lib.adamerging import adamerging, prediction_entropy
 from surgery_lib.errors import SurgeryBookError

@@ -72,7 +72,7 @@ def test_cached_batched_trainer_equals_the_official_loop(smoke_zoo, merged_state
     expert = {t: embed(smoke_zoo.encoder(t), data[t].images["adapt"], data[t].mean, data[t].std) for t in tasks}
     batched, history = train_surgery(merged, expert, config, progress=False)
     assert len(history.loss) == 30
-    for i, task in enumerate(tasks):
+    for i in range(len(tasks)):
         assert torch.allclose(batched.down[i], reference[i].down.weight, atol=1e-5)
         assert torch.allclose(batched.up[i], reference[i].up.weight, atol=1e-5)
         assert batched.up[i].abs().sum() > 0  # it did train

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery_lib.presets import config_hash, get_preset
 from surgery_lib.errors import SurgeryBookError
+from surgery_lib.presets import config_hash, get_preset
 from surgery_lib.training import derive_seed, fit_probe, random_translate, warmup_cosine
 
 

@@ -9,7 +9,8 @@ import logging
 import pytest
 import torch
 
-from surgery_lib import training, zoo as zoo_module
+from surgery_lib import training
+from surgery_lib import zoo as zoo_module
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.presets import get_preset
 from surgery_lib.zoo import MANIFEST, build_zoo, default_zoo_dir

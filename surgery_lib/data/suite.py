@@ -226,7 +226,11 @@ def _suite_dir(root: Path) -> Path:
 
 def task_file(task: str, config: SuiteConfig, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where ``task``'s cached images live for ``config``."""
-    return _suite_dir(cache_root(cache_dir)) / f"{task}-{_task_key(task, config)}.safetensors"
+    return _task_path(cache_root(cache_dir), task, config)
+
+
+def _task_path(root: Path, task: str, config: SuiteConfig) -> Path:
+    return _suite_dir(root) / f"{task}-{_task_key(task, config)}.safetensors"
 
 
 def _generate(tasks: Sequence[str], config: SuiteConfig, workers: int, progress: bool) -> dict[str, dict[str, np.ndarray]]:
@@ -336,7 +340,7 @@ def load_suite(
     names = check_tasks(tasks if tasks is not None else config.tasks)
     root = cache_root(cache_dir)
     _suite_dir(root).mkdir(parents=True, exist_ok=True)
-    files = {task: task_file(task, config, root) for task in (*names, MIX_NAME)}
+    files = {task: _task_path(root, task, config) for task in (*names, MIX_NAME)}
 
     loaded = {task: _read_cached(path, task, config) for task, path in files.items()}
     missing = [task for task, tensors in loaded.items() if tensors is None]
