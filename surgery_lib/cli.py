@@ -7,6 +7,7 @@ Subcommands:
 - ``merge``    merge the experts with one method and print per-task accuracy
 - ``table``    the papers' main table: every merging method on one preset
 - ``surgery``  Surgery or SurgeryV2 on a merged model: accuracy and bias before and after
+- ``reproduce`` execute every notebook with papermill for a preset and collect figures and tables
 - ``bench``    speed of the official-style surgery loop against this library's
 - ``presets``  list the registered presets
 
@@ -226,6 +227,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    import os
+
+    from surgery_lib.reproduce import reproduce
+
+    if args.cache_dir:
+        os.environ["SURGERY_BOOK_CACHE"] = args.cache_dir  # the notebooks' kernels inherit it
+    only = args.notebooks.split(",") if args.notebooks else None
+    runs = reproduce(args.preset, args.out, device=args.device, seed=args.seed, source=args.source, only=only,
+                     kernel=args.kernel, progress=not args.quiet)  # fmt: skip
+    if args.json:
+        print(json.dumps([{"notebook": r.notebook, "seconds": round(r.seconds, 1), "artifacts": r.artifacts} for r in runs], indent=2))
+    else:
+        for run in runs:
+            print(f"{run.notebook:40s} {run.seconds:7.1f} s  {len(run.artifacts)} files")
+        print(f"executed notebooks, figures, tables and summary.md in {args.out}")
+    return 0
+
+
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--scale", type=float, default=None, help="task arithmetic / TIES scale (default 0.3; TIES mean 1.0)")
@@ -282,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     surgery.add_argument("--save", default=None, help="save the trained modules to this .safetensors file")
     _add_merge_options(surgery)
     surgery.set_defaults(run=_cmd_surgery)
+
+    reproduce = sub.add_parser("reproduce", help="execute every notebook with papermill for a preset; collect figures and tables")
+    _add_common(reproduce)
+    reproduce.add_argument("--out", required=True, help="output directory (executed notebooks, figures, tables, summary)")
+    reproduce.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    reproduce.add_argument("--seed", type=int, default=0, help="the notebooks' seed parameter (default 0)")
+    reproduce.add_argument("--source", default="notebooks", help="folder of the NN_*.ipynb notebooks (default: ./notebooks)")
+    reproduce.add_argument("--notebooks", default=None, help="comma-separated numbers or names to run (default: all)")
+    reproduce.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks' own)")
+    reproduce.set_defaults(run=_cmd_reproduce)
 
     bench = sub.add_parser("bench", help="time the official-style surgery loop against this library's (V1 and V2)")
     _add_common(bench)

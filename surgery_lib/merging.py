@@ -46,6 +46,23 @@ def task_vectors(pretrained: StateDict, experts: Mapping[str, StateDict]) -> dic
     }
 
 
+def flatten_vector(vector: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """All entries of a task vector as one float32 vector (in key order)."""
+    return torch.cat([vector[k].detach().flatten().float() for k in sorted(vector)])
+
+
+def cosine_similarities(vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Cosine similarity between every pair of flattened task vectors: T vectors -> (T, T).
+
+    Near-zero similarities (the usual case for CLIP experts) mean the vectors point in unrelated
+    directions; merging still interferes because they overlap in *which* weights they move.
+    Memory: one flattened vector per task at a time for the norms, T of them for the Gram matrix.
+    """
+    flat = torch.stack([flatten_vector(v) for v in vectors.values()])
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return flat @ flat.T
+
+
 def add_vectors(pretrained: StateDict, vectors: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
     """``theta_0 + sum_t coefficients[t] * vectors[t]``; keys absent from the vectors are copied."""
     if len(vectors) != len(coefficients):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,11 +17,14 @@ from surgery_lib import merging
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.evaluation import evaluate_tasks, results_table
 from surgery_lib.models import load_encoder, resolve_device
+from surgery_lib.presets import config_hash
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from surgery_lib.zoo import Zoo
+
+log = logging.getLogger(__name__)
 
 #: Method name -> the label it gets in tables.
 METHODS: dict[str, str] = {
@@ -139,6 +145,100 @@ def merge(
     return MergeResult(method, state, time.perf_counter() - started, details)
 
 
+def merge_cache_path(zoo: Zoo, method: str, options: MergeOptions, tasks: Sequence[str]) -> Path:
+    """Where :func:`cached_merge` keeps a merge: ``<zoo>/merges/<method>-<hash of options and tasks>.safetensors``."""
+    key = config_hash({"method": method, "options": dataclasses.asdict(options), "tasks": list(tasks)})
+    return Path(zoo.directory) / "merges" / f"{method}-{key}.safetensors"
+
+
+def cached_merge(
+    zoo: Zoo,
+    method: str,
+    options: MergeOptions | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> MergeResult:
+    """:func:`merge`, stored next to the zoo and reused by later calls with the same method, options and tasks.
+
+    AdaMerging takes about 30 s on the mini preset and minutes for CLIP, so the notebooks share their
+    merges through this cache. A damaged cache file is recomputed, never trusted; writes are atomic.
+    """
+    from surgery_lib.storage import CorruptFileError, load_tensors, save_tensors
+
+    check_method(method)
+    options = options or MergeOptions()
+    names = list(tasks) if tasks is not None else list(zoo.tasks)
+    path = merge_cache_path(zoo, method, options, names)
+    if path.exists():
+        try:
+            tensors, metadata = load_tensors(path)
+            return _merge_from_cache(method, tensors, metadata)
+        except (CorruptFileError, KeyError, ValueError) as exc:
+            log.warning("recomputing the %s merge: the cached %s is unusable (%s)", method, path, exc)
+    result = merge(zoo, method, options, tasks=names, device=device, progress=progress)
+    tensors = {f"state/{k}": v for k, v in result.state.items()}
+    metadata = {"method": method, "seconds": repr(result.seconds), "tasks": json.dumps(names)}
+    if "adamerging" in result.details:
+        found = result.details["adamerging"]
+        tensors["adamerging/coefficients"] = found.coefficients
+        metadata.update(keys=json.dumps(list(found.keys)), entropy=json.dumps(found.entropy))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(tensors, path, metadata)
+    return result
+
+
+def _merge_from_cache(method: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> MergeResult:
+    from surgery_lib.adamerging import AdaMergingResult
+
+    state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("state/")}
+    if metadata.get("method") != method or not state:
+        raise ValueError("the file holds another merge")
+    details: dict[str, Any] = {}
+    if "adamerging/coefficients" in tensors:
+        details["adamerging"] = AdaMergingResult(
+            tuple(json.loads(metadata["tasks"])), tuple(json.loads(metadata["keys"])),
+            tensors["adamerging/coefficients"], state, json.loads(metadata["entropy"]),
+        )  # fmt: skip
+    return MergeResult(method, state, float(metadata["seconds"]), details)
+
+
+def scale_sweep(
+    zoo: Zoo,
+    scales: Sequence[float],
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    with_entropy: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+    """Task arithmetic at every scale lambda: test accuracy (%) per task and average, one row per scale.
+
+    With ``with_entropy`` also the mean prediction entropy (nats) of each task's test images through its
+    head: the quantity AdaMerging minimises, to check whether lower entropy means higher accuracy.
+    """
+    from surgery_lib.adamerging import prediction_entropy
+    from surgery_lib.models import embed
+    from surgery_lib.progress import tqdm
+
+    device = resolve_device(device, zoo.preset.default_device)
+    vectors = list(merging.task_vectors(zoo.pretrained, zoo.experts).values())
+    accuracy, entropy = {}, {}
+    for scale in tqdm(scales, desc="task arithmetic sweep", disable=not progress):
+        encoder = load_encoder(zoo.preset.encoder, merging.add_vectors(zoo.pretrained, vectors, [float(scale)] * len(vectors)))
+        accuracy[float(scale)], entropy[float(scale)] = {}, {}
+        for task in zoo.tasks:
+            data = zoo.suite[task]
+            with torch.inference_mode():
+                logits = zoo.heads[task](embed(encoder, data.images["test"], data.mean, data.std, device=device))
+            accuracy[float(scale)][task] = 100.0 * (logits.argmax(-1) == data.labels["test"]).float().mean().item()
+            entropy[float(scale)][task] = prediction_entropy(logits).mean().item()
+    accuracy_table = results_table(accuracy).rename_axis("scale")
+    if not with_entropy:
+        return accuracy_table
+    return accuracy_table, results_table(entropy).rename_axis("scale")
+
+
 def evaluate_merge(zoo: Zoo, result: MergeResult, device: str | torch.device | None = None) -> dict[str, float]:
     """Test accuracy (%) of a merged model on each of its tasks."""
     device = resolve_device(device, zoo.preset.default_device)
@@ -153,14 +253,19 @@ def main_table(
     *,
     device: str | torch.device | None = None,
     progress: bool = True,
+    cache: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, MergeResult]]:
-    """The papers' main table for ``zoo``: reference rows, then one row per method (test accuracy, %)."""
+    """The papers' main table for ``zoo``: reference rows, then one row per method (test accuracy, %).
+
+    With ``cache`` the merges are reused from (and stored in) the zoo's merge cache (:func:`cached_merge`).
+    """
     from surgery_lib.zoo import ZOO_ROWS
 
     rows = {label: {t: zoo.manifest["accuracy"][key][t] for t in zoo.tasks} for key, label in ZOO_ROWS.items()}
     results = {}
     for method in methods:
-        result = merge(zoo, method, options, device=device, progress=progress)
+        run = cached_merge if cache else merge
+        result = run(zoo, method, options, device=device, progress=progress)
         rows[METHODS[method]] = evaluate_merge(zoo, result, device)
         results[method] = result
     return results_table(rows), results

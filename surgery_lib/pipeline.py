@@ -65,6 +65,16 @@ class SurgeryRun:
             "bias before": self.bias_before, "bias after": self.bias_after,
         })  # fmt: skip
 
+    def average(self, which: str = "after") -> float:
+        """Average test accuracy (%) over the tasks, ``"before"`` or ``"after"`` surgery."""
+        values = self.accuracy_after if which == "after" else self.accuracy_before
+        return sum(values.values()) / len(values)
+
+    def mean_block_bias(self, which: str = "after") -> torch.Tensor:
+        """Per-block bias averaged over the tasks, (blocks,); empty unless block biases were measured."""
+        curves = self.block_bias_after if which == "after" else self.block_bias_before
+        return torch.stack(list(curves.values())).mean(dim=0) if curves else torch.empty(0)
+
     def learning_curve(self) -> pd.DataFrame:
         """Test accuracy per task (and average) at every evaluated step."""
         from surgery_lib.evaluation import results_table
@@ -81,6 +91,7 @@ def run_surgery(
     split: str = "test",
     tasks: Sequence[str] | None = None,
     block_bias_too: bool = False,
+    adapt_limit: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> SurgeryRun:
@@ -91,6 +102,8 @@ def run_surgery(
         split: unlabeled adaptation images: ``"test"`` (the paper's transductive setting) or ``"adapt"``
             (a held-out split of the same task, never used for evaluation).
         block_bias_too: also measure the per-block bias before and after (always done for V2).
+        adapt_limit: adapt on only this many images per task (a seeded random subset of ``split``; V1
+            only), for the data-amount ablation. Evaluation always uses the whole test split.
 
     Returns:
         A :class:`SurgeryRun` with accuracy and bias on the test split before and after.
@@ -100,6 +113,10 @@ def run_surgery(
     if split not in ("test", "adapt"):
         raise SurgeryBookError(f"unknown adaptation split {split!r}", "use 'test' (the paper) or 'adapt' (held out)")
     config = config or SurgeryConfig()
+    if adapt_limit is not None and (version != 1 or adapt_limit < 1):
+        raise SurgeryBookError(
+            f"adapt_limit={adapt_limit} with version {version}", "limit the adaptation data (>= 1 image) for Surgery V1 only"
+        )
     device = resolve_device(device, zoo.preset.default_device)
     names = tuple(tasks) if tasks is not None else zoo.tasks
     encoder = load_encoder(zoo.preset.encoder, merged).to(device)
@@ -122,6 +139,11 @@ def run_surgery(
         merged_test[task] = features(encoder, task, "test", with_blocks)
         if version == 1:
             merged_adapt[task] = merged_test[task][0] if split == "test" else features(encoder, task, split, False)[0]
+    if adapt_limit is not None:
+        for i, task in enumerate(names):
+            keep = torch.randperm(len(merged_adapt[task]), generator=torch.Generator().manual_seed(config.seed * 1009 + i))[:adapt_limit]
+            merged_adapt[task] = merged_adapt[task][keep]
+            expert_adapt[task] = (expert_adapt[task][0][keep], None)
     labels = {t: zoo.suite[t].labels["test"] for t in names}
     timings["features_s"] = time.perf_counter() - started
 
@@ -157,6 +179,79 @@ def run_surgery(
         else:  # V1 leaves the blocks untouched: only the final embedding moves
             run.block_bias_after = dict(run.block_bias_before)
     return run
+
+
+def task_embeddings(
+    zoo: Zoo,
+    model: str | Mapping[str, torch.Tensor],
+    tasks: Sequence[str] | None = None,
+    *,
+    split: str = "test",
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Final embeddings ``{task: (N_t, d)}`` of each task's ``split`` images.
+
+    ``model`` is a merged state dict, ``"pretrained"``, ``"mtl"`` or ``"expert"`` (each task through its
+    own expert, the reference that representation bias is measured against).
+    """
+    device = resolve_device(device, zoo.preset.default_device)
+    names = tuple(tasks) if tasks is not None else zoo.tasks
+    shared = None if model == "expert" else (zoo.encoder(model) if isinstance(model, str) else load_encoder(zoo.preset.encoder, model))
+    out = {}
+    for task in names:
+        data = zoo.suite[task]
+        encoder = zoo.encoder(task) if shared is None else shared
+        out[task] = embed(encoder, data.images[split], data.mean, data.std, device=device)
+    return out
+
+
+def bias_table(
+    zoo: Zoo,
+    merges: Mapping[str, Mapping[str, torch.Tensor]],
+    tasks: Sequence[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """Representation bias of each merged model (rows, by label) on every task's test images (columns + average)."""
+    from surgery_lib.evaluation import results_table
+
+    expert = task_embeddings(zoo, "expert", tasks, device=device)
+    rows = {}
+    for label, state in merges.items():
+        merged = task_embeddings(zoo, state, tasks, device=device)
+        rows[label] = {t: representation_bias(merged[t], expert[t]) for t in expert}
+    return results_table(rows)
+
+
+def block_bias_table(
+    zoo: Zoo,
+    merges: Mapping[str, Mapping[str, torch.Tensor]],
+    tasks: Sequence[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """Bias of the token-mean residual stream after every block, averaged over tasks: rows are merges
+    (by label), columns blocks 1..L (the SurgeryV2 paper's layer-wise diagnosis)."""
+    import pandas as pd
+
+    device = resolve_device(device, zoo.preset.default_device)
+    names = tuple(tasks) if tasks is not None else zoo.tasks
+    experts = {}
+    for task in names:
+        data = zoo.suite[task]
+        experts[task] = embed_blocks(zoo.encoder(task), data.images["test"], data.mean, data.std, device=device)[1]
+    rows = {}
+    for label, state in merges.items():
+        encoder = load_encoder(zoo.preset.encoder, state)
+        per_task = []
+        for task in names:
+            data = zoo.suite[task]
+            means = embed_blocks(encoder, data.images["test"], data.mean, data.std, device=device)[1]
+            per_task.append(block_bias(means, experts[task]))
+        rows[label] = torch.stack(per_task).mean(dim=0).tolist()
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.columns = [f"block {i + 1}" for i in range(table.shape[1])]
+    return table
 
 
 def save_surgery(run: SurgeryRun, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:

@@ -7,7 +7,7 @@ The t-SNE colours follow the Surgery paper: expert blue, merged red (and merged 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -134,4 +134,126 @@ def task_samples(suite, per_task: int = 10, split: str = "test") -> Figure:
             axis.set_title(data.class_names[int(data.labels[split][i])][:10], fontsize=6, pad=2)
         axes[row, 0].set_ylabel(task, rotation=0, ha="right", va="center", fontsize=8)
     figure.tight_layout(pad=0.3)
+    return figure
+
+
+def heatmap(
+    table: pd.DataFrame,
+    title: str = "",
+    *,
+    cmap: str = "viridis",
+    annotate: bool = True,
+    fmt: str = ".2f",
+    label: str = "",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Figure:
+    """A labelled heat map of ``table`` (rows x columns), e.g. task-vector cosine similarities."""
+    import seaborn as sns
+
+    plt = _pyplot()
+    rows, columns = table.shape
+    figure, axis = plt.subplots(figsize=(min(14.0, 1.2 + 0.62 * columns), 0.9 + 0.45 * rows))
+    sns.heatmap(
+        table.astype(float), ax=axis, cmap=cmap, annot=annotate and columns <= 16, fmt=fmt,
+        vmin=vmin, vmax=vmax, cbar_kws={"label": label}, annot_kws={"fontsize": 7},
+    )  # fmt: skip
+    axis.set(title=title, xlabel="", ylabel="")
+    figure.tight_layout()
+    return figure
+
+
+def _model_order(name: str) -> tuple[int, int, str]:
+    """Sort key: patch and position embeddings, then blocks by number (2 before 10), then the output head."""
+    import re
+
+    block = re.search(r"resblocks\.(\d+)\.", name)
+    if block:
+        return (1, int(block.group(1)), name)
+    return (2 if name.startswith(("ln_post", "proj")) else 0, 0, name)
+
+
+def _short_parameter_name(name: str) -> str:
+    return name.replace("transformer.resblocks.", "").replace("_weight", ".w").replace("_bias", ".b")
+
+
+def coefficient_heatmap(table: pd.DataFrame, title: str = "Layer-wise AdaMerging coefficients") -> Figure:
+    """Tasks (rows) x parameter tensors (columns, in model order) of learned merging coefficients in [0, 1].
+
+    Column labels are shortened (``transformer.resblocks.3.attn.in_proj_weight`` -> ``3.attn.in_proj.w``)
+    and thinned to about 40, so the 158 tensors of ViT-B/32 stay readable.
+    """
+    import seaborn as sns
+
+    plt = _pyplot()
+    shown = table[sorted(table.columns, key=_model_order)].rename(columns=_short_parameter_name)
+    step = max(1, len(shown.columns) // 40)
+    figure, axis = plt.subplots(figsize=(min(16.0, 3.0 + 0.12 * len(shown.columns)), 1.4 + 0.32 * len(shown)))
+    sns.heatmap(shown.astype(float), ax=axis, cmap="magma", vmin=0.0, vmax=1.0, xticklabels=step, cbar_kws={"label": "coefficient"})
+    axis.tick_params(axis="x", labelsize=6, rotation=90)
+    axis.tick_params(axis="y", rotation=0)
+    axis.set(title=title, xlabel="parameter tensor (input side left, output side right)", ylabel="")
+    figure.tight_layout()
+    return figure
+
+
+def scale_sweep(table: pd.DataFrame, references: Mapping[str, float] | None = None, title: str = "Task arithmetic: average accuracy against the scale") -> Figure:
+    """Average accuracy (%) against the task-arithmetic scale (the index of ``table``), with dashed reference lines."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    axis.plot(table.index, table["average"], marker="o", color=MERGED_COLOUR, label="task arithmetic")
+    for (label, value), style in zip((references or {}).items(), ("--", ":", "-.", (0, (1, 3)))):
+        axis.axhline(value, linestyle=style, color="0.35", linewidth=1)
+        axis.annotate(label, (table.index.max(), value), fontsize=7, ha="right", va="bottom", color="0.25")
+    axis.set(xlabel="scale λ", ylabel="average accuracy (%)", title=title)
+    axis.legend(frameon=False, fontsize="small", loc="lower left")
+    figure.tight_layout()
+    return figure
+
+
+def curves(series: Mapping[str, pd.Series | Sequence[float]], *, xlabel: str, ylabel: str, title: str = "", logx: bool = False) -> Figure:
+    """Plain line plot, one line per label (an AdaMerging entropy curve, an ablation against rank or data)."""
+    import pandas as pd
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    for label, values in series.items():
+        values = values if isinstance(values, pd.Series) else pd.Series(list(values))
+        axis.plot(values.index, values.values, marker="o" if len(values) <= 30 else None, label=label)
+    if logx:
+        axis.set_xscale("log", base=2)
+    axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if len(series) > 1:
+        axis.legend(frameon=False, fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def bias_accuracy_scatter(points: pd.DataFrame, title: str = "More drift, less accuracy") -> Figure:
+    """One marker per (merge, task): representation bias against normalised accuracy (%).
+
+    ``points`` has columns ``merge``, ``task``, ``bias`` and ``normalised accuracy (%)``.
+    """
+    import seaborn as sns
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    sns.scatterplot(data=points, x="bias", y="normalised accuracy (%)", hue="merge", style="merge", ax=axis)
+    axis.set_title(title)
+    axis.legend(frameon=False, fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def accuracy_and_entropy(accuracy: pd.Series, entropy: pd.Series, xlabel: str = "scale λ", title: str = "Is lower entropy higher accuracy?") -> Figure:
+    """Average accuracy (%, left axis) and mean prediction entropy (nats, right axis) over a shared x."""
+    plt = _pyplot()
+    figure, left = plt.subplots(figsize=(5.5, 3.4))
+    left.plot(accuracy.index, accuracy.values, marker="o", color=EXPERT_COLOUR, label="accuracy")
+    left.set(xlabel=xlabel, ylabel="average accuracy (%)", title=title)
+    left.yaxis.label.set_color(EXPERT_COLOUR)
+    right = left.twinx()
+    right.plot(entropy.index, entropy.values, marker="s", color=MERGED_COLOUR, label="entropy")
+    right.set_ylabel("mean prediction entropy (nats)", color=MERGED_COLOUR)
+    figure.tight_layout()
     return figure

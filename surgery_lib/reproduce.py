@@ -1,0 +1,126 @@
+"""Execute the book's notebooks with papermill for any preset and collect what they produce.
+
+``reproduce(preset, out)`` runs every ``notebooks/NN_*.ipynb`` in order with the parameters
+``preset``, ``device``, ``seed`` and ``output_dir`` injected, writes the executed copies to
+``out/notebooks/`` (never over the sources), each notebook's figures and tables to ``out/<stem>/``,
+and a summary (``out/summary.json`` and ``out/summary.md``) with wall time and artifacts per notebook.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.presets import get_preset
+from surgery_lib.progress import tqdm
+from surgery_lib.storage import atomic_path, write_json
+
+ARTIFACT_SUFFIXES = (".png", ".pdf", ".csv", ".md")
+
+
+@dataclass
+class NotebookRun:
+    """One executed notebook: its status, wall time (s) and the files it wrote under its output folder."""
+
+    notebook: str
+    status: str
+    seconds: float
+    executed: str
+    artifacts: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def find_notebooks(source: str | os.PathLike[str], only: Sequence[str] | None = None) -> list[Path]:
+    """The numbered notebooks ``NN_*.ipynb`` in ``source``, in order; ``only`` filters by number or stem.
+
+    Raises:
+        SurgeryBookError: if ``source`` has no notebooks, or ``only`` names one that does not exist.
+    """
+    source = Path(source)
+    notebooks = sorted(source.glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        raise SurgeryBookError(
+            f"no notebooks (NN_*.ipynb) in {source}", "run from a checkout of the repository or pass --source DIR"
+        )
+    if only:
+        wanted = {name.removesuffix(".ipynb") for name in only}
+        chosen = [nb for nb in notebooks if nb.stem in wanted or nb.stem[:2] in wanted]
+        unknown = wanted - {nb.stem for nb in chosen} - {nb.stem[:2] for nb in chosen}
+        if unknown:
+            raise SurgeryBookError(
+                f"unknown notebook(s) {sorted(unknown)}", f"use numbers or names of: {', '.join(nb.stem for nb in notebooks)}"
+            )
+        notebooks = chosen
+    return notebooks
+
+
+def reproduce(
+    preset: str,
+    out: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    seed: int = 0,
+    source: str | os.PathLike[str] = "notebooks",
+    only: Sequence[str] | None = None,
+    kernel: str | None = None,
+    progress: bool = True,
+) -> list[NotebookRun]:
+    """Execute the notebooks for ``preset`` into ``out``; see the module docstring for the layout.
+
+    Raises:
+        SurgeryBookError: for an unknown preset, an ``out`` that would overwrite the sources, or a
+            notebook that fails (naming the notebook and the cell; the partial copy stays for reading).
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    get_preset(preset)  # an unknown preset fails here, before any kernel starts
+    notebooks = find_notebooks(source, only)
+    out = Path(out).resolve()
+    executed_dir = out / "notebooks"
+    if executed_dir == Path(source).resolve():
+        raise SurgeryBookError(f"{out} would write the executed notebooks over the sources", "pass another --out")
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    parameters = {"preset": preset, "device": device or get_preset(preset).default_device, "seed": seed}
+    runs: list[NotebookRun] = []
+    bar = tqdm(notebooks, desc=f"reproduce ({preset})", unit="notebook", disable=not progress)
+    for notebook in bar:
+        bar.set_postfix_str(notebook.stem)
+        artifacts_dir = out / notebook.stem
+        target = executed_dir / notebook.name
+        started = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(target), parameters={**parameters, "output_dir": str(artifacts_dir)},
+                cwd=str(notebook.parent), kernel_name=kernel, progress_bar=False,
+            )  # fmt: skip
+        except PapermillExecutionError as exc:
+            message = f"{exc.ename}: {exc.evalue}".strip()
+            runs.append(NotebookRun(notebook.name, "failed", time.perf_counter() - started, str(target), error=message))
+            write_summary(out, preset, runs)
+            raise SurgeryBookError(
+                f"notebook {notebook.name} failed in cell {exc.exec_count} ({message})",
+                f"read the traceback in {target}; the summary is in {out / 'summary.md'}",
+            ) from None
+        artifacts = sorted(str(p.relative_to(out)) for p in artifacts_dir.rglob("*") if p.suffix in ARTIFACT_SUFFIXES)
+        runs.append(NotebookRun(notebook.name, "ok", time.perf_counter() - started, str(target), artifacts))
+        write_summary(out, preset, runs)
+    return runs
+
+
+def write_summary(out: Path, preset: str, runs: Sequence[NotebookRun]) -> None:
+    """``summary.json`` (everything) and ``summary.md`` (a table) in ``out``, written atomically."""
+    write_json({"preset": preset, "notebooks": [asdict(run) for run in runs]}, out / "summary.json")
+    lines = [f"# Reproduction summary: preset `{preset}`", "", "| notebook | status | seconds | figures | tables |", "| --- | --- | --- | --- | --- |"]
+    for run in runs:
+        figures = sum(a.endswith(".png") for a in run.artifacts)
+        tables = sum(a.endswith(".csv") for a in run.artifacts)
+        lines.append(f"| {run.notebook} | {run.status} | {run.seconds:.1f} | {figures} | {tables} |")
+    failed = [run for run in runs if run.error]
+    lines += ["", *(f"**{run.notebook} failed:** {run.error}" for run in failed)]
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

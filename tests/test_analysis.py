@@ -1,0 +1,94 @@
+"""Merge cache, task-arithmetic sweep, task-vector similarity and the bias tables the notebooks use."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from surgery_lib import methods
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.merging import cosine_similarities, task_arithmetic
+from surgery_lib.pipeline import bias_table, block_bias_table, run_surgery, task_embeddings
+from surgery_lib.surgery import SurgeryConfig
+
+
+@pytest.fixture
+def private_zoo(smoke_zoo, tmp_path):
+    """The smoke zoo with its merge cache in a fresh directory."""
+    return dataclasses.replace(smoke_zoo, directory=tmp_path)
+
+
+def test_cosine_similarities_of_hand_made_vectors():
+    vectors = {
+        "a": {"w": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0])},
+        "b": {"w": torch.tensor([0.0, 3.0]), "b": torch.tensor([0.0])},
+        "c": {"w": torch.tensor([-2.0, 0.0]), "b": torch.tensor([0.0])},
+    }
+    expected = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 1.0]])
+    assert torch.allclose(cosine_similarities(vectors), expected)
+
+
+def test_cached_merge_is_reused_and_equal(private_zoo, monkeypatch):
+    options = methods.MergeOptions(steps=3, batch_size=4, split="adapt")
+    first = methods.cached_merge(private_zoo, "adamerging_layer", options, progress=False)
+    path = methods.merge_cache_path(private_zoo, "adamerging_layer", options, private_zoo.tasks)
+    assert path.exists() and not list(path.parent.glob("*.tmp*"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cached merge was recomputed")
+
+    monkeypatch.setattr(methods, "merge", fail)
+    second = methods.cached_merge(private_zoo, "adamerging_layer", options, progress=False)
+    for key, value in first.state.items():
+        assert torch.equal(second.state[key], value), key
+    found, loaded = first.details["adamerging"], second.details["adamerging"]
+    assert torch.equal(found.coefficients, loaded.coefficients) and loaded.entropy == found.entropy
+    assert loaded.coefficient_table().shape == (len(private_zoo.tasks), len(found.keys))
+
+
+def test_cached_merge_keys_on_options_and_recomputes_a_damaged_file(private_zoo, caplog):
+    a = methods.merge_cache_path(private_zoo, "task_arithmetic", methods.MergeOptions(scale=0.3), private_zoo.tasks)
+    b = methods.merge_cache_path(private_zoo, "task_arithmetic", methods.MergeOptions(scale=0.5), private_zoo.tasks)
+    assert a != b
+    methods.cached_merge(private_zoo, "task_arithmetic", progress=False)
+    path = methods.merge_cache_path(private_zoo, "task_arithmetic", methods.MergeOptions(), private_zoo.tasks)
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as after a crash in another tool
+    with caplog.at_level(logging.WARNING):
+        result = methods.cached_merge(private_zoo, "task_arithmetic", progress=False)
+    assert "unusable" in caplog.text
+    expected = task_arithmetic(private_zoo.pretrained, private_zoo.experts, 0.3)
+    assert all(torch.equal(result.state[k], v) for k, v in expected.items())
+
+
+def test_scale_sweep_starts_at_the_pretrained_model(smoke_zoo):
+    sweep = methods.scale_sweep(smoke_zoo, [0.0, 0.3], progress=False)
+    assert list(sweep.index) == [0.0, 0.3] and sweep.index.name == "scale"
+    for task in smoke_zoo.tasks:
+        assert sweep.loc[0.0, task] == pytest.approx(smoke_zoo.manifest["accuracy"]["pretrained"][task], abs=1e-6)
+    ta = methods.evaluate_merge(smoke_zoo, methods.merge(smoke_zoo, "task_arithmetic", progress=False))
+    assert sweep.loc[0.3, list(ta)].to_dict() == pytest.approx(ta)
+
+
+def test_bias_is_zero_for_the_expert_itself(smoke_zoo):
+    task = smoke_zoo.tasks[0]
+    table = bias_table(smoke_zoo, {"expert": smoke_zoo.experts[task], "pretrained": smoke_zoo.pretrained})
+    assert table.loc["expert", task] == 0.0
+    assert (table.loc["pretrained"] > 0).all()
+    blocks = block_bias_table(smoke_zoo, {"expert": smoke_zoo.experts[task]}, tasks=[task])
+    assert list(blocks.columns) == [f"block {i + 1}" for i in range(smoke_zoo.preset.encoder.layers)]
+    assert (blocks.loc["expert"] == 0).all()
+    features = task_embeddings(smoke_zoo, "expert", [task])
+    assert features[task].shape == (len(smoke_zoo.suite[task].labels["test"]), smoke_zoo.preset.encoder.output_dim)
+
+
+def test_surgery_adapt_limit_uses_fewer_images_and_is_v1_only(smoke_zoo):
+    merged = task_arithmetic(smoke_zoo.pretrained, smoke_zoo.experts, 0.3)
+    config = SurgeryConfig(steps=5, batch_size=8, eval_every=0)
+    limited = run_surgery(smoke_zoo, merged, config=config, adapt_limit=8, progress=False)
+    full = run_surgery(smoke_zoo, merged, config=config, progress=False)
+    assert not torch.equal(limited.modules.up, full.modules.up)  # other images, other updates
+    with pytest.raises(SurgeryBookError, match="V1 only"):
+        run_surgery(smoke_zoo, merged, version=2, config=config, adapt_limit=8, progress=False)

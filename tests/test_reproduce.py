@@ -1,0 +1,76 @@
+"""`surgery-book reproduce`: papermill execution into an output folder, artifacts, summary, failures."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from surgery_lib.cli import main
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.reproduce import find_notebooks, reproduce
+
+
+def _notebook(path, body: str) -> None:
+    notebook = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell('preset = "mini"\ndevice = "cpu"\nseed = 0\noutput_dir = "outputs/x"')
+    parameters.metadata["tags"] = ["parameters"]
+    notebook.cells = [nbformat.v4.new_markdown_cell("# test"), parameters, nbformat.v4.new_code_cell(body)]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, path)
+
+
+WRITE_TABLE = """
+from pathlib import Path
+Path(output_dir).mkdir(parents=True, exist_ok=True)
+(Path(output_dir) / "table.csv").write_text(f"preset,seed\\n{preset},{seed}\\n")
+"""
+
+
+def test_reproduce_executes_into_out_with_parameters_and_summary(tmp_path):
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    _notebook(source / "01_first.ipynb", WRITE_TABLE)
+    _notebook(source / "02_second.ipynb", WRITE_TABLE)
+    (source / "scratch.ipynb").write_text("not a numbered notebook, ignored")
+    out = tmp_path / "out"
+    runs = reproduce("smoke", out, seed=7, source=source, progress=False)
+    assert [r.notebook for r in runs] == ["01_first.ipynb", "02_second.ipynb"]
+    assert (out / "01_first" / "table.csv").read_text() == "preset,seed\nsmoke,7\n"
+    assert runs[0].artifacts == ["01_first/table.csv"]
+    executed = nbformat.read(out / "notebooks" / "01_first.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    source_cells = nbformat.read(source / "01_first.ipynb", as_version=4).cells
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in source_cells)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preset"] == "smoke" and [n["status"] for n in summary["notebooks"]] == ["ok", "ok"]
+    assert "| 02_second.ipynb | ok |" in (out / "summary.md").read_text()
+
+
+def test_reproduce_names_the_failing_notebook_and_cell(tmp_path, capsys):
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    _notebook(source / "01_ok.ipynb", "x = 1")
+    _notebook(source / "02_broken.ipynb", "raise ValueError('deliberate')")
+    status = main(["reproduce", "--preset", "smoke", "--out", str(tmp_path / "out"), "--source", str(source), "--quiet"])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "02_broken.ipynb failed in cell" in error and "ValueError: deliberate" in error
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [n["status"] for n in summary["notebooks"]] == ["ok", "failed"]
+
+
+def test_reproduce_refuses_bad_input(tmp_path):
+    with pytest.raises(SurgeryBookError, match="no notebooks"):
+        find_notebooks(tmp_path)
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    _notebook(source / "01_only.ipynb", "x = 1")
+    with pytest.raises(SurgeryBookError, match="unknown notebook"):
+        find_notebooks(source, ["07"])
+    assert [p.name for p in find_notebooks(source, ["01"])] == ["01_only.ipynb"]
+    with pytest.raises(SurgeryBookError, match="unknown preset"):
+        reproduce("nope", tmp_path / "out", source=source, progress=False)
+    with pytest.raises(SurgeryBookError, match="over the sources"):
+        reproduce("smoke", tmp_path, source=tmp_path / "notebooks", progress=False)
