@@ -8,6 +8,7 @@ Subcommands:
 - ``table``    the papers' main table: every merging method on one preset
 - ``surgery``  Surgery or SurgeryV2 on a merged model: accuracy and bias before and after
 - ``reproduce`` execute every notebook with papermill for a preset and collect figures and tables
+- ``convert``  read a task_vectors checkpoint folder safely and store it as safetensors + manifest
 - ``bench``    speed of the official-style surgery loop against this library's
 - ``presets``  list the registered presets
 
@@ -246,6 +247,22 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from surgery_lib.checkpoints import TASK_VECTORS_TASKS, convert_task_vectors
+
+    tasks = tuple(args.tasks.split(",")) if args.tasks else TASK_VECTORS_TASKS
+    manifest = convert_task_vectors(args.source, args.model, args.out, tasks, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        arch = manifest["architecture"]
+        print(f"{args.model}: {arch['layers']} blocks of width {arch['width']}, patch {arch['patch_size']}, "
+              f"{len(manifest['tasks'])} experts and heads")  # fmt: skip
+        for key, entry in manifest["files"].items():
+            print(f"  {key:20s} -> {args.out}/{args.model}/{entry['file']}")
+    return 0
+
+
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     parser.add_argument("--scale", type=float, default=None, help="task arithmetic / TIES scale (default 0.3; TIES mean 1.0)")
@@ -312,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--notebooks", default=None, help="comma-separated numbers or names to run (default: all)")
     reproduce.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks' own)")
     reproduce.set_defaults(run=_cmd_reproduce)
+
+    convert = sub.add_parser("convert", help="convert a task_vectors checkpoint folder to safetensors + manifest (safe unpickling)")
+    convert.add_argument("--family", choices=("task_vectors",), default="task_vectors", help="checkpoint family (default task_vectors)")
+    convert.add_argument("--model", required=True, help="ViT-B-32, ViT-B-16 or ViT-L-14 (the sub-folder of --source)")
+    convert.add_argument("--source", required=True, help="folder holding <model>/zeroshot.pt, <model>/<Task>/finetuned.pt, <model>/head_<Task>.pt")
+    convert.add_argument("--out", required=True, help="output folder (writes <out>/<model>/...)")
+    convert.add_argument("--tasks", default=None, help="comma-separated task folder names (default: the papers' 8)")
+    convert.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    convert.add_argument("--quiet", action="store_true", help="no progress bars")
+    convert.set_defaults(run=_cmd_convert)
 
     bench = sub.add_parser("bench", help="time the official-style surgery loop against this library's (V1 and V2)")
     _add_common(bench)

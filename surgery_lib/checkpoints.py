@@ -1,0 +1,347 @@
+"""Read the task_vectors checkpoints (``zeroshot.pt``, ``<Task>/finetuned.pt``, ``head_<Task>.pt``) safely.
+
+Those files are whole pickled Python objects from open_clip 2.0.2 and the authors' ``src`` package, so
+``torch.load`` needs both installed (and executes whatever the pickle names). Here the pickle is read by an
+unpickler that resolves **only** an allow-list of the globals such files reference, each to an inert
+stand-in that merely records its state; tensors are rebuilt by torch's own helpers. Any other global (say
+``os.system``) stops the load with :class:`UnsafeCheckpointError` before anything runs. The tensors are then
+loaded strictly into a fresh open_clip ``VisionTransformer`` with QuickGELU, as the experts were trained.
+
+Both file kinds exist in the published folder: torch zip archives and, for at least one file, a raw pickle
+(``torch.load`` fails on it with "Invalid magic number"); both work here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import types
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.models import ClassificationHead
+
+#: Modules whose classes become inert stand-ins (nothing of theirs is imported or run).
+STAND_IN_MODULES = (
+    "src.modeling", "open_clip.model", "open_clip.transformer", "open_clip.transform", "open_clip.modified_resnet",
+    "torch.nn.modules.", "torchvision.transforms.",
+)  # fmt: skip
+# What torch itself needs to rebuild tensors and parameters (no code from the file runs through these).
+_TORCH_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch", "Size"),
+    ("torch", "device"),
+}
+# Plain data types (nn.Module keeps a set of non-persistent buffer names); no callables beyond constructors.
+_SAFE_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "bytearray", "bytes", "str", "int", "float", "bool", "complex", "slice"}
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class UnsafeCheckpointError(SurgeryBookError):
+    """The pickle names a global outside the allow-list; nothing from it was executed."""
+
+
+class StandIn:
+    """An inert object standing for a class of the pickle: it keeps its constructor arguments and state."""
+
+    _qualified_name = "StandIn"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_stand_in_args"] = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_stand_in_state"] = state
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self._qualified_name}>"
+
+
+def _stand_in(module: str, name: str) -> type:
+    return type(name, (StandIn,), {"_qualified_name": f"{module}.{name}", "__module__": __name__})
+
+
+def _load_storage_from_bytes(data: bytes) -> Any:
+    # Tensors in a plain pickle carry their storage as a nested legacy torch file; torch's weights-only
+    # loader reads it without resolving any global beyond tensors.
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(text, "latin1").
+    if encoding not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError(f"the pickle asks for the {encoding!r} codec", "load only task_vectors checkpoints")
+    return text.encode("latin1")
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """A pickle reader that resolves only the allow-listed globals (see the module docstring)."""
+
+    source = "<stream>"
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _TORCH_GLOBALS:
+            return super().find_class(module, name)
+        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
+            return super().find_class("builtins", name)
+        if module == "_codecs" and name == "encode":
+            return _latin1_bytes
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return _load_storage_from_bytes
+        if module.startswith(STAND_IN_MODULES) or module in {m.rstrip(".") for m in STAND_IN_MODULES}:
+            return _stand_in(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.source} refers to {module}.{name}, which a model checkpoint has no reason to contain; "
+            "nothing from the file was executed",
+            "only load checkpoints from a source you trust; this loader reads the task_vectors files",
+        )
+
+
+def _pickle_module(source: str) -> types.SimpleNamespace:
+    class Unpickler(SafeUnpickler):
+        pass
+
+    Unpickler.source = source
+
+    def load(file: Any, **kwargs: Any) -> Any:
+        return Unpickler(file, **kwargs).load()
+
+    return types.SimpleNamespace(Unpickler=Unpickler, load=load, __name__="surgery_lib.checkpoints")
+
+
+def read_pickled_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """Unpickle a task_vectors ``.pt`` file (torch zip archive, legacy torch file or raw pickle) safely.
+
+    Returns the root object as a tree of :class:`StandIn` objects holding real tensors.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names a global outside the allow-list.
+        SurgeryBookError: the file is missing, truncated or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryBookError(f"no checkpoint at {path}", "check the path (task_vectors layout: <root>/<model>/<Task>/finetuned.pt)")
+    module = _pickle_module(str(path))
+    try:
+        if zipfile.is_zipfile(path) or _is_legacy_torch_file(path):
+            with warnings.catch_warnings():  # legacy files compare stored class sources; stand-ins have none
+                warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+                return torch.load(path, map_location="cpu", pickle_module=module, weights_only=False)
+        with path.open("rb") as handle:
+            return module.Unpickler(handle).load()
+    except UnsafeCheckpointError:
+        raise
+    except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        raise SurgeryBookError(
+            f"{path} is truncated or not a checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+            "download the file again (one published file was once corrupted and re-uploaded)",
+        ) from None
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    # torch's pre-1.6 format starts with a pickled magic number; compare bytes rather than unpickle.
+    magic = pickle.dumps(_TORCH_LEGACY_MAGIC, protocol=2)
+    with path.open("rb") as handle:
+        return handle.read(len(magic)) == magic
+
+
+def module_tensors(root: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Flatten a pickled ``nn.Module`` tree (stand-ins) into a state dict: parameters and buffers by dotted name."""
+    state: dict[str, torch.Tensor] = {}
+    attributes = getattr(root, "__dict__", {})
+    for kind in ("_parameters", "_buffers"):
+        for name, tensor in (attributes.get(kind) or {}).items():
+            if isinstance(tensor, torch.Tensor):
+                state[prefix + name] = tensor.detach().clone()
+    for name, child in (attributes.get("_modules") or {}).items():
+        if child is not None:
+            state.update(module_tensors(child, f"{prefix}{name}."))
+    return state
+
+
+VISUAL_PREFIX = "model.visual."
+
+
+def load_image_encoder_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The image tower's weights from ``zeroshot.pt`` / ``finetuned.pt``, with open_clip's visual key names.
+
+    Raises:
+        SurgeryBookError: if the file holds no CLIP image tower (``model.visual.*``).
+    """
+    state = module_tensors(read_pickled_checkpoint(path))
+    visual = {k[len(VISUAL_PREFIX) :]: v for k, v in state.items() if k.startswith(VISUAL_PREFIX)}
+    if not visual:
+        raise SurgeryBookError(
+            f"{path} holds no CLIP image encoder (no model.visual.* tensors; found {sorted(state)[:3]})",
+            "pass a task_vectors zeroshot.pt or <Task>/finetuned.pt file",
+        )
+    return visual
+
+
+def load_head(path: str | os.PathLike[str]) -> ClassificationHead:
+    """A task_vectors ``head_<Task>.pt`` as this library's :class:`ClassificationHead` (same maths: it
+    L2-normalises the embedding, then applies weight = scaled class text embeddings, bias 0)."""
+    state = module_tensors(read_pickled_checkpoint(path))
+    if set(state) != {"weight", "bias"}:
+        raise SurgeryBookError(f"{path} is not a classification head (tensors {sorted(state)})", "pass a head_<Task>.pt file")
+    classes, dim = state["weight"].shape
+    head = ClassificationHead(dim, classes)
+    head.linear.load_state_dict(state)
+    return head.requires_grad_(False).eval()
+
+
+def visual_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Image size, patch size, width, depth, heads and output width read from a visual state dict."""
+    width, _, patch, _ = state["conv1.weight"].shape
+    tokens = state["positional_embedding"].shape[0]
+    layers = len({int(m.group(1)) for k in state if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
+    return {
+        "image_size": int(round((tokens - 1) ** 0.5)) * patch,
+        "patch_size": patch,
+        "width": width,
+        "layers": layers,
+        "heads": max(1, width // 64),  # CLIP's head width is 64
+        "mlp_ratio": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+        "output_dim": state["proj"].shape[1],
+    }
+
+
+def build_clip_visual(state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A fresh open_clip ``VisionTransformer`` with QuickGELU (as open_clip 2.0.2 built OpenAI models),
+    shaped from ``state``, with ``state`` loaded strictly.
+
+    Raises:
+        SurgeryBookError: if any key or shape does not fit.
+    """
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    try:
+        encoder = VisionTransformer(**visual_architecture(state), act_layer=QuickGELU)
+        encoder.load_state_dict(dict(state), strict=True)
+    except (KeyError, RuntimeError) as exc:
+        raise SurgeryBookError(
+            f"the checkpoint's image encoder does not fit an open_clip ViT ({str(exc).strip().splitlines()[0]})",
+            "pass a ViT-B-32, ViT-B-16 or ViT-L-14 checkpoint of the task_vectors family",
+        ) from None
+    return encoder.eval()
+
+
+#: The eight tasks of the papers, as task_vectors names its folders and heads.
+TASK_VECTORS_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+CONVERTED_FORMAT = 1
+
+
+def task_vectors_files(source: str | os.PathLike[str], model: str, tasks: tuple[str, ...] = TASK_VECTORS_TASKS) -> dict[str, Path]:
+    """The files of ``model`` in a task_vectors folder: ``pretrained``, ``expert/<Task>`` and ``head/<Task>``.
+
+    Raises:
+        SurgeryBookError: listing every missing file at once, before anything is read.
+    """
+    root = Path(source) / model
+    files = {"pretrained": root / "zeroshot.pt"}
+    for task in tasks:
+        files[f"expert/{task}"] = root / task / "finetuned.pt"
+        files[f"head/{task}"] = root / f"head_{task}.pt"
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise SurgeryBookError(
+            f"{len(missing)} task_vectors file(s) missing, e.g. {missing[:3]}",
+            f"download the {model} folder (zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt) into {Path(source)}",
+        )
+    return files
+
+
+def convert_task_vectors(
+    source: str | os.PathLike[str],
+    model: str,
+    out: str | os.PathLike[str],
+    tasks: tuple[str, ...] = TASK_VECTORS_TASKS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Convert a task_vectors folder once into safetensors plus ``manifest.json`` under ``out/<model>/``.
+
+    Every file is written atomically and the manifest last, so an interrupted conversion leaves no
+    manifest and is simply run again. Returns the manifest (paths, SHA-256 and the architecture).
+
+    Raises:
+        SurgeryBookError: missing files, unsafe or damaged pickles, or experts whose architecture differs
+            from the pretrained model's.
+    """
+    from surgery_lib.merging import check_compatible
+    from surgery_lib.progress import tqdm
+    from surgery_lib.storage import save_tensors, write_json
+
+    files = task_vectors_files(source, model, tasks)
+    target = Path(out) / model
+    pretrained = load_image_encoder_state(files["pretrained"])
+    architecture = visual_architecture(pretrained)
+    written = {"pretrained": {"file": "pretrained.safetensors", "sha256": save_tensors(pretrained, target / "pretrained.safetensors")}}
+    for task in tqdm(tasks, desc=f"converting {model}", disable=not progress):
+        expert = load_image_encoder_state(files[f"expert/{task}"])
+        check_compatible(pretrained, {task: expert})
+        head = load_head(files[f"head/{task}"])
+        if head.linear.in_features != architecture["output_dim"]:
+            raise SurgeryBookError(
+                f"head_{task}.pt expects {head.linear.in_features}-d embeddings, the encoder gives {architecture['output_dim']}",
+                f"use the heads of the {model} folder",
+            )
+        written[f"expert/{task}"] = {"file": f"experts/{task}.safetensors", "sha256": save_tensors(expert, target / "experts" / f"{task}.safetensors")}
+        written[f"head/{task}"] = {"file": f"heads/{task}.safetensors", "sha256": save_tensors(head.state_dict(), target / "heads" / f"{task}.safetensors")}
+    manifest = {
+        "format": CONVERTED_FORMAT, "family": "task_vectors", "model": model, "tasks": list(tasks),
+        "architecture": architecture, "sources": {k: str(v) for k, v in files.items()}, "files": written,
+    }  # fmt: skip
+    write_json(manifest, target / "manifest.json")
+    return manifest
+
+
+def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, ClassificationHead], dict[str, Any]]:
+    """Load a folder written by :func:`convert_task_vectors`: ``(pretrained, experts, heads, manifest)``.
+
+    Every file is checked against its SHA-256 in the manifest.
+
+    Raises:
+        SurgeryBookError: no manifest (convert first), or a damaged file (convert again).
+    """
+    from surgery_lib.storage import load_tensors, read_json
+
+    directory = Path(directory)
+    if not (directory / "manifest.json").is_file():
+        raise SurgeryBookError(f"no converted checkpoints in {directory}", "run `surgery-book convert` first")
+    manifest = read_json(directory / "manifest.json")
+
+    def tensors(key: str) -> dict[str, torch.Tensor]:
+        entry = manifest["files"][key]
+        return load_tensors(directory / entry["file"], expected_sha256=entry["sha256"])[0]
+
+    pretrained = tensors("pretrained")
+    experts = {task: tensors(f"expert/{task}") for task in manifest["tasks"]}
+    heads = {}
+    for task in manifest["tasks"]:
+        state = tensors(f"head/{task}")
+        head = ClassificationHead(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
+        head.load_state_dict(state)
+        heads[task] = head.requires_grad_(False).eval()
+    return pretrained, experts, heads, manifest
