@@ -345,3 +345,44 @@ def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
         head.load_state_dict(state)
         heads[task] = head.requires_grad_(False).eval()
     return pretrained, experts, heads, manifest
+
+
+def open_clip_state_from_transformers(vision: Mapping[str, torch.Tensor], projection: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Map a transformers ``CLIPVisionModel`` state dict (FusionBench's experts) onto open_clip's visual keys.
+
+    Args:
+        vision: the vision tower's weights, with or without the ``vision_model.`` prefix (transformers 4
+            saves it, transformers 5 flattened ``CLIPVisionModel``); ``position_ids`` is ignored.
+        projection: ``visual_projection.weight`` (output_dim, width) of the pretrained ``CLIPModel``: the
+            experts are ``CLIPVisionModel``s without it, and it was frozen during their fine-tuning.
+
+    Returns:
+        open_clip ``VisionTransformer`` weights: q/k/v concatenated into ``in_proj_*``, ``fc1``/``fc2`` as
+        ``c_fc``/``c_proj``, ``layer_norm1/2`` as ``ln_1/2``, ``pre_layrnorm`` as ``ln_pre``, and
+        ``proj = projection.T``.
+    """
+    hf = {k.removeprefix("vision_model."): v for k, v in vision.items() if not k.endswith("position_ids")}
+    try:
+        state = {
+            "class_embedding": hf.pop("embeddings.class_embedding"),
+            "conv1.weight": hf.pop("embeddings.patch_embedding.weight"),
+            "positional_embedding": hf.pop("embeddings.position_embedding.weight"),
+            "ln_pre.weight": hf.pop("pre_layrnorm.weight"), "ln_pre.bias": hf.pop("pre_layrnorm.bias"),
+            "ln_post.weight": hf.pop("post_layernorm.weight"), "ln_post.bias": hf.pop("post_layernorm.bias"),
+            "proj": projection.T.contiguous(),
+        }  # fmt: skip
+        layers = sorted({int(m.group(1)) for k in hf if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+        for i in layers:
+            src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+            for kind in ("weight", "bias"):
+                state[f"{dst}attn.in_proj_{kind}"] = torch.cat([hf.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
+                for theirs, ours in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):  # fmt: skip
+                    state[f"{dst}{ours}.{kind}"] = hf.pop(f"{src}{theirs}.{kind}")
+    except KeyError as exc:
+        raise SurgeryBookError(
+            f"not a transformers CLIP vision state dict (no {exc.args[0]!r})", "pass CLIPVisionModel weights, e.g. tanganke/clip-vit-base-patch32_<task>"
+        ) from None
+    if hf:
+        raise SurgeryBookError(f"unexpected transformers keys {sorted(hf)[:3]}", "pass the weights of a CLIPVisionModel")
+    return state

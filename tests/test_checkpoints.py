@@ -206,3 +206,25 @@ def test_convert_a_task_vectors_folder_and_load_it_back(tmp_path, published_clas
     (root / "DTD" / "finetuned.pt").unlink()
     assert main(argv) == 2
     assert "1 task_vectors file(s) missing" in capsys.readouterr().err
+
+
+def test_transformers_clip_vision_maps_onto_open_clip_exactly():
+    transformers = pytest.importorskip("transformers")
+    from surgery_lib.checkpoints import open_clip_state_from_transformers
+
+    torch.manual_seed(2)
+    # head width 64, as in every CLIP (the head count is not stored in the weights)
+    config = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                                           image_size=32, patch_size=8, projection_dim=32, hidden_act="quick_gelu")  # fmt: skip
+    reference = transformers.CLIPVisionModelWithProjection(config).eval()
+    state = reference.state_dict()
+    vision = {k: v for k, v in state.items() if k.startswith("vision_model.")}
+    mapped = open_clip_state_from_transformers(vision, state["visual_projection.weight"])
+    encoder = build_clip_visual(mapped)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(encoder(images), reference(pixel_values=images).image_embeds, atol=1e-5)
+    flattened = {k.removeprefix("vision_model."): v for k, v in vision.items()}  # transformers >= 5 CLIPVisionModel
+    assert all(torch.equal(a, b) for a, b in zip(open_clip_state_from_transformers(flattened, state["visual_projection.weight"]).values(), mapped.values()))
+    with pytest.raises(SurgeryBookError, match="not a transformers CLIP"):
+        open_clip_state_from_transformers({"weight": torch.ones(1)}, state["visual_projection.weight"])
