@@ -257,3 +257,29 @@ def accuracy_and_entropy(accuracy: pd.Series, entropy: pd.Series, xlabel: str = 
     right.set_ylabel("mean prediction entropy (nats)", color=MERGED_COLOUR)
     figure.tight_layout()
     return figure
+
+
+def main_table_bars(average: pd.Series, title: str = "Average accuracy over the tasks") -> Figure:
+    """Horizontal bars of a main table's ``average`` column (rows in table order), coloured by kind:
+    reference rows grey, merges red, merges + Surgery green, merges + SurgeryV2 dark green."""
+    plt = _pyplot()
+
+    def colour(label: str) -> str:
+        if label.endswith("+ SurgeryV2"):
+            return "#1b7a3a"
+        if label.endswith("+ Surgery"):
+            return SURGERY_COLOUR
+        if label in ("pretrained + probe", "individual (expert)", "traditional MTL"):
+            return "0.55"
+        return MERGED_COLOUR
+
+    figure, axis = plt.subplots(figsize=(6.5, 0.32 * len(average) + 1.0))
+    positions = np.arange(len(average))[::-1]
+    axis.barh(positions, average.values, color=[colour(str(label)) for label in average.index])
+    axis.set_yticks(positions, [str(label) for label in average.index], fontsize=8)
+    for y, value in zip(positions, average.values):
+        axis.text(value + 0.5, y, f"{value:.1f}", va="center", fontsize=7)
+    axis.set(xlabel="average test accuracy (%)", title=title, xlim=(0, max(100.0, float(average.max()) + 8)))
+    axis.spines[["top", "right"]].set_visible(False)
+    figure.tight_layout()
+    return figure

@@ -33,13 +33,21 @@ def test_notebook_opens_with_badge_summary_install_and_parameters(path):
     assert REPOSITORY_URL in "".join(install["source"])
     parameters = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(parameters) == 1 and 'preset = "mini"' in "".join(parameters[0]["source"])
+    names = {line.split("=")[0].strip() for line in "".join(parameters[0]["source"]).splitlines() if "=" in line}
+    assert {"preset", "device", "seed", "output_dir"} <= names  # what `surgery-book reproduce` injects
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_cells_call_the_library_instead_of_defining_it(path):
+    code = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    assert not [c for c in code if re.search(r"^(def|class) ", c, re.MULTILINE)]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_outputs_are_clean(path):
     text = path.read_text()
     notebook = json.loads(text)
-    assert not re.search(r'"(/root/|/tmp/|/home/|/usr/local/)', text), "absolute local path in outputs"
+    assert not re.search(r'(/root/|/tmp/|/home/|/usr/local/|/work/)', text), "absolute local path in outputs"
     assert "injected-parameters" not in text, "a papermill output was committed over the source"
     for cell in notebook["cells"]:
         assert "execution" not in cell.get("metadata", {}) and "papermill" not in cell.get("metadata", {})
@@ -60,5 +68,5 @@ def test_repository_url_is_the_same_everywhere():
 
 def test_every_notebook_is_in_the_book():
     toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
-    files = {entry["file"] for entry in toc.get("chapters", [])}
+    files = {entry["file"] for part in toc["parts"] for entry in part["chapters"]}
     assert {f"notebooks/{p.stem}" for p in NOTEBOOKS} <= files
