@@ -75,8 +75,11 @@ def reproduce(
         SurgeryBookError: for an unknown preset, an ``out`` that would overwrite the sources, or a
             notebook that fails (naming the notebook and the cell; the partial copy stays for reading).
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+    try:
+        import papermill
+        from papermill.exceptions import PapermillExecutionError
+    except ImportError:
+        raise SurgeryBookError("papermill is not installed", "pip install 'surgery-book[book]' (or the repository's .venv)") from None
 
     get_preset(preset)  # an unknown preset fails here, before any kernel starts
     notebooks = find_notebooks(source, only)
