@@ -43,6 +43,19 @@ class AdaMergingResult:
         return pd.DataFrame(self.coefficients.numpy(), index=list(self.tasks), columns=columns)
 
 
+    def block_table(self):  # -> pandas.DataFrame
+        """Layer-wise coefficients averaged over the tensors of each block: tasks x (block 1..L, then the
+        tensors outside the blocks: embeddings, layer norms, projection)."""
+        table = self.coefficient_table()
+        if list(table.columns) == ["all"]:
+            raise SurgeryBookError("task-wise coefficients have no blocks", "use a layer-wise AdaMerging result")
+        block = table.columns.str.extract(r"resblocks\.(\d+)\.", expand=False)
+        numbers = sorted({int(b) for b in block.dropna()})
+        labels = [f"block {int(b) + 1}" if isinstance(b, str) else "embeddings, ln, proj" for b in block]
+        grouped = table.T.groupby(labels).mean().T
+        return grouped[[f"block {n + 1}" for n in numbers] + (["embeddings, ln, proj"] if block.isna().any() else [])]
+
+
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of ``softmax(logits)`` per row: (N, C) -> (N,)."""
     log_probs = logits.float().log_softmax(dim=-1)

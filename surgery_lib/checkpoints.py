@@ -13,6 +13,7 @@ Both file kinds exist in the published folder: torch zip archives and, for at le
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -75,6 +76,7 @@ class StandIn:
         return f"<stand-in for {self._qualified_name}>"
 
 
+@functools.lru_cache(maxsize=None)
 def _stand_in(module: str, name: str) -> type:
     return type(name, (StandIn,), {"_qualified_name": f"{module}.{name}", "__module__": __name__})
 
@@ -110,7 +112,7 @@ class SafeUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module == "torch.storage" and name == "_load_from_bytes":
             return _load_storage_from_bytes
-        if module.startswith(STAND_IN_MODULES) or module in {m.rstrip(".") for m in STAND_IN_MODULES}:
+        if module.startswith(STAND_IN_MODULES):
             return _stand_in(module, name)
         raise UnsafeCheckpointError(
             f"{self.source} refers to {module}.{name}, which a model checkpoint has no reason to contain; "

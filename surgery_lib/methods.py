@@ -15,7 +15,7 @@ import torch
 
 from surgery_lib import merging
 from surgery_lib.errors import SurgeryBookError
-from surgery_lib.evaluation import evaluate_tasks, results_table
+from surgery_lib.evaluation import accuracy_from_features, evaluate_tasks, results_table
 from surgery_lib.models import load_encoder, resolve_device
 from surgery_lib.presets import config_hash
 
@@ -229,10 +229,10 @@ def scale_sweep(
         accuracy[float(scale)], entropy[float(scale)] = {}, {}
         for task in zoo.tasks:
             data = zoo.suite[task]
+            features = embed(encoder, data.images["test"], data.mean, data.std, device=device)
+            accuracy[float(scale)][task] = accuracy_from_features(features, zoo.heads[task], data.labels["test"])
             with torch.inference_mode():
-                logits = zoo.heads[task](embed(encoder, data.images["test"], data.mean, data.std, device=device))
-            accuracy[float(scale)][task] = 100.0 * (logits.argmax(-1) == data.labels["test"]).float().mean().item()
-            entropy[float(scale)][task] = prediction_entropy(logits).mean().item()
+                entropy[float(scale)][task] = prediction_entropy(zoo.heads[task](features)).mean().item()
     accuracy_table = results_table(accuracy).rename_axis("scale")
     if not with_entropy:
         return accuracy_table

@@ -103,16 +103,9 @@ def tsne_embeddings(
     return figure
 
 
-def learning_curve(curves: Mapping[str, pd.Series], title: str = "Average accuracy during surgery") -> Figure:
+def learning_curve(series: Mapping[str, pd.Series], title: str = "Average accuracy during surgery") -> Figure:
     """Accuracy (%) against training step, one line per label; e.g. ``run.learning_curve()["average"]``."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5.5, 3.4))
-    for label, series in curves.items():
-        axis.plot(series.index, series.values, marker="o", label=label)
-    axis.set(xlabel="step (per task)", ylabel="average accuracy (%)", title=title)
-    axis.legend(frameon=False, fontsize="small")
-    figure.tight_layout()
-    return figure
+    return curves(series, xlabel="step (per task)", ylabel="average accuracy (%)", title=title)
 
 
 def task_samples(suite, per_task: int = 10, split: str = "test") -> Figure:

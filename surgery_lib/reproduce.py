@@ -81,14 +81,14 @@ def reproduce(
     except ImportError:
         raise SurgeryBookError("papermill is not installed", "pip install 'surgery-book[book]' (or the repository's .venv)") from None
 
-    get_preset(preset)  # an unknown preset fails here, before any kernel starts
+    default_device = get_preset(preset).default_device  # an unknown preset fails here, before any kernel starts
     notebooks = find_notebooks(source, only)
     out = Path(out).resolve()
     executed_dir = out / "notebooks"
     if executed_dir == Path(source).resolve():
         raise SurgeryBookError(f"{out} would write the executed notebooks over the sources", "pass another --out")
     executed_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {"preset": preset, "device": device or get_preset(preset).default_device, "seed": seed}
+    parameters = {"preset": preset, "device": device or default_device, "seed": seed}
     runs: list[NotebookRun] = []
     bar = tqdm(notebooks, desc=f"reproduce ({preset})", unit="notebook", disable=not progress)
     for notebook in bar:

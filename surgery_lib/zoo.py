@@ -106,15 +106,10 @@ class Zoo:
 
     def accuracy_table(self):  # -> pandas.DataFrame
         """Test accuracy (%) of pretrained + probe, each expert on its task, and MTL; with the average."""
-        import pandas as pd
+        from surgery_lib.evaluation import results_table
 
-        rows = {}
-        for key, label in ZOO_ROWS.items():
-            values = self.manifest["accuracy"][key]
-            rows[label] = {task: values[task] for task in self.tasks}
-        table = pd.DataFrame.from_dict(rows, orient="index")
-        table["average"] = table.mean(axis=1)
-        return table
+        accuracy = self.manifest["accuracy"]
+        return results_table({label: {t: accuracy[key][t] for t in self.tasks} for key, label in ZOO_ROWS.items()})
 
 
 def _check_manifest(manifest: dict[str, Any], preset: Preset, directory: Path) -> None:

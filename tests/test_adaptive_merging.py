@@ -138,3 +138,15 @@ def test_evaluation_needs_a_head_for_every_task(smoke_zoo):
 
     with pytest.raises(SurgeryBookError, match="no head for task"):
         evaluate_tasks(smoke_zoo.encoder(), {"mnist": smoke_zoo.heads["mnist"]}, smoke_zoo.suite.tasks)
+
+
+def test_block_table_averages_the_coefficients_of_each_block(smoke_zoo):
+    result = _run(smoke_zoo, granularity="layer", steps=3, lr=0.05)
+    blocks = result.block_table()
+    layers = smoke_zoo.preset.encoder.layers
+    assert list(blocks.columns) == [f"block {i + 1}" for i in range(layers)] + ["embeddings, ln, proj"]
+    table = result.coefficient_table()
+    first = [c for c in table.columns if c.startswith("transformer.resblocks.0.")]
+    assert blocks["block 1"].tolist() == pytest.approx(table[first].mean(axis=1).tolist())
+    with pytest.raises(SurgeryBookError, match="no blocks"):
+        _run(smoke_zoo, granularity="task").block_table()

@@ -59,9 +59,8 @@ def _as_published(module: nn.Module, classes) -> nn.Module:
     """A copy of an open_clip 3.x module tree whose open_clip classes carry the 2.0.2 names."""
     kind = type(module)
     if kind.__module__.startswith("open_clip"):
-        copy = classes[LEGACY_NAMES.get(kind.__name__, kind.__name__)].__new__(classes[LEGACY_NAMES.get(kind.__name__, kind.__name__)])
-    else:
-        copy = kind.__new__(kind)
+        kind = classes[LEGACY_NAMES.get(kind.__name__, kind.__name__)]
+    copy = kind.__new__(kind)
     copy.__dict__ = dict(module.__dict__)
     copy._modules = OrderedDict((k, _as_published(c, classes) if c is not None else None) for k, c in module._modules.items())
     return copy
