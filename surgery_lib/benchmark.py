@@ -8,13 +8,19 @@ instead caches expert targets (and, for V1, merged embeddings) once, then trains
 
 On CPU the benchmark uses the mini preset's zoo and test images; on a GPU it uses the ViT-B/32
 architecture with random weights and random 224x224 images at the paper's eight test-set sizes.
+
+:func:`pipeline_benchmark` times the whole method end to end (merge, layer-wise AdaMerging, Surgery,
+SurgeryV2) with peak accelerator memory and feature-extraction throughput, on any zoo, including
+:func:`synthetic_clip_zoo` (the real architecture with random weights at the paper's test-set sizes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -175,3 +181,105 @@ def synthetic_vit_b32_setting(device: torch.device | str, sizes: Mapping[str, in
         for task, n in sizes.items()
     }
     return merged, experts, data
+
+
+@dataclass
+class PipelineStage:
+    """One stage of the end-to-end benchmark: wall time, peak accelerator memory, and throughput."""
+
+    stage: str
+    seconds: float
+    peak_memory_gb: float | None
+    images_per_s: float | None = None
+
+
+def synthetic_clip_zoo(preset: str = "clip-vit-b-32", sizes: Mapping[str, int] = PAPER_TEST_SIZES, seed: int = 0, adapt_images: int = 256):
+    """A :class:`~surgery_lib.zoo.Zoo` of the real architecture with random weights and random images.
+
+    Experts are the pretrained weights plus independent noise of 1 % of each tensor's spread (task
+    vectors of a realistic relative size); heads are random unit rows x 100 with each task's class count;
+    test sets are random 224x224 uint8 images of ``sizes`` (the paper's: 87,190 images, 13 GB).
+    """
+    import torch.nn.functional as F
+
+    from surgery_lib.clip_tasks import CLIP_TASKS
+    from surgery_lib.data import Suite
+    from surgery_lib.models import ClassificationHead, build_encoder, clone_state
+    from surgery_lib.presets import get_preset
+    from surgery_lib.zoo import Zoo
+
+    spec = get_preset(preset)
+    torch.manual_seed(seed)
+    pretrained = clone_state(build_encoder(spec.encoder))
+    generator = torch.Generator().manual_seed(seed)
+    experts, heads, tasks = {}, {}, {}
+    for task, n in sizes.items():
+        experts[task] = {k: v + 0.01 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
+        classes = CLIP_TASKS[task].num_classes if task in CLIP_TASKS else 10
+        head = ClassificationHead(spec.encoder.output_dim, classes)
+        with torch.no_grad():
+            head.linear.weight.copy_(F.normalize(torch.randn(classes, spec.encoder.output_dim, generator=generator), dim=-1) * 100)
+            head.linear.bias.zero_()
+        heads[task] = head.requires_grad_(False)
+        size = spec.encoder.image_size
+        test = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+        adapt = test[: min(adapt_images, n)]
+        labels = torch.randint(0, classes, (n,), generator=generator)
+        tasks[task] = TaskData(task, tuple(str(c) for c in range(classes)), {"test": test, "train": adapt, "adapt": adapt},
+                               {"test": labels, "train": labels[: len(adapt)], "adapt": labels[: len(adapt)]},
+                               spec.encoder.mean, spec.encoder.std)  # fmt: skip
+    manifest = {"accuracy": {"pretrained": dict.fromkeys(sizes, 0.0), "expert": dict.fromkeys(sizes, 0.0)}, "synthetic": True}
+    return Zoo(spec, Path("synthetic"), manifest, pretrained, heads, experts, None, Suite(None, tasks, None))
+
+
+def pipeline_benchmark(
+    zoo,  # surgery_lib.zoo.Zoo
+    *,
+    device: torch.device | str = "cuda",
+    adamerging_steps: int | None = None,
+    surgery_steps: int = 1000,
+    progress: bool = True,
+) -> list[PipelineStage]:
+    """Time merge -> layer-wise AdaMerging -> Surgery -> SurgeryV2 end to end on ``zoo`` (all 8 tasks).
+
+    Each stage runs the library's own code (:func:`~surgery_lib.methods.merge`,
+    :func:`~surgery_lib.pipeline.run_surgery`) with the official schedules unless overridden; Surgery
+    and SurgeryV2 start from the AdaMerging merge, as in the paper. Also measures feature extraction
+    (images/s of the merged encoder over every test image). Peak memory is the accelerator's
+    (``torch.cuda.max_memory_allocated``), None on a CPU.
+    """
+    from surgery_lib.methods import MergeOptions, merge
+    from surgery_lib.models import load_encoder, resolve_device
+    from surgery_lib.pipeline import run_surgery
+
+    device = resolve_device(device, "cuda")
+    cuda = device.type == "cuda"
+    stages: list[PipelineStage] = []
+
+    def timed(name: str, work, images: int | None = None):
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        result = work()
+        _sync(device)
+        seconds = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        stages.append(PipelineStage(name, seconds, peak, images / seconds if images else None))
+        return result
+
+    total = sum(len(zoo.suite[t].labels["test"]) for t in zoo.tasks)
+    merged = timed("task arithmetic merge", lambda: merge(zoo, "task_arithmetic", device=device, progress=False))
+    encoder = load_encoder(zoo.preset.encoder, merged.state)
+    timed("feature extraction (every test image)", lambda: [embed(encoder, zoo.suite[t].images["test"], zoo.suite[t].mean,
+          zoo.suite[t].std, device=device) for t in zoo.tasks], images=total)  # fmt: skip
+    options = MergeOptions(steps=adamerging_steps)
+    ada = timed("layer-wise AdaMerging", lambda: merge(zoo, "adamerging_layer", options, device=device, progress=progress))
+    config = SurgeryConfig(steps=surgery_steps, eval_every=0)
+    deep = dataclasses.replace(config, rank=zoo.preset.clip.surgery_v2_rank) if zoo.preset.clip is not None else config
+    timed("Surgery (V1, features and evaluation included)", lambda: run_surgery(zoo, ada.state, version=1, config=config, device=device, progress=progress))
+    timed("SurgeryV2 (targets and evaluation included)", lambda: run_surgery(zoo, ada.state, version=2, config=deep, device=device, progress=progress))
+    pipeline = [s for s in stages if not s.stage.startswith("feature extraction")]
+    peak = max((s.peak_memory_gb or 0.0) for s in pipeline) if cuda else None
+    stages.append(PipelineStage("end to end (merge, AdaMerging, Surgery, SurgeryV2)", sum(s.seconds for s in pipeline), peak))
+    return stages

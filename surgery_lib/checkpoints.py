@@ -22,7 +22,7 @@ import types
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,40 @@ def task_vectors_files(source: str | os.PathLike[str], model: str, tasks: tuple[
     return files
 
 
+def _write_converted(
+    target: Path,
+    family: str,
+    model: str,
+    pretrained: Mapping[str, torch.Tensor],
+    experts: Iterable[tuple[str, Mapping[str, torch.Tensor], ClassificationHead | None]],
+    sources: Mapping[str, str],
+) -> dict[str, Any]:
+    """Write ``pretrained.safetensors``, ``experts/<T>``, ``heads/<T>`` and, last, ``manifest.json``."""
+    from surgery_lib.merging import check_compatible
+    from surgery_lib.storage import save_tensors, write_json
+
+    architecture = visual_architecture(pretrained)
+    written = {"pretrained": {"file": "pretrained.safetensors", "sha256": save_tensors(pretrained, target / "pretrained.safetensors")}}
+    tasks = []
+    for task, expert, head in experts:
+        check_compatible(pretrained, {task: expert})
+        tasks.append(task)
+        written[f"expert/{task}"] = {"file": f"experts/{task}.safetensors", "sha256": save_tensors(expert, target / "experts" / f"{task}.safetensors")}
+        if head is not None:
+            if head.linear.in_features != architecture["output_dim"]:
+                raise SurgeryBookError(
+                    f"the {task} head expects {head.linear.in_features}-d embeddings, the encoder gives {architecture['output_dim']}",
+                    f"use the heads of the {model} folder",
+                )
+            written[f"head/{task}"] = {"file": f"heads/{task}.safetensors", "sha256": save_tensors(head.state_dict(), target / "heads" / f"{task}.safetensors")}
+    manifest = {
+        "format": CONVERTED_FORMAT, "family": family, "model": model, "tasks": tasks,
+        "architecture": architecture, "sources": dict(sources), "files": written,
+    }  # fmt: skip
+    write_json(manifest, target / "manifest.json")
+    return manifest
+
+
 def convert_task_vectors(
     source: str | os.PathLike[str],
     model: str,
@@ -291,36 +325,94 @@ def convert_task_vectors(
         SurgeryBookError: missing files, unsafe or damaged pickles, or experts whose architecture differs
             from the pretrained model's.
     """
-    from surgery_lib.merging import check_compatible
     from surgery_lib.progress import tqdm
-    from surgery_lib.storage import save_tensors, write_json
 
     files = task_vectors_files(source, model, tasks)
-    target = Path(out) / model
     pretrained = load_image_encoder_state(files["pretrained"])
-    architecture = visual_architecture(pretrained)
-    written = {"pretrained": {"file": "pretrained.safetensors", "sha256": save_tensors(pretrained, target / "pretrained.safetensors")}}
-    for task in tqdm(tasks, desc=f"converting {model}", disable=not progress):
-        expert = load_image_encoder_state(files[f"expert/{task}"])
-        check_compatible(pretrained, {task: expert})
-        head = load_head(files[f"head/{task}"])
-        if head.linear.in_features != architecture["output_dim"]:
-            raise SurgeryBookError(
-                f"head_{task}.pt expects {head.linear.in_features}-d embeddings, the encoder gives {architecture['output_dim']}",
-                f"use the heads of the {model} folder",
-            )
-        written[f"expert/{task}"] = {"file": f"experts/{task}.safetensors", "sha256": save_tensors(expert, target / "experts" / f"{task}.safetensors")}
-        written[f"head/{task}"] = {"file": f"heads/{task}.safetensors", "sha256": save_tensors(head.state_dict(), target / "heads" / f"{task}.safetensors")}
-    manifest = {
-        "format": CONVERTED_FORMAT, "family": "task_vectors", "model": model, "tasks": list(tasks),
-        "architecture": architecture, "sources": {k: str(v) for k, v in files.items()}, "files": written,
-    }  # fmt: skip
-    write_json(manifest, target / "manifest.json")
-    return manifest
+    experts = (
+        (task, load_image_encoder_state(files[f"expert/{task}"]), load_head(files[f"head/{task}"]))
+        for task in tqdm(tasks, desc=f"converting {model}", disable=not progress)
+    )
+    return _write_converted(Path(out) / model, "task_vectors", model, pretrained, experts, {k: str(v) for k, v in files.items()})
+
+
+#: open_clip architecture -> the transformers id of OpenAI's CLIP (FusionBench's experts are named after it).
+FUSIONBENCH_MODELS = {
+    "ViT-B-32": "openai/clip-vit-base-patch32",
+    "ViT-B-16": "openai/clip-vit-base-patch16",
+    "ViT-L-14": "openai/clip-vit-large-patch14",
+}
+
+
+def fusionbench_sources(model: str, source: str, tasks: tuple[str, ...]) -> dict[str, str]:
+    """Where each model of the FusionBench family comes from: hub ids (``source="hub"``) or folders of
+    ``save_pretrained`` snapshots under ``source`` named like the hub repositories
+    (``clip-vit-base-patch32/``, ``clip-vit-base-patch32_<task>/``).
+
+    Raises:
+        SurgeryBookError: unknown model or task, or missing local folders (all listed at once).
+    """
+    from surgery_lib.clip_tasks import get_clip_task
+
+    if model not in FUSIONBENCH_MODELS:
+        raise SurgeryBookError(f"no FusionBench checkpoints for {model!r}", f"use one of: {', '.join(FUSIONBENCH_MODELS)}")
+    base = FUSIONBENCH_MODELS[model]
+    ids = {"pretrained": base}
+    for task in tasks:
+        ids[f"expert/{get_clip_task(task).name}"] = f"tanganke/{base.split('/')[-1]}_{get_clip_task(task).fusionbench}"
+    if source == "hub":
+        return ids
+    local = {key: str(Path(source) / hub_id.split("/")[-1]) for key, hub_id in ids.items()}
+    missing = [p for p in local.values() if not Path(p).is_dir()]
+    if missing:
+        raise SurgeryBookError(
+            f"{len(missing)} FusionBench snapshot folder(s) missing, e.g. {missing[:2]}",
+            "pass --source hub, or save each model with save_pretrained into a folder named like its hub repository",
+        )
+    return local
+
+
+def convert_fusionbench(
+    source: str,
+    model: str,
+    out: str | os.PathLike[str],
+    tasks: tuple[str, ...] = TASK_VECTORS_TASKS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Convert FusionBench's transformers checkpoints once into the same layout as :func:`convert_task_vectors`.
+
+    The pretrained ``CLIPModel``'s vision tower and ``visual_projection`` and each expert
+    ``CLIPVisionModel`` are mapped onto open_clip keys (:func:`open_clip_state_from_transformers`). The
+    family ships no heads: zero-shot heads are built from the text tower (:mod:`surgery_lib.zero_shot`).
+
+    Raises:
+        SurgeryBookError: transformers missing, unknown model, missing snapshots, or mismatched experts.
+    """
+    from surgery_lib.clip_tasks import get_clip_task
+    from surgery_lib.progress import tqdm
+
+    try:
+        from transformers import CLIPModel, CLIPVisionModel
+    except ImportError:
+        raise SurgeryBookError("converting FusionBench checkpoints needs transformers", "pip install 'surgery-book[hub]'") from None
+    names = tuple(get_clip_task(t).name for t in tasks)
+    sources = fusionbench_sources(model, source, names)
+    clip = CLIPModel.from_pretrained(sources["pretrained"])
+    projection = clip.visual_projection.weight.detach().clone()
+    pretrained = open_clip_state_from_transformers(clip.vision_model.state_dict(), projection)
+    del clip
+
+    def experts() -> Iterator[tuple[str, dict[str, torch.Tensor], None]]:
+        for task in tqdm(names, desc=f"converting {model}", disable=not progress):
+            vision = CLIPVisionModel.from_pretrained(sources[f"expert/{task}"]).state_dict()
+            yield task, open_clip_state_from_transformers(vision, projection), None
+
+    return _write_converted(Path(out) / model, "fusionbench", model, pretrained, experts(), sources)
 
 
 def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, ClassificationHead], dict[str, Any]]:
-    """Load a folder written by :func:`convert_task_vectors`: ``(pretrained, experts, heads, manifest)``.
+    """Load a folder written by a ``convert_*`` function: ``(pretrained, experts, heads, manifest)``;
+    ``heads`` is empty for the FusionBench family.
 
     Every file is checked against its SHA-256 in the manifest.
 
@@ -342,6 +434,8 @@ def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
     experts = {task: tensors(f"expert/{task}") for task in manifest["tasks"]}
     heads = {}
     for task in manifest["tasks"]:
+        if f"head/{task}" not in manifest["files"]:
+            continue  # FusionBench ships no heads: zero-shot heads are built from the text tower
         state = tensors(f"head/{task}")
         head = ClassificationHead(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
         head.load_state_dict(state)

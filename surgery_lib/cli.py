@@ -8,7 +8,7 @@ Subcommands:
 - ``table``    the papers' main table: every merging method on one preset
 - ``surgery``  Surgery or SurgeryV2 on a merged model: accuracy and bias before and after
 - ``reproduce`` execute every notebook with papermill for a preset and collect figures and tables
-- ``convert``  read a task_vectors checkpoint folder safely and store it as safetensors + manifest
+- ``convert``  store task_vectors (read safely) or FusionBench checkpoints as safetensors + manifest
 - ``bench``    speed of the official-style surgery loop against this library's
 - ``presets``  list the registered presets
 
@@ -42,6 +42,38 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    clip = parser.add_argument_group(
+        "real CLIP presets (clip-vit-b-32, clip-vit-b-16, clip-vit-l-14)",
+        "each option overrides its SURGERY_BOOK_* variable and is passed on to the notebooks that reproduce runs",
+    )
+    clip.add_argument("--family", choices=("task_vectors", "fusionbench"), default=None,
+                      help="checkpoint family (default task_vectors; $SURGERY_BOOK_FAMILY)")
+    clip.add_argument("--checkpoints", default=None, help="task_vectors' folder, a converted folder, or FusionBench "
+                      "snapshots; 'hub' for FusionBench from the hub ($SURGERY_BOOK_CHECKPOINTS)")
+    clip.add_argument("--data-source", choices=("hub", "local"), default=None,
+                      help="datasets from the Hugging Face hub (default) or task_vectors' folders ($SURGERY_BOOK_DATA_SOURCE)")
+    clip.add_argument("--data-root", default=None, help="root of task_vectors' dataset folders ($SURGERY_BOOK_DATA_ROOT)")
+    clip.add_argument("--test-folder", choices=("val", "test"), default=None,
+                      help="which DTD/SUN397 folder is the test split in the local layout (default val, as task_vectors)")
+
+
+#: CLI option -> the environment variable that carries it to build_zoo and to notebook kernels.
+CLIP_OPTION_VARIABLES = {
+    "family": "SURGERY_BOOK_FAMILY", "checkpoints": "SURGERY_BOOK_CHECKPOINTS",
+    "data_source": "SURGERY_BOOK_DATA_SOURCE", "data_root": "SURGERY_BOOK_DATA_ROOT",
+    "test_folder": "SURGERY_BOOK_TEST_FOLDER",
+}  # fmt: skip
+
+
+def _export_clip_options(args: argparse.Namespace) -> None:
+    """Put the real-CLIP options into the environment: ``build_zoo`` reads them there, and so do the
+    kernels of the notebooks that ``reproduce`` executes."""
+    import os
+
+    for option, variable in CLIP_OPTION_VARIABLES.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            os.environ[variable] = os.path.abspath(value) if option in ("checkpoints", "data_root") and value != "hub" else value
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -52,7 +84,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         print(json.dumps({name: p.to_dict() for name, p in PRESETS.items()}, indent=2))
     else:
         for name, row in rows.items():
-            print(f"{name:8s} [{row['device']}] {row['description']}")
+            print(f"{name:14s} [{row['device']}] {row['description']}")
     return 0
 
 
@@ -88,14 +120,17 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             "preset": zoo.preset.name,
             "directory": str(zoo.directory),
             "accuracy": table.round(2).to_dict(orient="index"),
-            "train_wall_time_s": zoo.manifest["train_wall_time_s"],
+            "train_wall_time_s": zoo.manifest.get("train_wall_time_s"),
             "this_run_wall_time_s": round(elapsed, 2),
         }
         print(json.dumps(payload, indent=2))
     else:
         print(f"Test accuracy (%) of the {zoo.preset.name} zoo ({zoo.directory})\n")
         print(format_table(table, as_json=False))
-        print(f"\ntraining time {zoo.manifest['train_wall_time_s']:.0f} s in all; this run {elapsed:.1f} s")
+        if "train_wall_time_s" in zoo.manifest:
+            print(f"\ntraining time {zoo.manifest['train_wall_time_s']:.0f} s in all; this run {elapsed:.1f} s")
+        else:
+            print(f"\nthis run {elapsed:.1f} s")
     return 0
 
 
@@ -200,6 +235,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device, "cpu")
     versions = tuple(int(v) for v in args.versions.split(","))
+    if args.pipeline:
+        return _bench_pipeline(args, device)
     if args.vit_b32:
         merged, experts, data = synthetic_vit_b32_setting(device)
         setting = "ViT-B/32 (random weights), random 224x224 images at the paper's 8 test-set sizes"
@@ -228,6 +265,44 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_pipeline(args: argparse.Namespace, device: Any) -> int:
+    from surgery_lib.benchmark import PAPER_TEST_SIZES, pipeline_benchmark, synthetic_clip_zoo
+
+    if args.vit_b32:
+        sizes = {t: max(16, round(n * args.scale)) for t, n in PAPER_TEST_SIZES.items()}
+        zoo = synthetic_clip_zoo("clip-vit-b-32", sizes)
+        setting = f"ViT-B/32 (random weights), random 224x224 images: {sum(sizes.values()):,} test images in 8 tasks"
+    else:
+        from surgery_lib.zoo import build_zoo
+
+        zoo = build_zoo(args.preset, device=device, cache_dir=args.cache_dir, progress=not args.quiet)
+        setting = f"the {zoo.preset.name} zoo"
+    stages = pipeline_benchmark(zoo, device=device, adamerging_steps=args.adamerging_steps,
+                                surgery_steps=args.iterations * 2, progress=not args.quiet)  # fmt: skip
+    rows = [{"stage": s.stage, "seconds": round(s.seconds, 1),
+             "peak GPU memory (GB)": None if s.peak_memory_gb is None else round(s.peak_memory_gb, 2),
+             "images/s": None if s.images_per_s is None else round(s.images_per_s)} for s in stages]  # fmt: skip
+    if args.json:
+        print(json.dumps({"setting": setting, "device": str(device), "stages": rows}, indent=2))
+    else:
+        import pandas as pd
+
+        print(f"{setting}, on {device}\n")
+        print(pd.DataFrame(rows).to_markdown(index=False))
+    return 0
+
+
+def _literal(text: str) -> Any:
+    """A parameter value as papermill's ``-p`` reads it: a number or boolean if it parses as one, else a string."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return value if isinstance(value, (int, float, bool)) else text
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     import os
 
@@ -236,8 +311,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.cache_dir:
         os.environ["SURGERY_BOOK_CACHE"] = args.cache_dir  # the notebooks' kernels inherit it
     only = args.notebooks.split(",") if args.notebooks else None
+    args.param = [(name, _literal(value)) for name, value in args.param]
     runs = reproduce(args.preset, args.out, device=args.device, seed=args.seed, source=args.source, only=only,
-                     kernel=args.kernel, progress=not args.quiet)  # fmt: skip
+                     kernel=args.kernel, parameters=dict(args.param), progress=not args.quiet)  # fmt: skip
     if args.json:
         print(json.dumps([{"notebook": r.notebook, "seconds": round(r.seconds, 1), "artifacts": r.artifacts} for r in runs], indent=2))
     else:
@@ -248,16 +324,17 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from surgery_lib.checkpoints import TASK_VECTORS_TASKS, convert_task_vectors
+    from surgery_lib.checkpoints import TASK_VECTORS_TASKS, convert_fusionbench, convert_task_vectors
 
     tasks = tuple(args.tasks.split(",")) if args.tasks else TASK_VECTORS_TASKS
-    manifest = convert_task_vectors(args.source, args.model, args.out, tasks, progress=not args.quiet)
+    convert = convert_task_vectors if args.family == "task_vectors" else convert_fusionbench
+    manifest = convert(args.source, args.model, args.out, tasks, progress=not args.quiet)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         arch = manifest["architecture"]
         print(f"{args.model}: {arch['layers']} blocks of width {arch['width']}, patch {arch['patch_size']}, "
-              f"{len(manifest['tasks'])} experts and heads")  # fmt: skip
+              f"{len(manifest['tasks'])} experts, {sum(k.startswith('head/') for k in manifest['files'])} heads")  # fmt: skip
         for key, entry in manifest["files"].items():
             print(f"  {key:20s} -> {args.out}/{args.model}/{entry['file']}")
     return 0
@@ -328,12 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--source", default="notebooks", help="folder of the NN_*.ipynb notebooks (default: ./notebooks)")
     reproduce.add_argument("--notebooks", default=None, help="comma-separated numbers or names to run (default: all)")
     reproduce.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks' own)")
+    reproduce.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), type=str,
+                           help="another notebook parameter, as papermill's -p (e.g. -p surgery_steps 200); repeatable")
     reproduce.set_defaults(run=_cmd_reproduce)
 
-    convert = sub.add_parser("convert", help="convert a task_vectors checkpoint folder to safetensors + manifest (safe unpickling)")
-    convert.add_argument("--family", choices=("task_vectors",), default="task_vectors", help="checkpoint family (default task_vectors)")
-    convert.add_argument("--model", required=True, help="ViT-B-32, ViT-B-16 or ViT-L-14 (the sub-folder of --source)")
-    convert.add_argument("--source", required=True, help="folder holding <model>/zeroshot.pt, <model>/<Task>/finetuned.pt, <model>/head_<Task>.pt")
+    convert = sub.add_parser("convert", help="convert task_vectors (safe unpickling) or FusionBench checkpoints to safetensors + manifest")
+    convert.add_argument("--family", choices=("task_vectors", "fusionbench"), default="task_vectors", help="checkpoint family (default task_vectors)")
+    convert.add_argument("--model", required=True, help="ViT-B-32, ViT-B-16 or ViT-L-14")
+    convert.add_argument("--source", required=True, help="task_vectors: folder holding <model>/zeroshot.pt, <model>/<Task>/finetuned.pt, "
+                         "<model>/head_<Task>.pt; fusionbench: 'hub', or a folder of save_pretrained snapshots named like the hub repositories")  # fmt: skip
     convert.add_argument("--out", required=True, help="output folder (writes <out>/<model>/...)")
     convert.add_argument("--tasks", default=None, help="comma-separated task folder names (default: the papers' 8)")
     convert.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -346,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=500, help="official iterations (x 2 batches per task; default 500)")
     bench.add_argument("--versions", default="1,2", help="surgery versions to time (default 1,2)")
     bench.add_argument("--vit-b32", action="store_true", help="ViT-B/32 with random weights and 224x224 inputs at the paper's sizes (GPU)")
+    bench.add_argument("--pipeline", action="store_true", help="time merge -> layer-wise AdaMerging -> Surgery -> SurgeryV2 end to end, "
+                       "with peak GPU memory and feature-extraction images/s")
+    bench.add_argument("--scale", type=float, default=1.0, help="with --pipeline --vit-b32: fraction of the paper's test-set sizes (default 1)")
+    bench.add_argument("--adamerging-steps", type=int, default=None, help="with --pipeline: AdaMerging steps (default: the preset's, 500)")
     bench.set_defaults(run=_cmd_bench)
     return parser
 
@@ -353,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the process exit status."""
     args = build_parser().parse_args(argv)
+    _export_clip_options(args)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message=".*IProgress not found.*")
     try:

@@ -259,9 +259,7 @@ def main_table(
 
     With ``cache`` the merges are reused from (and stored in) the zoo's merge cache (:func:`cached_merge`).
     """
-    from surgery_lib.zoo import ZOO_ROWS
-
-    rows = {label: {t: zoo.manifest["accuracy"][key][t] for t in zoo.tasks} for key, label in ZOO_ROWS.items()}
+    rows = zoo.reference_rows()
     results = {}
     for method in methods:
         run = cached_merge if cache else merge

@@ -26,9 +26,13 @@ def build_encoder(config: EncoderConfig) -> nn.Module:
 
     Input: float (N, 3, image_size, image_size), normalised. Output: float (N, output_dim).
     """
-    from open_clip.transformer import VisionTransformer
+    from open_clip.transformer import QuickGELU, VisionTransformer
 
+    activations = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+    if config.activation not in activations:
+        raise SurgeryBookError(f"unknown activation {config.activation!r}", f"use one of: {', '.join(activations)}")
     return VisionTransformer(
+        act_layer=activations[config.activation],
         image_size=config.image_size,
         patch_size=config.patch_size,
         width=config.width,

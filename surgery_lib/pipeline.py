@@ -101,6 +101,7 @@ def run_surgery(
         merged: the merged encoder weights (from any method in :mod:`surgery_lib.methods`).
         split: unlabeled adaptation images: ``"test"`` (the paper's transductive setting) or ``"adapt"``
             (a held-out split of the same task, never used for evaluation).
+        config: the schedule (default: the official one, with the preset's SurgeryV2 rank for V2).
         block_bias_too: also measure the per-block bias before and after (always done for V2).
         adapt_limit: adapt on only this many images per task (a seeded random subset of ``split``; V1
             only), for the data-amount ablation. Evaluation always uses the whole test split.
@@ -112,7 +113,9 @@ def run_surgery(
         raise SurgeryBookError(f"unknown surgery version {version!r}", "use 1 (Surgery) or 2 (SurgeryV2)")
     if split not in ("test", "adapt"):
         raise SurgeryBookError(f"unknown adaptation split {split!r}", "use 'test' (the paper) or 'adapt' (held out)")
-    config = config or SurgeryConfig()
+    if config is None:  # the papers' rank for this backbone (SurgeryV2 on ViT-L/14 uses 4)
+        rank = zoo.preset.clip.surgery_v2_rank if version == 2 and zoo.preset.clip is not None else SurgeryConfig.rank
+        config = SurgeryConfig(rank=rank)
     if adapt_limit is not None and (version != 1 or adapt_limit < 1):
         raise SurgeryBookError(
             f"adapt_limit={adapt_limit} with version {version}", "limit the adaptation data (>= 1 image) for Surgery V1 only"

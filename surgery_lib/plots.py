@@ -116,9 +116,12 @@ def task_samples(suite, per_task: int = 10, split: str = "test") -> Figure:
     axes = np.atleast_2d(axes)
     for row, task in enumerate(names):
         data = suite[task]
-        # One image of each class first, so every row shows the label set.
-        firsts = [int(torch.nonzero(data.labels[split] == c)[0]) for c in range(min(per_task, data.num_classes))]
-        index = (firsts + list(range(per_task)))[:per_task]
+        # One image of each class present first, so every row shows the label set.
+        labels = data.labels[split]
+        firsts = [int(torch.nonzero(labels == c)[0]) for c in labels.unique().tolist()[:per_task]]
+        index = (firsts + [i for i in range(min(len(labels), 2 * per_task)) if i not in firsts])[:per_task]
+        for column in range(len(index), per_task):  # a split smaller than the grid
+            axes[row, column].axis("off")
         for column, i in enumerate(index):
             axis = axes[row, column]
             axis.imshow(data.images[split][i].permute(1, 2, 0).numpy())

@@ -6,6 +6,9 @@ on disk. Three offline presets ship with the package:
 - ``smoke``: two tasks, a 2-block encoder and a few steps; for tests and quick checks (seconds).
 - ``mini``: the CPU preset the book, CI and nbval run (8 tasks, a 4-block ViT; about 5 minutes on 2 cores).
 - ``base``: the GPU preset (8 tasks, a 12-block ViT-S-like encoder, 5x more data).
+
+Three real-CLIP presets select the papers' setting instead of a trained zoo: ``clip-vit-b-32``,
+``clip-vit-b-16`` and ``clip-vit-l-14`` (see :mod:`surgery_lib.clip_zoo`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +48,30 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    #: ``"gelu"`` or ``"quick_gelu"`` (OpenAI's CLIP weights were trained with QuickGELU).
+    activation: str = "gelu"
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Where a real-CLIP preset's weights come from.
+
+    ``model`` is the open_clip architecture and task_vectors folder name (``"ViT-B-32"``); ``hub_model``
+    the transformers id of the pretrained CLIP (``"openai/clip-vit-base-patch32"``), whose name
+    also prefixes FusionBench's experts (``"tanganke/clip-vit-base-patch32_<task>"``).
+    ``surgery_v2_rank`` is the papers' SurgeryV2 rank for this backbone (16 for ViT-B, 4 for ViT-L/14).
+    """
+
+    model: str
+    hub_model: str
+    fusionbench_owner: str = "tanganke"
+    family: str = "task_vectors"  # or "fusionbench"
+    data_source: str = "hub"  # or "local"
+    surgery_v2_rank: int = 16
+
+    def fusionbench_expert(self, task_suffix: str) -> str:
+        """The hub id of FusionBench's expert for ``task_suffix`` (e.g. ``"stanford-cars"``)."""
+        return f"{self.fusionbench_owner}/{self.hub_model.split('/')[-1]}_{task_suffix}"
 
 
 @dataclass(frozen=True)
@@ -93,13 +121,25 @@ class Preset:
     name: str
     description: str
     encoder: EncoderConfig
-    suite: SuiteConfig
-    recipe: RecipeConfig
+    suite: SuiteConfig | None
+    recipe: RecipeConfig | None
     default_device: str = "cpu"
     notes: tuple[str, ...] = field(default_factory=tuple)
     #: AdaMerging's schedule for this preset (the official one: 500 steps, batches of 16).
     adamerging_steps: int = 500
     adamerging_batch_size: int = 16
+    #: Set for the real-CLIP presets, whose zoo is downloaded checkpoints instead of trained models.
+    clip: ClipConfig | None = None
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The preset's tasks, in table order."""
+        if self.clip is not None:
+            from surgery_lib.clip_tasks import CLIP_TASK_NAMES
+
+            return CLIP_TASK_NAMES
+        assert self.suite is not None
+        return self.suite.tasks
 
     def to_dict(self) -> dict[str, Any]:
         """The preset as JSON-compatible data."""
@@ -248,3 +288,74 @@ register_preset(
         ),
     )
 )
+
+#: open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD: the eval transform of every OpenAI CLIP model.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _clip_preset(name: str, model: str, hub_model: str, patch: int, width: int, layers: int, output_dim: int, v2_rank: int) -> Preset:
+    return Preset(
+        name=name,
+        description=(
+            f"Real CLIP {model} (OpenAI weights, QuickGELU) on the papers' 8 datasets; needs the published "
+            "checkpoints and the datasets (internet once, then the cache) and a GPU."
+        ),
+        encoder=EncoderConfig(
+            image_size=224, patch_size=patch, width=width, layers=layers, heads=width // 64, output_dim=output_dim,
+            mean=OPENAI_MEAN, std=OPENAI_STD, activation="quick_gelu",
+        ),  # fmt: skip
+        suite=None,
+        recipe=None,
+        default_device="cuda",
+        clip=ClipConfig(model=model, hub_model=hub_model, surgery_v2_rank=v2_rank),
+        notes=(
+            "Checkpoints: the task_vectors family by default (--family fusionbench for the hub's re-trained experts).",
+            "Datasets: the Hugging Face hub by default (--data-source local with --data-root for task_vectors' folders).",
+        ),
+    )
+
+
+register_preset(_clip_preset("clip-vit-b-32", "ViT-B-32", "openai/clip-vit-base-patch32", 32, 768, 12, 512, 16))
+register_preset(_clip_preset("clip-vit-b-16", "ViT-B-16", "openai/clip-vit-base-patch16", 16, 768, 12, 512, 16))
+register_preset(_clip_preset("clip-vit-l-14", "ViT-L-14", "openai/clip-vit-large-patch14", 14, 1024, 24, 768, 4))
+
+
+def preset_from_dict(data: dict[str, Any]) -> Preset:
+    """The inverse of :meth:`Preset.to_dict` (lists become tuples again).
+
+    Raises:
+        SurgeryBookError: a missing or unknown field, naming it.
+    """
+
+    def build(kind: type, fields: dict[str, Any] | None) -> Any:
+        if fields is None:
+            return None
+        return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+    try:
+        parts = {"encoder": build(EncoderConfig, data["encoder"]), "suite": build(SuiteConfig, data.get("suite")),
+                 "recipe": build(RecipeConfig, data.get("recipe")), "clip": build(ClipConfig, data.get("clip"))}  # fmt: skip
+        rest = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in parts}
+        return Preset(**rest, **parts)
+    except (KeyError, TypeError) as exc:
+        raise SurgeryBookError(f"invalid preset description ({exc})", "start from `surgery-book presets --json` output") from None
+
+
+def register_presets_from_file(path: str | os.PathLike[str]) -> list[Preset]:
+    """Register every preset in a JSON file (one ``to_dict()`` object, or a list of them).
+
+    ``$SURGERY_BOOK_PRESETS`` names such a file that is read when this module is imported, so that
+    notebook kernels started by papermill see the same custom presets as the command that started them.
+    """
+    from surgery_lib.storage import CorruptFileError, read_json
+
+    try:
+        data = read_json(path)
+    except (OSError, CorruptFileError) as exc:
+        raise SurgeryBookError(f"cannot read presets from {path} ({exc})", "point SURGERY_BOOK_PRESETS at a JSON file") from None
+    return [register_preset(preset_from_dict(item)) for item in (data if isinstance(data, list) else [data])]
+
+
+if os.environ.get("SURGERY_BOOK_PRESETS"):
+    register_presets_from_file(os.environ["SURGERY_BOOK_PRESETS"])

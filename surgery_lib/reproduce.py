@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.presets import get_preset
@@ -67,9 +68,13 @@ def reproduce(
     source: str | os.PathLike[str] = "notebooks",
     only: Sequence[str] | None = None,
     kernel: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> list[NotebookRun]:
     """Execute the notebooks for ``preset`` into ``out``; see the module docstring for the layout.
+
+    ``parameters`` are passed to every notebook on top of preset, device, seed and output_dir (e.g.
+    ``{"surgery_steps": 200}``); a notebook without such a parameter ignores it.
 
     Raises:
         SurgeryBookError: for an unknown preset, an ``out`` that would overwrite the sources, or a
@@ -88,7 +93,7 @@ def reproduce(
     if executed_dir == Path(source).resolve():
         raise SurgeryBookError(f"{out} would write the executed notebooks over the sources", "pass another --out")
     executed_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {"preset": preset, "device": device or default_device, "seed": seed}
+    parameters = {**(parameters or {}), "preset": preset, "device": device or default_device, "seed": seed}
     runs: list[NotebookRun] = []
     bar = tqdm(notebooks, desc=f"reproduce ({preset})", unit="notebook", disable=not progress)
     for notebook in bar:

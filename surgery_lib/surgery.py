@@ -99,12 +99,19 @@ class TaskSurgery(nn.Module):
 
 
 def batch_stream(count: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless batches of indices into ``count`` items: seeded shuffled epochs, incomplete batches dropped.
+    """Endless batches of indices into ``count`` items: seeded shuffled epochs, incomplete batches dropped
+    (with fewer than ``batch_size`` items, one batch spans several epochs, so every batch is full).
 
     The same stream feeds the batched trainer and the step-by-step reference, so both see the same batches.
     """
-    batch_size = min(batch_size, count)
     generator = torch.Generator().manual_seed(seed)
+    if count < batch_size:  # fewer images than a batch: consecutive epochs fill it (tasks stay batch-aligned)
+        buffer = torch.empty(0, dtype=torch.int64)
+        while True:
+            while len(buffer) < batch_size:
+                buffer = torch.cat([buffer, torch.randperm(count, generator=generator)])
+            yield buffer[:batch_size]
+            buffer = buffer[batch_size:]
     while True:
         order = torch.randperm(count, generator=generator)
         for start in range(0, count - batch_size + 1, batch_size):

@@ -47,6 +47,7 @@ MANIFEST = "manifest.json"
 
 #: Rows of the zoo's accuracy table, in the order of the papers' tables.
 ZOO_ROWS = {"pretrained": "pretrained + probe", "expert": "individual (expert)", "mtl": "traditional MTL"}
+CLIP_PRETRAINED_ROW = "pretrained (zero-shot)"
 
 
 def zoo_config_hash(preset: Preset) -> str:
@@ -83,7 +84,7 @@ class Zoo:
     pretrained: StateDict
     heads: dict[str, ClassificationHead]
     experts: dict[str, StateDict]
-    mtl: StateDict
+    mtl: StateDict | None  # None for the real-CLIP presets (the papers' MTL numbers are quoted instead)
     suite: Suite = field(repr=False)
 
     @property
@@ -94,22 +95,29 @@ class Zoo:
         """A fresh encoder loaded with ``"pretrained"``, ``"mtl"`` or a task's expert weights."""
         if which == "pretrained":
             state = self.pretrained
-        elif which == "mtl":
+        elif which == "mtl" and self.mtl is not None:
             state = self.mtl
         elif which in self.experts:
             state = self.experts[which]
         else:
+            models = ["pretrained", *(["mtl"] if self.mtl is not None else [])]
             raise SurgeryBookError(
-                f"the zoo has no model {which!r}", f"use 'pretrained', 'mtl' or a task: {', '.join(self.tasks)}"
+                f"the zoo has no model {which!r}", f"use {', '.join(repr(m) for m in models)} or a task: {', '.join(self.tasks)}"
             )
         return load_encoder(self.preset.encoder, state).eval()
 
+    def reference_rows(self) -> dict[str, dict[str, float]]:
+        """The reference rows of the papers' tables, ``{label: {task: accuracy %}}``: pretrained (+ probe
+        offline, zero-shot for CLIP), each expert on its own task, and MTL where the zoo has it."""
+        accuracy = self.manifest["accuracy"]
+        labels = dict(ZOO_ROWS, pretrained=CLIP_PRETRAINED_ROW) if self.preset.clip is not None else ZOO_ROWS
+        return {label: {t: accuracy[key][t] for t in self.tasks} for key, label in labels.items() if key in accuracy}
+
     def accuracy_table(self):  # -> pandas.DataFrame
-        """Test accuracy (%) of pretrained + probe, each expert on its task, and MTL; with the average."""
+        """Test accuracy (%) of the reference rows (:meth:`reference_rows`), with the average."""
         from surgery_lib.evaluation import results_table
 
-        accuracy = self.manifest["accuracy"]
-        return results_table({label: {t: accuracy[key][t] for t in self.tasks} for key, label in ZOO_ROWS.items()})
+        return results_table(self.reference_rows())
 
 
 def _check_manifest(manifest: dict[str, Any], preset: Preset, directory: Path) -> None:
@@ -175,6 +183,9 @@ def build_zoo(
 ) -> Zoo:
     """Build (or load) the zoo of ``preset``: pretrained encoder, heads, experts and the MTL baseline.
 
+    For the real-CLIP presets (``clip-*``) nothing is trained: :func:`surgery_lib.clip_zoo.load_clip_zoo`
+    loads the published checkpoints and the datasets (locations from ``SURGERY_BOOK_*`` variables).
+
     Args:
         preset: preset name or object; its config hash names the zoo directory.
         device: ``"cpu"`` or ``"cuda"`` (default: the preset's default device).
@@ -188,6 +199,15 @@ def build_zoo(
             an explicit ``zoo_dir`` that holds a zoo of another config (without ``rebuild``).
     """
     preset = get_preset(preset)
+    if preset.clip is not None:
+        from surgery_lib.clip_zoo import load_clip_zoo
+
+        if zoo_dir is not None or rebuild:
+            raise SurgeryBookError(
+                f"zoo_dir and rebuild do not apply to the real-CLIP preset {preset.name!r}",
+                "its caches live under <cache>/clip/; delete a file there to redo that step",
+            )
+        return load_clip_zoo(preset, device=device, cache_dir=cache_dir, progress=progress)
     device = resolve_device(device, preset.default_device)
     directory = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir(preset, cache_dir)
     if rebuild and directory.exists():

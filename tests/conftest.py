@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from published_formats import published_classes, tiny_visual  # noqa: F401 (fixtures for every test module)
 
 
 @pytest.fixture(scope="session")

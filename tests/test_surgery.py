@@ -152,3 +152,13 @@ def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
         run_surgery(smoke_zoo, merged_state, split="train", progress=False)
     with pytest.raises(SurgeryBookError, match="invalid surgery schedule"):
         SurgeryConfig(lr=-1.0)
+
+
+def test_batch_stream_fills_every_batch_when_a_task_has_fewer_images_than_a_batch():
+    stream = batch_stream(3, 8, seed=0)
+    batches = [next(stream) for _ in range(3)]  # 24 indices = 8 epochs of 3
+    assert all(len(b) == 8 for b in batches)
+    flat = torch.cat(batches)
+    assert all(sorted(flat[e * 3 : e * 3 + 3].tolist()) == [0, 1, 2] for e in range(8))  # whole epochs, in order
+    big = batch_stream(40, 16, seed=0)
+    assert [len(next(big)) for _ in range(3)] == [16, 16, 16]  # the usual case is unchanged: 2 batches per epoch

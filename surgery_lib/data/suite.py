@@ -171,11 +171,12 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 @dataclass
 class Suite:
-    """The tasks of a preset plus the pretraining mix, all in memory."""
+    """The tasks of a preset plus the pretraining mix, all in memory (real-CLIP suites: memory-mapped,
+    with neither a suite config nor a mix)."""
 
-    config: SuiteConfig
+    config: SuiteConfig | None
     tasks: dict[str, TaskData]
-    mix: TaskData
+    mix: TaskData | None
     files: dict[str, Path] = field(default_factory=dict)
 
     def __getitem__(self, task: str) -> TaskData:
@@ -194,6 +195,13 @@ class Suite:
 
     def cards(self) -> pd.DataFrame:
         """One data card per task (and the mix): classes, split sizes, source and licence."""
+        if self.config is None:  # a real-CLIP suite: what was read from the data, in the same columns
+            import pandas as pd
+
+            rows = [{"task": n, "stands in for": n, "classes": d.num_classes, "train": len(d.labels["train"]),
+                     "adapt": len(d.labels["adapt"]), "test": len(d.labels["test"]), "source": self.files.get(n, ""),
+                     "licence": "the dataset's own terms"} for n, d in self.tasks.items()]  # fmt: skip
+            return pd.DataFrame(rows).set_index("task")
         return data_cards(self.config)
 
 
@@ -337,6 +345,10 @@ def load_suite(
     else:
         resolved = get_preset(preset)
         config, encoder = resolved.suite, resolved.encoder
+        if config is None:  # a real-CLIP preset: the papers' datasets, decoded once into the cache
+            from surgery_lib.clip_zoo import clip_suite
+
+            return clip_suite(resolved, tasks=tasks, cache_dir=cache_dir, progress=progress)
     names = check_tasks(tasks if tasks is not None else config.tasks)
     root = cache_root(cache_dir)
     _suite_dir(root).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,190 @@
+"""The real-CLIP "zoo": published checkpoints and the papers' datasets behind the same :class:`Zoo` interface.
+
+``build_zoo("clip-vit-b-32")`` lands here, so every merge, AdaMerging, Surgery, SurgeryV2 and bias
+function, every command and every notebook runs on the papers' setting unchanged. What happens once,
+then comes from the cache (``<cache>/clip/``):
+
+1. checkpoints are converted to safetensors (:func:`~surgery_lib.checkpoints.convert_task_vectors` from
+   a task_vectors folder, or :func:`~surgery_lib.checkpoints.convert_fusionbench` from the hub);
+2. each task's test split and a training subset are decoded once (:mod:`surgery_lib.clip_data`);
+3. heads: task_vectors' own ``head_<Task>.pt``, or zero-shot heads from the text tower (FusionBench);
+4. the pretrained model's and each expert's test accuracy are measured once and recorded.
+
+Where the inputs are comes from arguments, else environment variables (so that papermill runs of the
+notebooks need only ``-p preset clip-vit-b-32``): ``SURGERY_BOOK_FAMILY`` (``task_vectors`` or
+``fusionbench``), ``SURGERY_BOOK_CHECKPOINTS`` (task_vectors' folder, a converted folder, or FusionBench
+snapshots; ``hub`` for FusionBench's default), ``SURGERY_BOOK_DATA_SOURCE`` (``hub`` or ``local``) and
+``SURGERY_BOOK_DATA_ROOT`` (task_vectors' dataset folders) and ``SURGERY_BOOK_TEST_FOLDER`` (``val`` or
+``test``: which DTD/SUN397 folder is the test split there).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery_lib.checkpoints import convert_fusionbench, convert_task_vectors, load_converted
+from surgery_lib.clip_data import load_clip_suite
+from surgery_lib.clip_tasks import CLIP_TASK_NAMES, CLIP_TASKS
+from surgery_lib.data import Suite
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.evaluation import task_accuracy
+from surgery_lib.models import load_encoder, resolve_device
+from surgery_lib.presets import Preset, config_hash, get_preset
+from surgery_lib.storage import CorruptFileError, cache_root, read_json, write_json
+from surgery_lib.zero_shot import cached_zero_shot_head, openai_clip
+
+FAMILIES = ("task_vectors", "fusionbench")
+
+
+@dataclass(frozen=True)
+class ClipSources:
+    """Where a real-CLIP zoo's checkpoints and data come from (see the module docstring)."""
+
+    family: str = "task_vectors"
+    checkpoints: str | None = None
+    data_source: str = "hub"
+    data_root: str | None = None
+    test_folder: str = "val"  # DTD and SUN397 in task_vectors' layout: "val" (task_vectors) or "test"
+    train_images: int = 1000
+
+    @classmethod
+    def from_environment(cls, preset: Preset, **given: Any) -> ClipSources:
+        """Arguments that are not None, else ``SURGERY_BOOK_*`` variables, else the preset's defaults."""
+        assert preset.clip is not None
+        env = {
+            "family": os.environ.get("SURGERY_BOOK_FAMILY", preset.clip.family),
+            "checkpoints": os.environ.get("SURGERY_BOOK_CHECKPOINTS"),
+            "data_source": os.environ.get("SURGERY_BOOK_DATA_SOURCE", preset.clip.data_source),
+            "data_root": os.environ.get("SURGERY_BOOK_DATA_ROOT"),
+            "test_folder": os.environ.get("SURGERY_BOOK_TEST_FOLDER", "val"),
+        }
+        sources = cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
+        if sources.family not in FAMILIES:
+            raise SurgeryBookError(f"unknown checkpoint family {sources.family!r}", f"use one of: {', '.join(FAMILIES)}")
+        return sources
+
+
+def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, progress: bool = True) -> Path:
+    """The folder of converted safetensors for ``preset``, converting on first use.
+
+    Raises:
+        SurgeryBookError: no converted folder and no source to convert from (naming the fix).
+    """
+    assert preset.clip is not None
+    model = preset.clip.model
+    given = Path(sources.checkpoints) if sources.checkpoints not in (None, "hub") else None
+    if given is not None and (given / "manifest.json").is_file():
+        return given  # already a converted folder
+    target_root = cache / "checkpoints" / sources.family
+    if (target_root / model / "manifest.json").is_file():
+        return target_root / model
+    if sources.family == "task_vectors":
+        if given is None:
+            raise SurgeryBookError(
+                f"no converted {model} checkpoints in {target_root} and no task_vectors folder given",
+                "download task_vectors' checkpoint folder and pass --checkpoints DIR (or set SURGERY_BOOK_CHECKPOINTS)",
+            )
+        convert_task_vectors(given, model, target_root, CLIP_TASK_NAMES, progress=progress)
+    else:
+        convert_fusionbench(str(given) if given is not None else "hub", model, target_root, CLIP_TASK_NAMES, progress=progress)
+    return target_root / model
+
+
+def clip_suite(
+    preset: Preset,
+    *,
+    sources: ClipSources | None = None,
+    tasks: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    hub_load: Any = None,
+    progress: bool = True,
+) -> Suite:
+    """The preset's datasets (all eight, or ``tasks``), decoded once into ``<cache>/clip/data``."""
+    assert preset.clip is not None
+    sources = sources or ClipSources.from_environment(preset)
+    return load_clip_suite(
+        tuple(tasks) if tasks is not None else CLIP_TASK_NAMES, source=sources.data_source,
+        cache_dir=cache_root(cache_dir) / "clip" / "data", image_size=preset.encoder.image_size, root=sources.data_root,
+        test_folder=sources.test_folder, train_images=sources.train_images, workers=workers, hub_load=hub_load,
+        progress=progress,
+    )  # fmt: skip
+
+
+def load_clip_zoo(
+    preset: str | Preset = "clip-vit-b-32",
+    *,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    sources: ClipSources | None = None,
+    workers: int | None = None,
+    hub_load: Any = None,
+    load_text_model: Any = None,
+    progress: bool = True,
+) -> Any:  # -> surgery_lib.zoo.Zoo
+    """A :class:`~surgery_lib.zoo.Zoo` of the real setting (no MTL model: the papers' MTL row is quoted).
+
+    Args:
+        preset: a ``clip-*`` preset.
+        sources: where checkpoints and data are (default: :meth:`ClipSources.from_environment`).
+        workers: DataLoader workers that decode images (default: up to 8).
+        hub_load, load_text_model: replace ``datasets.load_dataset`` and the download of OpenAI's
+            CLIP (tests pass local stand-ins).
+    """
+    from surgery_lib.zoo import Zoo
+
+    preset = get_preset(preset)
+    if preset.clip is None:
+        raise SurgeryBookError(f"preset {preset.name!r} is an offline preset", "use build_zoo for it")
+    sources = sources or ClipSources.from_environment(preset)
+    device = resolve_device(device, preset.default_device)
+    cache = cache_root(cache_dir) / "clip"
+    checkpoint_dir = converted_checkpoints(preset, sources, cache, progress)
+    pretrained, experts, heads, converted = load_converted(checkpoint_dir)
+    if converted["architecture"]["width"] != preset.encoder.width or converted["architecture"]["layers"] != preset.encoder.layers:
+        raise SurgeryBookError(
+            f"{checkpoint_dir} holds a {converted['model']} model, preset {preset.name!r} is {preset.clip.model}",
+            "pass the checkpoints of the preset's model",
+        )
+    suite = clip_suite(preset, sources=sources, tasks=converted["tasks"], cache_dir=cache_dir, workers=workers,
+                       hub_load=hub_load, progress=progress)  # fmt: skip
+    model = preset.clip.model
+    loader = load_text_model or (lambda: openai_clip(model, device))
+    for task in converted["tasks"]:
+        if task not in heads:  # FusionBench: zero-shot heads from the pretrained text tower
+            names = suite[task].class_names
+            heads[task] = cached_zero_shot_head(cache / "heads", model, task, names, CLIP_TASKS[task].templates, loader, device=device)
+        if heads[task].num_classes != suite[task].num_classes:
+            raise SurgeryBookError(
+                f"the {task} head has {heads[task].num_classes} classes, the data {suite[task].num_classes}",
+                "check the dataset source (--data-source) and the checkpoint family",
+            )
+
+    key = config_hash({"checkpoints": converted["files"], "data": {t: suite[t].labels["test"].shape[0] for t in suite.task_names},
+                       "sources": [sources.data_source, sources.test_folder], "heads": {t: float(h.linear.weight.sum()) for t, h in heads.items()}})  # fmt: skip
+    directory = cache / "zoo" / f"{preset.name}-{sources.family}-{key}"
+    manifest_path = directory / "manifest.json"
+    manifest: dict[str, Any] | None = None
+    if manifest_path.is_file():
+        try:
+            manifest = read_json(manifest_path)
+        except CorruptFileError:
+            manifest = None
+    if manifest is None:
+        accuracy: dict[str, dict[str, float]] = {"pretrained": {}, "expert": {}}
+        base = load_encoder(preset.encoder, pretrained)
+        for task in converted["tasks"]:
+            accuracy["pretrained"][task] = task_accuracy(base, heads[task], suite[task], device=device)
+            accuracy["expert"][task] = task_accuracy(load_encoder(preset.encoder, experts[task]), heads[task], suite[task], device=device)
+        manifest = {
+            "preset": preset.name, "family": sources.family, "checkpoints": str(checkpoint_dir), "config": preset.to_dict(),
+            "data_source": sources.data_source, "test_folder": sources.test_folder, "accuracy": accuracy,
+        }  # fmt: skip
+        write_json(manifest, manifest_path)
+    return Zoo(preset, directory, manifest, pretrained, heads, experts, None, suite)

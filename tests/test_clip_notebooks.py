@@ -1,0 +1,41 @@
+"""Every notebook runs on a real-CLIP preset: papermill executes them against fabricated task_vectors
+checkpoints and dataset folders, through the same environment variables a user sets (slow: ~2 min)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clip_fixtures import TINY_CLIP, fabricate_datasets, fabricate_task_vectors_checkpoints
+from surgery_lib.clip_tasks import CLIP_TASK_NAMES
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")]
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def test_every_notebook_runs_on_a_clip_preset(tmp_path, monkeypatch, published_classes, tiny_visual):
+    pytest.importorskip("papermill")
+    from surgery_lib.cli import main
+
+    checkpoints = fabricate_task_vectors_checkpoints(tmp_path / "checkpoints", published_classes, tiny_visual)
+    data = fabricate_datasets(tmp_path / "datasets")
+    presets = tmp_path / "presets.json"
+    presets.write_text(json.dumps([TINY_CLIP.to_dict()]))
+    monkeypatch.setenv("SURGERY_BOOK_PRESETS", str(presets))  # the kernels register the tiny CLIP preset from it
+    for variable in ("FAMILY", "TEST_FOLDER"):
+        monkeypatch.delenv(f"SURGERY_BOOK_{variable}", raising=False)
+    for variable, value in (("CHECKPOINTS", checkpoints), ("DATA_SOURCE", "local"), ("DATA_ROOT", data), ("CACHE", tmp_path / "cache")):
+        monkeypatch.setenv(f"SURGERY_BOOK_{variable}", str(value))  # what --checkpoints, --data-source ... export
+    out = tmp_path / "out"
+    status = main(["reproduce", "--preset", TINY_CLIP.name, "--out", str(out), "--device", "cpu", "--source", str(NOTEBOOKS),
+                   "-p", "surgery_steps", "20", "-p", "tsne_points", "20", "--quiet"])  # fmt: skip
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [run["status"] for run in summary["notebooks"]] == ["ok"] * len(list(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")))
+    table = pd.read_csv(out / "06_reproduce_tables" / "main_table.csv", index_col=0)
+    assert list(table.columns) == [*CLIP_TASK_NAMES, "average"]
+    assert "pretrained (zero-shot)" in table.index and "traditional MTL" not in table.index
+    assert "task arithmetic + SurgeryV2" in table.index

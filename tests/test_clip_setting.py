@@ -1,0 +1,332 @@
+"""The real-CLIP code path end to end, on fabricated files in the published formats: task_vectors' dataset
+folders and checkpoints, FusionBench snapshots, zero-shot heads, presets, and every command on top."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_fixtures import CLASSES, TEST_SIZES, TINY_CLIP, fabricate_datasets, fabricate_task_vectors_checkpoints
+from surgery_lib.clip_data import hub_dataset, load_clip_task, local_dataset, read_cache
+from surgery_lib.clip_tasks import CLIP_TASK_NAMES, CLIP_TASKS, EUROSAT_CLASSES, GTSRB_CLASSES, get_clip_task
+from surgery_lib.clip_zoo import ClipSources, load_clip_zoo
+from surgery_lib.errors import SurgeryBookError
+from surgery_lib.presets import get_preset
+from surgery_lib.zero_shot import cached_zero_shot_head, zero_shot_head
+
+pytestmark = pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    return fabricate_datasets(tmp_path_factory.mktemp("datasets"))
+
+
+@pytest.fixture
+def clip_env(monkeypatch):
+    for variable in ("FAMILY", "CHECKPOINTS", "DATA_SOURCE", "DATA_ROOT", "TEST_FOLDER"):
+        monkeypatch.delenv(f"SURGERY_BOOK_{variable}", raising=False)
+    return monkeypatch
+
+
+def test_task_metadata_matches_the_papers():
+    assert CLIP_TASK_NAMES == ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+    templates = {name: len(task.templates) for name, task in CLIP_TASKS.items()}
+    assert templates == {"SUN397": 2, "Cars": 8, "RESISC45": 18, "EuroSAT": 3, "SVHN": 1, "GTSRB": 3, "MNIST": 1, "DTD": 8}
+    assert all(t.count("{}") == 1 for task in CLIP_TASKS.values() for t in task.templates)
+    assert sum(task.test_size for task in CLIP_TASKS.values()) == 19887 + 8041 + 6300 + 2700 + 26032 + 12630 + 10000 + 1880
+    assert len(GTSRB_CLASSES) == 43 and len(set(GTSRB_CLASSES)) == 43
+    assert EUROSAT_CLASSES[0] == "annual crop land" and EUROSAT_CLASSES[-1] == "lake or sea"
+    assert get_clip_task("eurosat").name == "EuroSAT"
+    with pytest.raises(SurgeryBookError, match="unknown task 'ImageNet'.*SUN397"):
+        get_clip_task("ImageNet")
+
+
+def test_clip_presets_describe_the_papers_backbones():
+    from surgery_lib.models import build_encoder
+
+    for name, layers, width, output, rank in (("clip-vit-b-32", 12, 768, 512, 16), ("clip-vit-b-16", 12, 768, 512, 16), ("clip-vit-l-14", 24, 1024, 768, 4)):
+        preset = get_preset(name)
+        assert (preset.encoder.layers, preset.encoder.width, preset.encoder.output_dim) == (layers, width, output)
+        assert preset.encoder.activation == "quick_gelu" and preset.clip.surgery_v2_rank == rank
+        assert preset.tasks == CLIP_TASK_NAMES and preset.adamerging_steps == 500
+    encoder = build_encoder(get_preset("clip-vit-b-32").encoder)
+    # the official layer-wise AdaMerging counts 158 tensors: these 152 of the image tower plus 6 unused text
+    # leftovers (whose coefficients get no gradient, so leaving them out changes nothing)
+    assert len(encoder.state_dict()) == 152
+    assert sum(p.numel() for p in encoder.parameters()) == 87_849_216  # open_clip's ViT-B-32 image tower
+
+
+@pytest.mark.parametrize("task", CLIP_TASK_NAMES)
+def test_local_folder_layouts_are_read(datasets_root, task):
+    test = local_dataset(task, datasets_root, "test")
+    train = local_dataset(task, datasets_root, "train")
+    assert len(test) == TEST_SIZES[task] and len(train) > 0
+    image, label = test[0]
+    assert image.mode in ("RGB", "L") and 0 <= label < len(test.class_names)
+    fixed = CLIP_TASKS[task].class_names
+    assert test.class_names == (fixed if fixed is not None else test.class_names)
+    assert len(test.class_names) == CLASSES[task]
+
+
+def test_class_names_come_from_folders_and_renaming(datasets_root):
+    assert local_dataset("SUN397", datasets_root, "test").class_names == ("abbey", "airplane cabin", "bakery")
+    assert local_dataset("RESISC45", datasets_root, "test").class_names == ("airplane", "baseball diamond", "beach")
+    assert local_dataset("Cars", datasets_root, "test").class_names == ("AM General Hummer SUV 2000", "Acura RL Sedan 2012")
+    assert local_dataset("EuroSAT", datasets_root, "test").class_names == EUROSAT_CLASSES
+    gtsrb = local_dataset("GTSRB", datasets_root, "test")
+    assert [gtsrb[i][1] for i in range(len(gtsrb))] == [3, 14, 42, 0]
+    svhn = local_dataset("SVHN", datasets_root, "test")
+    assert [svhn[i][1] for i in range(len(svhn))] == [1, 2, 3, 4, 5]  # stored as 1..10, 10 = digit 0
+
+
+def test_missing_local_data_names_the_folder(tmp_path):
+    with pytest.raises(SurgeryBookError, match="DTD \\(test\\) was not found.*dtd/val"):
+        local_dataset("DTD", tmp_path, "test")
+    with pytest.raises(SurgeryBookError, match="needs a data root"):
+        load_clip_task("DTD", source="local", cache_dir=tmp_path)
+    with pytest.raises(SurgeryBookError, match="unknown data source 'ftp'"):
+        load_clip_task("DTD", source="ftp", cache_dir=tmp_path)
+
+
+def test_the_dtd_and_sun397_test_folder_is_an_explicit_choice(datasets_root, tmp_path):
+    shutil.copy(datasets_root / "dtd" / "train" / "banded" / "0.jpg", tmp_path / "marker.jpg")
+    val = load_clip_task("DTD", source="local", root=datasets_root, cache_dir=tmp_path / "c", image_size=32, workers=0, progress=False)
+    test = load_clip_task("DTD", source="local", root=datasets_root, test_folder="test", cache_dir=tmp_path / "c", image_size=32, workers=0, progress=False)
+    assert not torch.equal(val.images["test"], test.images["test"])  # two different folders, two caches
+
+
+def test_decoded_cache_equals_open_clips_eval_transform(datasets_root, tmp_path):
+    import open_clip
+    from PIL import Image
+
+    data = load_clip_task("SUN397", source="local", root=datasets_root, cache_dir=tmp_path, image_size=32, train_images=4, workers=0, progress=False)
+    assert data.images["test"].dtype == torch.uint8 and data.images["test"].shape == (6, 3, 32, 32)
+    assert len(data.labels["train"]) == 4 and data.images["adapt"] is data.images["train"]
+    transform = open_clip.image_transform(32, is_train=False)  # Resize, CenterCrop, RGB, ToTensor, Normalize
+    with Image.open(datasets_root / "sun397" / "val" / "abbey" / "0.jpg") as image:
+        expected = transform(image)
+    assert torch.allclose(data.normalized("test", torch.tensor([0]))[0], expected, atol=1e-6)
+    assert data.labels["test"].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_damaged_image_cache_is_reported_with_its_path(datasets_root, tmp_path):
+    options = dict(source="local", root=datasets_root, cache_dir=tmp_path, image_size=32, train_images=4, workers=0, progress=False)
+    load_clip_task("DTD", **options)
+    path = next(tmp_path.rglob("DTD-test-val.npy"))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(SurgeryBookError, match="image cache .*DTD-test-val.npy is damaged.*delete"):
+        load_clip_task("DTD", **options)
+    assert read_cache  # the reader is what raised (CorruptFileError), translated into the message above
+
+
+def test_hub_datasets_are_read_through_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["banded", "blotchy_spots"])})
+    local = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(3)], "label": [0, 1, 1]},
+        features=features,
+    )
+    calls = []
+
+    def load(name, *args, split):
+        calls.append((name, args, split))
+        return local
+
+    dtd = CLIP_TASKS["DTD"]
+    patched = type(dtd)(**{**dtd.__dict__, "num_classes": 2})
+    data = hub_dataset(patched, "test", load=load)
+    assert calls == [("tanganke/dtd", (), "test")] and len(data) == 3
+    assert data.class_names == ("banded", "blotchy spots") and data[2][1] == 1 and data[0][0].size == (24, 20)
+    with pytest.raises(SurgeryBookError, match="tanganke/dtd has 2 classes, DTD has 47"):
+        hub_dataset("DTD", "test", load=load)
+    hub_dataset("SVHN", "test", load=load)
+    assert calls[-1] == ("ufldl-stanford/svhn", ("cropped_digits",), "test")
+
+
+def _tiny_text_clip():
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=64, vision_cfg=CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=32),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))  # fmt: skip
+    return model.eval(), open_clip.get_tokenizer("ViT-B-32")
+
+
+def test_zero_shot_head_follows_the_recipe():
+    model, tokenizer = _tiny_text_clip()
+    names, templates = ["cat", "dog", "fish"], ["a photo of a {}.", "a drawing of the {}.", "{}!"]
+    head = zero_shot_head(model, tokenizer, names, templates, batch_size=4)
+    with torch.no_grad():
+        for row, name in zip(head.linear.weight, names):
+            per_template = F.normalize(model.encode_text(tokenizer([t.format(name) for t in templates])), dim=-1)
+            expected = F.normalize(per_template.mean(0), dim=0) * model.logit_scale.exp()
+            assert torch.allclose(row, expected, atol=1e-5)
+    assert torch.allclose(head.linear.weight.norm(dim=1), model.logit_scale.exp().expand(3), rtol=1e-5)
+    assert torch.count_nonzero(head.linear.bias) == 0 and not any(p.requires_grad for p in head.parameters())
+    with pytest.raises(SurgeryBookError, match="exactly one"):
+        zero_shot_head(model, tokenizer, names, ["no placeholder"])
+
+
+def test_zero_shot_heads_are_cached_and_rebuilt_when_damaged(tmp_path):
+    built = []
+
+    def load():
+        built.append(1)
+        return _tiny_text_clip()
+
+    first = cached_zero_shot_head(tmp_path, "ViT-B-32", "DTD", ["banded", "dotted"], ["a photo of a {} texture."], load)
+    again = cached_zero_shot_head(tmp_path, "ViT-B-32", "DTD", ["banded", "dotted"], ["a photo of a {} texture."], load)
+    assert len(built) == 1 and torch.equal(first.linear.weight, again.linear.weight)
+    path = next(tmp_path.rglob("DTD-*.safetensors"))
+    path.write_bytes(b"garbage")
+    rebuilt = cached_zero_shot_head(tmp_path, "ViT-B-32", "DTD", ["banded", "dotted"], ["a photo of a {} texture."], load)
+    assert len(built) == 2 and torch.allclose(rebuilt.linear.weight, first.linear.weight)
+
+
+@pytest.fixture
+def tiny_clip_zoo(tmp_path, datasets_root, published_classes, tiny_visual, clip_env):
+    checkpoints = fabricate_task_vectors_checkpoints(tmp_path / "checkpoints", published_classes, tiny_visual)
+    sources = ClipSources(checkpoints=str(checkpoints), data_source="local", data_root=str(datasets_root), train_images=6)
+    zoo = load_clip_zoo(TINY_CLIP, device="cpu", cache_dir=tmp_path / "cache", sources=sources, workers=0, progress=False)
+    return zoo, tmp_path, sources
+
+
+def test_task_vectors_setting_loads_into_a_zoo(tiny_clip_zoo, tiny_visual):
+    zoo, tmp_path, sources = tiny_clip_zoo
+    assert zoo.tasks == CLIP_TASK_NAMES and zoo.mtl is None
+    assert all(zoo.heads[t].num_classes == CLASSES[t] for t in zoo.tasks)
+    assert all(len(zoo.suite[t].labels["test"]) == TEST_SIZES[t] for t in zoo.tasks)
+    images = torch.randn(3, 3, 32, 32)
+    assert torch.equal(zoo.encoder("pretrained")(images), tiny_visual(images))  # QuickGELU, every weight in place
+    table = zoo.accuracy_table()
+    assert list(table.index) == ["pretrained (zero-shot)", "individual (expert)"]
+    with pytest.raises(SurgeryBookError, match="no model 'mtl'"):
+        zoo.encoder("mtl")
+    # second time: everything from the cache, with the original files gone
+    shutil.rmtree(tmp_path / "checkpoints")
+    again = load_clip_zoo(TINY_CLIP, device="cpu", cache_dir=tmp_path / "cache", sources=sources, workers=0, progress=False)
+    assert again.accuracy_table().equals(table)
+
+
+def test_every_method_runs_on_the_clip_path(tiny_clip_zoo):
+    from surgery_lib.merging import task_arithmetic
+    from surgery_lib.methods import MergeOptions, evaluate_merge, merge
+    from surgery_lib.pipeline import run_surgery
+    from surgery_lib.surgery import SurgeryConfig
+
+    zoo, _, _ = tiny_clip_zoo
+    result = merge(zoo, "task_arithmetic", device="cpu", progress=False)
+    assert all(torch.equal(result.state[k], v) for k, v in task_arithmetic(zoo.pretrained, zoo.experts, 0.3).items())
+    assert set(evaluate_merge(zoo, result, "cpu")) == set(CLIP_TASK_NAMES)
+    ada = merge(zoo, "adamerging_layer", MergeOptions(steps=2, batch_size=2), device="cpu", progress=False)
+    assert ada.details["adamerging"].coefficients.shape == (8, 8 + 12 * 2)  # tensors of a 2-block tower
+    for version in (1, 2):
+        run = run_surgery(zoo, result.state, config=SurgeryConfig(steps=3, batch_size=2, eval_every=3), version=version, device="cpu", progress=False)
+        assert set(run.accuracy_after) == set(CLIP_TASK_NAMES) and all(b >= 0 for b in run.bias_after.values())
+
+
+def test_commands_accept_clip_presets(tiny_clip_zoo, capsys, monkeypatch):
+    from surgery_lib.cli import main
+    from surgery_lib.presets import PRESETS
+
+    monkeypatch.setitem(PRESETS, TINY_CLIP.name, TINY_CLIP)
+    zoo, tmp_path, sources = tiny_clip_zoo  # the caches exist; the command finds them through its options
+    argv = ["--preset", TINY_CLIP.name, "--cache-dir", str(tmp_path / "cache"), "--data-source", "local",
+            "--data-root", sources.data_root, "--json", "--quiet"]  # fmt: skip
+    import os
+
+    before = dict(os.environ)
+    try:
+        assert main(["merge", *argv, "--method", "weight_averaging", "--device", "cpu"]) == 0
+        payload = json.loads(capsys.readouterr().out)
+        assert set(payload["accuracy"]["weight averaging"]) == {*CLIP_TASK_NAMES, "average"}
+        assert main(["zoo", *argv, "--device", "cpu"]) == 0
+        assert "pretrained (zero-shot)" in json.loads(capsys.readouterr().out)["accuracy"]
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
+def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, datasets_root, clip_env):
+    transformers = pytest.importorskip("transformers")
+    from surgery_lib.checkpoints import build_clip_visual, convert_fusionbench, fusionbench_sources, load_converted
+
+    torch.manual_seed(3)
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                  hidden_act="quick_gelu")  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=1)
+    pretrained = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).eval()
+    snapshots = tmp_path / "hub"
+    pretrained.save_pretrained(snapshots / "clip-vit-base-patch32")  # named like the hub repositories
+    experts = {}
+    for i, task in enumerate(CLIP_TASK_NAMES):
+        expert = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval()
+        source = pretrained.vision_model.state_dict()  # transformers 5 flattened CLIPVisionModel: match either way
+        expert.load_state_dict({k: source[k.removeprefix("vision_model.")] for k in expert.state_dict()})
+        with torch.no_grad():
+            for parameter in expert.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+        expert.save_pretrained(snapshots / f"clip-vit-base-patch32_{CLIP_TASKS[task].fusionbench}")
+        experts[task] = expert
+    assert fusionbench_sources("ViT-B-32", "hub", ("Cars",))["expert/Cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
+    with pytest.raises(SurgeryBookError, match="9 FusionBench snapshot folder"):
+        fusionbench_sources("ViT-B-32", str(tmp_path / "nothing"), CLIP_TASK_NAMES)
+
+    manifest = convert_fusionbench(str(snapshots), "ViT-B-32", tmp_path / "converted", progress=False)
+    assert manifest["family"] == "fusionbench" and manifest["tasks"] == list(CLIP_TASK_NAMES)
+    _, converted, heads, _ = load_converted(tmp_path / "converted" / "ViT-B-32")
+    assert heads == {}  # the family ships none
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = pretrained.visual_projection(experts["MNIST"](pixel_values=images).pooler_output)
+        assert torch.allclose(build_clip_visual(converted["MNIST"])(images), reference, atol=1e-5)
+
+    sources = ClipSources(family="fusionbench", checkpoints=str(tmp_path / "converted" / "ViT-B-32"), data_source="local",
+                          data_root=str(datasets_root), train_images=4)  # fmt: skip
+    zoo = load_clip_zoo(TINY_CLIP, device="cpu", cache_dir=tmp_path / "cache", sources=sources, workers=0,
+                        load_text_model=_tiny_text_clip, progress=False)  # fmt: skip
+    model, tokenizer = _tiny_text_clip()
+    expected = zero_shot_head(model, tokenizer, EUROSAT_CLASSES, CLIP_TASKS["EuroSAT"].templates)
+    assert torch.allclose(zoo.heads["EuroSAT"].linear.weight, expected.linear.weight, atol=1e-6)
+    assert zoo.heads["SUN397"].num_classes == 3 and zoo.manifest["family"] == "fusionbench"
+
+
+def test_presets_round_trip_through_json_files(tmp_path, monkeypatch):
+    from surgery_lib.presets import PRESETS, preset_from_dict, register_presets_from_file
+
+    for name in ("mini", "clip-vit-l-14"):
+        assert preset_from_dict(json.loads(json.dumps(get_preset(name).to_dict()))) == get_preset(name)
+    path = tmp_path / "presets.json"
+    path.write_text(json.dumps([TINY_CLIP.to_dict()]))
+    monkeypatch.setattr("surgery_lib.presets.PRESETS", dict(PRESETS))
+    assert register_presets_from_file(path) == [TINY_CLIP]
+    path.write_text(json.dumps({"name": "broken"}))
+    with pytest.raises(SurgeryBookError, match="invalid preset description"):
+        register_presets_from_file(path)
+
+
+def test_pipeline_benchmark_times_every_stage(monkeypatch):
+    from surgery_lib.benchmark import pipeline_benchmark, synthetic_clip_zoo
+    from surgery_lib.presets import PRESETS
+
+    monkeypatch.setitem(PRESETS, TINY_CLIP.name, TINY_CLIP)
+    sizes = {"SUN397": 12, "DTD": 6}
+    zoo = synthetic_clip_zoo(TINY_CLIP.name, sizes)
+    assert zoo.heads["SUN397"].num_classes == 397 and zoo.suite["DTD"].images["test"].shape == (6, 3, 32, 32)
+    relative = [(zoo.experts["DTD"][k] - v).norm() / v.norm() for k, v in zoo.pretrained.items() if v.norm() > 0]
+    assert 0.001 < float(torch.stack(relative).median()) < 0.1  # task vectors of a realistic relative size
+    stages = pipeline_benchmark(zoo, device="cpu", adamerging_steps=1, surgery_steps=2, progress=False)
+    names = [s.stage for s in stages]
+    assert names[0] == "task arithmetic merge" and names[-1].startswith("end to end") and len(stages) == 6
+    assert all(s.seconds > 0 and s.peak_memory_gb is None for s in stages)
+    assert stages[1].images_per_s > 0 and stages[-1].seconds == pytest.approx(sum(s.seconds for s in stages[:-1]) - stages[1].seconds)
