@@ -255,12 +255,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
          "speed-up": round(r.speedup, 1)}
         for r in results
     ]  # fmt: skip
+    return _print_bench(args, f"{setting}, {len(data)} tasks", device, "results", rows)
+
+
+def _print_bench(args: argparse.Namespace, setting: str, device: Any, key: str, rows: list[dict[str, Any]]) -> int:
     if args.json:
-        print(json.dumps({"setting": setting, "device": str(device), "results": rows}, indent=2))
+        print(json.dumps({"setting": setting, "device": str(device), key: rows}, indent=2))
     else:
         import pandas as pd
 
-        print(f"{setting}, {len(data)} tasks, on {device}\n")
+        print(f"{setting}, on {device}\n")
         print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
 
@@ -282,14 +286,7 @@ def _bench_pipeline(args: argparse.Namespace, device: Any) -> int:
     rows = [{"stage": s.stage, "seconds": round(s.seconds, 1),
              "peak GPU memory (GB)": None if s.peak_memory_gb is None else round(s.peak_memory_gb, 2),
              "images/s": None if s.images_per_s is None else round(s.images_per_s)} for s in stages]  # fmt: skip
-    if args.json:
-        print(json.dumps({"setting": setting, "device": str(device), "stages": rows}, indent=2))
-    else:
-        import pandas as pd
-
-        print(f"{setting}, on {device}\n")
-        print(pd.DataFrame(rows).to_markdown(index=False))
-    return 0
+    return _print_bench(args, setting, device, "stages", rows)
 
 
 def _literal(text: str) -> Any:

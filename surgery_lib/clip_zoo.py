@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from surgery_lib.checkpoints import convert_fusionbench, convert_task_vectors, load_converted
+from surgery_lib.checkpoints import convert_fusionbench, convert_task_vectors, fusionbench_sources, load_converted
 from surgery_lib.clip_data import load_clip_suite
 from surgery_lib.clip_tasks import CLIP_TASK_NAMES, CLIP_TASKS
 from surgery_lib.data import Suite
@@ -71,7 +71,8 @@ class ClipSources:
 
 
 def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, progress: bool = True) -> Path:
-    """The folder of converted safetensors for ``preset``, converting on first use.
+    """The folder of converted safetensors for ``preset``, converting on first use (and again when the
+    source named now differs from the one converted before).
 
     Raises:
         SurgeryBookError: no converted folder and no source to convert from (naming the fix).
@@ -83,7 +84,16 @@ def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, pro
         return given  # already a converted folder
     target_root = cache / "checkpoints" / sources.family
     if (target_root / model / "manifest.json").is_file():
-        return target_root / model
+        try:
+            converted_from = read_json(target_root / model / "manifest.json")["sources"]["pretrained"]
+        except (CorruptFileError, KeyError):
+            converted_from = None
+        if sources.family == "task_vectors":
+            wanted = str(given / model / "zeroshot.pt") if given is not None else None
+        else:
+            wanted = fusionbench_sources(model, str(given) if given is not None else "hub", ())["pretrained"]
+        if converted_from is not None and wanted in (None, converted_from):
+            return target_root / model  # converted before from the same source (or no source named now)
     if sources.family == "task_vectors":
         if given is None:
             raise SurgeryBookError(

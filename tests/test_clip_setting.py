@@ -330,3 +330,20 @@ def test_pipeline_benchmark_times_every_stage(monkeypatch):
     assert names[0] == "task arithmetic merge" and names[-1].startswith("end to end") and len(stages) == 6
     assert all(s.seconds > 0 and s.peak_memory_gb is None for s in stages)
     assert stages[1].images_per_s > 0 and stages[-1].seconds == pytest.approx(sum(s.seconds for s in stages[:-1]) - stages[1].seconds)
+
+
+def test_a_new_checkpoint_source_is_converted_again(tmp_path, datasets_root, published_classes, tiny_visual, clip_env):
+    import copy
+
+    first = fabricate_task_vectors_checkpoints(tmp_path / "a", published_classes, tiny_visual)
+    shifted = copy.deepcopy(tiny_visual)
+    with torch.no_grad():
+        shifted.proj.add_(1.0)
+    second = fabricate_task_vectors_checkpoints(tmp_path / "b", published_classes, shifted)
+    options = dict(device="cpu", cache_dir=tmp_path / "cache", workers=0, progress=False)
+    data = dict(data_source="local", data_root=str(datasets_root), train_images=4)
+    zoo_a = load_clip_zoo(TINY_CLIP, sources=ClipSources(checkpoints=str(first), **data), **options)
+    zoo_b = load_clip_zoo(TINY_CLIP, sources=ClipSources(checkpoints=str(second), **data), **options)
+    assert torch.equal(zoo_b.pretrained["proj"], zoo_a.pretrained["proj"] + 1.0)
+    again = load_clip_zoo(TINY_CLIP, sources=ClipSources(**data), **options)  # no source named: the last conversion
+    assert torch.equal(again.pretrained["proj"], zoo_b.pretrained["proj"])
