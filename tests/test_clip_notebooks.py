@@ -11,6 +11,7 @@ import pytest
 
 from clip_fixtures import TINY_CLIP, fabricate_datasets, fabricate_task_vectors_checkpoints
 from surgery_lib.clip_tasks import CLIP_TASK_NAMES
+from surgery_lib.presets import PRESETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")]
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -25,6 +26,7 @@ def test_every_notebook_runs_on_a_clip_preset(tmp_path, monkeypatch, published_c
     presets = tmp_path / "presets.json"
     presets.write_text(json.dumps([TINY_CLIP.to_dict()]))
     monkeypatch.setenv("SURGERY_BOOK_PRESETS", str(presets))  # the kernels register the tiny CLIP preset from it
+    monkeypatch.setitem(PRESETS, TINY_CLIP.name, TINY_CLIP)  # ... and this process, imported before, directly
     for variable in ("FAMILY", "TEST_FOLDER"):
         monkeypatch.delenv(f"SURGERY_BOOK_{variable}", raising=False)
     for variable, value in (("CHECKPOINTS", checkpoints), ("DATA_SOURCE", "local"), ("DATA_ROOT", data), ("CACHE", tmp_path / "cache")):
