@@ -200,11 +200,12 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     from surgery_lib.zoo import build_zoo
 
     check_method(args.merge)
+    zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    rank = args.rank or (zoo.preset.clip.surgery_v2_rank if args.version == 2 and zoo.preset.clip is not None else 16)
     config = SurgeryConfig(
-        rank=args.rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr,
+        rank=rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr,
         seed=args.seed or 0, eval_every=0, online=args.online,
     )  # fmt: skip
-    zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
     merged = merge(zoo, args.merge, _merge_options(args), device=args.device, progress=not args.quiet)
     run = run_surgery(
         zoo, merged.state, version=args.version, config=config, split=args.data or "test",
@@ -385,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(surgery)
     surgery.add_argument("--merge", default="task_arithmetic", help="the merging method to repair (default task_arithmetic)")
     surgery.add_argument("--version", type=int, choices=(1, 2), default=1, help="1: Surgery on the final embedding; 2: SurgeryV2 after every block")
-    surgery.add_argument("--rank", type=int, default=16, help="rank of every module (default 16)")
+    surgery.add_argument("--rank", type=int, default=None,
+                         help="rank of every module (default 16; SurgeryV2 on ViT-L/14: 4, as in the paper)")
     surgery.add_argument("--surgery-steps", type=int, default=1000, help="steps per task (default 1000 = 500 official iterations x 2)")
     surgery.add_argument("--surgery-batch-size", type=int, default=16, help="batch size per task (default 16)")
     surgery.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")

@@ -113,6 +113,9 @@ def test_decoded_cache_equals_open_clips_eval_transform(datasets_root, tmp_path)
         expected = transform(image)
     assert torch.allclose(data.normalized("test", torch.tensor([0]))[0], expected, atol=1e-6)
     assert data.labels["test"].tolist() == [0, 0, 1, 1, 2, 2]
+    in_workers = load_clip_task("SUN397", source="local", root=datasets_root, cache_dir=tmp_path / "w", image_size=32,
+                                train_images=4, workers=2, progress=False)  # fmt: skip
+    assert torch.equal(in_workers.images["test"], data.images["test"])  # decoded in 2 DataLoader worker processes
 
 
 def test_a_damaged_image_cache_is_reported_with_its_path(datasets_root, tmp_path):
@@ -257,9 +260,9 @@ def test_commands_accept_clip_presets(tiny_clip_zoo, capsys, monkeypatch):
         os.environ.update(before)
 
 
-def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, datasets_root, clip_env):
+def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, datasets_root, clip_env, capsys):
     transformers = pytest.importorskip("transformers")
-    from surgery_lib.checkpoints import build_clip_visual, convert_fusionbench, fusionbench_sources, load_converted
+    from surgery_lib.checkpoints import build_clip_visual, fusionbench_sources, load_converted
 
     torch.manual_seed(3)
     vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
@@ -282,8 +285,13 @@ def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, dataset
     with pytest.raises(SurgeryBookError, match="9 FusionBench snapshot folder"):
         fusionbench_sources("ViT-B-32", str(tmp_path / "nothing"), CLIP_TASK_NAMES)
 
-    manifest = convert_fusionbench(str(snapshots), "ViT-B-32", tmp_path / "converted", progress=False)
+    from surgery_lib.cli import main
+
+    assert main(["convert", "--family", "fusionbench", "--model", "ViT-B-32", "--source", str(snapshots),
+                 "--out", str(tmp_path / "converted"), "--json", "--quiet"]) == 0  # fmt: skip
+    manifest = json.loads(capsys.readouterr().out)
     assert manifest["family"] == "fusionbench" and manifest["tasks"] == list(CLIP_TASK_NAMES)
+    assert manifest["architecture"]["layers"] == 2 and len(manifest["files"]) == 9  # pretrained + 8 experts
     _, converted, heads, _ = load_converted(tmp_path / "converted" / "ViT-B-32")
     assert heads == {}  # the family ships none
     images = torch.randn(2, 3, 32, 32)
