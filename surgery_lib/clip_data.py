@@ -16,6 +16,7 @@ held-out unlabeled images.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -233,7 +234,11 @@ def decode_to_cache(
 
     path = Path(path)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    loader = DataLoader(_Decoded(images, eval_resize(image_size)), batch_size=batch_size, num_workers=workers, shuffle=False)
+    # The readers hold closures over their files, so workers are forked (the default start method became
+    # forkserver on Linux with Python 3.14, which would have to pickle them).
+    context = "fork" if workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+    loader = DataLoader(_Decoded(images, eval_resize(image_size)), batch_size=batch_size, num_workers=workers,
+                        shuffle=False, multiprocessing_context=context)  # fmt: skip
     labels = np.empty(len(images), dtype=np.int64)
     with atomic_path(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), 3, image_size, image_size))
