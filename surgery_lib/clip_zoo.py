@@ -88,10 +88,15 @@ def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, pro
             converted_from = read_json(target_root / model / "manifest.json")["sources"]["pretrained"]
         except (CorruptFileError, KeyError):
             converted_from = None
-        if sources.family == "task_vectors":
-            wanted = str(given / model / "zeroshot.pt") if given is not None else None
+        if given is None:  # nothing named now: whatever was converted last; "hub": FusionBench's hub models
+            named_hub = sources.checkpoints == "hub" and sources.family == "fusionbench"
+            wanted = fusionbench_sources(model, "hub", ())["pretrained"] if named_hub else None
+        elif sources.family == "task_vectors":
+            wanted = str((given / model / "zeroshot.pt").resolve())
         else:
-            wanted = fusionbench_sources(model, str(given) if given is not None else "hub", ())["pretrained"]
+            wanted = str(Path(fusionbench_sources(model, str(given), ())["pretrained"]).resolve())
+        if converted_from is not None and Path(converted_from).exists():  # a local file or folder: compare resolved paths
+            converted_from = str(Path(converted_from).resolve())
         if converted_from is not None and wanted in (None, converted_from):
             return target_root / model  # converted before from the same source (or no source named now)
     if sources.family == "task_vectors":
