@@ -280,6 +280,11 @@ def split_cache_path(cache_dir: str | os.PathLike[str], task: str, split: str, s
     return Path(cache_dir) / source / str(image_size) / f"{task}-{split}{'-' + tag if tag else ''}.npy"
 
 
+def _test_tag(task: str, source: str, test_folder: str) -> str:
+    """Local DTD and SUN397 caches are named by the folder used as their test split."""
+    return test_folder if task in ("SUN397", "DTD") and source == "local" else ""
+
+
 def load_clip_task(
     task: str,
     *,
@@ -305,7 +310,7 @@ def load_clip_task(
         raise SurgeryBookError(f"unknown data source {source!r}", f"use one of: {', '.join(DATA_SOURCES)}")
     if source == "local" and root is None:
         raise SurgeryBookError("the local data source needs a data root", "pass --data-root DIR (task_vectors' layout)")
-    tag = f"{test_folder}" if spec.name in ("SUN397", "DTD") and source == "local" else ""
+    tag = _test_tag(spec.name, source, test_folder)
 
     def reader(split: str) -> LabelledImages:
         if source == "hub":
@@ -334,5 +339,7 @@ def load_clip_task(
 def load_clip_suite(tasks: Sequence[str], **options: Any) -> Suite:
     """:func:`load_clip_task` for each of ``tasks`` (same options), as a :class:`Suite` without a mix."""
     data = {t: load_clip_task(t, **options) for t in tasks}
-    files = {t: split_cache_path(options["cache_dir"], d.name, "test", options["source"], options.get("image_size", 224)) for t, d in data.items()}
+    source, folder = options["source"], options.get("test_folder", "val")
+    files = {t: split_cache_path(options["cache_dir"], d.name, "test", source, options.get("image_size", 224), _test_tag(d.name, source, folder))
+             for t, d in data.items()}  # fmt: skip
     return Suite(config=None, tasks=data, mix=None, files=files)

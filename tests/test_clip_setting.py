@@ -355,3 +355,13 @@ def test_a_new_checkpoint_source_is_converted_again(tmp_path, datasets_root, pub
     assert torch.equal(zoo_b.pretrained["proj"], zoo_a.pretrained["proj"] + 1.0)
     again = load_clip_zoo(TINY_CLIP, sources=ClipSources(**data), **options)  # no source named: the last conversion
     assert torch.equal(again.pretrained["proj"], zoo_b.pretrained["proj"])
+
+
+def test_suite_cards_name_the_cache_files(datasets_root, tmp_path):
+    from surgery_lib.clip_data import load_clip_suite
+
+    suite = load_clip_suite(("DTD", "MNIST"), source="local", root=datasets_root, cache_dir=tmp_path, image_size=32,
+                            train_images=4, workers=0, progress=False)  # fmt: skip
+    assert all(path.is_file() for path in suite.files.values()) and suite.files["DTD"].name == "DTD-test-val.npy"
+    cards = suite.cards()
+    assert cards.loc["MNIST", "test"] == TEST_SIZES["MNIST"] and cards.loc["DTD", "adapt"] == 4
