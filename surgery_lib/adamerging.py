@@ -42,7 +42,6 @@ class AdaMergingResult:
         columns = list(self.keys) if self.coefficients.shape[1] == len(self.keys) else ["all"]
         return pd.DataFrame(self.coefficients.numpy(), index=list(self.tasks), columns=columns)
 
-
     def block_table(self):  # -> pandas.DataFrame
         """Layer-wise coefficients averaged over the tensors of each block: tasks x (block 1..L, then the
         tensors outside the blocks: embeddings, layer norms, projection)."""

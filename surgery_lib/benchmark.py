@@ -157,32 +157,6 @@ def run_benchmark(
     return results
 
 
-def synthetic_vit_b32_setting(device: torch.device | str, sizes: Mapping[str, int] = PAPER_TEST_SIZES, seed: int = 0):
-    """ViT-B/32 (random weights) as merged model and 8 experts, and random 224x224 uint8 test sets of ``sizes``.
-
-    The experts share one module per task only in name: each is a separately initialised ViT-B/32, so
-    the expert forward costs what it costs in the paper. Memory: 87,190 images are 13 GB of uint8.
-    """
-    from open_clip.transformer import QuickGELU, VisionTransformer
-
-    def vit() -> nn.Module:
-        return VisionTransformer(224, 32, 768, 12, 12, 4.0, output_dim=512, act_layer=QuickGELU)
-
-    torch.manual_seed(seed)
-    merged = vit()
-    experts = {task: vit() for task in sizes}
-    generator = torch.Generator().manual_seed(seed)
-    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-    data = {
-        task: TaskData(
-            task, ("x",), {"test": torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8, generator=generator)},
-            {"test": torch.zeros(n, dtype=torch.int64)}, mean, std,
-        )  # fmt: skip
-        for task, n in sizes.items()
-    }
-    return merged, experts, data
-
-
 @dataclass
 class PipelineStage:
     """One stage of the end-to-end benchmark: wall time, peak accelerator memory, and throughput."""
@@ -276,7 +250,7 @@ def pipeline_benchmark(
     options = MergeOptions(steps=adamerging_steps)
     ada = timed("layer-wise AdaMerging", lambda: merge(zoo, "adamerging_layer", options, device=device, progress=progress))
     config = SurgeryConfig(steps=surgery_steps, eval_every=0)
-    deep = dataclasses.replace(config, rank=zoo.preset.clip.surgery_v2_rank) if zoo.preset.clip is not None else config
+    deep = dataclasses.replace(config, rank=zoo.preset.surgery_rank(2))
     timed("Surgery (V1, features and evaluation included)", lambda: run_surgery(zoo, ada.state, version=1, config=config, device=device, progress=progress))
     timed("SurgeryV2 (targets and evaluation included)", lambda: run_surgery(zoo, ada.state, version=2, config=deep, device=device, progress=progress))
     pipeline = [s for s in stages if not s.stage.startswith("feature extraction")]

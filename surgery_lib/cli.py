@@ -201,9 +201,8 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
 
     check_method(args.merge)
     zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
-    rank = args.rank or (zoo.preset.clip.surgery_v2_rank if args.version == 2 and zoo.preset.clip is not None else 16)
     config = SurgeryConfig(
-        rank=rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr,
+        rank=args.rank or zoo.preset.surgery_rank(args.version), steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr,
         seed=args.seed or 0, eval_every=0, online=args.online,
     )  # fmt: skip
     merged = merge(zoo, args.merge, _merge_options(args), device=args.device, progress=not args.quiet)
@@ -230,25 +229,19 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from surgery_lib.benchmark import run_benchmark, synthetic_vit_b32_setting
+    from surgery_lib.benchmark import run_benchmark
     from surgery_lib.merging import task_arithmetic
     from surgery_lib.models import load_encoder, resolve_device
 
     device = resolve_device(args.device, "cpu")
     versions = tuple(int(v) for v in args.versions.split(","))
+    zoo, setting = _bench_zoo(args, device)
     if args.pipeline:
-        return _bench_pipeline(args, device)
-    if args.vit_b32:
-        merged, experts, data = synthetic_vit_b32_setting(device)
-        setting = "ViT-B/32 (random weights), random 224x224 images at the paper's 8 test-set sizes"
-    else:
-        from surgery_lib.zoo import build_zoo
-
-        zoo = build_zoo(args.preset, device=device, cache_dir=args.cache_dir, progress=not args.quiet)
-        merged = load_encoder(zoo.preset.encoder, task_arithmetic(zoo.pretrained, zoo.experts, 0.3))
-        experts = {t: zoo.encoder(t) for t in zoo.tasks}
-        data = {t: zoo.suite[t] for t in zoo.tasks}
-        setting = f"the {zoo.preset.name} zoo, task arithmetic, test splits"
+        return _bench_pipeline(args, zoo, setting, device)
+    merged = load_encoder(zoo.preset.encoder, task_arithmetic(zoo.pretrained, zoo.experts, 0.3))
+    experts = {t: zoo.encoder(t) for t in zoo.tasks}
+    data = {t: zoo.suite[t] for t in zoo.tasks}
+    setting += ", task arithmetic, test splits"
     results = run_benchmark(merged, experts, data, versions=versions, iterations=args.iterations, device=device)
     rows = [
         {"version": f"V{r.version}", "steps per task": r.steps_per_task, "official-style loop (s)": round(r.official_s, 1),
@@ -256,7 +249,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
          "speed-up": round(r.speedup, 1)}
         for r in results
     ]  # fmt: skip
-    return _print_bench(args, f"{setting}, {len(data)} tasks", device, "results", rows)
+    return _print_bench(args, setting, device, "results", rows)
 
 
 def _print_bench(args: argparse.Namespace, setting: str, device: Any, key: str, rows: list[dict[str, Any]]) -> int:
@@ -270,18 +263,23 @@ def _print_bench(args: argparse.Namespace, setting: str, device: Any, key: str, 
     return 0
 
 
-def _bench_pipeline(args: argparse.Namespace, device: Any) -> int:
-    from surgery_lib.benchmark import PAPER_TEST_SIZES, pipeline_benchmark, synthetic_clip_zoo
-
+def _bench_zoo(args: argparse.Namespace, device: Any) -> tuple[Any, str]:
+    """The benchmarks' zoo: ViT-B/32 with random weights at (``--scale`` x) the paper's test-set sizes, or a preset's."""
     if args.vit_b32:
-        sizes = {t: max(16, round(n * args.scale)) for t, n in PAPER_TEST_SIZES.items()}
-        zoo = synthetic_clip_zoo("clip-vit-b-32", sizes)
-        setting = f"ViT-B/32 (random weights), random 224x224 images: {sum(sizes.values()):,} test images in 8 tasks"
-    else:
-        from surgery_lib.zoo import build_zoo
+        from surgery_lib.benchmark import PAPER_TEST_SIZES, synthetic_clip_zoo
 
-        zoo = build_zoo(args.preset, device=device, cache_dir=args.cache_dir, progress=not args.quiet)
-        setting = f"the {zoo.preset.name} zoo"
+        sizes = {t: max(16, round(n * args.scale)) for t, n in PAPER_TEST_SIZES.items()}
+        setting = f"ViT-B/32 (random weights), random 224x224 images: {sum(sizes.values()):,} test images in 8 tasks"
+        return synthetic_clip_zoo("clip-vit-b-32", sizes), setting
+    from surgery_lib.zoo import build_zoo
+
+    zoo = build_zoo(args.preset, device=device, cache_dir=args.cache_dir, progress=not args.quiet)
+    return zoo, f"the {zoo.preset.name} zoo ({len(zoo.tasks)} tasks)"
+
+
+def _bench_pipeline(args: argparse.Namespace, zoo: Any, setting: str, device: Any) -> int:
+    from surgery_lib.benchmark import pipeline_benchmark
+
     stages = pipeline_benchmark(zoo, device=device, adamerging_steps=args.adamerging_steps,
                                 surgery_steps=args.iterations * 2, progress=not args.quiet)  # fmt: skip
     rows = [{"stage": s.stage, "seconds": round(s.seconds, 1),
@@ -427,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vit-b32", action="store_true", help="ViT-B/32 with random weights and 224x224 inputs at the paper's sizes (GPU)")
     bench.add_argument("--pipeline", action="store_true", help="time merge -> layer-wise AdaMerging -> Surgery -> SurgeryV2 end to end, "
                        "with peak GPU memory and feature-extraction images/s")
-    bench.add_argument("--scale", type=float, default=1.0, help="with --pipeline --vit-b32: fraction of the paper's test-set sizes (default 1)")
+    bench.add_argument("--scale", type=float, default=1.0, help="with --vit-b32: fraction of the paper's test-set sizes (default 1)")
     bench.add_argument("--adamerging-steps", type=int, default=None, help="with --pipeline: AdaMerging steps (default: the preset's, 500)")
     bench.set_defaults(run=_cmd_bench)
     return parser

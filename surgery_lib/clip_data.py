@@ -280,11 +280,6 @@ def split_cache_path(cache_dir: str | os.PathLike[str], task: str, split: str, s
     return Path(cache_dir) / source / str(image_size) / f"{task}-{split}{'-' + tag if tag else ''}.npy"
 
 
-def _test_tag(task: str, source: str, test_folder: str) -> str:
-    """Local DTD and SUN397 caches are named by the folder used as their test split."""
-    return test_folder if task in ("SUN397", "DTD") and source == "local" else ""
-
-
 def load_clip_task(
     task: str,
     *,
@@ -300,7 +295,8 @@ def load_clip_task(
     progress: bool = True,
 ) -> TaskData:
     """One task as :class:`TaskData` (memory-mapped uint8 images, OpenAI CLIP normalisation), decoding
-    on first use. Splits: ``test`` (all of it), ``train`` = ``adapt`` (``train_images`` seeded picks).
+    on first use. Splits: ``test`` (all of it), ``train`` = ``adapt`` (``train_images`` seeded picks);
+    ``files`` names the cache file of each.
 
     Raises:
         SurgeryBookError: unknown task or source, missing local folder, or a damaged cache (with its path).
@@ -310,16 +306,16 @@ def load_clip_task(
         raise SurgeryBookError(f"unknown data source {source!r}", f"use one of: {', '.join(DATA_SOURCES)}")
     if source == "local" and root is None:
         raise SurgeryBookError("the local data source needs a data root", "pass --data-root DIR (task_vectors' layout)")
-    tag = _test_tag(spec.name, source, test_folder)
+    tag = test_folder if spec.name in ("SUN397", "DTD") and source == "local" else ""  # caches named by the folder used
 
     def reader(split: str) -> LabelledImages:
         if source == "hub":
             return hub_dataset(spec, split, load=hub_load)
         return local_dataset(spec, root, split, test_folder)  # type: ignore[arg-type]
 
-    images, labels, names = {}, {}, None
+    images, labels, names, paths = {}, {}, None, {}
     for split, count_tag in (("test", tag), ("train", f"{train_images}-{seed}")):
-        path = split_cache_path(cache_dir, spec.name, split, source, image_size, count_tag)
+        path = paths[split] = split_cache_path(cache_dir, spec.name, split, source, image_size, count_tag)
         if not (path.is_file() and path.with_suffix(".json").is_file()):
             data = reader(split)
             if split == "train":
@@ -333,13 +329,11 @@ def load_clip_task(
                 f"the image cache {path} is damaged ({exc.problem})", f"delete {path} and {path.with_suffix('.json')} and run again"
             ) from None
     images["adapt"], labels["adapt"] = images["train"], labels["train"]
-    return TaskData(spec.name, names or (), images, labels, mean=OPENAI_MEAN, std=OPENAI_STD)
+    return TaskData(spec.name, names or (), images, labels, mean=OPENAI_MEAN, std=OPENAI_STD, files=paths)
 
 
 def load_clip_suite(tasks: Sequence[str], **options: Any) -> Suite:
     """:func:`load_clip_task` for each of ``tasks`` (same options), as a :class:`Suite` without a mix."""
     data = {t: load_clip_task(t, **options) for t in tasks}
-    source, folder = options["source"], options.get("test_folder", "val")
-    files = {t: split_cache_path(options["cache_dir"], d.name, "test", source, options.get("image_size", 224), _test_tag(d.name, source, folder))
-             for t, d in data.items()}  # fmt: skip
+    files = {t: d.files["test"] for t, d in data.items()}
     return Suite(config=None, tasks=data, mix=None, files=files)

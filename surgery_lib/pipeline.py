@@ -113,9 +113,7 @@ def run_surgery(
         raise SurgeryBookError(f"unknown surgery version {version!r}", "use 1 (Surgery) or 2 (SurgeryV2)")
     if split not in ("test", "adapt"):
         raise SurgeryBookError(f"unknown adaptation split {split!r}", "use 'test' (the paper) or 'adapt' (held out)")
-    if config is None:  # the papers' rank for this backbone (SurgeryV2 on ViT-L/14 uses 4)
-        rank = zoo.preset.clip.surgery_v2_rank if version == 2 and zoo.preset.clip is not None else SurgeryConfig.rank
-        config = SurgeryConfig(rank=rank)
+    config = config or SurgeryConfig(rank=zoo.preset.surgery_rank(version))
     if adapt_limit is not None and (version != 1 or adapt_limit < 1):
         raise SurgeryBookError(
             f"adapt_limit={adapt_limit} with version {version}", "limit the adaptation data (>= 1 image) for Surgery V1 only"

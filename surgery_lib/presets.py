@@ -131,6 +131,11 @@ class Preset:
     #: Set for the real-CLIP presets, whose zoo is downloaded checkpoints instead of trained models.
     clip: ClipConfig | None = None
 
+    def surgery_rank(self, version: int) -> int:
+        """The papers' default rank for Surgery ``version`` 1 or 2 on this preset: 16, except SurgeryV2 on a
+        real-CLIP backbone that the papers ran at another rank (4 on ViT-L/14)."""
+        return self.clip.surgery_v2_rank if version == 2 and self.clip is not None else 16
+
     @property
     def tasks(self) -> tuple[str, ...]:
         """The preset's tasks, in table order."""

@@ -54,7 +54,9 @@ def test_clip_presets_describe_the_papers_backbones():
         preset = get_preset(name)
         assert (preset.encoder.layers, preset.encoder.width, preset.encoder.output_dim) == (layers, width, output)
         assert preset.encoder.activation == "quick_gelu" and preset.clip.surgery_v2_rank == rank
+        assert (preset.surgery_rank(1), preset.surgery_rank(2)) == (16, rank)
         assert preset.tasks == CLIP_TASK_NAMES and preset.adamerging_steps == 500
+    assert get_preset("mini").surgery_rank(2) == 16
     encoder = build_encoder(get_preset("clip-vit-b-32").encoder)
     # the official layer-wise AdaMerging counts 158 tensors: these 152 of the image tower plus 6 unused text
     # leftovers (whose coefficients get no gradient, so leaving them out changes nothing)

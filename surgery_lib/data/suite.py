@@ -96,6 +96,8 @@ class TaskData:
     labels: dict[str, torch.Tensor]
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    #: Where each split's images are cached on disk, where known.
+    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
