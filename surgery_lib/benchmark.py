@@ -17,6 +17,7 @@ SurgeryV2) with peak accelerator memory and feature-extraction throughput, on an
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,26 @@ PAPER_TEST_SIZES = {
     "SUN397": 19887, "Cars": 8041, "RESISC45": 6300, "EuroSAT": 2700,
     "SVHN": 26032, "GTSRB": 12630, "MNIST": 10000, "DTD": 1880,
 }  # fmt: skip
+
+
+def peak_memory(device: torch.device | str = "cpu") -> dict[str, float | None]:
+    """Peak memory of this process so far: ``{"rss_mib": resident set size in MiB (None where the OS
+    does not report it), "gpu_gib": torch's peak allocation on ``device`` in GiB (None off CUDA)}``.
+
+    The resident peak covers the whole process (data, zoo and the method together), so it bounds what
+    one command needs; comparing two runs that differ in one thing (say, the number of tasks) isolates it.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        rss_mib = None
+    else:
+        # ru_maxrss is in KiB on Linux, in bytes on macOS.
+        scale = 2**20 if sys.platform == "darwin" else 2**10
+        rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    device = torch.device(device)
+    gpu_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"rss_mib": rss_mib, "gpu_gib": gpu_gib}
 
 
 def _sync(device: torch.device) -> None:

@@ -148,9 +148,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from surgery_lib.methods import METHODS, check_method, evaluate_merge, merge
     from surgery_lib.zoo import build_zoo
 
+    from surgery_lib.benchmark import peak_memory
+
     check_method(args.method)
     zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
     result = merge(zoo, args.method, _merge_options(args), device=args.device, progress=not args.quiet)
+    memory = peak_memory(args.device or zoo.preset.default_device)
     accuracy = evaluate_merge(zoo, result, args.device)
     experts = zoo.manifest["accuracy"]["expert"]
     table = results_table({METHODS[args.method]: accuracy, "individual (expert)": experts})
@@ -159,12 +162,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(json.dumps({
             "method": args.method, "accuracy": table.round(2).to_dict(orient="index"),
             "normalized": normalized.round(2).to_dict(orient="index"), "seconds": round(result.seconds, 2),
+            "peak_memory": {k: None if v is None else round(v, 2) for k, v in memory.items()},
         }, indent=2))  # fmt: skip
     else:
         print(format_table(table, as_json=False))
         print()
         print(format_table(normalized, as_json=False))
-        print(f"\nmerged in {result.seconds:.1f} s")
+        peaks = [f"{memory['rss_mib']:,.0f} MiB resident (whole process)"] if memory["rss_mib"] is not None else []
+        peaks += [f"{memory['gpu_gib']:.2f} GiB on the GPU"] if memory["gpu_gib"] is not None else []
+        print(f"\nmerged in {result.seconds:.1f} s" + (f"; peak memory {', '.join(peaks)}" if peaks else ""))
     return 0
 
 

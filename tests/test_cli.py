@@ -68,6 +68,8 @@ def test_merge_surgery_and_bench_commands(smoke_zoo, cache_dir, capsys):
     assert main(["merge", "--method", "ties", *common]) == 0
     merged = json.loads(capsys.readouterr().out)
     assert set(merged["accuracy"]) == {"TIES-merging (disjoint sum)", "individual (expert)"}
+    # The process holds at least the zoo's weights; no GPU peak on a CPU run.
+    assert merged["peak_memory"]["rss_mib"] > 1 and merged["peak_memory"]["gpu_gib"] is None
     assert main(["surgery", "--merge", "task_arithmetic", "--surgery-steps", "20", "--rank", "4", *common]) == 0
     surgery = json.loads(capsys.readouterr().out)
     assert surgery["parameters_per_task"] == 2 * 64 * 4
