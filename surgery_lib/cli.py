@@ -144,11 +144,10 @@ def _merge_options(args: argparse.Namespace):
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from surgery_lib.benchmark import peak_memory
     from surgery_lib.evaluation import normalized_accuracy, results_table
     from surgery_lib.methods import METHODS, check_method, evaluate_merge, merge
     from surgery_lib.zoo import build_zoo
-
-    from surgery_lib.benchmark import peak_memory
 
     check_method(args.method)
     zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
