@@ -1,9 +1,11 @@
 """AdaMerging (Yang et al., ICLR 2024): merging coefficients learned by entropy minimisation.
 
-The merged weights are ``theta_0 + sum_t lambda_t[k] * tau_t[k]`` with one coefficient per task
-(task-wise) or one per task per parameter tensor ``k`` (layer-wise). The coefficients start at 0.3,
-are clamped to [0, 1] after every Adam step, and minimise the mean Shannon entropy of each task's
-predictions (through its own head) on unlabeled images, summed over tasks.
+The merged weights are ``theta_0 + sum_t clamp(lambda_t[k], 0, 1) * tau_t[k]`` with one coefficient per
+task (task-wise) or one per task per parameter tensor ``k`` (layer-wise). As in the official code the
+clamp sits inside the merge: the parameter itself is never clamped, so a coefficient pushed past 0 or 1
+gets zero gradient and stays there. The coefficients start at 0.3 and minimise, with Adam, the sum over
+tasks and over each task's batches of the batch-mean Shannon entropy of that task's predictions
+(through its own head) on unlabeled images; every step draws its batches from a fresh shuffle.
 
 Scaling: the stacked task vectors live on the device (T x model size; 2.8 GB for 8 ViT-B/32 experts),
 the merge runs there every step, and each task's loss is back-propagated before the next task's
@@ -27,13 +29,17 @@ from surgery_lib.progress import tqdm
 
 @dataclass
 class AdaMergingResult:
-    """Learned coefficients (tasks x groups; groups = 1 task-wise, = parameter tensors layer-wise)."""
+    """Learned coefficients (tasks x groups; groups = 1 task-wise, = parameter tensors layer-wise).
+
+    ``coefficients`` are the ones the merge uses (clamped to [0, 1]); ``raw_coefficients`` the optimised
+    parameter, which may lie outside (when a run records it)."""
 
     tasks: tuple[str, ...]
     keys: tuple[str, ...]
     coefficients: torch.Tensor
     merged: dict[str, torch.Tensor]
     entropy: list[float] = field(default_factory=list)
+    raw_coefficients: torch.Tensor | None = None
 
     def coefficient_table(self):  # -> pandas.DataFrame
         """Coefficients as a DataFrame: rows are tasks, columns parameter tensors (or ``all``)."""
@@ -66,13 +72,15 @@ def merge_with_coefficients(
     stacked: Mapping[str, torch.Tensor],
     coefficients: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """``theta_0[k] + sum_t coefficients[t, j(k)] * stacked[k][t]``; differentiable in ``coefficients``.
+    """``theta_0[k] + sum_t clamp(coefficients[t, j(k)], 0, 1) * stacked[k][t]``; differentiable in ``coefficients``
+    (zero gradient where a coefficient lies outside [0, 1], as in the official code).
 
     ``stacked[k]`` is (T, *shape); ``coefficients`` is (T, 1) or (T, K) with K = len(stacked).
     """
     merged = {}
+    clamped = coefficients.clamp(0.0, 1.0)
     for j, (key, vectors) in enumerate(stacked.items()):
-        column = coefficients[:, j if coefficients.shape[1] > 1 else 0]
+        column = clamped[:, j if clamped.shape[1] > 1 else 0]
         merged[key] = pretrained[key] + torch.tensordot(column.to(vectors.dtype), vectors, dims=1)
     return merged
 
@@ -93,6 +101,7 @@ def adamerging(
     init: float = 0.3,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
     progress: bool = True,
 ) -> AdaMergingResult:
     """Learn merging coefficients by entropy minimisation (defaults: the official schedule).
@@ -105,10 +114,12 @@ def adamerging(
         unlabeled: task data whose ``split`` images are used without labels (the paper: ``"test"``).
         granularity: ``"task"`` (one coefficient per task) or ``"layer"`` (one per task per tensor).
         steps, batch_size, batches_per_task, lr, init: the optimisation (500, 16, 2, 1e-3, 0.3).
-        seed: seeds the choice of batches.
+        seed: seeds the choice of batches (every step: a fresh shuffle per task, its first batches).
+        precision: of the forward passes on a GPU (:data:`surgery_lib.models.PRECISIONS`; official: fp32).
 
     Returns:
-        The coefficients (on the CPU), the merged state dict and the mean entropy at every step.
+        The coefficients as learned (on the CPU; the merge uses them clamped to [0, 1]), the merged
+        state dict and the mean entropy per batch at every step.
     """
     if granularity not in ("task", "layer"):
         raise SurgeryBookError(f"unknown AdaMerging granularity {granularity!r}", "use 'task' or 'layer'")
@@ -132,29 +143,29 @@ def adamerging(
     for _ in tqdm(range(steps), desc=f"AdaMerging ({granularity}-wise)", disable=not progress):
         optimizer.zero_grad(set_to_none=True)
         params = merge_with_coefficients(base, stacked, coefficients)
-        total = 0.0
+        total, batches = 0.0, 0
         for task in tasks:
             data = unlabeled[task]
-            for _ in range(batches_per_task):
-                index = torch.randint(0, len(data.labels[split]), (batch_size,), generator=generator)
-                images = data.normalized(split, index).to(device)
-                with autocast(device):
+            order = torch.randperm(len(data.labels[split]), generator=generator)
+            for start in range(0, min(len(order), batches_per_task * batch_size), batch_size):
+                images = data.normalized(split, order[start : start + batch_size]).to(device)
+                with autocast(device, precision):
                     embedding = functional_call(encoder, params, (images,))
-                loss = prediction_entropy(heads[task](embedding.float())).mean() / batches_per_task
-                # Back-propagate each batch now: only this batch's activations are ever held.
+                loss = prediction_entropy(heads[task](embedding.float())).mean()
+                # Back-propagate each batch now (the gradients add up to those of the official summed
+                # loss): only this batch's activations are ever held.
                 loss.backward(retain_graph=True)
                 total += loss.item()
+                batches += 1
         optimizer.step()
-        with torch.no_grad():
-            coefficients.clamp_(0.0, 1.0)
-            if not torch.isfinite(coefficients).all():
-                raise SurgeryBookError(
-                    "AdaMerging coefficients became NaN or infinite", "lower the learning rate or check the task vectors"
-                )
-        history.append(total / len(tasks))
+        if not torch.isfinite(coefficients).all():
+            raise SurgeryBookError(
+                "AdaMerging coefficients became NaN or infinite", "lower the learning rate or check the task vectors"
+            )
+        history.append(total / batches)
 
     final = coefficients.detach()
-    with torch.no_grad():
+    with torch.no_grad():  # the merge clamps the coefficients itself
         merged = {k: v.detach().cpu() for k, v in merge_with_coefficients(base, stacked, final).items()}
     merged = {**{k: v.clone() for k, v in pretrained.items()}, **merged}
-    return AdaMergingResult(tasks, keys, final.cpu(), merged, history)
+    return AdaMergingResult(tasks, keys, final.clamp(0.0, 1.0).cpu(), merged, history, final.cpu())

@@ -28,7 +28,7 @@ from torch import nn
 
 from surgery_lib.data import TaskData
 from surgery_lib.models import autocast, embed, embed_blocks, forward_blocks
-from surgery_lib.surgery import SurgeryConfig, TaskSurgery, batch_stream, task_seed, train_surgery
+from surgery_lib.surgery import SurgeryConfig, TaskSurgery, train_surgery
 from surgery_lib.surgery_v2 import DeepSurgery, train_deep_surgery
 
 #: Test-set sizes of the paper's 8 datasets (SUN397 ... DTD): 87,190 images.
@@ -72,6 +72,7 @@ class BenchResult:
     ours_s: float
     ours_features_s: float
     steps_per_task: int
+    adam: str = "shared"
 
     @property
     def speedup(self) -> float:
@@ -86,29 +87,31 @@ def official_style(
     config: SurgeryConfig,
     batches: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> float:
-    """The released code's loop (merge done once): returns its wall time in seconds."""
+    """The released code's loop (merge done once), with ``zero_grad()`` as ``config.adam`` says: returns its
+    wall time in seconds."""
     tasks = tuple(data)
     if version == 1:
         modules: nn.Module = TaskSurgery(tasks, merged.output_dim, config.rank, config.seed).to(device)
     else:
         modules = DeepSurgery.for_encoder(merged, tasks, config.rank, config.seed).to(device)
     optimizer = torch.optim.Adam(modules.parameters(), lr=config.lr)
-    streams = [batch_stream(len(data[t].labels["test"]), config.batch_size, task_seed(config.seed, i)) for i, t in enumerate(tasks)]
-    iterations = config.steps // batches
+    sizes = [len(data[t].labels["test"]) for t in tasks]
+    schedule = dataclasses.replace(config, batches_per_iteration=batches)
     _sync(device)
     started = time.perf_counter()
-    for _ in range(iterations):
+    for iteration in schedule.iterations(sizes):
         for i, task in enumerate(tasks):
-            for _ in range(batches):
-                images = data[task].normalized("test", next(streams[i])).to(device)
-                with torch.no_grad(), autocast(device):
+            for index in iteration.batches[i]:
+                images = data[task].normalized("test", index).to(device)
+                with torch.no_grad(), autocast(device, precision):
                     if version == 1:
                         z = merged(images).float()
                         target = experts[task](images).float()
                     else:
                         target, target_means = forward_blocks(experts[task], images)
-                with autocast(device):
+                with autocast(device, precision):
                     if version == 1:
                         loss = (modules.apply_task(task, z) - target).abs().mean()
                     else:
@@ -116,7 +119,7 @@ def official_style(
                         final, means = modules.forward_tasks(merged, images[None], rows)
                         loss = (means[0].float() - target_means.float()).abs().mean(dim=(0, 2)).sum()
                         loss = loss + (final[0] - target.float()).abs().mean()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=config.adam != "shared")
                 loss.backward()
                 optimizer.step()
     _sync(device)
@@ -130,26 +133,27 @@ def ours(
     data: Mapping[str, TaskData],
     config: SurgeryConfig,
     device: torch.device,
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """This library's path, feature extraction included: returns (total seconds, feature seconds)."""
     _sync(device)
     started = time.perf_counter()
     tasks = tuple(data)
     if version == 1:
-        z = {t: embed(merged, data[t].images["test"], data[t].mean, data[t].std, device=device) for t in tasks}
-        target = {t: embed(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device) for t in tasks}
+        z = {t: embed(merged, data[t].images["test"], data[t].mean, data[t].std, device=device, precision=precision) for t in tasks}
+        target = {t: embed(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device, precision=precision) for t in tasks}
         _sync(device)
         features = time.perf_counter() - started
         train_surgery(z, target, config, device=device, progress=False)
     else:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         targets = {
-            t: embed_blocks(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device, dtype=dtype)
+            t: embed_blocks(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device, dtype=dtype, precision=precision)
             for t in tasks
         }
         _sync(device)
         features = time.perf_counter() - started
-        train_deep_surgery(merged, data, targets, config, split="test", device=device, progress=False)
+        train_deep_surgery(merged, data, targets, config, split="test", device=device, precision=precision, progress=False)
     _sync(device)
     return time.perf_counter() - started, features
 
@@ -163,18 +167,22 @@ def run_benchmark(
     iterations: int = 500,
     batches: int = 2,
     batch_size: int = 16,
+    adams: tuple[str, ...] = ("shared",),
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> list[BenchResult]:
-    """Time both paths for each surgery version on the official schedule (``iterations`` x ``batches`` steps per task)."""
+    """Time both paths for each surgery version and optimiser semantics on the official schedule
+    (``iterations`` x ``batches`` steps per task)."""
     device = torch.device(device)
     merged = merged.to(device).eval().requires_grad_(False)
     experts = {t: e.to(device).eval().requires_grad_(False) for t, e in experts.items()}
-    config = SurgeryConfig(steps=iterations * batches, batch_size=batch_size, eval_every=0)
     results = []
-    for version in versions:
-        official_s = official_style(version, merged, experts, data, config, batches, device)
-        ours_s, features_s = ours(version, merged, experts, data, config, device)
-        results.append(BenchResult(version, official_s, ours_s, features_s, config.steps))
+    for adam in adams:
+        config = SurgeryConfig(steps=iterations * batches, batch_size=batch_size, eval_every=0, adam=adam, batches_per_iteration=batches)
+        for version in versions:
+            official_s = official_style(version, merged, experts, data, config, batches, device, precision)
+            ours_s, features_s = ours(version, merged, experts, data, config, device, precision)
+            results.append(BenchResult(version, official_s, ours_s, features_s, config.steps, adam))
     return results
 
 

@@ -139,7 +139,16 @@ def _merge_options(args: argparse.Namespace):
 
     return with_options(
         MergeOptions(), scale=args.scale, keep_fraction=args.keep_fraction, steps=args.steps,
-        batch_size=args.batch_size, split=args.data, seed=args.seed,
+        batch_size=args.batch_size, split=args.data, seed=args.seed, precision=args.precision,
+    )  # fmt: skip
+
+
+def _surgery_config(args: argparse.Namespace, rank: int):
+    from surgery_lib.surgery import SurgeryConfig
+
+    return SurgeryConfig(
+        rank=rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr, seed=args.seed or 0,
+        eval_every=0, online=getattr(args, "online", False), adam=args.adam,
     )  # fmt: skip
 
 
@@ -177,23 +186,35 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from surgery_lib.evaluation import write_table
-    from surgery_lib.methods import main_table
+    from surgery_lib.grid import format_grid, parse_versions, surgery_grid
+    from surgery_lib.methods import MAIN_TABLE, main_table
     from surgery_lib.zoo import build_zoo
 
     started = time.perf_counter()
+    versions = parse_versions(args.surgery)
     zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
-    table, results = main_table(zoo, options=_merge_options(args), device=args.device, progress=not args.quiet)
+    if versions == (0,) and args.seeds == 1:
+        table, results = main_table(zoo, options=_merge_options(args), device=args.device, progress=not args.quiet)
+        payload: dict[str, Any] = {"accuracy": table.round(2).to_dict(orient="index"),
+                                   "seconds": {m: round(r.seconds, 2) for m, r in results.items()}}  # fmt: skip
+        shown = table
+    else:
+        grid = surgery_grid(
+            zoo, MAIN_TABLE, versions, args.seeds, options=_merge_options(args), config=_surgery_config(args, 16),
+            device=args.device, progress=not args.quiet,
+        )  # fmt: skip
+        table = grid.table
+        payload = {"accuracy": grid.to_json(), "seconds": round(grid.seconds, 1), "seeds": args.seeds, "adam": args.adam,
+                   "surgery_steps": args.surgery_steps}  # fmt: skip
+        shown = format_grid(table, per_task=True)
     if args.out:
         for path in write_table(table, Path(args.out) / f"main_table_{zoo.preset.name}"):
             print(f"wrote {path}", file=sys.stderr)
     if args.json:
-        print(json.dumps({
-            "preset": zoo.preset.name, "accuracy": table.round(2).to_dict(orient="index"),
-            "seconds": {m: round(r.seconds, 2) for m, r in results.items()},
-        }, indent=2))  # fmt: skip
+        print(json.dumps({"preset": zoo.preset.name, **payload}, indent=2))
     else:
         print(f"Test accuracy (%) on the {zoo.preset.name} preset, {len(zoo.tasks)} tasks\n")
-        print(format_table(table, as_json=False))
+        print(shown.to_markdown(floatfmt=".2f"))
         print(f"\n{time.perf_counter() - started:.0f} s in all")
     return 0
 
@@ -201,19 +222,15 @@ def _cmd_table(args: argparse.Namespace) -> int:
 def _cmd_surgery(args: argparse.Namespace) -> int:
     from surgery_lib.methods import METHODS, check_method, merge
     from surgery_lib.pipeline import run_surgery, save_surgery
-    from surgery_lib.surgery import SurgeryConfig
     from surgery_lib.zoo import build_zoo
 
     check_method(args.merge)
     zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
-    config = SurgeryConfig(
-        rank=args.rank or zoo.preset.surgery_rank(args.version), steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr,
-        seed=args.seed or 0, eval_every=0, online=args.online,
-    )  # fmt: skip
+    config = _surgery_config(args, args.rank or zoo.preset.surgery_rank(args.version))
     merged = merge(zoo, args.merge, _merge_options(args), device=args.device, progress=not args.quiet)
     run = run_surgery(
         zoo, merged.state, version=args.version, config=config, split=args.data or "test",
-        device=args.device, progress=not args.quiet,
+        device=args.device, precision=args.precision, progress=not args.quiet,
     )  # fmt: skip
     if args.save:
         save_surgery(run, args.save, {"preset": zoo.preset.name, "merge": args.merge})
@@ -222,11 +239,12 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "preset": zoo.preset.name, "merge": args.merge, "version": args.version, "adapt_split": run.split,
-            "rank": config.rank, "steps": config.steps, "parameters_per_task": run.modules.parameters_per_task(),
+            "rank": config.rank, "steps": config.steps, "adam": config.adam, "online": config.online,
+            "parameters_per_task": run.modules.parameters_per_task(),
             "table": table.round(4).to_dict(orient="index"), "seconds": {k: round(v, 2) for k, v in run.seconds.items()},
         }, indent=2))  # fmt: skip
     else:
-        print(f"{name} on the {zoo.preset.name} preset (adapting on the {run.split} split)\n")
+        print(f"{name} on the {zoo.preset.name} preset (adapting on the {run.split} split, {config.adam} Adam)\n")
         print(table.to_markdown(floatfmt=".3f"))
         print(f"\n{run.modules.parameters_per_task():,} parameters per task; "
               f"features {run.seconds['features_s']:.1f} s, training {run.seconds['training_s']:.1f} s")  # fmt: skip
@@ -237,6 +255,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from surgery_lib.benchmark import run_benchmark
     from surgery_lib.merging import task_arithmetic
     from surgery_lib.models import load_encoder, resolve_device
+    from surgery_lib.schedule import check_adam
 
     device = resolve_device(args.device, "cpu")
     versions = tuple(int(v) for v in args.versions.split(","))
@@ -247,9 +266,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     experts = {t: zoo.encoder(t) for t in zoo.tasks}
     data = {t: zoo.suite[t] for t in zoo.tasks}
     setting += ", task arithmetic, test splits"
-    results = run_benchmark(merged, experts, data, versions=versions, iterations=args.iterations, device=device)
+    adams = tuple(a.strip() for a in args.adam.split(","))
+    for adam in adams:
+        check_adam(adam)
+    results = run_benchmark(merged, experts, data, versions=versions, iterations=args.iterations, adams=adams, device=device,
+                            precision=args.precision or "fp32")  # fmt: skip
     rows = [
-        {"version": f"V{r.version}", "steps per task": r.steps_per_task, "official-style loop (s)": round(r.official_s, 1),
+        {"version": f"V{r.version}", "adam": r.adam, "steps per task": r.steps_per_task, "official-style loop (s)": round(r.official_s, 1),
          "this library (s)": round(r.ours_s, 1), "of which features (s)": round(r.ours_features_s, 1),
          "speed-up": round(r.speedup, 1)}
         for r in results
@@ -350,6 +373,22 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=("test", "adapt"), default=None,
                         help="unlabeled images AdaMerging adapts on: the test split as in the paper, or the held-out adapt split")
     parser.add_argument("--seed", type=int, default=None, help="seed of batch selection (default 0)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help="GPU precision of features, AdaMerging and SurgeryV2 (default: the preset's; fp32 for real CLIP, "
+                        "as the official code; tf32 = fp32 with TF32 matmuls, torch 1.10's default on Ampere GPUs)")
+
+
+def _add_surgery_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--surgery-steps", type=int, default=1000, help="steps per task (default 1000 = 500 official iterations x 2)")
+    parser.add_argument("--surgery-batch-size", type=int, default=16, help="batch size per task (default 16)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--adam", choices=("shared", "per-task"), default="shared",
+                        help="optimiser semantics: 'shared' = the published runs (one Adam over all tasks, zero-filled "
+                        "gradients under torch 1.10, so idle modules keep moving; default); 'per-task' = the same code under torch >= 2")
+
+
+#: The --precision choices (surgery_lib.models.PRECISIONS, spelled out so that --help needs no torch import).
+PRECISION_CHOICES = ("fp32", "tf32", "bf16", "fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge a preset's experts with one method and print per-task accuracy")
     _add_common(merge)
     merge.add_argument("--method", required=True, help="weight_averaging, task_arithmetic, ties, ties_mean, fisher, "
-                       "regmean, adamerging_task, adamerging_layer or adamerging_plus")  # fmt: skip
+                       "regmean, adamerging_task, adamerging_layer, adamerging_plus_task or adamerging_plus")  # fmt: skip
     _add_merge_options(merge)
     merge.set_defaults(run=_cmd_merge)
 
@@ -383,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(table)
     _add_merge_options(table)
     table.add_argument("--out", default=None, help="also write main_table_<preset>.csv and .md into this directory")
+    table.add_argument("--surgery", default="none", help="comma-separated rows per merge: none (the merge alone), 1 (+ Surgery), "
+                       "2 (+ SurgeryV2); default none. 'none,1,2' gives the papers' whole grid")
+    table.add_argument("--seeds", type=int, default=1, help="surgery seeds per row (mean and std over them; default 1)")
+    _add_surgery_options(table)
     table.set_defaults(run=_cmd_table)
 
     surgery = sub.add_parser("surgery", help="train Surgery (V1) or SurgeryV2 on a merged model; accuracy and bias before and after")
@@ -391,9 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     surgery.add_argument("--version", type=int, choices=(1, 2), default=1, help="1: Surgery on the final embedding; 2: SurgeryV2 after every block")
     surgery.add_argument("--rank", type=int, default=None,
                          help="rank of every module (default 16; SurgeryV2 on ViT-L/14: 4, as in the paper)")
-    surgery.add_argument("--surgery-steps", type=int, default=1000, help="steps per task (default 1000 = 500 official iterations x 2)")
-    surgery.add_argument("--surgery-batch-size", type=int, default=16, help="batch size per task (default 16)")
-    surgery.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    _add_surgery_options(surgery)
     surgery.add_argument("--online", action="store_true", help="online variant: batch 1, every adaptation image once")
     surgery.add_argument("--save", default=None, help="save the trained modules to this .safetensors file")
     _add_merge_options(surgery)
@@ -427,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     bench.add_argument("--iterations", type=int, default=500, help="official iterations (x 2 batches per task; default 500)")
     bench.add_argument("--versions", default="1,2", help="surgery versions to time (default 1,2)")
+    bench.add_argument("--adam", default="shared", help="optimiser semantics to time, comma-separated: shared, per-task (default shared)")
+    bench.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help="GPU precision (default fp32, the official)")
     bench.add_argument("--vit-b32", action="store_true", help="ViT-B/32 with random weights and 224x224 inputs at the paper's sizes (GPU)")
     bench.add_argument("--pipeline", action="store_true", help="time merge -> layer-wise AdaMerging -> Surgery -> SurgeryV2 end to end, "
                        "with peak GPU memory and feature-extraction images/s")

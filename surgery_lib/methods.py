@@ -36,13 +36,24 @@ METHODS: dict[str, str] = {
     "ties_mean": "TIES-merging (disjoint mean)",
     "adamerging_task": "task-wise AdaMerging",
     "adamerging_layer": "layer-wise AdaMerging",
+    "adamerging_plus_task": "task-wise AdaMerging++",
     "adamerging_plus": "layer-wise AdaMerging++",
 }
+
+#: Methods that trim task vectors the TIES way (their label names the kept fraction on real CLIP).
+TRIMMING = ("ties", "ties_mean", "adamerging_plus_task", "adamerging_plus")
 
 #: The rows of the papers' main table, in their order (plus the zoo's reference rows first).
 MAIN_TABLE = (
     "weight_averaging", "fisher", "regmean", "task_arithmetic", "ties",
-    "adamerging_task", "adamerging_layer", "adamerging_plus",
+    "adamerging_task", "adamerging_layer", "adamerging_plus_task", "adamerging_plus",
+)  # fmt: skip
+
+
+#: The merges the papers repair with Surgery and SurgeryV2 (their main table's rows).
+REPAIRED = (
+    "weight_averaging", "task_arithmetic", "ties", "adamerging_task", "adamerging_layer", "adamerging_plus_task",
+    "adamerging_plus",
 )  # fmt: skip
 
 
@@ -51,7 +62,7 @@ class MergeOptions:
     """Options of every method; ``None`` means the method's (or preset's) default."""
 
     scale: float | None = None  # task arithmetic 0.3; TIES: its operating point's scale
-    keep_fraction: float = 0.2  # TIES / AdaMerging++: top-k fraction kept
+    keep_fraction: float = 0.2  # TIES / AdaMerging++: top-k fraction kept (of the image tower + text leftovers on real CLIP)
     steps: int | None = None  # AdaMerging: the preset's adamerging_steps
     batch_size: int | None = None  # AdaMerging: the preset's adamerging_batch_size
     batches_per_task: int = 2
@@ -60,6 +71,7 @@ class MergeOptions:
     samples: int = 256  # Fisher / RegMean: train images per task
     alpha: float = 0.95  # RegMean off-diagonal scale
     seed: int = 0
+    precision: str | None = None  # AdaMerging on a GPU: the preset's (fp32 for real CLIP)
 
 
 @dataclass
@@ -77,6 +89,23 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise SurgeryBookError(f"unknown merging method {method!r}", f"use one of: {', '.join(METHODS)}")
     return method
+
+
+def ties_zero_entries(zoo: Zoo) -> int:
+    """The all-zero entries the official TIES trimmed together with this zoo's task vectors (real CLIP's text leftovers)."""
+    return zoo.preset.clip.ties_text_entries if zoo.preset.clip is not None else 0
+
+
+def method_label(zoo: Zoo, method: str, options: MergeOptions | None = None) -> str:
+    """The table label of ``method`` on ``zoo``: on real CLIP the TIES-trimming methods say how much of the
+    image tower their top-k keeps (the official scope includes the text leftovers)."""
+    label = METHODS[check_method(method)]
+    extra = ties_zero_entries(zoo)
+    if method in TRIMMING and extra:
+        keep = (options or MergeOptions()).keep_fraction
+        entries = sum(v.numel() for k, v in zoo.pretrained.items() if v.is_floating_point())
+        label += f" [top {keep:.0%} of tower + text leftovers = {100 * merging.kept_fraction(entries, keep, extra):.2f} % of the tower]"
+    return label
 
 
 def _subset(zoo: Zoo, task: str, count: int, seed: int) -> torch.Tensor:
@@ -111,8 +140,10 @@ def merge(
         point = dict(merging.TIES_OPERATING_POINTS[method])
         if options.scale is not None:
             point["scale"] = options.scale
-        state = merging.ties_merging(zoo.pretrained, experts, keep_fraction=options.keep_fraction, **point)  # type: ignore[arg-type]
-        details.update(point, keep_fraction=options.keep_fraction)
+        state = merging.ties_merging(
+            zoo.pretrained, experts, keep_fraction=options.keep_fraction, zero_entries=ties_zero_entries(zoo), **point  # type: ignore[arg-type]
+        )
+        details.update(point, keep_fraction=options.keep_fraction, zero_entries=ties_zero_entries(zoo))
     elif method == "fisher":
         from surgery_lib.fisher import diagonal_fisher, fisher_merging
 
@@ -130,16 +161,16 @@ def merge(
         from surgery_lib.adamerging import adamerging
 
         vectors = merging.task_vectors(zoo.pretrained, experts)
-        if method == "adamerging_plus":
-            trimmed = merging.ties_vectors(list(vectors.values()), options.keep_fraction)
+        if method in ("adamerging_plus", "adamerging_plus_task"):
+            trimmed = merging.ties_vectors(list(vectors.values()), options.keep_fraction, ties_zero_entries(zoo))
             vectors = dict(zip(vectors, trimmed))
         result = adamerging(
             zoo.encoder("pretrained"), zoo.pretrained, vectors, zoo.heads, {t: zoo.suite[t] for t in names},
-            granularity="task" if method == "adamerging_task" else "layer", split=options.split,
+            granularity="task" if method in ("adamerging_task", "adamerging_plus_task") else "layer", split=options.split,
             steps=options.steps if options.steps is not None else zoo.preset.adamerging_steps,
             batch_size=options.batch_size or zoo.preset.adamerging_batch_size,
             batches_per_task=options.batches_per_task, lr=options.lr, seed=options.seed, device=device,
-            progress=progress,
+            precision=options.precision or zoo.preset.precision, progress=progress,
         )  # fmt: skip
         state, details["adamerging"] = result.merged, result
     return MergeResult(method, state, time.perf_counter() - started, details)
@@ -264,7 +295,7 @@ def main_table(
     for method in methods:
         run = cached_merge if cache else merge
         result = run(zoo, method, options, device=device, progress=progress)
-        rows[METHODS[method]] = evaluate_merge(zoo, result, device)
+        rows[method_label(zoo, method, options)] = evaluate_merge(zoo, result, device)
         results[method] = result
     return results_table(rows), results
 

@@ -9,6 +9,7 @@ of the papers, so the offline heads and the real CLIP heads are interchangeable.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -19,6 +20,7 @@ from surgery_lib.errors import SurgeryBookError
 from surgery_lib.presets import EncoderConfig
 
 StateDict = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def build_encoder(config: EncoderConfig) -> nn.Module:
@@ -100,12 +102,50 @@ def resolve_device(device: str | torch.device | None, default: str = "cpu") -> t
     return resolved
 
 
+#: Numeric precisions of the GPU paths. ``fp32`` is the official code's (no autocast); ``tf32`` is fp32 with
+#: TensorFloat-32 matmuls, what torch 1.10 (the official pin) did by default on Ampere and newer GPUs
+#: (torch 1.12 turned it off); ``bf16``/``fp16`` autocast the forward passes.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The precision a run really uses on ``device``: always ``fp32`` on the CPU; ``bf16`` becomes ``fp16``
+    (with a one-line notice) on a GPU without native bf16, such as Colab's T4.
+
+    Raises:
+        SurgeryBookError: for an unknown precision name.
+    """
+    if precision not in PRECISIONS:
+        raise SurgeryBookError(f"unknown precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    if precision == "bf16" and torch.cuda.get_device_capability(device) < (8, 0):
+        if device not in _BF16_NOTICE_GIVEN:
+            _BF16_NOTICE_GIVEN.add(device)
+            log.warning("%s has no native bf16: running in fp16 instead", torch.cuda.get_device_name(device))
+        return "fp16"
+    return precision
+
+
+_BF16_NOTICE_GIVEN: set[torch.device] = set()
+
+
 @contextlib.contextmanager
-def autocast(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA, nothing on CPU (where bf16 is slower than fp32 for these sizes)."""
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+def autocast(device: torch.device | str, precision: str = "fp32") -> Iterator[None]:
+    """Run the block in ``precision`` (:data:`PRECISIONS`, resolved by :func:`resolve_precision`) on ``device``."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    if precision in ("bf16", "fp16"):
+        with torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16):
             yield
+    elif precision == "tf32":
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
     else:
         yield
 
@@ -117,10 +157,12 @@ def embed(
     std: tuple[float, ...],
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Embeddings of uint8 ``images`` (N, 3, H, W): float32 (N, output_dim) on the CPU.
 
-    Runs under ``torch.inference_mode``; the result is an ordinary tensor, usable in autograd later.
+    Runs under ``torch.inference_mode`` in ``precision`` (:data:`PRECISIONS`; the CPU always runs fp32);
+    the result is an ordinary tensor, usable in autograd later.
     """
     from surgery_lib.data import normalize
 
@@ -130,7 +172,7 @@ def embed(
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
-            with autocast(device):
+            with autocast(device, precision):
                 outputs.append(encoder(batch).float().cpu())
         result = torch.cat(outputs) if outputs else torch.empty(0, encoder.output_dim)
     return result.clone()
@@ -176,6 +218,7 @@ def embed_blocks(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final embeddings (N, output_dim) and per-block token-means (N, blocks, width) of uint8 ``images``, on the CPU.
 
@@ -189,7 +232,7 @@ def embed_blocks(
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
-            with autocast(device):
+            with autocast(device, precision):
                 final, means = forward_blocks(encoder, batch)
             finals.append(final.float().cpu())
             blocks.append(means.to(dtype).cpu())

@@ -18,7 +18,7 @@ from surgery_lib.errors import SurgeryBookError
 from surgery_lib.evaluation import accuracy_from_features
 from surgery_lib.models import embed, embed_blocks, load_encoder, resolve_device
 from surgery_lib.storage import load_tensors, save_tensors
-from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery, train_surgery
+from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery, task_seed, train_surgery
 from surgery_lib.surgery_v2 import DeepSurgery, train_deep_surgery
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ def run_surgery(
     block_bias_too: bool = False,
     adapt_limit: int | None = None,
     device: str | torch.device | None = None,
+    precision: str | None = None,
     progress: bool = True,
 ) -> SurgeryRun:
     """Train Surgery (``version=1``) or SurgeryV2 (``version=2``) on a merged state dict of ``zoo``'s experts.
@@ -103,8 +104,9 @@ def run_surgery(
             (a held-out split of the same task, never used for evaluation).
         config: the schedule (default: the official one, with the preset's SurgeryV2 rank for V2).
         block_bias_too: also measure the per-block bias before and after (always done for V2).
-        adapt_limit: adapt on only this many images per task (a seeded random subset of ``split``; V1
-            only), for the data-amount ablation. Evaluation always uses the whole test split.
+        adapt_limit: adapt on only this many images per task (a seeded random subset of ``split``), for
+            the data-amount ablation. Evaluation always uses the whole test split.
+        precision: of feature extraction and SurgeryV2's forward passes on a GPU (default: the preset's).
 
     Returns:
         A :class:`SurgeryRun` with accuracy and bias on the test split before and after.
@@ -114,11 +116,12 @@ def run_surgery(
     if split not in ("test", "adapt"):
         raise SurgeryBookError(f"unknown adaptation split {split!r}", "use 'test' (the paper) or 'adapt' (held out)")
     config = config or SurgeryConfig(rank=zoo.preset.surgery_rank(version))
-    if adapt_limit is not None and (version != 1 or adapt_limit < 1):
-        raise SurgeryBookError(
-            f"adapt_limit={adapt_limit} with version {version}", "limit the adaptation data (>= 1 image) for Surgery V1 only"
-        )
+    if adapt_limit is not None and adapt_limit < 1:
+        raise SurgeryBookError(f"adapt_limit={adapt_limit}", "limit the adaptation data to 1 image or more per task")
+    if version == 2 and config.online:
+        raise SurgeryBookError("SurgeryV2 has no online variant here", "use --version 1 with --online")
     device = resolve_device(device, zoo.preset.default_device)
+    precision = precision or zoo.preset.precision
     names = tuple(tasks) if tasks is not None else zoo.tasks
     encoder = load_encoder(zoo.preset.encoder, merged).to(device)
     timings: dict[str, float] = {}
@@ -127,8 +130,8 @@ def run_surgery(
     def features(model: torch.nn.Module, task: str, which: str, blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         data = zoo.suite[task]
         if blocks:
-            return embed_blocks(model, data.images[which], data.mean, data.std, device=device)
-        return embed(model, data.images[which], data.mean, data.std, device=device), None
+            return embed_blocks(model, data.images[which], data.mean, data.std, device=device, precision=precision)
+        return embed(model, data.images[which], data.mean, data.std, device=device, precision=precision), None
 
     with_blocks = version == 2 or block_bias_too
     merged_test, expert_test, expert_adapt = {}, {}, {}
@@ -140,11 +143,16 @@ def run_surgery(
         merged_test[task] = features(encoder, task, "test", with_blocks)
         if version == 1:
             merged_adapt[task] = merged_test[task][0] if split == "test" else features(encoder, task, split, False)[0]
+    adapt_index: dict[str, torch.Tensor] = {}
     if adapt_limit is not None:
         for i, task in enumerate(names):
-            keep = torch.randperm(len(merged_adapt[task]), generator=torch.Generator().manual_seed(config.seed * 1009 + i))[:adapt_limit]
-            merged_adapt[task] = merged_adapt[task][keep]
-            expert_adapt[task] = (expert_adapt[task][0][keep], None)
+            count = len(expert_adapt[task][0])
+            keep = torch.randperm(count, generator=torch.Generator().manual_seed(task_seed(config.seed, i)))[:adapt_limit]
+            adapt_index[task] = keep
+            blocks = expert_adapt[task][1]
+            expert_adapt[task] = (expert_adapt[task][0][keep], None if blocks is None else blocks[keep])
+            if version == 1:
+                merged_adapt[task] = merged_adapt[task][keep]
     labels = {t: zoo.suite[t].labels["test"] for t in names}
     timings["features_s"] = time.perf_counter() - started
 
@@ -157,11 +165,13 @@ def run_surgery(
         after = {t: (modules.apply_task(t, merged_test[t][0]).detach(), None) for t in names}
     else:
         targets = {t: (expert_adapt[t][0], expert_adapt[t][1]) for t in names}
+        adapt_split = "limited" if adapt_index else split
+        unlabeled = {t: zoo.suite[t].with_split(adapt_split, split, adapt_index[t]) if adapt_index else zoo.suite[t] for t in names}
         modules, history = train_deep_surgery(
-            encoder, {t: zoo.suite[t] for t in names}, targets, config, split=split,
-            evaluate={t: zoo.heads[t] for t in names}, device=device, progress=progress,
+            encoder, unlabeled, targets, config, split=adapt_split, evaluate={t: zoo.heads[t] for t in names},
+            device=device, precision=precision, progress=progress,
         )  # fmt: skip
-        after = {t: modules.to(device).embed(encoder, t, zoo.suite[t], device=device) for t in names}
+        after = {t: modules.to(device).embed(encoder, t, zoo.suite[t], device=device, precision=precision) for t in names}
         modules = modules.cpu()
     timings["training_s"] = time.perf_counter() - started
 

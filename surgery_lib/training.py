@@ -22,6 +22,10 @@ from surgery_lib.models import ClassificationHead, autocast
 from surgery_lib.progress import tqdm
 
 
+#: The zoo's own training (offline presets) runs in bf16 on a GPU; only reproduction paths follow the official fp32.
+TRAINING_PRECISION = "bf16"
+
+
 def derive_seed(base: int, *parts: str) -> int:
     """A stable 31-bit seed for one step of a recipe, e.g. ``derive_seed(0, "expert", "mnist")``."""
     return (base * 1_000_003 + zlib.crc32("/".join(parts).encode())) % (2**31)
@@ -99,7 +103,7 @@ def pretrain(
     for _ in tqdm(range(steps), desc="pretraining", disable=not progress):
         images, labels = next(batches)
         images = random_translate(images.to(device), translate_px, generator)
-        with autocast(device):
+        with autocast(device, TRAINING_PRECISION):
             loss = F.cross_entropy(head(encoder(images)).float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,7 +162,7 @@ def finetune(
     for _ in tqdm(range(steps), desc=desc, disable=not progress):
         batch = [next(stream) for stream in streams]
         images = random_translate(torch.cat([x for x, _ in batch]).to(device), translate_px, generator)
-        with autocast(device):
+        with autocast(device, TRAINING_PRECISION):
             embeddings = encoder(images).float()
         loss = torch.stack(
             [

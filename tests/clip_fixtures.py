@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from surgery_lib.clip_tasks import EUROSAT_FOLDERS
-from surgery_lib.presets import OPENAI_MEAN, OPENAI_STD, ClipConfig, EncoderConfig, Preset
+from surgery_lib.presets import OPENAI_MEAN, OPENAI_STD, ClipConfig, EncoderConfig, Preset, text_leftover_entries
 
 #: Classes of each fabricated dataset (tasks with fixed class names keep their full count).
 CLASSES = {"SUN397": 3, "Cars": 2, "RESISC45": 3, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10, "DTD": 3}
@@ -27,7 +27,9 @@ TINY_CLIP = (
                               mean=OPENAI_MEAN, std=OPENAI_STD, activation="quick_gelu"),  # fmt: skip
         suite=None,
         recipe=None,
-        clip=ClipConfig(model="ViT-B-32", hub_model="openai/clip-vit-base-patch32"),
+        # The fabricated checkpoints keep text leftovers of width 16 projecting to 64 (vocabulary 12, context 5).
+        clip=ClipConfig(model="ViT-B-32", hub_model="openai/clip-vit-base-patch32",
+                        ties_text_entries=text_leftover_entries(16, 64, vocabulary=12, context=5)),
         adamerging_steps=2,
         adamerging_batch_size=4,
     )

@@ -70,10 +70,15 @@ def _image_encoder(visual: nn.Module, classes) -> nn.Module:
 
     clip = classes["CLIP"]()
     clip.visual = _as_published(visual, classes)
-    clip.token_embedding = nn.Embedding(12, 16)  # the text leftovers the published files keep
-    clip.positional_embedding = nn.Parameter(torch.randn(5, 16))
+    # The text leftovers the published files keep, the same in every file (fine-tuning never touched them,
+    # so their task vectors are exactly zero, as in the published checkpoints).
+    generator = torch.Generator().manual_seed(1234)
+    clip.token_embedding = nn.Embedding(12, 16)
+    with torch.no_grad():
+        clip.token_embedding.weight.copy_(torch.randn(12, 16, generator=generator))
+    clip.positional_embedding = nn.Parameter(torch.randn(5, 16, generator=generator))
     clip.ln_final = classes["LayerNorm"](16)
-    clip.text_projection = nn.Parameter(torch.randn(16, 64))
+    clip.text_projection = nn.Parameter(torch.randn(16, 64, generator=generator))
     clip.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     encoder = classes["ImageEncoder"]()
     encoder.model = clip

@@ -84,11 +84,15 @@ def test_bias_is_zero_for_the_expert_itself(smoke_zoo):
     assert features[task].shape == (len(smoke_zoo.suite[task].labels["test"]), smoke_zoo.preset.encoder.output_dim)
 
 
-def test_surgery_adapt_limit_uses_fewer_images_and_is_v1_only(smoke_zoo):
+def test_surgery_adapt_limit_uses_fewer_images_for_both_versions(smoke_zoo):
     merged = task_arithmetic(smoke_zoo.pretrained, smoke_zoo.experts, 0.3)
     config = SurgeryConfig(steps=5, batch_size=8, eval_every=0)
     limited = run_surgery(smoke_zoo, merged, config=config, adapt_limit=8, progress=False)
     full = run_surgery(smoke_zoo, merged, config=config, progress=False)
     assert not torch.equal(limited.modules.up, full.modules.up)  # other images, other updates
-    with pytest.raises(SurgeryBookError, match="V1 only"):
-        run_surgery(smoke_zoo, merged, version=2, config=config, adapt_limit=8, progress=False)
+    deep_limited = run_surgery(smoke_zoo, merged, version=2, config=config, adapt_limit=8, progress=False)
+    deep_full = run_surgery(smoke_zoo, merged, version=2, config=config, progress=False)
+    assert not torch.equal(deep_limited.modules.block_up, deep_full.modules.block_up)
+    assert deep_limited.accuracy_before == deep_full.accuracy_before  # evaluated on the whole test split
+    with pytest.raises(SurgeryBookError, match="1 image or more"):
+        run_surgery(smoke_zoo, merged, config=config, adapt_limit=0, progress=False)

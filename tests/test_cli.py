@@ -82,3 +82,41 @@ def test_merge_surgery_and_bench_commands(smoke_zoo, cache_dir, capsys):
 def test_unknown_method_exits_2():
     result = run("merge", "--preset", "smoke", "--method", "dare")
     assert result.returncode == 2 and "unknown merging method 'dare'" in result.stderr
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_surgery_reports_its_optimiser_semantics(smoke_zoo, cache_dir, capsys):
+    common = ["--preset", "smoke", "--cache-dir", str(cache_dir), "--json", "--quiet", "--surgery-steps", "4", "--rank", "4"]
+    results = {}
+    for adam in ("shared", "per-task"):
+        assert main(["surgery", "--merge", "task_arithmetic", "--adam", adam, *common]) == 0
+        results[adam] = _strict_json(capsys.readouterr().out)
+        assert results[adam]["adam"] == adam
+    assert results["shared"]["table"]["accuracy after"] != results["per-task"]["table"]["accuracy after"] or \
+        results["shared"]["table"]["bias after"] != results["per-task"]["table"]["bias after"]
+
+
+def test_table_prints_the_surgery_grid_with_seeds(smoke_zoo, cache_dir, capsys):
+    argv = ["table", "--preset", "smoke", "--cache-dir", str(cache_dir), "--quiet", "--surgery", "none,1,2", "--seeds", "2",
+            "--surgery-steps", "4", "--steps", "2"]  # fmt: skip
+    assert main([*argv, "--json"]) == 0
+    payload = _strict_json(capsys.readouterr().out)
+    rows = payload["accuracy"]
+    assert {"task arithmetic", "task arithmetic + Surgery", "task arithmetic + SurgeryV2",
+            "task-wise AdaMerging++ + SurgeryV2", "individual (expert)"} <= set(rows)  # fmt: skip
+    assert rows["task arithmetic"]["std"] is None and rows["task arithmetic + Surgery"]["std"] >= 0
+    assert rows["task arithmetic + Surgery"]["bias"] < rows["task arithmetic"]["bias"]
+    assert payload["seeds"] == 2 and payload["adam"] == "shared"
+    assert main(argv) == 0
+    assert "± " in capsys.readouterr().out
+
+
+def test_bad_surgery_versions_are_one_line_errors():
+    result = run("table", "--preset", "smoke", "--surgery", "none,3")
+    assert result.returncode == 2 and "unknown surgery versions 'none,3'" in result.stderr

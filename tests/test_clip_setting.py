@@ -367,3 +367,75 @@ def test_suite_cards_name_the_cache_files(datasets_root, tmp_path):
     assert all(path.is_file() for path in suite.files.values()) and suite.files["DTD"].name == "DTD-test-val.npy"
     cards = suite.cards()
     assert cards.loc["MNIST", "test"] == TEST_SIZES["MNIST"] and cards.loc["DTD", "adapt"] == 4
+
+
+def _official_ties(folder, tasks, keep=0.2, scale=0.3):
+    """The official TIES, step by step: flatten every task vector of the whole pickled ImageEncoder (text
+    leftovers included, sorted keys), keep entries >= the (d - int(d k))-th smallest magnitude, elect signs
+    (majority sign where the sum is 0), disjoint sum. Returns the kept entries and the merged state by key."""
+    from surgery_lib.checkpoints import module_tensors, read_pickled_checkpoint
+
+    def full(path):
+        return {k: v.float() for k, v in module_tensors(read_pickled_checkpoint(path)).items() if v.is_floating_point()}
+
+    pretrained = full(folder / "zeroshot.pt")
+    keys = sorted(pretrained)
+    flat = torch.stack([torch.cat([(full(folder / t / "finetuned.pt")[k] - pretrained[k]).flatten() for k in keys]) for t in tasks])
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * keep), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    kept = trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    merged = torch.cat([pretrained[k].flatten() for k in keys]) + scale * kept.sum(dim=0)
+    out_kept, out_merged, start = {}, {}, 0
+    for k in keys:
+        size = pretrained[k].numel()
+        out_kept[k] = kept[:, start : start + size].reshape(len(tasks), *pretrained[k].shape)
+        out_merged[k] = merged[start : start + size].reshape(pretrained[k].shape)
+        start += size
+    return out_kept, out_merged
+
+
+def test_ties_keeps_exactly_the_entries_the_official_flatten_then_trim_keeps(tiny_clip_zoo):
+    from surgery_lib.checkpoints import TASK_VECTORS_TASKS, VISUAL_PREFIX
+    from surgery_lib.merging import task_vectors, ties_vectors
+    from surgery_lib.methods import merge, method_label
+
+    zoo, tmp_path, _ = tiny_clip_zoo
+    official_kept, official_merged = _official_ties(tmp_path / "checkpoints" / "ViT-B-32", TASK_VECTORS_TASKS)
+    leftovers = [k for k in official_kept if not k.startswith(VISUAL_PREFIX)]
+    assert len(leftovers) == 6 and all(not official_kept[k].any() for k in leftovers)  # zero, as published
+    vectors = list(task_vectors(zoo.pretrained, zoo.experts).values())
+    ours = ties_vectors(vectors, 0.2, zoo.preset.clip.ties_text_entries)
+    image_tower_only = ties_vectors(vectors, 0.2)
+    state = merge(zoo, "ties", device="cpu", progress=False).state
+    differs = False
+    for key in zoo.pretrained:
+        reference = official_kept[VISUAL_PREFIX + key]
+        for t in range(len(vectors)):
+            assert torch.equal(ours[t][key] != 0, reference[t] != 0), (key, t)
+            differs |= not torch.equal(image_tower_only[t][key] != 0, reference[t] != 0)
+        torch.testing.assert_close(state[key], official_merged[VISUAL_PREFIX + key], atol=1e-6, rtol=1e-6)
+    assert differs  # trimming the image tower alone would keep other entries
+    assert "% of the tower" in method_label(zoo, "ties") and "% of the tower" in method_label(zoo, "adamerging_plus")
+
+
+def test_clip_presets_carry_the_official_ties_scope():
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    from surgery_lib.merging import kept_fraction
+    from surgery_lib.presets import text_leftover_entries
+
+    expected = {"clip-vit-b-32": 25.83, "clip-vit-b-16": 25.94, "clip-vit-l-14": 22.54}
+    for name, percent in expected.items():
+        preset = get_preset(name)
+        e = preset.encoder
+        text_width, embed = (768, 768) if e.layers == 24 else (512, 512)
+        assert preset.clip.ties_text_entries == text_leftover_entries(text_width, embed)
+        with torch.device("meta"):
+            tower = VisionTransformer(image_size=e.image_size, patch_size=e.patch_size, width=e.width, layers=e.layers,
+                                      heads=e.heads, mlp_ratio=e.mlp_ratio, output_dim=e.output_dim, act_layer=QuickGELU)  # fmt: skip
+        entries = sum(p.numel() for p in tower.state_dict().values())
+        assert round(100 * kept_fraction(entries, 0.2, preset.clip.ties_text_entries), 2) == percent, name
+    assert get_preset("mini").clip is None  # offline presets trim their own vector: 20 %

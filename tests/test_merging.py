@@ -62,23 +62,32 @@ def test_ties_on_a_hand_computed_example():
         "b": {"w": torch.tensor([2.0, 0.9, -0.3, -5.0, 0.1, -1.0])},
         "c": {"w": torch.tensor([-1.0, 2.0, 0.2, 4.0, 0.1, 0.5])},
     }
-    # keep 50 % of each vector's 6 entries (global top-3 by magnitude):
-    #   a -> [4, -3, 0, 2, 0, 0]; b -> [2, 0, 0, -5, 0, -1]; c -> [-1, 2, 0, 4, 0, 0]
-    # sums [5, -1, 0, 1, 0, -1] elect signs [+, -, 0, +, 0, -]; agreeing entries:
-    #   a [4, -3, 0, 2, 0, 0]; b [2, 0, 0, 0, 0, -1]; c [0, 0, 0, 4, 0, 0]
-    disjoint_sum = torch.tensor([6.0, -3.0, 0.0, 6.0, 0.0, -1.0])
-    disjoint_mean = torch.tensor([3.0, -3.0, 0.0, 3.0, 0.0, -1.0])
+    # keep 50 % of each vector's 6 entries as the official code counts, int(0.5 * 6) + 1 = 4 (global top-4):
+    #   a -> [4, -3, 0, 2, 0, 1]; b -> [2, 0.9, 0, -5, 0, -1]; c -> [-1, 2, 0, 4, 0, 0.5]
+    # sums [5, -0.1, 0, 1, 0, 0.5] elect signs [+, -, 0, +, 0, +] (zeros take the majority sign, +); agreeing:
+    #   a [4, -3, 0, 2, 0, 1]; b [2, 0, 0, 0, 0, 0]; c [0, 0, 0, 4, 0, 0.5]
+    disjoint_sum = torch.tensor([6.0, -3.0, 0.0, 6.0, 0.0, 1.5])
+    disjoint_mean = torch.tensor([3.0, -3.0, 0.0, 3.0, 0.0, 0.75])
     merged_sum = ties_merging(pretrained, experts, keep_fraction=0.5, scale=0.3, combine="sum")
     merged_mean = ties_merging(pretrained, experts, keep_fraction=0.5, scale=1.0, combine="mean")
     assert torch.allclose(merged_sum["w"], 0.3 * disjoint_sum)
     assert torch.allclose(merged_mean["w"], disjoint_mean)
+    # An entry whose trimmed values cancel exactly takes the majority sign of all elected signs (+ here).
+    cancel = ties_merging({"w": torch.zeros(2)}, {"a": {"w": torch.tensor([1.0, 3.0])}, "b": {"w": torch.tensor([-1.0, 3.0])}},
+                          keep_fraction=1.0, scale=1.0)  # fmt: skip
+    assert torch.equal(cancel["w"], torch.tensor([1.0, 6.0]))
 
 
 def test_ties_threshold_is_global_over_all_tensors():
     from surgery_lib.merging import trim_threshold
 
     vector = {"small": torch.tensor([0.1, 0.2]), "large": torch.tensor([5.0, 6.0, 7.0, 8.0])}
-    # top 50 % of 6 entries are the four large ones: a per-tensor trim would keep 0.2 too.
-    assert trim_threshold(vector, 0.5) == 6.0
+    # 50 % of 6 entries, counted as the official code does (int(0.5 * 6) + 1 = 4): the four large ones,
+    # where a per-tensor trim would keep 0.2 too.
+    assert trim_threshold(vector, 0.5) == 5.0
+    # With 6 more all-zero entries trimmed alongside (real CLIP's text leftovers) the cut falls among the
+    # zeros (the 6th smallest of 12): every real entry is kept.
+    assert trim_threshold(vector, 0.5, zero_entries=6) == 0.0
+    assert trim_threshold(vector, 0.4, zero_entries=6) == pytest.approx(0.2)  # int(0.4 * 12) + 1 = 5 kept: 0.2 and the large ones
     with pytest.raises(SurgeryBookError, match="outside"):
         trim_threshold(vector, 0.0)

@@ -7,9 +7,9 @@ import torch
 
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.merging import task_arithmetic
-from surgery_lib.models import embed, forward_blocks
+from surgery_lib.models import forward_blocks
 from surgery_lib.pipeline import load_surgery, run_surgery, save_surgery
-from surgery_lib.surgery import SurgeryConfig, TaskSurgery, batch_stream, task_seed, train_surgery
+from surgery_lib.surgery import SurgeryConfig, TaskSurgery, train_surgery
 from surgery_lib.surgery_v2 import DeepSurgery
 
 
@@ -40,42 +40,146 @@ def test_surgery_v2_starts_as_the_identity(smoke_zoo, merged_state):
     assert torch.allclose(means.flatten(0, 1), plain_means, atol=1e-6)
 
 
-def _official_loop(zoo, merged_encoder, tasks, config, split):
-    """The official procedure, step by step: both encoders forwarded on every batch, one Adam optimiser
-    over all modules, zero_grad/step after every single task batch."""
-    initial = TaskSurgery(tasks, merged_encoder.output_dim, config.rank, config.seed)
+def _official_v1_replay(merged, expert, config):
+    """The official procedure, step by step: one torch.optim.Adam over every task's own module, and for
+    each task's batch, in the official order, zero_grad / backward / step. ``zero_grad(set_to_none=False)``
+    is torch 1.10's behaviour (the published runs); ``True`` is torch >= 2's."""
+    tasks = tuple(merged)
+    initial = TaskSurgery(tasks, next(iter(merged.values())).shape[1], config.rank, config.seed)
     modules = torch.nn.ModuleList([initial.module(t) for t in tasks])
     optimizer = torch.optim.Adam(modules.parameters(), lr=config.lr)
-    experts = {t: zoo.encoder(t) for t in tasks}
-    streams = [batch_stream(len(zoo.suite[t].labels[split]), config.batch_size, task_seed(config.seed, i)) for i, t in enumerate(tasks)]
-    for _ in range(config.steps):
+    for iteration in config.iterations([len(merged[t]) for t in tasks]):
         for i, task in enumerate(tasks):
-            images = zoo.suite[task].normalized(split, next(streams[i]))
-            with torch.no_grad():
-                z, target = merged_encoder(images), experts[task](images)
-            loss = (modules[i](z) - target).abs().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            for index in iteration.batches[i]:
+                loss = (modules[i](merged[task][index]) - expert[task][index]).abs().mean()
+                optimizer.zero_grad(set_to_none=config.adam != "shared")
+                loss.backward()
+                optimizer.step()
     return modules
 
 
-def test_cached_batched_trainer_equals_the_official_loop(smoke_zoo, merged_state):
-    from surgery_lib.models import load_encoder
+def _features(sizes, dim=24, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    merged = {f"task{i}": torch.randn(n, dim, generator=generator) for i, n in enumerate(sizes)}
+    expert = {t: z + 0.5 * torch.randn(z.shape, generator=generator) + 0.2 for t, z in merged.items()}
+    return merged, expert
 
-    tasks = ("mnist", "shapes")
-    config = SurgeryConfig(rank=8, steps=30, batch_size=16, lr=1e-2, seed=5, eval_every=0)
-    encoder = load_encoder(smoke_zoo.preset.encoder, merged_state).eval()
-    reference = _official_loop(smoke_zoo, encoder, tasks, config, "adapt")
-    data = {t: smoke_zoo.suite[t] for t in tasks}
-    merged = {t: embed(encoder, data[t].images["adapt"], data[t].mean, data[t].std) for t in tasks}
-    expert = {t: embed(smoke_zoo.encoder(t), data[t].images["adapt"], data[t].mean, data[t].std) for t in tasks}
+
+@pytest.mark.parametrize("adam", ["shared", "per-task"])
+@pytest.mark.parametrize("online", [False, True])
+def test_batched_trainer_equals_a_step_by_step_replay_of_the_official_loop(adam, online):
+    # Three tasks: a short second batch (20 images), a task with a single short batch (10), and an odd
+    # step count, so the last iteration takes one batch per task.
+    merged, expert = _features([40, 20, 10])
+    config = SurgeryConfig(rank=4, steps=21, batch_size=16, lr=1e-2, seed=3, eval_every=0, adam=adam, online=online)
+    reference = _official_v1_replay(merged, expert, config)
     batched, history = train_surgery(merged, expert, config, progress=False)
-    assert len(history.loss) == 30
-    for i in range(len(tasks)):
-        assert torch.allclose(batched.down[i], reference[i].down.weight, atol=1e-5)
-        assert torch.allclose(batched.up[i], reference[i].up.weight, atol=1e-5)
+    for i in range(3):
         assert batched.up[i].abs().sum() > 0  # it did train
+        torch.testing.assert_close(batched.down[i], reference[i].down.weight, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(batched.up[i], reference[i].up.weight, atol=2e-5, rtol=1e-4)
+    assert len(history.loss) == (40 if online else 21)
+
+
+@pytest.mark.parametrize("adam", ["shared", "per-task"])
+def test_surgery_v2_batched_trainer_equals_a_step_by_step_replay(smoke_zoo, merged_state, adam):
+    from surgery_lib.models import embed_blocks, load_encoder
+    from surgery_lib.surgery_v2 import train_deep_surgery
+
+    tasks = smoke_zoo.tasks
+    encoder = load_encoder(smoke_zoo.preset.encoder, merged_state).eval().requires_grad_(False)
+    # Few images per task, so that batches come short and one task takes a single batch per iteration.
+    data = {t: smoke_zoo.suite[t].with_split("few", "adapt", torch.arange(n)) for t, n in zip(tasks, (20, 12))}
+    targets = {t: embed_blocks(smoke_zoo.encoder(t), data[t].images["few"], data[t].mean, data[t].std) for t in tasks}
+    config = SurgeryConfig(rank=4, steps=5, batch_size=8, lr=1e-2, seed=2, eval_every=0, adam=adam)
+    batched, _ = train_deep_surgery(encoder, data, targets, config, split="few", progress=False)
+
+    initial = DeepSurgery.for_encoder(encoder, tasks, config.rank, config.seed)
+    modules = torch.nn.ModuleList([DeepSurgery.for_encoder(encoder, (t,), config.rank) for t in tasks])
+    with torch.no_grad():
+        for i, module in enumerate(modules):
+            for name, value in initial.state_dict().items():
+                module.state_dict()[name].copy_(value[i : i + 1])
+    optimizer = torch.optim.Adam(modules.parameters(), lr=config.lr)
+    for iteration in config.iterations([len(data[t].labels["few"]) for t in tasks]):
+        for i, task in enumerate(tasks):
+            for index in iteration.batches[i]:
+                images = data[task].normalized("few", index)
+                final, means = modules[i].forward_tasks(encoder, images[None])
+                loss = (means[0] - targets[task][1][index]).abs().mean(dim=(0, 2)).sum()
+                loss = loss + (final[0] - targets[task][0][index]).abs().mean()
+                optimizer.zero_grad(set_to_none=adam != "shared")
+                loss.backward()
+                optimizer.step()
+    for i, module in enumerate(modules):
+        for name, value in module.state_dict().items():
+            torch.testing.assert_close(batched.state_dict()[name][i : i + 1], value, atol=2e-5, rtol=1e-4, msg=name)
+    assert batched.block_up.abs().sum() > 0
+
+
+def test_shared_adam_moves_idle_modules_and_per_task_does_not():
+    merged, expert = _features([32, 32])
+    shared, _ = train_surgery(merged, expert, SurgeryConfig(rank=4, steps=2, lr=1e-2, eval_every=0), progress=False)
+    per_task, _ = train_surgery(merged, expert, SurgeryConfig(rank=4, steps=2, lr=1e-2, eval_every=0, adam="per-task"), progress=False)
+    # One iteration: task 0 steps twice, then coasts through task 1's two steps; task 1 is last and never coasts.
+    assert not torch.allclose(shared.up[0], per_task.up[0], atol=1e-7)
+    torch.testing.assert_close(shared.up[1], per_task.up[1], atol=1e-7, rtol=0)
+    torch.testing.assert_close(shared.down[1], per_task.down[1], atol=1e-7, rtol=0)
+
+
+def test_coasting_in_closed_form_equals_torch_adam_with_zero_gradients():
+    from surgery_lib.schedule import TaskAdam
+
+    torch.manual_seed(0)
+    weights = torch.nn.Parameter(torch.randn(3, 5))
+    reference = [torch.nn.Parameter(weights[t].detach().clone()) for t in range(3)]
+    optimizer = torch.optim.Adam(reference, lr=0.05)
+    adam = TaskAdam([weights], 3, lr=0.05)
+    grads = torch.randn(3, 5)
+    weights.grad = grads.clone()
+    adam.step()
+    adam.coast([7, 0, 300])
+    adam.flush()
+    for t, p in enumerate(reference):
+        p.grad = grads[t].clone()
+    optimizer.step()
+    for t, extra in enumerate([7, 0, 300]):
+        for _ in range(extra):
+            others = [q for q in reference if q is not reference[t]]
+            for q in others:
+                q.grad = None
+            reference[t].grad = torch.zeros(5)
+            optimizer.step()
+    torch.testing.assert_close(weights.detach(), torch.stack([p.detach() for p in reference]), atol=1e-6, rtol=1e-5)
+    assert adam.steps == [8, 1, 301]
+
+
+def test_official_iterations_draw_two_batches_from_a_fresh_shuffle_each_iteration():
+    from surgery_lib.schedule import official_iterations
+
+    iterations = list(official_iterations([40, 20, 10], steps=5, batch_size=16, seed=1))
+    assert [it.counts for it in iterations] == [[2, 2, 1], [2, 2, 1], [1, 1, 1]]
+    assert [len(b) for b in iterations[0].batches[1]] == [16, 4]  # a DataLoader without drop_last
+    for it in iterations:
+        for batches in it.batches:
+            flat = torch.cat(batches)
+            assert len(set(flat.tolist())) == len(flat)  # within an iteration: one permutation, no repeats
+    assert iterations[0].before == [0, 2, 4] and iterations[0].after == [3, 1, 0]
+    assert not torch.equal(iterations[0].batches[0][0], iterations[1].batches[0][0])  # a fresh shuffle
+    # Asking for a batch larger than the task is one short batch per iteration, not a hang.
+    huge = next(official_iterations([3], steps=2, batch_size=1_000_000))
+    assert [len(b) for b in huge.batches[0]] == [3]
+
+
+def test_online_iterations_see_every_image_once_with_checkpoints():
+    from surgery_lib.schedule import ONLINE_CHECKPOINTS, online_iterations
+
+    iterations = list(online_iterations([1000, 250], seed=0))
+    assert [it.checkpoint for it in iterations] == list(ONLINE_CHECKPOINTS)
+    assert [sum(it.counts[0] for it in iterations[:k + 1]) for k in range(2)] == [10, 100]
+    for t, size in enumerate([1000, 250]):
+        seen = torch.cat([b for it in iterations for b in it.batches[t]])
+        assert sorted(seen.tolist()) == list(range(size))
 
 
 def test_surgery_lowers_bias_and_seeds_reproduce(smoke_zoo, merged_state):
@@ -94,7 +198,9 @@ def test_surgery_lowers_bias_and_seeds_reproduce(smoke_zoo, merged_state):
 
 def test_online_surgery_sees_each_image_once(smoke_zoo, merged_state):
     run = run_surgery(smoke_zoo, merged_state, config=SurgeryConfig(rank=4, online=True), split="adapt", progress=False)
-    assert len(run.history.loss) == sum(len(smoke_zoo.suite[t].labels["adapt"]) for t in smoke_zoo.tasks)
+    # Every task takes its images one by one, all tasks in one batched step per image.
+    assert len(run.history.loss) == max(len(smoke_zoo.suite[t].labels["adapt"]) for t in smoke_zoo.tasks)
+    assert run.history.unit == "%" and sorted(run.history.accuracy) == [0, 1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert all(run.bias_after[t] < run.bias_before[t] for t in smoke_zoo.tasks)
 
 
@@ -152,13 +258,3 @@ def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
         run_surgery(smoke_zoo, merged_state, split="train", progress=False)
     with pytest.raises(SurgeryBookError, match="invalid surgery schedule"):
         SurgeryConfig(lr=-1.0)
-
-
-def test_batch_stream_fills_every_batch_when_a_task_has_fewer_images_than_a_batch():
-    stream = batch_stream(3, 8, seed=0)
-    batches = [next(stream) for _ in range(3)]  # 24 indices = 8 epochs of 3
-    assert all(len(b) == 8 for b in batches)
-    flat = torch.cat(batches)
-    assert all(sorted(flat[e * 3 : e * 3 + 3].tolist()) == [0, 1, 2] for e in range(8))  # whole epochs, in order
-    big = batch_stream(40, 16, seed=0)
-    assert [len(next(big)) for _ in range(3)] == [16, 16, 16]  # the usual case is unchanged: 2 batches per epoch

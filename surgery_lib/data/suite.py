@@ -9,6 +9,7 @@ normalised per batch, which keeps even the GPU preset's 400k images at 1.2 GB.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -106,6 +107,13 @@ class TaskData:
     @property
     def splits(self) -> tuple[str, ...]:
         return tuple(self.images)
+
+    def with_split(self, name: str, source: str, index: torch.Tensor) -> TaskData:
+        """A copy with one more split ``name`` holding the images (and labels) ``index`` of split ``source``."""
+        return dataclasses.replace(
+            self, images={**self.images, name: self.images[source][index]},
+            labels={**self.labels, name: self.labels[source][index]}, files=dict(self.files),
+        )  # fmt: skip
 
     def normalized(self, split: str, index: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Images of ``split`` (optionally a subset) as float32 (N, 3, H, W), normalised for the encoder."""
