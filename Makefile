@@ -46,10 +46,14 @@ chromium:
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 
+# Parallel pytest workers get one torch thread each: two processes with two threads each on two cores stall
+# each other (OpenMP), and one thread per worker is faster than two workers fighting.
+ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: $(STAMP) chromium
-	$(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser" tests
+	$(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser" tests
 	$(PYTEST) -m slow -s tests
-	$(PYTEST) --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 notebooks
+	$(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 notebooks
 	$(BOOK) --config book/_config.yml
 	$(PYTEST) -m browser tests
 

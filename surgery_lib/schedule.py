@@ -25,8 +25,9 @@ plain step-by-step replay with ``torch.optim.Adam``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -249,3 +250,38 @@ def gather_batches(batches: Sequence[Sequence[torch.Tensor]], round_index: int) 
             index[t, : len(c)], index[t, len(c) :] = c, c[0]
             weight[t, : len(c)] = 1.0 / len(c)
     return index, weight, [c is not None for c in chosen]
+
+
+def train_on_schedule(
+    iterations: Iterable[Iteration],
+    optimizer: TaskAdam,
+    task_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    losses: list[float],
+    checkpoint: Callable[[int], None] | None = None,
+    bar: Any = None,
+) -> None:
+    """Run the official schedule: every round, the batches of every task in one batched step.
+
+    ``task_losses(index, weight)`` gets the round's indices (T, n) and row weights (T, n) (see
+    :func:`gather_batches`) and returns each task's loss (T,), task t's depending only on task t's
+    parameters. The mean loss of the tasks that stepped is appended to ``losses``; ``checkpoint(label)``
+    runs after every iteration that carries one, with every owed coasting step applied.
+    """
+    for iteration in iterations:
+        optimizer.coast(iteration.before)
+        for round_index in range(iteration.rounds):
+            optimizer.flush()  # the owed coasting steps move the weights this batch's gradient is taken at
+            index, weight, active = gather_batches(iteration.batches, round_index)
+            per_task = task_losses(index, weight)
+            optimizer.zero_grad()
+            per_task.sum().backward()  # task t's gradient is exactly that of its own loss
+            optimizer.step(active)
+            losses.append(per_task.detach()[torch.tensor(active, device=per_task.device)].mean().item())
+            if bar is not None:
+                bar.update()
+        optimizer.coast(iteration.after)
+        if iteration.checkpoint is not None and checkpoint is not None:
+            optimizer.flush()
+            checkpoint(iteration.checkpoint)
+    optimizer.flush()

@@ -26,7 +26,9 @@ from torch import nn
 
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.progress import tqdm
-from surgery_lib.schedule import Iteration, TaskAdam, check_adam, gather_batches, official_iterations, online_iterations, task_seed
+from surgery_lib.schedule import (
+    Iteration, TaskAdam, check_adam, official_iterations, online_iterations, task_seed, train_on_schedule,
+)  # fmt: skip
 
 __all__ = ["SurgeryConfig", "SurgeryHistory", "SurgeryModule", "TaskSurgery", "l1_loss_per_task", "task_seed", "train_surgery"]
 
@@ -197,27 +199,18 @@ def train_surgery(
     sizes = [len(s) for s in sources]
     history = SurgeryHistory(unit="%" if config.online else "step")
     _record(surgery, evaluate, history, 0, device)
-    bar = tqdm(total=config.rounds(sizes), desc="surgery" + (" (online)" if config.online else ""), disable=not progress)
-    for iteration in config.iterations(sizes):
-        optimizer.coast(iteration.before)
-        for round_index in range(iteration.rounds):
-            optimizer.flush()  # the owed coasting steps move the weights this batch's gradient is taken at
-            index, weight, active = gather_batches(iteration.batches, round_index)
-            index, weight = index.to(device), weight.to(device)
-            z = torch.stack([s[i] for s, i in zip(sources, index)])
-            target = torch.stack([s[i] for s, i in zip(targets, index)])
-            losses = ((surgery(z) - target).abs().mean(dim=-1) * weight).sum(dim=1)
-            optimizer.zero_grad()
-            losses.sum().backward()  # task t's gradient is exactly that of its own loss
-            optimizer.step(active)
-            history.loss.append(losses[torch.tensor(active, device=device)].mean().item())
-            bar.update()
-        optimizer.coast(iteration.after)
-        if iteration.checkpoint is not None and evaluate:
-            optimizer.flush()
-            _record(surgery, evaluate, history, iteration.checkpoint, device)
-    bar.close()
-    optimizer.flush()
+
+    def task_losses(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        index, weight = index.to(device), weight.to(device)
+        z = torch.stack([s[i] for s, i in zip(sources, index)])
+        target = torch.stack([s[i] for s, i in zip(targets, index)])
+        return ((surgery(z) - target).abs().mean(dim=-1) * weight).sum(dim=1)
+
+    with tqdm(total=config.rounds(sizes), desc="surgery" + (" (online)" if config.online else ""), disable=not progress) as bar:
+        train_on_schedule(
+            config.iterations(sizes), optimizer, task_losses, losses=history.loss, bar=bar,
+            checkpoint=(lambda label: _record(surgery, evaluate, history, label, device)) if evaluate else None,
+        )  # fmt: skip
     return surgery.cpu(), history
 
 

@@ -24,7 +24,7 @@ from surgery_lib.data import TaskData, normalize
 from surgery_lib.errors import SurgeryBookError
 from surgery_lib.models import autocast, forward_blocks
 from surgery_lib.progress import tqdm
-from surgery_lib.schedule import TaskAdam, gather_batches
+from surgery_lib.schedule import TaskAdam, train_on_schedule
 from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery
 
 
@@ -135,32 +135,25 @@ def train_deep_surgery(
     history = SurgeryHistory()
     _record(surgery, encoder, unlabeled, evaluate, history, 0, device, precision)
     data0 = unlabeled[tasks[0]]
-    bar = tqdm(total=config.rounds([len(x) for x in images]), desc="SurgeryV2", disable=not progress)
-    for iteration in config.iterations([len(x) for x in images]):
-        optimizer.coast(iteration.before)
-        for round_index in range(iteration.rounds):
-            optimizer.flush()  # the owed coasting steps move the weights this batch's gradient is taken at
-            index, weight, active = gather_batches(iteration.batches, round_index)
-            batch = normalize(torch.stack([x[i] for x, i in zip(images, index)]).to(device), data0.mean, data0.std)
-            index, weight = index.to(device), weight.to(device)
-            with autocast(device, precision):
-                final, means = surgery.forward_tasks(encoder, batch)
-            final_target = torch.stack([f[i] for f, i in zip(final_targets, index)])
-            block_target = torch.stack([b[i] for b, i in zip(block_targets, index)])
-            block_losses = (means.float() - block_target.float()).abs().mean(dim=-1).sum(dim=-1)  # (T, n): every block's term
-            final_losses = (final.float() - final_target).abs().mean(dim=-1)
-            losses = ((block_losses + final_losses) * weight).sum(dim=1)
-            optimizer.zero_grad()
-            losses.sum().backward()
-            optimizer.step(active)
-            history.loss.append(losses[torch.tensor(active, device=device)].mean().item())
-            bar.update()
-        optimizer.coast(iteration.after)
-        if iteration.checkpoint is not None and evaluate:
-            optimizer.flush()
-            _record(surgery, encoder, unlabeled, evaluate, history, iteration.checkpoint, device, precision)
-    bar.close()
-    optimizer.flush()
+
+    def task_losses(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        batch = normalize(torch.stack([x[i] for x, i in zip(images, index)]).to(device), data0.mean, data0.std)
+        index, weight = index.to(device), weight.to(device)
+        with autocast(device, precision):
+            final, means = surgery.forward_tasks(encoder, batch)
+        final_target = torch.stack([f[i] for f, i in zip(final_targets, index)])
+        block_target = torch.stack([b[i] for b, i in zip(block_targets, index)])
+        block_losses = (means.float() - block_target.float()).abs().mean(dim=-1).sum(dim=-1)  # (T, n): every block's term
+        final_losses = (final.float() - final_target).abs().mean(dim=-1)
+        return ((block_losses + final_losses) * weight).sum(dim=1)
+
+    sizes = [len(x) for x in images]
+    with tqdm(total=config.rounds(sizes), desc="SurgeryV2", disable=not progress) as bar:
+        train_on_schedule(
+            config.iterations(sizes), optimizer, task_losses, losses=history.loss, bar=bar,
+            checkpoint=(lambda label: _record(surgery, encoder, unlabeled, evaluate, history, label, device, precision))
+            if evaluate else None,
+        )  # fmt: skip
     return surgery.cpu(), history
 
 
