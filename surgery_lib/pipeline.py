@@ -137,9 +137,10 @@ def run_surgery(
     merged_test, expert_test, expert_adapt = {}, {}, {}
     merged_adapt = {}
     for task in names:
-        expert = zoo.encoder(task).to(device)
-        expert_test[task] = features(expert, task, "test", with_blocks)
-        expert_adapt[task] = expert_test[task] if split == "test" else features(expert, task, split, version == 2)
+        expert_test[task] = zoo.expert_features(task, "test", blocks=with_blocks, device=device, precision=precision)
+        expert_adapt[task] = (
+            expert_test[task] if split == "test" else zoo.expert_features(task, split, blocks=version == 2, device=device, precision=precision)
+        )
         merged_test[task] = features(encoder, task, "test", with_blocks)
         if version == 1:
             merged_adapt[task] = merged_test[task][0] if split == "test" else features(encoder, task, split, False)[0]
@@ -211,8 +212,10 @@ def task_embeddings(
     out = {}
     for task in names:
         data = zoo.suite[task]
-        encoder = zoo.encoder(task) if shared is None else shared
-        out[task] = embed(encoder, data.images[split], data.mean, data.std, device=device)
+        if shared is None:
+            out[task] = zoo.expert_features(task, split, device=device)[0]
+        else:
+            out[task] = embed(shared, data.images[split], data.mean, data.std, device=device)
     return out
 
 
@@ -247,10 +250,7 @@ def block_bias_table(
 
     device = resolve_device(device, zoo.preset.default_device)
     names = tuple(tasks) if tasks is not None else zoo.tasks
-    experts = {}
-    for task in names:
-        data = zoo.suite[task]
-        experts[task] = embed_blocks(zoo.encoder(task), data.images["test"], data.mean, data.std, device=device)[1]
+    experts = {task: zoo.expert_features(task, "test", blocks=True, device=device)[1] for task in names}
     rows = {}
     for label, state in merges.items():
         encoder = load_encoder(zoo.preset.encoder, state)

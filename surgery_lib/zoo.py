@@ -32,6 +32,7 @@ from surgery_lib.models import (
     build_encoder,
     clone_state,
     embed,
+    embed_blocks,
     load_encoder,
     resolve_device,
 )
@@ -86,10 +87,37 @@ class Zoo:
     experts: dict[str, StateDict]
     mtl: StateDict | None  # None for the real-CLIP presets (the papers' MTL numbers are quoted instead)
     suite: Suite = field(repr=False)
+    _expert_features: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.experts)
+
+    def expert_features(
+        self, task: str, split: str = "test", *, blocks: bool = False, device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``task``'s expert embeddings of its ``split`` images: final (N, output_dim) and, with ``blocks``,
+        the per-block token means (N, blocks, width), float32 on the CPU (``None`` without ``blocks``).
+
+        Every surgery run and bias measurement compares against these targets, and they never change for a
+        zoo, so they are computed once per process and kept (the papers' grid reuses them 30 times). Treat
+        them as read-only; :meth:`forget_features` frees them (for ViT-L/14 with blocks, gigabytes).
+        """
+        key = (task, split, blocks, str(torch.device(device)), precision)
+        if key not in self._expert_features:
+            data, encoder = self.suite[task], self.encoder(task)
+            if blocks:
+                final, means = embed_blocks(encoder, data.images[split], data.mean, data.std, device=device, precision=precision)
+                self._expert_features[key] = (final, means)
+            else:
+                self._expert_features[key] = (embed(encoder, data.images[split], data.mean, data.std, device=device, precision=precision), None)
+        return self._expert_features[key]
+
+    def forget_features(self) -> None:
+        """Free the expert embeddings :meth:`expert_features` kept."""
+        self._expert_features.clear()
 
     def encoder(self, which: str = "pretrained") -> nn.Module:
         """A fresh encoder loaded with ``"pretrained"``, ``"mtl"`` or a task's expert weights."""

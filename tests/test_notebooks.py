@@ -55,6 +55,12 @@ def test_committed_outputs_are_clean(path):
             assert output.get("name") != "stderr", f"stderr output in {path.name}"
             assert output["output_type"] != "error"
     assert any(cell.get("outputs") for cell in notebook["cells"]), "notebook committed without outputs"
+    # nbval fails every cell that has outputs but no execution count ("Unrun reference cell has outputs"), which
+    # is what stripping tools such as nbstripout --keep-output leave behind; one fresh top-to-bottom run counts 1..n.
+    counts = [cell.get("execution_count") for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert counts == list(range(1, len(counts) + 1)), (
+        f"{path.name}: execution counts {counts}; re-execute it top to bottom in a fresh kernel "
+        "(jupyter nbconvert --execute --inplace) and strip only the timing metadata")
 
 
 def test_repository_url_is_the_same_everywhere():

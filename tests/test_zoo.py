@@ -151,3 +151,29 @@ def test_weights_of_another_architecture_are_refused(smoke_zoo):
 
     with pytest.raises(SurgeryBookError, match="do not fit the encoder architecture"):
         load_encoder(get_preset("mini").encoder, smoke_zoo.pretrained)
+
+
+def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, monkeypatch):
+    from surgery_lib.models import embed, embed_blocks
+
+    task = smoke_zoo.tasks[0]
+    data = smoke_zoo.suite[task]
+    smoke_zoo.forget_features()
+    final, none = smoke_zoo.expert_features(task)
+    assert none is None
+    assert torch.equal(final, embed(smoke_zoo.encoder(task), data.images["test"], data.mean, data.std))
+    final_b, blocks = smoke_zoo.expert_features(task, blocks=True)
+    reference = embed_blocks(smoke_zoo.encoder(task), data.images["test"], data.mean, data.std)
+    assert torch.equal(final_b, reference[0]) and torch.equal(blocks, reference[1])
+    assert blocks.shape[:2] == (len(data.labels["test"]), smoke_zoo.preset.encoder.layers)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the expert's embeddings were computed again")
+
+    monkeypatch.setattr(zoo_module, "embed", fail)
+    monkeypatch.setattr(zoo_module, "embed_blocks", fail)
+    assert smoke_zoo.expert_features(task)[0] is final
+    assert smoke_zoo.expert_features(task, blocks=True)[1] is blocks
+    smoke_zoo.forget_features()
+    with pytest.raises(AssertionError, match="computed again"):
+        smoke_zoo.expert_features(task)
