@@ -1,0 +1,31 @@
+"""The public names of release 0.1 keep working after the package was reorganised.
+
+``public_api_0.1.json`` was written from the flat 0.1 package before any module moved: every module and the
+public names it offered (functions, classes, constants, re-exported names). Old module paths now resolve
+through :mod:`surgery_lib._compat` to the new subpackages, for one release.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+SNAPSHOT = json.loads((Path(__file__).parent / "public_api_0.1.json").read_text())
+
+
+@pytest.mark.parametrize("module", sorted(SNAPSHOT))
+def test_every_public_name_of_0_1_still_imports(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        loaded = importlib.import_module(module)
+        missing = [name for name in SNAPSHOT[module] if not hasattr(loaded, name)]
+    assert not missing, f"{module} lost {missing}"
+
+
+def test_the_snapshot_covers_the_whole_old_package():
+    assert len(SNAPSHOT) == 33 and sum(map(len, SNAPSHOT.values())) == 425
+    assert "task_arithmetic" in SNAPSHOT["surgery_lib.merging"] and "build_zoo" in SNAPSHOT["surgery_lib.zoo"]
