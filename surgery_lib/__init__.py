@@ -1,27 +1,27 @@
 """surgery_lib: Representation Surgery and SurgeryV2 for multi-task model merging.
 
-The package is organised one concept per module:
+The tree is the architecture; dependencies point down this list, never up or sideways (a test checks it):
 
-- :mod:`surgery_lib.presets`   model, data and training configurations (data, not code)
-- :mod:`surgery_lib.data`      the offline task suite (generation, caching, loading)
-- :mod:`surgery_lib.models`    open_clip vision encoders and classification heads
-- :mod:`surgery_lib.training`  pretraining, linear probes, experts, multi-task learning
-- :mod:`surgery_lib.zoo`       building, caching and loading the model zoo
-- :mod:`surgery_lib.evaluation` accuracy tables
-- :mod:`surgery_lib.merging`, :mod:`~surgery_lib.adamerging`, :mod:`~surgery_lib.fisher`, :mod:`~surgery_lib.regmean`,
-  :mod:`~surgery_lib.methods`   merging methods, as functions over state dicts
-- :mod:`surgery_lib.surgery`, :mod:`~surgery_lib.surgery_v2`, :mod:`~surgery_lib.bias`, :mod:`~surgery_lib.pipeline`
-  Surgery, SurgeryV2 and representation bias
-- :mod:`surgery_lib.checkpoints`, :mod:`~surgery_lib.clip_tasks`, :mod:`~surgery_lib.clip_data`,
-  :mod:`~surgery_lib.zero_shot`, :mod:`~surgery_lib.clip_zoo`   the real CLIP setting (published checkpoints,
-  the eight datasets, zero-shot heads) behind the same zoo interface
-- :mod:`surgery_lib.plots`, :mod:`~surgery_lib.benchmark`, :mod:`~surgery_lib.reproduce`   figures, speed, papermill
-- :mod:`surgery_lib.cli`       the ``surgery-book`` command line
+- :mod:`surgery_lib.cli`, :mod:`~surgery_lib.grid`, :mod:`~surgery_lib.plots`, :mod:`~surgery_lib.reproduce`,
+  :mod:`~surgery_lib.benchmark`   the apps: command line, the papers' grid, figures, papermill, speed
+- :mod:`surgery_lib.merging`      merging methods, one module per family, registered by name
+- :mod:`surgery_lib.surgery`      Surgery and SurgeryV2: modules, the official schedule, runs on a zoo
+- :mod:`surgery_lib.bias`         representation bias
+- :mod:`surgery_lib.settings`     where models, heads and tasks come from: ``offline/`` (trained here) and ``clip/``
+  (the papers' checkpoints and datasets), each one folder with its ``presets.json``
+- :mod:`surgery_lib.evaluation`   accuracy and tables
+- :mod:`surgery_lib.models`       open_clip vision encoders, heads, feature extraction
+- :mod:`surgery_lib.presets`      the preset schema and registry (the presets themselves are JSON data)
+- :mod:`surgery_lib.core`         errors, atomic storage and hashing, registries, task-data containers, progress
 
-Importing the package is cheap: submodules that need torch import it themselves.
+Merging, surgery and bias never import a setting, and settings never import them: they meet in the
+:class:`~surgery_lib.settings.base.Zoo`. Importing the package is cheap: torch loads with the first submodule that needs it.
 """
 
-from surgery_lib.errors import SurgeryBookError
-from surgery_lib.project import REPOSITORY_URL, __version__
+from surgery_lib.core import compat as _compat
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.project import REPOSITORY_URL, __version__
+
+_compat.install()
 
 __all__ = ["REPOSITORY_URL", "SurgeryBookError", "__version__"]

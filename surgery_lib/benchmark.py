@@ -24,18 +24,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.data import TaskData
-from surgery_lib.models import autocast, embed, embed_blocks, forward_blocks
-from surgery_lib.surgery import SurgeryConfig, TaskSurgery, train_surgery
-from surgery_lib.surgery_v2 import DeepSurgery, train_deep_surgery
+from surgery_lib.core.taskdata import Suite, TaskData
+from surgery_lib.merging import MergeOptions, merge
+from surgery_lib.models import (
+    ClassificationHead,
+    autocast,
+    build_encoder,
+    clone_state,
+    embed,
+    embed_blocks,
+    forward_blocks,
+    load_encoder,
+    resolve_device,
+)
+from surgery_lib.presets import get_preset
+from surgery_lib.settings.base import Zoo
+from surgery_lib.settings.clip.tasks import CLIP_TASKS
+from surgery_lib.surgery import run_surgery
+from surgery_lib.surgery.v1 import SurgeryConfig, TaskSurgery, train_surgery
+from surgery_lib.surgery.v2 import DeepSurgery, train_deep_surgery
 
 #: Test-set sizes of the paper's 8 datasets (SUN397 ... DTD): 87,190 images.
-PAPER_TEST_SIZES = {
-    "SUN397": 19887, "Cars": 8041, "RESISC45": 6300, "EuroSAT": 2700,
-    "SVHN": 26032, "GTSRB": 12630, "MNIST": 10000, "DTD": 1880,
-}  # fmt: skip
+PAPER_TEST_SIZES = {name: task.test_size for name, task in CLIP_TASKS.items()}
 
 
 def peak_memory(device: torch.device | str = "cpu") -> dict[str, float | None]:
@@ -196,21 +209,13 @@ class PipelineStage:
     images_per_s: float | None = None
 
 
-def synthetic_clip_zoo(preset: str = "clip-vit-b-32", sizes: Mapping[str, int] = PAPER_TEST_SIZES, seed: int = 0, adapt_images: int = 256):
-    """A :class:`~surgery_lib.zoo.Zoo` of the real architecture with random weights and random images.
+def synthetic_clip_zoo(preset: str = "clip-vit-b-32", sizes: Mapping[str, int] = PAPER_TEST_SIZES, seed: int = 0, adapt_images: int = 256) -> Zoo:
+    """A :class:`~surgery_lib.settings.base.Zoo` of the real architecture with random weights and random images.
 
     Experts are the pretrained weights plus independent noise of 1 % of each tensor's spread (task
     vectors of a realistic relative size); heads are random unit rows x 100 with each task's class count;
     test sets are random 224x224 uint8 images of ``sizes`` (the paper's: 87,190 images, 13 GB).
     """
-    import torch.nn.functional as F
-
-    from surgery_lib.clip_tasks import CLIP_TASKS
-    from surgery_lib.data import Suite
-    from surgery_lib.models import ClassificationHead, build_encoder, clone_state
-    from surgery_lib.presets import get_preset
-    from surgery_lib.zoo import Zoo
-
     spec = get_preset(preset)
     torch.manual_seed(seed)
     pretrained = clone_state(build_encoder(spec.encoder))
@@ -219,11 +224,7 @@ def synthetic_clip_zoo(preset: str = "clip-vit-b-32", sizes: Mapping[str, int] =
     for task, n in sizes.items():
         experts[task] = {k: v + 0.01 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
         classes = CLIP_TASKS[task].num_classes if task in CLIP_TASKS else 10
-        head = ClassificationHead(spec.encoder.output_dim, classes)
-        with torch.no_grad():
-            head.linear.weight.copy_(F.normalize(torch.randn(classes, spec.encoder.output_dim, generator=generator), dim=-1) * 100)
-            head.linear.bias.zero_()
-        heads[task] = head.requires_grad_(False)
+        heads[task] = ClassificationHead.from_weights(F.normalize(torch.randn(classes, spec.encoder.output_dim, generator=generator), dim=-1) * 100)
         size = spec.encoder.image_size
         test = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
         adapt = test[: min(adapt_images, n)]
@@ -236,7 +237,7 @@ def synthetic_clip_zoo(preset: str = "clip-vit-b-32", sizes: Mapping[str, int] =
 
 
 def pipeline_benchmark(
-    zoo,  # surgery_lib.zoo.Zoo
+    zoo: Zoo,
     *,
     device: torch.device | str = "cuda",
     adamerging_steps: int | None = None,
@@ -245,16 +246,12 @@ def pipeline_benchmark(
 ) -> list[PipelineStage]:
     """Time merge -> layer-wise AdaMerging -> Surgery -> SurgeryV2 end to end on ``zoo`` (all 8 tasks).
 
-    Each stage runs the library's own code (:func:`~surgery_lib.methods.merge`,
-    :func:`~surgery_lib.pipeline.run_surgery`) with the official schedules unless overridden; Surgery
+    Each stage runs the library's own code (:func:`~surgery_lib.merging.api.merge`,
+    :func:`~surgery_lib.surgery.run.run_surgery`) with the official schedules unless overridden; Surgery
     and SurgeryV2 start from the AdaMerging merge, as in the paper. Also measures feature extraction
     (images/s of the merged encoder over every test image). Peak memory is the accelerator's
     (``torch.cuda.max_memory_allocated``), None on a CPU.
     """
-    from surgery_lib.methods import MergeOptions, merge
-    from surgery_lib.models import load_encoder, resolve_device
-    from surgery_lib.pipeline import run_surgery
-
     device = resolve_device(device, "cuda")
     cuda = device.type == "cuda"
     stages: list[PipelineStage] = []

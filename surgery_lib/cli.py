@@ -27,7 +27,10 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.merging import MERGE_METHODS
+from surgery_lib.presets import PRESETS, get_preset
+from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
 
 
 def format_table(table: Any, as_json: bool) -> str:
@@ -42,43 +45,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    clip = parser.add_argument_group(
-        "real CLIP presets (clip-vit-b-32, clip-vit-b-16, clip-vit-l-14)",
-        "each option overrides its SURGERY_BOOK_* variable and is passed on to the notebooks that reproduce runs",
-    )
-    clip.add_argument("--family", choices=("task_vectors", "fusionbench"), default=None,
-                      help="checkpoint family (default task_vectors; $SURGERY_BOOK_FAMILY)")
-    clip.add_argument("--checkpoints", default=None, help="task_vectors' folder, a converted folder, or FusionBench "
-                      "snapshots; 'hub' for FusionBench from the hub ($SURGERY_BOOK_CHECKPOINTS)")
-    clip.add_argument("--data-source", choices=("hub", "local"), default=None,
-                      help="datasets from the Hugging Face hub (default) or task_vectors' folders ($SURGERY_BOOK_DATA_SOURCE)")
-    clip.add_argument("--data-root", default=None, help="root of task_vectors' dataset folders ($SURGERY_BOOK_DATA_ROOT)")
-    clip.add_argument("--test-folder", choices=("val", "test"), default=None,
-                      help="which DTD/SUN397 folder is the test split in the local layout (default val, as task_vectors)")
+    for name in available_settings():
+        get_setting(name).add_arguments(parser)
 
 
-#: CLI option -> the environment variable that carries it to build_zoo and to notebook kernels.
-CLIP_OPTION_VARIABLES = {
-    "family": "SURGERY_BOOK_FAMILY", "checkpoints": "SURGERY_BOOK_CHECKPOINTS",
-    "data_source": "SURGERY_BOOK_DATA_SOURCE", "data_root": "SURGERY_BOOK_DATA_ROOT",
-    "test_folder": "SURGERY_BOOK_TEST_FOLDER",
-}  # fmt: skip
+def _setting_options(args: argparse.Namespace) -> Any:
+    """The options of the preset's setting (real CLIP: where checkpoints and data are), from ``args``."""
+    return get_setting(get_preset(args.preset).setting).options_from_args(args)
 
 
-def _export_clip_options(args: argparse.Namespace) -> None:
-    """Put the real-CLIP options into the environment: ``build_zoo`` reads them there, and so do the
-    kernels of the notebooks that ``reproduce`` executes."""
-    import os
-
-    for option, variable in CLIP_OPTION_VARIABLES.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            os.environ[variable] = os.path.abspath(value) if option in ("checkpoints", "data_root") and value != "hub" else value
+def _build_zoo(args: argparse.Namespace, **extra: Any) -> Any:
+    return build_zoo(args.preset, device=getattr(args, "device", None), cache_dir=args.cache_dir, progress=not args.quiet,
+                     options=_setting_options(args), **extra)  # fmt: skip
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from surgery_lib.presets import PRESETS
-
     rows = {name: {"device": p.default_device, "description": p.description} for name, p in PRESETS.items()}
     if args.json:
         print(json.dumps({name: p.to_dict() for name, p in PRESETS.items()}, indent=2))
@@ -89,10 +70,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from surgery_lib.data import load_suite
-
     started = time.perf_counter()
-    suite = load_suite(args.preset, cache_dir=args.cache_dir, progress=not args.quiet)
+    suite = load_suite(args.preset, cache_dir=args.cache_dir, progress=not args.quiet, options=_setting_options(args))
     cards = suite.cards()
     if args.json:
         print(json.dumps({"cards": cards.to_dict(orient="index"), "files": {k: str(v) for k, v in suite.files.items()}}, indent=2))
@@ -106,13 +85,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from surgery_lib.zoo import build_zoo
-
     started = time.perf_counter()
-    zoo = build_zoo(
-        args.preset, device=args.device, cache_dir=args.cache_dir, zoo_dir=args.zoo_dir,
-        rebuild=args.rebuild, progress=not args.quiet,
-    )  # fmt: skip
+    zoo = _build_zoo(args, zoo_dir=args.zoo_dir, rebuild=args.rebuild)
     table = zoo.accuracy_table()
     elapsed = time.perf_counter() - started
     if args.json:
@@ -135,7 +109,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _merge_options(args: argparse.Namespace):
-    from surgery_lib.methods import MergeOptions, with_options
+    from surgery_lib.merging import MergeOptions, with_options
 
     return with_options(
         MergeOptions(), scale=args.scale, keep_fraction=args.keep_fraction, steps=args.steps,
@@ -144,7 +118,7 @@ def _merge_options(args: argparse.Namespace):
 
 
 def _surgery_config(args: argparse.Namespace, rank: int):
-    from surgery_lib.surgery import SurgeryConfig
+    from surgery_lib.surgery.v1 import SurgeryConfig
 
     return SurgeryConfig(
         rank=rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr, seed=args.seed or 0,
@@ -155,11 +129,10 @@ def _surgery_config(args: argparse.Namespace, rank: int):
 def _cmd_merge(args: argparse.Namespace) -> int:
     from surgery_lib.benchmark import peak_memory
     from surgery_lib.evaluation import normalized_accuracy, results_table
-    from surgery_lib.methods import METHODS, check_method, evaluate_merge, merge
-    from surgery_lib.zoo import build_zoo
+    from surgery_lib.merging import METHODS, check_method, evaluate_merge, merge
 
     check_method(args.method)
-    zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    zoo = _build_zoo(args)
     result = merge(zoo, args.method, _merge_options(args), device=args.device, progress=not args.quiet)
     memory = peak_memory(args.device or zoo.preset.default_device)
     accuracy = evaluate_merge(zoo, result, args.device)
@@ -187,12 +160,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
     from surgery_lib.evaluation import write_table
     from surgery_lib.grid import format_grid, parse_versions, surgery_grid
-    from surgery_lib.methods import MAIN_TABLE, main_table
-    from surgery_lib.zoo import build_zoo
+    from surgery_lib.merging import MAIN_TABLE, main_table
 
     started = time.perf_counter()
     versions = parse_versions(args.surgery)
-    zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    zoo = _build_zoo(args)
     if versions == (0,) and args.seeds == 1:
         table, results = main_table(zoo, options=_merge_options(args), device=args.device, progress=not args.quiet)
         payload: dict[str, Any] = {"accuracy": table.round(2).to_dict(orient="index"),
@@ -220,12 +192,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 
 def _cmd_surgery(args: argparse.Namespace) -> int:
-    from surgery_lib.methods import METHODS, check_method, merge
-    from surgery_lib.pipeline import run_surgery, save_surgery
-    from surgery_lib.zoo import build_zoo
+    from surgery_lib.merging import METHODS, check_method, merge
+    from surgery_lib.surgery.run import run_surgery, save_surgery
 
     check_method(args.merge)
-    zoo = build_zoo(args.preset, device=args.device, cache_dir=args.cache_dir, progress=not args.quiet)
+    zoo = _build_zoo(args)
     config = _surgery_config(args, args.rank or zoo.preset.surgery_rank(args.version))
     merged = merge(zoo, args.merge, _merge_options(args), device=args.device, progress=not args.quiet)
     run = run_surgery(
@@ -255,7 +226,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from surgery_lib.benchmark import run_benchmark
     from surgery_lib.merging import task_arithmetic
     from surgery_lib.models import load_encoder, resolve_device
-    from surgery_lib.schedule import check_adam
+    from surgery_lib.surgery.schedule import check_adam
 
     device = resolve_device(args.device, "cpu")
     versions = tuple(int(v) for v in args.versions.split(","))
@@ -299,9 +270,9 @@ def _bench_zoo(args: argparse.Namespace, device: Any) -> tuple[Any, str]:
         sizes = {t: max(16, round(n * args.scale)) for t, n in PAPER_TEST_SIZES.items()}
         setting = f"ViT-B/32 (random weights), random 224x224 images: {sum(sizes.values()):,} test images in 8 tasks"
         return synthetic_clip_zoo("clip-vit-b-32", sizes), setting
-    from surgery_lib.zoo import build_zoo
 
-    zoo = build_zoo(args.preset, device=device, cache_dir=args.cache_dir, progress=not args.quiet)
+    args.device = device
+    zoo = _build_zoo(args)
     return zoo, f"the {zoo.preset.name} zoo ({len(zoo.tasks)} tasks)"
 
 
@@ -328,16 +299,14 @@ def _literal(text: str) -> Any:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    import os
-
     from surgery_lib.reproduce import reproduce
 
-    if args.cache_dir:
-        os.environ["SURGERY_BOOK_CACHE"] = args.cache_dir  # the notebooks' kernels inherit it
     only = args.notebooks.split(",") if args.notebooks else None
     args.param = [(name, _literal(value)) for name, value in args.param]
-    runs = reproduce(args.preset, args.out, device=args.device, seed=args.seed, source=args.source, only=only,
-                     kernel=args.kernel, parameters=dict(args.param), progress=not args.quiet)  # fmt: skip
+    setting = get_setting(get_preset(args.preset).setting)
+    with setting.exported(_setting_options(args)):  # the kernels papermill starts read them from their environment
+        runs = reproduce(args.preset, args.out, device=args.device, seed=args.seed, source=args.source, only=only,
+                         kernel=args.kernel, parameters=dict(args.param), cache_dir=args.cache_dir, progress=not args.quiet)  # fmt: skip
     if args.json:
         print(json.dumps([{"notebook": r.notebook, "seconds": round(r.seconds, 1), "artifacts": r.artifacts} for r in runs], indent=2))
     else:
@@ -348,7 +317,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from surgery_lib.checkpoints import TASK_VECTORS_TASKS, convert_fusionbench, convert_task_vectors
+    from surgery_lib.settings.clip.checkpoints import (
+        TASK_VECTORS_TASKS,
+        convert_fusionbench,
+        convert_task_vectors,
+    )
 
     tasks = tuple(args.tasks.split(",")) if args.tasks else TASK_VECTORS_TASKS
     convert = convert_task_vectors if args.family == "task_vectors" else convert_fusionbench
@@ -413,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="merge a preset's experts with one method and print per-task accuracy")
     _add_common(merge)
-    merge.add_argument("--method", required=True, help="weight_averaging, task_arithmetic, ties, ties_mean, fisher, "
-                       "regmean, adamerging_task, adamerging_layer, adamerging_plus_task or adamerging_plus")  # fmt: skip
+    merge.add_argument("--method", required=True, metavar="METHOD",
+                       help="the merging method: " + ", ".join(f"{n} ({m.label})" for n, m in MERGE_METHODS.items()))
     _add_merge_options(merge)
     merge.set_defaults(run=_cmd_merge)
 
@@ -430,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     surgery = sub.add_parser("surgery", help="train Surgery (V1) or SurgeryV2 on a merged model; accuracy and bias before and after")
     _add_common(surgery)
-    surgery.add_argument("--merge", default="task_arithmetic", help="the merging method to repair (default task_arithmetic)")
+    surgery.add_argument("--merge", default="task_arithmetic", metavar="METHOD",
+                         help="the merging method to repair (default task_arithmetic; any of --method's)")
     surgery.add_argument("--version", type=int, choices=(1, 2), default=1, help="1: Surgery on the final embedding; 2: SurgeryV2 after every block")
     surgery.add_argument("--rank", type=int, default=None,
                          help="rank of every module (default 16; SurgeryV2 on ViT-L/14: 4, as in the paper)")
@@ -482,7 +456,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the process exit status."""
     args = build_parser().parse_args(argv)
-    _export_clip_options(args)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message=".*IProgress not found.*")
     try:

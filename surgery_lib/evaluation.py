@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from surgery_lib.data import TaskData
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.storage import atomic_path
+from surgery_lib.core.taskdata import TaskData
 from surgery_lib.models import embed
 
 if TYPE_CHECKING:
@@ -74,8 +75,6 @@ def normalized_accuracy(table: pd.DataFrame, experts: Mapping[str, float]) -> pd
 
 def write_table(table: pd.DataFrame, stem: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write ``table`` as ``<stem>.csv`` and ``<stem>.md`` (two decimals), atomically; returns both paths."""
-    from surgery_lib.storage import atomic_path
-
     stem = Path(stem)
     csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
     with atomic_path(csv_path) as tmp:

@@ -16,16 +16,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from surgery_lib.errors import SurgeryBookError
-from surgery_lib.methods import MAIN_TABLE, REPAIRED, MergeOptions, cached_merge, evaluate_merge, method_label
-from surgery_lib.pipeline import SurgeryRun, bias_table, run_surgery
-from surgery_lib.progress import tqdm
-from surgery_lib.surgery import SurgeryConfig
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.merging import (
+    MAIN_TABLE,
+    REPAIRED,
+    MergeOptions,
+    cached_merge,
+    evaluate_merge,
+    method_label,
+)
+from surgery_lib.surgery.run import SurgeryRun, bias_table, run_surgery
+from surgery_lib.surgery.v1 import SurgeryConfig
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from surgery_lib.zoo import Zoo
+    from surgery_lib.settings.base import Zoo
 
 #: Surgery versions of the grid: 0 is the merge alone.
 VERSION_SUFFIX = {0: "", 1: " + Surgery", 2: " + SurgeryV2"}
@@ -80,7 +87,7 @@ def surgery_grid(
     """Every method of ``methods`` alone (version 0), + Surgery (1) and + SurgeryV2 (2), surgery over ``seeds`` seeds.
 
     Args:
-        repaired: the methods that get surgery rows (default: the papers' :data:`~surgery_lib.methods.REPAIRED`;
+        repaired: the methods that get surgery rows (default: the papers' :data:`~surgery_lib.merging.api.REPAIRED`;
             ``None``: every method).
         config: the surgery schedule (its seed is replaced by 0..seeds-1; its rank, when left at the
             default 16, by the preset's rank for each version).

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.taskdata import normalize
 from surgery_lib.presets import EncoderConfig
 
 StateDict = dict[str, torch.Tensor]
@@ -85,6 +86,15 @@ class ClassificationHead(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.linear.out_features
+
+    @classmethod
+    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> ClassificationHead:
+        """A frozen head (eval mode) with ``weight`` (num_classes, embed_dim) and ``bias`` (num_classes,; zero if None)."""
+        head = cls(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            head.linear.weight.copy_(weight)
+            head.linear.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
+        return head.requires_grad_(False).eval()
 
 
 def resolve_device(device: str | torch.device | None, default: str = "cpu") -> torch.device:
@@ -164,8 +174,6 @@ def embed(
     Runs under ``torch.inference_mode`` in ``precision`` (:data:`PRECISIONS`; the CPU always runs fp32);
     the result is an ordinary tensor, usable in autograd later.
     """
-    from surgery_lib.data import normalize
-
     device = torch.device(device)
     encoder = encoder.to(device).eval()
     outputs = []
@@ -224,8 +232,6 @@ def embed_blocks(
 
     ``dtype=torch.float16`` halves the memory of the block means (24 x 1024 values per image for ViT-L/14).
     """
-    from surgery_lib.data import normalize
-
     device = torch.device(device)
     encoder = encoder.to(device).eval()
     finals, blocks = [], []

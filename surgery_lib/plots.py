@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from surgery_lib.core.storage import atomic_path
+from surgery_lib.settings.base import REFERENCE_ROWS
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
@@ -31,8 +34,6 @@ def _pyplot():
 
 def save_figure(figure: Figure, stem: str | os.PathLike[str], dpi: int = 150) -> tuple[Path, Path]:
     """Write ``figure`` to ``<stem>.png`` and ``<stem>.pdf`` atomically; returns both paths."""
-    from surgery_lib.storage import atomic_path
-
     stem = Path(stem)
     paths = []
     for suffix in (".png", ".pdf"):
@@ -265,7 +266,7 @@ def main_table_bars(average: pd.Series, title: str = "Average accuracy over the 
             return "#1b7a3a"
         if label.endswith("+ Surgery"):
             return SURGERY_COLOUR
-        if label in ("pretrained + probe", "individual (expert)", "traditional MTL"):
+        if label in REFERENCE_ROWS:
             return "0.55"
         return MERGED_COLOUR
 

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.storage import atomic_path, exported_cache, write_json
 from surgery_lib.presets import get_preset
-from surgery_lib.progress import tqdm
-from surgery_lib.storage import atomic_path, write_json
 
 ARTIFACT_SUFFIXES = (".png", ".pdf", ".csv", ".md")
 
@@ -69,12 +69,14 @@ def reproduce(
     only: Sequence[str] | None = None,
     kernel: str | None = None,
     parameters: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> list[NotebookRun]:
     """Execute the notebooks for ``preset`` into ``out``; see the module docstring for the layout.
 
     ``parameters`` are passed to every notebook on top of preset, device, seed and output_dir (e.g.
-    ``{"surgery_steps": 200}``); a notebook without such a parameter ignores it.
+    ``{"surgery_steps": 200}``); a notebook without such a parameter ignores it. ``cache_dir`` reaches
+    the kernels as ``$SURGERY_BOOK_CACHE`` (:func:`~surgery_lib.core.storage.exported_cache`).
 
     Raises:
         SurgeryBookError: for an unknown preset, an ``out`` that would overwrite the sources, or a
@@ -95,28 +97,29 @@ def reproduce(
     executed_dir.mkdir(parents=True, exist_ok=True)
     parameters = {**(parameters or {}), "preset": preset, "device": device or default_device, "seed": seed}
     runs: list[NotebookRun] = []
-    bar = tqdm(notebooks, desc=f"reproduce ({preset})", unit="notebook", disable=not progress)
-    for notebook in bar:
-        bar.set_postfix_str(notebook.stem)
-        artifacts_dir = out / notebook.stem
-        target = executed_dir / notebook.name
-        started = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(notebook), str(target), parameters={**parameters, "output_dir": str(artifacts_dir)},
-                cwd=str(notebook.parent), kernel_name=kernel, progress_bar=False,
-            )  # fmt: skip
-        except PapermillExecutionError as exc:
-            message = f"{exc.ename}: {exc.evalue}".strip()
-            runs.append(NotebookRun(notebook.name, "failed", time.perf_counter() - started, str(target), error=message))
+    with exported_cache(cache_dir):  # the kernels read the cache from their environment
+        bar = tqdm(notebooks, desc=f"reproduce ({preset})", unit="notebook", disable=not progress)
+        for notebook in bar:
+            bar.set_postfix_str(notebook.stem)
+            artifacts_dir = out / notebook.stem
+            target = executed_dir / notebook.name
+            started = time.perf_counter()
+            try:
+                papermill.execute_notebook(
+                    str(notebook), str(target), parameters={**parameters, "output_dir": str(artifacts_dir)},
+                    cwd=str(notebook.parent), kernel_name=kernel, progress_bar=False,
+                )  # fmt: skip
+            except PapermillExecutionError as exc:
+                message = f"{exc.ename}: {exc.evalue}".strip()
+                runs.append(NotebookRun(notebook.name, "failed", time.perf_counter() - started, str(target), error=message))
+                write_summary(out, preset, runs)
+                raise SurgeryBookError(
+                    f"notebook {notebook.name} failed in cell {exc.exec_count} ({message})",
+                    f"read the traceback in {target}; the summary is in {out / 'summary.md'}",
+                ) from None
+            artifacts = sorted(str(p.relative_to(out)) for p in artifacts_dir.rglob("*") if p.suffix in ARTIFACT_SUFFIXES)
+            runs.append(NotebookRun(notebook.name, "ok", time.perf_counter() - started, str(target), artifacts))
             write_summary(out, preset, runs)
-            raise SurgeryBookError(
-                f"notebook {notebook.name} failed in cell {exc.exec_count} ({message})",
-                f"read the traceback in {target}; the summary is in {out / 'summary.md'}",
-            ) from None
-        artifacts = sorted(str(p.relative_to(out)) for p in artifacts_dir.rglob("*") if p.suffix in ARTIFACT_SUFFIXES)
-        runs.append(NotebookRun(notebook.name, "ok", time.perf_counter() - started, str(target), artifacts))
-        write_summary(out, preset, runs)
     return runs
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from surgery_lib.clip_tasks import EUROSAT_FOLDERS
-from surgery_lib.presets import OPENAI_MEAN, OPENAI_STD, ClipConfig, EncoderConfig, Preset, text_leftover_entries
+from surgery_lib.settings.clip.tasks import EUROSAT_FOLDERS
+from surgery_lib.presets import ClipConfig, EncoderConfig, Preset
+from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, OPENAI_MEAN, OPENAI_STD, text_leftover_entries
 
 #: Classes of each fabricated dataset (tasks with fixed class names keep their full count).
 CLASSES = {"SUN397": 3, "Cars": 2, "RESISC45": 3, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10, "DTD": 3}
@@ -29,7 +30,8 @@ TINY_CLIP = (
         recipe=None,
         # The fabricated checkpoints keep text leftovers of width 16 projecting to 64 (vocabulary 12, context 5).
         clip=ClipConfig(model="ViT-B-32", hub_model="openai/clip-vit-base-patch32",
-                        ties_text_entries=text_leftover_entries(16, 64, vocabulary=12, context=5)),
+                        ties_text_entries=text_leftover_entries(16, 64, vocabulary=12, context=5), tasks=CLIP_TASK_NAMES),
+        setting="clip",
         adamerging_steps=2,
         adamerging_batch_size=4,
     )

@@ -14,13 +14,13 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def smoke_suite(cache_dir):
-    from surgery_lib.data import load_suite
+    from surgery_lib.settings import load_suite
 
     return load_suite("smoke", cache_dir=cache_dir, progress=False)
 
 
 @pytest.fixture(scope="session")
 def smoke_zoo(cache_dir):
-    from surgery_lib.zoo import build_zoo
+    from surgery_lib.settings import build_zoo
 
     return build_zoo("smoke", device="cpu", cache_dir=cache_dir, progress=False)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery_lib.adamerging import adamerging, prediction_entropy
-from surgery_lib.errors import SurgeryBookError
-from surgery_lib.fisher import diagonal_fisher, fisher_merging
+from surgery_lib.merging.adamerging import adamerging, prediction_entropy
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.merging.fisher import diagonal_fisher, fisher_merging
 from surgery_lib.merging import add_vectors, task_arithmetic, task_vectors
-from surgery_lib.methods import MergeOptions, check_method, evaluate_merge, merge
+from surgery_lib.merging import MergeOptions, check_method, evaluate_merge, merge
 from surgery_lib.models import load_encoder
-from surgery_lib.regmean import _attention_values, gram_matrices, regmean_merging
+from surgery_lib.merging.regmean import _attention_values, gram_matrices, regmean_merging
 
 
 def _run(zoo, **kwargs):
@@ -50,7 +50,7 @@ def test_adamerging_lowers_entropy_and_keeps_coefficients_in_range(smoke_zoo):
 
 
 def test_a_coefficient_driven_below_zero_stays_at_zero(smoke_zoo):
-    from surgery_lib.adamerging import merge_with_coefficients
+    from surgery_lib.merging.adamerging import merge_with_coefficients
 
     # The clamp sits inside the merge: outside [0, 1] a coefficient gets no gradient.
     vectors = task_vectors(smoke_zoo.pretrained, smoke_zoo.experts)
@@ -73,7 +73,7 @@ def test_a_coefficient_driven_below_zero_stays_at_zero(smoke_zoo):
 
 
 def test_adamerging_draws_a_fresh_shuffle_every_step_and_sums_batch_entropies(smoke_zoo, monkeypatch):
-    import surgery_lib.adamerging as module
+    import surgery_lib.merging.adamerging as module
 
     drawn = []
     original = torch.randperm

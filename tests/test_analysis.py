@@ -8,11 +8,11 @@ import logging
 import pytest
 import torch
 
-from surgery_lib import methods
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib import merging as methods
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging import cosine_similarities, task_arithmetic
-from surgery_lib.pipeline import bias_table, block_bias_table, run_surgery, task_embeddings
-from surgery_lib.surgery import SurgeryConfig
+from surgery_lib.surgery.run import bias_table, block_bias_table, run_surgery, task_embeddings
+from surgery_lib.surgery.v1 import SurgeryConfig
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.checkpoints import (
+from surgery_lib.settings.clip.checkpoints import (
     UnsafeCheckpointError,
     build_clip_visual,
     load_head,
@@ -24,7 +24,7 @@ from surgery_lib.checkpoints import (
     read_pickled_checkpoint,
     visual_architecture,
 )
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")
 
@@ -101,7 +101,7 @@ def test_truncated_or_wrong_files_give_a_clear_error(tmp_path, published_classes
 
 
 def test_convert_a_task_vectors_folder_and_load_it_back(tmp_path, published_classes, tiny_visual, capsys):
-    from surgery_lib.checkpoints import load_converted
+    from surgery_lib.settings.clip.checkpoints import load_converted
     from surgery_lib.cli import main
 
     root = tmp_path / "checkpoints" / "ViT-B-32"
@@ -131,7 +131,7 @@ def test_convert_a_task_vectors_folder_and_load_it_back(tmp_path, published_clas
 
 def test_transformers_clip_vision_maps_onto_open_clip_exactly():
     transformers = pytest.importorskip("transformers")
-    from surgery_lib.checkpoints import open_clip_state_from_transformers
+    from surgery_lib.settings.clip.checkpoints import open_clip_state_from_transformers
 
     torch.manual_seed(2)
     # head width 64, as in every CLIP (the head count is not stored in the weights)

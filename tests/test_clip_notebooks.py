@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from clip_fixtures import TINY_CLIP, fabricate_datasets, fabricate_task_vectors_checkpoints
-from surgery_lib.clip_tasks import CLIP_TASK_NAMES
+from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES
 from surgery_lib.presets import PRESETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")]

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from clip_fixtures import CLASSES, TEST_SIZES, TINY_CLIP, fabricate_datasets, fabricate_task_vectors_checkpoints
-from surgery_lib.clip_data import hub_dataset, load_clip_task, local_dataset, read_cache
-from surgery_lib.clip_tasks import CLIP_TASK_NAMES, CLIP_TASKS, EUROSAT_CLASSES, GTSRB_CLASSES, get_clip_task
-from surgery_lib.clip_zoo import ClipSources, load_clip_zoo
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.settings.clip.data import hub_dataset, load_clip_task, local_dataset, read_cache
+from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, CLIP_TASKS, EUROSAT_CLASSES, GTSRB_CLASSES, get_clip_task
+from surgery_lib.settings.clip.zoo import ClipSources, load_clip_zoo
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import get_preset
-from surgery_lib.zero_shot import cached_zero_shot_head, zero_shot_head
+from surgery_lib.settings.clip.zero_shot import cached_zero_shot_head, zero_shot_head
 
 pytestmark = pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")
 
@@ -225,9 +225,9 @@ def test_task_vectors_setting_loads_into_a_zoo(tiny_clip_zoo, tiny_visual):
 
 def test_every_method_runs_on_the_clip_path(tiny_clip_zoo):
     from surgery_lib.merging import task_arithmetic
-    from surgery_lib.methods import MergeOptions, evaluate_merge, merge
-    from surgery_lib.pipeline import run_surgery
-    from surgery_lib.surgery import SurgeryConfig
+    from surgery_lib.merging import MergeOptions, evaluate_merge, merge
+    from surgery_lib.surgery.run import run_surgery
+    from surgery_lib.surgery.v1 import SurgeryConfig
 
     zoo, _, _ = tiny_clip_zoo
     result = merge(zoo, "task_arithmetic", device="cpu", progress=False)
@@ -264,7 +264,7 @@ def test_commands_accept_clip_presets(tiny_clip_zoo, capsys, monkeypatch):
 
 def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, datasets_root, clip_env, capsys):
     transformers = pytest.importorskip("transformers")
-    from surgery_lib.checkpoints import build_clip_visual, fusionbench_sources, load_converted
+    from surgery_lib.settings.clip.checkpoints import build_clip_visual, fusionbench_sources, load_converted
 
     torch.manual_seed(3)
     vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
@@ -318,8 +318,12 @@ def test_presets_round_trip_through_json_files(tmp_path, monkeypatch):
         assert preset_from_dict(json.loads(json.dumps(get_preset(name).to_dict()))) == get_preset(name)
     path = tmp_path / "presets.json"
     path.write_text(json.dumps([TINY_CLIP.to_dict()]))
-    monkeypatch.setattr("surgery_lib.presets.PRESETS", dict(PRESETS))
     assert register_presets_from_file(path) == [TINY_CLIP]
+    monkeypatch.delitem(PRESETS, TINY_CLIP.name)  # registered for this test only
+    mini = tmp_path / "mini.json"
+    mini.write_text(json.dumps(get_preset("mini").to_dict()))
+    with pytest.raises(SurgeryBookError, match="already registered"):  # a built-in is never replaced silently
+        register_presets_from_file(mini)
     path.write_text(json.dumps({"name": "broken"}))
     with pytest.raises(SurgeryBookError, match="invalid preset description"):
         register_presets_from_file(path)
@@ -360,7 +364,7 @@ def test_a_new_checkpoint_source_is_converted_again(tmp_path, datasets_root, pub
 
 
 def test_suite_cards_name_the_cache_files(datasets_root, tmp_path):
-    from surgery_lib.clip_data import load_clip_suite
+    from surgery_lib.settings.clip.data import load_clip_suite
 
     suite = load_clip_suite(("DTD", "MNIST"), source="local", root=datasets_root, cache_dir=tmp_path, image_size=32,
                             train_images=4, workers=0, progress=False)  # fmt: skip
@@ -373,7 +377,7 @@ def _official_ties(folder, tasks, keep=0.2, scale=0.3):
     """The official TIES, step by step: flatten every task vector of the whole pickled ImageEncoder (text
     leftovers included, sorted keys), keep entries >= the (d - int(d k))-th smallest magnitude, elect signs
     (majority sign where the sum is 0), disjoint sum. Returns the kept entries and the merged state by key."""
-    from surgery_lib.checkpoints import module_tensors, read_pickled_checkpoint
+    from surgery_lib.settings.clip.checkpoints import module_tensors, read_pickled_checkpoint
 
     def full(path):
         return {k: v.float() for k, v in module_tensors(read_pickled_checkpoint(path)).items() if v.is_floating_point()}
@@ -398,9 +402,9 @@ def _official_ties(folder, tasks, keep=0.2, scale=0.3):
 
 
 def test_ties_keeps_exactly_the_entries_the_official_flatten_then_trim_keeps(tiny_clip_zoo):
-    from surgery_lib.checkpoints import TASK_VECTORS_TASKS, VISUAL_PREFIX
+    from surgery_lib.settings.clip.checkpoints import TASK_VECTORS_TASKS, VISUAL_PREFIX
     from surgery_lib.merging import task_vectors, ties_vectors
-    from surgery_lib.methods import merge, method_label
+    from surgery_lib.merging import merge, method_label
 
     zoo, tmp_path, _ = tiny_clip_zoo
     official_kept, official_merged = _official_ties(tmp_path / "checkpoints" / "ViT-B-32", TASK_VECTORS_TASKS)
@@ -425,7 +429,7 @@ def test_clip_presets_carry_the_official_ties_scope():
     from open_clip.transformer import QuickGELU, VisionTransformer
 
     from surgery_lib.merging import kept_fraction
-    from surgery_lib.presets import text_leftover_entries
+    from surgery_lib.settings.clip.tasks import text_leftover_entries
 
     expected = {"clip-vit-b-32": 25.83, "clip-vit-b-16": 25.94, "clip-vit-l-14": 22.54}
     for name, percent in expected.items():

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from surgery_lib.data import TASKS, check_tasks, data_cards, load_suite
-from surgery_lib.data import generators as gen
-from surgery_lib.data import suite as suite_module
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.settings import load_suite
+from surgery_lib.settings.offline.generators import TASKS
+from surgery_lib.settings.offline.suite import check_tasks, data_cards
+from surgery_lib.settings.offline import generators as gen
+from surgery_lib.settings.offline import suite as suite_module
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import SuiteConfig, get_preset
 
 TINY = SuiteConfig(tasks=("street_digits", "textures"), train_per_task=40, adapt_per_task=20, test_per_task=30, mix_per_class=2)
@@ -185,7 +187,7 @@ def test_parallel_generation_works_from_a_script_without_a_main_guard(tmp_path):
 
     script = tmp_path / "user_script.py"
     script.write_text(
-        "from surgery_lib.data import load_suite\n"
+        "from surgery_lib.settings import load_suite\n"
         "from surgery_lib.presets import SuiteConfig\n"
         "cfg = SuiteConfig(tasks=('letters',), train_per_task=600, adapt_per_task=10, test_per_task=10, mix_per_class=1)\n"
         f"suite = load_suite(cfg, cache_dir={str(tmp_path / 'cache')!r}, workers=2, progress=False)\n"

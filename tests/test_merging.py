@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging import task_arithmetic, task_vectors, weight_averaging
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def mini_zoo():
-    from surgery_lib.zoo import build_zoo
+    from surgery_lib.settings import build_zoo
 
     return build_zoo("mini", device="cpu", progress=False)
 
@@ -40,7 +40,7 @@ def test_task_arithmetic_loses_at_least_ten_points(mini_zoo):
 
 @pytest.fixture(scope="module")
 def merges(mini_zoo):
-    from surgery_lib.methods import cached_merge
+    from surgery_lib.merging import cached_merge
 
     # Through the merge cache, as the notebooks read them: `make test` runs these checks before nbval, which then
     # reuses the merges instead of computing each one twice in its parallel workers.
@@ -54,7 +54,7 @@ def _average(values):
 
 @pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic", "ties", "adamerging_layer"])
 def test_surgery_gains_three_points_and_lowers_bias_everywhere(mini_zoo, merges, method):
-    from surgery_lib.pipeline import run_surgery
+    from surgery_lib.surgery.run import run_surgery
 
     run = run_surgery(mini_zoo, merges[method], progress=False)
     before, after = _average(run.accuracy_before), _average(run.accuracy_after)
@@ -64,7 +64,7 @@ def test_surgery_gains_three_points_and_lowers_bias_everywhere(mini_zoo, merges,
 
 
 def test_surgery_gains_remain_with_the_held_out_adaptation_split(mini_zoo, merges):
-    from surgery_lib.pipeline import run_surgery
+    from surgery_lib.surgery.run import run_surgery
 
     run = run_surgery(mini_zoo, merges["task_arithmetic"], split="adapt", progress=False)
     before, after = _average(run.accuracy_before), _average(run.accuracy_after)
@@ -73,7 +73,7 @@ def test_surgery_gains_remain_with_the_held_out_adaptation_split(mini_zoo, merge
 
 
 def test_surgery_v2_beats_surgery_and_lowers_bias_at_every_block(mini_zoo, merges):
-    from surgery_lib.pipeline import run_surgery
+    from surgery_lib.surgery.run import run_surgery
 
     v1 = run_surgery(mini_zoo, merges["task_arithmetic"], progress=False)
     v2 = run_surgery(mini_zoo, merges["task_arithmetic"], version=2, progress=False)

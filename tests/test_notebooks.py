@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgery_lib.project import REPOSITORY_URL
+from surgery_lib.core.project import REPOSITORY_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from surgery_lib import models
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import get_preset
 
 

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from surgery_lib.cli import main
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.reproduce import find_notebooks, reproduce
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging import task_arithmetic
 from surgery_lib.models import forward_blocks
-from surgery_lib.pipeline import load_surgery, run_surgery, save_surgery
-from surgery_lib.surgery import SurgeryConfig, TaskSurgery, train_surgery
-from surgery_lib.surgery_v2 import DeepSurgery
+from surgery_lib.surgery.run import load_surgery, run_surgery, save_surgery
+from surgery_lib.surgery.v1 import SurgeryConfig, TaskSurgery, train_surgery
+from surgery_lib.surgery.v2 import DeepSurgery
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_batched_trainer_equals_a_step_by_step_replay_of_the_official_loop(adam,
 @pytest.mark.parametrize("adam", ["shared", "per-task"])
 def test_surgery_v2_batched_trainer_equals_a_step_by_step_replay(smoke_zoo, merged_state, adam):
     from surgery_lib.models import embed_blocks, load_encoder
-    from surgery_lib.surgery_v2 import train_deep_surgery
+    from surgery_lib.surgery.v2 import train_deep_surgery
 
     tasks = smoke_zoo.tasks
     encoder = load_encoder(smoke_zoo.preset.encoder, merged_state).eval().requires_grad_(False)
@@ -128,7 +128,7 @@ def test_shared_adam_moves_idle_modules_and_per_task_does_not():
 
 
 def test_coasting_in_closed_form_equals_torch_adam_with_zero_gradients():
-    from surgery_lib.schedule import TaskAdam
+    from surgery_lib.surgery.schedule import TaskAdam
 
     torch.manual_seed(0)
     weights = torch.nn.Parameter(torch.randn(3, 5))
@@ -155,7 +155,7 @@ def test_coasting_in_closed_form_equals_torch_adam_with_zero_gradients():
 
 
 def test_official_iterations_draw_two_batches_from_a_fresh_shuffle_each_iteration():
-    from surgery_lib.schedule import official_iterations
+    from surgery_lib.surgery.schedule import official_iterations
 
     iterations = list(official_iterations([40, 20, 10], steps=5, batch_size=16, seed=1))
     assert [it.counts for it in iterations] == [[2, 2, 1], [2, 2, 1], [1, 1, 1]]
@@ -172,7 +172,7 @@ def test_official_iterations_draw_two_batches_from_a_fresh_shuffle_each_iteratio
 
 
 def test_online_iterations_see_every_image_once_with_checkpoints():
-    from surgery_lib.schedule import ONLINE_CHECKPOINTS, online_iterations
+    from surgery_lib.surgery.schedule import ONLINE_CHECKPOINTS, online_iterations
 
     iterations = list(online_iterations([1000, 250], seed=0))
     assert [it.checkpoint for it in iterations] == list(ONLINE_CHECKPOINTS)

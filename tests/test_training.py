@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery_lib.errors import SurgeryBookError
-from surgery_lib.presets import config_hash, get_preset
-from surgery_lib.training import derive_seed, fit_probe, random_translate, warmup_cosine
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.storage import config_hash
+from surgery_lib.presets import get_preset
+from surgery_lib.settings.offline.training import derive_seed, fit_probe, random_translate, warmup_cosine
 
 
 def test_random_translate_shifts_each_image_with_zero_fill():
@@ -55,7 +56,7 @@ def test_derive_seed_is_stable_and_distinct():
 
 
 def test_unknown_preset_is_a_clear_error():
-    with pytest.raises(SurgeryBookError, match=r"unknown preset 'huge'.*use one of: base, clip-vit-b-16, clip-vit-b-32, clip-vit-l-14, mini, smoke"):
+    with pytest.raises(SurgeryBookError, match=r"unknown preset 'huge'.*use one of: smoke, mini, base, clip-vit-b-32, clip-vit-b-16, clip-vit-l-14"):
         get_preset("huge")
 
 

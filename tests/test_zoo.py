@@ -9,11 +9,13 @@ import logging
 import pytest
 import torch
 
-from surgery_lib import training
-from surgery_lib import zoo as zoo_module
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.settings.offline import training
+from surgery_lib.settings import base as settings_base
+from surgery_lib.settings.offline import zoo as zoo_module
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import get_preset
-from surgery_lib.zoo import MANIFEST, build_zoo, default_zoo_dir
+from surgery_lib.settings import build_zoo
+from surgery_lib.settings.offline.zoo import MANIFEST, default_zoo_dir
 
 
 def _forbid_training(monkeypatch):
@@ -170,8 +172,8 @@ def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, mo
     def fail(*args, **kwargs):
         raise AssertionError("the expert's embeddings were computed again")
 
-    monkeypatch.setattr(zoo_module, "embed", fail)
-    monkeypatch.setattr(zoo_module, "embed_blocks", fail)
+    monkeypatch.setattr(settings_base, "embed", fail)
+    monkeypatch.setattr(settings_base, "embed_blocks", fail)
     assert smoke_zoo.expert_features(task)[0] is final
     assert smoke_zoo.expert_features(task, blocks=True)[1] is blocks
     smoke_zoo.forget_features()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -14,27 +13,24 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from surgery_lib.bias import block_bias, representation_bias
-from surgery_lib.errors import SurgeryBookError
-from surgery_lib.evaluation import accuracy_from_features
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.state_dict import state_fingerprint
+from surgery_lib.core.storage import load_tensors, save_tensors
+from surgery_lib.evaluation import accuracy_from_features, results_table
 from surgery_lib.models import embed, embed_blocks, load_encoder, resolve_device
-from surgery_lib.storage import load_tensors, save_tensors
-from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery, task_seed, train_surgery
-from surgery_lib.surgery_v2 import DeepSurgery, train_deep_surgery
+from surgery_lib.surgery.v1 import (
+    SurgeryConfig,
+    SurgeryHistory,
+    TaskSurgery,
+    task_seed,
+    train_surgery,
+)
+from surgery_lib.surgery.v2 import DeepSurgery, train_deep_surgery
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from surgery_lib.zoo import Zoo
-
-
-def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 (first 16 hex digits) of a state dict's names, shapes, dtypes and values."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()[:16]
+    from surgery_lib.settings.base import Zoo
 
 
 @dataclass
@@ -58,8 +54,6 @@ class SurgeryRun:
 
     def table(self) -> pd.DataFrame:
         """Rows: accuracy and bias before and after surgery; columns: tasks and their average."""
-        from surgery_lib.evaluation import results_table
-
         return results_table({
             "accuracy before": self.accuracy_before, "accuracy after": self.accuracy_after,
             "bias before": self.bias_before, "bias after": self.bias_after,
@@ -77,8 +71,6 @@ class SurgeryRun:
 
     def learning_curve(self) -> pd.DataFrame:
         """Test accuracy per task (and average) at every evaluated step."""
-        from surgery_lib.evaluation import results_table
-
         return results_table(self.history.accuracy).rename_axis("step")
 
 
@@ -99,7 +91,7 @@ def run_surgery(
     """Train Surgery (``version=1``) or SurgeryV2 (``version=2``) on a merged state dict of ``zoo``'s experts.
 
     Args:
-        merged: the merged encoder weights (from any method in :mod:`surgery_lib.methods`).
+        merged: the merged encoder weights (from any method in :mod:`surgery_lib.merging.api`).
         split: unlabeled adaptation images: ``"test"`` (the paper's transductive setting) or ``"adapt"``
             (a held-out split of the same task, never used for evaluation).
         config: the schedule (default: the official one, with the preset's SurgeryV2 rank for V2).
@@ -227,8 +219,6 @@ def bias_table(
     device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Representation bias of each merged model (rows, by label) on every task's test images (columns + average)."""
-    from surgery_lib.evaluation import results_table
-
     expert = task_embeddings(zoo, "expert", tasks, device=device)
     rows = {}
     for label, state in merges.items():

@@ -14,6 +14,7 @@ forward pass, so activation memory is that of one batch whatever the number of t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,10 +22,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from surgery_lib.data import TaskData
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.taskdata import TaskData
+from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
+from surgery_lib.merging.ties import ties_vectors
+from surgery_lib.merging.vectors import task_vectors
 from surgery_lib.models import autocast
-from surgery_lib.progress import tqdm
 
 
 @dataclass
@@ -169,3 +173,30 @@ def adamerging(
         merged = {k: v.detach().cpu() for k, v in merge_with_coefficients(base, stacked, final).items()}
     merged = {**{k: v.clone() for k, v in pretrained.items()}, **merged}
     return AdaMergingResult(tasks, keys, final.clamp(0.0, 1.0).cpu(), merged, history, final.cpu())
+
+
+def _run(zoo, experts, options, device, progress, *, granularity: str, trimmed: bool):
+    vectors = task_vectors(zoo.pretrained, experts)
+    if trimmed:  # AdaMerging++: the coefficients scale TIES-trimmed task vectors
+        vectors = dict(zip(vectors, ties_vectors(list(vectors.values()), options.keep_fraction, ties_zero_entries(zoo))))
+    result = adamerging(
+        zoo.encoder("pretrained"), zoo.pretrained, vectors, zoo.heads, {t: zoo.suite[t] for t in experts},
+        granularity=granularity, split=options.split,
+        steps=options.steps if options.steps is not None else zoo.preset.adamerging_steps,
+        batch_size=options.batch_size or zoo.preset.adamerging_batch_size, batches_per_task=options.batches_per_task,
+        lr=options.lr, seed=options.seed, device=device, precision=options.precision or zoo.preset.precision, progress=progress,
+    )  # fmt: skip
+    return result.merged, {"adamerging": result}
+
+
+_READS = ("steps", "batch_size", "batches_per_task", "lr", "split", "seed", "precision")
+for _name, _label, _granularity, _trimmed in (
+    ("adamerging_task", "task-wise AdaMerging", "task", False),
+    ("adamerging_layer", "layer-wise AdaMerging", "layer", False),
+    ("adamerging_plus_task", "task-wise AdaMerging++", "task", True),
+    ("adamerging_plus", "layer-wise AdaMerging++", "layer", True),
+):
+    register_method(MergeMethod(
+        _name, _label, functools.partial(_run, granularity=_granularity, trimmed=_trimmed),
+        reads=_READS + (("keep_fraction",) if _trimmed else ()), trims=_trimmed, data="unlabeled",
+    ))  # fmt: skip

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from surgery_lib.progress import tqdm
+from surgery_lib.core.progress import tqdm
+from surgery_lib.merging.base import MergeMethod, register_method, train_subset
 
 
 def diagonal_fisher(
@@ -54,3 +55,14 @@ def fisher_merging(
         weights = torch.stack([fishers[t][key] for t in tasks]).float() + epsilon
         merged[key] = ((weights * stacked).sum(0) / weights.sum(0)).to(reference.dtype)
     return merged
+
+
+def _run(zoo, experts, options, device, progress):
+    fishers = {
+        task: diagonal_fisher(zoo.encoder(task), zoo.heads[task], train_subset(zoo, task, options.samples, options.seed), device, progress)
+        for task in experts
+    }
+    return fisher_merging(experts, fishers), {}
+
+
+register_method(MergeMethod("fisher", "Fisher merging", _run, reads=("samples", "seed"), data="labeled"))

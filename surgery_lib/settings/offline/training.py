@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.data import TaskData
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.taskdata import TaskData
 from surgery_lib.models import ClassificationHead, autocast
-from surgery_lib.progress import tqdm
-
 
 #: The zoo's own training (offline presets) runs in bf16 on a GPU; only reproduction paths follow the official fp32.
 TRAINING_PRECISION = "bf16"

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.data import TaskData, normalize
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.taskdata import TaskData, normalize
+from surgery_lib.evaluation import accuracy_from_features
 from surgery_lib.models import autocast, forward_blocks
-from surgery_lib.progress import tqdm
-from surgery_lib.schedule import TaskAdam, train_on_schedule
-from surgery_lib.surgery import SurgeryConfig, SurgeryHistory, TaskSurgery
+from surgery_lib.surgery.schedule import TaskAdam, train_on_schedule
+from surgery_lib.surgery.v1 import SurgeryConfig, SurgeryHistory, TaskSurgery
 
 
 class DeepSurgery(nn.Module):
@@ -133,7 +134,16 @@ def train_deep_surgery(
     final_targets = [targets[t][0].to(device) for t in tasks]
     block_targets = [targets[t][1].to(device) for t in tasks]
     history = SurgeryHistory()
-    _record(surgery, encoder, unlabeled, evaluate, history, 0, device, precision)
+
+    def accuracy(task: str) -> float:
+        final = surgery.embed(encoder, task, unlabeled[task], device=device, precision=precision)[0]
+        return accuracy_from_features(final, evaluate[task], unlabeled[task].labels["test"])
+
+    def checkpoint(step: int) -> None:
+        history.record(step, list(evaluate), accuracy)
+
+    if evaluate:
+        checkpoint(0)
     data0 = unlabeled[tasks[0]]
 
     def task_losses(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -151,18 +161,6 @@ def train_deep_surgery(
     with tqdm(total=config.rounds(sizes), desc="SurgeryV2", disable=not progress) as bar:
         train_on_schedule(
             config.iterations(sizes), optimizer, task_losses, losses=history.loss, bar=bar,
-            checkpoint=(lambda label: _record(surgery, encoder, unlabeled, evaluate, history, label, device, precision))
-            if evaluate else None,
+            checkpoint=checkpoint if evaluate else None,
         )  # fmt: skip
     return surgery.cpu(), history
-
-
-def _record(surgery, encoder, data, heads, history, step, device, precision) -> None:
-    if not heads:
-        return
-    from surgery_lib.evaluation import accuracy_from_features
-
-    history.accuracy[step] = {
-        task: accuracy_from_features(surgery.embed(encoder, task, data[task], device=device, precision=precision)[0], head, data[task].labels["test"])
-        for task, head in heads.items()
-    }

@@ -16,15 +16,22 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from surgery_lib.data import Suite, load_suite
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.project import __version__
+from surgery_lib.core.storage import (
+    CorruptFileError,
+    cache_root,
+    config_hash,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from surgery_lib.evaluation import accuracy_from_features, task_accuracy
 from surgery_lib.models import (
     ClassificationHead,
@@ -32,23 +39,23 @@ from surgery_lib.models import (
     build_encoder,
     clone_state,
     embed,
-    embed_blocks,
     load_encoder,
     resolve_device,
 )
-from surgery_lib.presets import Preset, config_hash, get_preset
-from surgery_lib.project import __version__
-from surgery_lib.storage import CorruptFileError, cache_root, load_tensors, read_json, save_tensors, write_json
-from surgery_lib.training import derive_seed, finetune, fit_probe, pretrain
+from surgery_lib.presets import Preset, get_preset
+from surgery_lib.settings.base import Zoo
+from surgery_lib.settings.offline.suite import load_suite
+from surgery_lib.settings.offline.training import (
+    derive_seed,
+    finetune,
+    fit_probe,
+    pretrain,
+)
 
 log = logging.getLogger(__name__)
 
 ZOO_FORMAT = 1
 MANIFEST = "manifest.json"
-
-#: Rows of the zoo's accuracy table, in the order of the papers' tables.
-ZOO_ROWS = {"pretrained": "pretrained + probe", "expert": "individual (expert)", "mtl": "traditional MTL"}
-CLIP_PRETRAINED_ROW = "pretrained (zero-shot)"
 
 
 def zoo_config_hash(preset: Preset) -> str:
@@ -73,79 +80,6 @@ def package_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
-
-
-@dataclass
-class Zoo:
-    """Trained weights of one preset. Encoders are returned as fresh modules so callers may modify them."""
-
-    preset: Preset
-    directory: Path
-    manifest: dict[str, Any]
-    pretrained: StateDict
-    heads: dict[str, ClassificationHead]
-    experts: dict[str, StateDict]
-    mtl: StateDict | None  # None for the real-CLIP presets (the papers' MTL numbers are quoted instead)
-    suite: Suite = field(repr=False)
-    _expert_features: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return tuple(self.experts)
-
-    def expert_features(
-        self, task: str, split: str = "test", *, blocks: bool = False, device: str | torch.device = "cpu", precision: str = "fp32"
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``task``'s expert embeddings of its ``split`` images: final (N, output_dim) and, with ``blocks``,
-        the per-block token means (N, blocks, width), float32 on the CPU (``None`` without ``blocks``).
-
-        Every surgery run and bias measurement compares against these targets, and they never change for a
-        zoo, so they are computed once per process and kept (the papers' grid reuses them 30 times). Treat
-        them as read-only; :meth:`forget_features` frees them (for ViT-L/14 with blocks, gigabytes).
-        """
-        key = (task, split, blocks, str(torch.device(device)), precision)
-        if key not in self._expert_features:
-            data, encoder = self.suite[task], self.encoder(task)
-            if blocks:
-                final, means = embed_blocks(encoder, data.images[split], data.mean, data.std, device=device, precision=precision)
-                self._expert_features[key] = (final, means)
-            else:
-                self._expert_features[key] = (embed(encoder, data.images[split], data.mean, data.std, device=device, precision=precision), None)
-        return self._expert_features[key]
-
-    def forget_features(self) -> None:
-        """Free the expert embeddings :meth:`expert_features` kept."""
-        self._expert_features.clear()
-
-    def encoder(self, which: str = "pretrained") -> nn.Module:
-        """A fresh encoder loaded with ``"pretrained"``, ``"mtl"`` or a task's expert weights."""
-        if which == "pretrained":
-            state = self.pretrained
-        elif which == "mtl" and self.mtl is not None:
-            state = self.mtl
-        elif which in self.experts:
-            state = self.experts[which]
-        else:
-            models = ["pretrained", *(["mtl"] if self.mtl is not None else [])]
-            raise SurgeryBookError(
-                f"the zoo has no model {which!r}", f"use {', '.join(repr(m) for m in models)} or a task: {', '.join(self.tasks)}"
-            )
-        return load_encoder(self.preset.encoder, state).eval()
-
-    def reference_rows(self) -> dict[str, dict[str, float]]:
-        """The reference rows of the papers' tables, ``{label: {task: accuracy %}}``: pretrained (+ probe
-        offline, zero-shot for CLIP), each expert on its own task, and MTL where the zoo has it."""
-        accuracy = self.manifest["accuracy"]
-        labels = dict(ZOO_ROWS, pretrained=CLIP_PRETRAINED_ROW) if self.preset.clip is not None else ZOO_ROWS
-        return {label: {t: accuracy[key][t] for t in self.tasks} for key, label in labels.items() if key in accuracy}
-
-    def accuracy_table(self):  # -> pandas.DataFrame
-        """Test accuracy (%) of the reference rows (:meth:`reference_rows`), with the average."""
-        from surgery_lib.evaluation import results_table
-
-        return results_table(self.reference_rows())
 
 
 def _check_manifest(manifest: dict[str, Any], preset: Preset, directory: Path) -> None:
@@ -200,7 +134,7 @@ class _Builder:
         return tensors, sha
 
 
-def build_zoo(
+def build_offline_zoo(
     preset: str | Preset = "mini",
     *,
     device: str | torch.device | None = None,
@@ -210,9 +144,6 @@ def build_zoo(
     progress: bool = True,
 ) -> Zoo:
     """Build (or load) the zoo of ``preset``: pretrained encoder, heads, experts and the MTL baseline.
-
-    For the real-CLIP presets (``clip-*``) nothing is trained: :func:`surgery_lib.clip_zoo.load_clip_zoo`
-    loads the published checkpoints and the datasets (locations from ``SURGERY_BOOK_*`` variables).
 
     Args:
         preset: preset name or object; its config hash names the zoo directory.
@@ -227,15 +158,8 @@ def build_zoo(
             an explicit ``zoo_dir`` that holds a zoo of another config (without ``rebuild``).
     """
     preset = get_preset(preset)
-    if preset.clip is not None:
-        from surgery_lib.clip_zoo import load_clip_zoo
-
-        if zoo_dir is not None or rebuild:
-            raise SurgeryBookError(
-                f"zoo_dir and rebuild do not apply to the real-CLIP preset {preset.name!r}",
-                "its caches live under <cache>/clip/; delete a file there to redo that step",
-            )
-        return load_clip_zoo(preset, device=device, cache_dir=cache_dir, progress=progress)
+    if preset.suite is None or preset.recipe is None:
+        raise SurgeryBookError(f"preset {preset.name!r} is not an offline preset", "build its zoo with surgery_lib.settings.build_zoo")
     device = resolve_device(device, preset.default_device)
     directory = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir(preset, cache_dir)
     if rebuild and directory.exists():
@@ -303,11 +227,8 @@ def build_zoo(
         return tensors, {"test_accuracy": accuracy}
 
     head_tensors, heads_sha = builder.step("heads", {"pretrained": pretrained_sha}, train_heads)
-    heads = {}
-    for task in suite.task_names:
-        head = ClassificationHead(encoder_cfg.output_dim, suite[task].num_classes)
-        head.load_state_dict({k.split(".", 1)[1]: v for k, v in head_tensors.items() if k.split(".", 1)[0] == task})
-        heads[task] = head.requires_grad_(False).eval()
+    heads = {task: ClassificationHead.from_weights(head_tensors[f"{task}.linear.weight"], head_tensors[f"{task}.linear.bias"])
+             for task in suite.task_names}  # fmt: skip
     inputs = {"pretrained": pretrained_sha, "heads": heads_sha}
 
     # 3. Experts: the whole encoder fine-tuned per task through its frozen head.

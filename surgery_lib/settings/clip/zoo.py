@@ -1,73 +1,56 @@
-"""The real-CLIP "zoo": published checkpoints and the papers' datasets behind the same :class:`Zoo` interface.
+"""The real-CLIP "zoo": published checkpoints and the papers' datasets behind the same :class:`~surgery_lib.settings.base.Zoo` interface.
 
 ``build_zoo("clip-vit-b-32")`` lands here, so every merge, AdaMerging, Surgery, SurgeryV2 and bias
 function, every command and every notebook runs on the papers' setting unchanged. What happens once,
 then comes from the cache (``<cache>/clip/``):
 
-1. checkpoints are converted to safetensors (:func:`~surgery_lib.checkpoints.convert_task_vectors` from
-   a task_vectors folder, or :func:`~surgery_lib.checkpoints.convert_fusionbench` from the hub);
-2. each task's test split and a training subset are decoded once (:mod:`surgery_lib.clip_data`);
+1. checkpoints are converted to safetensors (:func:`~surgery_lib.settings.clip.checkpoints.convert_task_vectors` from
+   a task_vectors folder, or :func:`~surgery_lib.settings.clip.checkpoints.convert_fusionbench` from the hub);
+2. each task's test split and a training subset are decoded once (:mod:`surgery_lib.settings.clip.data`);
 3. heads: task_vectors' own ``head_<Task>.pt``, or zero-shot heads from the text tower (FusionBench);
 4. the pretrained model's and each expert's test accuracy are measured once and recorded.
 
-Where the inputs are comes from arguments, else environment variables (so that papermill runs of the
-notebooks need only ``-p preset clip-vit-b-32``): ``SURGERY_BOOK_FAMILY`` (``task_vectors`` or
-``fusionbench``), ``SURGERY_BOOK_CHECKPOINTS`` (task_vectors' folder, a converted folder, or FusionBench
-snapshots; ``hub`` for FusionBench's default), ``SURGERY_BOOK_DATA_SOURCE`` (``hub`` or ``local``) and
-``SURGERY_BOOK_DATA_ROOT`` (task_vectors' dataset folders) and ``SURGERY_BOOK_TEST_FOLDER`` (``val`` or
-``test``: which DTD/SUN397 folder is the test split there).
+Where the inputs are: :class:`~surgery_lib.settings.clip.sources.ClipSources` (arguments, else the
+``SURGERY_BOOK_*`` variables that papermill kernels inherit, else the preset's defaults).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from surgery_lib.checkpoints import convert_fusionbench, convert_task_vectors, fusionbench_sources, load_converted
-from surgery_lib.clip_data import load_clip_suite
-from surgery_lib.clip_tasks import CLIP_TASK_NAMES, CLIP_TASKS
-from surgery_lib.data import Suite
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.storage import (
+    CorruptFileError,
+    cache_root,
+    config_hash,
+    read_json,
+    write_json,
+)
+from surgery_lib.core.taskdata import Suite
 from surgery_lib.evaluation import task_accuracy
 from surgery_lib.models import load_encoder, resolve_device
-from surgery_lib.presets import Preset, config_hash, get_preset
-from surgery_lib.storage import CorruptFileError, cache_root, read_json, write_json
-from surgery_lib.zero_shot import cached_zero_shot_head, openai_clip
+from surgery_lib.presets import Preset, get_preset
+from surgery_lib.settings.base import EXPERT_ROW, ZERO_SHOT_ROW, Zoo
+from surgery_lib.settings.clip.checkpoints import (
+    convert_fusionbench,
+    convert_task_vectors,
+    fusionbench_sources,
+    load_converted,
+)
+from surgery_lib.settings.clip.data import load_clip_suite
+from surgery_lib.settings.clip.sources import ClipSources
+from surgery_lib.settings.clip.tasks import CLIP_TASKS
+from surgery_lib.settings.clip.zero_shot import cached_zero_shot_head, openai_clip
 
-FAMILIES = ("task_vectors", "fusionbench")
-
-
-@dataclass(frozen=True)
-class ClipSources:
-    """Where a real-CLIP zoo's checkpoints and data come from (see the module docstring)."""
-
-    family: str = "task_vectors"
-    checkpoints: str | None = None
-    data_source: str = "hub"
-    data_root: str | None = None
-    test_folder: str = "val"  # DTD and SUN397 in task_vectors' layout: "val" (task_vectors) or "test"
-    train_images: int = 1000
-
-    @classmethod
-    def from_environment(cls, preset: Preset, **given: Any) -> ClipSources:
-        """Arguments that are not None, else ``SURGERY_BOOK_*`` variables, else the preset's defaults."""
-        assert preset.clip is not None
-        env = {
-            "family": os.environ.get("SURGERY_BOOK_FAMILY", preset.clip.family),
-            "checkpoints": os.environ.get("SURGERY_BOOK_CHECKPOINTS"),
-            "data_source": os.environ.get("SURGERY_BOOK_DATA_SOURCE", preset.clip.data_source),
-            "data_root": os.environ.get("SURGERY_BOOK_DATA_ROOT"),
-            "test_folder": os.environ.get("SURGERY_BOOK_TEST_FOLDER", "val"),
-        }
-        sources = cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
-        if sources.family not in FAMILIES:
-            raise SurgeryBookError(f"unknown checkpoint family {sources.family!r}", f"use one of: {', '.join(FAMILIES)}")
-        return sources
+#: The label of the pretrained model's row: CLIP classifies zero-shot through its heads.
+CLIP_PRETRAINED_ROW = ZERO_SHOT_ROW
+#: The reference rows of a CLIP zoo (no MTL model: the papers' MTL row is quoted, not rerun).
+CLIP_REFERENCE_ROWS = {"pretrained": CLIP_PRETRAINED_ROW, "expert": EXPERT_ROW}
 
 
 def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, progress: bool = True) -> Path:
@@ -105,9 +88,9 @@ def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, pro
                 f"no converted {model} checkpoints in {target_root} and no task_vectors folder given",
                 "download task_vectors' checkpoint folder and pass --checkpoints DIR (or set SURGERY_BOOK_CHECKPOINTS)",
             )
-        convert_task_vectors(given, model, target_root, CLIP_TASK_NAMES, progress=progress)
+        convert_task_vectors(given, model, target_root, preset.clip.tasks, progress=progress)
     else:
-        convert_fusionbench(str(given) if given is not None else "hub", model, target_root, CLIP_TASK_NAMES, progress=progress)
+        convert_fusionbench(str(given) if given is not None else "hub", model, target_root, preset.clip.tasks, progress=progress)
     return target_root / model
 
 
@@ -125,7 +108,7 @@ def clip_suite(
     assert preset.clip is not None
     sources = sources or ClipSources.from_environment(preset)
     return load_clip_suite(
-        tuple(tasks) if tasks is not None else CLIP_TASK_NAMES, source=sources.data_source,
+        tuple(tasks) if tasks is not None else preset.clip.tasks, source=sources.data_source,
         cache_dir=cache_root(cache_dir) / "clip" / "data", image_size=preset.encoder.image_size, root=sources.data_root,
         test_folder=sources.test_folder, train_images=sources.train_images, workers=workers, hub_load=hub_load,
         progress=progress,
@@ -142,8 +125,8 @@ def load_clip_zoo(
     hub_load: Any = None,
     load_text_model: Any = None,
     progress: bool = True,
-) -> Any:  # -> surgery_lib.zoo.Zoo
-    """A :class:`~surgery_lib.zoo.Zoo` of the real setting (no MTL model: the papers' MTL row is quoted).
+) -> Zoo:
+    """A :class:`~surgery_lib.settings.base.Zoo` of the real setting (no MTL model: the papers' MTL row is quoted).
 
     Args:
         preset: a ``clip-*`` preset.
@@ -152,8 +135,6 @@ def load_clip_zoo(
         hub_load, load_text_model: replace ``datasets.load_dataset`` and the download of OpenAI's
             CLIP (tests pass local stand-ins).
     """
-    from surgery_lib.zoo import Zoo
-
     preset = get_preset(preset)
     if preset.clip is None:
         raise SurgeryBookError(f"preset {preset.name!r} is an offline preset", "use build_zoo for it")
@@ -202,4 +183,4 @@ def load_clip_zoo(
             "data_source": sources.data_source, "test_folder": sources.test_folder, "accuracy": accuracy,
         }  # fmt: skip
         write_json(manifest, manifest_path)
-    return Zoo(preset, directory, manifest, pretrained, heads, experts, None, suite)
+    return Zoo(preset, directory, manifest, pretrained, heads, experts, None, suite, reference_labels=dict(CLIP_REFERENCE_ROWS))

@@ -16,9 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.storage import (
+    CorruptFileError,
+    config_hash,
+    load_tensors,
+    save_tensors,
+)
 from surgery_lib.models import ClassificationHead
-from surgery_lib.presets import config_hash
 
 
 def zero_shot_head(
@@ -55,11 +60,7 @@ def zero_shot_head(
         per_template = torch.cat(chunks).view(len(class_names), len(templates), -1)
         classes = F.normalize(per_template.mean(dim=1), dim=-1)
         weight = classes * clip_model.logit_scale.exp().float().cpu()
-    head = ClassificationHead(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        head.linear.weight.copy_(weight)
-        head.linear.bias.zero_()
-    return head.requires_grad_(False).eval()
+    return ClassificationHead.from_weights(weight)
 
 
 def head_cache_path(cache_dir: str | os.PathLike[str], model: str, task: str, class_names: Sequence[str], templates: Sequence[str]) -> Path:
@@ -80,15 +81,11 @@ def cached_zero_shot_head(
 ) -> ClassificationHead:
     """The head of :func:`zero_shot_head`, read from the cache or built (calling ``load_clip()`` for
     ``(clip_model, tokenizer)`` only then) and written atomically. A damaged cache file is rebuilt."""
-    from surgery_lib.storage import CorruptFileError, load_tensors, save_tensors
-
     path = head_cache_path(cache_dir, model, task, class_names, templates)
     if path.is_file():
         try:
             state = load_tensors(path)[0]
-            head = ClassificationHead(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
-            head.load_state_dict(state)
-            return head.requires_grad_(False).eval()
+            return ClassificationHead.from_weights(state["linear.weight"], state["linear.bias"])
         except (CorruptFileError, KeyError, RuntimeError):
             pass  # rebuilt below
     clip_model, tokenizer = load_clip()

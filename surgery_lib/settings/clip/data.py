@@ -25,11 +25,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgery_lib.clip_tasks import EUROSAT_CLASSES, EUROSAT_FOLDERS, ClipTask, get_clip_task, readable_class_name
-from surgery_lib.data import Suite, TaskData
-from surgery_lib.errors import SurgeryBookError
-from surgery_lib.presets import OPENAI_MEAN, OPENAI_STD
-from surgery_lib.storage import CorruptFileError, atomic_path, read_json, write_json
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.storage import (
+    CorruptFileError,
+    atomic_path,
+    read_json,
+    write_json,
+)
+from surgery_lib.core.taskdata import Suite, TaskData
+from surgery_lib.settings.clip.tasks import (
+    EUROSAT_CLASSES,
+    EUROSAT_FOLDERS,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    ClipTask,
+    get_clip_task,
+    readable_class_name,
+)
 
 CACHE_FORMAT = 1
 DATA_SOURCES = ("hub", "local")
@@ -155,7 +168,7 @@ def local_dataset(task: str | ClipTask, root: str | os.PathLike[str], split: str
     except (FileNotFoundError, RuntimeError) as exc:
         raise SurgeryBookError(
             f"{spec.name} ({split}) was not found under {root}: {exc}",
-            "put the dataset in task_vectors' layout there (see surgery_lib.clip_data.local_dataset), or use --data-source hub",
+            "put the dataset in task_vectors' layout there (see surgery_lib.settings.clip.data.local_dataset), or use --data-source hub",
         ) from None
 
 
@@ -229,8 +242,6 @@ def decode_to_cache(
     (labels, class names, origin). Both are written atomically, the JSON last, so an interrupted run leaves
     nothing that :func:`read_cache` would accept."""
     from torch.utils.data import DataLoader
-
-    from surgery_lib.progress import tqdm
 
     path = Path(path)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers

@@ -1,96 +1,15 @@
-"""Task vectors and data-free merging, as pure functions over state dicts.
-
-Notation (ALGORITHMS.md): theta_0 the pretrained weights, theta_t expert t, tau_t = theta_t - theta_0.
-Every function takes any number of experts and any architecture; nothing is truncated or dropped.
-"""
+"""TIES-merging (Yadav et al., NeurIPS 2023): trim each task vector to its largest entries, elect a sign
+per entry, merge the agreeing entries disjointly. Data-free."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from surgery_lib.errors import SurgeryBookError
-
-StateDict = Mapping[str, torch.Tensor]
-
-
-def check_compatible(pretrained: StateDict, experts: Mapping[str, StateDict]) -> None:
-    """Raise a clear error unless every expert has exactly the pretrained model's keys and shapes."""
-    if not experts:
-        raise SurgeryBookError("no experts to merge", "pass at least one fine-tuned state dict")
-    for name, expert in experts.items():
-        missing, extra = set(pretrained) - set(expert), set(expert) - set(pretrained)
-        if missing or extra:
-            detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(extra)[:3]}"
-            raise SurgeryBookError(
-                f"expert {name!r} does not have the pretrained model's parameters ({detail})",
-                "merge only experts fine-tuned from the same pretrained architecture",
-            )
-        for key, tensor in pretrained.items():
-            if expert[key].shape != tensor.shape:
-                raise SurgeryBookError(
-                    f"expert {name!r} has shape {tuple(expert[key].shape)} for {key!r}, the pretrained "
-                    f"model {tuple(tensor.shape)}",
-                    "merge only experts fine-tuned from the same pretrained architecture",
-                )
-
-
-def task_vectors(pretrained: StateDict, experts: Mapping[str, StateDict]) -> dict[str, dict[str, torch.Tensor]]:
-    """``{task: tau_t}`` with ``tau_t[k] = experts[task][k] - pretrained[k]`` for floating-point tensors."""
-    check_compatible(pretrained, experts)
-    return {
-        task: {k: expert[k] - v for k, v in pretrained.items() if v.is_floating_point()}
-        for task, expert in experts.items()
-    }
-
-
-def flatten_vector(vector: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """All entries of a task vector as one float32 vector (in key order)."""
-    return torch.cat([vector[k].detach().flatten().float() for k in sorted(vector)])
-
-
-def cosine_similarities(vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
-    """Cosine similarity between every pair of flattened task vectors: T vectors -> (T, T).
-
-    Near-zero similarities (the usual case for CLIP experts) mean the vectors point in unrelated
-    directions; merging still interferes because they overlap in *which* weights they move.
-    Memory: one flattened vector per task at a time for the norms, T of them for the Gram matrix.
-    """
-    flat = torch.stack([flatten_vector(v) for v in vectors.values()])
-    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return flat @ flat.T
-
-
-def add_vectors(pretrained: StateDict, vectors: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
-    """``theta_0 + sum_t coefficients[t] * vectors[t]``; keys absent from the vectors are copied."""
-    if len(vectors) != len(coefficients):
-        raise SurgeryBookError(
-            f"{len(coefficients)} coefficients for {len(vectors)} task vectors", "give one coefficient per task"
-        )
-    if not all(math.isfinite(float(c)) for c in coefficients):
-        raise SurgeryBookError(f"merging coefficients {list(coefficients)} contain NaN or infinity", "pass finite numbers")
-    merged = {}
-    for key, value in pretrained.items():
-        if vectors and key in vectors[0]:
-            merged[key] = value + sum(c * vec[key] for c, vec in zip(coefficients, vectors))
-        else:
-            merged[key] = value.clone()
-    return merged
-
-
-def weight_averaging(pretrained: StateDict, experts: Mapping[str, StateDict]) -> dict[str, torch.Tensor]:
-    """The mean of the experts, ``theta_0 + (1/T) sum_t tau_t``."""
-    vectors = list(task_vectors(pretrained, experts).values())
-    return add_vectors(pretrained, vectors, [1.0 / len(vectors)] * len(vectors))
-
-
-def task_arithmetic(pretrained: StateDict, experts: Mapping[str, StateDict], scale: float = 0.3) -> dict[str, torch.Tensor]:
-    """``theta_0 + scale * sum_t tau_t`` (Ilharco et al., 2023); the papers use ``scale = 0.3``."""
-    vectors = list(task_vectors(pretrained, experts).values())
-    return add_vectors(pretrained, vectors, [scale] * len(vectors))
-
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
+from surgery_lib.merging.vectors import StateDict, task_vectors
 
 #: The two TIES operating points in the literature; name the one you run.
 TIES_OPERATING_POINTS: dict[str, dict[str, float | str]] = {
@@ -186,3 +105,18 @@ def ties_merging(
             total = total / (stacked != 0).sum(dim=0).clamp(min=1)
         merged[key] = value + scale * total
     return merged
+
+
+def _run(zoo, experts, options, device, progress, *, method: str):
+    point = dict(TIES_OPERATING_POINTS[method])
+    if options.scale is not None:
+        point["scale"] = options.scale
+    zeros = ties_zero_entries(zoo)
+    state = ties_merging(zoo.pretrained, experts, keep_fraction=options.keep_fraction, zero_entries=zeros, **point)  # type: ignore[arg-type]
+    return state, {**point, "keep_fraction": options.keep_fraction, "zero_entries": zeros}
+
+
+register_method(MergeMethod("ties", "TIES-merging (disjoint sum)", lambda *a: _run(*a, method="ties"),
+                            reads=("scale", "keep_fraction"), trims=True))  # fmt: skip
+register_method(MergeMethod("ties_mean", "TIES-merging (disjoint mean)", lambda *a: _run(*a, method="ties_mean"),
+                            reads=("scale", "keep_fraction"), trims=True))  # fmt: skip

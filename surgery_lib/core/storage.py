@@ -7,6 +7,7 @@ renamed over the target, so an interrupted run leaves either the old file or the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
 
 #: Environment variable that overrides the default cache directory.
 CACHE_ENV = "SURGERY_BOOK_CACHE"
@@ -30,6 +31,24 @@ class CorruptFileError(SurgeryBookError):
             f"{path} is corrupt ({reason})",
             "delete it, or run the command again to rebuild it",
         )
+
+
+@contextlib.contextmanager
+def exported_cache(cache_dir: str | os.PathLike[str] | None) -> Iterator[None]:
+    """While inside, ``$SURGERY_BOOK_CACHE`` names ``cache_dir`` (if given) for child processes such as the
+    kernels papermill starts; restored after."""
+    if cache_dir is None:
+        yield
+        return
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = os.path.abspath(cache_dir)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = saved
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -130,3 +149,15 @@ def load_tensors(
     except Exception as exc:  # safetensors raises several types for damaged files
         raise CorruptFileError(path, f"unreadable safetensors file: {exc}") from None
     return tensors, metadata
+
+
+def config_hash(data: Any) -> str:
+    """A short, stable hash of JSON-compatible ``data`` (dataclasses are converted first): it names caches."""
+
+    def encode(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        return list(value)
+
+    blob = json.dumps(encode(data) if dataclasses.is_dataclass(data) else data, sort_keys=True, separators=(",", ":"), default=encode)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

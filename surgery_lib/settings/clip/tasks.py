@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
 
 
 @dataclass(frozen=True)
@@ -135,3 +135,14 @@ def get_clip_task(name: str) -> ClipTask:
 def readable_class_name(raw: str) -> str:
     """A folder or label name as a prompt-ready class name: ``"airplane_cabin"`` -> ``"airplane cabin"``."""
     return raw.replace("_", " ").strip()
+
+
+#: open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD: the eval transform of every OpenAI CLIP model.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def text_leftover_entries(text_width: int, embed_dim: int, vocabulary: int = 49408, context: int = 77) -> int:
+    """Entries of the text leftovers in a published ``ImageEncoder``: token embedding, positional embedding,
+    text projection, ``ln_final`` weight and bias, and ``logit_scale``."""
+    return vocabulary * text_width + context * text_width + text_width * embed_dim + 2 * text_width + 1

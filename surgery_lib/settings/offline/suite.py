@@ -9,30 +9,48 @@ normalised per batch, which keeps even the GPU preset's 400k images at 1.2 GB.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from surgery_lib.data import generators as gen
-from surgery_lib.errors import SurgeryBookError
-from surgery_lib.presets import EncoderConfig, Preset, SuiteConfig, config_hash, get_preset
-from surgery_lib.storage import CorruptFileError, cache_root, load_tensors, save_tensors
+import surgery_lib.settings.offline.generators as gen
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.storage import (
+    CorruptFileError,
+    cache_root,
+    config_hash,
+    load_tensors,
+    save_tensors,
+)
+from surgery_lib.core.taskdata import Suite, TaskData
+from surgery_lib.presets import EncoderConfig, Preset, SuiteConfig, get_preset
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
-    from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
+
+#: The eight offline tasks, in the order of the paper's tables (SUN397 ... DTD have stand-ins here).
+OFFLINE_TASKS: tuple[str, ...] = (
+    "photo_patches",
+    "shapes",
+    "landcover",
+    "signs",
+    "street_digits",
+    "mnist",
+    "letters",
+    "textures",
+)
 
 #: Images rendered per worker job; fixed so that results never depend on the number of workers.
 CHUNK = 500
@@ -87,134 +105,6 @@ def _render_job(task: str, split: str, labels: np.ndarray, seed: tuple[int, ...]
     return gen.render_batch(_spec(task), labels, split, seed)
 
 
-@dataclass
-class TaskData:
-    """One task's images (uint8, (N, 3, H, W)) and labels (int64, (N,)) per split."""
-
-    name: str
-    class_names: tuple[str, ...]
-    images: dict[str, torch.Tensor]
-    labels: dict[str, torch.Tensor]
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    #: Where each split's images are cached on disk, where known.
-    files: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return tuple(self.images)
-
-    def with_split(self, name: str, source: str, index: torch.Tensor) -> TaskData:
-        """A copy with one more split ``name`` holding the images (and labels) ``index`` of split ``source``."""
-        return dataclasses.replace(
-            self, images={**self.images, name: self.images[source][index]},
-            labels={**self.labels, name: self.labels[source][index]}, files=dict(self.files),
-        )  # fmt: skip
-
-    def normalized(self, split: str, index: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """Images of ``split`` (optionally a subset) as float32 (N, 3, H, W), normalised for the encoder."""
-        images = self.images[split] if index is None else self.images[split][index]
-        return normalize(images, self.mean, self.std)
-
-    def few_shot(self, split: str, shots: int, seed: int = 0) -> torch.Tensor:
-        """Indices of ``shots`` random images per class of ``split`` (all of them if ``shots`` is 0)."""
-        import torch
-
-        labels = self.labels[split]
-        if shots <= 0:
-            return torch.arange(len(labels))
-        generator = torch.Generator().manual_seed(seed)
-        picks = []
-        for label in range(self.num_classes):
-            members = torch.nonzero(labels == label).flatten()
-            picks.append(members[torch.randperm(len(members), generator=generator)[:shots]])
-        return torch.cat(picks).sort().values
-
-    def dataset(self, split: str) -> ImageDataset:
-        """A map-style dataset of ``(normalised image, label)`` pairs for ``split``."""
-        return ImageDataset(self.images[split], self.labels[split], self.mean, self.std)
-
-    def loader(
-        self, split: str, batch_size: int = 256, shuffle: bool = False, seed: int = 0, drop_last: bool = False
-    ) -> DataLoader:
-        """A standard :class:`~torch.utils.data.DataLoader` over ``split``, seeded when shuffling.
-
-        Batches are gathered with one tensor index each (no per-sample Python calls), so iterating is
-        about as fast as slicing the tensors directly.
-        """
-        import torch
-        from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
-
-        dataset = self.dataset(split)
-        if shuffle:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        else:
-            sampler = SequentialSampler(dataset)
-        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None)
-
-
-class ImageDataset:
-    """``dataset[i]`` is one ``(image, label)``; ``dataset[list_of_indices]`` is a whole batch."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
-        self.images, self.labels, self.mean, self.std = images, labels, tuple(mean), tuple(std)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(self.images[index], self.mean, self.std), self.labels[index]
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images (..., 3, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
-    import torch
-
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    return (images.float() / 255 - mean_t) / std_t
-
-
-@dataclass
-class Suite:
-    """The tasks of a preset plus the pretraining mix, all in memory (real-CLIP suites: memory-mapped,
-    with neither a suite config nor a mix)."""
-
-    config: SuiteConfig | None
-    tasks: dict[str, TaskData]
-    mix: TaskData | None
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def __getitem__(self, task: str) -> TaskData:
-        try:
-            return self.tasks[task]
-        except KeyError:
-            check_tasks([task])
-            raise SurgeryBookError(
-                f"task {task!r} is not part of this suite ({', '.join(self.tasks)})",
-                "load a preset that includes it",
-            ) from None
-
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return tuple(self.tasks)
-
-    def cards(self) -> pd.DataFrame:
-        """One data card per task (and the mix): classes, split sizes, source and licence."""
-        if self.config is None:  # a real-CLIP suite: what was read from the data, in the same columns
-            import pandas as pd
-
-            rows = [{"task": n, "stands in for": n, "classes": d.num_classes, "train": len(d.labels["train"]),
-                     "adapt": len(d.labels["adapt"]), "test": len(d.labels["test"]), "source": self.files.get(n, ""),
-                     "licence": "the dataset's own terms"} for n, d in self.tasks.items()]  # fmt: skip
-            return pd.DataFrame(rows).set_index("task")
-        return data_cards(self.config)
-
-
 def data_cards(config: SuiteConfig) -> pd.DataFrame:
     """Data cards for ``config``'s tasks and the pretraining mix, as a DataFrame indexed by task."""
     import pandas as pd
@@ -253,8 +143,7 @@ def _task_path(root: Path, task: str, config: SuiteConfig) -> Path:
 
 def _generate(tasks: Sequence[str], config: SuiteConfig, workers: int, progress: bool) -> dict[str, dict[str, np.ndarray]]:
     """Render every split of ``tasks``; returns ``{task: {"<split>_images": ..., "<split>_labels": ...}}``."""
-    from surgery_lib.progress import tqdm
-
+    
     arrays: dict[str, dict[str, np.ndarray]] = {}
     jobs: list[tuple[str, str, int, np.ndarray, tuple[int, ...]]] = []
     for task in tasks:
@@ -355,10 +244,8 @@ def load_suite(
     else:
         resolved = get_preset(preset)
         config, encoder = resolved.suite, resolved.encoder
-        if config is None:  # a real-CLIP preset: the papers' datasets, decoded once into the cache
-            from surgery_lib.clip_zoo import clip_suite
-
-            return clip_suite(resolved, tasks=tasks, cache_dir=cache_dir, progress=progress)
+        if config is None:
+            raise SurgeryBookError(f"preset {resolved.name!r} has no offline task suite", "load its data with surgery_lib.settings.load_suite")
     names = check_tasks(tasks if tasks is not None else config.tasks)
     root = cache_root(cache_dir)
     _suite_dir(root).mkdir(parents=True, exist_ok=True)
@@ -378,4 +265,4 @@ def load_suite(
             loaded[task] = tensors
     task_data = {task: _to_task_data(task, loaded[task], encoder) for task in names}  # type: ignore[arg-type]
     mix = _to_task_data(MIX_NAME, loaded[MIX_NAME], encoder)  # type: ignore[arg-type]
-    return Suite(config=config, tasks=task_data, mix=mix, files=files)
+    return Suite(config=config, tasks=task_data, mix=mix, files=files, describe=functools.partial(data_cards, config))

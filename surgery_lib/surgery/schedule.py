@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
 
 #: The two optimiser semantics: the published runs (torch 1.10) and the same code under torch >= 2.
 ADAM_SEMANTICS = ("shared", "per-task")

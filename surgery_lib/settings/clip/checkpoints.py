@@ -29,8 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery_lib.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.state_dict import check_compatible
+from surgery_lib.core.storage import load_tensors, read_json, save_tensors, write_json
 from surgery_lib.models import ClassificationHead
+from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, get_clip_task
 
 #: Modules whose classes become inert stand-ins (nothing of theirs is imported or run).
 STAND_IN_MODULES = (
@@ -130,7 +134,7 @@ def _pickle_module(source: str) -> types.SimpleNamespace:
     def load(file: Any, **kwargs: Any) -> Any:
         return Unpickler(file, **kwargs).load()
 
-    return types.SimpleNamespace(Unpickler=Unpickler, load=load, __name__="surgery_lib.checkpoints")
+    return types.SimpleNamespace(Unpickler=Unpickler, load=load, __name__="surgery_lib.settings.clip.checkpoints")
 
 
 def read_pickled_checkpoint(path: str | os.PathLike[str]) -> Any:
@@ -208,10 +212,7 @@ def load_head(path: str | os.PathLike[str]) -> ClassificationHead:
     state = module_tensors(read_pickled_checkpoint(path))
     if set(state) != {"weight", "bias"}:
         raise SurgeryBookError(f"{path} is not a classification head (tensors {sorted(state)})", "pass a head_<Task>.pt file")
-    classes, dim = state["weight"].shape
-    head = ClassificationHead(dim, classes)
-    head.linear.load_state_dict(state)
-    return head.requires_grad_(False).eval()
+    return ClassificationHead.from_weights(state["weight"], state["bias"])
 
 
 def visual_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -251,7 +252,8 @@ def build_clip_visual(state: Mapping[str, torch.Tensor]) -> nn.Module:
 
 
 #: The eight tasks of the papers, as task_vectors names its folders and heads.
-TASK_VECTORS_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+#: task_vectors' folder names of the eight tasks: the papers' table order.
+TASK_VECTORS_TASKS = CLIP_TASK_NAMES
 CONVERTED_FORMAT = 1
 
 
@@ -284,9 +286,6 @@ def _write_converted(
     sources: Mapping[str, str],
 ) -> dict[str, Any]:
     """Write ``pretrained.safetensors``, ``experts/<T>``, ``heads/<T>`` and, last, ``manifest.json``."""
-    from surgery_lib.merging import check_compatible
-    from surgery_lib.storage import save_tensors, write_json
-
     architecture = visual_architecture(pretrained)
     written = {"pretrained": {"file": "pretrained.safetensors", "sha256": save_tensors(pretrained, target / "pretrained.safetensors")}}
     tasks = []
@@ -325,8 +324,6 @@ def convert_task_vectors(
         SurgeryBookError: missing files, unsafe or damaged pickles, or experts whose architecture differs
             from the pretrained model's.
     """
-    from surgery_lib.progress import tqdm
-
     files = task_vectors_files(source, model, tasks)
     pretrained = load_image_encoder_state(files["pretrained"])
     experts = (
@@ -352,8 +349,6 @@ def fusionbench_sources(model: str, source: str, tasks: tuple[str, ...]) -> dict
     Raises:
         SurgeryBookError: unknown model or task, or missing local folders (all listed at once).
     """
-    from surgery_lib.clip_tasks import get_clip_task
-
     if model not in FUSIONBENCH_MODELS:
         raise SurgeryBookError(f"no FusionBench checkpoints for {model!r}", f"use one of: {', '.join(FUSIONBENCH_MODELS)}")
     base = FUSIONBENCH_MODELS[model]
@@ -383,14 +378,11 @@ def convert_fusionbench(
 
     The pretrained ``CLIPModel``'s vision tower and ``visual_projection`` and each expert
     ``CLIPVisionModel`` are mapped onto open_clip keys (:func:`open_clip_state_from_transformers`). The
-    family ships no heads: zero-shot heads are built from the text tower (:mod:`surgery_lib.zero_shot`).
+    family ships no heads: zero-shot heads are built from the text tower (:mod:`surgery_lib.settings.clip.zero_shot`).
 
     Raises:
         SurgeryBookError: transformers missing, unknown model, missing snapshots, or mismatched experts.
     """
-    from surgery_lib.clip_tasks import get_clip_task
-    from surgery_lib.progress import tqdm
-
     try:
         from transformers import CLIPModel, CLIPVisionModel
     except ImportError:
@@ -419,8 +411,6 @@ def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
     Raises:
         SurgeryBookError: no manifest (convert first), or a damaged file (convert again).
     """
-    from surgery_lib.storage import load_tensors, read_json
-
     directory = Path(directory)
     if not (directory / "manifest.json").is_file():
         raise SurgeryBookError(f"no converted checkpoints in {directory}", "run `surgery-book convert` first")
@@ -437,9 +427,7 @@ def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
         if f"head/{task}" not in manifest["files"]:
             continue  # FusionBench ships no heads: zero-shot heads are built from the text tower
         state = tensors(f"head/{task}")
-        head = ClassificationHead(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
-        head.load_state_dict(state)
-        heads[task] = head.requires_grad_(False).eval()
+        heads[task] = ClassificationHead.from_weights(state["linear.weight"], state["linear.bias"])
     return pretrained, experts, heads, manifest
 
 

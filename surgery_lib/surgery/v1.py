@@ -10,24 +10,31 @@ of every adaptation image are computed once; training then only touches (N, d) f
 tasks train together: their weights are stacked ((T, r, d) and (T, d, r)) and one batched Adam step
 updates every task from its own batch. Each task's loss depends only on its own slice and Adam is
 elementwise, so this equals the official procedure (one optimiser step per task batch, under either
-optimiser semantics of :mod:`surgery_lib.schedule`) given the same batches; ``tests/test_surgery.py``
+optimiser semantics of :mod:`surgery_lib.surgery.schedule`) given the same batches; ``tests/test_surgery.py``
 checks that against a plain step-by-step replay with ``torch.optim.Adam``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.errors import SurgeryBookError
-from surgery_lib.progress import tqdm
-from surgery_lib.schedule import (
-    Iteration, TaskAdam, check_adam, official_iterations, online_iterations, task_seed, train_on_schedule,
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.evaluation import accuracy_from_features
+from surgery_lib.surgery.schedule import (
+    Iteration,
+    TaskAdam,
+    check_adam,
+    official_iterations,
+    online_iterations,
+    task_seed,
+    train_on_schedule,
 )  # fmt: skip
 
 __all__ = ["SurgeryConfig", "SurgeryHistory", "SurgeryModule", "TaskSurgery", "l1_loss_per_task", "task_seed", "train_surgery"]
@@ -109,7 +116,7 @@ class SurgeryConfig:
     """Training schedule. Defaults are the official ones: Adam 1e-3, batch 16, 1000 steps per task
     (500 iterations x 2 batches per task, each iteration drawing from a fresh shuffle), one Adam over
     every task's modules stepped as the published runs stepped it (``adam="shared"``, see
-    :mod:`surgery_lib.schedule`), evaluated every 200 steps (every 100 iterations)."""
+    :mod:`surgery_lib.surgery.schedule`), evaluated every 200 steps (every 100 iterations)."""
 
     rank: int = 16
     steps: int = 1000
@@ -132,7 +139,7 @@ class SurgeryConfig:
             )
 
     def iterations(self, sizes: Sequence[int]) -> Iterator[Iteration]:
-        """The batches of every iteration for tasks with ``sizes`` adaptation images (see :mod:`surgery_lib.schedule`)."""
+        """The batches of every iteration for tasks with ``sizes`` adaptation images (see :mod:`surgery_lib.surgery.schedule`)."""
         if self.online:
             return online_iterations(sizes, seed=self.seed)
         return official_iterations(
@@ -153,6 +160,11 @@ class SurgeryHistory:
     loss: list[float] = field(default_factory=list)
     accuracy: dict[int, dict[str, float]] = field(default_factory=dict)
     unit: str = "step"
+
+    @torch.no_grad()
+    def record(self, step: int, tasks: Sequence[str], accuracy: Callable[[str], float]) -> None:
+        """Store ``accuracy(task)`` (test accuracy, %) of every task at checkpoint ``step``."""
+        self.accuracy[step] = {task: accuracy(task) for task in tasks}
 
 
 def l1_loss_per_task(corrected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -198,7 +210,16 @@ def train_surgery(
     targets = [expert[t].to(device) for t in tasks]
     sizes = [len(s) for s in sources]
     history = SurgeryHistory(unit="%" if config.online else "step")
-    _record(surgery, evaluate, history, 0, device)
+
+    def accuracy(task: str) -> float:
+        features, labels, head = evaluate[task]
+        return accuracy_from_features(surgery.apply_task(task, features.to(device)).cpu(), head, labels)
+
+    def checkpoint(step: int) -> None:
+        history.record(step, list(evaluate), accuracy)
+
+    if evaluate:
+        checkpoint(0)
 
     def task_losses(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         index, weight = index.to(device), weight.to(device)
@@ -209,18 +230,7 @@ def train_surgery(
     with tqdm(total=config.rounds(sizes), desc="surgery" + (" (online)" if config.online else ""), disable=not progress) as bar:
         train_on_schedule(
             config.iterations(sizes), optimizer, task_losses, losses=history.loss, bar=bar,
-            checkpoint=(lambda label: _record(surgery, evaluate, history, label, device)) if evaluate else None,
+            checkpoint=checkpoint if evaluate else None,
         )  # fmt: skip
     return surgery.cpu(), history
 
-
-@torch.no_grad()
-def _record(surgery: TaskSurgery, evaluate, history: SurgeryHistory, step: int, device) -> None:
-    if not evaluate:
-        return
-    from surgery_lib.evaluation import accuracy_from_features
-
-    history.accuracy[step] = {
-        task: accuracy_from_features(surgery.apply_task(task, z.to(device)).cpu(), head, labels)
-        for task, (z, labels, head) in evaluate.items()
-    }

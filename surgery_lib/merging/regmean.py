@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery_lib.merging.base import MergeMethod, register_method, train_subset
+
 #: For keys stored as (in, out) instead of nn.Linear's (out, in).
 _TRANSPOSED = ("proj",)
 
@@ -108,3 +110,11 @@ def regmean_merging(
             solution = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
         merged[key] = (solution if key in _TRANSPOSED else solution.T).to(reference.dtype)
     return merged
+
+
+def _run(zoo, experts, options, device, progress):
+    grams = {task: gram_matrices(zoo.encoder(task), train_subset(zoo, task, options.samples, options.seed), device=device) for task in experts}
+    return regmean_merging(experts, grams, alpha=options.alpha), {}
+
+
+register_method(MergeMethod("regmean", "RegMean", _run, reads=("samples", "seed", "alpha"), data="labeled"))

@@ -1,0 +1,189 @@
+"""Every registered merging method run on a zoo, by name: merge, the merge cache, evaluation and the main
+table. This is the layer the command line and the notebooks use."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.storage import (
+    CorruptFileError,
+    config_hash,
+    load_tensors,
+    save_tensors,
+)
+from surgery_lib.evaluation import accuracy_from_features, evaluate_tasks, results_table
+from surgery_lib.merging.adamerging import AdaMergingResult, prediction_entropy
+from surgery_lib.merging.base import (
+    MAIN_TABLE,
+    MergeOptions,
+    MergeResult,
+    get_method,
+    ties_zero_entries,
+)
+from surgery_lib.merging.ties import kept_fraction
+from surgery_lib.merging.vectors import add_vectors, task_vectors
+from surgery_lib.models import embed, load_encoder, resolve_device
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from surgery_lib.settings.base import Zoo
+
+log = logging.getLogger(__name__)
+
+
+def method_label(zoo: Zoo, method: str, options: MergeOptions | None = None) -> str:
+    """The table label of ``method`` on ``zoo``: on real CLIP the TIES-trimming methods say how much of the
+    image tower their top-k keeps (the official scope includes the text leftovers)."""
+    spec = get_method(method)
+    extra = ties_zero_entries(zoo)
+    if not (spec.trims and extra):
+        return spec.label
+    keep = (options or MergeOptions()).keep_fraction
+    entries = sum(v.numel() for v in zoo.pretrained.values() if v.is_floating_point())
+    return spec.label + f" [top {keep:.0%} of tower + text leftovers = {100 * kept_fraction(entries, keep, extra):.2f} % of the tower]"
+
+
+def merge(
+    zoo: Zoo,
+    method: str,
+    options: MergeOptions | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge ``zoo``'s experts (all, or ``tasks``) with the registered ``method`` (see :data:`~surgery_lib.merging.base.METHODS`)."""
+    spec = get_method(method)
+    options = options or MergeOptions()
+    device = resolve_device(device, zoo.preset.default_device)
+    names = list(tasks) if tasks is not None else list(zoo.tasks)
+    experts = {t: zoo.experts[t] for t in names}
+    started = time.perf_counter()
+    state, details = spec.run(zoo, experts, options, device, progress)
+    return MergeResult(method, state, time.perf_counter() - started, details)
+
+
+def merge_cache_path(zoo: Zoo, method: str, options: MergeOptions, tasks: Sequence[str]) -> Path:
+    """Where :func:`cached_merge` keeps a merge: ``<zoo>/merges/<method>-<hash>.safetensors``, the hash of the
+options the method reads (:attr:`~surgery_lib.merging.base.MergeMethod.reads`) and of the tasks."""
+    key = config_hash({"method": method, "options": get_method(method).key_options(options), "tasks": list(tasks)})
+    return Path(zoo.directory) / "merges" / f"{method}-{key}.safetensors"
+
+
+def cached_merge(
+    zoo: Zoo,
+    method: str,
+    options: MergeOptions | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> MergeResult:
+    """:func:`merge`, stored next to the zoo and reused by later calls with the same method, options and tasks.
+
+    AdaMerging takes about 30 s on the mini preset and minutes for CLIP, so the notebooks share their
+    merges through this cache. A damaged cache file is recomputed, never trusted; writes are atomic.
+    """
+    get_method(method)
+    options = options or MergeOptions()
+    names = list(tasks) if tasks is not None else list(zoo.tasks)
+    path = merge_cache_path(zoo, method, options, names)
+    if path.exists():
+        try:
+            tensors, metadata = load_tensors(path)
+            return _merge_from_cache(method, tensors, metadata)
+        except (CorruptFileError, KeyError, ValueError) as exc:
+            log.warning("recomputing the %s merge: the cached %s is unusable (%s)", method, path, exc)
+    result = merge(zoo, method, options, tasks=names, device=device, progress=progress)
+    tensors = {f"state/{k}": v for k, v in result.state.items()}
+    metadata = {"method": method, "seconds": repr(result.seconds), "tasks": json.dumps(names)}
+    if "adamerging" in result.details:
+        found = result.details["adamerging"]
+        tensors["adamerging/coefficients"] = found.coefficients
+        metadata.update(keys=json.dumps(list(found.keys)), entropy=json.dumps(found.entropy))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(tensors, path, metadata)
+    return result
+
+
+def _merge_from_cache(method: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> MergeResult:
+    state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("state/")}
+    if metadata.get("method") != method or not state:
+        raise ValueError("the file holds another merge")
+    details: dict[str, Any] = {}
+    if "adamerging/coefficients" in tensors:
+        details["adamerging"] = AdaMergingResult(
+            tuple(json.loads(metadata["tasks"])), tuple(json.loads(metadata["keys"])),
+            tensors["adamerging/coefficients"], state, json.loads(metadata["entropy"]),
+        )  # fmt: skip
+    return MergeResult(method, state, float(metadata["seconds"]), details)
+
+
+def scale_sweep(
+    zoo: Zoo,
+    scales: Sequence[float],
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    with_entropy: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+    """Task arithmetic at every scale lambda: test accuracy (%) per task and average, one row per scale.
+
+    With ``with_entropy`` also the mean prediction entropy (nats) of each task's test images through its
+    head: the quantity AdaMerging minimises, to check whether lower entropy means higher accuracy.
+    """
+    device = resolve_device(device, zoo.preset.default_device)
+    vectors = list(task_vectors(zoo.pretrained, zoo.experts).values())
+    accuracy, entropy = {}, {}
+    for scale in tqdm(scales, desc="task arithmetic sweep", disable=not progress):
+        encoder = load_encoder(zoo.preset.encoder, add_vectors(zoo.pretrained, vectors, [float(scale)] * len(vectors)))
+        accuracy[float(scale)], entropy[float(scale)] = {}, {}
+        for task in zoo.tasks:
+            data = zoo.suite[task]
+            features = embed(encoder, data.images["test"], data.mean, data.std, device=device)
+            accuracy[float(scale)][task] = accuracy_from_features(features, zoo.heads[task], data.labels["test"])
+            with torch.inference_mode():
+                entropy[float(scale)][task] = prediction_entropy(zoo.heads[task](features)).mean().item()
+    accuracy_table = results_table(accuracy).rename_axis("scale")
+    if not with_entropy:
+        return accuracy_table
+    return accuracy_table, results_table(entropy).rename_axis("scale")
+
+
+def evaluate_merge(zoo: Zoo, result: MergeResult, device: str | torch.device | None = None) -> dict[str, float]:
+    """Test accuracy (%) of a merged model on each of its tasks."""
+    device = resolve_device(device, zoo.preset.default_device)
+    encoder = load_encoder(zoo.preset.encoder, result.state)
+    return evaluate_tasks(encoder, zoo.heads, {t: zoo.suite[t] for t in zoo.tasks}, device=device)
+
+
+def main_table(
+    zoo: Zoo,
+    methods: Sequence[str] = MAIN_TABLE,
+    options: MergeOptions | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    cache: bool = True,
+) -> tuple[pd.DataFrame, dict[str, MergeResult]]:
+    """The papers' main table for ``zoo``: reference rows, then one row per method (test accuracy, %).
+
+    With ``cache`` the merges are reused from (and stored in) the zoo's merge cache (:func:`cached_merge`).
+    """
+    rows = zoo.reference_rows()
+    results = {}
+    for method in methods:
+        run = cached_merge if cache else merge
+        result = run(zoo, method, options, device=device, progress=progress)
+        rows[method_label(zoo, method, options)] = evaluate_merge(zoo, result, device)
+        results[method] = result
+    return results_table(rows), results

@@ -1,0 +1,24 @@
+"""Task arithmetic (Ilharco et al., ICLR 2023): add the scaled sum of the task vectors. Data-free."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.vectors import StateDict, add_vectors, task_vectors
+
+
+def task_arithmetic(pretrained: StateDict, experts: Mapping[str, StateDict], scale: float = 0.3) -> dict[str, torch.Tensor]:
+    """``theta_0 + scale * sum_t tau_t`` (Ilharco et al., 2023); the papers use ``scale = 0.3``."""
+    vectors = list(task_vectors(pretrained, experts).values())
+    return add_vectors(pretrained, vectors, [scale] * len(vectors))
+
+
+def _run(zoo, experts, options, device, progress):
+    scale = 0.3 if options.scale is None else options.scale
+    return task_arithmetic(zoo.pretrained, experts, scale), {"scale": scale}
+
+
+register_method(MergeMethod("task_arithmetic", "task arithmetic", _run, reads=("scale",)))

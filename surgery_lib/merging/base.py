@@ -1,0 +1,178 @@
+"""What every merging family shares: the options, the result, and the registry of named methods.
+
+A family module defines its method's ``run`` function and calls :func:`register_method` once per method it
+offers; the command line (``--method`` choices and help), the main table, the merge cache and the contract
+test all read :data:`MERGE_METHODS`. Adding a method is one module plus its import line in
+``surgery_lib/merging/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Set
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.registry import Registry
+
+if TYPE_CHECKING:
+    from surgery_lib.settings.base import Zoo
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Options of every method; ``None`` means the method's (or preset's) default. Each method declares
+    which of them it reads (:attr:`MergeMethod.reads`); the others do not change its result or cache key."""
+
+    scale: float | None = None  # task arithmetic 0.3; TIES: its operating point's scale; DARE: the base merge's
+    keep_fraction: float = 0.2  # TIES / AdaMerging++: top-k fraction kept (of the image tower + text leftovers on real CLIP)
+    steps: int | None = None  # AdaMerging: the preset's adamerging_steps
+    batch_size: int | None = None  # AdaMerging: the preset's adamerging_batch_size
+    batches_per_task: int = 2
+    lr: float = 1e-3
+    split: str = "test"  # unlabeled images for AdaMerging: "test" (the paper) or "adapt" (held out)
+    samples: int = 256  # Fisher / RegMean: train images per task
+    alpha: float = 0.95  # RegMean off-diagonal scale
+    seed: int = 0
+    precision: str | None = None  # AdaMerging on a GPU: the preset's (fp32 for real CLIP)
+    drop_rate: float = 0.5  # DARE: the probability of dropping each task-vector entry
+
+
+@dataclass
+class MergeResult:
+    """A merged state dict, how long it took, and method-specific details (e.g. AdaMerging coefficients)."""
+
+    method: str
+    state: dict[str, torch.Tensor]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+#: ``run(zoo, experts, options, device, progress) -> (merged state dict, details)``; ``experts`` maps the
+#: tasks to merge to their state dicts (all of the zoo's, or a subset).
+MergeFunction = Callable[["Zoo", dict[str, Mapping[str, torch.Tensor]], MergeOptions, torch.device, bool], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A named merging method.
+
+    Attributes:
+        name: the registry key (``--method`` value).
+        label: the row label in tables.
+        run: the merge (:data:`MergeFunction`).
+        reads: the :class:`MergeOptions` fields it reads; they, and only they, key its cache entry.
+        trims: it trims task vectors the TIES way (on real CLIP its label names the kept fraction).
+        data: ``"free"`` (weights only), ``"labeled"`` (training images and labels) or ``"unlabeled"``
+            (test-time images without labels).
+    """
+
+    name: str
+    label: str
+    run: MergeFunction = field(repr=False)
+    reads: tuple[str, ...] = ()
+    trims: bool = False
+    data: str = "free"
+
+    def __post_init__(self) -> None:
+        known = {f.name for f in dataclasses.fields(MergeOptions)}
+        unknown = [option for option in self.reads if option not in known]
+        if unknown:
+            raise SurgeryBookError(f"merging method {self.name!r} reads unknown options {unknown}", f"use MergeOptions fields: {', '.join(sorted(known))}")
+        if self.data not in ("free", "labeled", "unlabeled"):
+            raise SurgeryBookError(f"merging method {self.name!r} declares data={self.data!r}", "use 'free', 'labeled' or 'unlabeled'")
+
+    def key_options(self, options: MergeOptions) -> dict[str, Any]:
+        """The options this method reads, by name: what its cache key covers."""
+        return {option: getattr(options, option) for option in self.reads}
+
+
+#: Every registered merging method, in registration order.
+MERGE_METHODS: Registry[MergeMethod] = Registry("merging method")
+
+
+def register_method(method: MergeMethod) -> MergeMethod:
+    """Add ``method`` to :data:`MERGE_METHODS` (a family module calls this once per method) and return it."""
+    return MERGE_METHODS.register(method.name, method)
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``; raises :class:`SurgeryBookError` listing the known ones."""
+    return MERGE_METHODS[name]
+
+
+def check_method(name: str) -> str:
+    """Raise a clear error for an unknown method name; return the name."""
+    return get_method(name).name
+
+
+class _Labels(Mapping[str, str]):
+    """``METHODS[name]`` is the table label of a registered method (a live view of the registry)."""
+
+    def __getitem__(self, name: str) -> str:
+        return MERGE_METHODS[name].label
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(MERGE_METHODS)
+
+    def __len__(self) -> int:
+        return len(MERGE_METHODS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: Method name -> the label it gets in tables, for every registered method.
+METHODS: Mapping[str, str] = _Labels()
+
+
+class _Trimming(Set[str]):
+    """The names of the registered methods that trim the TIES way (a live view of the registry)."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in MERGE_METHODS and MERGE_METHODS[name].trims
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, method in MERGE_METHODS.items() if method.trims)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+#: Methods that trim task vectors the TIES way (their label names the kept fraction on real CLIP).
+TRIMMING: Set[str] = _Trimming()
+
+#: The rows of the papers' main table, in their order (plus the zoo's reference rows first).
+MAIN_TABLE = (
+    "weight_averaging", "fisher", "regmean", "task_arithmetic", "ties",
+    "adamerging_task", "adamerging_layer", "adamerging_plus_task", "adamerging_plus",
+)  # fmt: skip
+
+#: The merges the papers repair with Surgery and SurgeryV2 (their main table's rows).
+REPAIRED = (
+    "weight_averaging", "task_arithmetic", "ties", "adamerging_task", "adamerging_layer", "adamerging_plus_task",
+    "adamerging_plus",
+)  # fmt: skip
+
+
+def ties_zero_entries(zoo: Zoo) -> int:
+    """The all-zero entries the official TIES trimmed together with this zoo's task vectors (real CLIP's text leftovers)."""
+    return zoo.preset.clip.ties_text_entries if zoo.preset.clip is not None else 0
+
+
+def train_subset(zoo: Zoo, task: str, count: int, seed: int) -> torch.Tensor:
+    """``count`` random training images of ``task`` (seeded), normalised: (count, 3, H, W) float32."""
+    data = zoo.suite[task]
+    index = torch.randperm(len(data.labels["train"]), generator=torch.Generator().manual_seed(seed))[:count]
+    return data.normalized("train", index)
+
+
+def with_options(options: MergeOptions, **changes: Any) -> MergeOptions:
+    """``options`` with ``changes`` applied, ignoring changes that are None."""
+    return dataclasses.replace(options, **{k: v for k, v in changes.items() if v is not None})

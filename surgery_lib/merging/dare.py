@@ -1,0 +1,59 @@
+"""DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): drop each task-vector entry with
+probability ``p`` and rescale the survivors by ``1 / (1 - p)``, so every entry keeps its expected value;
+then merge the sparse vectors with task arithmetic (``dare_task_arithmetic``) or TIES (``dare_ties``).
+Data-free; random, so seeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
+from surgery_lib.merging.ties import ties_vectors
+from surgery_lib.merging.vectors import add_vectors, task_vectors
+
+
+def drop_and_rescale(vector: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor], drop_rate: float) -> dict[str, torch.Tensor]:
+    """``keep * vector / (1 - drop_rate)`` per tensor; ``keep`` holds one boolean mask per tensor (True: kept)."""
+    return {key: torch.where(keep[key], value / (1 - drop_rate), torch.zeros_like(value)) for key, value in vector.items()}
+
+
+def dare_vectors(
+    vectors: Sequence[Mapping[str, torch.Tensor]], drop_rate: float = 0.5, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """DARE applied to each task vector: masks drawn from one CPU generator seeded with ``seed``, task by
+    task and tensor by tensor in order, so a merge is reproducible on any device."""
+    if not 0 <= drop_rate < 1:
+        raise SurgeryBookError(f"DARE drop rate {drop_rate} is outside [0, 1)", "pass a probability such as 0.5")
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for vector in vectors:
+        keep = {key: (torch.rand(value.shape, generator=generator) >= drop_rate).to(value.device) for key, value in vector.items()}
+        out.append(drop_and_rescale(vector, keep, drop_rate))
+    return out
+
+
+def _sparse_vectors(zoo, experts, options):
+    return dare_vectors(list(task_vectors(zoo.pretrained, experts).values()), options.drop_rate, options.seed)
+
+
+def _run_task_arithmetic(zoo, experts, options, device, progress):
+    scale = 0.3 if options.scale is None else options.scale
+    vectors = _sparse_vectors(zoo, experts, options)
+    return add_vectors(zoo.pretrained, vectors, [scale] * len(vectors)), {"scale": scale, "drop_rate": options.drop_rate}
+
+
+def _run_ties(zoo, experts, options, device, progress):
+    scale = 0.3 if options.scale is None else options.scale
+    disjoint = ties_vectors(_sparse_vectors(zoo, experts, options), options.keep_fraction, ties_zero_entries(zoo))
+    details = {"scale": scale, "drop_rate": options.drop_rate, "keep_fraction": options.keep_fraction}
+    return add_vectors(zoo.pretrained, disjoint, [scale] * len(disjoint)), details
+
+
+register_method(MergeMethod("dare_task_arithmetic", "DARE + task arithmetic", _run_task_arithmetic,
+                            reads=("scale", "drop_rate", "seed")))  # fmt: skip
+register_method(MergeMethod("dare_ties", "DARE + TIES-merging", _run_ties,
+                            reads=("scale", "drop_rate", "seed", "keep_fraction"), trims=True))  # fmt: skip

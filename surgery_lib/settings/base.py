@@ -1,0 +1,153 @@
+"""What a setting provides and how the rest of the package sees it.
+
+A *setting* is where the pretrained model, the experts, the heads and the tasks come from: the offline
+suite trained on this machine (:mod:`surgery_lib.settings.offline`) or the papers' real CLIP checkpoints and
+datasets (:mod:`surgery_lib.settings.clip`). Each is one folder holding a :class:`Setting` named ``SETTING``
+and its ``presets.json``; merging, surgery and the apps only ever see the :class:`Zoo` and :class:`Suite`
+a setting returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.taskdata import Suite
+from surgery_lib.evaluation import results_table
+from surgery_lib.models import (
+    ClassificationHead,
+    StateDict,
+    embed,
+    embed_blocks,
+    load_encoder,
+)
+from surgery_lib.presets import Preset
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Rows of the zoo's accuracy table (manifest key -> label), in the order of the papers' tables.
+ZOO_ROWS = {"pretrained": "pretrained + probe", "expert": "individual (expert)", "mtl": "traditional MTL"}
+#: The label every setting gives its experts' row (tables and plots single it out as the reference).
+EXPERT_ROW = ZOO_ROWS["expert"]
+#: The pretrained model's row where it classifies zero-shot through text-tower heads (real CLIP).
+ZERO_SHOT_ROW = "pretrained (zero-shot)"
+#: Every reference row label of every setting: rows that are not merges (plots colour them apart).
+REFERENCE_ROWS = frozenset({*ZOO_ROWS.values(), ZERO_SHOT_ROW})
+
+
+@dataclass
+class Zoo:
+    """Trained weights of one preset. Encoders are returned as fresh modules so callers may modify them."""
+
+    preset: Preset
+    directory: Path
+    manifest: dict[str, Any]
+    pretrained: StateDict
+    heads: dict[str, ClassificationHead]
+    experts: dict[str, StateDict]
+    mtl: StateDict | None  # None for the real-CLIP presets (the papers' MTL numbers are quoted instead)
+    suite: Suite = field(repr=False)
+    #: Manifest accuracy key -> row label of the reference rows (the setting's: e.g. "pretrained (zero-shot)" for CLIP).
+    reference_labels: dict[str, str] = field(default_factory=lambda: dict(ZOO_ROWS), repr=False)
+    _expert_features: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.experts)
+
+    def expert_features(
+        self, task: str, split: str = "test", *, blocks: bool = False, device: str | torch.device = "cpu", precision: str = "fp32"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``task``'s expert embeddings of its ``split`` images: final (N, output_dim) and, with ``blocks``,
+        the per-block token means (N, blocks, width), float32 on the CPU (``None`` without ``blocks``).
+
+        Every surgery run and bias measurement compares against these targets, and they never change for a
+        zoo, so they are computed once per process and kept (the papers' grid reuses them 30 times). Treat
+        them as read-only; :meth:`forget_features` frees them (for ViT-L/14 with blocks, gigabytes).
+        """
+        key = (task, split, blocks, str(torch.device(device)), precision)
+        if key not in self._expert_features:
+            data, encoder = self.suite[task], self.encoder(task)
+            if blocks:
+                final, means = embed_blocks(encoder, data.images[split], data.mean, data.std, device=device, precision=precision)
+                self._expert_features[key] = (final, means)
+            else:
+                self._expert_features[key] = (embed(encoder, data.images[split], data.mean, data.std, device=device, precision=precision), None)
+        return self._expert_features[key]
+
+    def forget_features(self) -> None:
+        """Free the expert embeddings :meth:`expert_features` kept."""
+        self._expert_features.clear()
+
+    def encoder(self, which: str = "pretrained") -> nn.Module:
+        """A fresh encoder loaded with ``"pretrained"``, ``"mtl"`` or a task's expert weights."""
+        if which == "pretrained":
+            state = self.pretrained
+        elif which == "mtl" and self.mtl is not None:
+            state = self.mtl
+        elif which in self.experts:
+            state = self.experts[which]
+        else:
+            models = ["pretrained", *(["mtl"] if self.mtl is not None else [])]
+            raise SurgeryBookError(
+                f"the zoo has no model {which!r}", f"use {', '.join(repr(m) for m in models)} or a task: {', '.join(self.tasks)}"
+            )
+        return load_encoder(self.preset.encoder, state).eval()
+
+    def reference_rows(self) -> dict[str, dict[str, float]]:
+        """The reference rows of the papers' tables, ``{label: {task: accuracy %}}``: pretrained (+ probe
+        offline, zero-shot for CLIP), each expert on its own task, and MTL where the zoo has it."""
+        accuracy = self.manifest["accuracy"]
+        return {label: {t: accuracy[key][t] for t in self.tasks} for key, label in self.reference_labels.items() if key in accuracy}
+
+    def accuracy_table(self) -> pd.DataFrame:
+        """Test accuracy (%) of the reference rows (:meth:`reference_rows`), with the average."""
+        return results_table(self.reference_rows())
+
+
+class Setting(ABC):
+    """The contract of a setting: it builds a preset's zoo and loads its tasks, and says which command-line
+    options it takes and which environment variables carry them into notebook kernels."""
+
+    #: The folder name under ``surgery_lib/settings`` (and the ``setting`` field of its presets).
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def build_zoo(
+        self, preset: Preset, *, device: str | torch.device | None = None, cache_dir: str | os.PathLike[str] | None = None,
+        zoo_dir: str | os.PathLike[str] | None = None, rebuild: bool = False, progress: bool = True, options: Any = None,
+    ) -> Zoo:
+        """The preset's zoo: built (or downloaded and converted) once, then loaded from the cache."""
+
+    @abstractmethod
+    def load_suite(
+        self, preset: Preset, *, tasks: Sequence[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
+        workers: int | None = None, progress: bool = True, options: Any = None,
+    ) -> Suite:
+        """The preset's tasks (all, or ``tasks``), prepared once and then read from the cache."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add this setting's command-line options (an argument group) to a subcommand's parser."""
+
+    def options_from_args(self, args: argparse.Namespace) -> Any:
+        """This setting's options from parsed arguments (passed back as ``options=``); None: the defaults."""
+        return None
+
+    @contextlib.contextmanager
+    def exported(self, options: Any) -> Iterator[None]:
+        """While inside, ``options`` are where kernels started by papermill find them (environment variables)."""
+        yield

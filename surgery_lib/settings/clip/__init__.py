@@ -1,0 +1,65 @@
+"""The papers' setting: OpenAI CLIP ViT-B/32, B/16 and L/14, the published experts and heads, the eight datasets.
+
+- :mod:`~surgery_lib.settings.clip.tasks`        the eight tasks: classes, prompt templates, sizes
+- :mod:`~surgery_lib.settings.clip.sources`      where checkpoints and data come from (the ``SURGERY_BOOK_*`` variables)
+- :mod:`~surgery_lib.settings.clip.checkpoints`  safe reading of task_vectors' pickles, FusionBench, the converted format
+- :mod:`~surgery_lib.settings.clip.data`         the datasets, decoded once into the cache
+- :mod:`~surgery_lib.settings.clip.zero_shot`    zero-shot heads from the text tower
+- :mod:`~surgery_lib.settings.clip.zoo`          all of it behind the :class:`~surgery_lib.settings.base.Zoo` interface
+- ``presets.json``                                ``clip-vit-b-32``, ``clip-vit-b-16``, ``clip-vit-l-14``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.settings.base import Setting
+from surgery_lib.settings.clip.sources import FAMILIES, VARIABLES, ClipSources
+from surgery_lib.settings.clip.zoo import clip_suite, load_clip_zoo
+
+
+class ClipSetting(Setting):
+    name = "clip"
+    description = "the papers' CLIP checkpoints, heads and datasets"
+
+    def build_zoo(self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None):
+        if zoo_dir is not None or rebuild:
+            raise SurgeryBookError(
+                f"zoo_dir and rebuild do not apply to the real-CLIP preset {preset.name!r}",
+                "its caches live under <cache>/clip/; delete a file there to redo that step",
+            )
+        sources = ClipSources.from_environment(preset, **(options or {}))
+        return load_clip_zoo(preset, device=device, cache_dir=cache_dir, sources=sources, progress=progress)
+
+    def load_suite(self, preset, *, tasks=None, cache_dir=None, workers=None, progress=True, options=None):
+        sources = ClipSources.from_environment(preset, **(options or {}))
+        return clip_suite(preset, sources=sources, tasks=tasks, cache_dir=cache_dir, workers=workers, progress=progress)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(
+            "real CLIP presets (clip-vit-b-32, clip-vit-b-16, clip-vit-l-14)",
+            "each option overrides its SURGERY_BOOK_* variable and is passed on to the notebooks that reproduce runs",
+        )
+        group.add_argument("--family", choices=FAMILIES, default=None, help=f"checkpoint family (default task_vectors; ${VARIABLES['family']})")
+        group.add_argument("--checkpoints", default=None, help="task_vectors' folder, a converted folder, or FusionBench "
+                           f"snapshots; 'hub' for FusionBench from the hub (${VARIABLES['checkpoints']})")  # fmt: skip
+        group.add_argument("--data-source", choices=("hub", "local"), default=None,
+                           help=f"datasets from the Hugging Face hub (default) or task_vectors' folders (${VARIABLES['data_source']})")
+        group.add_argument("--data-root", default=None, help=f"root of task_vectors' dataset folders (${VARIABLES['data_root']})")
+        group.add_argument("--test-folder", choices=("val", "test"), default=None,
+                           help="which DTD/SUN397 folder is the test split in the local layout (default val, as task_vectors)")
+
+    def options_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {field: getattr(args, field, None) for field in VARIABLES}
+
+    @contextlib.contextmanager
+    def exported(self, options: Any) -> Iterator[None]:
+        with ClipSources.exported(options or {}):
+            yield
+
+
+SETTING = ClipSetting()

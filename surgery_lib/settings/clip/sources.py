@@ -1,0 +1,77 @@
+"""Where a real-CLIP zoo's checkpoints and data come from, and the one place that reads and writes the
+``SURGERY_BOOK_*`` variables that carry them into notebook kernels started by papermill.
+
+``SURGERY_BOOK_FAMILY`` (``task_vectors`` or ``fusionbench``), ``SURGERY_BOOK_CHECKPOINTS`` (task_vectors'
+folder, a converted folder, or FusionBench snapshots; ``hub`` for FusionBench's default),
+``SURGERY_BOOK_DATA_SOURCE`` (``hub`` or ``local``), ``SURGERY_BOOK_DATA_ROOT`` (task_vectors' dataset
+folders) and ``SURGERY_BOOK_TEST_FOLDER`` (``val`` or ``test``: which DTD/SUN397 folder is the test split).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.presets import Preset
+
+FAMILIES = ("task_vectors", "fusionbench")
+
+#: Field of :class:`ClipSources` -> the environment variable that carries it to notebook kernels.
+VARIABLES = {
+    "family": "SURGERY_BOOK_FAMILY", "checkpoints": "SURGERY_BOOK_CHECKPOINTS", "data_source": "SURGERY_BOOK_DATA_SOURCE",
+    "data_root": "SURGERY_BOOK_DATA_ROOT", "test_folder": "SURGERY_BOOK_TEST_FOLDER",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClipSources:
+    """Where a real-CLIP zoo's checkpoints and data come from (see the module docstring)."""
+
+    family: str = "task_vectors"
+    checkpoints: str | None = None
+    data_source: str = "hub"
+    data_root: str | None = None
+    test_folder: str = "val"  # DTD and SUN397 in task_vectors' layout: "val" (task_vectors) or "test"
+    train_images: int = 1000
+
+    @classmethod
+    def from_environment(cls, preset: Preset, **given: Any) -> ClipSources:
+        """Arguments that are not None, else ``SURGERY_BOOK_*`` variables, else the preset's defaults."""
+        assert preset.clip is not None
+        defaults = {"family": preset.clip.family, "data_source": preset.clip.data_source, "test_folder": "val"}
+        env = {field: os.environ.get(variable, defaults.get(field)) for field, variable in VARIABLES.items()}
+        sources = cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
+        if sources.family not in FAMILIES:
+            raise SurgeryBookError(f"unknown checkpoint family {sources.family!r}", f"use one of: {', '.join(FAMILIES)}")
+        return sources
+
+    @staticmethod
+    def variables(given: Mapping[str, Any]) -> dict[str, str]:
+        """The environment variables that carry the given (not None) fields; folders become absolute paths,
+        so that kernels running in another directory find them."""
+        out = {}
+        for field, variable in VARIABLES.items():
+            value = given.get(field)
+            if value is not None:
+                out[variable] = os.path.abspath(value) if field in ("checkpoints", "data_root") and value != "hub" else str(value)
+        return out
+
+    @staticmethod
+    @contextlib.contextmanager
+    def exported(given: Mapping[str, Any]) -> Iterator[None]:
+        """While inside, the given fields are in ``os.environ`` (for papermill's kernels); restored after."""
+        variables = ClipSources.variables(given)
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
