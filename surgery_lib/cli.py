@@ -114,6 +114,7 @@ def _merge_options(args: argparse.Namespace):
     return with_options(
         MergeOptions(), scale=args.scale, keep_fraction=args.keep_fraction, steps=args.steps,
         batch_size=args.batch_size, split=args.data, seed=args.seed, precision=args.precision,
+        drop_rate=args.drop_rate,
     )  # fmt: skip
 
 
@@ -160,19 +161,20 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
     from surgery_lib.evaluation import write_table
     from surgery_lib.grid import format_grid, parse_versions, surgery_grid
-    from surgery_lib.merging import MAIN_TABLE, main_table
+    from surgery_lib.merging import main_table
 
     started = time.perf_counter()
     versions = parse_versions(args.surgery)
+    methods = _table_methods(args.methods)
     zoo = _build_zoo(args)
     if versions == (0,) and args.seeds == 1:
-        table, results = main_table(zoo, options=_merge_options(args), device=args.device, progress=not args.quiet)
+        table, results = main_table(zoo, methods, options=_merge_options(args), device=args.device, progress=not args.quiet)
         payload: dict[str, Any] = {"accuracy": table.round(2).to_dict(orient="index"),
                                    "seconds": {m: round(r.seconds, 2) for m, r in results.items()}}  # fmt: skip
         shown = table
     else:
         grid = surgery_grid(
-            zoo, MAIN_TABLE, versions, args.seeds, options=_merge_options(args), config=_surgery_config(args, 16),
+            zoo, methods, versions, args.seeds, options=_merge_options(args), config=_surgery_config(args, 16),
             device=args.device, progress=not args.quiet,
         )  # fmt: skip
         table = grid.table
@@ -189,6 +191,17 @@ def _cmd_table(args: argparse.Namespace) -> int:
         print(shown.to_markdown(floatfmt=".2f"))
         print(f"\n{time.perf_counter() - started:.0f} s in all")
     return 0
+
+
+def _table_methods(text: str) -> tuple[str, ...]:
+    """``papers`` (the papers' main-table rows), ``all`` (every registered method) or a comma-separated list."""
+    from surgery_lib.merging import MAIN_TABLE, check_method
+
+    if text == "papers":
+        return MAIN_TABLE
+    if text == "all":
+        return tuple(MERGE_METHODS)
+    return tuple(check_method(name.strip()) for name in text.split(","))
 
 
 def _cmd_surgery(args: argparse.Namespace) -> int:
@@ -345,7 +358,8 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="AdaMerging batch size per task (default: the preset's)")
     parser.add_argument("--data", choices=("test", "adapt"), default=None,
                         help="unlabeled images AdaMerging adapts on: the test split as in the paper, or the held-out adapt split")
-    parser.add_argument("--seed", type=int, default=None, help="seed of batch selection (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of batch selection and of DARE's drops (default 0)")
+    parser.add_argument("--drop-rate", type=float, default=None, help="DARE: probability of dropping each task-vector entry (default 0.5)")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                         help="GPU precision of features, AdaMerging and SurgeryV2 (default: the preset's; fp32 for real CLIP, "
                         "as the official code; tf32 = fp32 with TF32 matmuls, torch 1.10's default on Ampere GPUs)")
@@ -394,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="the papers' main table (every merging method) for a preset")
     _add_common(table)
     _add_merge_options(table)
+    table.add_argument("--methods", default="papers", help="rows: 'papers' (the papers' main table, default), 'all' (every "
+                       "registered method) or a comma-separated list of --method names")
     table.add_argument("--out", default=None, help="also write main_table_<preset>.csv and .md into this directory")
     table.add_argument("--surgery", default="none", help="comma-separated rows per merge: none (the merge alone), 1 (+ Surgery), "
                        "2 (+ SurgeryV2); default none. 'none,1,2' gives the papers' whole grid")

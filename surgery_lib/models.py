@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +161,22 @@ def autocast(device: torch.device | str, precision: str = "fp32") -> Iterator[No
         yield
 
 
+def _encode_batches(
+    encoder: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
+    device: torch.device | str, precision: str, forward: Callable[[nn.Module, torch.Tensor], Any],
+) -> list[Any]:
+    """``forward(encoder, batch)`` on every normalised batch of uint8 ``images``, under inference mode and autocast."""
+    device = torch.device(device)
+    encoder = encoder.to(device).eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+            with autocast(device, precision):
+                outputs.append(forward(encoder, batch))
+    return outputs
+
+
 def embed(
     encoder: nn.Module,
     images: torch.Tensor,
@@ -174,16 +191,8 @@ def embed(
     Runs under ``torch.inference_mode`` in ``precision`` (:data:`PRECISIONS`; the CPU always runs fp32);
     the result is an ordinary tensor, usable in autograd later.
     """
-    device = torch.device(device)
-    encoder = encoder.to(device).eval()
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
-            with autocast(device, precision):
-                outputs.append(encoder(batch).float().cpu())
-        result = torch.cat(outputs) if outputs else torch.empty(0, encoder.output_dim)
-    return result.clone()
+    outputs = _encode_batches(encoder, images, mean, std, batch_size, device, precision, lambda e, x: e(x).float().cpu())
+    return torch.cat(outputs).clone() if outputs else torch.empty(0, encoder.output_dim)
 
 
 def forward_blocks(
@@ -232,15 +241,10 @@ def embed_blocks(
 
     ``dtype=torch.float16`` halves the memory of the block means (24 x 1024 values per image for ViT-L/14).
     """
-    device = torch.device(device)
-    encoder = encoder.to(device).eval()
-    finals, blocks = [], []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
-            with autocast(device, precision):
-                final, means = forward_blocks(encoder, batch)
-            finals.append(final.float().cpu())
-            blocks.append(means.to(dtype).cpu())
-        final, means = torch.cat(finals), torch.cat(blocks)
-    return final.clone(), means.clone()
+
+    def forward(encoder: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        final, means = forward_blocks(encoder, batch)
+        return final.float().cpu(), means.to(dtype).cpu()
+
+    outputs = _encode_batches(encoder, images, mean, std, batch_size, device, precision, forward)
+    return torch.cat([f for f, _ in outputs]).clone(), torch.cat([m for _, m in outputs]).clone()

@@ -66,7 +66,8 @@ class ClipConfig:
     tasks: tuple[str, ...] = ()
 
     def fusionbench_expert(self, task_suffix: str) -> str:
-        """The hub id of FusionBench's expert for ``task_suffix`` (e.g. ``"stanford-cars"``)."""
+        """The hub id of FusionBench's expert for ``task_suffix`` (e.g. ``"stanford-cars"``); the converter
+        builds the same ids from ``fusionbench_owner`` (``settings.clip.checkpoints.fusionbench_sources``)."""
         return f"{self.fusionbench_owner}/{self.hub_model.split('/')[-1]}_{task_suffix}"
 
 

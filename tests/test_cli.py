@@ -120,3 +120,14 @@ def test_table_prints_the_surgery_grid_with_seeds(smoke_zoo, cache_dir, capsys):
 def test_bad_surgery_versions_are_one_line_errors():
     result = run("table", "--preset", "smoke", "--surgery", "none,3")
     assert result.returncode == 2 and "unknown surgery versions 'none,3'" in result.stderr
+
+
+def test_a_registered_method_reaches_merge_and_table_without_touching_the_cli(smoke_zoo, cache_dir, capsys):
+    common = ["--preset", "smoke", "--cache-dir", str(cache_dir), "--json", "--quiet"]
+    assert main(["merge", "--method", "dare_task_arithmetic", "--drop-rate", "0.3", "--seed", "1", *common]) == 0
+    assert "DARE + task arithmetic" in _strict_json(capsys.readouterr().out)["accuracy"]
+    assert main(["table", "--methods", "weight_averaging,dare_ties", *common]) == 0
+    rows = _strict_json(capsys.readouterr().out)["accuracy"]
+    assert {"weight averaging", "DARE + TIES-merging"} <= set(rows) and "task arithmetic" not in rows
+    assert main(["table", "--methods", "dare", *common]) == 2
+    assert "unknown merging method 'dare'" in capsys.readouterr().err

@@ -341,10 +341,14 @@ FUSIONBENCH_MODELS = {
 }
 
 
-def fusionbench_sources(model: str, source: str, tasks: tuple[str, ...]) -> dict[str, str]:
-    """Where each model of the FusionBench family comes from: hub ids (``source="hub"``) or folders of
-    ``save_pretrained`` snapshots under ``source`` named like the hub repositories
-    (``clip-vit-base-patch32/``, ``clip-vit-base-patch32_<task>/``).
+#: The hub account that publishes FusionBench's CLIP experts (a preset may name another: ``ClipConfig.fusionbench_owner``).
+FUSIONBENCH_OWNER = "tanganke"
+
+
+def fusionbench_sources(model: str, source: str, tasks: tuple[str, ...], owner: str = FUSIONBENCH_OWNER) -> dict[str, str]:
+    """Where each model of the FusionBench family comes from: hub ids (``source="hub"``; experts
+    ``<owner>/clip-vit-base-patch32_<task>``) or folders of ``save_pretrained`` snapshots under ``source``
+    named like the hub repositories (``clip-vit-base-patch32/``, ``clip-vit-base-patch32_<task>/``).
 
     Raises:
         SurgeryBookError: unknown model or task, or missing local folders (all listed at once).
@@ -354,7 +358,7 @@ def fusionbench_sources(model: str, source: str, tasks: tuple[str, ...]) -> dict
     base = FUSIONBENCH_MODELS[model]
     ids = {"pretrained": base}
     for task in tasks:
-        ids[f"expert/{get_clip_task(task).name}"] = f"tanganke/{base.split('/')[-1]}_{get_clip_task(task).fusionbench}"
+        ids[f"expert/{get_clip_task(task).name}"] = f"{owner}/{base.split('/')[-1]}_{get_clip_task(task).fusionbench}"
     if source == "hub":
         return ids
     local = {key: str(Path(source) / hub_id.split("/")[-1]) for key, hub_id in ids.items()}
@@ -373,6 +377,7 @@ def convert_fusionbench(
     out: str | os.PathLike[str],
     tasks: tuple[str, ...] = TASK_VECTORS_TASKS,
     progress: bool = True,
+    owner: str = FUSIONBENCH_OWNER,
 ) -> dict[str, Any]:
     """Convert FusionBench's transformers checkpoints once into the same layout as :func:`convert_task_vectors`.
 
@@ -388,7 +393,7 @@ def convert_fusionbench(
     except ImportError:
         raise SurgeryBookError("converting FusionBench checkpoints needs transformers", "pip install 'surgery-book[hub]'") from None
     names = tuple(get_clip_task(t).name for t in tasks)
-    sources = fusionbench_sources(model, source, names)
+    sources = fusionbench_sources(model, source, names, owner)
     clip = CLIPModel.from_pretrained(sources["pretrained"])
     projection = clip.visual_projection.weight.detach().clone()
     pretrained = open_clip_state_from_transformers(clip.vision_model.state_dict(), projection)

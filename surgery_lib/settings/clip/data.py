@@ -173,7 +173,7 @@ def local_dataset(task: str | ClipTask, root: str | os.PathLike[str], split: str
 
 
 def hub_dataset(task: str | ClipTask, split: str, *, load: Callable[..., Any] | None = None) -> LabelledImages:
-    """One split of a task from the Hugging Face hub (REAL_CLIP.md's table), via ``datasets``.
+    """One split of a task from the Hugging Face hub (the repository named by its :class:`ClipTask`), via ``datasets``.
 
     ``load`` replaces ``datasets.load_dataset`` (tests pass a local dataset). Class names: the task's
     fixed names where it has them, else the dataset's ``ClassLabel`` names.

@@ -1,7 +1,7 @@
 """The papers' eight image-classification tasks as data: sources, class names and prompt templates.
 
 Names follow the task_vectors checkpoints (``SUN397 ... DTD``). ``hub`` names the Hugging Face dataset
-that is the most reliable source today (REAL_CLIP.md); ``fusionbench`` is the task's suffix in
+that is the most reliable source today (the mirrors FusionBench evaluates on); ``fusionbench`` is the task's suffix in
 FusionBench's expert repositories (``tanganke/clip-vit-base-patch32_<suffix>``).
 
 Class names: digits for MNIST/SVHN, OpenAI's renamed EuroSAT classes and the descriptive GTSRB names

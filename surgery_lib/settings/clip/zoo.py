@@ -90,7 +90,8 @@ def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, pro
             )
         convert_task_vectors(given, model, target_root, preset.clip.tasks, progress=progress)
     else:
-        convert_fusionbench(str(given) if given is not None else "hub", model, target_root, preset.clip.tasks, progress=progress)
+        convert_fusionbench(str(given) if given is not None else "hub", model, target_root, preset.clip.tasks, progress=progress,
+                            owner=preset.clip.fusionbench_owner)  # fmt: skip
     return target_root / model
 
 

@@ -1,0 +1,108 @@
+"""The Setting contract, its two implementations, and the three setting bugs of 0.1 (one test each)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from surgery_lib import cli
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.taskdata import Suite, TaskData
+from surgery_lib.presets import PRESETS, SETTINGS_DIR, preset_from_dict
+from surgery_lib.settings import available_settings, get_setting, load_suite
+from surgery_lib.settings.base import Setting
+from surgery_lib.settings.clip.sources import VARIABLES, ClipSources
+
+
+def test_every_setting_folder_keeps_the_contract():
+    assert available_settings() == ("clip", "offline")
+    for name in available_settings():
+        setting = get_setting(name)
+        assert isinstance(setting, Setting) and setting.name == name and setting.description
+        presets = json.loads((SETTINGS_DIR / name / "presets.json").read_text())
+        assert presets and all(entry["setting"] == name for entry in presets)
+        for entry in presets:  # every preset is data that round-trips and is registered under its name
+            assert PRESETS[entry["name"]] == preset_from_dict(entry)
+    with pytest.raises(SurgeryBookError, match="unknown setting 'tpu'.*clip, offline"):
+        get_setting("tpu")
+
+
+def test_the_preset_data_keeps_the_zoo_names_of_0_1():
+    from surgery_lib.settings.offline.zoo import zoo_config_hash
+
+    # The hashes name the zoo folders built by 0.1: moving the presets into JSON changed nothing that counts.
+    assert [zoo_config_hash(PRESETS[n]) for n in ("smoke", "mini", "base")] == ["cfe2505fb7d9", "fef7eb5c96c1", "ed9f96fc2b13"]
+
+
+def test_a_missing_task_is_reported_with_the_suites_own_tasks():
+    # 0.1 validated the name against the offline tasks first, so a CLIP suite answered with mnist, shapes, ...
+    data = TaskData("EuroSAT", ("a", "b"), {"test": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}, {"test": torch.zeros(1)})
+    suite = Suite(None, {"EuroSAT": data}, None)
+    with pytest.raises(SurgeryBookError, match="task 'SVHN' is not part of this suite.*use one of: EuroSAT") as error:
+        suite["SVHN"]
+    assert "mnist" not in str(error.value)
+
+
+def test_the_zero_shot_row_is_drawn_as_a_reference_not_as_a_merge():
+    import pandas as pd
+
+    from surgery_lib import plots
+
+    average = pd.Series({"pretrained (zero-shot)": 48.0, "individual (expert)": 90.0, "task arithmetic": 69.0})
+    figure = plots.main_table_bars(average)
+    colours = [bar.get_facecolor() for bar in figure.axes[0].patches]
+    grey, red = colours[0], colours[2]
+    assert colours[0] == colours[1] == grey and grey != red  # 0.1 coloured the zero-shot row like a merge
+
+
+def test_the_clip_setting_passes_workers_on(monkeypatch):
+    seen = {}
+
+    def fake_clip_suite(preset, *, sources, tasks, cache_dir, workers, progress):
+        seen.update(workers=workers, family=sources.family)
+        return Suite(None, {}, None)
+
+    monkeypatch.setattr("surgery_lib.settings.clip.clip_suite", fake_clip_suite)
+    load_suite("clip-vit-b-32", workers=3, progress=False, options={"family": "fusionbench"})
+    assert seen == {"workers": 3, "family": "fusionbench"}  # 0.1 dropped workers on the CLIP path
+
+
+def test_the_cli_passes_clip_options_as_objects_not_through_the_environment(monkeypatch, capsys):
+    for variable in VARIABLES.values():
+        monkeypatch.delenv(variable, raising=False)
+    seen = {}
+
+    def fake_load_suite(preset, **kwargs):
+        seen.update(kwargs["options"])
+        data = TaskData("EuroSAT", ("a",), {"test": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}, {"test": torch.zeros(1)})
+        return Suite(None, {"EuroSAT": data}, None)
+
+    monkeypatch.setattr(cli, "load_suite", fake_load_suite)
+    assert cli.main(["data", "--preset", "clip-vit-b-32", "--family", "fusionbench", "--data-root", "rel/data", "--json", "--quiet"]) == 0
+    assert seen["family"] == "fusionbench" and seen["data_root"] == "rel/data"
+    assert not any(variable in os.environ for variable in VARIABLES.values())
+
+
+def test_clip_sources_alone_read_and_write_the_variables(monkeypatch):
+    monkeypatch.setenv("SURGERY_BOOK_FAMILY", "fusionbench")
+    monkeypatch.delenv("SURGERY_BOOK_DATA_ROOT", raising=False)
+    preset = PRESETS["clip-vit-b-32"]
+    assert ClipSources.from_environment(preset).family == "fusionbench"
+    assert ClipSources.from_environment(preset, family="task_vectors").family == "task_vectors"  # an argument wins
+    with ClipSources.exported({"family": "task_vectors", "data_root": "rel/data", "checkpoints": None}):
+        assert os.environ["SURGERY_BOOK_FAMILY"] == "task_vectors"
+        assert os.environ["SURGERY_BOOK_DATA_ROOT"] == os.path.abspath("rel/data")  # kernels run elsewhere
+    assert os.environ["SURGERY_BOOK_FAMILY"] == "fusionbench" and "SURGERY_BOOK_DATA_ROOT" not in os.environ
+
+
+def test_the_fusionbench_owner_of_a_preset_reaches_the_hub_ids():
+    from surgery_lib.settings.clip.checkpoints import fusionbench_sources
+
+    preset = PRESETS["clip-vit-b-32"]
+    ids = fusionbench_sources("ViT-B-32", "hub", ("Cars",), owner="mirror")
+    assert ids["expert/Cars"] == "mirror/clip-vit-base-patch32_stanford-cars"
+    default = fusionbench_sources("ViT-B-32", "hub", ("Cars",), owner=preset.clip.fusionbench_owner)["expert/Cars"]
+    assert default == preset.clip.fusionbench_expert("stanford-cars")
