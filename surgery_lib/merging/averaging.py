@@ -16,7 +16,8 @@ def weight_averaging(pretrained: StateDict, experts: Mapping[str, StateDict]) ->
     return add_vectors(pretrained, vectors, [1.0 / len(vectors)] * len(vectors))
 
 
-register_method(
-    MergeMethod("weight_averaging", "weight averaging", lambda zoo, experts, options, device, progress: (
-        weight_averaging(zoo.pretrained, experts), {}), reads=())
-)
+def _run(zoo, experts, options, device, progress):
+    return weight_averaging(zoo.pretrained, experts), {}
+
+
+register_method(MergeMethod("weight_averaging", "weight averaging", _run))

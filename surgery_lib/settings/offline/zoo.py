@@ -1,6 +1,6 @@
 """The model zoo: a pretrained encoder, frozen heads, one expert per task, and the multi-task baseline.
 
-``build_zoo`` trains what is missing and loads what is already there. Every model is a safetensors
+:func:`build_offline_zoo` (reached through :func:`surgery_lib.settings.build_zoo`) trains what is missing and loads what is already there. Every model is a safetensors
 file next to a ``manifest.json`` that records, per model, its SHA-256, what it was trained from,
 its test accuracies and wall time, plus the preset, config hash, seeds and package versions. The
 manifest is rewritten (atomically) after every finished model, so an interrupted build resumes at the
