@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 import warnings
@@ -33,10 +34,25 @@ from surgery_lib.presets import PRESETS, get_preset
 from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
 
 
+def to_json(payload: Any) -> str:
+    """Standard JSON (RFC 8259): a non-finite number (NaN, infinity) becomes ``null`` instead of Python's ``NaN``."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(payload), indent=2, allow_nan=False)
+
+
 def format_table(table: Any, as_json: bool) -> str:
     """A DataFrame as Markdown with two decimals, or as JSON ``{row: {column: value}}``."""
     if as_json:
-        return json.dumps(table.round(2).to_dict(orient="index"), indent=2)
+        return to_json(table.round(2).to_dict(orient="index"))
     return table.to_markdown(floatfmt=".2f")
 
 
@@ -62,7 +78,7 @@ def _build_zoo(args: argparse.Namespace, **extra: Any) -> Any:
 def _cmd_presets(args: argparse.Namespace) -> int:
     rows = {name: {"device": p.default_device, "description": p.description} for name, p in PRESETS.items()}
     if args.json:
-        print(json.dumps({name: p.to_dict() for name, p in PRESETS.items()}, indent=2))
+        print(to_json({name: p.to_dict() for name, p in PRESETS.items()}))
     else:
         for name, row in rows.items():
             print(f"{name:14s} [{row['device']}] {row['description']}")
@@ -74,7 +90,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     suite = load_suite(args.preset, cache_dir=args.cache_dir, progress=not args.quiet, options=_setting_options(args))
     cards = suite.cards()
     if args.json:
-        print(json.dumps({"cards": cards.to_dict(orient="index"), "files": {k: str(v) for k, v in suite.files.items()}}, indent=2))
+        print(to_json({"cards": cards.to_dict(orient="index"), "files": {k: str(v) for k, v in suite.files.items()}}))
     else:
         print(cards.drop(columns=["source", "licence"]).to_markdown())
         print()
@@ -97,7 +113,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
             "train_wall_time_s": zoo.manifest.get("train_wall_time_s"),
             "this_run_wall_time_s": round(elapsed, 2),
         }
-        print(json.dumps(payload, indent=2))
+        print(to_json(payload))
     else:
         print(f"Test accuracy (%) of the {zoo.preset.name} zoo ({zoo.directory})\n")
         print(format_table(table, as_json=False))
@@ -108,9 +124,19 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_finite(args: argparse.Namespace, *options: str) -> None:
+    """One-line errors for NaN or infinite numeric options (argparse's float() accepts 'nan' and 'inf')."""
+    for option in options:
+        value = getattr(args, option, None)
+        if value is not None and not math.isfinite(value):
+            flag = "--" + option.replace("_", "-")
+            raise SurgeryBookError(f"{flag} {value} is not a finite number", f"pass a finite value to {flag}")
+
+
 def _merge_options(args: argparse.Namespace):
     from surgery_lib.merging import MergeOptions, with_options
 
+    _check_finite(args, "scale", "keep_fraction", "drop_rate")
     return with_options(
         MergeOptions(), scale=args.scale, keep_fraction=args.keep_fraction, steps=args.steps,
         batch_size=args.batch_size, split=args.data, seed=args.seed, precision=args.precision,
@@ -121,6 +147,7 @@ def _merge_options(args: argparse.Namespace):
 def _surgery_config(args: argparse.Namespace, rank: int):
     from surgery_lib.surgery.v1 import SurgeryConfig
 
+    _check_finite(args, "lr")
     return SurgeryConfig(
         rank=rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr, seed=args.seed or 0,
         eval_every=0, online=getattr(args, "online", False), adam=args.adam,
@@ -133,19 +160,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from surgery_lib.merging import METHODS, check_method, evaluate_merge, merge
 
     check_method(args.method)
+    options = _merge_options(args)  # bad values fail here, before the zoo is loaded
     zoo = _build_zoo(args)
-    result = merge(zoo, args.method, _merge_options(args), device=args.device, progress=not args.quiet)
+    result = merge(zoo, args.method, options, device=args.device, progress=not args.quiet)
     memory = peak_memory(args.device or zoo.preset.default_device)
     accuracy = evaluate_merge(zoo, result, args.device)
     experts = zoo.manifest["accuracy"]["expert"]
     table = results_table({METHODS[args.method]: accuracy, "individual (expert)": experts})
     normalized = normalized_accuracy(table.iloc[:1], experts).rename(index=lambda n: f"{n} / expert")
     if args.json:
-        print(json.dumps({
+        print(to_json({
             "method": args.method, "accuracy": table.round(2).to_dict(orient="index"),
             "normalized": normalized.round(2).to_dict(orient="index"), "seconds": round(result.seconds, 2),
             "peak_memory": {k: None if v is None else round(v, 2) for k, v in memory.items()},
-        }, indent=2))  # fmt: skip
+        }))  # fmt: skip
     else:
         print(format_table(table, as_json=False))
         print()
@@ -166,15 +194,16 @@ def _cmd_table(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     versions = parse_versions(args.surgery)
     methods = _table_methods(args.methods)
+    options, config = _merge_options(args), _surgery_config(args, 16)  # bad values fail here, before the zoo is loaded
     zoo = _build_zoo(args)
     if versions == (0,) and args.seeds == 1:
-        table, results = main_table(zoo, methods, options=_merge_options(args), device=args.device, progress=not args.quiet)
+        table, results = main_table(zoo, methods, options=options, device=args.device, progress=not args.quiet)
         payload: dict[str, Any] = {"accuracy": table.round(2).to_dict(orient="index"),
                                    "seconds": {m: round(r.seconds, 2) for m, r in results.items()}}  # fmt: skip
         shown = table
     else:
         grid = surgery_grid(
-            zoo, methods, versions, args.seeds, options=_merge_options(args), config=_surgery_config(args, 16),
+            zoo, methods, versions, args.seeds, options=options, config=config,
             device=args.device, progress=not args.quiet,
         )  # fmt: skip
         table = grid.table
@@ -185,7 +214,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
         for path in write_table(table, Path(args.out) / f"main_table_{zoo.preset.name}"):
             print(f"wrote {path}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"preset": zoo.preset.name, **payload}, indent=2))
+        print(to_json({"preset": zoo.preset.name, **payload}))
     else:
         print(f"Test accuracy (%) on the {zoo.preset.name} preset, {len(zoo.tasks)} tasks\n")
         print(shown.to_markdown(floatfmt=".2f"))
@@ -209,9 +238,11 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     from surgery_lib.surgery.run import run_surgery, save_surgery
 
     check_method(args.merge)
+    options = _merge_options(args)  # bad values fail here, before the zoo is loaded
+    _check_finite(args, "lr")
     zoo = _build_zoo(args)
     config = _surgery_config(args, args.rank or zoo.preset.surgery_rank(args.version))
-    merged = merge(zoo, args.merge, _merge_options(args), device=args.device, progress=not args.quiet)
+    merged = merge(zoo, args.merge, options, device=args.device, progress=not args.quiet)
     run = run_surgery(
         zoo, merged.state, version=args.version, config=config, split=args.data or "test",
         device=args.device, precision=args.precision, progress=not args.quiet,
@@ -221,12 +252,12 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     table = run.table()
     name = f"{METHODS[args.merge]} + {'Surgery' if args.version == 1 else 'SurgeryV2'}"
     if args.json:
-        print(json.dumps({
+        print(to_json({
             "preset": zoo.preset.name, "merge": args.merge, "version": args.version, "adapt_split": run.split,
             "rank": config.rank, "steps": config.steps, "adam": config.adam, "online": config.online,
             "parameters_per_task": run.modules.parameters_per_task(),
             "table": table.round(4).to_dict(orient="index"), "seconds": {k: round(v, 2) for k, v in run.seconds.items()},
-        }, indent=2))  # fmt: skip
+        }))  # fmt: skip
     else:
         print(f"{name} on the {zoo.preset.name} preset (adapting on the {run.split} split, {config.adam} Adam)\n")
         print(table.to_markdown(floatfmt=".3f"))
@@ -266,7 +297,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _print_bench(args: argparse.Namespace, setting: str, device: Any, key: str, rows: list[dict[str, Any]]) -> int:
     if args.json:
-        print(json.dumps({"setting": setting, "device": str(device), key: rows}, indent=2))
+        print(to_json({"setting": setting, "device": str(device), key: rows}))
     else:
         import pandas as pd
 
@@ -321,7 +352,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         runs = reproduce(args.preset, args.out, device=args.device, seed=args.seed, source=args.source, only=only,
                          kernel=args.kernel, parameters=dict(args.param), cache_dir=args.cache_dir, progress=not args.quiet)  # fmt: skip
     if args.json:
-        print(json.dumps([{"notebook": r.notebook, "seconds": round(r.seconds, 1), "artifacts": r.artifacts} for r in runs], indent=2))
+        print(to_json([{"notebook": r.notebook, "seconds": round(r.seconds, 1), "artifacts": r.artifacts} for r in runs]))
     else:
         for run in runs:
             print(f"{run.notebook:40s} {run.seconds:7.1f} s  {len(run.artifacts)} files")
@@ -340,7 +371,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     convert = convert_task_vectors if args.family == "task_vectors" else convert_fusionbench
     manifest = convert(args.source, args.model, args.out, tasks, progress=not args.quiet)
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(to_json(manifest))
     else:
         arch = manifest["architecture"]
         print(f"{args.model}: {arch['layers']} blocks of width {arch['width']}, patch {arch['patch_size']}, "
@@ -395,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(zoo)
     zoo.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     zoo.add_argument("--zoo-dir", default=None, help="explicit zoo directory (default: in the cache, named by config hash)")
-    zoo.add_argument("--rebuild", action="store_true", help="discard the cached zoo and train everything again")
+    zoo.add_argument("--rebuild", action="store_true", help="delete the zoo's own files (never a folder without a zoo manifest) and train everything again")
     zoo.set_defaults(run=_cmd_zoo)
 
     merge = sub.add_parser("merge", help="merge a preset's experts with one method and print per-task accuracy")

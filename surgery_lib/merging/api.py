@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
     CorruptFileError,
@@ -69,6 +70,12 @@ def merge(
     experts = {t: zoo.experts[t] for t in names}
     started = time.perf_counter()
     state, details = spec.run(zoo, experts, options, device, progress)
+    broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise SurgeryBookError(
+            f"the {method} merge produced NaN or infinite weights ({len(broken)} tensors, e.g. {broken[0]!r})",
+            f"check the options it reads ({', '.join(spec.reads) or 'none'}): a value this large overflows",
+        )
     return MergeResult(method, state, time.perf_counter() - started, details)
 
 

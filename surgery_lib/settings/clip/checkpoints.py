@@ -421,9 +421,15 @@ def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
         raise SurgeryBookError(f"no converted checkpoints in {directory}", "run `surgery-book convert` first")
     manifest = read_json(directory / "manifest.json")
 
+    root = directory.resolve()
+
     def tensors(key: str) -> dict[str, torch.Tensor]:
         entry = manifest["files"][key]
-        return load_tensors(directory / entry["file"], expected_sha256=entry["sha256"])[0]
+        path = (directory / entry["file"]).resolve()
+        if not path.is_relative_to(root):  # a manifest may only name files inside its folder
+            raise SurgeryBookError(f"{directory / 'manifest.json'} names {entry['file']!r}, outside its folder",
+                                   "convert the checkpoints again with `surgery-book convert`")  # fmt: skip
+        return load_tensors(path, expected_sha256=entry["sha256"])[0]
 
     pretrained = tensors("pretrained")
     experts = {task: tensors(f"expert/{task}") for task in manifest["tasks"]}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +133,31 @@ class _Builder:
         return tensors, sha
 
 
+def clear_zoo(directory: Path) -> None:
+    """Delete what a zoo build wrote in ``directory`` (its models, manifest and merge cache) and nothing else.
+
+    Raises:
+        SurgeryBookError: ``directory`` holds files but no zoo manifest: it is not ours to delete.
+    """
+    if not directory.exists() or not any(directory.iterdir()):
+        return
+    try:
+        manifest = read_json(directory / MANIFEST)
+        files = [entry["file"] for entry in manifest["models"].values()]
+    except (OSError, CorruptFileError, KeyError, TypeError, AttributeError):
+        raise SurgeryBookError(
+            f"{directory} is not a zoo directory (no readable {MANIFEST} listing its models); nothing was deleted",
+            "pass an empty folder or one a zoo build created as --zoo-dir",
+        ) from None
+    for name in files:
+        path = directory / Path(name).name  # only plain file names inside the folder: a manifest never points out of it
+        path.unlink(missing_ok=True)
+    if (directory / "merges").is_dir():
+        for path in (directory / "merges").glob("*.safetensors"):
+            path.unlink()
+    (directory / MANIFEST).unlink()
+
+
 def build_offline_zoo(
     preset: str | Preset = "mini",
     *,
@@ -150,7 +174,7 @@ def build_offline_zoo(
         device: ``"cpu"`` or ``"cuda"`` (default: the preset's default device).
         cache_dir: root of data and zoo caches (default ``$SURGERY_BOOK_CACHE`` or the user cache).
         zoo_dir: an explicit zoo directory (default ``<cache>/zoo/<preset>-<hash>``).
-        rebuild: discard whatever the directory holds and train everything again.
+        rebuild: delete the zoo's own files in the directory (:func:`clear_zoo`) and train everything again.
         progress: show progress bars.
 
     Raises:
@@ -162,8 +186,8 @@ def build_offline_zoo(
         raise SurgeryBookError(f"preset {preset.name!r} is not an offline preset", "build its zoo with surgery_lib.settings.build_zoo")
     device = resolve_device(device, preset.default_device)
     directory = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir(preset, cache_dir)
-    if rebuild and directory.exists():
-        shutil.rmtree(directory)
+    if rebuild:
+        clear_zoo(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
     manifest: dict[str, Any] | None = None
