@@ -133,10 +133,63 @@ def _check_finite(args: argparse.Namespace, *options: str) -> None:
             raise SurgeryBookError(f"{flag} {value} is not a finite number", f"pass a finite value to {flag}")
 
 
-def _merge_options(args: argparse.Namespace):
-    from surgery_lib.merging import MergeOptions, with_options
+def _check_range(args: argparse.Namespace, option: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """A one-line error unless ``args.<option>`` (when given) lies in the interval; never a silent substitute."""
+    value = getattr(args, option, None)
+    if value is None:
+        return
+    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not inside:
+        flag = "--" + option.replace("_", "-")
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise SurgeryBookError(f"{flag} {value} is outside {interval}", f"pass a value in {interval} to {flag}")
+
+
+def _check_writable(path: str, *, folder: bool) -> None:
+    """A one-line error, before any work, when an output ``path`` (a file, or with ``folder`` a directory) cannot be written."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    if folder and target.exists() and not target.is_dir():
+        raise SurgeryBookError(f"output folder {path} is a file", "pass a folder (it is created if missing)")
+    if not folder and target.is_dir():
+        raise SurgeryBookError(f"output file {path} is a folder", "pass a file name, e.g. modules.safetensors")
+    where = target if folder else target.parent
+    existing = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise SurgeryBookError(f"cannot write {path} ({exc.strerror or exc})", "pass a writable location") from None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SurgeryBookError(f"cannot write {path} (no permission in {existing})", "pass a writable location")
+
+
+#: Command-line flag -> the MergeOptions field it sets.
+MERGE_FLAGS = {"scale": "scale", "keep_fraction": "keep_fraction", "steps": "steps", "batch_size": "batch_size", "data": "split",
+               "seed": "seed", "precision": "precision", "drop_rate": "drop_rate"}  # fmt: skip
+MAX_SEED = 2**32 - 1
+
+
+def _merge_options(args: argparse.Namespace, method: str | None = None, shared: tuple[str, ...] = ()):
+    """The merge options of ``args``, every value checked once, here. With ``method``, a flag the method does not read
+    is an error (it would be ignored silently), except the ``shared`` flags another part of the command reads."""
+    from surgery_lib.merging import MergeOptions, get_method, with_options
 
     _check_finite(args, "scale", "keep_fraction", "drop_rate")
+    _check_range(args, "keep_fraction", 0, 1, low_open=True)
+    _check_range(args, "drop_rate", 0, 1, high_open=True)
+    _check_range(args, "steps", 1, math.inf)
+    _check_range(args, "batch_size", 1, math.inf)
+    _check_range(args, "seed", 0, MAX_SEED)
+    if method is not None:
+        spec = get_method(method)
+        for flag, field in MERGE_FLAGS.items():
+            if getattr(args, flag, None) is not None and field not in spec.reads and flag not in shared:
+                reads = ", ".join("--" + f.replace("_", "-") for f, v in MERGE_FLAGS.items() if v in spec.reads) or "no option"
+                raise SurgeryBookError(f"{method} does not read --{flag.replace('_', '-')}", f"drop it ({method} reads {reads})")
     return with_options(
         MergeOptions(), scale=args.scale, keep_fraction=args.keep_fraction, steps=args.steps,
         batch_size=args.batch_size, split=args.data, seed=args.seed, precision=args.precision,
@@ -148,6 +201,11 @@ def _surgery_config(args: argparse.Namespace, rank: int):
     from surgery_lib.surgery.v1 import SurgeryConfig
 
     _check_finite(args, "lr")
+    _check_range(args, "lr", 0, math.inf, low_open=True)
+    _check_range(args, "rank", 1, math.inf)
+    _check_range(args, "surgery_steps", 1, math.inf)
+    _check_range(args, "surgery_batch_size", 1, math.inf)
+    _check_range(args, "seed", 0, MAX_SEED)
     return SurgeryConfig(
         rank=rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr, seed=args.seed or 0,
         eval_every=0, online=getattr(args, "online", False), adam=args.adam,
@@ -159,8 +217,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from surgery_lib.evaluation import normalized_accuracy, results_table
     from surgery_lib.merging import METHODS, check_method, evaluate_merge, merge
 
-    check_method(args.method)
-    options = _merge_options(args)  # bad values fail here, before the zoo is loaded
+    options = _merge_options(args, check_method(args.method))  # bad values fail here, before the zoo is loaded
     zoo = _build_zoo(args)
     result = merge(zoo, args.method, options, device=args.device, progress=not args.quiet)
     memory = peak_memory(args.device or zoo.preset.default_device)
@@ -195,6 +252,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
     versions = parse_versions(args.surgery)
     methods = _table_methods(args.methods)
     options, config = _merge_options(args), _surgery_config(args, 16)  # bad values fail here, before the zoo is loaded
+    if args.out:
+        _check_writable(args.out, folder=True)
     zoo = _build_zoo(args)
     if versions == (0,) and args.seeds == 1:
         table, results = main_table(zoo, methods, options=options, device=args.device, progress=not args.quiet)
@@ -237,11 +296,13 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     from surgery_lib.merging import METHODS, check_method, merge
     from surgery_lib.surgery.run import run_surgery, save_surgery
 
-    check_method(args.merge)
-    options = _merge_options(args)  # bad values fail here, before the zoo is loaded
-    _check_finite(args, "lr")
+    # Bad values fail here, before the zoo is loaded; --seed, --data and --precision also drive the surgery itself.
+    options = _merge_options(args, check_method(args.merge), shared=("seed", "data", "precision"))
+    _surgery_config(args, 1)
+    if args.save:
+        _check_writable(args.save, folder=False)
     zoo = _build_zoo(args)
-    config = _surgery_config(args, args.rank or zoo.preset.surgery_rank(args.version))
+    config = _surgery_config(args, args.rank if args.rank is not None else zoo.preset.surgery_rank(args.version))
     merged = merge(zoo, args.merge, options, device=args.device, progress=not args.quiet)
     run = run_surgery(
         zoo, merged.state, version=args.version, config=config, split=args.data or "test",
@@ -272,8 +333,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from surgery_lib.models import load_encoder, resolve_device
     from surgery_lib.surgery.schedule import check_adam
 
+    _check_finite(args, "scale", "lr")
+    _check_range(args, "scale", 0, math.inf, low_open=True)
+    _check_range(args, "iterations", 1, math.inf)
     device = resolve_device(args.device, "cpu")
-    versions = tuple(int(v) for v in args.versions.split(","))
+    versions = tuple(int(v) for v in args.versions.split(",") if v.strip().isdigit())
+    if not versions or len(versions) != len(args.versions.split(",")) or any(v not in (1, 2) for v in versions):
+        raise SurgeryBookError(f"--versions {args.versions!r} names no surgery version this benchmark times", "use 1, 2 or 1,2")
     zoo, setting = _bench_zoo(args, device)
     if args.pipeline:
         return _bench_pipeline(args, zoo, setting, device)

@@ -98,13 +98,23 @@ class ClassificationHead(nn.Module):
         return head.requires_grad_(False).eval()
 
 
+#: The device types the library runs on (the official code ran on CUDA; the CPU runs everything here).
+DEVICE_TYPES = ("cpu", "cuda")
+
+
 def resolve_device(device: str | torch.device | None, default: str = "cpu") -> torch.device:
     """``device`` (or ``default``) as a torch device, checking that CUDA is really there.
 
     Raises:
-        SurgeryBookError: if CUDA is requested but unavailable.
+        SurgeryBookError: a device type other than cpu and cuda (tpu, meta, mps, typos), or CUDA requested
+            but unavailable.
     """
-    resolved = torch.device(device if device is not None else default)
+    try:
+        resolved = torch.device(device if device is not None else default)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in DEVICE_TYPES:
+        raise SurgeryBookError(f"unsupported device {device!r}", f"use one of: {', '.join(DEVICE_TYPES)} (e.g. cuda:1)")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise SurgeryBookError(
             "CUDA was requested but this torch build sees no GPU",

@@ -13,6 +13,7 @@ A preset fixes everything that determines the model zoo, so its config hash name
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,57 @@ class Preset:
         return dataclasses.asdict(self)
 
 
+#: Numeric fields that may be 0 (every other int must be >= 1, every other float finite and > 0).
+MAY_BE_ZERO = {"seed", "probe_shots", "pretrain_warmup_steps", "translate_px", "ties_text_entries", "adapt_per_task",
+               "pretrain_weight_decay", "probe_weight_decay", "expert_weight_decay", "expert_warmup_fraction"}  # fmt: skip
+
+
+def check_preset(preset: Preset) -> Preset:
+    """Check every field of ``preset`` against the schema: types, positive sizes, finite rates, known names.
+
+    Raises:
+        SurgeryBookError: naming the preset, the field and the value.
+    """
+
+    def fail(path: str, value: Any, expected: str) -> None:
+        raise SurgeryBookError(f"preset {preset.name!r}: {path} = {value!r} is invalid", f"use {expected}")
+
+    def check(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, path = getattr(obj, f.name), f"{prefix}{f.name}"
+            kind = str(f.type)
+            if dataclasses.is_dataclass(value):
+                check(value, path + ".")
+            elif kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+                fail(path, value, "an integer")
+            elif kind == "int" and value < (0 if f.name in MAY_BE_ZERO else 1):
+                fail(path, value, "a value >= 0" if f.name in MAY_BE_ZERO else "a value >= 1")
+            elif kind == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                fail(path, value, "a finite number")
+            elif kind == "float" and (value < 0 or (value == 0 and f.name not in MAY_BE_ZERO)):
+                fail(path, value, "a positive number")
+            elif kind == "str" and not isinstance(value, str):
+                fail(path, value, "a string")
+            elif kind.startswith("tuple[float") and not (isinstance(value, tuple) and len(value) == 3
+                                                          and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)):
+                fail(path, value, "three finite numbers")
+            elif kind.startswith("tuple[str") and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                fail(path, value, "a list of names")
+
+    if not isinstance(preset.name, str):
+        raise SurgeryBookError(f"preset name {preset.name!r} is not a string", "name the preset with letters, digits, '-' and '_'")
+    check(preset, "")
+    if preset.encoder.width % preset.encoder.heads:
+        fail("encoder.heads", preset.encoder.heads, f"a divisor of encoder.width ({preset.encoder.width})")
+    if preset.encoder.image_size % preset.encoder.patch_size:
+        fail("encoder.patch_size", preset.encoder.patch_size, f"a divisor of encoder.image_size ({preset.encoder.image_size})")
+    if preset.encoder.activation not in ("gelu", "quick_gelu"):
+        fail("encoder.activation", preset.encoder.activation, "'gelu' or 'quick_gelu'")
+    if preset.precision not in ("fp32", "tf32", "bf16", "fp16"):
+        fail("precision", preset.precision, "fp32, tf32, bf16 or fp16")
+    return preset
+
+
 PRESETS: Registry[Preset] = Registry("preset", load=lambda: _load_presets())
 
 
@@ -160,7 +212,7 @@ def register_preset(preset: Preset, *, replace: bool = False) -> Preset:
     Raises:
         SurgeryBookError: a preset of that name exists (pass ``replace=True`` to replace it on purpose).
     """
-    return PRESETS.register(preset.name, preset, replace=replace)
+    return PRESETS.register(preset.name, check_preset(preset), replace=replace)
 
 
 def get_preset(name: str | Preset) -> Preset:
@@ -189,7 +241,7 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
                  "recipe": build(RecipeConfig, data.get("recipe")), "clip": build(ClipConfig, data.get("clip"))}  # fmt: skip
         rest = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in parts}
         return Preset(**rest, **parts)
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise SurgeryBookError(f"invalid preset description ({exc})", "start from `surgery-book presets --json` output") from None
 
 

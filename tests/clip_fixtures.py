@@ -10,9 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from surgery_lib.settings.clip.tasks import EUROSAT_FOLDERS
 from surgery_lib.presets import ClipConfig, EncoderConfig, Preset
-from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, OPENAI_MEAN, OPENAI_STD, text_leftover_entries
+from surgery_lib.settings.clip.tasks import (
+    CLIP_TASK_NAMES,
+    EUROSAT_FOLDERS,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    text_leftover_entries,
+)
 
 #: Classes of each fabricated dataset (tasks with fixed class names keep their full count).
 CLASSES = {"SUN397": 3, "Cars": 2, "RESISC45": 3, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10, "DTD": 3}
@@ -107,7 +112,6 @@ def fabricate_task_vectors_checkpoints(root: Path, classes, visual, heads_dim: i
     import copy
 
     import torch.nn.functional as F
-
     from published_formats import _image_encoder, _save
 
     folder = root / "ViT-B-32"

@@ -64,9 +64,8 @@ def tiny_visual():
 
 
 def _image_encoder(visual: nn.Module, classes) -> nn.Module:
-    from torchvision import transforms
-
     from open_clip.transform import _convert_to_rgb
+    from torchvision import transforms
 
     clip = classes["CLIP"]()
     clip.visual = _as_published(visual, classes)

@@ -5,13 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery_lib.merging.adamerging import adamerging, prediction_entropy
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.merging import (
+    MergeOptions,
+    add_vectors,
+    check_method,
+    evaluate_merge,
+    merge,
+    task_arithmetic,
+    task_vectors,
+)
+from surgery_lib.merging.adamerging import adamerging, prediction_entropy
 from surgery_lib.merging.fisher import diagonal_fisher, fisher_merging
-from surgery_lib.merging import add_vectors, task_arithmetic, task_vectors
-from surgery_lib.merging import MergeOptions, check_method, evaluate_merge, merge
+from surgery_lib.merging.regmean import (
+    _attention_values,
+    gram_matrices,
+    regmean_merging,
+)
 from surgery_lib.models import load_encoder
-from surgery_lib.merging.regmean import _attention_values, gram_matrices, regmean_merging
 
 
 def _run(zoo, **kwargs):

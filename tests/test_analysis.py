@@ -11,7 +11,12 @@ import torch
 from surgery_lib import merging as methods
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging import cosine_similarities, task_arithmetic
-from surgery_lib.surgery.run import bias_table, block_bias_table, run_surgery, task_embeddings
+from surgery_lib.surgery.run import (
+    bias_table,
+    block_bias_table,
+    run_surgery,
+    task_embeddings,
+)
 from surgery_lib.surgery.v1 import SurgeryConfig
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.settings.clip.checkpoints import (
     UnsafeCheckpointError,
     build_clip_visual,
@@ -24,7 +25,6 @@ from surgery_lib.settings.clip.checkpoints import (
     read_pickled_checkpoint,
     visual_architecture,
 )
-from surgery_lib.core.errors import SurgeryBookError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")
 
@@ -101,8 +101,8 @@ def test_truncated_or_wrong_files_give_a_clear_error(tmp_path, published_classes
 
 
 def test_convert_a_task_vectors_folder_and_load_it_back(tmp_path, published_classes, tiny_visual, capsys):
-    from surgery_lib.settings.clip.checkpoints import load_converted
     from surgery_lib.cli import main
+    from surgery_lib.settings.clip.checkpoints import load_converted
 
     root = tmp_path / "checkpoints" / "ViT-B-32"
     (root / "MNIST").mkdir(parents=True)

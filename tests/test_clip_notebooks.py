@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from clip_fixtures import (
+    TINY_CLIP,
+    fabricate_datasets,
+    fabricate_task_vectors_checkpoints,
+)
 
-from clip_fixtures import TINY_CLIP, fabricate_datasets, fabricate_task_vectors_checkpoints
-from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES
 from surgery_lib.presets import PRESETS
+from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")]
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

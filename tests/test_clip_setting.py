@@ -10,14 +10,31 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_fixtures import (
+    CLASSES,
+    TEST_SIZES,
+    TINY_CLIP,
+    fabricate_datasets,
+    fabricate_task_vectors_checkpoints,
+)
 
-from clip_fixtures import CLASSES, TEST_SIZES, TINY_CLIP, fabricate_datasets, fabricate_task_vectors_checkpoints
-from surgery_lib.settings.clip.data import hub_dataset, load_clip_task, local_dataset, read_cache
-from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, CLIP_TASKS, EUROSAT_CLASSES, GTSRB_CLASSES, get_clip_task
-from surgery_lib.settings.clip.zoo import ClipSources, load_clip_zoo
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import get_preset
+from surgery_lib.settings.clip.data import (
+    hub_dataset,
+    load_clip_task,
+    local_dataset,
+    read_cache,
+)
+from surgery_lib.settings.clip.tasks import (
+    CLIP_TASK_NAMES,
+    CLIP_TASKS,
+    EUROSAT_CLASSES,
+    GTSRB_CLASSES,
+    get_clip_task,
+)
 from surgery_lib.settings.clip.zero_shot import cached_zero_shot_head, zero_shot_head
+from surgery_lib.settings.clip.zoo import ClipSources, load_clip_zoo
 
 pytestmark = pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")
 
@@ -224,8 +241,7 @@ def test_task_vectors_setting_loads_into_a_zoo(tiny_clip_zoo, tiny_visual):
 
 
 def test_every_method_runs_on_the_clip_path(tiny_clip_zoo):
-    from surgery_lib.merging import task_arithmetic
-    from surgery_lib.merging import MergeOptions, evaluate_merge, merge
+    from surgery_lib.merging import MergeOptions, evaluate_merge, merge, task_arithmetic
     from surgery_lib.surgery.run import run_surgery
     from surgery_lib.surgery.v1 import SurgeryConfig
 
@@ -264,7 +280,11 @@ def test_commands_accept_clip_presets(tiny_clip_zoo, capsys, monkeypatch):
 
 def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, datasets_root, clip_env, capsys):
     transformers = pytest.importorskip("transformers")
-    from surgery_lib.settings.clip.checkpoints import build_clip_visual, fusionbench_sources, load_converted
+    from surgery_lib.settings.clip.checkpoints import (
+        build_clip_visual,
+        fusionbench_sources,
+        load_converted,
+    )
 
     torch.manual_seed(3)
     vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
@@ -312,7 +332,11 @@ def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, dataset
 
 
 def test_presets_round_trip_through_json_files(tmp_path, monkeypatch):
-    from surgery_lib.presets import PRESETS, preset_from_dict, register_presets_from_file
+    from surgery_lib.presets import (
+        PRESETS,
+        preset_from_dict,
+        register_presets_from_file,
+    )
 
     for name in ("mini", "clip-vit-l-14"):
         assert preset_from_dict(json.loads(json.dumps(get_preset(name).to_dict()))) == get_preset(name)
@@ -377,7 +401,10 @@ def _official_ties(folder, tasks, keep=0.2, scale=0.3):
     """The official TIES, step by step: flatten every task vector of the whole pickled ImageEncoder (text
     leftovers included, sorted keys), keep entries >= the (d - int(d k))-th smallest magnitude, elect signs
     (majority sign where the sum is 0), disjoint sum. Returns the kept entries and the merged state by key."""
-    from surgery_lib.settings.clip.checkpoints import module_tensors, read_pickled_checkpoint
+    from surgery_lib.settings.clip.checkpoints import (
+        module_tensors,
+        read_pickled_checkpoint,
+    )
 
     def full(path):
         return {k: v.float() for k, v in module_tensors(read_pickled_checkpoint(path)).items() if v.is_floating_point()}
@@ -402,9 +429,8 @@ def _official_ties(folder, tasks, keep=0.2, scale=0.3):
 
 
 def test_ties_keeps_exactly_the_entries_the_official_flatten_then_trim_keeps(tiny_clip_zoo):
+    from surgery_lib.merging import merge, method_label, task_vectors, ties_vectors
     from surgery_lib.settings.clip.checkpoints import TASK_VECTORS_TASKS, VISUAL_PREFIX
-    from surgery_lib.merging import task_vectors, ties_vectors
-    from surgery_lib.merging import merge, method_label
 
     zoo, tmp_path, _ = tiny_clip_zoo
     official_kept, official_merged = _official_ties(tmp_path / "checkpoints" / "ViT-B-32", TASK_VECTORS_TASKS)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from surgery_lib.settings import load_suite
-from surgery_lib.settings.offline.generators import TASKS
-from surgery_lib.settings.offline.suite import check_tasks, data_cards
-from surgery_lib.settings.offline import generators as gen
-from surgery_lib.settings.offline import suite as suite_module
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import SuiteConfig, get_preset
+from surgery_lib.settings import load_suite
+from surgery_lib.settings.offline import generators as gen
+from surgery_lib.settings.offline import suite as suite_module
+from surgery_lib.settings.offline.generators import TASKS
+from surgery_lib.settings.offline.suite import check_tasks, data_cards
 
 TINY = SuiteConfig(tasks=("street_digits", "textures"), train_per_task=40, adapt_per_task=20, test_per_task=30, mix_per_class=2)
 

@@ -70,3 +70,207 @@ def test_non_finite_options_are_one_line_errors(argv, capsys, tmp_path):
 def test_json_output_is_standard_json():
     text = to_json({"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
     assert json.loads(text) == {"a": None, "b": [1.5, None], "c": {"d": None}} and "NaN" not in text
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["merge", "--method", "adamerging_task", "--steps", "-5"], "--steps -5 is outside [1, inf]"),
+    (["merge", "--method", "adamerging_task", "--batch-size", "0"], "--batch-size 0 is outside [1, inf]"),
+    (["merge", "--method", "ties", "--keep-fraction", "1.5"], "--keep-fraction 1.5 is outside (0, 1]"),
+    (["merge", "--method", "dare_ties", "--drop-rate", "1"], "--drop-rate 1.0 is outside [0, 1)"),
+    (["merge", "--method", "regmean", "--seed", str(2**70)], "--seed"),
+    (["merge", "--method", "task_arithmetic", "--keep-fraction", "0.5"], "task_arithmetic does not read --keep-fraction"),
+    (["surgery", "--rank", "0"], "--rank 0 is outside [1, inf]"),
+    (["surgery", "--surgery-steps", "0"], "--surgery-steps 0 is outside"),
+    (["surgery", "--merge", "weight_averaging", "--scale", "0.5"], "weight_averaging does not read --scale"),
+    (["bench", "--versions", "3"], "--versions '3' names no surgery version"),
+    (["bench", "--versions", "abc"], "--versions 'abc'"),
+])  # fmt: skip
+def test_out_of_range_options_are_one_line_errors_never_silent_substitutes(argv, flag, capsys, tmp_path):
+    assert main([*argv, "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and flag in error
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "mps", "cdua", "cuda:x"])
+def test_unsupported_devices_are_one_line_errors(device, capsys, tmp_path):
+    assert main(["zoo", "--preset", "smoke", "--device", device, "--quiet", "--cache-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"unsupported device {device!r}" in error
+
+
+def test_output_paths_are_checked_before_the_work_starts(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["table", "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--out", str(blocker)]) == 2
+    assert "output folder" in capsys.readouterr().err
+    assert main(["surgery", "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--save", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["surgery", "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path / "cache"),
+                 "--save", str(blocker / "modules.safetensors")]) == 2  # fmt: skip
+    assert "cannot write" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # nothing was computed
+
+
+@pytest.mark.parametrize("change, message", [
+    (("encoder", "width", 0), "encoder.width = 0 is invalid"),
+    (("recipe", "batch_size", 0), "recipe.batch_size = 0 is invalid"),
+    (("recipe", "expert_steps", -3), "recipe.expert_steps = -3 is invalid"),
+    (("encoder", "layers", "four"), "encoder.layers = 'four' is invalid.*an integer"),
+    (("recipe", "expert_lr", float("nan")), "recipe.expert_lr = nan is invalid.*finite"),
+    (("encoder", "heads", 3), "encoder.heads = 3 is invalid.*divisor"),
+])  # fmt: skip
+def test_hostile_preset_files_are_refused_naming_the_field(change, message, tmp_path):
+    from surgery_lib.presets import register_presets_from_file
+
+    data = PRESETS["smoke"].to_dict()
+    data["name"] = "hostile"
+    part, field, value = change
+    data[part][field] = value
+    path = tmp_path / "presets.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SurgeryBookError, match=message):
+        register_presets_from_file(path)
+    assert "hostile" not in PRESETS
+
+
+def test_a_deeply_nested_preset_file_is_a_clear_error(tmp_path):
+    from surgery_lib.presets import register_presets_from_file
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(SurgeryBookError, match="nested too deeply"):
+        register_presets_from_file(path)
+
+
+def test_a_diverging_surgery_is_an_error_not_garbage(smoke_zoo):
+    from surgery_lib.merging import task_arithmetic
+    from surgery_lib.surgery import SurgeryConfig, run_surgery
+
+    merged = task_arithmetic(smoke_zoo.pretrained, smoke_zoo.experts, 0.3)
+    for version in (1, 2):
+        with pytest.raises(SurgeryBookError, match="surgery loss became .* training diverged.*--lr"):
+            run_surgery(smoke_zoo, merged, version=version, config=SurgeryConfig(rank=4, steps=20, lr=1e30, eval_every=0),
+                        device="cpu", progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("manifest", [[], {"models": []}, {"models": {"pretrained": {"file": "pretrained.safetensors"}}}])
+def test_a_malformed_zoo_manifest_starts_the_zoo_afresh(manifest, smoke_zoo, tmp_path, monkeypatch, caplog):
+    from surgery_lib.settings.offline import zoo as zoo_module
+
+    assert zoo_module._well_formed(json.loads((smoke_zoo.directory / MANIFEST).read_text()))
+    zoo_dir = tmp_path / "zoo"
+    shutil.copytree(smoke_zoo.directory, zoo_dir)
+    (zoo_dir / MANIFEST).write_text(json.dumps(manifest))
+
+    class Retraining(Exception):
+        pass
+
+    def pretrain(*args, **kwargs):
+        raise Retraining  # reached: the build went on from scratch instead of failing on the manifest
+
+    monkeypatch.setattr(zoo_module, "pretrain", pretrain)
+    with pytest.raises(Retraining):
+        build_zoo("smoke", zoo_dir=zoo_dir, cache_dir=smoke_zoo.directory.parent.parent, progress=False)
+    assert "not a zoo manifest" in caplog.text
+
+
+def test_a_malformed_converted_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(SurgeryBookError, match="not a converted-checkpoint manifest"):
+        load_converted(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {}, "tasks": []}))
+    with pytest.raises(SurgeryBookError, match="no usable entry for pretrained"):
+        load_converted(tmp_path)
+
+
+def _rewrite_keeping_metadata(path, change):
+    """Rewrite a safetensors file with ``change(tensors)`` applied but its old metadata (checksum included):
+    what a flipped byte or an edit by hand leaves behind."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_every_tensor_file_carries_a_checksum_that_reading_verifies(tmp_path):
+    import torch
+
+    from surgery_lib.core.storage import CorruptFileError, load_tensors, save_tensors
+
+    path = tmp_path / "file.safetensors"
+    save_tensors({"w": torch.arange(6.0).view(2, 3), "scalar": torch.tensor(2.0)}, path, {"note": "kept"})
+    tensors, metadata = load_tensors(path)
+    assert metadata == {"note": "kept"} and torch.equal(tensors["w"], torch.arange(6.0).view(2, 3))
+    _rewrite_keeping_metadata(path, lambda t: t["w"].__setitem__((0, 0), 1e-45))
+    with pytest.raises(CorruptFileError, match="differ from the checksum"):
+        load_tensors(path)
+
+
+def test_a_damaged_merge_cache_is_recomputed_not_used(smoke_zoo, tmp_path, caplog):
+    import dataclasses
+
+    import torch
+
+    from surgery_lib.merging import cached_merge, merge_cache_path
+
+    zoo = dataclasses.replace(smoke_zoo, directory=tmp_path)
+    first = cached_merge(zoo, "task_arithmetic", MergeOptions(), device="cpu", progress=False)
+    path = merge_cache_path(zoo, "task_arithmetic", MergeOptions(), zoo.tasks)
+    key = next(k for k in first.state if first.state[k].is_floating_point())
+    _rewrite_keeping_metadata(path, lambda t: t[f"state/{key}"].mul_(-1))
+    again = cached_merge(zoo, "task_arithmetic", MergeOptions(), device="cpu", progress=False)
+    assert "recomputing the task_arithmetic merge" in caplog.text
+    assert all(torch.equal(again.state[k], v) for k, v in first.state.items())
+
+
+def test_changed_labels_in_the_data_cache_are_detected_and_regenerated(smoke_suite, cache_dir, tmp_path, caplog):
+    import torch
+
+    from surgery_lib.settings import load_suite
+
+    shutil.copytree(cache_dir / "data", tmp_path / "data")
+    task = smoke_suite.task_names[0]
+    path = next((tmp_path / "data").rglob(f"{task}-*.safetensors"))
+    _rewrite_keeping_metadata(path, lambda t: t["test_labels"].zero_())
+    suite = load_suite("smoke", cache_dir=tmp_path, progress=False)
+    assert "differ from the checksum" in caplog.text
+    assert torch.equal(suite[task].labels["test"], smoke_suite[task].labels["test"])
+
+
+def test_temporaries_of_a_killed_write_are_removed_by_the_next_one(tmp_path):
+    import os
+    import time
+
+    from surgery_lib.core.storage import write_json
+
+    target = tmp_path / "manifest.json"
+    stale, live, other = tmp_path / ".manifest.json.ab12cd.tmp", tmp_path / ".manifest.json.ef34gh.tmp", tmp_path / ".other.json.x.tmp"
+    for path in (stale, live, other):
+        path.write_text("partial")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    write_json({"ok": True}, target)
+    assert json.loads(target.read_text()) == {"ok": True}
+    assert not stale.exists() and live.exists() and other.exists()  # only this file's, and only abandoned ones
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")])
+def test_a_full_disk_is_one_clear_error_naming_the_folder(error, tmp_path, monkeypatch):
+    import safetensors.torch
+    import torch
+
+    from surgery_lib.core.storage import save_tensors
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(SurgeryBookError, match=f"disk is full.*free space in {tmp_path}"):
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert not list(tmp_path.iterdir())  # no temporary left behind

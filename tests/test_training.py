@@ -8,7 +8,12 @@ import torch
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.storage import config_hash
 from surgery_lib.presets import get_preset
-from surgery_lib.settings.offline.training import derive_seed, fit_probe, random_translate, warmup_cosine
+from surgery_lib.settings.offline.training import (
+    derive_seed,
+    fit_probe,
+    random_translate,
+    warmup_cosine,
+)
 
 
 def test_random_translate_shifts_each_image_with_zero_fill():

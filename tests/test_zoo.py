@@ -9,12 +9,12 @@ import logging
 import pytest
 import torch
 
-from surgery_lib.settings.offline import training
-from surgery_lib.settings import base as settings_base
-from surgery_lib.settings.offline import zoo as zoo_module
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import get_preset
+from surgery_lib.settings import base as settings_base
 from surgery_lib.settings import build_zoo
+from surgery_lib.settings.offline import training
+from surgery_lib.settings.offline import zoo as zoo_module
 from surgery_lib.settings.offline.zoo import MANIFEST, default_zoo_dir
 
 

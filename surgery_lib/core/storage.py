@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import glob
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.state_dict import state_fingerprint
 
 #: Environment variable that overrides the default cache directory.
 CACHE_ENV = "SURGERY_BOOK_CACHE"
@@ -77,19 +81,53 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return root
 
 
+#: A temporary untouched for this long belongs to a run that was killed (a live write keeps touching it).
+STALE_TEMPORARY_S = 3600
+
+
+def remove_stale_temporaries(target: Path, older_than_s: float = STALE_TEMPORARY_S) -> int:
+    """Delete ``.<target name>.*.tmp`` files next to ``target`` not modified for ``older_than_s``; returns how many."""
+    removed = 0
+    now = time.time()
+    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        try:
+            if now - candidate.stat().st_mtime > older_than_s:
+                candidate.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # another run removed or renamed it meanwhile
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``, on error delete it."""
+    """Yield a temporary path next to ``path``; on success rename it over ``path``, on error delete it.
+
+    Temporaries of ``path`` that a killed run left (``.<name>.<random>.tmp``, untouched for
+    :data:`STALE_TEMPORARY_S`) are removed first; a concurrent writer's live temporary is younger.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(target, exc) from None
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _disk_full(target: Path, exc: BaseException) -> SurgeryBookError:
+    return SurgeryBookError(
+        f"cannot write {target}: the disk is full ({exc})",
+        f"free space in {target.parent} or pass --cache-dir elsewhere, then run the same command again (finished files are kept)",
+    )
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -104,6 +142,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(Path(path), f"invalid JSON: {exc}") from None
+    except RecursionError:  # a hostile file nested thousands of levels deep
+        raise CorruptFileError(Path(path), "JSON nested too deeply") from None
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -115,15 +155,30 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+#: Metadata key of the content checksum every file written by :func:`save_tensors` carries.
+CONTENT_KEY = "surgery_book.content"
+#: Files whose content checksum this process already verified: (path, size, mtime) -> True.
+_verified: set[tuple[str, int, int]] = set()
+
+
 def save_tensors(
     tensors: Mapping[str, Any], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
 ) -> str:
-    """Save a flat mapping of torch tensors to safetensors atomically; returns the file's SHA-256."""
+    """Save a flat mapping of torch tensors to safetensors atomically; returns the file's SHA-256.
+
+    The metadata also records a checksum of the tensors themselves (names, shapes, dtypes, values), which
+    :func:`load_tensors` verifies: every cache detects a changed byte, not only the ones with a manifest.
+    """
     from safetensors.torch import save_file
 
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        try:
+            save_file(contiguous, str(tmp), metadata={**dict(metadata or {}), CONTENT_KEY: state_fingerprint(contiguous)})
+        except Exception as exc:  # safetensors reports I/O failures as its own SafetensorError
+            if "No space left" in str(exc) or "StorageFull" in str(exc) or "QuotaExceeded" in str(exc):
+                raise _disk_full(Path(path), exc) from None
+            raise
         digest = sha256_file(tmp)
     return digest
 
@@ -134,8 +189,8 @@ def load_tensors(
     """Load a safetensors file as ``(tensors, metadata)``.
 
     Raises:
-        CorruptFileError: if the file is truncated or unreadable, or its SHA-256 differs from
-            ``expected_sha256``.
+        CorruptFileError: if the file is truncated or unreadable, its SHA-256 differs from
+            ``expected_sha256``, or its tensors differ from the checksum :func:`save_tensors` recorded.
     """
     from safetensors import safe_open
 
@@ -148,6 +203,15 @@ def load_tensors(
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
         raise CorruptFileError(path, f"unreadable safetensors file: {exc}") from None
+    recorded = metadata.pop(CONTENT_KEY, None)
+    if recorded is not None:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        # Hash each file once per process, and not at all when its file SHA-256 was just checked against a manifest.
+        if key not in _verified and expected_sha256 is None:
+            if state_fingerprint(tensors) != recorded:
+                raise CorruptFileError(path, "its tensors differ from the checksum recorded when it was written")
+            _verified.add(key)
     return tensors, metadata
 
 

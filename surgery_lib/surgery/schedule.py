@@ -278,6 +278,11 @@ def train_on_schedule(
             per_task.sum().backward()  # task t's gradient is exactly that of its own loss
             optimizer.step(active)
             losses.append(per_task.detach()[torch.tensor(active, device=per_task.device)].mean().item())
+            if not math.isfinite(losses[-1]):
+                raise SurgeryBookError(
+                    f"the surgery loss became {losses[-1]} at step {len(losses)}: training diverged",
+                    "lower the learning rate (--lr; the papers use 1e-3) or check the merged model's weights",
+                )
             if bar is not None:
                 bar.update()
         optimizer.coast(iteration.after)

@@ -420,11 +420,17 @@ def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
     if not (directory / "manifest.json").is_file():
         raise SurgeryBookError(f"no converted checkpoints in {directory}", "run `surgery-book convert` first")
     manifest = read_json(directory / "manifest.json")
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("tasks"), list)):
+        raise SurgeryBookError(f"{directory / 'manifest.json'} is not a converted-checkpoint manifest (no files or tasks)",
+                               "convert the checkpoints again with `surgery-book convert`")  # fmt: skip
 
     root = directory.resolve()
 
     def tensors(key: str) -> dict[str, torch.Tensor]:
-        entry = manifest["files"][key]
+        entry = manifest["files"].get(key)
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)):
+            raise SurgeryBookError(f"{directory / 'manifest.json'} has no usable entry for {key}",
+                                   "convert the checkpoints again with `surgery-book convert`")  # fmt: skip
         path = (directory / entry["file"]).resolve()
         if not path.is_relative_to(root):  # a manifest may only name files inside its folder
             raise SurgeryBookError(f"{directory / 'manifest.json'} names {entry['file']!r}, outside its folder",

@@ -85,7 +85,8 @@ def cached_zero_shot_head(
     if path.is_file():
         try:
             state = load_tensors(path)[0]
-            return ClassificationHead.from_weights(state["linear.weight"], state["linear.bias"])
+            if all(torch.isfinite(value).all() for value in state.values()):  # NaN weights: rebuilt below
+                return ClassificationHead.from_weights(state["linear.weight"], state["linear.bias"])
         except (CorruptFileError, KeyError, RuntimeError):
             pass  # rebuilt below
     clip_model, tokenizer = load_clip()

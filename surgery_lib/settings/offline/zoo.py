@@ -91,6 +91,14 @@ def _check_manifest(manifest: dict[str, Any], preset: Preset, directory: Path) -
         )
 
 
+def _well_formed(manifest: Any) -> bool:
+    """A manifest of this format: an object whose ``models`` map names to entries with a file and its SHA-256."""
+    models = manifest.get("models") if isinstance(manifest, dict) else None
+    return isinstance(models, dict) and all(
+        isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str) for entry in models.values()
+    )
+
+
 class _Builder:
     """Runs the zoo's steps in order, reusing every step whose file and inputs are unchanged."""
 
@@ -196,6 +204,9 @@ def build_offline_zoo(
             manifest = read_json(directory / MANIFEST)
         except CorruptFileError as exc:
             log.warning("%s; starting the zoo afresh", exc.problem)
+        if manifest is not None and not _well_formed(manifest):
+            log.warning("%s is not a zoo manifest (valid JSON of another shape); starting the zoo afresh", directory / MANIFEST)
+            manifest = None
         if manifest is not None:
             _check_manifest(manifest, preset, directory)
     if manifest is None:
