@@ -47,7 +47,9 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 
 # Parallel pytest workers get one torch thread each: two processes with two threads each on two cores stall
-# each other (OpenMP), and one thread per worker is faster than two workers fighting. nbval starts the longest
+# each other (OpenMP), and one thread per worker is faster than two workers fighting. The slow step builds the
+# mini zoo with torch's default thread count and nbval then runs with one thread, so every run checks that the
+# compared notebook outputs do not depend on the thread count the zoo was built with. nbval starts the longest
 # notebook (06, the whole grid) first, so that one worker runs it while the other runs the six others in turn.
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))

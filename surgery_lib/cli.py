@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import time
 import warnings
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.merging import MERGE_METHODS
 from surgery_lib.presets import PRESETS, get_preset
 from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
@@ -571,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message=".*IProgress not found.*")
+    exit_on_sigterm()  # timeout, Slurm and docker stop send SIGTERM: clean up as on Ctrl-C
     try:
         return int(args.run(args))
     except SurgeryBookError as exc:
@@ -579,3 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished models are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            print("terminated: finished models are kept; run the same command again to resume", file=sys.stderr)
+        raise

@@ -12,6 +12,7 @@ import errno
 import glob
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -19,8 +20,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import filelock
+
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.state_dict import state_fingerprint
+
+log = logging.getLogger(__name__)
 
 #: Environment variable that overrides the default cache directory.
 CACHE_ENV = "SURGERY_BOOK_CACHE"
@@ -175,12 +180,76 @@ def save_tensors(
     with atomic_path(path) as tmp:
         try:
             save_file(contiguous, str(tmp), metadata={**dict(metadata or {}), CONTENT_KEY: state_fingerprint(contiguous)})
+            _sort_header(tmp)
         except Exception as exc:  # safetensors reports I/O failures as its own SafetensorError
             if "No space left" in str(exc) or "StorageFull" in str(exc) or "QuotaExceeded" in str(exc):
                 raise _disk_full(Path(path), exc) from None
             raise
         digest = sha256_file(tmp)
     return digest
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place and at the same length.
+
+    safetensors writes ``__metadata__`` in hash-map order, which changes from process to process, so two
+    identical saves had different bytes (and SHA-256): the zoo then took a rebuilt but identical model for
+    a changed one and rebuilt everything trained from it. Sorting makes equal tensors give equal files.
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(length)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        # The same compact encoding safetensors uses, so the text has the same length; the padding stays.
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:
+            handle.seek(8)
+            handle.write(text.ljust(length, b" "))
+
+
+def content_checksum(path: str | os.PathLike[str]) -> str | None:
+    """The tensor checksum :func:`save_tensors` recorded in ``path``'s header (read without loading the tensors).
+
+    Two files with equal checksums hold equal tensors, whatever their bytes: a zoo compares these, not
+    file hashes, to decide whether a model's inputs changed. None for a file written by other tools.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(CONTENT_KEY)
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CorruptFileError(Path(path), f"unreadable safetensors file: {exc}") from None
+
+
+#: A build waiting longer than this for another process's lock reports it (the lock is released on exit,
+#: even on kill -9, because the operating system drops the process's file locks).
+LOCK_NOTICE_S = 5.0
+
+
+@contextlib.contextmanager
+def entry_lock(path: str | os.PathLike[str], what: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the cache entry ``path`` (a file or directory) while building it.
+
+    Two runs that share a cache and build the same entry take turns: the second waits, then finds the
+    entry finished and reuses it, instead of both writing and one manifest describing the other's files.
+    The lock is the file ``.<name>.lock`` next to the entry (never inside a folder the user named).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    lock = filelock.FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_S)
+    except filelock.Timeout:
+        log.warning("waiting for another run that is building %s", what or target)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def load_tensors(

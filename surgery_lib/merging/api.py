@@ -3,6 +3,7 @@ table. This is the layer the command line and the notebooks use."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
     CorruptFileError,
     config_hash,
+    entry_lock,
     load_tensors,
     save_tensors,
 )
@@ -107,12 +109,26 @@ def cached_merge(
     if path.exists():
         try:
             tensors, metadata = load_tensors(path)
+            if metadata.get("zoo") != zoo.weights_fingerprint():
+                raise ValueError("it was merged from other weights: the zoo was rebuilt since")
             return _merge_from_cache(method, tensors, metadata)
         except (CorruptFileError, KeyError, ValueError) as exc:
             log.warning("recomputing the %s merge: the cached %s is unusable (%s)", method, path, exc)
+    with entry_lock(path, f"the {method} merge"):  # a concurrent run computing the same merge: wait and reuse it
+        if path.exists():
+            with contextlib.suppress(CorruptFileError, KeyError, ValueError):
+                tensors, metadata = load_tensors(path)
+                if metadata.get("zoo") == zoo.weights_fingerprint():
+                    return _merge_from_cache(method, tensors, metadata)
+        return _compute_and_cache(zoo, method, options, names, path, device, progress)
+
+
+def _compute_and_cache(
+    zoo: Zoo, method: str, options: MergeOptions, names: list[str], path: Path, device: str | torch.device | None, progress: bool
+) -> MergeResult:
     result = merge(zoo, method, options, tasks=names, device=device, progress=progress)
     tensors = {f"state/{k}": v for k, v in result.state.items()}
-    metadata = {"method": method, "seconds": repr(result.seconds), "tasks": json.dumps(names)}
+    metadata = {"method": method, "seconds": repr(result.seconds), "tasks": json.dumps(names), "zoo": zoo.weights_fingerprint()}
     if "adamerging" in result.details:
         found = result.details["adamerging"]
         tensors["adamerging/coefficients"] = found.coefficients

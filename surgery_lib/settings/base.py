@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.state_dict import state_fingerprint
+from surgery_lib.core.storage import config_hash
 from surgery_lib.core.taskdata import Suite
 from surgery_lib.evaluation import results_table
 from surgery_lib.models import (
@@ -63,6 +65,7 @@ class Zoo:
     _expert_features: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -87,6 +90,23 @@ class Zoo:
             else:
                 self._expert_features[key] = (embed(encoder, data.images[split], data.mean, data.std, device=device, precision=precision), None)
         return self._expert_features[key]
+
+    def weights_fingerprint(self) -> str:
+        """A checksum of the weights merges are computed from (pretrained, experts, heads): the merge cache
+        records it, so a merge of experts that were since rebuilt differently is recomputed, not reused.
+
+        Read from the manifest where it records each model's tensor checksum, else hashed once per zoo object.
+        """
+        if self._fingerprint is None:
+            models = self.manifest.get("models")
+            names = ["pretrained", "heads", *(f"expert/{t}" for t in self.tasks)]
+            if isinstance(models, dict) and all(isinstance(models.get(n), dict) and models[n].get("content") for n in names):
+                self._fingerprint = config_hash({n: models[n]["content"] for n in names})
+            else:
+                heads = {f"{t}.{k}": v for t, h in self.heads.items() for k, v in h.state_dict().items()}
+                states = {"pretrained": self.pretrained, "heads": heads, **{f"expert/{t}": s for t, s in self.experts.items()}}
+                self._fingerprint = config_hash({n: state_fingerprint(s) for n, s in states.items()})
+        return self._fingerprint
 
     def forget_features(self) -> None:
         """Free the expert embeddings :meth:`expert_features` kept."""

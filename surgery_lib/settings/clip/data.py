@@ -30,6 +30,7 @@ from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
     CorruptFileError,
     atomic_path,
+    entry_lock,
     read_json,
     write_json,
 )
@@ -327,12 +328,13 @@ def load_clip_task(
     images, labels, names, paths = {}, {}, None, {}
     for split, count_tag in (("test", tag), ("train", f"{train_images}-{seed}")):
         path = paths[split] = split_cache_path(cache_dir, spec.name, split, source, image_size, count_tag)
-        if not (path.is_file() and path.with_suffix(".json").is_file()):
-            data = reader(split)
-            if split == "train":
-                picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: min(train_images, len(data))]
-                data = data.subset(picks.tolist())
-            decode_to_cache(data, path, image_size, workers=workers, progress=progress, description=f"{spec.name} {split}")
+        with entry_lock(path, f"the {spec.name} {split} image cache"):  # a concurrent run decodes it once, the other waits
+            if not (path.is_file() and path.with_suffix(".json").is_file()):
+                data = reader(split)
+                if split == "train":
+                    picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: min(train_images, len(data))]
+                    data = data.subset(picks.tolist())
+                decode_to_cache(data, path, image_size, workers=workers, progress=progress, description=f"{spec.name} {split}")
         try:
             images[split], labels[split], names = read_cache(path)
         except CorruptFileError as exc:

@@ -8,12 +8,9 @@ normalised per batch, which keeps even the GPU preset's 400k images at 1.2 GB.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
-import multiprocessing
 import os
-import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,10 +25,14 @@ from surgery_lib.core.storage import (
     CorruptFileError,
     cache_root,
     config_hash,
+    content_checksum,
+    entry_lock,
     load_tensors,
     save_tensors,
+    sha256_file,
 )
 from surgery_lib.core.taskdata import Suite, TaskData
+from surgery_lib.core.workers import worker_pool
 from surgery_lib.presets import EncoderConfig, Preset, SuiteConfig, get_preset
 
 if TYPE_CHECKING:
@@ -105,6 +106,11 @@ def _render_job(task: str, split: str, labels: np.ndarray, seed: tuple[int, ...]
     return gen.render_batch(_spec(task), labels, split, seed)
 
 
+def _render_star(job: tuple[str, str, int, np.ndarray, tuple[int, ...]]) -> np.ndarray:
+    task, split, _, labels, seed = job
+    return _render_job(task, split, labels, seed)
+
+
 def data_cards(config: SuiteConfig) -> pd.DataFrame:
     """Data cards for ``config``'s tasks and the pretraining mix, as a DataFrame indexed by task."""
     import pandas as pd
@@ -170,18 +176,10 @@ def _generate(tasks: Sequence[str], config: SuiteConfig, workers: int, progress:
                 arrays[task][f"{split}_images"][start : start + len(labels)] = _render_job(task, split, labels, seed)
                 bar.update(len(labels))
         else:
-            # fork where available: spawn would re-import the caller's __main__, which breaks user
-            # scripts without a main guard. The workers run numpy and Pillow only, never torch, so
-            # torch's thread pools in the parent do not matter to them.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with warnings.catch_warnings(), concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-                warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*")
-                futures = {pool.submit(_render_job, t, s, lab, seed): (t, s, st, len(lab)) for t, s, st, lab, seed in jobs}
-                for future in concurrent.futures.as_completed(futures):
-                    task, split, start, count = futures[future]
-                    arrays[task][f"{split}_images"][start : start + count] = future.result()
-                    bar.update(count)
+            with worker_pool(workers) as pool:
+                for (task, split, start, labels, _), images in zip(jobs, pool.imap(_render_star, jobs)):
+                    arrays[task][f"{split}_images"][start : start + len(labels)] = images
+                    bar.update(len(labels))
     return arrays
 
 
@@ -236,7 +234,6 @@ def load_suite(
         A :class:`Suite` whose images are uint8 (N, 3, 32, 32) tensors, normalised on access with the
         preset encoder's mean and std.
     """
-    import torch
 
     encoder = None
     if isinstance(preset, SuiteConfig):
@@ -251,6 +248,26 @@ def load_suite(
     _suite_dir(root).mkdir(parents=True, exist_ok=True)
     files = {task: _task_path(root, task, config) for task in (*names, MIX_NAME)}
 
+    with entry_lock(_suite_dir(root), "the offline task data"):  # two runs sharing a cache generate it once
+        loaded = _load_or_generate(files, config, workers, progress)
+    task_data = {task: _to_task_data(task, loaded[task], encoder) for task in names}  # type: ignore[arg-type]
+    mix = _to_task_data(MIX_NAME, loaded[MIX_NAME], encoder)  # type: ignore[arg-type]
+    return Suite(config=config, tasks=task_data, mix=mix, files=files, describe=functools.partial(data_cards, config))
+
+
+def suite_fingerprint(suite: Suite) -> str:
+    """A checksum of every image and label of ``suite`` (tasks and mix), read from its files' headers.
+
+    The zoo records it with each model, so a suite whose content changed retrains the models built on it.
+    """
+    return config_hash({task: content_checksum(path) or sha256_file(path) for task, path in sorted(suite.files.items())})
+
+
+def _load_or_generate(
+    files: dict[str, Path], config: SuiteConfig, workers: int | None, progress: bool
+) -> dict[str, dict[str, torch.Tensor]]:
+    import torch
+
     loaded = {task: _read_cached(path, task, config) for task, path in files.items()}
     missing = [task for task, tensors in loaded.items() if tensors is None]
     if missing:
@@ -263,6 +280,4 @@ def load_suite(
                 tensors[name] = tensor.permute(0, 3, 1, 2).contiguous() if name.endswith("_images") else tensor
             save_tensors(tensors, files[task], metadata={"key": _task_key(task, config), "task": task})
             loaded[task] = tensors
-    task_data = {task: _to_task_data(task, loaded[task], encoder) for task in names}  # type: ignore[arg-type]
-    mix = _to_task_data(MIX_NAME, loaded[MIX_NAME], encoder)  # type: ignore[arg-type]
-    return Suite(config=config, tasks=task_data, mix=mix, files=files, describe=functools.partial(data_cards, config))
+    return loaded  # type: ignore[return-value]

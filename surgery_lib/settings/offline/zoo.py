@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,13 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.project import __version__
+from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import (
     CorruptFileError,
     cache_root,
     config_hash,
+    content_checksum,
+    entry_lock,
     load_tensors,
     read_json,
     save_tensors,
@@ -43,7 +47,7 @@ from surgery_lib.models import (
 )
 from surgery_lib.presets import Preset, get_preset
 from surgery_lib.settings.base import Zoo
-from surgery_lib.settings.offline.suite import load_suite
+from surgery_lib.settings.offline.suite import load_suite, suite_fingerprint
 from surgery_lib.settings.offline.training import (
     derive_seed,
     finetune,
@@ -81,6 +85,19 @@ def package_versions() -> dict[str, str]:
     }
 
 
+def machine_record() -> dict[str, Any]:
+    """What decides the last bits of a CPU build, recorded in the manifest: CPU kernels reduce in an order
+    that depends on the thread count and the instruction set, so builds agree only to a tolerance (README)."""
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "system": platform.system(),
+    }
+
+
 def _check_manifest(manifest: dict[str, Any], preset: Preset, directory: Path) -> None:
     expected = zoo_config_hash(preset)
     if manifest.get("config_hash") != expected:
@@ -99,6 +116,34 @@ def _well_formed(manifest: Any) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _Built:
+    """A finished step: its tensors, its file's SHA-256 and the checksum of its tensors (what later steps depend on)."""
+
+    tensors: dict[str, torch.Tensor]
+    sha256: str
+    content: str
+
+
+def _inputs_unchanged(recorded: Any, inputs: dict[str, _Built | str]) -> bool:
+    """Whether a manifest entry's ``depends_on`` names the same inputs as ``inputs`` (steps or checksums).
+
+    Inputs are compared by content, so a model rebuilt into identical tensors does not rebuild everything
+    trained from it. Zoos written by 0.1 recorded file SHA-256s and no suite checksum; both still count.
+    """
+    if not isinstance(recorded, dict) or not set(recorded) <= set(inputs):
+        return False
+    for name, value in inputs.items():
+        accepted = {value.content, value.sha256} if isinstance(value, _Built) else {value}
+        if name not in recorded:
+            if name == "suite":  # a 0.1 zoo: its suite was not recorded
+                continue
+            return False
+        if recorded[name] not in accepted:
+            return False
+    return True
+
+
 class _Builder:
     """Runs the zoo's steps in order, reusing every step whose file and inputs are unchanged."""
 
@@ -109,23 +154,26 @@ class _Builder:
         write_json(self.manifest, self.directory / MANIFEST)
 
     def step(
-        self, name: str, depends_on: dict[str, str], train: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-    ) -> tuple[dict[str, torch.Tensor], str]:
+        self, name: str, inputs: dict[str, _Built | str], train: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+    ) -> _Built:
         """Load model ``name`` if its file and inputs are unchanged, otherwise train and save it.
 
-        ``train`` returns ``(tensors, record)``; the record (metrics, wall time) goes into the manifest.
-        Returns the tensors and the file's SHA-256 (which later steps name as their input).
+        ``inputs`` are the finished steps (and data checksums) the model is trained from; ``train``
+        returns ``(tensors, record)``, the record (metrics, wall time) going into the manifest.
         """
         entry = self.manifest["models"].get(name)
         path = self.directory / f"{name.replace('/', '-')}.safetensors"
-        if entry and entry.get("depends_on") == depends_on and path.exists():
+        depends_on = {k: v.content if isinstance(v, _Built) else v for k, v in inputs.items()}
+        if entry and _inputs_unchanged(entry.get("depends_on"), inputs) and path.exists():
             try:
                 tensors, _ = load_tensors(path, expected_sha256=entry["sha256"])
-                return tensors, entry["sha256"]
+                content = entry.get("content") or content_checksum(path) or state_fingerprint(tensors)
+                entry.update(depends_on=depends_on, content=content)
+                return _Built(tensors, entry["sha256"], content)
             except CorruptFileError as exc:
                 log.warning("zoo file %s; rebuilding it", exc.problem)
         elif entry:
-            reason = "its file is missing" if not path.exists() else "a model it was trained from changed"
+            reason = "its file is missing" if not path.exists() else "the data or a model it was trained from changed"
             log.warning("rebuilding %s: %s", name, reason)
         started = time.perf_counter()
         tensors, record = train()
@@ -133,12 +181,14 @@ class _Builder:
         self.manifest["models"][name] = {
             "file": path.name,
             "sha256": sha,
+            "content": state_fingerprint(tensors),
             "depends_on": depends_on,
             "wall_time_s": round(time.perf_counter() - started, 2),
+            "torch_threads": torch.get_num_threads(),
             **record,
         }
         self.save_manifest()
-        return tensors, sha
+        return _Built(tensors, sha, self.manifest["models"][name]["content"])
 
 
 def clear_zoo(directory: Path) -> None:
@@ -194,6 +244,12 @@ def build_offline_zoo(
         raise SurgeryBookError(f"preset {preset.name!r} is not an offline preset", "build its zoo with surgery_lib.settings.build_zoo")
     device = resolve_device(device, preset.default_device)
     directory = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir(preset, cache_dir)
+    # One build per zoo at a time: a second run sharing the cache waits, then reuses what the first trained.
+    with entry_lock(directory, f"the {preset.name} zoo in {directory}"):
+        return _build_locked(preset, directory, device, cache_dir, rebuild, progress)
+
+
+def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_dir: Any, rebuild: bool, progress: bool) -> Zoo:
     if rebuild:
         clear_zoo(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -215,10 +271,13 @@ def build_offline_zoo(
         config=preset.to_dict(),
         recipe_notes=list(preset.notes),
         versions=package_versions(),
+        machine=machine_record(),
         device=str(device),
     )
     started = time.perf_counter()
     suite = load_suite(preset, cache_dir=cache_dir, progress=progress)
+    data = suite_fingerprint(suite)  # every model depends on the data: changed images or labels retrain them
+    manifest["suite_content"] = data
     recipe, encoder_cfg = preset.recipe, preset.encoder
     builder = _Builder(directory, manifest)
     seeds: dict[str, int] = {}
@@ -237,7 +296,8 @@ def build_offline_zoo(
         )  # fmt: skip
         return clone_state(encoder), {"steps": stats.steps, "images_seen": stats.images, "final_loss": round(stats.final_loss, 4)}
 
-    pretrained, pretrained_sha = builder.step("pretrained", {}, train_pretrained)
+    pretrained_step = builder.step("pretrained", {"suite": data}, train_pretrained)
+    pretrained = pretrained_step.tensors
     pretrained_encoder = load_encoder(encoder_cfg, pretrained).to(device)
 
     # 2. Heads: linear probes on frozen pretrained embeddings (the stand-in for CLIP's zero-shot heads).
@@ -261,10 +321,11 @@ def build_offline_zoo(
             tensors.update({f"{task}.{k}": v for k, v in head.state_dict().items()})
         return tensors, {"test_accuracy": accuracy}
 
-    head_tensors, heads_sha = builder.step("heads", {"pretrained": pretrained_sha}, train_heads)
+    heads_step = builder.step("heads", {"suite": data, "pretrained": pretrained_step}, train_heads)
+    head_tensors = heads_step.tensors
     heads = {task: ClassificationHead.from_weights(head_tensors[f"{task}.linear.weight"], head_tensors[f"{task}.linear.bias"])
              for task in suite.task_names}  # fmt: skip
-    inputs = {"pretrained": pretrained_sha, "heads": heads_sha}
+    inputs = {"suite": data, "pretrained": pretrained_step, "heads": heads_step}
 
     # 3. Experts: the whole encoder fine-tuned per task through its frozen head.
     experts: dict[str, StateDict] = {}
@@ -282,7 +343,7 @@ def build_offline_zoo(
             accuracy = task_accuracy(encoder, heads[task], suite[task], device=device)
             return clone_state(encoder), {"steps": stats.steps, "final_loss": round(stats.final_loss, 4), "test_accuracy": accuracy}
 
-        experts[task], _ = builder.step(f"expert/{task}", inputs, train_expert)
+        experts[task] = builder.step(f"expert/{task}", inputs, train_expert).tensors
 
     # 4. Traditional multi-task learning: one encoder fine-tuned on all tasks jointly.
     seeds["mtl"] = derive_seed(recipe.seed, "mtl")
@@ -298,7 +359,7 @@ def build_offline_zoo(
         accuracy = {t: task_accuracy(encoder, heads[t], suite[t], device=device) for t in suite.task_names}
         return clone_state(encoder), {"steps": stats.steps, "final_loss": round(stats.final_loss, 4), "test_accuracy": accuracy}
 
-    mtl, _ = builder.step("mtl", inputs, train_mtl)
+    mtl = builder.step("mtl", inputs, train_mtl).tensors
 
     models = manifest["models"]
     manifest["seeds"] = seeds

@@ -1,0 +1,162 @@
+"""Caches under faults and concurrency: equal tensors give equal files, a rebuilt but identical model
+does not cascade, changed data retrains what was trained on it, concurrent builds take turns, and
+worker processes never outlive a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import torch
+
+from surgery_lib.core.storage import load_tensors, save_tensors, sha256_file
+from surgery_lib.merging import MergeOptions, cached_merge
+from surgery_lib.settings import build_zoo
+from surgery_lib.settings.offline import zoo as zoo_module
+from surgery_lib.settings.offline.zoo import MANIFEST
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_equal_tensors_give_byte_identical_files_in_every_process(tmp_path):
+    # safetensors writes its metadata in hash-map order, which changes per process: 5 keys agree by chance 1 in 120.
+    script = textwrap.dedent("""
+        import sys, torch
+        from surgery_lib.core.storage import save_tensors
+        tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(4, dtype=torch.int64)}
+        print(save_tensors(tensors, sys.argv[1], metadata={"model": "m", "task": "t", "key": "k", "config_hash": "c"}))
+    """)
+    digests = {subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{i}.safetensors")], env=ONE_THREAD,
+                              capture_output=True, text=True, check=True).stdout.strip() for i in range(3)}  # fmt: skip
+    assert len(digests) == 1
+    assert sha256_file(tmp_path / "0.safetensors") == digests.pop()
+    tensors, metadata = load_tensors(tmp_path / "0.safetensors")
+    assert metadata == {"model": "m", "task": "t", "key": "k", "config_hash": "c"} and torch.equal(tensors["a"], torch.ones(4, dtype=torch.int64))
+
+
+def test_the_manifest_records_what_decides_the_last_bits(smoke_zoo):
+    machine = smoke_zoo.manifest["machine"]
+    assert machine["torch_threads"] == torch.get_num_threads() and machine["cpu_count"] == os.cpu_count()
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert all(entry["torch_threads"] >= 1 and len(entry["content"]) == 16 for entry in smoke_zoo.manifest["models"].values())
+
+
+class Retraining(Exception):
+    pass
+
+
+def _copy_zoo(smoke_zoo, tmp_path):
+    """A private copy of the session's smoke cache (data and zoo), and the copied zoo's directory."""
+    cache = smoke_zoo.directory.parent.parent
+    shutil.copytree(cache, tmp_path / "cache")
+    return tmp_path / "cache", tmp_path / "cache" / "zoo" / smoke_zoo.directory.name
+
+
+def _forbid(monkeypatch, *names):
+    def refuse(*args, **kwargs):
+        raise Retraining
+    for name in names:
+        monkeypatch.setattr(zoo_module, name, refuse)
+
+
+def test_a_damaged_model_rebuilt_identically_does_not_retrain_what_was_trained_from_it(smoke_zoo, tmp_path, monkeypatch, caplog):
+    cache, directory = _copy_zoo(smoke_zoo, tmp_path)
+    before = json.loads((directory / MANIFEST).read_text())["models"]
+    with open(directory / "pretrained.safetensors", "r+b") as handle:  # truncated, as by a disk error
+        handle.truncate(100)
+    _forbid(monkeypatch, "fit_probe", "finetune")  # heads, experts and MTL must be reused
+    zoo = build_zoo("smoke", cache_dir=cache, progress=False)
+    after = zoo.manifest["models"]
+    assert "zoo file" in caplog.text and "rebuilding" in caplog.text  # the damaged file was noticed and retrained
+    assert after["pretrained"]["content"] == before["pretrained"]["content"]
+    assert after["pretrained"]["sha256"] == before["pretrained"]["sha256"]  # byte-identical rebuild
+    assert all(after[name]["sha256"] == before[name]["sha256"] for name in before)
+
+
+def test_changed_data_retrains_the_models_trained_on_it(smoke_zoo, tmp_path, monkeypatch):
+    cache, directory = _copy_zoo(smoke_zoo, tmp_path)
+    task = smoke_zoo.tasks[0]
+    path = next((cache / "data").rglob(f"{task}-*.safetensors"))
+    tensors, metadata = load_tensors(path)
+    tensors["train_labels"] = tensors["train_labels"].roll(1)  # a generator change that kept the cache key
+    save_tensors(tensors, path, metadata)  # a valid file with its own correct checksum: only the content moved
+    _forbid(monkeypatch, "pretrain")
+    with pytest.raises(Retraining):
+        build_zoo("smoke", cache_dir=cache, progress=False)
+
+
+def test_a_cached_merge_of_since_rebuilt_experts_is_recomputed(smoke_zoo, tmp_path, caplog):
+    import dataclasses
+
+    zoo = dataclasses.replace(smoke_zoo, directory=tmp_path)
+    first = cached_merge(zoo, "task_arithmetic", MergeOptions(), device="cpu", progress=False)
+    task = zoo.tasks[0]
+    changed = dict(zoo.experts, **{task: {k: v + 0.01 if v.is_floating_point() else v for k, v in zoo.experts[task].items()}})
+    manifest = json.loads(json.dumps(zoo.manifest))
+    manifest["models"][f"expert/{task}"]["content"] = "0" * 16
+    rebuilt = dataclasses.replace(zoo, experts=changed, manifest=manifest)
+    again = cached_merge(rebuilt, "task_arithmetic", MergeOptions(), device="cpu", progress=False)
+    assert "merged from other weights" in caplog.text
+    key = next(k for k in first.state if first.state[k].is_floating_point())
+    assert not torch.equal(again.state[key], first.state[key])
+
+
+BUILD_COUNTING_TRAINING = textwrap.dedent("""
+    import sys, time
+    from surgery_lib.settings import build_zoo
+    from surgery_lib.settings.offline import zoo
+
+    original = zoo.pretrain
+    def slow_pretrain(*args, **kwargs):
+        with open(sys.argv[2], "a") as log:
+            log.write("pretrain\\n")
+        time.sleep(2)  # widen the window in which a second build would start the same work
+        return original(*args, **kwargs)
+    zoo.pretrain = slow_pretrain
+    build_zoo("smoke", cache_dir=sys.argv[1], progress=False)
+""")
+
+
+def test_two_builds_sharing_a_cache_take_turns_and_train_once(tmp_path):
+    calls = tmp_path / "calls.txt"
+    runs = [subprocess.Popen([sys.executable, "-c", BUILD_COUNTING_TRAINING, str(tmp_path / "cache"), str(calls)], env=ONE_THREAD,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors
+    assert calls.read_text().split() == ["pretrain"]  # the second build waited and reused the first one's model
+    directory = next((tmp_path / "cache" / "zoo").glob("smoke-*"))
+    manifest = json.loads((directory / MANIFEST).read_text())
+    assert all(sha256_file(directory / entry["file"]) == entry["sha256"] for entry in manifest["models"].values())
+
+
+def _children_appear(process: psutil.Process, count: int, timeout: float = 60) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = process.children(recursive=True)
+        if len(children) >= count:
+            return children
+        time.sleep(0.1)
+    raise AssertionError(f"the data generation never started {count} workers")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killing_data_generation_leaves_no_worker_behind(sig, tmp_path):
+    command = [sys.executable, "-m", "surgery_lib", "data", "--preset", "mini", "--cache-dir", str(tmp_path)]
+    run = subprocess.Popen(command, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers = _children_appear(psutil.Process(run.pid), 2)
+    run.send_signal(sig)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode in (-sig, 128 + sig), stderr
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"{len(alive)} worker(s) still running after {sig.name}"
+    if sig == signal.SIGTERM:  # cleaned up on the way out: the message, and no temporary left half-written
+        assert "terminated: finished models are kept" in stderr
+        assert not list(tmp_path.rglob("*.tmp"))
