@@ -6,6 +6,10 @@
 - :mod:`~surgery_lib.merging.arithmetic`  task arithmetic                         (data-free)
 - :mod:`~surgery_lib.merging.ties`        TIES-merging, two operating points      (data-free)
 - :mod:`~surgery_lib.merging.dare`        DARE over task arithmetic and TIES      (data-free)
+- :mod:`~surgery_lib.merging.consensus`   consensus merging with TALL masks, over TA and TIES (data-free)
+- :mod:`~surgery_lib.merging.tsv`         TSV-M, task singular vectors            (data-free)
+- :mod:`~surgery_lib.merging.isotropic`   Iso-C and Iso-CTS, isotropic spectra    (data-free)
+- :mod:`~surgery_lib.merging.wudi`        WUDI-Merging, per-layer interference    (data-free)
 - :mod:`~surgery_lib.merging.fisher`      Fisher merging                          (labeled training images)
 - :mod:`~surgery_lib.merging.regmean`     RegMean                                 (training images' features)
 - :mod:`~surgery_lib.merging.adamerging`  AdaMerging and AdaMerging++, task- and layer-wise (unlabeled test images)
@@ -25,6 +29,10 @@ from surgery_lib.merging import arithmetic  # noqa: F401
 from surgery_lib.merging import ties  # noqa: F401
 from surgery_lib.merging import adamerging  # noqa: F401
 from surgery_lib.merging import dare  # noqa: F401
+from surgery_lib.merging import consensus  # noqa: F401
+from surgery_lib.merging import tsv  # noqa: F401
+from surgery_lib.merging import isotropic  # noqa: F401
+from surgery_lib.merging import wudi  # noqa: F401
 # isort: on
 from surgery_lib.core.errors import SurgeryBookError  # noqa: F401  (0.1 re-exported it here)
 from surgery_lib.merging.api import (

@@ -1,0 +1,80 @@
+"""Isotropic merging, Iso-C and Iso-CTS (Marczak et al., ICML 2025, "No Task Left Behind"). Data-free.
+
+Task arithmetic's summed update of a layer, ``Delta = sum_t Delta_t = U S V^T``, has a few dominant
+singular directions, and tasks whose directions fall in the weak part of the spectrum are left behind.
+
+- **Iso-C** keeps the directions of the sum and flattens its spectrum: ``sigma_bar U V^T`` with
+  ``sigma_bar`` the mean singular value, so every direction of the common subspace counts equally.
+- **Iso-CTS** keeps only the top ``common_fraction`` (0.8) of the sum's directions, fills the remaining
+  rank with each task's own top directions after projecting the common subspace out of its update
+  (``(rank - common) / T`` per task), orthonormalises the combined bases (as TSV-M does) and scales them by
+  the same ``sigma_bar``.
+
+Then ``theta = theta_0 + alpha * update``. The paper selects ``alpha`` on validation data per backbone and
+task count; the default here is ``alpha = 1`` (pass ``--scale`` to sweep it). Non-matrix parameters get the
+mean task vector, as in TSV-M (:func:`surgery_lib.merging.tsv.spectral_merge`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.tsv import nearest_orthonormal, spectral_merge
+from surgery_lib.merging.vectors import StateDict, task_vectors
+
+#: The default scale of both isotropic merges (the paper tunes it on validation data).
+ISO_SCALE = 1.0
+#: Iso-CTS: the fraction of the layer's rank given to the common subspace (the paper's default).
+COMMON_FRACTION = 0.8
+
+
+def iso_c_matrix(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Iso-C's update of one layer: the summed task matrices with a flat spectrum, ``mean(S) * U V^T``."""
+    u, s, v_t = torch.linalg.svd(torch.stack([d.float() for d in deltas]).sum(0), full_matrices=False)
+    return s.mean() * (u @ v_t)
+
+
+def iso_cts_matrix(deltas: Sequence[torch.Tensor], common_fraction: float = COMMON_FRACTION) -> torch.Tensor:
+    """Iso-CTS's update of one layer from the T task matrices ``deltas`` (each (rows, cols))."""
+    if not 0 < common_fraction <= 1:
+        raise SurgeryBookError(f"Iso-CTS common fraction {common_fraction} is outside (0, 1]", "pass a fraction such as 0.8")
+    total = torch.stack([d.float() for d in deltas]).sum(0)
+    u, s, v_t = torch.linalg.svd(total, full_matrices=False)
+    rank = s.numel()
+    common = max(1, int(common_fraction * rank))
+    specific = (rank - common) // len(deltas)
+    lefts, rights = [u[:, :common]], [v_t[:common].T]
+    if specific > 0:
+        projector = u[:, :common] @ u[:, :common].T
+        for delta in deltas:
+            residual = delta.float() - projector @ delta.float()  # what the common subspace does not explain
+            u_t, _, v_t_t = torch.linalg.svd(residual, full_matrices=False)
+            lefts.append(u_t[:, :specific])
+            rights.append(v_t_t[:specific].T)
+    u_perp = nearest_orthonormal(torch.cat(lefts, dim=1))
+    v_perp = nearest_orthonormal(torch.cat(rights, dim=1))
+    return s.mean() * (u_perp @ v_perp.T)
+
+
+def iso_merging(pretrained: StateDict, experts: Mapping[str, StateDict], *, task_specific: bool, scale: float = ISO_SCALE,
+                common_fraction: float = COMMON_FRACTION, device: torch.device | str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Iso-C (``task_specific=False``) or Iso-CTS: ``theta_0 + scale * update``."""
+    if task_specific:
+        return spectral_merge(pretrained, task_vectors(pretrained, experts), lambda d: iso_cts_matrix(d, common_fraction),
+                              scale, device, progress, "Iso-CTS")  # fmt: skip
+    return spectral_merge(pretrained, task_vectors(pretrained, experts), iso_c_matrix, scale, device, progress, "Iso-C")
+
+
+def _run(zoo, experts, options, device, progress, *, task_specific: bool):
+    scale = ISO_SCALE if options.scale is None else options.scale
+    state = iso_merging(zoo.pretrained, experts, task_specific=task_specific, scale=scale, device=device, progress=progress)
+    return state, {"scale": scale, **({"common_fraction": COMMON_FRACTION} if task_specific else {})}
+
+
+register_method(MergeMethod("iso_c", "Iso-C (isotropic, common subspace)", lambda *a: _run(*a, task_specific=False), reads=("scale",)))
+register_method(MergeMethod("iso_cts", "Iso-CTS (isotropic, common + task subspaces)", lambda *a: _run(*a, task_specific=True),
+                            reads=("scale",)))  # fmt: skip
