@@ -274,3 +274,73 @@ def test_a_full_disk_is_one_clear_error_naming_the_folder(error, tmp_path, monke
     with pytest.raises(SurgeryBookError, match=f"disk is full.*free space in {tmp_path}"):
         save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
     assert not list(tmp_path.iterdir())  # no temporary left behind
+
+
+# The checkpoint reader against hostile files: every failure is the one-line error naming the file, fast.
+
+
+def _save(obj, path):
+    import torch
+
+    torch.save(obj, path)
+    return path
+
+
+def test_a_module_graph_with_shared_children_or_a_cycle_is_walked_once(tmp_path):
+    import time
+
+    from torch import nn
+
+    from surgery_lib.settings.clip.checkpoints import load_image_encoder_state, module_tensors, read_pickled_checkpoint
+
+    leaf = nn.Linear(2, 2)
+    node = leaf
+    for _ in range(60):  # every level holds the level below twice: 2^60 paths through 61 modules
+        parent = nn.Module()
+        parent.a, parent.b = node, node
+        node = parent
+    started = time.perf_counter()
+    state = module_tensors(read_pickled_checkpoint(_save(node, tmp_path / "shared.pt")))
+    assert time.perf_counter() - started < 10 and len(state) == 2  # the leaf's weight and bias, once
+    first, second = nn.Module(), nn.Module()
+    first.child, second.child = second, first  # a cycle
+    with pytest.raises(SurgeryBookError, match="holds no CLIP image encoder"):
+        load_image_encoder_state(_save(first, tmp_path / "cycle.pt"))
+    deep = nn.Linear(1, 1)
+    for _ in range(100):
+        wrapper = nn.Module()
+        wrapper.inner = deep
+        deep = wrapper
+    with pytest.raises(SurgeryBookError, match="deeper than 64 levels"):
+        module_tensors(read_pickled_checkpoint(_save(deep, tmp_path / "deep.pt")))
+
+
+def test_a_view_larger_than_its_storage_is_refused_before_copying(tmp_path):
+    import torch
+    from torch import nn
+
+    from surgery_lib.settings.clip.checkpoints import load_image_encoder_state
+
+    module = nn.Module()
+    module.register_buffer("expanded", torch.zeros(4).as_strided((10**6,), (0,)))  # 16 bytes of storage describing 4 MB
+    with pytest.raises(SurgeryBookError, match="describes 4,000,000 bytes over a storage of 16"):
+        load_image_encoder_state(_save(module, tmp_path / "expanded.pt"))
+
+
+@pytest.mark.parametrize("payload, what", [
+    (b"\x80\x04\x8e" + (2**40).to_bytes(8, "little"), "declares 1,099,511,627,776 bytes"),  # BINBYTES8 of 1 TiB
+    (b"\x80\x04N" + b"r" + (2**32 - 1).to_bytes(4, "little") + b".", "holds no CLIP image encoder"),  # memo index 2^32 - 1
+    (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nX\x01\x00\x00\x00a\x85R.", "TypeError"),  # an allowed global, bad arguments
+    (b"\x80\x02cbuiltins\nbytearray\nK\x05\x85R.", "refers to builtins.bytearray"),  # not needed by any checkpoint
+])  # fmt: skip
+def test_hostile_raw_pickles_are_one_line_errors(payload, what, tmp_path):
+    import time
+
+    from surgery_lib.settings.clip.checkpoints import load_image_encoder_state
+
+    path = tmp_path / "hostile.pt"
+    path.write_bytes(payload)
+    started = time.perf_counter()
+    with pytest.raises(SurgeryBookError, match=what) as error:
+        load_image_encoder_state(path)
+    assert str(path) in str(error.value) and time.perf_counter() - started < 10

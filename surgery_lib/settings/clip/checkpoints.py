@@ -52,7 +52,7 @@ _TORCH_GLOBALS = {
     ("torch", "device"),
 }
 # Plain data types (nn.Module keeps a set of non-persistent buffer names); no callables beyond constructors.
-_SAFE_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "bytearray", "bytes", "str", "int", "float", "bool", "complex", "slice"}
+_SAFE_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "bytes", "str", "int", "float", "bool", "complex", "slice"}
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
@@ -98,8 +98,13 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """A pickle reader that resolves only the allow-listed globals (see the module docstring)."""
+class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """A pickle reader that resolves only the allow-listed globals (see the module docstring).
+
+    It is the pure-Python unpickler on purpose: its memo is a dictionary, so a hostile ``LONG_BINPUT``
+    index cannot make it allocate a memo table of gigabytes as the C implementation would, and every
+    length the file declares goes through the (bounded) file's ``read``. The pickles here are small (the
+    tensors live in storages), so speed does not matter."""
 
     source = "<stream>"
 
@@ -151,19 +156,66 @@ def read_pickled_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise SurgeryBookError(f"no checkpoint at {path}", "check the path (task_vectors layout: <root>/<model>/<Task>/finetuned.pt)")
     module = _pickle_module(str(path))
     try:
-        if zipfile.is_zipfile(path) or _is_legacy_torch_file(path):
-            with warnings.catch_warnings():  # legacy files compare stored class sources; stand-ins have none
+        if zipfile.is_zipfile(path):
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
                 return torch.load(path, map_location="cpu", pickle_module=module, weights_only=False)
-        with path.open("rb") as handle:
+        with path.open("rb") as raw:
+            handle = _BoundedFile(raw, path.stat().st_size)
+            if _is_legacy_torch_file(path):
+                with warnings.catch_warnings():  # legacy files compare stored class sources; stand-ins have none
+                    warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+                    return torch.load(handle, map_location="cpu", pickle_module=module, weights_only=False)  # type: ignore[arg-type]
             return module.Unpickler(handle).load()
     except UnsafeCheckpointError:
         raise
-    except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        raise SurgeryBookError(
-            f"{path} is truncated or not a checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-            "download the file again (one published file was once corrupted and re-uploaded)",
-        ) from None
+    except (Exception, RecursionError) as exc:  # noqa: BLE001  (any failure on a hostile file is the same one-line error)
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> SurgeryBookError:
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return SurgeryBookError(
+        f"{path} is truncated, damaged or not a checkpoint ({type(exc).__name__}: {detail[:200]})",
+        "download the file again (one published file was once corrupted and re-uploaded)",
+    )
+
+
+class _BoundedFile:
+    """A read-only file that refuses to read past its end: a pickle that declares a 1 TiB ``bytes`` object
+    in a small file fails at once instead of asking for the memory first."""
+
+    def __init__(self, handle: Any, size: int):
+        self._handle, self._size = handle, size
+
+    def _check(self, count: int) -> None:
+        remaining = self._size - self._handle.tell()
+        if count > remaining:
+            raise pickle.UnpicklingError(f"the pickle declares {count:,} bytes where the file has {remaining:,} left")
+
+    def read(self, count: int | None = -1) -> bytes:
+        if count is not None and count >= 0:
+            self._check(count)
+        return self._handle.read(count)
+
+    def readinto(self, buffer: Any) -> int:
+        self._check(len(buffer))
+        return self._handle.readinto(buffer)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._handle.readline(limit)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
 
 
 def _is_legacy_torch_file(path: Path) -> bool:
@@ -173,18 +225,62 @@ def _is_legacy_torch_file(path: Path) -> bool:
         return handle.read(len(magic)) == magic
 
 
+#: Deepest module nesting a checkpoint may have (a CLIP model nests about 6 levels).
+MAX_MODULE_DEPTH = 64
+
+
+def _checked_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor``, refused if its view claims more memory than its storage holds (a stride-0 view
+    of a few bytes can describe gigabytes that copying would allocate) or is not a plain dense tensor."""
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_complex():
+        raise SurgeryBookError(f"tensor {name} is not a dense real tensor", "load only task_vectors checkpoints")
+    needed = tensor.numel() * tensor.element_size()
+    available = tensor.untyped_storage().nbytes()
+    if needed > available or any(stride == 0 for stride, size in zip(tensor.stride(), tensor.shape) if size > 1):
+        raise SurgeryBookError(
+            f"tensor {name} describes {needed:,} bytes over a storage of {available:,} (an overlapping or expanded view)",
+            "load only task_vectors checkpoints",
+        )
+    return tensor.detach().clone()
+
+
 def module_tensors(root: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Flatten a pickled ``nn.Module`` tree (stand-ins) into a state dict: parameters and buffers by dotted name."""
+    """Flatten a pickled ``nn.Module`` tree (stand-ins) into a state dict: parameters and buffers by dotted name.
+
+    The walk visits every object once (a module graph that shares children has exponentially many
+    paths, and one with a cycle infinitely many) and stops at :data:`MAX_MODULE_DEPTH` levels.
+    """
     state: dict[str, torch.Tensor] = {}
-    attributes = getattr(root, "__dict__", {})
-    for kind in ("_parameters", "_buffers"):
-        for name, tensor in (attributes.get(kind) or {}).items():
-            if isinstance(tensor, torch.Tensor):
-                state[prefix + name] = tensor.detach().clone()
-    for name, child in (attributes.get("_modules") or {}).items():
-        if child is not None:
-            state.update(module_tensors(child, f"{prefix}{name}."))
+    visited: set[int] = set()
+    stack = [(root, prefix, 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if depth > MAX_MODULE_DEPTH:
+            raise SurgeryBookError(f"the checkpoint nests modules deeper than {MAX_MODULE_DEPTH} levels", "load only task_vectors checkpoints")
+        attributes = getattr(node, "__dict__", {})
+        for kind in ("_parameters", "_buffers"):
+            entries = attributes.get(kind) or {}
+            for name, tensor in (entries.items() if isinstance(entries, Mapping) else ()):
+                if isinstance(tensor, torch.Tensor):
+                    state[path + str(name)] = _checked_tensor(path + str(name), tensor)
+        children = attributes.get("_modules") or {}
+        for name, child in reversed(list(children.items()) if isinstance(children, Mapping) else []):
+            if child is not None:
+                stack.append((child, f"{path}{name}.", depth + 1))
     return state
+
+
+def _checkpoint_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """:func:`module_tensors` of a checkpoint file; whatever goes wrong on a hostile file is one clear error."""
+    try:
+        return module_tensors(read_pickled_checkpoint(path))
+    except SurgeryBookError:
+        raise
+    except (Exception, RecursionError) as exc:  # noqa: BLE001
+        raise _unreadable(Path(path), exc) from None
 
 
 VISUAL_PREFIX = "model.visual."
@@ -196,7 +292,7 @@ def load_image_encoder_state(path: str | os.PathLike[str]) -> dict[str, torch.Te
     Raises:
         SurgeryBookError: if the file holds no CLIP image tower (``model.visual.*``).
     """
-    state = module_tensors(read_pickled_checkpoint(path))
+    state = _checkpoint_tensors(path)
     visual = {k[len(VISUAL_PREFIX) :]: v for k, v in state.items() if k.startswith(VISUAL_PREFIX)}
     if not visual:
         raise SurgeryBookError(
@@ -209,7 +305,7 @@ def load_image_encoder_state(path: str | os.PathLike[str]) -> dict[str, torch.Te
 def load_head(path: str | os.PathLike[str]) -> ClassificationHead:
     """A task_vectors ``head_<Task>.pt`` as this library's :class:`ClassificationHead` (same maths: it
     L2-normalises the embedding, then applies weight = scaled class text embeddings, bias 0)."""
-    state = module_tensors(read_pickled_checkpoint(path))
+    state = _checkpoint_tensors(path)
     if set(state) != {"weight", "bias"}:
         raise SurgeryBookError(f"{path} is not a classification head (tensors {sorted(state)})", "pass a head_<Task>.pt file")
     return ClassificationHead.from_weights(state["weight"], state["bias"])
