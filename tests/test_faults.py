@@ -344,3 +344,12 @@ def test_hostile_raw_pickles_are_one_line_errors(payload, what, tmp_path):
     with pytest.raises(SurgeryBookError, match=what) as error:
         load_image_encoder_state(path)
     assert str(path) in str(error.value) and time.perf_counter() - started < 10
+
+
+def test_a_batch_larger_than_a_task_takes_the_task_once_per_batch():
+    from surgery_lib.surgery.schedule import official_iterations
+
+    iterations = list(official_iterations([3, 5], steps=4, batch_size=10**6))
+    assert len(iterations) == 2  # 2 batches per iteration, 4 steps
+    for iteration in iterations:
+        assert [[len(batch) for batch in task] for task in iteration.batches] == [[3], [5]]
