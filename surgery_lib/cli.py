@@ -248,6 +248,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
     from surgery_lib.evaluation import write_table
     from surgery_lib.grid import format_grid, parse_versions, surgery_grid
+    from surgery_lib.merging import REPAIRED as MAIN_TABLE_REPAIRED
     from surgery_lib.merging import main_table
 
     started = time.perf_counter()
@@ -263,8 +264,9 @@ def _cmd_table(args: argparse.Namespace) -> int:
                                    "seconds": {m: round(r.seconds, 2) for m, r in results.items()}}  # fmt: skip
         shown = table
     else:
+        repaired = MAIN_TABLE_REPAIRED if args.methods == "papers" else None  # any other list: every method gets surgery rows
         grid = surgery_grid(
-            zoo, methods, versions, args.seeds, options=options, config=config,
+            zoo, methods, versions, args.seeds, options=options, config=config, repaired=repaired,
             device=args.device, progress=not args.quiet,
         )  # fmt: skip
         table = grid.table
@@ -292,6 +294,39 @@ def _table_methods(text: str) -> tuple[str, ...]:
     if text == "all":
         return tuple(MERGE_METHODS)
     return tuple(check_method(name.strip()) for name in text.split(","))
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from surgery_lib.cluster import GridSpec, SubmitOptions, readable_grid, run_grid
+    from surgery_lib.grid import parse_versions
+
+    for flag in ("seeds", "surgery_steps", "deep_surgery_steps", "jobs", "cells_per_job", "threads", "timeout_min", "array_parallelism"):
+        _check_range(args, flag, 1, math.inf)
+    _check_range(args, "gpus_per_job", 0, math.inf)
+    _check_range(args, "seed", 0, MAX_SEED)
+    presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
+    settings = {get_preset(p).setting for p in presets}  # unknown presets fail here, naming the known ones
+    spec = GridSpec(
+        presets=presets, methods=_table_methods(args.methods), versions=parse_versions(args.surgery), seeds=args.seeds, first_seed=args.seed,
+        surgery_steps=args.surgery_steps, deep_surgery_steps=args.deep_surgery_steps, device=args.device,
+        cache_dir=args.cache_dir, threads=args.threads,
+        setting_options={name: get_setting(name).options_from_args(args) for name in settings},
+    )  # fmt: skip
+    submit = SubmitOptions(
+        executor=args.executor, jobs=args.jobs, cells_per_job=args.cells_per_job, timeout_min=args.timeout_min,
+        partition=args.partition, gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job, mem_gb=args.mem_gb,
+        array_parallelism=args.array_parallelism,
+    )  # fmt: skip
+    _check_writable(args.out, folder=True)
+    result = run_grid(spec, args.out, submit, progress=not args.quiet)
+    if args.json:
+        print(to_json({"table": json.loads(result.files[2].read_text()), "computed": result.computed, "seconds": round(result.seconds, 1)}))
+    else:
+        print(readable_grid(result.table).reset_index().to_markdown(index=False))
+        print(f"\n{result.computed} cells computed in {result.seconds:.0f} s; {len(result.cells) - result.computed} reused")
+        for path in result.files:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def _cmd_surgery(args: argparse.Namespace) -> int:
@@ -511,10 +546,40 @@ def build_parser() -> argparse.ArgumentParser:
                        "registered method) or a comma-separated list of --method names")
     table.add_argument("--out", default=None, help="also write main_table_<preset>.csv and .md into this directory")
     table.add_argument("--surgery", default="none", help="comma-separated rows per merge: none (the merge alone), 1 (+ Surgery), "
-                       "2 (+ SurgeryV2); default none. 'none,1,2' gives the papers' whole grid")
+                       "2 (+ SurgeryV2); default none. 'none,1,2' gives the papers' whole grid (with --methods papers the seven merges "
+                       "the papers repair get surgery rows; with any other --methods, every method does)")
     table.add_argument("--seeds", type=int, default=1, help="surgery seeds per row (mean and std over them; default 1)")
     _add_surgery_options(table)
     table.set_defaults(run=_cmd_table)
+
+    grid = sub.add_parser("grid", help="presets x methods x {merge, + Surgery, + SurgeryV2} x seeds as jobs (local processes or "
+                          "Slurm, through submitit); resumable; one table with mean ± std, bias, time and memory per cell")
+    grid.add_argument("--presets", default="mini", help="comma-separated presets (default mini)")
+    grid.add_argument("--methods", default="all", help="'all' (every registered method, default), 'papers' or a comma-separated list")
+    grid.add_argument("--surgery", default="none,1,2", help="comma-separated: none (merge alone), 1 (+ Surgery), 2 (+ SurgeryV2); default all three")
+    grid.add_argument("--seeds", type=int, default=3, help="surgery seeds per cell (default 3)")
+    grid.add_argument("--seed", type=int, default=0, help="the first surgery seed; the others follow (default 0)")
+    grid.add_argument("--surgery-steps", type=int, default=1000, help="Surgery steps per task (default 1000, the official)")
+    grid.add_argument("--deep-surgery-steps", type=int, default=None, help="SurgeryV2 steps per task (default: --surgery-steps)")
+    grid.add_argument("--out", required=True, help="the grid's folder: one JSON per cell, table.csv/.md/.json, job logs")
+    grid.add_argument("--executor", choices=("local", "slurm", "inline"), default="local",
+                      help="local: subprocesses on this machine; slurm: a job array; inline: this process (default local)")
+    grid.add_argument("--jobs", type=int, default=1, help="local: processes at once, each taking a share of the cells (default 1)")
+    grid.add_argument("--cells-per-job", type=int, default=None, help="cells each job computes (default: Slurm 1; local: cells / --jobs)")
+    grid.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's; give 1 when --jobs fills the cores)")
+    grid.add_argument("--device", default=None, help="cpu or cuda (default: each preset's)")
+    grid.add_argument("--partition", default=None, help="Slurm partition")
+    grid.add_argument("--gpus-per-job", type=int, default=0, help="Slurm GPUs per job (default 0)")
+    grid.add_argument("--cpus-per-job", type=int, default=None, help="Slurm CPUs per job")
+    grid.add_argument("--mem-gb", type=int, default=None, help="Slurm memory per job in GB")
+    grid.add_argument("--timeout-min", type=int, default=60, help="time limit per job in minutes (default 60)")
+    grid.add_argument("--array-parallelism", type=int, default=64, help="Slurm: array jobs running at once (default 64)")
+    grid.add_argument("--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)")
+    grid.add_argument("--json", action="store_true", help="print the table as JSON")
+    grid.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name in available_settings():
+        get_setting(name).add_arguments(grid)
+    grid.set_defaults(run=_cmd_grid)
 
     surgery = sub.add_parser("surgery", help="train Surgery (V1) or SurgeryV2 on a merged model; accuracy and bias before and after")
     _add_common(surgery)

@@ -82,3 +82,20 @@ def write_table(table: pd.DataFrame, stem: str | os.PathLike[str]) -> tuple[Path
     with atomic_path(md_path) as tmp:
         tmp.write_text(table.to_markdown(floatfmt=".2f") + "\n")
     return csv_path, md_path
+
+
+def partial_rank_correlation(x: pd.Series, y: pd.Series, control: pd.Series) -> float:
+    """Spearman correlation of ``x`` and ``y`` with the linear effect of ``control`` removed from both ranks.
+
+    Answers "does x still go with y once z is held fixed?": e.g. the representation bias of a merge and the gain
+    surgery brings it, controlling for the merge's accuracy. Equal-length series (aligned by position); NaN
+    when a residual has no variance (``control`` explains ``x`` or ``y`` exactly).
+    """
+    import numpy as np
+
+    ranks = [np.asarray(s.rank(), dtype=float) for s in (x, y, control)]
+    design = np.column_stack([ranks[2], np.ones(len(ranks[2]))])
+    residuals = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in ranks[:2]]
+    if min(float(np.std(r)) for r in residuals) < 1e-12:
+        return float("nan")
+    return float(np.corrcoef(residuals[0], residuals[1])[0, 1])

@@ -113,7 +113,7 @@ def surgery_grid(
         label = method_label(zoo, method, options) + VERSION_SUFFIX[version]
         if version == 0:
             accuracy = evaluate_merge(zoo, merged, device)
-            bias = _merge_bias(zoo, merged.state, device)
+            bias = merge_bias(zoo, merged.state, device)
             rows[label] = {**accuracy, "average": sum(accuracy.values()) / len(accuracy), "std": math.nan, "bias": bias}
             continue
         rank = zoo.preset.surgery_rank(version) if config.rank == SurgeryConfig.rank else config.rank
@@ -137,7 +137,8 @@ def _summarise(runs: Sequence[SurgeryRun]) -> dict[str, float]:
     return {**row, "average": mean, "std": spread, "bias": bias}
 
 
-def _merge_bias(zoo: Zoo, state: Any, device: Any) -> float:
+def merge_bias(zoo: Zoo, state: Any, device: Any) -> float:
+    """The representation bias of a merged state, averaged over the zoo's tasks (test split)."""
     return float(bias_table(zoo, {"merge": state}, device=device).loc["merge", "average"])
 
 

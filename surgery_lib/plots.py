@@ -280,3 +280,55 @@ def main_table_bars(average: pd.Series, title: str = "Average accuracy over the 
     axis.spines[["top", "right"]].set_visible(False)
     figure.tight_layout()
     return figure
+
+
+#: Colours of a merge alone and repaired (the papers': merged red, surgery green), shared by the grid figures.
+VERSION_COLOURS = {0: MERGED_COLOUR, 1: SURGERY_COLOUR, 2: "#1b7a3a"}
+VERSION_NAMES = {0: "merge alone", 1: "+ Surgery", 2: "+ SurgeryV2"}
+
+
+def grid_dots(table: pd.DataFrame, title: str = "Every merge alone and repaired") -> Figure:
+    """One row per merging method (``table``'s order, top to bottom): a dot per surgery version in
+    :data:`VERSION_COLOURS` joined by a line from the merge alone to its best repair, with the standard
+    deviation over seeds as error bars. Dots rather than bars, so the axis can start near the data.
+
+    ``table`` has columns ``label`` (the method's row label), ``version``, ``average`` and ``std``.
+    """
+    plt = _pyplot()
+    labels = list(dict.fromkeys(table["label"]))
+    positions = dict(zip(labels, np.arange(len(labels))[::-1]))
+    figure, axis = plt.subplots(figsize=(6.8, 0.3 * len(labels) + 1.3))
+    for label, rows in table.groupby("label", sort=False):
+        axis.plot([rows["average"].min(), rows["average"].max()], [positions[label]] * 2, color="0.8", linewidth=1, zorder=1)
+    for version in sorted(table["version"].unique()):
+        rows = table[table["version"] == version]
+        axis.errorbar(rows["average"], [positions[label] for label in rows["label"]], xerr=rows["std"].fillna(0),
+                      fmt="o", markersize=5, color=VERSION_COLOURS[version], label=VERSION_NAMES[version], zorder=2,
+                      elinewidth=0.8, capsize=2)  # fmt: skip
+    axis.set_yticks(list(positions.values()), labels, fontsize=8)
+    axis.set(xlabel="average test accuracy (%)", title=title)
+    axis.grid(axis="x", color="0.92")
+    axis.spines[["top", "right"]].set_visible(False)
+    axis.legend(frameon=False, fontsize="small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 1.0 / len(labels)))
+    figure.tight_layout()
+    return figure
+
+
+def gain_scatter(points: pd.DataFrame, x: str, xlabel: str, title: str) -> Figure:
+    """The gain of Surgery and SurgeryV2 (points above 0: surgery helped) against ``x``, one marker per
+    merging method, a least-squares line per version. ``points`` has ``x``, ``gain`` and ``version``."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.8, 3.8))
+    for version in sorted(points["version"].unique()):
+        rows = points[points["version"] == version]
+        axis.scatter(rows[x], rows["gain"], color=VERSION_COLOURS[version], label=VERSION_NAMES[version], s=22)
+        if len(rows) > 2:
+            slope, intercept = np.polyfit(rows[x].astype(float), rows["gain"].astype(float), 1)
+            span = np.linspace(float(rows[x].min()), float(rows[x].max()), 20)
+            axis.plot(span, slope * span + intercept, color=VERSION_COLOURS[version], linewidth=1, alpha=0.7)
+    axis.axhline(0, color="0.6", linewidth=0.8)
+    axis.set(xlabel=xlabel, ylabel="gain over the merge alone (points)", title=title)
+    axis.spines[["top", "right"]].set_visible(False)
+    axis.legend(frameon=False, fontsize="small")
+    figure.tight_layout()
+    return figure

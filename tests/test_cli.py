@@ -131,3 +131,10 @@ def test_a_registered_method_reaches_merge_and_table_without_touching_the_cli(sm
     assert {"weight averaging", "DARE + TIES-merging"} <= set(rows) and "task arithmetic" not in rows
     assert main(["table", "--methods", "dare", *common]) == 2
     assert "unknown merging method 'dare'" in capsys.readouterr().err
+
+
+def test_table_repairs_every_method_of_an_explicit_list(smoke_zoo, cache_dir, capsys):
+    common = ["--preset", "smoke", "--cache-dir", str(cache_dir), "--json", "--quiet", "--surgery", "none,1", "--surgery-steps", "4"]
+    assert main(["table", "--methods", "tsv,task_arithmetic", *common]) == 0
+    rows = _strict_json(capsys.readouterr().out)["accuracy"]
+    assert {"TSV-M (task singular vectors) + Surgery", "task arithmetic + Surgery"} <= set(rows)

@@ -291,7 +291,11 @@ def test_a_module_graph_with_shared_children_or_a_cycle_is_walked_once(tmp_path)
 
     from torch import nn
 
-    from surgery_lib.settings.clip.checkpoints import load_image_encoder_state, module_tensors, read_pickled_checkpoint
+    from surgery_lib.settings.clip.checkpoints import (
+        load_image_encoder_state,
+        module_tensors,
+        read_pickled_checkpoint,
+    )
 
     leaf = nn.Linear(2, 2)
     node = leaf

@@ -24,3 +24,22 @@ def test_every_figure_renders_and_saves(tmp_path):
     # t-SNE draws one scatter per set (expert, merged, surgery), in the paper's colours.
     colours = [c.get_facecolor()[0][:3] for c in figures["tsne"].axes[0].collections]
     assert len(colours) == 3
+
+
+def test_the_grid_figures_draw_every_method_and_version_in_the_version_colours(tmp_path):
+    import matplotlib.colors as mcolors
+
+    rows = [{"label": label, "version": v, "average": 60 + 5 * v + i, "std": 0.5 if v else float("nan")}
+            for i, label in enumerate(["TA", "TSV-M", "Iso-C"]) for v in (0, 1, 2)]  # fmt: skip
+    table = pd.DataFrame(rows)
+    dots = plots.grid_dots(table)
+    markers = [line for line in dots.axes[0].lines if line.get_marker() == "o"]
+    assert [mcolors.to_hex(m.get_color()) for m in markers] == [mcolors.to_hex(c) for c in plots.VERSION_COLOURS.values()]
+    assert all(len(m.get_xdata()) == 3 for m in markers)  # one dot per method and version
+    assert [t.get_text() for t in dots.axes[0].get_yticklabels()] == ["TA", "TSV-M", "Iso-C"]
+    points = pd.DataFrame({"alone": [60.0, 62.0, 65.0] * 2, "gain": [10.0, 8.0, 5.0, 15.0, 12.0, 9.0], "version": [1] * 3 + [2] * 3})
+    scatter = plots.gain_scatter(points, "alone", "merge alone (%)", "title")
+    assert len(scatter.axes[0].collections) == 2 and len(scatter.axes[0].lines) == 3  # two versions, two fits, the zero line
+    for name, figure in (("dots", dots), ("scatter", scatter)):
+        png, _ = plots.save_figure(figure, tmp_path / name)
+        assert png.stat().st_size > 1000

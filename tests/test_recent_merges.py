@@ -10,9 +10,18 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging import MergeOptions, merge
-from surgery_lib.merging.consensus import consensus_merging, consensus_vector, tall_masks
+from surgery_lib.merging.consensus import (
+    consensus_merging,
+    consensus_vector,
+    tall_masks,
+)
 from surgery_lib.merging.isotropic import iso_c_matrix, iso_cts_matrix
-from surgery_lib.merging.tsv import nearest_orthonormal, per_task_rank, tsv_matrix, tsv_merging
+from surgery_lib.merging.tsv import (
+    nearest_orthonormal,
+    per_task_rank,
+    tsv_matrix,
+    tsv_merging,
+)
 from surgery_lib.merging.wudi import interference_loss, wudi_matrix
 
 E = torch.eye(4)

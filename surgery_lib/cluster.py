@@ -1,0 +1,400 @@
+"""The whole grid, presets x merging methods x {merge alone, + Surgery, + SurgeryV2} x seeds, as jobs.
+
+Each *cell* (one preset, method, surgery version and seed) is computed by :func:`run_cells` and written
+to ``<out>/cells/<cell>.json`` atomically, under a lock, with its accuracies, representation bias, wall
+time and peak memory. :func:`run_grid` plans the cells that have no file yet, hands them to submitit
+(local processes on one machine, a Slurm job array on a cluster, or this process), waits, and collects
+every cell file into one table (CSV, Markdown, JSON) with the mean and standard deviation over seeds.
+Interrupting a run loses at most the cells in flight; running the same command again resumes.
+
+A folder holds one grid: its settings are recorded in ``<out>/grid.json`` and a run with other settings
+is refused, so a table never mixes cells computed under different schedules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery_lib.benchmark import peak_memory
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.progress import tqdm
+from surgery_lib.core.storage import (
+    CorruptFileError,
+    atomic_path,
+    entry_lock,
+    read_json,
+    write_json,
+)
+from surgery_lib.grid import VERSION_SUFFIX, merge_bias
+from surgery_lib.merging import (
+    MERGE_METHODS,
+    MergeOptions,
+    cached_merge,
+    evaluate_merge,
+    get_method,
+    method_label,
+)
+from surgery_lib.presets import get_preset
+from surgery_lib.settings import build_zoo
+from surgery_lib.surgery.run import run_surgery
+from surgery_lib.surgery.v1 import SurgeryConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Where the jobs run: subprocesses here or a Slurm job array (both through submitit), or this process.
+EXECUTORS = ("local", "slurm", "inline")
+GRID_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """What every cell of a grid shares. ``None`` steps: the official 1000 (SurgeryV2: ``surgery_steps``)."""
+
+    presets: tuple[str, ...]
+    methods: tuple[str, ...]
+    versions: tuple[int, ...] = (0, 1, 2)
+    seeds: int = 1
+    surgery_steps: int = 1000
+    deep_surgery_steps: int | None = None
+    device: str | None = None
+    cache_dir: str | None = None
+    threads: int | None = None  # torch threads per job (None: torch's default)
+    first_seed: int = 0  # surgery seeds are first_seed, ..., first_seed + seeds - 1
+    #: Setting name -> its options object (real CLIP: where the checkpoints and datasets are).
+    setting_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for preset in self.presets:
+            get_preset(preset)
+        for method in self.methods:
+            get_method(method)
+        if self.first_seed < 0 or self.seeds < 1 or self.surgery_steps < 1 or (self.deep_surgery_steps is not None and self.deep_surgery_steps < 1):
+            raise SurgeryBookError(f"invalid grid: {self.seeds} seeds, surgery steps {self.surgery_steps}/{self.deep_surgery_steps}",
+                                   "pass --seeds, --surgery-steps and --deep-surgery-steps of 1 or more")  # fmt: skip
+        if not self.versions or any(v not in VERSION_SUFFIX for v in self.versions):
+            raise SurgeryBookError(f"invalid surgery versions {self.versions}", "use none, 1 and 2")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides a cell's numbers (not where or how it runs): the folder's identity."""
+        schedule = SurgeryConfig()
+        return {"format": GRID_FORMAT, "surgery_steps": self.surgery_steps, "deep_surgery_steps": self.steps(2),
+                "batch_size": schedule.batch_size, "lr": schedule.lr, "adam": schedule.adam}  # fmt: skip
+
+    def steps(self, version: int) -> int:
+        return self.surgery_steps if version != 2 or self.deep_surgery_steps is None else self.deep_surgery_steps
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One entry of the grid; ``version`` 0 is the merge alone."""
+
+    preset: str
+    method: str
+    version: int
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset}__{self.method}__v{self.version}__s{self.seed}"
+
+
+def plan_cells(spec: GridSpec) -> list[Cell]:
+    """Every cell of ``spec``: surgery versions over ``seeds`` seeds; a merge alone once, or once per seed
+    when the method itself is random (it reads ``seed``, as DARE does)."""
+    cells = []
+    for preset in spec.presets:
+        for method in spec.methods:
+            for version in spec.versions:
+                seeded = version != 0 or "seed" in get_method(method).reads
+                seeds = range(spec.first_seed, spec.first_seed + (spec.seeds if seeded else 1))
+                cells += [Cell(preset, method, version, seed) for seed in seeds]
+    return cells
+
+
+def cell_path(out: Path, cell: Cell) -> Path:
+    return Path(out) / "cells" / f"{cell.name}.json"
+
+
+def finished(out: Path, cell: Cell) -> bool:
+    """Whether ``cell`` has a readable result in ``out``."""
+    try:
+        return isinstance(read_json(cell_path(out, cell)).get("average"), float)
+    except (OSError, CorruptFileError, AttributeError):
+        return False
+
+
+def run_cells(cells: Sequence[Cell], spec: GridSpec, out: str) -> list[str]:
+    """Compute ``cells`` (in one process: the job's), skipping finished ones; returns the cells written.
+
+    Zoos are loaded once per preset and each expert's embeddings once per process, so a job with many
+    cells of one preset is cheaper per cell than one job per cell.
+    """
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    written, zoos = [], {}
+    for cell in cells:
+        path = cell_path(Path(out), cell)
+        with entry_lock(path, f"grid cell {cell.name}"):  # a duplicate job (a resubmission) waits, then skips
+            if finished(Path(out), cell):
+                continue
+            if cell.preset not in zoos:
+                options = spec.setting_options.get(get_preset(cell.preset).setting)
+                zoos[cell.preset] = build_zoo(cell.preset, device=spec.device, cache_dir=spec.cache_dir, progress=False, options=options)
+            record = _compute(zoos[cell.preset], cell, spec)
+            write_json(record, path)
+            written.append(cell.name)
+    return written
+
+
+def _compute(zoo, cell: Cell, spec: GridSpec) -> dict[str, Any]:
+    import torch
+
+    device = spec.device or zoo.preset.default_device
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    options = MergeOptions(seed=cell.seed) if "seed" in get_method(cell.method).reads else MergeOptions()
+    merged = cached_merge(zoo, cell.method, options, device=device, progress=False)
+    record: dict[str, Any] = {**dataclasses.asdict(cell), "label": method_label(zoo, cell.method, options) + VERSION_SUFFIX[cell.version]}
+    if cell.version == 0:
+        accuracy = evaluate_merge(zoo, merged, device)
+        record.update(accuracy=accuracy, bias=merge_bias(zoo, merged.state, device))
+    else:
+        config = SurgeryConfig(rank=zoo.preset.surgery_rank(cell.version), steps=spec.steps(cell.version), seed=cell.seed, eval_every=0)
+        run = run_surgery(zoo, merged.state, version=cell.version, config=config, device=device, progress=False)
+        accuracy = dict(run.accuracy_after)
+        record.update(accuracy=accuracy, bias=sum(run.bias_after.values()) / len(run.tasks),
+                      accuracy_before=dict(run.accuracy_before), bias_before=sum(run.bias_before.values()) / len(run.tasks),
+                      steps=config.steps, rank=config.rank)  # fmt: skip
+    memory = peak_memory(device)
+    record.update(
+        average=sum(accuracy.values()) / len(accuracy),
+        seconds=round(time.perf_counter() - started, 2),
+        peak_rss_mib=memory["rss_mib"], peak_gpu_gib=memory["gpu_gib"],
+        threads=torch.get_num_threads(), host=platform.node(), device=str(device),
+        zoo=zoo.weights_fingerprint(),
+    )  # fmt: skip
+    return record
+
+
+@dataclass
+class SubmitOptions:
+    """How the jobs run. ``cells_per_job`` None: local and inline run every cell in ``jobs`` processes
+    (default 1, so a 2-core machine is not oversubscribed); Slurm gets one job per cell."""
+
+    executor: str = "local"
+    jobs: int = 1
+    cells_per_job: int | None = None
+    timeout_min: int = 60
+    partition: str | None = None
+    gpus_per_job: int = 0
+    cpus_per_job: int | None = None
+    mem_gb: int | None = None
+    array_parallelism: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise SurgeryBookError(f"unknown executor {self.executor!r}", f"use one of: {', '.join(EXECUTORS)}")
+        if self.jobs < 1 or (self.cells_per_job is not None and self.cells_per_job < 1) or self.timeout_min < 1:
+            raise SurgeryBookError("--jobs, --cells-per-job and --timeout-min must be 1 or more", "pass positive numbers")
+
+
+def batches(cells: Sequence[Cell], submit: SubmitOptions) -> list[list[Cell]]:
+    """The cells of each job: ``cells_per_job`` consecutive cells each, or (local/inline by default)
+    ``jobs`` round-robin shares, so every job sees every preset's cells in order."""
+    if not cells:
+        return []
+    if submit.cells_per_job is None and submit.executor == "slurm":
+        size = 1
+    elif submit.cells_per_job is None:
+        count = min(submit.jobs, len(cells))
+        return [list(cells[i::count]) for i in range(count)]
+    else:
+        size = submit.cells_per_job
+    return [list(cells[i : i + size]) for i in range(0, len(cells), size)]
+
+
+def _executor(out: Path, submit: SubmitOptions):
+    """The submitit executor of ``submit.executor``, built directly (submitit's AutoExecutor needs the
+    ``pkg_resources`` module that current setuptools no longer ships)."""
+    import submitit
+
+    folder = out / "submitit" / "%j"
+    if submit.executor == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder)
+        parameters: dict[str, Any] = {"time": submit.timeout_min, "job_name": "surgery-book-grid",
+                                      "array_parallelism": submit.array_parallelism}  # fmt: skip
+        if submit.gpus_per_job:
+            parameters["gpus_per_node"] = submit.gpus_per_job
+        if submit.partition:
+            parameters["partition"] = submit.partition
+        if submit.cpus_per_job:
+            parameters["cpus_per_task"] = submit.cpus_per_job
+        if submit.mem_gb:
+            parameters["mem"] = f"{submit.mem_gb}GB"
+    else:
+        executor, parameters = submitit.LocalExecutor(folder=folder), {"timeout_min": submit.timeout_min}
+    parameters.update(submit.extra)
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def _claim_folder(out: Path, spec: GridSpec) -> None:
+    """Record ``spec``'s settings in ``out/grid.json``, or refuse a folder that holds a grid with others."""
+    path = out / "grid.json"
+    if path.exists():
+        try:
+            recorded = read_json(path)
+        except CorruptFileError:
+            recorded = None
+        if isinstance(recorded, dict) and recorded.get("settings") != spec.settings():
+            raise SurgeryBookError(
+                f"{out} holds a grid computed with other settings ({recorded.get('settings')}, not {spec.settings()})",
+                "pass another --out, or the same --surgery-steps and --deep-surgery-steps as before",
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    described = {k: v for k, v in dataclasses.asdict(spec).items() if k != "setting_options"}
+    write_json({"settings": spec.settings(), "spec": described}, path)
+
+
+@dataclass
+class GridRun:
+    """A finished :func:`run_grid`: the table, the folder's cell records, and what this run computed."""
+
+    table: pd.DataFrame
+    cells: list[dict[str, Any]]
+    computed: int
+    seconds: float
+    files: list[Path]
+
+
+def run_grid(spec: GridSpec, out: str | os.PathLike[str], submit: SubmitOptions | None = None, *, progress: bool = True) -> GridRun:
+    """Compute every cell of ``spec`` that ``out`` does not hold yet through submitit, then collect the table.
+
+    Raises:
+        SurgeryBookError: a folder holding other settings, an unknown executor, or failed jobs (naming
+            their cells and logs; the finished cells are kept, so the same command resumes).
+        KeyboardInterrupt, SystemExit: an interruption; local jobs are cancelled, Slurm jobs run on.
+    """
+    submit = submit or SubmitOptions()
+    out = Path(out)
+    started = time.perf_counter()
+    _claim_folder(out, spec)
+    todo = [cell for cell in plan_cells(spec) if not finished(out, cell)]
+    jobs = batches(todo, submit)
+    failures: list[tuple[list[Cell], Any, BaseException]] = []
+    if jobs and submit.executor == "inline":  # this process, cell by cell (submitit's debug executor would open pdb on errors)
+        for batch in tqdm(jobs, desc="grid (inline)", unit="job", disable=not progress):
+            try:
+                run_cells(batch, spec, str(out))
+            except Exception as exc:  # noqa: BLE001  (reported below with the cells it left unfinished)
+                failures.append((batch, None, exc))
+    elif jobs:
+        executor = _executor(out, submit)
+        submitted = executor.map_array(run_cells, jobs, [spec] * len(jobs), [str(out)] * len(jobs))
+        import submitit
+
+        bar = tqdm(total=len(todo), desc=f"grid ({submit.executor})", unit="cell", disable=not progress)
+        try:
+            with bar:
+                for job in submitit.helpers.as_completed(submitted):
+                    batch = jobs[submitted.index(job)]
+                    try:
+                        job.result()
+                    except Exception as exc:  # noqa: BLE001  (submitit re-raises the job's error with its traceback)
+                        failures.append((batch, job, exc))
+                    bar.update(len(batch))
+        except BaseException:
+            # Ctrl-C or SIGTERM: local jobs are this machine's processes and stop with the command (finished
+            # cells are kept); Slurm jobs run on, and the same command collects them later.
+            if submit.executor == "local":
+                for job in submitted:
+                    job.cancel(check=False)
+            raise
+    if failures:
+        names = ", ".join(cell.name for batch, _, _ in failures for cell in batch if not finished(out, cell))
+        exc = failures[0][2]
+        first = f"{type(exc).__name__}: {exc}" if submit.executor == "inline" else str(exc).strip().splitlines()[-1]
+        logs = "" if submit.executor == "inline" else f"read the job logs in {out / 'submitit'}, "
+        raise SurgeryBookError(
+            f"{len(failures)} grid job(s) failed; unfinished cells: {names}. First error: {first}",
+            f"{logs}fix the cause and run the same command again (finished cells are kept)",
+        )
+    cells = [read_json(cell_path(out, cell)) for cell in plan_cells(spec)]
+    table = grid_table(cells)
+    files = write_grid_table(table, out / "table")
+    return GridRun(table, cells, len(todo), time.perf_counter() - started, files)
+
+
+def grid_table(cells: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per preset, method and version: per-task accuracy and ``average`` (means over seeds),
+    ``std`` of the average over seeds (NaN for one), ``bias``, for surgery rows ``gain`` (average minus
+    the merge alone's) and ``bias_before``; ``seconds`` (all seeds) and ``peak_rss_mib`` / ``peak_gpu_gib``."""
+    import pandas as pd
+
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for record in cells:
+        groups.setdefault((record["preset"], record["method"], record["version"]), []).append(record)
+    rows = []
+    alone = {(p, m): sum(r["average"] for r in rs) / len(rs) for (p, m, v), rs in groups.items() if v == 0}
+    for (preset, method, version), records in groups.items():
+        averages = [r["average"] for r in records]
+        mean = sum(averages) / len(averages)
+        row: dict[str, Any] = {"preset": preset, "method": method, "version": version, "row": records[0]["label"],
+                               "data": MERGE_METHODS[method].data if method in MERGE_METHODS else "",
+                               "seeds": len(records), "average": mean,
+                               "std": math.sqrt(sum((a - mean) ** 2 for a in averages) / (len(averages) - 1)) if len(averages) > 1 else math.nan,
+                               "bias": sum(r["bias"] for r in records) / len(records)}  # fmt: skip
+        if version:
+            row["bias_before"] = sum(r["bias_before"] for r in records) / len(records)
+            row["gain"] = mean - alone[(preset, method)] if (preset, method) in alone else math.nan
+        row["seconds"] = sum(r["seconds"] for r in records)
+        row["peak_rss_mib"] = max(r["peak_rss_mib"] or 0 for r in records)
+        row["peak_gpu_gib"] = max((r["peak_gpu_gib"] or 0 for r in records), default=0)
+        for task, value in records[0]["accuracy"].items():
+            row[task] = sum(r["accuracy"][task] for r in records) / len(records)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.set_index(["preset", "row"]) if len(table) else table
+
+
+def write_grid_table(table: pd.DataFrame, stem: Path) -> list[Path]:
+    """``<stem>.csv``, ``.md`` (``average ± std`` first, one decimal) and ``.json`` (NaN as null), atomically."""
+    paths = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".json")]
+    with atomic_path(paths[0]) as tmp:
+        table.to_csv(tmp, float_format="%.4f")
+    with atomic_path(paths[1]) as tmp:
+        tmp.write_text(readable_grid(table).reset_index().to_markdown(index=False) + "\n")
+    records = table.reset_index().to_dict(orient="records")
+    clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in records]
+    with atomic_path(paths[2]) as tmp:
+        tmp.write_text(json.dumps(clean, indent=1) + "\n")
+    return paths
+
+
+def readable_grid(table: pd.DataFrame) -> pd.DataFrame:
+    """The grid for reading: ``average ± std``, gain, bias (before -> after), minutes; one decimal."""
+    import pandas as pd
+
+    shown = pd.DataFrame({"preset": table.index.get_level_values(0), "row": table.index.get_level_values(1)})
+    table = table.reset_index(drop=True)
+    shown["average"] = [f"{a:.1f}" if not math.isfinite(s) else f"{a:.1f} ± {s:.1f}" for a, s in zip(table["average"], table["std"])]
+    if "gain" in table:
+        shown["gain"] = [f"{g:+.1f}" if math.isfinite(g) else "" for g in table["gain"].astype(float)]
+    shown["bias"] = [f"{b:.3f}" if not math.isfinite(f) else f"{f:.3f} → {b:.3f}"
+                     for b, f in zip(table["bias"], table.get("bias_before", pd.Series(math.nan, index=table.index)).astype(float))]  # fmt: skip
+    shown["seconds"] = table["seconds"].round(0).astype(int)
+    return shown.set_index(["preset", "row"])

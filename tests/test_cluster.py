@@ -1,0 +1,135 @@
+"""The grid as jobs: planning, batching, submitit's local executor, resuming after an interruption with
+identical numbers, a folder that refuses other settings, and failed jobs reported by cell."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from surgery_lib.cli import main
+from surgery_lib.cluster import (
+    Cell,
+    GridSpec,
+    SubmitOptions,
+    batches,
+    cell_path,
+    plan_cells,
+    run_grid,
+)
+from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.merging import MERGE_METHODS, MergeMethod
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+#: Numbers only: where and how fast a cell ran differs between runs.
+MACHINE_COLUMNS = {"seconds", "peak_rss_mib", "peak_gpu_gib"}
+
+
+def test_cells_cover_seeds_only_where_they_change_the_result():
+    spec = GridSpec(presets=("smoke",), methods=("task_arithmetic", "dare_ties"), versions=(0, 1, 2), seeds=3)
+    cells = plan_cells(spec)
+    # task arithmetic alone is deterministic: 1 cell; DARE draws its drops from the seed: 3; surgery: 3 each.
+    assert sum(c.method == "task_arithmetic" and c.version == 0 for c in cells) == 1
+    assert sum(c.method == "dare_ties" and c.version == 0 for c in cells) == 3
+    assert len(cells) == 1 + 3 + 2 * 2 * 3
+    assert len({c.name for c in cells}) == len(cells)
+
+
+def test_jobs_get_round_robin_shares_locally_and_one_cell_each_on_slurm():
+    cells = [Cell("smoke", "task_arithmetic", v, s) for v in (1, 2) for s in range(3)]
+    assert [len(b) for b in batches(cells, SubmitOptions(jobs=4))] == [2, 2, 1, 1]
+    assert batches(cells, SubmitOptions(jobs=1)) == [cells]
+    assert [len(b) for b in batches(cells, SubmitOptions(executor="slurm"))] == [1] * 6
+    assert [len(b) for b in batches(cells, SubmitOptions(executor="slurm", cells_per_job=4))] == [4, 2]
+    with pytest.raises(SurgeryBookError, match="unknown executor"):
+        SubmitOptions(executor="kubernetes")
+
+
+def _grid_command(out, cache_dir):
+    return [sys.executable, "-m", "surgery_lib", "grid", "--presets", "smoke", "--methods", "task_arithmetic,tsv,dare_ties",
+            "--surgery", "none,1,2", "--seeds", "2", "--surgery-steps", "30", "--out", str(out), "--cache-dir", str(cache_dir),
+            "--executor", "local", "--jobs", "1", "--threads", "1", "--quiet"]  # fmt: skip
+
+
+def _numbers(out):
+    return [{k: v for k, v in row.items() if k not in MACHINE_COLUMNS} for row in json.loads((out / "table.json").read_text())]
+
+
+def test_an_interrupted_local_grid_resumes_to_the_same_numbers(smoke_zoo, cache_dir, tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(_grid_command(reference, cache_dir), env=ONE_THREAD, check=True, capture_output=True, timeout=600)
+    cells = list((reference / "cells").glob("*.json"))
+    assert len(cells) == 3 + 2 * 3 * 2 + 1  # alone: task arithmetic, TSV-M, DARE x 2 seeds; surgery: 3 methods x 2 versions x 2 seeds
+
+    interrupted = tmp_path / "interrupted"
+    run = subprocess.Popen(_grid_command(interrupted, cache_dir), env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((interrupted / "cells").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    jobs = psutil.Process(run.pid).children(recursive=True)
+    run.send_signal(signal.SIGTERM)  # what Slurm, timeout and docker stop send
+    run.communicate(timeout=120)
+    _, alive = psutil.wait_procs(jobs, timeout=60)
+    assert not alive, "a grid job outlived the interrupted command"
+    done = len(list((interrupted / "cells").glob("*.json")))
+    assert 1 <= done < len(cells), "the interruption came after the whole grid"
+
+    resumed = subprocess.run(_grid_command(interrupted, cache_dir), env=ONE_THREAD, check=True, capture_output=True, text=True, timeout=600)
+    assert f"{len(cells) - done} cells computed" in resumed.stdout
+    assert _numbers(interrupted) == _numbers(reference)
+    record = json.loads(cell_path(interrupted, Cell("smoke", "tsv", 1, 1)).read_text())
+    assert record["seconds"] > 0 and record["peak_rss_mib"] > 0 and record["threads"] == 1 and record["steps"] == 30
+
+
+def test_a_finished_grid_is_reused_and_other_settings_are_refused(smoke_zoo, cache_dir, tmp_path, capsys):
+    spec = GridSpec(presets=("smoke",), methods=("task_arithmetic",), versions=(0, 1), seeds=1, surgery_steps=10, cache_dir=str(cache_dir))
+    first = run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False)
+    again = run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False)
+    assert (first.computed, again.computed) == (2, 0)
+    assert again.table.equals(first.table)
+    assert {p.suffix for p in first.files} == {".csv", ".md", ".json"}
+    other = ["grid", "--presets", "smoke", "--methods", "task_arithmetic", "--surgery", "none,1", "--seeds", "1",
+             "--surgery-steps", "20", "--out", str(tmp_path), "--cache-dir", str(cache_dir), "--executor", "inline", "--quiet"]  # fmt: skip
+    assert main(other) == 2
+    assert "holds a grid computed with other settings" in capsys.readouterr().err
+
+
+def test_failed_jobs_name_their_cells_and_keep_the_finished_ones(smoke_zoo, cache_dir, tmp_path):
+    def fail(*args):
+        raise RuntimeError("this method always fails")
+
+    MERGE_METHODS.register("always_fails", MergeMethod("always_fails", "always fails", fail))
+    try:
+        spec = GridSpec(presets=("smoke",), methods=("task_arithmetic", "always_fails"), versions=(0,), cache_dir=str(cache_dir))
+        with pytest.raises(SurgeryBookError, match="unfinished cells: smoke__always_fails__v0__s0.*always fails"):
+            run_grid(spec, tmp_path, SubmitOptions(executor="inline", cells_per_job=1), progress=False)
+    finally:
+        del MERGE_METHODS["always_fails"]
+    assert cell_path(tmp_path, Cell("smoke", "task_arithmetic", 0)).is_file()
+
+
+def test_partial_rank_correlation_removes_what_the_control_explains():
+    import pandas as pd
+
+    from surgery_lib.evaluation import partial_rank_correlation
+
+    control = pd.Series(range(10), dtype=float)
+    # x and y both follow the control: they correlate perfectly, but nothing is left once it is held fixed.
+    x, y = control * 2, control**3
+    assert x.corr(y, method="spearman") == pytest.approx(1.0)
+    assert partial_rank_correlation(x, y, control) != partial_rank_correlation(x, y, control)  # NaN: no residual variance
+    # x = control + 0.6 [1, -1, 1, ...] swaps each pair of ranks: what is left beyond the control is the swap.
+    wiggle = pd.Series([1.0, -1.0] * 5)
+    assert partial_rank_correlation(control + 0.6 * wiggle, control + 0.7 * wiggle, control) == pytest.approx(1.0)
+    assert partial_rank_correlation(control + 0.6 * wiggle, control - 0.6 * wiggle, control) < -0.8  # the opposite swaps
+
+
+def test_the_first_seed_shifts_every_seeded_cell():
+    spec = GridSpec(presets=("smoke",), methods=("task_arithmetic",), versions=(0, 1), seeds=2, first_seed=5)
+    assert [(c.version, c.seed) for c in plan_cells(spec)] == [(0, 5), (1, 5), (1, 6)]
