@@ -181,7 +181,7 @@ class _Builder:
         self.manifest["models"][name] = {
             "file": path.name,
             "sha256": sha,
-            "content": state_fingerprint(tensors),
+            "content": content_checksum(path) or state_fingerprint(tensors),  # save_tensors recorded it in the header
             "depends_on": depends_on,
             "wall_time_s": round(time.perf_counter() - started, 2),
             "torch_threads": torch.get_num_threads(),
