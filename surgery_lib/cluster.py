@@ -13,6 +13,7 @@ is refused, so a table never mixes cells computed under different schedules.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -252,6 +253,28 @@ def _executor(out: Path, submit: SubmitOptions):
     return executor
 
 
+def _kill_local_jobs(jobs: Sequence[Any]) -> None:
+    """Stop submitit's local jobs with their whole process tree (controller and task), with SIGKILL.
+
+    submitit's own ``cancel`` sends SIGINT to the controller, which a controller that inherited an ignored SIGINT
+    never sees (the whole local grid then ran on after the command was stopped: seen under ``make test`` started
+    in the background), and its tasks bypass SIGTERM on purpose (Slurm sends it before preemption). SIGKILL is
+    safe here: cells are written atomically and their locks die with the process.
+    """
+    import psutil
+
+    for job in jobs:
+        try:
+            controller = psutil.Process(int(job.job_id))
+            tree = [*controller.children(recursive=True), controller]
+        except (psutil.Error, ValueError):
+            continue  # already finished
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(tree, timeout=10)
+
+
 def _claim_folder(out: Path, spec: GridSpec) -> None:
     """Record ``spec``'s settings in ``out/grid.json``, or refuse a folder that holds a grid with others."""
     path = out / "grid.json"
@@ -321,8 +344,7 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], submit: SubmitOptions 
             # Ctrl-C or SIGTERM: local jobs are this machine's processes and stop with the command (finished
             # cells are kept); Slurm jobs run on, and the same command collects them later.
             if submit.executor == "local":
-                for job in submitted:
-                    job.cancel(check=False)
+                _kill_local_jobs(submitted)
             raise
     if failures:
         names = ", ".join(cell.name for batch, _, _ in failures for cell in batch if not finished(out, cell))
