@@ -60,12 +60,20 @@ def bias_bars(table: pd.DataFrame, title: str = "Representation bias per task", 
 
 
 def block_bias_curves(curves: Mapping[str, torch.Tensor | np.ndarray], title: str = "Representation bias at every block") -> Figure:
-    """One line per label over block index (1-based), e.g. merged vs merged + SurgeryV2."""
+    """One line per label over block index (1-based), e.g. merged vs merged + SurgeryV2.
+
+    Each line has its own dash pattern and marker, drawn thinner than the one below it, so a curve that
+    coincides with another over some blocks (Surgery V1 leaves every block but the last as the merge had it)
+    stays visible instead of hiding under it. The x axis has one tick per block."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 3.4))
-    for label, values in curves.items():
+    styles = [("-", "o", 2.6), ("--", "s", 1.8), (":", "^", 1.2), ("-.", "D", 1.0)]
+    blocks = 0
+    for (label, values), (dash, marker, width) in zip(curves.items(), styles * (len(curves) // len(styles) + 1)):
         values = np.asarray(values, dtype=float)
-        axis.plot(np.arange(1, len(values) + 1), values, marker="o", label=label)
+        blocks = max(blocks, len(values))
+        axis.plot(np.arange(1, len(values) + 1), values, linestyle=dash, marker=marker, linewidth=width, markersize=3 + width, label=label)
+    axis.set_xticks(np.arange(1, blocks + 1))
     axis.set(xlabel="block", ylabel="L1 bias of token-means", title=title)
     axis.legend(frameon=False, fontsize="small")
     figure.tight_layout()
@@ -174,22 +182,33 @@ def _short_parameter_name(name: str) -> str:
     return name.replace("transformer.resblocks.", "").replace("_weight", ".w").replace("_bias", ".b")
 
 
-def coefficient_heatmap(table: pd.DataFrame, title: str = "Layer-wise AdaMerging coefficients") -> Figure:
-    """Tasks (rows) x parameter tensors (columns, in model order) of learned merging coefficients in [0, 1].
+def coefficient_heatmap(table: pd.DataFrame, title: str = "Layer-wise AdaMerging coefficients", start: float = 0.3) -> Figure:
+    """Tasks (rows) x parameter tensors (columns, in model order) of learned merging coefficients.
 
-    Column labels are shortened (``transformer.resblocks.3.attn.in_proj_weight`` -> ``3.attn.in_proj.w``)
-    and thinned to about 40, so the 158 tensors of ViT-B/32 stay readable.
+    The colour scale is diverging and centred on ``start`` (AdaMerging's initial 0.3), spanning just the
+    learned range, so coefficients that moved a little still show (on [0, 1] everything would be one colour);
+    the x axis is labelled by block (embeddings, block 0 ... N-1, head) with a line between blocks, which
+    stays readable for ViT-B/32's 158 tensors as for the mini encoder's 56.
     """
     import seaborn as sns
 
     plt = _pyplot()
-    shown = table[sorted(table.columns, key=_model_order)].rename(columns=_short_parameter_name)
-    step = max(1, len(shown.columns) // 40)
-    figure, axis = plt.subplots(figsize=(min(16.0, 3.0 + 0.12 * len(shown.columns)), 1.4 + 0.32 * len(shown)))
-    sns.heatmap(shown.astype(float), ax=axis, cmap="magma", vmin=0.0, vmax=1.0, xticklabels=step, cbar_kws={"label": "coefficient"})
-    axis.tick_params(axis="x", labelsize=6, rotation=90)
-    axis.tick_params(axis="y", rotation=0)
-    axis.set(title=title, xlabel="parameter tensor (input side left, output side right)", ylabel="")
+    columns = sorted(table.columns, key=_model_order)
+    shown = table[columns].astype(float)
+    span = max(float((shown - start).abs().max().max()), 0.005)
+    figure, axis = plt.subplots(figsize=(min(16.0, 4.0 + 0.08 * len(columns)), 1.4 + 0.32 * len(shown)))
+    sns.heatmap(shown, ax=axis, cmap="RdBu_r", center=start, vmin=start - span, vmax=start + span, xticklabels=False,
+                cbar_kws={"label": f"coefficient (started at {start:g})"})  # fmt: skip
+    groups: dict[tuple[int, int], list[int]] = {}
+    for position, name in enumerate(columns):
+        groups.setdefault(_model_order(name)[:2], []).append(position)
+    names = {0: "embed", 2: "head"}
+    axis.set_xticks([sum(p) / len(p) + 0.5 for p in groups.values()],
+                    [names.get(kind, f"block {block}") for kind, block in groups], rotation=90, fontsize=7)  # fmt: skip
+    for positions in list(groups.values())[1:]:
+        axis.axvline(positions[0], color="white", linewidth=1)
+    axis.tick_params(axis="y", rotation=0, labelsize=8)
+    axis.set(title=title, xlabel="parameter tensors, grouped by block (input side left)", ylabel="")
     figure.tight_layout()
     return figure
 
@@ -208,14 +227,23 @@ def scale_sweep(table: pd.DataFrame, references: Mapping[str, float] | None = No
     return figure
 
 
-def curves(series: Mapping[str, pd.Series | Sequence[float]], *, xlabel: str, ylabel: str, title: str = "", logx: bool = False) -> Figure:
-    """Plain line plot, one line per label (an AdaMerging entropy curve, an ablation against rank or data)."""
+def curves(series: Mapping[str, pd.Series | Sequence[float]], *, xlabel: str, ylabel: str, title: str = "", logx: bool = False,
+           smooth: int = 0) -> Figure:  # fmt: skip
+    """Plain line plot, one line per label (an AdaMerging entropy curve, an ablation against rank or data).
+
+    ``smooth`` > 1 draws each raw series faintly and its moving average over ``smooth`` points on top
+    (per-batch objectives are noisy; the trend is what the text asks the reader to watch)."""
     import pandas as pd
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 3.4))
     for label, values in series.items():
         values = values if isinstance(values, pd.Series) else pd.Series(list(values))
+        if smooth > 1:
+            raw = axis.plot(values.index, values.values, linewidth=0.7, alpha=0.3)[0]
+            trend = values.rolling(smooth, min_periods=1).mean()
+            axis.plot(trend.index, trend.values, color=raw.get_color(), linewidth=2, label=f"{label} ({smooth}-step mean)")
+            continue
         axis.plot(values.index, values.values, marker="o" if len(values) <= 30 else None, label=label)
     if logx:
         axis.set_xscale("log", base=2)
@@ -226,7 +254,7 @@ def curves(series: Mapping[str, pd.Series | Sequence[float]], *, xlabel: str, yl
     return figure
 
 
-def bias_accuracy_scatter(points: pd.DataFrame, title: str = "More drift, less accuracy") -> Figure:
+def bias_accuracy_scatter(points: pd.DataFrame, title: str = "Bias against accuracy, per task and merge") -> Figure:
     """One marker per (merge, task): representation bias against normalised accuracy (%).
 
     ``points`` has columns ``merge``, ``task``, ``bias`` and ``normalised accuracy (%)``.

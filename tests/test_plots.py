@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 
 from surgery_lib import plots
@@ -43,3 +44,29 @@ def test_the_grid_figures_draw_every_method_and_version_in_the_version_colours(t
     for name, figure in (("dots", dots), ("scatter", scatter)):
         png, _ = plots.save_figure(figure, tmp_path / name)
         assert png.stat().st_size > 1000
+
+
+def test_block_curves_have_one_tick_per_block_and_stay_visible_where_they_coincide():
+    figure = plots.block_bias_curves({"merged": [0.3, 0.5, 0.8], "+ Surgery": [0.3, 0.5, 0.4], "+ SurgeryV2": [0.1, 0.1, 0.2]})
+    axis = figure.axes[0]
+    assert list(axis.get_xticks()) == [1, 2, 3]
+    lines = axis.get_lines()
+    assert len({line.get_linestyle() for line in lines}) == 3 and len({line.get_marker() for line in lines}) == 3
+    assert lines[0].get_linewidth() > lines[1].get_linewidth()  # the later, coinciding curve is drawn on top, thinner
+
+
+def test_the_coefficient_map_is_centred_on_the_start_and_labelled_by_block():
+    names = ["conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.mlp.c_fc.weight",
+             "transformer.resblocks.1.attn.in_proj_weight", "proj"]  # fmt: skip
+    table = pd.DataFrame([[0.30, 0.31, 0.29, 0.32, 0.30], [0.30, 0.28, 0.30, 0.33, 0.31]], index=["a", "b"], columns=names)
+    figure = plots.coefficient_heatmap(table)
+    axis = figure.axes[0]
+    assert [t.get_text() for t in axis.get_xticklabels()] == ["embed", "block 0", "block 1", "head"]
+    low, high = axis.collections[0].get_clim()
+    assert (low, high) == pytest.approx((0.27, 0.33))  # 0.3 ± the largest move (0.03), not [0, 1]
+
+
+def test_smoothed_curves_draw_the_raw_series_faintly_and_its_moving_average():
+    figure = plots.curves({"layer-wise": pd.Series([1.0, 0.0] * 10)}, xlabel="step", ylabel="entropy", smooth=4)
+    raw, trend = figure.axes[0].get_lines()
+    assert raw.get_alpha() == 0.3 and list(trend.get_ydata())[3:] == [0.5] * 17
