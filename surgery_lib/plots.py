@@ -15,13 +15,55 @@ import numpy as np
 import torch
 
 from surgery_lib.core.storage import atomic_path
-from surgery_lib.settings.base import REFERENCE_ROWS
+from surgery_lib.merging import METHODS
+from surgery_lib.settings.base import EXPERT_ROW, ZERO_SHOT_ROW, ZOO_ROWS
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
 EXPERT_COLOUR, MERGED_COLOUR, SURGERY_COLOUR = "#1f5fbf", "#d62728", "#2ca02c"
+SURGERY_V2_COLOUR = "#1b7a3a"
+
+#: Rows that are bounds, not merges: the experts blue as in the papers, the rest in greys and purple.
+REFERENCE_COLOURS = {
+    EXPERT_ROW: EXPERT_COLOUR, ZOO_ROWS["pretrained"]: "0.55", ZERO_SHOT_ROW: "0.7", ZOO_ROWS["mtl"]: "#6a3d9a",
+    "expert": EXPERT_COLOUR, "experts": EXPERT_COLOUR, "merged": MERGED_COLOUR, "merged + Surgery": SURGERY_COLOUR,
+    "merged + SurgeryV2": SURGERY_V2_COLOUR,
+}  # fmt: skip
+# Merging methods take these in registration order, so a method keeps its colour in every chapter whichever
+# other methods a figure shows. No blue or green: those mean "expert" and "repaired".
+_METHOD_CYCLE = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#e6ab02", "#9467bd", "#17becf", "#b8860b",
+                 "#a0522d", "#c71585", "#008b8b", "#ff6347", "#556b2f", "#4b0082", "#cd853f", "#a6761d", "#800000")  # fmt: skip
+
+
+def colour_of(label: str) -> str | None:
+    """The fixed colour of a row label: a reference row, a merging method by its display name (merged red
+    for task arithmetic, the papers' usual merge), or ``" + Surgery"`` / ``" + SurgeryV2"`` rows in the
+    repaired greens. ``None`` for a label with no fixed colour."""
+    label = str(label)
+    if label in REFERENCE_COLOURS:
+        return REFERENCE_COLOURS[label]
+    if label.endswith(" + SurgeryV2"):
+        return SURGERY_V2_COLOUR
+    if label.endswith(" + Surgery"):
+        return SURGERY_COLOUR
+    names = list(METHODS.values())
+    order = ["task arithmetic"] + [n for n in names if n != "task arithmetic"]
+    return _METHOD_CYCLE[order.index(label) % len(_METHOD_CYCLE)] if label in order else None
+
+
+def palette(labels: Sequence[str]) -> dict[str, str]:
+    """``{label: colour}`` for a figure's labels: :func:`colour_of` where fixed, otherwise matplotlib's cycle."""
+    import matplotlib as mpl
+
+    spare = iter(mpl.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    return {str(label): colour_of(label) or next(spare) for label in labels}
+
+
+def _legend_outside(axis, **options) -> None:
+    """A legend to the right of the axes, where it cannot cover data."""
+    axis.legend(frameon=False, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), **options)
 
 
 def _pyplot():
@@ -51,10 +93,10 @@ def bias_bars(table: pd.DataFrame, title: str = "Representation bias per task", 
     plt = _pyplot()
     long = table.rename_axis("method").reset_index().melt(id_vars="method", var_name="task", value_name="value")
     figure, axis = plt.subplots(figsize=(max(6.0, 0.9 * len(table.columns) + 2), 3.4))
-    sns.barplot(data=long, x="task", y="value", hue="method", ax=axis)
+    sns.barplot(data=long, x="task", y="value", hue="method", ax=axis, palette=palette(table.index), saturation=1)
     axis.set(xlabel="", ylabel=ylabel, title=title)
     axis.tick_params(axis="x", rotation=30)
-    axis.legend(frameon=False, fontsize="small")
+    _legend_outside(axis)
     figure.tight_layout()
     return figure
 
@@ -66,16 +108,18 @@ def block_bias_curves(curves: Mapping[str, torch.Tensor | np.ndarray], title: st
     coincides with another over some blocks (Surgery V1 leaves every block but the last as the merge had it)
     stays visible instead of hiding under it. The x axis has one tick per block."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    figure, axis = plt.subplots(figsize=(7.0, 3.4))
     styles = [("-", "o", 2.6), ("--", "s", 1.8), (":", "^", 1.2), ("-.", "D", 1.0)]
     blocks = 0
+    colours = palette(list(curves))
     for (label, values), (dash, marker, width) in zip(curves.items(), styles * (len(curves) // len(styles) + 1)):
         values = np.asarray(values, dtype=float)
         blocks = max(blocks, len(values))
-        axis.plot(np.arange(1, len(values) + 1), values, linestyle=dash, marker=marker, linewidth=width, markersize=3 + width, label=label)
+        axis.plot(np.arange(1, len(values) + 1), values, linestyle=dash, marker=marker, linewidth=width, markersize=3 + width,
+                  label=label, color=colours[str(label)])  # fmt: skip
     axis.set_xticks(np.arange(1, blocks + 1))
     axis.set(xlabel="block", ylabel="L1 bias of token-means", title=title)
-    axis.legend(frameon=False, fontsize="small")
+    _legend_outside(axis)
     figure.tight_layout()
     return figure
 
@@ -107,7 +151,35 @@ def tsne_embeddings(
         part = points[i * count : (i + 1) * count]
         axis.scatter(part[:, 0], part[:, 1], s=5, alpha=0.6, color=colour, label=label)
     axis.set(xticks=[], yticks=[], title=title)
-    axis.legend(frameon=False, fontsize="small", markerscale=3)
+    _legend_outside(axis, markerscale=3)
+    figure.tight_layout()
+    return figure
+
+
+def tsne_panels(
+    expert: torch.Tensor, merged: torch.Tensor, repaired: torch.Tensor, *, repaired_label: str = "merged + Surgery",
+    title: str = "", seed: int = 0, max_points: int = 500,
+) -> Figure:  # fmt: skip
+    """Two t-SNE panels of the same images: expert vs merged (left), expert vs repaired (right).
+
+    One t-SNE of all three sets (scikit-learn, PCA init, seeded) places both panels in the same
+    coordinates, so the expert's points sit in the same place in both and no set hides another.
+    """
+    from sklearn.manifold import TSNE
+
+    plt = _pyplot()
+    count = min(max_points, len(expert))
+    stacked = np.concatenate([np.asarray(z[:count], dtype=np.float32) for z in (expert, merged, repaired)])
+    points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, count - 1)).fit_transform(stacked)
+    expert_points, merged_points, repaired_points = points[:count], points[count : 2 * count], points[2 * count :]
+    figure, axes = plt.subplots(1, 2, figsize=(8.0, 3.9), sharex=True, sharey=True)
+    for axis, (label, part, colour) in zip(axes, [("merged", merged_points, MERGED_COLOUR), (repaired_label, repaired_points, SURGERY_COLOUR)]):
+        axis.scatter(expert_points[:, 0], expert_points[:, 1], s=6, alpha=0.5, color=EXPERT_COLOUR, label="expert")
+        axis.scatter(part[:, 0], part[:, 1], s=6, alpha=0.5, color=colour, label=label, marker="^")
+        axis.set(xticks=[], yticks=[], title=f"expert vs {label}")
+        axis.legend(frameon=False, fontsize="small", markerscale=2.5, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncols=2)
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     return figure
 
@@ -216,13 +288,13 @@ def coefficient_heatmap(table: pd.DataFrame, title: str = "Layer-wise AdaMerging
 def scale_sweep(table: pd.DataFrame, references: Mapping[str, float] | None = None, title: str = "Task arithmetic: average accuracy against the scale") -> Figure:
     """Average accuracy (%) against the task-arithmetic scale (the index of ``table``), with dashed reference lines."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    figure, axis = plt.subplots(figsize=(7.0, 3.4))
     axis.plot(table.index, table["average"], marker="o", color=MERGED_COLOUR, label="task arithmetic")
     for (label, value), style in zip((references or {}).items(), ("--", ":", "-.", (0, (1, 3)))):
-        axis.axhline(value, linestyle=style, color="0.35", linewidth=1)
-        axis.annotate(label, (table.index.max(), value), fontsize=7, ha="right", va="bottom", color="0.25")
+        colour = EXPERT_COLOUR if "expert" in label else colour_of(label) or "0.35"
+        axis.axhline(value, linestyle=style, color=colour, linewidth=1.2, label=label)
     axis.set(xlabel="scale λ", ylabel="average accuracy (%)", title=title)
-    axis.legend(frameon=False, fontsize="small", loc="lower left")
+    _legend_outside(axis)
     figure.tight_layout()
     return figure
 
@@ -236,20 +308,22 @@ def curves(series: Mapping[str, pd.Series | Sequence[float]], *, xlabel: str, yl
     import pandas as pd
 
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    figure, axis = plt.subplots(figsize=(7.0, 3.4))
+    colours = palette(list(series))
     for label, values in series.items():
         values = values if isinstance(values, pd.Series) else pd.Series(list(values))
+        colour = colours[str(label)]
         if smooth > 1:
-            raw = axis.plot(values.index, values.values, linewidth=0.7, alpha=0.3)[0]
+            axis.plot(values.index, values.values, linewidth=0.7, alpha=0.3, color=colour)
             trend = values.rolling(smooth, min_periods=1).mean()
-            axis.plot(trend.index, trend.values, color=raw.get_color(), linewidth=2, label=f"{label} ({smooth}-step mean)")
+            axis.plot(trend.index, trend.values, color=colour, linewidth=2, label=f"{label} ({smooth}-step mean)")
             continue
-        axis.plot(values.index, values.values, marker="o" if len(values) <= 30 else None, label=label)
+        axis.plot(values.index, values.values, marker="o" if len(values) <= 30 else None, label=label, color=colour)
     if logx:
         axis.set_xscale("log", base=2)
     axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if len(series) > 1:
-        axis.legend(frameon=False, fontsize="small")
+        _legend_outside(axis)
     figure.tight_layout()
     return figure
 
@@ -263,9 +337,10 @@ def bias_accuracy_scatter(points: pd.DataFrame, title: str = "Bias against accur
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    sns.scatterplot(data=points, x="bias", y="normalised accuracy (%)", hue="merge", style="merge", ax=axis)
+    sns.scatterplot(data=points, x="bias", y="normalised accuracy (%)", hue="merge", style="merge", ax=axis,
+                    palette=palette(points["merge"].unique()))  # fmt: skip
     axis.set_title(title)
-    axis.legend(frameon=False, fontsize="small")
+    _legend_outside(axis)
     figure.tight_layout()
     return figure
 
@@ -290,12 +365,8 @@ def main_table_bars(average: pd.Series, title: str = "Average accuracy over the 
     plt = _pyplot()
 
     def colour(label: str) -> str:
-        if label.endswith("+ SurgeryV2"):
-            return "#1b7a3a"
-        if label.endswith("+ Surgery"):
-            return SURGERY_COLOUR
-        if label in REFERENCE_ROWS:
-            return "0.55"
+        if label.endswith(("+ Surgery", "+ SurgeryV2")) or label in REFERENCE_COLOURS:
+            return colour_of(label)
         return MERGED_COLOUR
 
     figure, axis = plt.subplots(figsize=(6.5, 0.32 * len(average) + 1.0))
@@ -311,7 +382,7 @@ def main_table_bars(average: pd.Series, title: str = "Average accuracy over the 
 
 
 #: Colours of a merge alone and repaired (the papers': merged red, surgery green), shared by the grid figures.
-VERSION_COLOURS = {0: MERGED_COLOUR, 1: SURGERY_COLOUR, 2: "#1b7a3a"}
+VERSION_COLOURS = {0: MERGED_COLOUR, 1: SURGERY_COLOUR, 2: SURGERY_V2_COLOUR}
 VERSION_NAMES = {0: "merge alone", 1: "+ Surgery", 2: "+ SurgeryV2"}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "surgery_lib"
-APPS = {"cli", "grid", "cluster", "plots", "reproduce", "benchmark", "__main__", ""}  # "" is the package's __init__
+APPS = {"cli", "grid", "cluster", "plots", "diagrams", "tables", "book", "reproduce", "benchmark", "__main__", ""}  # "" is the package's __init__
 
 #: Layer -> the layers it may import (besides itself).
 ALLOWED = {

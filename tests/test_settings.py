@@ -53,9 +53,12 @@ def test_the_zero_shot_row_is_drawn_as_a_reference_not_as_a_merge():
 
     average = pd.Series({"pretrained (zero-shot)": 48.0, "individual (expert)": 90.0, "task arithmetic": 69.0})
     figure = plots.main_table_bars(average)
-    colours = [bar.get_facecolor() for bar in figure.axes[0].patches]
-    grey, red = colours[0], colours[2]
-    assert colours[0] == colours[1] == grey and grey != red  # 0.1 coloured the zero-shot row like a merge
+    from matplotlib.colors import to_rgba
+
+    zero_shot, experts, merge = [bar.get_facecolor() for bar in figure.axes[0].patches]
+    # 0.1 coloured the zero-shot row like a merge; reference rows keep their own fixed colours (experts blue).
+    assert zero_shot == to_rgba(plots.colour_of("pretrained (zero-shot)")) != merge == to_rgba(plots.MERGED_COLOUR)
+    assert experts == to_rgba(plots.EXPERT_COLOUR)
 
 
 def test_the_clip_setting_passes_workers_on(monkeypatch):

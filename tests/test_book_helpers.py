@@ -1,0 +1,128 @@
+"""The chapters' presentation helpers: readable tables, fixed colours, diagrams, glue and the preset banner."""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from surgery_lib import book, diagrams, plots, tables
+from surgery_lib.merging import METHODS
+from surgery_lib.settings.base import EXPERT_ROW
+
+matplotlib.use("Agg")
+
+TASKS = ["mnist", "shapes", "signs"]
+
+
+def results() -> pd.DataFrame:
+    table = pd.DataFrame(
+        {"mnist": [90.0, 60.04, 70.0], "shapes": [80.0, 55.0, 65.0], "signs": [85.0, 50.0, 60.0]},
+        index=[EXPERT_ROW, "task arithmetic", "task arithmetic + Surgery"],
+    )
+    table["average"] = table.mean(axis=1)
+    table["bias"] = [np.nan, 0.9, 0.4]
+    return table
+
+
+def test_a_readable_table_puts_the_summary_first_and_folds_the_tasks():
+    shown = tables.readable(results())
+    assert list(shown.frame.columns[:2]) == ["average", "bias"]
+    assert list(shown.frame.columns[2:]) == TASKS
+    html = shown._repr_html_()
+    compact, folded = html.split("<details", 1)
+    assert "<th>average</th>" in compact and "mnist" not in compact
+    assert all(f"<th>{t}</th>" in folded for t in TASKS) and "per-task columns" in folded
+    assert "60.0" in html and "60.04" not in html  # one decimal shown, the frame keeps every digit
+    assert shown.frame.loc["task arithmetic", "mnist"] == 60.04
+    assert "mnist" not in repr(shown) and "average" in repr(shown)
+
+
+def test_the_best_value_is_marked_among_the_merges_lowest_for_bias():
+    best = tables.readable(results()).best()
+    # The experts are the bound, not a competitor: the best average is the repaired merge's.
+    assert best["average"] == "task arithmetic + Surgery"
+    assert best["bias"] == "task arithmetic + Surgery"
+    assert best["mnist"] == "task arithmetic + Surgery"
+    html = tables.readable(results())._repr_html_()
+    assert "<td><b>65.0</b></td>" in html and "<td><b>90.0</b></td>" not in html
+    every_lower = tables.readable(results(), lower_is_better=True).best()
+    assert every_lower["average"] == "task arithmetic"
+
+
+def test_a_table_without_summary_columns_is_shown_whole_and_the_html_is_stable():
+    single = pd.DataFrame({"average accuracy (%)": [61.7, 75.4]}, index=["rank 4", "rank 16"])
+    shown = tables.readable(single)
+    assert not shown.fold and "<details" not in shown._repr_html_()
+    assert "<b>75.4</b>" in shown._repr_html_()
+    assert tables.readable(results())._repr_html_() == tables.readable(results())._repr_html_()
+
+
+def test_every_method_and_reference_row_has_its_own_fixed_colour():
+    colours = {name: plots.colour_of(name) for name in METHODS.values()}
+    assert None not in colours.values() and len(set(colours.values())) == len(colours)
+    assert plots.colour_of("task arithmetic") == plots.MERGED_COLOUR  # the papers' merged red
+    assert plots.colour_of(EXPERT_ROW) == plots.EXPERT_COLOUR
+    assert plots.colour_of("TIES-merging (disjoint sum) + Surgery") == plots.SURGERY_COLOUR
+    assert plots.colour_of("TIES-merging (disjoint sum) + SurgeryV2") == plots.SURGERY_V2_COLOUR
+    assert plots.colour_of("no such row") is None
+    # A method keeps its colour whichever other labels share the figure.
+    assert plots.palette(["weight averaging", "x"])["weight averaging"] == plots.palette(["y", "weight averaging"])["weight averaging"]
+
+
+def test_bar_charts_use_the_fixed_colours_and_keep_the_legend_off_the_axes():
+    figure = plots.bias_bars(results()[TASKS].iloc[1:])
+    axis = figure.axes[0]
+    faces = {matplotlib.colors.to_hex(p.get_facecolor()) for p in axis.patches if p.get_height() > 0}
+    assert faces == {plots.MERGED_COLOUR, plots.SURGERY_COLOUR}
+    legend = axis.get_legend()
+    figure.canvas.draw()
+    assert legend.get_window_extent().x0 >= axis.get_window_extent().x1  # right of the data, not on it
+
+
+def test_the_diagrams_draw_one_module_per_block_and_name_their_parts():
+    texts = " ".join(t.get_text() for t in diagrams.surgery_diagram().axes[0].texts)
+    assert "merged encoder" in texts and "expert t" in texts and "head t" in texts and "no labels" in texts
+    figure = diagrams.surgery_v2_diagram(blocks=4)
+    modules = [t.get_text() for t in figure.axes[0].texts if re.fullmatch(r"\$S\^\{\w+\}_t\$", t.get_text())]
+    assert modules == ["$S^{1}_t$", "$S^{2}_t$", "$S^{3}_t$", "$S^{L}_t$"]
+    with pytest.raises(ValueError):
+        diagrams.surgery_v2_diagram(blocks=1)
+
+
+def test_tsne_panels_share_one_embedding_of_the_expert():
+    generator = torch.Generator().manual_seed(0)
+    expert = torch.randn(40, 6, generator=generator)
+    figure = plots.tsne_panels(expert, expert + 3, expert + 0.1, seed=0)
+    left, right = figure.axes
+    assert np.array_equal(left.collections[0].get_offsets(), right.collections[0].get_offsets())
+    assert [c.get_label() for c in right.collections] == ["expert", "merged + Surgery"]
+
+
+def test_glue_records_plain_numbers_for_the_book(monkeypatch):
+    import myst_nb
+
+    recorded = []
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: recorded.append((name, value, display)))
+    assert book.glue("gain", np.float64(13.75)) == np.float64(13.75)
+    assert recorded == [("gain", 13.75, False)] and type(recorded[0][1]) is float
+
+
+def test_the_preset_banner_names_the_preset_and_device():
+    html = book.preset_banner("smoke", "cpu")._repr_html_()
+    assert "Preset: smoke" in html and "on cpu" in html and "offline benchmark" in html
+    clip = book.preset_banner("clip-vit-b-32", "cuda")
+    assert "real CLIP checkpoints" in clip.text() and "on cuda" in clip.text() and "8 tasks" in clip.text()
+
+
+def test_glued_strings_become_markdown_without_quotes(monkeypatch):
+    import myst_nb
+
+    recorded = []
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: recorded.append(value))
+    book.glue("task", "photo_patches")
+    assert recorded[0]._repr_markdown_() == "photo_patches"
