@@ -49,17 +49,22 @@ chromium:
 # Parallel pytest workers get one torch thread each: two processes with two threads each on two cores stall
 # each other (OpenMP), and one thread per worker is faster than two workers fighting. The slow step builds the
 # mini zoo with torch's default thread count and nbval then runs with one thread, so every run checks that the
-# compared notebook outputs do not depend on the thread count the zoo was built with. nbval starts the longest
-# notebook (06, the whole grid) first, so that one worker runs it while the other runs the six others in turn.
+# compared notebook outputs do not depend on the thread count the zoo was built with. nbval gets the notebooks
+# longest first (their measured runtimes, in the order below; any new one goes last): pytest-xdist starts each
+# worker on two of them and hands out the rest as workers finish, so the longest ones run side by side and the
+# short ones fill the gaps at the end.
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-LONGEST_NOTEBOOK := notebooks/06_reproduce_tables.ipynb
+BY_RUNTIME := $(addprefix notebooks/,06_reproduce_tables.ipynb 05_surgery_v2.ipynb 04_surgery.ipynb \
+  01_merging_basics.ipynb 02_adamerging.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb \
+  00_offline_benchmark.ipynb)
+NBVAL_ORDER := $(filter $(NOTEBOOKS),$(BY_RUNTIME)) $(filter-out $(BY_RUNTIME),$(NOTEBOOKS))
 
 test: $(STAMP) chromium
 	$(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser" tests
 	$(PYTEST) -m slow -s tests
 	$(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
-	  $(LONGEST_NOTEBOOK) $(filter-out $(LONGEST_NOTEBOOK),$(NOTEBOOKS))
+	  $(NBVAL_ORDER)
 	$(BOOK) --config book/_config.yml
 	$(PYTEST) -m browser tests
 

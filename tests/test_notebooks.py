@@ -76,3 +76,45 @@ def test_every_notebook_is_in_the_book():
     toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
     files = {entry["file"] for part in toc["parts"] for entry in part["chapters"]}
     assert {f"notebooks/{p.stem}" for p in NOTEBOOKS} <= files
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_chapter_has_its_tutorial_furniture(path):
+    cells = json.loads(path.read_text())["cells"]
+    first = "".join(cells[0]["source"])
+    assert "**Prerequisites:**" in first and "**Runtime:**" in first and "RUNTIME_" not in first
+    markdown = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert "## Summary" in markdown and "## Exercises" in markdown
+    exercises = markdown.split("## Exercises", 1)[1].split("\n## ", 1)[0]
+    numbered = re.findall(r"^\d+\. ", exercises, re.MULTILINE)
+    solutions = [c for c in cells if c["cell_type"] == "code" and "".join(c["source"]).startswith("# Solution")]
+    assert 2 <= len(numbered) == len(solutions), f"{path.name}: {len(numbered)} exercises, {len(solutions)} solutions"
+    # Folded in the book, executed (and so checked by nbval) with the chapter.
+    assert all("hide-cell" in c["metadata"].get("tags", []) and c["outputs"] for c in solutions)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_plumbing_is_hidden_and_every_figure_has_a_caption(path):
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    assert "remove-cell" in cells[0]["metadata"].get("tags", [])  # the Colab install cell
+    for cell in cells:
+        source, tags = "".join(cell["source"]), cell["metadata"].get("tags", [])
+        if "save_figure(" in source or "write_table(" in source:
+            assert "remove-cell" in tags, f"{path.name}: a save-to-disk cell is shown: {source[:60]!r}"
+        shown = [o for o in cell.get("outputs", []) if o["output_type"] in ("display_data", "execute_result")
+                 and not any(k.startswith("application/papermill.record") for k in o["data"])]
+        images = [o for o in shown if "image/png" in o["data"]]
+        caption = cell["metadata"].get("mystnb", {}).get("figure", {}).get("caption", "")
+        if images:
+            assert len(caption) > 20, f"{path.name}: a figure without a caption: {source[:60]!r}"
+            assert len(shown) == 1, f"{path.name}: a captioned cell must show its figure alone: {source[:60]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_shown_code_fits_the_page(path):
+    # 88 columns fit a code block of the rendered book at 1280 px (book/_static/custom.css); the browser test
+    # checks the rendered blocks themselves, this catches a long line before the book is built.
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    shown = [c for c in cells if "remove-cell" not in c["metadata"].get("tags", [])]
+    wide = [line for c in shown for line in "".join(c["source"]).splitlines() if len(line) > 88]
+    assert not wide, f"{path.name}: code lines wider than 88 columns: {wide}"
