@@ -1,8 +1,10 @@
 """The rendered book in a real headless browser (Debian's chromium through Playwright).
 
 Run after the book is built (``make book``; ``make test`` does both): every chapter must load, show its
-figures decoded (``naturalWidth > 0``, not merely an ``<img>`` tag), render its math offline and carry a Colab
-launch link. Screenshots of the intro and one chapter are kept in ``_build/screenshots/``.
+figures decoded (``naturalWidth > 0``, not merely an ``<img>`` tag) and captioned, render its math offline, carry a
+Colab launch link, and fit its code to the page; the headline tables show their average without scrolling.
+Screenshots of the intro, the Surgery and SurgeryV2 chapters and the reproduce page (the top of the page and the
+whole page) are kept in ``_build/screenshots/`` for a look by eye.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "_build" / "screenshots"
+SCREENSHOT_PAGES = {"intro", "04_surgery", "05_surgery_v2", "reproduce"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The flags a closed network needs: no background connections, no updates, no GPU, no sandbox (root in CI).
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -86,10 +89,32 @@ def test_chapter_loads_with_decoded_figures_and_colab_link(browser, site, page_f
     colab = page.eval_on_selector_all("a[href*='colab.research.google.com/github/']", "els => els.map(e => e.href)")
     assert any(page_file.split("/")[-1] + ".ipynb" in href for href in colab), f"{page_file}: no Colab link"
     assert not [u for u in failed if u.startswith(site)], f"{page_file}: local requests failed: {failed}"
-    if page_file.endswith("04_surgery"):
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / "04_surgery.png"), full_page=False)
+    assert not _uncaptioned_figures(page), f"{page_file}: figures without a caption: {_uncaptioned_figures(page)}"
+    # A code or printed line wider than the page makes its block scroll sideways: the reader never sees its end.
+    wide = page.eval_on_selector_all(
+        "article div.cell_input pre, article div.cell_output pre", "els => els.filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)"
+        ".map(e => e.textContent.split('\\n').reduce((a, b) => a.length > b.length ? a : b))",
+    )
+    assert not wide, f"{page_file}: code wider than the page: {wide}"
+    _screenshots(page, page_file)
     page.close()
+
+
+def _uncaptioned_figures(page) -> list[str]:
+    """The article's images that are not inside a figure with a caption of a sentence or more."""
+    return page.eval_on_selector_all(
+        "article img", "els => els.filter(e => { const caption = e.closest('figure') && e.closest('figure')"
+        ".querySelector('figcaption'); return !(caption && caption.innerText.trim().length > 20); })"
+        ".map(e => e.src.slice(-40))",
+    )
+
+
+def _screenshots(page, page_file: str) -> None:
+    name = page_file.split("/")[-1]
+    if name in SCREENSHOT_PAGES:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=False)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-full.png"), full_page=True)
 
 
 @pytest.mark.parametrize("page_file", [p for p in _pages() if not p.startswith("notebooks/")])
@@ -102,7 +127,31 @@ def test_prose_page_loads_and_renders_math_offline(browser, site, page_file):
     count, broken = _decoded_images(page, site)
     assert not broken, f"{page_file}: images not decoded: {broken}"
     assert not [u for u in failed if u.startswith(site)], f"{page_file}: local requests failed: {failed}"
-    if page_file == _pages()[0]:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / "intro.png"), full_page=False)
+    assert not _uncaptioned_figures(page), f"{page_file}: figures without a caption: {_uncaptioned_figures(page)}"
+    _screenshots(page, page_file)
+    page.close()
+
+
+@pytest.mark.parametrize(("page_file", "selector"), [
+    ("notebooks/06_reproduce_tables", "article table.readable-table"),
+    ("book/results", "article table"),
+])  # fmt: skip
+def test_the_headline_table_shows_its_average_without_scrolling(browser, site, page_file, selector):
+    page, _ = _open(browser, f"{site}/{page_file}.html")
+    table = page.locator(selector).first
+    table.scroll_into_view_if_needed()
+    box = page.evaluate(
+        """table => {
+            const header = [...table.querySelectorAll('thead th')].find(th => th.innerText.trim() === 'average');
+            if (!header) return null;
+            let clip = table.parentElement;  // the nearest ancestor that scrolls sideways, if any
+            while (clip && getComputedStyle(clip).overflowX === 'visible') clip = clip.parentElement;
+            const right = Math.min(window.innerWidth, clip ? clip.getBoundingClientRect().right : window.innerWidth);
+            const r = header.getBoundingClientRect();
+            return {left: r.left, right: r.right, visible: right};
+        }""",
+        table.element_handle(),
+    )
+    assert box is not None, f"{page_file}: the first table has no 'average' column"
+    assert 0 <= box["left"] and box["right"] <= box["visible"], f"{page_file}: the average column is off-screen: {box}"
     page.close()
