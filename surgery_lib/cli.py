@@ -211,6 +211,7 @@ def _surgery_config(args: argparse.Namespace, rank: int):
     return SurgeryConfig(
         rank=rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr, seed=args.seed or 0,
         eval_every=0, online=getattr(args, "online", False), adam=args.adam,
+        online_order=getattr(args, "online_order", None) or "official",
     )  # fmt: skip
 
 
@@ -309,7 +310,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     spec = GridSpec(
         presets=presets, methods=_table_methods(args.methods), versions=parse_versions(args.surgery), seeds=args.seeds, first_seed=args.seed,
         surgery_steps=args.surgery_steps, deep_surgery_steps=args.deep_surgery_steps, device=args.device,
-        cache_dir=args.cache_dir, threads=args.threads,
+        cache_dir=args.cache_dir, threads=args.threads, adam=args.adam,
         setting_options={name: get_setting(name).options_from_args(args) for name in settings},
     )  # fmt: skip
     submit = SubmitOptions(
@@ -335,6 +336,8 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
 
     # Bad values fail here, before the zoo is loaded; --seed, --data and --precision also drive the surgery itself.
     options = _merge_options(args, check_method(args.merge), shared=("seed", "data", "precision"))
+    if args.online_order and not args.online:
+        raise SurgeryBookError("--online-order is read only by the online variant", "add --online, or drop --online-order")
     _surgery_config(args, 1)
     if args.save:
         _check_writable(args.save, folder=False)
@@ -353,6 +356,7 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
         print(to_json({
             "preset": zoo.preset.name, "merge": args.merge, "version": args.version, "adapt_split": run.split,
             "rank": config.rank, "steps": config.steps, "adam": config.adam, "online": config.online,
+            **({"online_order": config.online_order} if config.online else {}),
             "parameters_per_task": run.modules.parameters_per_task(),
             "table": table.round(4).to_dict(orient="index"), "seconds": {k: round(v, 2) for k, v in run.seconds.items()},
         }))  # fmt: skip
@@ -561,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--seed", type=int, default=0, help="the first surgery seed; the others follow (default 0)")
     grid.add_argument("--surgery-steps", type=int, default=1000, help="Surgery steps per task (default 1000, the official)")
     grid.add_argument("--deep-surgery-steps", type=int, default=None, help="SurgeryV2 steps per task (default: --surgery-steps)")
+    grid.add_argument("--adam", choices=("shared", "per-task"), default="shared",
+                      help="optimiser semantics of the surgery cells: 'shared' (the published runs, default) or 'per-task' (torch >= 2)")
     grid.add_argument("--out", required=True, help="the grid's folder: one JSON per cell, table.csv/.md/.json, job logs")
     grid.add_argument("--executor", choices=("local", "slurm", "inline"), default="local",
                       help="local: subprocesses on this machine; slurm: a job array; inline: this process (default local)")
@@ -590,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="rank of every module (default 16; SurgeryV2 on ViT-L/14: 4, as in the paper)")
     _add_surgery_options(surgery)
     surgery.add_argument("--online", action="store_true", help="online variant: batch 1, every adaptation image once")
+    surgery.add_argument("--online-order", choices=("official", "interleaved"), default=None,
+                         help="with --online: 'official' (default; each task's whole pass in turn, as the official script) "
+                              "or 'interleaved' (the tasks take turns between accuracy checkpoints)")
     surgery.add_argument("--save", default=None, help="save the trained modules to this .safetensors file")
     _add_merge_options(surgery)
     surgery.set_defaults(run=_cmd_surgery)

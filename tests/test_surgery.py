@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,7 +80,7 @@ def test_batched_trainer_equals_a_step_by_step_replay_of_the_official_loop(adam,
         assert batched.up[i].abs().sum() > 0  # it did train
         torch.testing.assert_close(batched.down[i], reference[i].down.weight, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(batched.up[i], reference[i].up.weight, atol=2e-5, rtol=1e-4)
-    assert len(history.loss) == (40 if online else 21)
+    assert len(history.loss) == (40 + 20 + 10 if online else 21)  # online: each task's pass in turn, one step per image
 
 
 @pytest.mark.parametrize("adam", ["shared", "per-task"])
@@ -171,15 +173,62 @@ def test_official_iterations_draw_two_batches_from_a_fresh_shuffle_each_iteratio
     assert [len(b) for b in huge.batches[0]] == [3]
 
 
-def test_online_iterations_see_every_image_once_with_checkpoints():
+@pytest.mark.parametrize("order", ["official", "interleaved"])
+def test_online_iterations_see_every_image_once_with_checkpoints(order):
     from surgery_lib.surgery.schedule import ONLINE_CHECKPOINTS, online_iterations
 
-    iterations = list(online_iterations([1000, 250], seed=0))
-    assert [it.checkpoint for it in iterations] == list(ONLINE_CHECKPOINTS)
-    assert [sum(it.counts[0] for it in iterations[:k + 1]) for k in range(2)] == [10, 100]
+    iterations = list(online_iterations([1000, 250], seed=0, order=order))
+    if order == "official":  # task 0's whole pass, cut at every checkpoint, then task 1's
+        assert [(it.checkpoint, it.checkpoint_tasks) for it in iterations] == [(p, (t,)) for t in (0, 1) for p in ONLINE_CHECKPOINTS]
+        assert all(not it.batches[1] for it in iterations[: len(ONLINE_CHECKPOINTS)])
+    else:
+        assert [it.checkpoint for it in iterations] == list(ONLINE_CHECKPOINTS)
+    first_task = [it for it in iterations if it.batches[0]]
+    assert [sum(it.counts[0] for it in first_task[: k + 1]) for k in range(2)] == [10, 100]
     for t, size in enumerate([1000, 250]):
         seen = torch.cat([b for it in iterations for b in it.batches[t]])
         assert sorted(seen.tolist()) == list(range(size))
+
+
+def _official_online_replay(merged, expert, config):
+    """The official online script step by step (``main_AdaMerging_with_surgery_online.py``): one torch.optim.Adam
+    over every task's module; each task in turn makes its whole pass, one image at a time in its shuffled order,
+    zero_grad / backward / step. Returns the modules at the end and each task's module at the end of its pass."""
+    from surgery_lib.surgery.schedule import task_seed
+
+    tasks = tuple(merged)
+    initial = TaskSurgery(tasks, next(iter(merged.values())).shape[1], config.rank, config.seed)
+    modules = torch.nn.ModuleList([initial.module(t) for t in tasks])
+    optimizer = torch.optim.Adam(modules.parameters(), lr=config.lr)
+    end_of_pass = {}
+    for i, task in enumerate(tasks):
+        order = torch.randperm(len(merged[task]), generator=torch.Generator().manual_seed(task_seed(config.seed, i)))
+        for index in order:
+            loss = (modules[i](merged[task][index[None]]) - expert[task][index[None]]).abs().mean()
+            optimizer.zero_grad(set_to_none=config.adam != "shared")
+            loss.backward()
+            optimizer.step()
+        end_of_pass[task] = (modules[i].down.weight.detach().clone(), modules[i].up.weight.detach().clone())
+    return modules, end_of_pass
+
+
+@pytest.mark.parametrize("adam", ["shared", "per-task"])
+def test_online_surgery_equals_the_official_online_loop_task_by_task(adam):
+    merged, expert = _features([40, 20, 10])
+    config = SurgeryConfig(rank=4, lr=1e-2, seed=3, eval_every=0, adam=adam, online=True)
+    reference, reference_end = _official_online_replay(merged, expert, config)
+    batched, history = train_surgery(merged, expert, config, progress=False)
+    for i, task in enumerate(merged):
+        # At the end of the run: under shared Adam the first two tasks coasted through the later passes.
+        torch.testing.assert_close(batched.down[i], reference[i].down.weight, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(batched.up[i], reference[i].up.weight, atol=2e-5, rtol=1e-4)
+        # What the official log evaluates: each module as its own pass left it.
+        torch.testing.assert_close(history.end_of_pass[task].down.weight, reference_end[task][0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(history.end_of_pass[task].up.weight, reference_end[task][1], atol=2e-5, rtol=1e-4)
+    # The interleaved order is the same computation only under per-task Adam.
+    interleaved, _ = train_surgery(merged, expert, dataclasses.replace(config, online_order="interleaved"), progress=False)
+    gap = max((interleaved.up[i] - reference[i].up.weight).abs().max().item() for i in range(3))
+    assert gap > 1e-3 if adam == "shared" else gap < 2e-5
 
 
 def test_surgery_lowers_bias_and_seeds_reproduce(smoke_zoo, merged_state):
@@ -198,10 +247,13 @@ def test_surgery_lowers_bias_and_seeds_reproduce(smoke_zoo, merged_state):
 
 def test_online_surgery_sees_each_image_once(smoke_zoo, merged_state):
     run = run_surgery(smoke_zoo, merged_state, config=SurgeryConfig(rank=4, online=True), split="adapt", progress=False)
-    # Every task takes its images one by one, all tasks in one batched step per image.
-    assert len(run.history.loss) == max(len(smoke_zoo.suite[t].labels["adapt"]) for t in smoke_zoo.tasks)
+    # Every task takes its images one by one, each task's whole pass in turn (the official order).
+    assert len(run.history.loss) == sum(len(smoke_zoo.suite[t].labels["adapt"]) for t in smoke_zoo.tasks)
     assert run.history.unit == "%" and sorted(run.history.accuracy) == [0, 1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    assert all(set(row) == set(smoke_zoo.tasks) for row in run.history.accuracy.values())
     assert all(run.bias_after[t] < run.bias_before[t] for t in smoke_zoo.tasks)
+    # The reported accuracy is each task's at the end of its own pass, as in the official log.
+    assert run.accuracy_after == pytest.approx(run.history.accuracy[100])
 
 
 def test_surgery_v2_lowers_bias_at_every_block(smoke_zoo, merged_state):
@@ -221,6 +273,7 @@ def test_v2_parameter_count_matches_the_formula():
     assert TaskSurgery(("a",), 512, rank=304).parameters_per_task() == 311_296
 
 
+@pytest.mark.heavy
 def test_v2_runs_a_24_block_width_1024_encoder():
     from open_clip.transformer import VisionTransformer
 

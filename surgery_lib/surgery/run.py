@@ -155,6 +155,8 @@ def run_surgery(
         modules, history = train_surgery(
             merged_adapt, {t: expert_adapt[t][0] for t in names}, config, evaluate=evaluate, device=device, progress=progress
         )
+        if config.online:  # each task as its own pass left it: what the official online log reports
+            modules = TaskSurgery.from_modules({t: history.end_of_pass[t] for t in names})
         after = {t: (modules.apply_task(t, merged_test[t][0]).detach(), None) for t in names}
     else:
         targets = {t: (expert_adapt[t][0], expert_adapt[t][1]) for t in names}

@@ -39,6 +39,11 @@ ADAM_SEMANTICS = ("shared", "per-task")
 #: Accuracy checkpoints of the online run, in % of each task's images seen (the official log's).
 ONLINE_CHECKPOINTS = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 
+#: Orders of the online pass: the official script's (each task's whole pass, then the next task's) and the
+#: tasks interleaved between checkpoints (this project's earlier order; equal to the official one under per-task
+#: Adam, not under shared Adam, where every step also moves the tasks that have started).
+ONLINE_ORDERS = ("official", "interleaved")
+
 
 def check_adam(adam: str) -> str:
     """Raise a clear error unless ``adam`` names one of :data:`ADAM_SEMANTICS`."""
@@ -48,6 +53,16 @@ def check_adam(adam: str) -> str:
             "use 'shared' (the published runs: one Adam, zero-filled gradients) or 'per-task' (torch >= 2)",
         )
     return adam
+
+
+def check_online_order(order: str) -> str:
+    """Raise a clear error unless ``order`` names one of :data:`ONLINE_ORDERS`."""
+    if order not in ONLINE_ORDERS:
+        raise SurgeryBookError(
+            f"unknown online order {order!r}",
+            "use 'official' (each task's whole pass in turn, as the official online script) or 'interleaved'",
+        )
+    return order
 
 
 def task_seed(seed: int, task_index: int) -> int:
@@ -61,11 +76,13 @@ class Iteration:
     (task 0's batches, then task 1's, ...), one optimiser step each.
 
     ``before[t]`` is how many steps of other tasks run in this iteration before task t's first batch,
-    ``after[t]`` how many after its last one. ``checkpoint`` labels an evaluation due after the iteration.
+    ``after[t]`` how many after its last one. ``checkpoint`` labels an evaluation due after the iteration,
+    of the tasks ``checkpoint_tasks`` (indices; ``None``: every task).
     """
 
     batches: list[list[torch.Tensor]]
     checkpoint: int | None = None
+    checkpoint_tasks: tuple[int, ...] | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -113,22 +130,38 @@ def official_iterations(
         yield Iteration(batches, done if due else None)
 
 
-def online_iterations(sizes: Sequence[int], *, seed: int = 0, checkpoints: Sequence[int] = ONLINE_CHECKPOINTS) -> Iterator[Iteration]:
+def online_iterations(
+    sizes: Sequence[int], *, seed: int = 0, checkpoints: Sequence[int] = ONLINE_CHECKPOINTS, order: str = "official"
+) -> Iterator[Iteration]:
     """The online run: every image of every task once, batch 1, in a seeded order per task.
 
-    The pass is cut at ``checkpoints`` (% of each task's images); between two cuts the tasks take their
-    next images in the official task order, so accuracy can be reported after 1 %, 10 %, ..., 100 % of
-    every task's test set as in the official log.
+    ``order="official"`` is the official online script's: each task makes its whole pass, in the official task
+    order, before the next task starts (one Adam over every task's modules, so under shared semantics the tasks
+    that finished keep coasting through the later passes). Each task's pass is cut at ``checkpoints`` (% of its
+    images), and an iteration ends at each cut with an evaluation of that task alone, as the official log
+    reports it. ``order="interleaved"`` instead advances every task to the next cut in turn and evaluates all
+    of them there.
     """
+    check_online_order(order)
     if min(sizes, default=0) < 1:
         raise SurgeryBookError("a task has no adaptation images", "give every task at least one image")
     orders = [torch.randperm(size, generator=torch.Generator().manual_seed(task_seed(seed, t))) for t, size in enumerate(sizes)]
-    seen = [0] * len(sizes)
-    for percent in checkpoints:
-        upto = [max(1, size * percent // 100) for size in sizes]
-        batches = [[order[i : i + 1] for i in range(start, end)] for order, start, end in zip(orders, seen, upto)]
-        seen = upto
-        yield Iteration(batches, percent)
+    cuts = [[max(1, size * percent // 100) for percent in checkpoints] for size in sizes]
+    if order == "interleaved":
+        seen = [0] * len(sizes)
+        for k, percent in enumerate(checkpoints):
+            upto = [task_cuts[k] for task_cuts in cuts]
+            batches = [[o[i : i + 1] for i in range(start, end)] for o, start, end in zip(orders, seen, upto)]
+            seen = upto
+            yield Iteration(batches, percent)
+        return
+    for t in range(len(sizes)):
+        seen = 0
+        for percent, upto in zip(checkpoints, cuts[t]):
+            batches: list[list[torch.Tensor]] = [[] for _ in sizes]
+            batches[t] = [orders[t][i : i + 1] for i in range(seen, upto)]
+            seen = upto
+            yield Iteration(batches, percent, checkpoint_tasks=(t,))
 
 
 class TaskAdam:
@@ -265,8 +298,9 @@ def train_on_schedule(
 
     ``task_losses(index, weight)`` gets the round's indices (T, n) and row weights (T, n) (see
     :func:`gather_batches`) and returns each task's loss (T,), task t's depending only on task t's
-    parameters. The mean loss of the tasks that stepped is appended to ``losses``; ``checkpoint(label)``
-    runs after every iteration that carries one, with every owed coasting step applied.
+    parameters. The mean loss of the tasks that stepped is appended to ``losses``; ``checkpoint(label, tasks)``
+    runs after every iteration that carries one (``tasks``: the task indices to evaluate, ``None`` for all), with
+    every owed coasting step applied.
     """
     for iteration in iterations:
         optimizer.coast(iteration.before)
@@ -288,5 +322,5 @@ def train_on_schedule(
         optimizer.coast(iteration.after)
         if iteration.checkpoint is not None and checkpoint is not None:
             optimizer.flush()
-            checkpoint(iteration.checkpoint)
+            checkpoint(iteration.checkpoint, iteration.checkpoint_tasks)
     optimizer.flush()

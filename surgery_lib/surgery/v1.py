@@ -28,9 +28,11 @@ from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.evaluation import accuracy_from_features
 from surgery_lib.surgery.schedule import (
+    ONLINE_CHECKPOINTS,
     Iteration,
     TaskAdam,
     check_adam,
+    check_online_order,
     official_iterations,
     online_iterations,
     task_seed,
@@ -70,6 +72,16 @@ class TaskSurgery(nn.Module):
         down.uniform_(-bound, bound, generator=generator)
         self.down = nn.Parameter(down)
         self.up = nn.Parameter(torch.zeros(len(tasks), dim, rank))
+
+    @classmethod
+    def from_modules(cls, modules: Mapping[str, SurgeryModule]) -> TaskSurgery:
+        """Stack standalone :class:`SurgeryModule` s (one per task, in the mapping's order)."""
+        first = next(iter(modules.values()))
+        stacked = cls(tuple(modules), first.down.in_features, first.down.out_features)
+        with torch.no_grad():
+            stacked.down.copy_(torch.stack([m.down.weight for m in modules.values()]))
+            stacked.up.copy_(torch.stack([m.up.weight for m in modules.values()]))
+        return stacked
 
     @property
     def rank(self) -> int:
@@ -127,9 +139,11 @@ class SurgeryConfig:
     online: bool = False  # batch 1, every adaptation image once, one step each
     adam: str = "shared"  # "shared" (the published runs, torch 1.10) or "per-task" (the same code under torch >= 2)
     batches_per_iteration: int = 2
+    online_order: str = "official"  # "official": each task's whole pass in turn; "interleaved": tasks between checkpoints
 
     def __post_init__(self) -> None:
         check_adam(self.adam)
+        check_online_order(self.online_order)
         if (self.steps < 0 or self.batch_size < 1 or self.batches_per_iteration < 1 or self.rank < 1
                 or not math.isfinite(self.lr) or self.lr <= 0):  # fmt: skip
             raise SurgeryBookError(
@@ -141,7 +155,7 @@ class SurgeryConfig:
     def iterations(self, sizes: Sequence[int]) -> Iterator[Iteration]:
         """The batches of every iteration for tasks with ``sizes`` adaptation images (see :mod:`surgery_lib.surgery.schedule`)."""
         if self.online:
-            return online_iterations(sizes, seed=self.seed)
+            return online_iterations(sizes, seed=self.seed, order=self.online_order)
         return official_iterations(
             sizes, steps=self.steps, batch_size=self.batch_size, batches_per_iteration=self.batches_per_iteration,
             seed=self.seed, eval_every=self.eval_every,
@@ -149,22 +163,30 @@ class SurgeryConfig:
 
     def rounds(self, sizes: Sequence[int]) -> int:
         """How many batched steps the schedule takes (for progress bars)."""
-        return max(sizes) if self.online else self.steps
+        if self.online:
+            return sum(sizes) if self.online_order == "official" else max(sizes)
+        return self.steps
 
 
 @dataclass
 class SurgeryHistory:
     """Loss per batched step (mean over the tasks that stepped) and, at every checkpoint, test accuracy
-    per task. Checkpoints count steps per task, or % of each task's images for the online run (``unit``)."""
+    per task. Checkpoints count steps per task, or % of each task's images for the online run (``unit``).
+
+    ``end_of_pass`` (online runs only): each task's module as its own pass left it, which is what the official
+    online log evaluates; under shared Adam the tasks that finish early keep coasting through the later tasks'
+    passes, so the modules at the end of the whole run differ from these."""
 
     loss: list[float] = field(default_factory=list)
     accuracy: dict[int, dict[str, float]] = field(default_factory=dict)
     unit: str = "step"
+    end_of_pass: dict[str, SurgeryModule] = field(default_factory=dict)
 
     @torch.no_grad()
     def record(self, step: int, tasks: Sequence[str], accuracy: Callable[[str], float]) -> None:
-        """Store ``accuracy(task)`` (test accuracy, %) of every task at checkpoint ``step``."""
-        self.accuracy[step] = {task: accuracy(task) for task in tasks}
+        """Store ``accuracy(task)`` (test accuracy, %) of ``tasks`` at checkpoint ``step`` (other tasks' entries
+        at that checkpoint, recorded earlier in the online pass, are kept)."""
+        self.accuracy.setdefault(step, {}).update({task: accuracy(task) for task in tasks})
 
 
 def l1_loss_per_task(corrected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -196,7 +218,8 @@ def train_surgery(
             accuracy curve recorded at every checkpoint.
 
     Returns:
-        The trained modules (on the CPU) and the training history.
+        The trained modules (on the CPU) as the last step left them, and the training history (for an
+        online run with its ``end_of_pass`` modules, the ones the official log evaluates).
     """
     config = config or SurgeryConfig()
     tasks = tuple(merged)
@@ -215,8 +238,14 @@ def train_surgery(
         features, labels, head = evaluate[task]
         return accuracy_from_features(surgery.apply_task(task, features.to(device)).cpu(), head, labels)
 
-    def checkpoint(step: int) -> None:
-        history.record(step, list(evaluate), accuracy)
+    last = max(ONLINE_CHECKPOINTS)
+
+    def checkpoint(step: int, indices: Sequence[int] | None = None) -> None:
+        names = [tasks[i] for i in indices] if indices is not None else list(tasks)
+        if evaluate:
+            history.record(step, [t for t in names if t in evaluate], accuracy)
+        if config.online and step == last:
+            history.end_of_pass.update({t: surgery.module(t) for t in names})
 
     if evaluate:
         checkpoint(0)
@@ -230,7 +259,7 @@ def train_surgery(
     with tqdm(total=config.rounds(sizes), desc="surgery" + (" (online)" if config.online else ""), disable=not progress) as bar:
         train_on_schedule(
             config.iterations(sizes), optimizer, task_losses, losses=history.loss, bar=bar,
-            checkpoint=checkpoint if evaluate else None,
+            checkpoint=checkpoint if evaluate or config.online else None,
         )  # fmt: skip
     return surgery.cpu(), history
 

@@ -139,8 +139,9 @@ def train_deep_surgery(
         final = surgery.embed(encoder, task, unlabeled[task], device=device, precision=precision)[0]
         return accuracy_from_features(final, evaluate[task], unlabeled[task].labels["test"])
 
-    def checkpoint(step: int) -> None:
-        history.record(step, list(evaluate), accuracy)
+    def checkpoint(step: int, indices: Sequence[int] | None = None) -> None:
+        names = list(evaluate) if indices is None else [tasks[i] for i in indices]
+        history.record(step, [t for t in names if t in evaluate], accuracy)
 
     if evaluate:
         checkpoint(0)
