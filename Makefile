@@ -16,7 +16,7 @@ PYTEST_WORKERS ?= 2
 BOOK := $(BIN)/jupyter-book build . --toc book/_toc.yml -W -n --keep-going
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: run test book venv chromium clean
+.PHONY: run test check book venv chromium clean
 
 venv: $(STAMP)
 
@@ -27,13 +27,16 @@ $(STAMP): pyproject.toml requirements-local.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # The book's config keeps execution off (the committed outputs are rendered as they are); `make run`
-# renders from a copy that executes every notebook first, with its default (mini, CPU) parameters.
+# renders from a copy that executes every notebook first, with its default (mini, CPU) parameters and torch's
+# default thread count, one notebook after another: the regime the committed outputs come from.
 run: $(STAMP)
-	$(BIN)/surgery-book zoo --preset mini
+	@$(STAGES) reset run
+	@$(STAGES) run run zoo -- $(BIN)/surgery-book zoo --preset mini
 	@mkdir -p _build
 	sed 's/execute_notebooks: "off"/execute_notebooks: force/' book/_config.yml > _build/config-execute.yml
 	@grep -q "execute_notebooks: force" _build/config-execute.yml
-	$(BOOK) --config _build/config-execute.yml
+	@$(STAGES) run run book -- $(BOOK) --config _build/config-execute.yml
+	@$(STAGES) report run
 	@echo "book: $(CURDIR)/_build/html/index.html"
 
 book: $(STAMP)
@@ -47,26 +50,46 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 
 # Parallel pytest workers get one torch thread each: two processes with two threads each on two cores stall
-# each other (OpenMP), and one thread per worker is faster than two workers fighting. The slow step builds the
-# mini zoo with torch's default thread count and nbval then runs with one thread, so every run checks that the
-# compared notebook outputs do not depend on the thread count the zoo was built with. nbval gets the notebooks
-# longest first (their measured runtimes, in the order below; any new one goes last): pytest-xdist starts each
-# worker on two of them and hands out the rest as workers finish, so the longest ones run side by side and the
-# short ones fill the gaps at the end.
+# each other (OpenMP), and one thread per worker is faster than two workers fighting. The zoo stage builds the
+# mini zoo with torch's default thread count and the notebooks then run with one thread, so every run checks that
+# the compared notebook outputs do not depend on the thread count the zoo was built with.
+#
+# `make test` runs its stages through bench/stages.py, which times each one and ends with a table of seconds per
+# stage (also in _build/stages-test.tsv), passed or failed. Chromium installs in the background from the start.
+#   venv       install .venv (skipped when the stamp says it is current)
+#   unit       every test that needs no mini zoo (-m "not slow and not browser"), the heavy ones included:
+#              subprocess grids, concurrent builds, all eight notebooks by papermill on a fabricated CLIP preset
+#   zoo        the mini zoo from scratch (two torch threads)
+#   notebooks  the mini acceptance checks (-m slow: they fill the merge cache the chapters read) and the eight
+#              notebooks under nbval, exercise solutions included, in two one-thread workers, longest first (their
+#              order below; a new one goes last)
+#   book       the strict book build
+#   browser    the rendered pages in headless chromium
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-BY_RUNTIME := $(addprefix notebooks/,06_reproduce_tables.ipynb 05_surgery_v2.ipynb 04_surgery.ipynb \
-  01_merging_basics.ipynb 02_adamerging.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb \
-  00_offline_benchmark.ipynb)
+BY_RUNTIME := $(addprefix notebooks/,05_surgery_v2.ipynb 04_surgery.ipynb 06_reproduce_tables.ipynb 02_adamerging.ipynb \
+  01_merging_basics.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb 00_offline_benchmark.ipynb)
 NBVAL_ORDER := $(filter $(NOTEBOOKS),$(BY_RUNTIME)) $(filter-out $(BY_RUNTIME),$(NOTEBOOKS))
+STAGES := $(PYTHON) bench/stages.py
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1200
 
-test: $(STAMP) chromium
-	$(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser" tests
-	$(PYTEST) -m slow -s tests
-	$(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
-	  $(NBVAL_ORDER)
-	$(BOOK) --config book/_config.yml
-	$(PYTEST) -m browser tests
+test:
+	@$(STAGES) reset test
+	@$(STAGES) start test chromium -- $(MAKE) --no-print-directory chromium
+	@$(STAGES) run test venv -- $(MAKE) --no-print-directory venv
+	@$(STAGES) run test unit -- env $(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not browser" tests
+	@$(STAGES) run test zoo -- $(BIN)/surgery-book zoo --preset mini --quiet
+	@$(STAGES) run test notebooks -- env $(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile $(NBVAL) \
+	  -m "slow or notebook" tests $(NBVAL_ORDER)
+	@$(STAGES) run test book -- $(BOOK) --config book/_config.yml
+	@$(STAGES) wait test chromium
+	@$(STAGES) run test browser -- $(PYTEST) -m browser tests
+	@$(STAGES) report test
+
+# The quick check of the edit loop (about a minute): the unit tests without the heavy ones, no zoo, no notebooks.
+# It is not the test command: `make test` runs everything.
+check: $(STAMP)
+	$(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -q -m "not slow and not browser and not heavy" tests
 
 clean:
 	rm -rf $(VENV) .cache _build

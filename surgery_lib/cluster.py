@@ -47,6 +47,7 @@ from surgery_lib.merging import (
 from surgery_lib.presets import get_preset
 from surgery_lib.settings import build_zoo
 from surgery_lib.surgery.run import run_surgery
+from surgery_lib.surgery.schedule import check_adam
 from surgery_lib.surgery.v1 import SurgeryConfig
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class GridSpec:
     cache_dir: str | None = None
     threads: int | None = None  # torch threads per job (None: torch's default)
     first_seed: int = 0  # surgery seeds are first_seed, ..., first_seed + seeds - 1
+    adam: str = "shared"  # the optimiser semantics of the surgery cells (SurgeryConfig.adam)
     #: Setting name -> its options object (real CLIP: where the checkpoints and datasets are).
     setting_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
@@ -84,12 +86,13 @@ class GridSpec:
                                    "pass --seeds, --surgery-steps and --deep-surgery-steps of 1 or more")  # fmt: skip
         if not self.versions or any(v not in VERSION_SUFFIX for v in self.versions):
             raise SurgeryBookError(f"invalid surgery versions {self.versions}", "use none, 1 and 2")
+        check_adam(self.adam)
 
     def settings(self) -> dict[str, Any]:
         """What decides a cell's numbers (not where or how it runs): the folder's identity."""
         schedule = SurgeryConfig()
         return {"format": GRID_FORMAT, "surgery_steps": self.surgery_steps, "deep_surgery_steps": self.steps(2),
-                "batch_size": schedule.batch_size, "lr": schedule.lr, "adam": schedule.adam}  # fmt: skip
+                "batch_size": schedule.batch_size, "lr": schedule.lr, "adam": self.adam}  # fmt: skip
 
     def steps(self, version: int) -> int:
         return self.surgery_steps if version != 2 or self.deep_surgery_steps is None else self.deep_surgery_steps
@@ -134,6 +137,35 @@ def finished(out: Path, cell: Cell) -> bool:
         return False
 
 
+def adopt_cells(spec: GridSpec, source: str | os.PathLike[str], out: str | os.PathLike[str], zoo_fingerprints: dict[str, str]) -> int:
+    """Copy into ``out`` the cells of ``spec`` that the grid folder ``source`` holds and ``out`` lacks, where they
+    are ones this machine would compute: ``source`` was computed with ``spec``'s settings and each cell from
+    the zoo weights that ``zoo_fingerprints`` (preset -> :meth:`Zoo.weights_fingerprint`) names.
+
+    A chapter reads the committed grid this way and computes only what it cannot vouch for (another zoo, other
+    settings, a missing or unreadable cell); ``source`` itself is never written. Returns the cells copied.
+    """
+    source, out = Path(source), Path(out)
+    try:
+        recorded = read_json(source / "grid.json")
+    except (OSError, CorruptFileError):
+        return 0
+    if not isinstance(recorded, dict) or recorded.get("settings") != spec.settings():
+        return 0
+    adopted = 0
+    for cell in plan_cells(spec):
+        if finished(out, cell) or not finished(source, cell):
+            continue
+        record = read_json(cell_path(source, cell))
+        same_cell = all(record.get(k) == v for k, v in dataclasses.asdict(cell).items())
+        if not same_cell or record.get("zoo") != zoo_fingerprints.get(cell.preset):
+            continue
+        cell_path(out, cell).parent.mkdir(parents=True, exist_ok=True)
+        write_json(record, cell_path(out, cell))
+        adopted += 1
+    return adopted
+
+
 def run_cells(cells: Sequence[Cell], spec: GridSpec, out: str) -> list[str]:
     """Compute ``cells`` (in one process: the job's), skipping finished ones; returns the cells written.
 
@@ -173,7 +205,8 @@ def _compute(zoo, cell: Cell, spec: GridSpec) -> dict[str, Any]:
         accuracy = evaluate_merge(zoo, merged, device)
         record.update(accuracy=accuracy, bias=merge_bias(zoo, merged.state, device))
     else:
-        config = SurgeryConfig(rank=zoo.preset.surgery_rank(cell.version), steps=spec.steps(cell.version), seed=cell.seed, eval_every=0)
+        config = SurgeryConfig(rank=zoo.preset.surgery_rank(cell.version), steps=spec.steps(cell.version), seed=cell.seed,
+                               adam=spec.adam, eval_every=0)  # fmt: skip
         run = run_surgery(zoo, merged.state, version=cell.version, config=config, device=device, progress=False)
         accuracy = dict(run.accuracy_after)
         record.update(accuracy=accuracy, bias=sum(run.bias_after.values()) / len(run.tasks),

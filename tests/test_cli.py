@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from surgery_lib.cli import main
 
 
@@ -53,6 +55,7 @@ def test_data_and_presets_commands(cache_dir, capsys):
     assert set(cards) == {"mnist", "shapes", "pretraining_mix"}
 
 
+@pytest.mark.heavy
 def test_module_and_console_script_agree():
     from pathlib import Path
 
@@ -102,6 +105,7 @@ def test_surgery_reports_its_optimiser_semantics(smoke_zoo, cache_dir, capsys):
         results["shared"]["table"]["bias after"] != results["per-task"]["table"]["bias after"]
 
 
+@pytest.mark.heavy
 def test_table_prints_the_surgery_grid_with_seeds(smoke_zoo, cache_dir, capsys):
     argv = ["table", "--preset", "smoke", "--cache-dir", str(cache_dir), "--quiet", "--surgery", "none,1,2", "--seeds", "2",
             "--surgery-steps", "4", "--steps", "2"]  # fmt: skip

@@ -1,5 +1,6 @@
 """Every notebook runs on a real-CLIP preset: papermill executes them against fabricated task_vectors
-checkpoints and dataset folders, through the same environment variables a user sets (slow: ~2 min)."""
+checkpoints and dataset folders, through the same environment variables a user sets (heavy: minutes; needs no
+mini zoo, so `make test` runs it beside the unit tests)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from clip_fixtures import (
 from surgery_lib.presets import PRESETS
 from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")]
+pytestmark = [pytest.mark.heavy, pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")]
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 

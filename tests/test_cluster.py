@@ -1,5 +1,6 @@
 """The grid as jobs: planning, batching, submitit's local executor, resuming after an interruption with
-identical numbers, a folder that refuses other settings, and failed jobs reported by cell."""
+identical numbers, a folder that refuses other settings, failed jobs reported by cell, and which cells of a
+committed grid a chapter may read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,17 +20,20 @@ from surgery_lib.cluster import (
     Cell,
     GridSpec,
     SubmitOptions,
+    adopt_cells,
     batches,
     cell_path,
     plan_cells,
     run_grid,
 )
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.storage import read_json
 from surgery_lib.merging import MERGE_METHODS, MergeMethod
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 #: Numbers only: where and how fast a cell ran differs between runs.
 MACHINE_COLUMNS = {"seconds", "peak_rss_mib", "peak_gpu_gib"}
+COMMITTED_MINI_GRID = Path(__file__).resolve().parents[1] / "notebooks" / "results" / "grid-mini"
 
 
 def test_cells_cover_seeds_only_where_they_change_the_result():
@@ -61,6 +66,7 @@ def _numbers(out):
     return [{k: v for k, v in row.items() if k not in MACHINE_COLUMNS} for row in json.loads((out / "table.json").read_text())]
 
 
+@pytest.mark.heavy
 def test_an_interrupted_local_grid_resumes_to_the_same_numbers(smoke_zoo, cache_dir, tmp_path):
     reference = tmp_path / "reference"
     subprocess.run(_grid_command(reference, cache_dir), env=ONE_THREAD, check=True, capture_output=True, timeout=600)
@@ -134,3 +140,13 @@ def test_partial_rank_correlation_removes_what_the_control_explains():
 def test_the_first_seed_shifts_every_seeded_cell():
     spec = GridSpec(presets=("smoke",), methods=("task_arithmetic",), versions=(0, 1), seeds=2, first_seed=5)
     assert [(c.version, c.seed) for c in plan_cells(spec)] == [(0, 5), (1, 5), (1, 6)]
+
+
+def test_cells_of_another_zoo_or_other_settings_are_not_adopted(tmp_path):
+    spec = GridSpec(presets=("mini",), methods=("task_arithmetic",), versions=(0,), seeds=1, surgery_steps=1000, deep_surgery_steps=100)
+    record = read_json(cell_path(COMMITTED_MINI_GRID, Cell("mini", "task_arithmetic", 0)))
+    assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / "other-zoo", {"mini": "not" + record["zoo"]}) == 0
+    other = GridSpec(presets=("mini",), methods=("task_arithmetic",), versions=(0,), seeds=1, surgery_steps=999, deep_surgery_steps=100)
+    assert adopt_cells(other, COMMITTED_MINI_GRID, tmp_path / "other-settings", {"mini": record["zoo"]}) == 0
+    assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / "same", {"mini": record["zoo"]}) == 1
+    assert read_json(cell_path(tmp_path / "same", Cell("mini", "task_arithmetic", 0))) == record

@@ -182,6 +182,7 @@ def test_data_cards_name_source_and_licence_of_every_task():
     assert cards["licence"].str.len().min() > 5 and cards["source"].str.len().min() > 20
 
 
+@pytest.mark.heavy
 def test_parallel_generation_works_from_a_script_without_a_main_guard(tmp_path):
     import subprocess
     import sys

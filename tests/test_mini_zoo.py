@@ -73,11 +73,15 @@ def test_surgery_gains_remain_with_the_held_out_adaptation_split(mini_zoo, merge
 
 
 def test_surgery_v2_beats_surgery_and_lowers_bias_at_every_block(mini_zoo, merges):
+    from surgery_lib.surgery import SurgeryConfig
     from surgery_lib.surgery.run import run_surgery
 
+    # SurgeryV2 at the book's grid schedule (100 steps, chapters 06 and 07) against Surgery at the official 1000:
+    # chapter 05 checks the official 1000 SurgeryV2 steps under nbval, with the same assertions.
     v1 = run_surgery(mini_zoo, merges["task_arithmetic"], progress=False)
-    v2 = run_surgery(mini_zoo, merges["task_arithmetic"], version=2, progress=False)
-    print(f"\ntask arithmetic: V1 {_average(v1.accuracy_after):.2f}, V2 {_average(v2.accuracy_after):.2f}")
+    short = SurgeryConfig(rank=mini_zoo.preset.surgery_rank(2), steps=100)
+    v2 = run_surgery(mini_zoo, merges["task_arithmetic"], version=2, config=short, progress=False)
+    print(f"\ntask arithmetic: V1 {_average(v1.accuracy_after):.2f}, V2 (100 steps) {_average(v2.accuracy_after):.2f}")
     assert _average(v2.accuracy_after) > _average(v1.accuracy_after)
     for task in v2.tasks:
         assert (v2.block_bias_after[task] < v2.block_bias_before[task]).all(), task

@@ -26,6 +26,7 @@ from surgery_lib.settings.offline.zoo import MANIFEST
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+@pytest.mark.heavy
 def test_equal_tensors_give_byte_identical_files_in_every_process(tmp_path):
     # safetensors writes its metadata in hash-map order, which changes per process: 5 keys agree by chance 1 in 120.
     script = textwrap.dedent("""
@@ -125,6 +126,7 @@ BUILD_COUNTING_TRAINING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy
 def test_two_builds_sharing_a_cache_take_turns_and_train_once(tmp_path):
     calls = tmp_path / "calls.txt"
     runs = [subprocess.Popen([sys.executable, "-c", BUILD_COUNTING_TRAINING, str(tmp_path / "cache"), str(calls)], env=ONE_THREAD,
@@ -147,6 +149,7 @@ def _children_appear(process: psutil.Process, count: int, timeout: float = 60) -
     raise AssertionError(f"the data generation never started {count} workers")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killing_data_generation_leaves_no_worker_behind(sig, tmp_path):
     command = [sys.executable, "-m", "surgery_lib", "data", "--preset", "mini", "--cache-dir", str(tmp_path)]

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Time the stages of a long make target and print where the time went.
+
+``make test`` runs each of its stages through this script, so every run ends with a table of seconds
+per stage (also written to ``_build/stages-<target>.tsv``), whether it passed or stopped at a failing
+stage. Standard library only: the first stage installs the virtual environment.
+
+    python3 bench/stages.py reset test                   # start a new record for target "test"
+    python3 bench/stages.py run test unit -- CMD ARGS... # run CMD as stage "unit", record its seconds
+    python3 bench/stages.py start test chromium -- CMD   # run CMD in the background as stage "chromium"
+    python3 bench/stages.py wait test chromium           # wait for a background stage (its exit status)
+    python3 bench/stages.py report test                  # print the table
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BUILD = Path(os.environ.get("STAGES_DIR", "_build"))
+
+
+def _record(target: str) -> Path:
+    return BUILD / f"stages-{target}.tsv"
+
+
+def processor() -> str:
+    """The processor as ``lscpu`` names it (model name, family/model, widest vector unit) and the core count.
+
+    This project's 2-core machines include two "AMD EPYC" kinds about 1.8x apart, which the model name
+    alone does not tell apart; family/model and AVX-512 do."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    flags = fields.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    model = fields.get("model name", platform.machine())
+    return f"{model} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, {vector}), {os.cpu_count()} cores"
+
+
+def _append(target: str, stage: str, seconds: float, status: int, note: str = "") -> None:
+    with _record(target).open("a") as handle:
+        handle.write(f"{stage}\t{seconds:.1f}\t{status}\t{note}\n")
+
+
+def reset(target: str) -> int:
+    BUILD.mkdir(parents=True, exist_ok=True)
+    _record(target).write_text(f"# {target} on {processor()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    for pending in BUILD.glob(f"stages-{target}-*.background"):
+        pending.unlink()
+    return 0
+
+
+def run(target: str, stage: str, command: list[str]) -> int:
+    started = time.perf_counter()
+    print(f"==> stage {stage}: {' '.join(command)}", flush=True)
+    try:
+        status = subprocess.call(command)
+    except FileNotFoundError as exc:
+        print(f"error: stage {stage}: {exc}", file=sys.stderr)
+        status = 127
+    except KeyboardInterrupt:
+        status = 130
+    _append(target, stage, time.perf_counter() - started, status)
+    if status != 0:
+        print(f"stage {stage} failed with exit status {status}", file=sys.stderr)
+        report(target)
+    return status
+
+
+def start(target: str, stage: str, command: list[str]) -> int:
+    """Run ``command`` detached, its output to a log file; :func:`wait` collects its status and time."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    log = BUILD / f"stages-{target}-{stage}.log"
+    subprocess.Popen([sys.executable, __file__, "_child", target, stage, "--", *command], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"==> stage {stage} started in the background (log: {log})", flush=True)
+    return 0
+
+
+def _child(target: str, stage: str, command: list[str]) -> int:
+    """The background half of :func:`start`: run, then leave ``<status> <seconds>`` for :func:`wait`."""
+    marker = BUILD / f"stages-{target}-{stage}.background"
+    started = time.perf_counter()
+    with (BUILD / f"stages-{target}-{stage}.log").open("w") as log:
+        try:
+            status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            log.write(f"error: {exc}\n")
+            status = 127
+    partial = marker.with_suffix(".tmp")
+    partial.write_text(f"{status} {time.perf_counter() - started:.1f}\n")
+    partial.replace(marker)
+    return status
+
+
+def wait(target: str, stage: str, timeout: float = 1800) -> int:
+    marker = BUILD / f"stages-{target}-{stage}.background"
+    waited = time.perf_counter()
+    while not marker.exists():
+        if time.perf_counter() - waited > timeout:
+            print(f"error: background stage {stage} did not finish within {timeout:.0f} s", file=sys.stderr)
+            return 124
+        time.sleep(0.5)
+    status_text, seconds_text = marker.read_text().split()
+    status = int(status_text)
+    _append(target, stage, float(seconds_text), status, f"in the background; waited {time.perf_counter() - waited:.1f} s for it")
+    marker.unlink()
+    if status != 0:
+        log = BUILD / f"stages-{target}-{stage}.log"
+        print(f"background stage {stage} failed with exit status {status}; its log ({log}) ends with:", file=sys.stderr)
+        print("\n".join(log.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
+        report(target)
+    return status
+
+
+def report(target: str) -> int:
+    path = _record(target)
+    if not path.exists():
+        print(f"no stages recorded for {target} (run `bench/stages.py reset {target}` first)", file=sys.stderr)
+        return 1
+    lines = path.read_text().splitlines()
+    header = lines[0].lstrip("# ") if lines and lines[0].startswith("#") else target
+    rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
+    total = sum(float(r[1]) for r in rows if "background" not in r[3])
+    width = max([len(r[0]) for r in rows] + [5])
+    print(f"\nstages of {header}")
+    print(f"{'stage':<{width}}  {'seconds':>8}  {'share':>6}  status")
+    for stage, seconds, status, note in rows:
+        share = "" if "background" in note else f"{100 * float(seconds) / total:5.1f}%" if total else ""
+        print(f"{stage:<{width}}  {float(seconds):8.1f}  {share:>6}  {'ok' if status == '0' else 'exit ' + status}  {note}")
+    print(f"{'total':<{width}}  {total:8.1f}  (foreground stages; {total / 60:.1f} min)")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
+    else:
+        command = []
+    if len(argv) < 2 or argv[0] not in {"reset", "run", "start", "_child", "wait", "report"}:
+        print(__doc__, file=sys.stderr)
+        return 2
+    verb, target, *rest = argv
+    if verb in {"run", "start", "_child"} and (len(rest) != 1 or not command):
+        print(f"usage: stages.py {verb} TARGET STAGE -- COMMAND ...", file=sys.stderr)
+        return 2
+    if verb == "run":
+        return run(target, rest[0], command)
+    if verb == "start":
+        return start(target, rest[0], command)
+    if verb == "_child":
+        return _child(target, rest[0], command)
+    if verb == "wait":
+        return wait(target, rest[0]) if rest else 2
+    return reset(target) if verb == "reset" else report(target)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main(sys.argv[1:]))
