@@ -8,6 +8,7 @@ stage. Standard library only: the first stage installs the virtual environment.
     python3 bench/stages.py reset test                   # start a new record for target "test"
     python3 bench/stages.py run test unit -- CMD ARGS... # run CMD as stage "unit", record its seconds
     python3 bench/stages.py start test chromium -- CMD   # run CMD in the background as stage "chromium"
+    python3 bench/stages.py start test unit --cancel-on-failure -- CMD   # ... stopped if a foreground stage fails
     python3 bench/stages.py wait test chromium           # wait for a background stage (its exit status)
     python3 bench/stages.py report test                  # print the table
 """
@@ -54,9 +55,9 @@ def _append(target: str, stage: str, seconds: float, status: int, note: str = ""
 
 def reset(target: str) -> int:
     BUILD.mkdir(parents=True, exist_ok=True)
-    _record(target).write_text(f"# {target} on {processor()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    for pending in BUILD.glob(f"stages-{target}-*.background"):
-        pending.unlink()
+    _record(target).write_text(f"# {target} on {processor()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n#epoch {time.time():.1f}\n")
+    for stale in [*BUILD.glob(f"stages-{target}-*.background"), *BUILD.glob(f"stages-{target}-*.cancel")]:
+        stale.unlink()
     return 0
 
 
@@ -73,17 +74,33 @@ def run(target: str, stage: str, command: list[str]) -> int:
     _append(target, stage, time.perf_counter() - started, status)
     if status != 0:
         print(f"stage {stage} failed with exit status {status}", file=sys.stderr)
+        _cancel_background(target)
         report(target)
     return status
 
 
-def start(target: str, stage: str, command: list[str]) -> int:
-    """Run ``command`` detached, its output to a log file; :func:`wait` collects its status and time."""
+def _cancel_background(target: str) -> None:
+    """Stop the background stages started with ``--cancel-on-failure`` that are still running (their whole
+    process group), so that a failed foreground stage leaves no tests running after make has stopped."""
+    for cancel in BUILD.glob(f"stages-{target}-*.cancel"):
+        try:
+            os.killpg(int(cancel.read_text()), signal.SIGTERM)
+            print(f"stopped background stage {cancel.stem.removeprefix(f'stages-{target}-')}", file=sys.stderr)
+        except (ProcessLookupError, PermissionError, ValueError):
+            pass
+        cancel.unlink()
+
+
+def start(target: str, stage: str, command: list[str], cancel_on_failure: bool = False) -> int:
+    """Run ``command`` detached, its output to a log file; :func:`wait` collects its status and time. With
+    ``cancel_on_failure`` a failing foreground stage stops it."""
     BUILD.mkdir(parents=True, exist_ok=True)
     log = BUILD / f"stages-{target}-{stage}.log"
-    subprocess.Popen([sys.executable, __file__, "_child", target, stage, "--", *command], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    print(f"==> stage {stage} started in the background (log: {log})", flush=True)
+    child = subprocess.Popen([sys.executable, __file__, "_child", target, stage, "--", *command], start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    if cancel_on_failure:
+        (BUILD / f"stages-{target}-{stage}.cancel").write_text(str(child.pid))
+    print(f"==> stage {stage} started in the background (log: {log}): {' '.join(command)}", flush=True)
     return 0
 
 
@@ -115,11 +132,14 @@ def wait(target: str, stage: str, timeout: float = 1800) -> int:
     status = int(status_text)
     _append(target, stage, float(seconds_text), status, f"in the background; waited {time.perf_counter() - waited:.1f} s for it")
     marker.unlink()
+    (BUILD / f"stages-{target}-{stage}.cancel").unlink(missing_ok=True)
+    lines = (BUILD / f"stages-{target}-{stage}.log").read_text(errors="replace").splitlines()
     if status != 0:
-        log = BUILD / f"stages-{target}-{stage}.log"
-        print(f"background stage {stage} failed with exit status {status}; its log ({log}) ends with:", file=sys.stderr)
-        print("\n".join(log.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
+        print(f"background stage {stage} failed with exit status {status}; the end of its log:", file=sys.stderr)
+        print("\n".join(lines[-150:]), file=sys.stderr)
         report(target)
+    else:
+        print(f"==> background stage {stage} finished: {lines[-1] if lines else ''}", flush=True)
     return status
 
 
@@ -130,15 +150,22 @@ def report(target: str) -> int:
         return 1
     lines = path.read_text().splitlines()
     header = lines[0].lstrip("# ") if lines and lines[0].startswith("#") else target
+    epochs = [float(line.split()[1]) for line in lines if line.startswith("#epoch ")]
     rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
-    total = sum(float(r[1]) for r in rows if "background" not in r[3])
+    # A background stage costs the wall clock only the time a foreground step waited for it.
+    waited = {r[0]: float(r[3].split("waited ")[1].split(" s")[0]) for r in rows if "waited " in r[3]}
+    total = sum(float(r[1]) for r in rows if "background" not in r[3]) + sum(waited.values())
     width = max([len(r[0]) for r in rows] + [5])
     print(f"\nstages of {header}")
     print(f"{'stage':<{width}}  {'seconds':>8}  {'share':>6}  status")
     for stage, seconds, status, note in rows:
-        share = "" if "background" in note else f"{100 * float(seconds) / total:5.1f}%" if total else ""
+        charged = waited.get(stage, 0.0) if "background" in note else float(seconds)
+        share = f"{100 * charged / total:5.1f}%" if total else ""
         print(f"{stage:<{width}}  {float(seconds):8.1f}  {share:>6}  {'ok' if status == '0' else 'exit ' + status}  {note}")
-    print(f"{'total':<{width}}  {total:8.1f}  (foreground stages; {total / 60:.1f} min)")
+    print(f"{'total':<{width}}  {total:8.1f}  ({total / 60:.1f} min: the foreground stages and the waits for background ones)")
+    if epochs:
+        wall = time.time() - epochs[0]
+        print(f"{'wall clock':<{width}}  {wall:8.1f}  ({wall / 60:.1f} min since the start, waits for background stages included)")
     return 0
 
 
@@ -152,13 +179,15 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     verb, target, *rest = argv
+    cancel_on_failure = "--cancel-on-failure" in rest
+    rest = [r for r in rest if r != "--cancel-on-failure"]
     if verb in {"run", "start", "_child"} and (len(rest) != 1 or not command):
         print(f"usage: stages.py {verb} TARGET STAGE -- COMMAND ...", file=sys.stderr)
         return 2
     if verb == "run":
         return run(target, rest[0], command)
     if verb == "start":
-        return start(target, rest[0], command)
+        return start(target, rest[0], command, cancel_on_failure)
     if verb == "_child":
         return _child(target, rest[0], command)
     if verb == "wait":
