@@ -45,24 +45,23 @@ ONLINE_CHECKPOINTS = (1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 ONLINE_ORDERS = ("official", "interleaved")
 
 
+def _one_of(value: str, choices: Sequence[str], what: str, fix: str) -> str:
+    """``value`` if it is one of ``choices``, else a one-line error naming ``what`` was unknown and ``fix``."""
+    if value not in choices:
+        raise SurgeryBookError(f"unknown {what} {value!r}", fix)
+    return value
+
+
 def check_adam(adam: str) -> str:
     """Raise a clear error unless ``adam`` names one of :data:`ADAM_SEMANTICS`."""
-    if adam not in ADAM_SEMANTICS:
-        raise SurgeryBookError(
-            f"unknown optimiser semantics {adam!r}",
-            "use 'shared' (the published runs: one Adam, zero-filled gradients) or 'per-task' (torch >= 2)",
-        )
-    return adam
+    return _one_of(adam, ADAM_SEMANTICS, "optimiser semantics",
+                   "use 'shared' (the published runs: one Adam, zero-filled gradients) or 'per-task' (torch >= 2)")  # fmt: skip
 
 
 def check_online_order(order: str) -> str:
     """Raise a clear error unless ``order`` names one of :data:`ONLINE_ORDERS`."""
-    if order not in ONLINE_ORDERS:
-        raise SurgeryBookError(
-            f"unknown online order {order!r}",
-            "use 'official' (each task's whole pass in turn, as the official online script) or 'interleaved'",
-        )
-    return order
+    return _one_of(order, ONLINE_ORDERS, "online order",
+                   "use 'official' (each task's whole pass in turn, as the official online script) or 'interleaved'")  # fmt: skip
 
 
 def task_seed(seed: int, task_index: int) -> int:
