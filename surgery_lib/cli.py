@@ -19,6 +19,7 @@ the fix, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +33,8 @@ from typing import Any
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.merging import MERGE_METHODS
-from surgery_lib.presets import PRESETS, get_preset
+from surgery_lib.finetuning import FINETUNING_MODES
+from surgery_lib.presets import PRESETS, Preset, check_preset, get_preset
 from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
 
 
@@ -67,13 +69,42 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         get_setting(name).add_arguments(parser)
 
 
+def _add_finetune(parser: argparse.ArgumentParser) -> None:
+    """For the commands that build or read a zoo in this process (zoo, merge, table, surgery, bench)."""
+    parser.add_argument("--finetune", default=None, choices=list(FINETUNING_MODES),
+                        help="how the zoo's experts are fine-tuned (offline presets; default: the preset's recipe, full)")  # fmt: skip
+    parser.add_argument("--lora-rank", type=int, default=None, help="rank of every LoRA update with --finetune lora (default 4)")
+
+
 def _setting_options(args: argparse.Namespace) -> Any:
     """The options of the preset's setting (real CLIP: where checkpoints and data are), from ``args``."""
     return get_setting(get_preset(args.preset).setting).options_from_args(args)
 
 
+def _zoo_preset(args: argparse.Namespace) -> Preset:
+    """The preset named by ``--preset``, its experts' fine-tuning mode replaced by ``--finetune``/``--lora-rank``.
+
+    The changed recipe names another zoo (its own cache folder): experts fine-tuned another way are another zoo.
+    """
+    preset = get_preset(args.preset)
+    mode, rank = getattr(args, "finetune", None), getattr(args, "lora_rank", None)
+    if mode is None and rank is None:
+        return preset
+    if preset.recipe is None:
+        raise SurgeryBookError(
+            f"--finetune/--lora-rank train experts, and preset {preset.name!r} reads published experts",
+            "drop them for this preset, or pass an offline preset (smoke, mini, base)",
+        )
+    if rank is not None and (mode or preset.recipe.expert_finetune) != "lora":
+        raise SurgeryBookError("--lora-rank is given but the experts are not LoRA fine-tunes", "add --finetune lora, or drop --lora-rank")
+    recipe = dataclasses.replace(
+        preset.recipe, expert_finetune=mode or preset.recipe.expert_finetune, expert_lora_rank=preset.recipe.expert_lora_rank if rank is None else rank
+    )
+    return check_preset(dataclasses.replace(preset, recipe=recipe))
+
+
 def _build_zoo(args: argparse.Namespace, **extra: Any) -> Any:
-    return build_zoo(args.preset, device=getattr(args, "device", None), cache_dir=args.cache_dir, progress=not args.quiet,
+    return build_zoo(_zoo_preset(args), device=getattr(args, "device", None), cache_dir=args.cache_dir, progress=not args.quiet,
                      options=_setting_options(args), **extra)  # fmt: skip
 
 
@@ -531,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="build or load a preset's model zoo and print its accuracy table")
     _add_common(zoo)
+    _add_finetune(zoo)
     zoo.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     zoo.add_argument("--zoo-dir", default=None, help="explicit zoo directory (default: in the cache, named by config hash)")
     zoo.add_argument("--rebuild", action="store_true", help="delete the zoo's own files (never a folder without a zoo manifest) and train everything again")
@@ -538,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="merge a preset's experts with one method and print per-task accuracy")
     _add_common(merge)
+    _add_finetune(merge)
     merge.add_argument("--method", required=True, metavar="METHOD",
                        help="the merging method: " + ", ".join(f"{n} ({m.label})" for n, m in MERGE_METHODS.items()))
     _add_merge_options(merge)
@@ -545,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     table = sub.add_parser("table", help="the papers' main table (every merging method) for a preset")
     _add_common(table)
+    _add_finetune(table)
     _add_merge_options(table)
     table.add_argument("--methods", default="papers", help="rows: 'papers' (the papers' main table, default), 'all' (every "
                        "registered method) or a comma-separated list of --method names")
@@ -589,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     surgery = sub.add_parser("surgery", help="train Surgery (V1) or SurgeryV2 on a merged model; accuracy and bias before and after")
     _add_common(surgery)
+    _add_finetune(surgery)
     surgery.add_argument("--merge", default="task_arithmetic", metavar="METHOD",
                          help="the merging method to repair (default task_arithmetic; any of --method's)")
     surgery.add_argument("--version", type=int, choices=(1, 2), default=1, help="1: Surgery on the final embedding; 2: SurgeryV2 after every block")
@@ -628,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time the official-style surgery loop against this library's (V1 and V2)")
     _add_common(bench)
+    _add_finetune(bench)
     bench.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     bench.add_argument("--iterations", type=int, default=500, help="official iterations (x 2 batches per task; default 500)")
     bench.add_argument("--versions", default="1,2", help="surgery versions to time (default 1,2)")

@@ -431,3 +431,29 @@ def gain_scatter(points: pd.DataFrame, x: str, xlabel: str, title: str) -> Figur
     axis.legend(frameon=False, fontsize="small")
     figure.tight_layout()
     return figure
+
+
+def kept_share_curve(summary: pd.DataFrame, references: Mapping[str, tuple[float, float]] | None = None,
+                     title: str = "What task arithmetic keeps as more tasks are merged") -> Figure:  # fmt: skip
+    """Two panels against the number of tasks merged (the index of ``summary``, from
+    :func:`surgery_lib.disentanglement.summarize_curve`): the kept share of the experts' gain (mean and the
+    range over subsets, the task vector's share alone as a dashed line, ``references`` as ``{label: (tasks,
+    share)}`` stars), and the disentanglement error (share of test predictions the other tasks change)."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    sizes = summary.index.to_numpy()
+    left.fill_between(sizes, summary["kept_share_min"], summary["kept_share_max"], color=MERGED_COLOUR, alpha=0.15)
+    left.plot(sizes, summary["kept_share"], marker="o", color=MERGED_COLOUR, label="merged (mean, range over subsets)")
+    left.plot(sizes, summary["alone_share"], linestyle="--", color="0.35", label="its task vector alone")
+    for (label, (tasks, share)), marker in zip((references or {}).items(), ("*", "P", "X")):
+        left.plot([tasks], [share], marker=marker, markersize=13, linestyle="none", color=EXPERT_COLOUR, label=label)
+    left.axhline(0, color="0.6", linewidth=0.8)
+    left.set(xlabel="tasks merged", ylabel="share of the experts' gain kept", xticks=sizes)
+    left.legend(fontsize=8, loc="lower left")
+    right.fill_between(sizes, summary["disentanglement_error_min"], summary["disentanglement_error_max"],
+                       color=MERGED_COLOUR, alpha=0.15)  # fmt: skip
+    right.plot(sizes, summary["disentanglement_error"], marker="o", color=MERGED_COLOUR)
+    right.set(xlabel="tasks merged", ylabel="predictions changed by the others", xticks=sizes, ylim=(0, None))
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure

@@ -23,6 +23,7 @@ from surgery_lib.core import compat
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.registry import Registry
 from surgery_lib.core.storage import CorruptFileError, read_json
+from surgery_lib.finetuning import FINETUNING_MODES
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ class RecipeConfig:
     mtl_batch_per_task: int
     mtl_lr: float
     seed: int = 0
+    #: How experts are fine-tuned (:mod:`surgery_lib.finetuning`): ``full``, ``attention``, ``lora``, ``tangent``.
+    expert_finetune: str = "full"
+    #: The rank of every LoRA update when ``expert_finetune`` is ``lora``.
+    expert_lora_rank: int = 4
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,9 @@ def check_preset(preset: Preset) -> Preset:
         fail("encoder.activation", preset.encoder.activation, "'gelu' or 'quick_gelu'")
     if preset.precision not in ("fp32", "tf32", "bf16", "fp16"):
         fail("precision", preset.precision, "fp32, tf32, bf16 or fp16")
+    if preset.recipe is not None:
+        if preset.recipe.expert_finetune not in FINETUNING_MODES:
+            fail("recipe.expert_finetune", preset.recipe.expert_finetune, f"one of {', '.join(FINETUNING_MODES)}")
     return preset
 
 

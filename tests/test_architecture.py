@@ -18,15 +18,17 @@ APPS = {"cli", "grid", "cluster", "plots", "diagrams", "tables", "book", "reprod
 #: Layer -> the layers it may import (besides itself).
 ALLOWED = {
     "core": set(),
-    "presets": {"core"},
+    "finetuning": {"core"},
+    "presets": {"core", "finetuning"},
     "models": {"core", "presets"},
     "evaluation": {"core", "presets", "models"},
     "bias": {"core", "models"},
     "settings.base": {"core", "presets", "models", "evaluation"},
     "settings": {"core", "presets", "settings.base"},
-    "settings.<one>": {"core", "presets", "models", "evaluation", "settings.base"},
+    "settings.<one>": {"core", "presets", "finetuning", "models", "evaluation", "settings.base"},
     "merging": {"core", "presets", "models", "evaluation", "settings.base"},
     "surgery": {"core", "presets", "models", "evaluation", "settings.base", "bias"},
+    "disentanglement": {"core", "presets", "models", "merging"},
 }
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from surgery_lib.cli import main
+from surgery_lib.core.storage import load_tensors
+from surgery_lib.finetuning import attention_parameter
 
 
 def run(*args):
@@ -142,3 +146,21 @@ def test_table_repairs_every_method_of_an_explicit_list(smoke_zoo, cache_dir, ca
     assert main(["table", "--methods", "tsv,task_arithmetic", *common]) == 0
     rows = _strict_json(capsys.readouterr().out)["accuracy"]
     assert {"TSV-M (task singular vectors) + Surgery", "task arithmetic + Surgery"} <= set(rows)
+
+
+def test_zoo_finetune_builds_another_zoo_whose_experts_move_attention_only(smoke_zoo, cache_dir, capsys):
+    assert main(["zoo", "--preset", "smoke", "--cache-dir", str(cache_dir), "--finetune", "attention", "--json", "--quiet"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["directory"] != str(smoke_zoo.directory)  # its own zoo, next to the full fine-tunes
+    expert, _ = load_tensors(Path(payload["directory"]) / "expert-mnist.safetensors")
+    moved = {k for k in expert if not torch.equal(expert[k], smoke_zoo.pretrained[k])}
+    assert moved and all(attention_parameter(k) for k in moved)
+
+
+def test_finetune_options_are_checked_before_anything_is_built():
+    result = run("zoo", "--preset", "clip-vit-b-32", "--finetune", "lora")
+    assert result.returncode == 2 and "reads published experts" in result.stderr
+    result = run("zoo", "--preset", "smoke", "--lora-rank", "8")
+    assert result.returncode == 2 and "add --finetune lora" in result.stderr
+    result = run("zoo", "--preset", "smoke", "--finetune", "lora", "--lora-rank", "0")
+    assert result.returncode == 2 and "recipe.expert_lora_rank = 0 is invalid" in result.stderr

@@ -19,7 +19,8 @@ from torch import nn
 
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.taskdata import TaskData
-from surgery_lib.models import ClassificationHead, autocast
+from surgery_lib.finetuning import prepare_finetuning
+from surgery_lib.models import ClassificationHead, StateDict, autocast
 
 #: The zoo's own training (offline presets) runs in bf16 on a GPU; only reproduction paths follow the official fp32.
 TRAINING_PRECISION = "bf16"
@@ -144,16 +145,22 @@ def finetune(
     device: torch.device,
     progress: bool = True,
     desc: str = "fine-tuning",
-) -> TrainStats:
-    """Fine-tune the whole ``encoder`` through frozen heads; the loss is the mean of the tasks' cross-entropies.
+    mode: str = "full",
+    lora_rank: int = 4,
+) -> tuple[TrainStats, StateDict]:
+    """Fine-tune ``encoder`` through frozen heads; the loss is the mean of the tasks' cross-entropies.
 
     With one task this trains an expert; with all tasks, the traditional multi-task baseline. The
     heads never change (their ``requires_grad`` is switched off here and checked by the tests).
+    ``mode`` chooses which weights move and how (:mod:`surgery_lib.finetuning`: ``full``, ``attention``,
+    ``lora`` with ``lora_rank``, ``tangent``). Returns the statistics and the trained encoder's full
+    state dict (CPU), ``theta_0 + tau`` whatever the mode.
     """
     torch.manual_seed(seed)
     encoder.to(device).train()
+    tuning = prepare_finetuning(encoder, mode, lora_rank=lora_rank)
     heads = [head.to(device).requires_grad_(False).eval() for _, head in tasks]
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(tuning.parameters, lr=lr, weight_decay=weight_decay)
     schedule = warmup_cosine(optimizer, steps, int(warmup_fraction * steps))
     generator = torch.Generator().manual_seed(seed)
     streams = [_batches(task, "train", batch_per_task, derive_seed(seed, task.name)) for task, _ in tasks]
@@ -162,7 +169,7 @@ def finetune(
         batch = [next(stream) for stream in streams]
         images = random_translate(torch.cat([x for x, _ in batch]).to(device), translate_px, generator)
         with autocast(device, TRAINING_PRECISION):
-            embeddings = encoder(images).float()
+            embeddings = tuning.forward(images).float()
         loss = torch.stack(
             [
                 F.cross_entropy(head(z), labels.to(device))
@@ -176,4 +183,5 @@ def finetune(
         losses.append(loss.item())
     encoder.eval()
     tail = losses[-max(1, steps // 10) :]
-    return TrainStats(steps=steps, final_loss=sum(tail) / len(tail), images=steps * batch_per_task * len(tasks))
+    stats = TrainStats(steps=steps, final_loss=sum(tail) / len(tail), images=steps * batch_per_task * len(tasks))
+    return stats, tuning.export()

@@ -10,6 +10,7 @@ whose inputs changed is rebuilt.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -61,9 +62,19 @@ ZOO_FORMAT = 1
 MANIFEST = "manifest.json"
 
 
+#: Recipe fields added after zoos were first built, with the value every earlier zoo was trained with: at that
+#: value they are left out of the hash, so an existing zoo keeps its name (and its cache) when the field appears.
+_RECIPE_FIELDS_ADDED = {"expert_finetune": "full", "expert_lora_rank": 4}
+
+
 def zoo_config_hash(preset: Preset) -> str:
     """The hash that names a zoo: the preset's encoder, data and recipe plus the zoo format."""
-    return config_hash({"format": ZOO_FORMAT, "encoder": preset.encoder, "suite": preset.suite, "recipe": preset.recipe})
+    recipe = dataclasses.asdict(preset.recipe) if preset.recipe is not None else None
+    if recipe is not None:
+        for name, default in _RECIPE_FIELDS_ADDED.items():
+            if recipe.get(name) == default:
+                del recipe[name]
+    return config_hash({"format": ZOO_FORMAT, "encoder": preset.encoder, "suite": preset.suite, "recipe": recipe})
 
 
 def default_zoo_dir(preset: Preset, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -327,21 +338,22 @@ def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_d
              for task in suite.task_names}  # fmt: skip
     inputs = {"suite": data, "pretrained": pretrained_step, "heads": heads_step}
 
-    # 3. Experts: the whole encoder fine-tuned per task through its frozen head.
+    # 3. Experts: the encoder fine-tuned per task through its frozen head (the recipe's expert_finetune mode).
     experts: dict[str, StateDict] = {}
     for task in suite.task_names:
         seeds[f"expert/{task}"] = derive_seed(recipe.seed, "expert", task)
 
         def train_expert(task: str = task):
-            encoder = load_encoder(encoder_cfg, pretrained)
-            stats = finetune(
-                encoder, [(suite[task], heads[task])], steps=recipe.expert_steps, batch_per_task=recipe.batch_size,
-                lr=recipe.expert_lr, weight_decay=recipe.expert_weight_decay,
+            stats, state = finetune(
+                load_encoder(encoder_cfg, pretrained), [(suite[task], heads[task])], steps=recipe.expert_steps,
+                batch_per_task=recipe.batch_size, lr=recipe.expert_lr, weight_decay=recipe.expert_weight_decay,
                 warmup_fraction=recipe.expert_warmup_fraction, translate_px=recipe.translate_px,
                 seed=seeds[f"expert/{task}"], device=device, progress=progress, desc=f"expert {task}",
+                mode=recipe.expert_finetune, lora_rank=recipe.expert_lora_rank,
             )  # fmt: skip
-            accuracy = task_accuracy(encoder, heads[task], suite[task], device=device)
-            return clone_state(encoder), {"steps": stats.steps, "final_loss": round(stats.final_loss, 4), "test_accuracy": accuracy}
+            # Evaluated as every merge is: the plain encoder at the exported weights theta_0 + tau.
+            accuracy = task_accuracy(load_encoder(encoder_cfg, state), heads[task], suite[task], device=device)
+            return state, {"steps": stats.steps, "final_loss": round(stats.final_loss, 4), "test_accuracy": accuracy}
 
         experts[task] = builder.step(f"expert/{task}", inputs, train_expert).tensors
 
@@ -350,7 +362,7 @@ def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_d
 
     def train_mtl():
         encoder = load_encoder(encoder_cfg, pretrained)
-        stats = finetune(
+        stats, _ = finetune(
             encoder, [(suite[t], heads[t]) for t in suite.task_names], steps=recipe.mtl_steps,
             batch_per_task=recipe.mtl_batch_per_task, lr=recipe.mtl_lr, weight_decay=recipe.expert_weight_decay,
             warmup_fraction=recipe.expert_warmup_fraction, translate_px=recipe.translate_px, seed=seeds["mtl"],
