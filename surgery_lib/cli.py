@@ -33,6 +33,7 @@ from typing import Any
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.merging import MERGE_METHODS
+from surgery_lib.merging.wudi import WUDI_SCOPES
 from surgery_lib.finetuning import FINETUNING_MODES
 from surgery_lib.presets import PRESETS, Preset, check_preset, get_preset
 from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
@@ -202,7 +203,7 @@ def _check_writable(path: str, *, folder: bool) -> None:
 
 #: Command-line flag -> the MergeOptions field it sets.
 MERGE_FLAGS = {"scale": "scale", "keep_fraction": "keep_fraction", "steps": "steps", "batch_size": "batch_size", "data": "split",
-               "seed": "seed", "precision": "precision", "drop_rate": "drop_rate"}  # fmt: skip
+               "seed": "seed", "precision": "precision", "drop_rate": "drop_rate", "wudi_scope": "wudi_scope"}  # fmt: skip
 MAX_SEED = 2**32 - 1
 
 
@@ -226,7 +227,7 @@ def _merge_options(args: argparse.Namespace, method: str | None = None, shared: 
     return with_options(
         MergeOptions(), scale=args.scale, keep_fraction=args.keep_fraction, steps=args.steps,
         batch_size=args.batch_size, split=args.data, seed=args.seed, precision=args.precision,
-        drop_rate=args.drop_rate,
+        drop_rate=args.drop_rate, wudi_scope=getattr(args, "wudi_scope", None),
     )  # fmt: skip
 
 
@@ -529,6 +530,9 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
                         help="unlabeled images AdaMerging adapts on: the test split as in the paper, or the held-out adapt split")
     parser.add_argument("--seed", type=int, default=None, help="seed of batch selection and of DARE's drops (default 0)")
     parser.add_argument("--drop-rate", type=float, default=None, help="DARE: probability of dropping each task-vector entry (default 0.5)")
+    parser.add_argument("--wudi-scope", choices=WUDI_SCOPES, default=None,
+                        help="WUDI: the tensors optimised: official (the authors' four matrices per block, the rest "
+                        "pretrained; default), fusionbench (every matrix, the mean task vector elsewhere), linear")  # fmt: skip
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                         help="GPU precision of features, AdaMerging and SurgeryV2 (default: the preset's; fp32 for real CLIP, "
                         "as the official code; tf32 = fp32 with TF32 matmuls, torch 1.10's default on Ampere GPUs)")

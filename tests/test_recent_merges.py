@@ -15,14 +15,15 @@ from surgery_lib.merging.consensus import (
     consensus_vector,
     tall_masks,
 )
-from surgery_lib.merging.isotropic import iso_c_matrix, iso_cts_matrix
+from surgery_lib.merging.isotropic import iso_c_matrix, iso_cts_matrix, iso_cts_split
 from surgery_lib.merging.tsv import (
     nearest_orthonormal,
     per_task_rank,
     tsv_matrix,
     tsv_merging,
 )
-from surgery_lib.merging.wudi import interference_loss, wudi_matrix
+from surgery_lib.merging.vectors import task_vectors
+from surgery_lib.merging.wudi import interference_loss, wudi_matrix, wudi_merging
 
 E = torch.eye(4)
 
@@ -84,6 +85,31 @@ def test_iso_cts_fills_the_rank_with_each_tasks_own_direction():
         iso_cts_matrix(deltas, common_fraction=0)
 
 
+@pytest.mark.parametrize(("rank", "tasks", "fraction", "split"), [
+    (128, 8, 0.8, (104, 3)),  # mini: 26 spare directions, 3.25 per task rounds to 3, the common part takes 104
+    (768, 8, 0.8, (616, 19)),  # ViT-B: 154 spare, 19.25 -> 19
+    (1024, 8, 0.8, (816, 26)),  # ViT-L: 205 spare, 25.6 -> 26, so the common part gives some back
+    (4, 3, 0.5, (1, 1)),
+    (16, 8, 0.8, (16, 0)),  # 4 spare over 8 tasks: 0.5 rounds to even (0), the common part takes all
+])
+def test_iso_cts_splits_the_rank_as_the_official_code_every_direction_used(rank, tasks, fraction, split):
+    assert iso_cts_split(rank, tasks, fraction) == split
+    common, per_task = split
+    assert common + tasks * per_task == rank
+
+
+def test_iso_cts_uses_every_direction_and_the_mean_of_the_kept_spectrum():
+    # Rank 4, 3 tasks, common fraction 0.5: 1 common direction (the sum's top, e1 with 4) and 1 per task.
+    # What the common subspace leaves of each task: 1.5 e3, 2 e2 and 0.8 e4 (its top; -0.5 e3 is second).
+    # Kept spectrum 4, 1.5, 2, 0.8: mean 2.075 (the sum's whole spectrum 4, 2, 1, 0.8 would give 1.95), and
+    # the four directions span everything: 2.075 * I. Flooring the task-specific share (the earlier code)
+    # kept 2 common directions and none per task: 1.95 * diag(1, 1, 0, 0).
+    deltas = [torch.diag(torch.tensor(v)) for v in ([3.0, 0, 1.5, 0], [0.0, 2, 0, 0], [1.0, 0, -0.5, 0.8])]
+    assert torch.allclose(iso_cts_matrix(deltas, common_fraction=0.5), 2.075 * torch.eye(4), atol=1e-5)
+    with pytest.raises(SurgeryBookError, match="common fraction"):
+        iso_cts_split(4, 3, 1.5)
+
+
 def test_wudi_gradient_is_that_of_the_papers_loss_and_adam_reaches_its_minimum():
     torch.manual_seed(0)
     deltas = [torch.randn(6, 4, dtype=torch.float64) * 0.01 for _ in range(3)]
@@ -100,6 +126,36 @@ def test_wudi_gradient_is_that_of_the_papers_loss_and_adam_reaches_its_minimum()
     found = wudi_matrix(deltas, steps=3000, lr=1e-3).double()
     assert float(interference_loss(found, deltas)) <= float(interference_loss(exact, deltas)) * 1.001
     assert float(interference_loss(wudi_matrix(deltas), deltas)) < float(interference_loss(torch.stack(deltas).sum(0), deltas))
+
+
+def test_wudi_scopes_choose_what_is_optimised_and_what_the_rest_gets():
+    # A block's four matrices, a LayerNorm weight (1-D), a positional embedding (2-D, not a linear layer) and proj.
+    torch.manual_seed(0)
+    shapes = {"transformer.resblocks.0.attn.in_proj_weight": (12, 4), "transformer.resblocks.0.attn.out_proj.weight": (4, 4),
+              "transformer.resblocks.0.mlp.c_fc.weight": (8, 4), "transformer.resblocks.0.mlp.c_proj.weight": (4, 8),
+              "transformer.resblocks.0.ln_1.weight": (4,), "positional_embedding": (5, 4), "proj": (4, 3)}  # fmt: skip
+    pretrained = {k: torch.randn(shape) for k, shape in shapes.items()}
+    experts = {t: {k: v + 0.01 * torch.randn_like(v) for k, v in pretrained.items()} for t in "abc"}
+    vectors = list(task_vectors(pretrained, experts).values())
+    mean = {k: torch.stack([v[k] for v in vectors]).mean(0) for k in pretrained}
+    optimised = {k: pretrained[k] + wudi_matrix([v[k] for v in vectors], 20, 1e-4) for k in pretrained if len(shapes[k]) == 2}
+    block = [k for k in shapes if ".attn." in k or ".mlp." in k]
+
+    official = wudi_merging(pretrained, experts, steps=20, scope="official")
+    assert all(torch.allclose(official[k], optimised[k]) for k in block)
+    assert all(torch.equal(official[k], pretrained[k]) for k in shapes if k not in block)  # no task vector there
+
+    fusionbench = wudi_merging(pretrained, experts, steps=20, scope="fusionbench")
+    assert all(torch.allclose(fusionbench[k], optimised[k]) for k in [*block, "positional_embedding", "proj"])
+    assert torch.allclose(fusionbench["transformer.resblocks.0.ln_1.weight"], pretrained["transformer.resblocks.0.ln_1.weight"]
+                          + mean["transformer.resblocks.0.ln_1.weight"])  # fmt: skip
+
+    linear = wudi_merging(pretrained, experts, steps=20, scope="linear")
+    assert torch.allclose(linear["positional_embedding"], pretrained["positional_embedding"] + mean["positional_embedding"])
+    transposed = pretrained["proj"] + wudi_matrix([v["proj"].T for v in vectors], 20, 1e-4).T
+    assert torch.allclose(linear["proj"], transposed)
+    with pytest.raises(SurgeryBookError, match=r"unknown WUDI scope 'all'.*official, fusionbench, linear"):
+        wudi_merging(pretrained, experts, scope="all")
 
 
 def test_consensus_keeps_entries_at_least_two_tall_masks_keep():

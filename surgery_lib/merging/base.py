@@ -39,6 +39,7 @@ class MergeOptions:
     seed: int = 0
     precision: str | None = None  # AdaMerging on a GPU: the preset's (fp32 for real CLIP)
     drop_rate: float = 0.5  # DARE: the probability of dropping each task-vector entry
+    wudi_scope: str = "official"  # WUDI: which tensors are optimised (official, fusionbench, linear)
 
 
 @dataclass

@@ -5,10 +5,13 @@ singular directions, and tasks whose directions fall in the weak part of the spe
 
 - **Iso-C** keeps the directions of the sum and flattens its spectrum: ``sigma_bar U V^T`` with
   ``sigma_bar`` the mean singular value, so every direction of the common subspace counts equally.
-- **Iso-CTS** keeps only the top ``common_fraction`` (0.8) of the sum's directions, fills the remaining
-  rank with each task's own top directions after projecting the common subspace out of its update
-  (``(rank - common) / T`` per task), orthonormalises the combined bases (as TSV-M does) and scales them by
-  the same ``sigma_bar``.
+- **Iso-CTS** keeps the top directions of the sum as a common subspace and fills the rest of the rank with
+  each task's own top directions after projecting the common subspace out of its update. As the official
+  code splits it, every one of the ``r`` directions is used: the task-specific total is
+  ``round((r - int(0.8 r)) / T) * T`` (Python's rounding), ``r / T``-th shares of it per task, and the common
+  subspace takes the remaining ``r - T * per_task`` (:func:`iso_cts_split`). The combined bases are
+  orthonormalised (as TSV-M does) and scaled by the mean of the **kept** spectrum: the common subspace's
+  singular values of the sum and each task's kept residual singular values.
 
 Then ``theta = theta_0 + alpha * update``. The paper selects ``alpha`` on validation data per backbone and
 task count; the default here is ``alpha = 1`` (pass ``--scale`` to sweep it). Non-matrix parameters get the
@@ -38,26 +41,42 @@ def iso_c_matrix(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return s.mean() * (u @ v_t)
 
 
-def iso_cts_matrix(deltas: Sequence[torch.Tensor], common_fraction: float = COMMON_FRACTION) -> torch.Tensor:
-    """Iso-CTS's update of one layer from the T task matrices ``deltas`` (each (rows, cols))."""
+def iso_cts_split(rank: int, tasks: int, common_fraction: float = COMMON_FRACTION) -> tuple[int, int]:
+    """``(common, per_task)`` directions of a rank-``rank`` layer shared by ``tasks`` tasks, as the official
+    code splits them: ``common + tasks * per_task == rank`` (every direction used).
+
+    The task-specific total is ``(rank - int(common_fraction * rank)) / tasks`` rounded to the nearest
+    integer (half to even, Python's ``round``) times ``tasks``; where that rounding would exceed the rank (a
+    small ``common_fraction`` on a small layer, where the official code breaks), it is rounded down instead.
+    """
     if not 0 < common_fraction <= 1:
         raise SurgeryBookError(f"Iso-CTS common fraction {common_fraction} is outside (0, 1]", "pass a fraction such as 0.8")
+    if rank < 1 or tasks < 1:
+        raise SurgeryBookError(f"Iso-CTS needs a rank and a task count of at least 1, got {rank} and {tasks}", "merge at least one matrix")
+    spare = rank - int(common_fraction * rank)
+    per_task = round(spare / tasks)
+    if per_task * tasks > rank:
+        per_task = spare // tasks
+    return rank - per_task * tasks, per_task
+
+
+def iso_cts_matrix(deltas: Sequence[torch.Tensor], common_fraction: float = COMMON_FRACTION) -> torch.Tensor:
+    """Iso-CTS's update of one layer from the T task matrices ``deltas`` (each (rows, cols))."""
     total = torch.stack([d.float() for d in deltas]).sum(0)
     u, s, v_t = torch.linalg.svd(total, full_matrices=False)
-    rank = s.numel()
-    common = max(1, int(common_fraction * rank))
-    specific = (rank - common) // len(deltas)
-    lefts, rights = [u[:, :common]], [v_t[:common].T]
-    if specific > 0:
+    common, per_task = iso_cts_split(s.numel(), len(deltas), common_fraction)
+    lefts, rights, kept = [u[:, :common]], [v_t[:common].T], [s[:common]]
+    if per_task > 0:
         projector = u[:, :common] @ u[:, :common].T
         for delta in deltas:
             residual = delta.float() - projector @ delta.float()  # what the common subspace does not explain
-            u_t, _, v_t_t = torch.linalg.svd(residual, full_matrices=False)
-            lefts.append(u_t[:, :specific])
-            rights.append(v_t_t[:specific].T)
+            u_t, s_t, v_t_t = torch.linalg.svd(residual, full_matrices=False)
+            lefts.append(u_t[:, :per_task])
+            rights.append(v_t_t[:per_task].T)
+            kept.append(s_t[:per_task])
     u_perp = nearest_orthonormal(torch.cat(lefts, dim=1))
     v_perp = nearest_orthonormal(torch.cat(rights, dim=1))
-    return s.mean() * (u_perp @ v_perp.T)
+    return torch.cat(kept).mean() * (u_perp @ v_perp.T)
 
 
 def iso_merging(pretrained: StateDict, experts: Mapping[str, StateDict], *, task_specific: bool, scale: float = ISO_SCALE,

@@ -14,8 +14,18 @@ and ``B = sum_t w_t tau_t tau_t^T tau_t``, is formed once per layer, so a step c
 product: ViT-L/14's largest layer (4096 x 1024, 8 tasks) needs about 100 MB and 300 steps take seconds on a
 GPU; the whole model fits one GPU with room to spare (it is done layer by layer).
 
-Parameters that are not linear-layer matrices get the mean task vector, as in the spectral merges.
-``proj`` (used as ``x @ proj``) is optimised transposed, as the linear map it is.
+Which tensors are optimised, and what the others get, is ``scope`` (:data:`WUDI_SCOPES`):
+
+- ``official`` (default): what the authors' ViT code does. Only the four weight matrices of each block
+  (attention's in and out projections, the MLP's two layers) are optimised; every other tensor stays at the
+  pretrained value (no task vector is added there).
+- ``fusionbench``: FusionBench's implementation. Every 2-D tensor is optimised as it is stored (the positional
+  embedding and ``proj`` included); the others get the mean task vector.
+- ``linear``: this project's earlier choice. Linear-layer weights and ``proj`` (used as ``x @ proj``, so
+  optimised transposed, as the linear map it is) are optimised; the others get the mean task vector.
+
+The learning rate is the official 1e-5 on the real-CLIP presets (FusionBench: 1e-5 too, for 400 steps) and
+1e-4 on the offline presets, whose task-vector entries are larger (see above).
 """
 
 from __future__ import annotations
@@ -29,9 +39,15 @@ from surgery_lib.core.progress import tqdm
 from surgery_lib.merging.base import MergeMethod, register_method
 from surgery_lib.merging.vectors import StateDict, task_vectors
 
-#: Adam steps per layer (the paper's) and the learning rate (see the module docstring for why 1e-4).
+#: Adam steps per layer (the paper's) and the learning rate offline (see the module docstring for why 1e-4).
 WUDI_STEPS = 300
 WUDI_LR = 1e-4
+#: The official learning rate, used on the real-CLIP presets.
+WUDI_OFFICIAL_LR = 1e-5
+#: What each scope optimises; see the module docstring.
+WUDI_SCOPES = ("official", "fusionbench", "linear")
+#: The official code's four matrices per block (open_clip / CLIP names).
+BLOCK_MATRICES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def interference_loss(merged: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -58,28 +74,37 @@ def wudi_matrix(deltas: Sequence[torch.Tensor], steps: int = WUDI_STEPS, lr: flo
     return merged.detach()
 
 
-def _orientation(key: str, value: torch.Tensor) -> str | None:
-    """``"linear"`` for an (out, in) weight, ``"transposed"`` for a projection used as ``x @ proj``, else None."""
+def _orientation(key: str, value: torch.Tensor, scope: str) -> str | None:
+    """How ``scope`` treats tensor ``key``: ``"linear"`` (optimise the (out, in) matrix), ``"transposed"`` (a
+    projection used as ``x @ proj``), ``"pretrained"`` (keep theta_0) or ``"mean"`` (the mean task vector)."""
+    if scope == "official":
+        return "linear" if key.endswith(BLOCK_MATRICES) and value.dim() == 2 else "pretrained"
     if value.dim() != 2 or min(value.shape) < 2:
-        return None
-    if key.endswith("weight"):
+        return "mean"
+    if scope == "fusionbench" or key.endswith("weight"):
         return "linear"
     if key == "proj" or key.endswith(".proj"):
         return "transposed"
-    return None
+    return "mean"
 
 
 def wudi_merging(pretrained: StateDict, experts: Mapping[str, StateDict], steps: int = WUDI_STEPS, lr: float = WUDI_LR,
-                 device: torch.device | str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
-    """WUDI-Merging: ``theta_0 + tau_m`` per linear layer (:func:`wudi_matrix`), the mean task vector elsewhere."""
+                 device: torch.device | str = "cpu", progress: bool = False, scope: str = "official") -> dict[str, torch.Tensor]:  # fmt: skip
+    """WUDI-Merging: ``theta_0 + tau_m`` per optimised matrix (:func:`wudi_matrix`); the other tensors as ``scope`` says.
+
+    Raises:
+        SurgeryBookError: an unknown ``scope``.
+    """
+    if scope not in WUDI_SCOPES:
+        raise SurgeryBookError(f"unknown WUDI scope {scope!r}", f"use one of: {', '.join(WUDI_SCOPES)}")
     tasks = list(task_vectors(pretrained, experts).values())
     merged = {}
     for key, value in tqdm(pretrained.items(), desc="WUDI", disable=not progress, leave=False):
-        if not tasks or key not in tasks[0]:
+        orientation = _orientation(key, value, scope)
+        if not tasks or key not in tasks[0] or orientation == "pretrained":
             merged[key] = value.clone()
             continue
         deltas = [vector[key].to(device) for vector in tasks]
-        orientation = _orientation(key, value)
         if orientation == "linear":
             update = wudi_matrix(deltas, steps, lr)
         elif orientation == "transposed":
@@ -92,7 +117,9 @@ def wudi_merging(pretrained: StateDict, experts: Mapping[str, StateDict], steps:
 
 def _run(zoo, experts, options, device, progress):
     steps = WUDI_STEPS if options.steps is None else options.steps
-    return wudi_merging(zoo.pretrained, experts, steps, WUDI_LR, device, progress), {"steps": steps, "lr": WUDI_LR}
+    lr = WUDI_OFFICIAL_LR if zoo.preset.setting == "clip" else WUDI_LR
+    state = wudi_merging(zoo.pretrained, experts, steps, lr, device, progress, scope=options.wudi_scope)
+    return state, {"steps": steps, "lr": lr, "scope": options.wudi_scope}
 
 
-register_method(MergeMethod("wudi", "WUDI-Merging", _run, reads=("steps",)))
+register_method(MergeMethod("wudi", "WUDI-Merging", _run, reads=("steps", "wudi_scope")))
