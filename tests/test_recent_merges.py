@@ -23,7 +23,15 @@ from surgery_lib.merging.tsv import (
     tsv_merging,
 )
 from surgery_lib.merging.vectors import task_vectors
-from surgery_lib.merging.wudi import interference_loss, wudi_matrix, wudi_merging
+from surgery_lib.merging.wudi import (
+    convergence_curve,
+    convergence_table,
+    interference_loss,
+    interference_minimum,
+    wudi_matrix,
+    wudi_merging,
+)
+from surgery_lib.presets import get_preset
 
 E = torch.eye(4)
 
@@ -126,6 +134,23 @@ def test_wudi_gradient_is_that_of_the_papers_loss_and_adam_reaches_its_minimum()
     found = wudi_matrix(deltas, steps=3000, lr=1e-3).double()
     assert float(interference_loss(found, deltas)) <= float(interference_loss(exact, deltas)) * 1.001
     assert float(interference_loss(wudi_matrix(deltas), deltas)) < float(interference_loss(torch.stack(deltas).sum(0), deltas))
+
+
+def test_wudi_convergence_curve_measures_the_gap_left_by_wudis_own_iterates(smoke_zoo):
+    torch.manual_seed(0)
+    deltas = [torch.randn(6, 4, dtype=torch.float64) * 0.01 for _ in range(3)]
+    weights = [1 / d.square().sum() for d in deltas]
+    exact = (sum(w * d @ d.T @ d for w, d in zip(weights, deltas)) @ torch.linalg.inv(sum(w * d.T @ d for w, d in zip(weights, deltas))))
+    assert torch.allclose(interference_minimum(deltas), exact)
+    curve = convergence_curve(deltas, lr=1e-3, steps=200, every=50)
+    assert [step for step, _ in curve] == [0, 50, 100, 150, 200] and curve[0][1] == pytest.approx(1.0)
+    best, start = float(interference_loss(exact, deltas)), float(interference_loss(torch.stack(deltas).sum(0), deltas))
+    final = float(interference_loss(wudi_matrix(deltas, steps=200, lr=1e-3).double(), deltas))
+    assert curve[-1][1] == pytest.approx((final - best) / (start - best), rel=1e-4)
+    assert convergence_curve(deltas, lr=1e-3, steps=3000, every=3000)[-1][1] < 1e-3  # Adam gets there
+    table = convergence_table(smoke_zoo.pretrained, smoke_zoo.experts, lrs=(1e-5, 1e-4), steps=20, every=10)
+    assert table["layer"].nunique() == 4 * get_preset("smoke").encoder.layers  # the official scope's matrices
+    assert sorted(table["step"].unique()) == [0, 10, 20] and set(table["lr"]) == {1e-5, 1e-4}
 
 
 def test_wudi_scopes_choose_what_is_optimised_and_what_the_rest_gets():

@@ -30,7 +30,7 @@ The learning rate is the official 1e-5 on the real-CLIP presets (FusionBench: 1e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -55,9 +55,11 @@ def interference_loss(merged: torch.Tensor, deltas: Sequence[torch.Tensor]) -> t
     return sum(((merged - d) @ d.T).square().sum() / d.square().sum().clamp_min(1e-30) for d in deltas)
 
 
-def wudi_matrix(deltas: Sequence[torch.Tensor], steps: int = WUDI_STEPS, lr: float = WUDI_LR) -> torch.Tensor:
+def wudi_matrix(deltas: Sequence[torch.Tensor], steps: int = WUDI_STEPS, lr: float = WUDI_LR,
+                trace: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:  # fmt: skip
     """WUDI's merged update of one (out, in) linear layer from the task matrices ``deltas``: Adam on
-    :func:`interference_loss` from their sum, with its gradient in closed form."""
+    :func:`interference_loss` from their sum, with its gradient in closed form. ``trace(step, merged)``, if
+    given, sees the iterate after every step (step 0: the sum)."""
     if steps < 0:
         raise SurgeryBookError(f"WUDI steps {steps} is negative", "pass a number of steps such as 300")
     deltas = [d.float() for d in deltas]
@@ -67,11 +69,64 @@ def wudi_matrix(deltas: Sequence[torch.Tensor], steps: int = WUDI_STEPS, lr: flo
     b = sum(w * d @ g for w, d, g in zip(weights, deltas, grams))
     merged = torch.stack(deltas).sum(0).clone().requires_grad_(True)
     optimiser = torch.optim.Adam([merged], lr=lr)
-    for _ in range(steps):
+    if trace is not None:
+        trace(0, merged.detach())
+    for step in range(1, steps + 1):
         optimiser.zero_grad(set_to_none=False)
         merged.grad = 2 * (merged.detach() @ a - b)
         optimiser.step()
+        if trace is not None:
+            trace(step, merged.detach())
     return merged.detach()
+
+
+def interference_minimum(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The minimiser of :func:`interference_loss` in closed form: ``tau_m A = B`` with ``A = sum_t w_t D_t^T D_t``,
+    ``B = sum_t w_t D_t D_t^T D_t``, ``w_t = 1 / ||D_t||^2`` (least squares where A is singular). Float64."""
+    deltas = [d.double() for d in deltas]
+    weights = [1.0 / d.square().sum().clamp_min(1e-300) for d in deltas]
+    a = sum(w * d.T @ d for w, d in zip(weights, deltas))
+    b = sum(w * d @ d.T @ d for w, d in zip(weights, deltas))
+    return torch.linalg.lstsq(a, b.T).solution.T  # A is symmetric: tau_m A = B  <=>  A tau_m^T = B^T
+
+
+def convergence_curve(deltas: Sequence[torch.Tensor], lr: float, steps: int = WUDI_STEPS, every: int = 10) -> list[tuple[int, float]]:
+    """How far WUDI's Adam gets in ``steps``: ``[(step, gap)]`` every ``every`` steps, with ``gap`` the share of the
+    loss gap that remains, ``(L(tau_m) - L*) / (L(sum_t D_t) - L*)`` (1 at the start, 0 at the minimum).
+
+    The iterates are :func:`wudi_matrix`'s own; the loss is evaluated in float64.
+    """
+    exact = [d.double() for d in deltas]
+    best = float(interference_loss(interference_minimum(deltas), exact))
+    start = float(interference_loss(torch.stack(exact).sum(0), exact))
+    span = max(start - best, 1e-300)
+    points: list[tuple[int, float]] = []
+
+    def record(step: int, merged: torch.Tensor) -> None:
+        if step % every == 0 or step == steps:
+            points.append((step, (float(interference_loss(merged.double(), exact)) - best) / span))
+
+    wudi_matrix(deltas, steps, lr, trace=record)
+    return points
+
+
+def convergence_table(pretrained: StateDict, experts: Mapping[str, StateDict], lrs: Sequence[float], steps: int = WUDI_STEPS,
+                      every: int = 25, scope: str = "official", layers: int | None = None):  # fmt: skip
+    """:func:`convergence_curve` for every matrix ``scope`` optimises (or the first ``layers`` of them), at every
+    learning rate in ``lrs``: a ``pandas.DataFrame`` with columns ``layer, lr, step, gap``. Cost: one WUDI run per
+    layer and rate, plus a float64 loss every ``every`` steps."""
+    import pandas as pd
+
+    vectors = list(task_vectors(pretrained, experts).values())
+    keys = [k for k, v in pretrained.items() if vectors and k in vectors[0] and _orientation(k, v, scope) in ("linear", "transposed")]
+    rows = []
+    for key in keys[:layers]:
+        deltas = [v[key].float() for v in vectors]
+        if _orientation(key, pretrained[key], scope) == "transposed":
+            deltas = [d.T for d in deltas]
+        for lr in lrs:
+            rows += [{"layer": key, "lr": lr, "step": step, "gap": gap} for step, gap in convergence_curve(deltas, lr, steps, every)]
+    return pd.DataFrame(rows)
 
 
 def _orientation(key: str, value: torch.Tensor, scope: str) -> str | None:
