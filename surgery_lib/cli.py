@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -696,6 +697,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished models are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (`surgery-book presets --json | head`): stop quietly, and point stdout at
+        # /dev/null so the interpreter's final flush does not raise again; 141 is the shell's code for SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except SystemExit as exc:
         if exc.code == 128 + signal.SIGTERM:
             print("terminated: finished models are kept; run the same command again to resume", file=sys.stderr)

@@ -77,6 +77,12 @@ class GridSpec:
     setting_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
+        # A name given twice would run its cells twice and count them as more seeds (a smaller std): once each.
+        for name in ("presets", "methods", "versions"):
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
+        if not self.presets or not self.methods:
+            raise SurgeryBookError(f"invalid grid: presets {list(self.presets)}, methods {list(self.methods)}",
+                                   "name at least one preset (--presets mini) and one method (--methods all)")  # fmt: skip
         for preset in self.presets:
             get_preset(preset)
         for method in self.methods:

@@ -18,7 +18,7 @@ from typing import Any
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import atomic_path, exported_cache, write_json
-from surgery_lib.presets import get_preset
+from surgery_lib.presets import USER_PRESETS_ENV, get_preset
 
 ARTIFACT_SUFFIXES = (".png", ".pdf", ".csv", ".md")
 
@@ -97,7 +97,7 @@ def reproduce(
     executed_dir.mkdir(parents=True, exist_ok=True)
     parameters = {**(parameters or {}), "preset": preset, "device": device or default_device, "seed": seed}
     runs: list[NotebookRun] = []
-    with exported_cache(cache_dir):  # the kernels read the cache from their environment
+    with exported_cache(cache_dir, USER_PRESETS_ENV):  # the kernels read the cache and presets from their environment
         bar = tqdm(notebooks, desc=f"reproduce ({preset})", unit="notebook", disable=not progress)
         for notebook in bar:
             bar.set_postfix_str(notebook.stem)

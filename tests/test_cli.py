@@ -164,3 +164,27 @@ def test_finetune_options_are_checked_before_anything_is_built():
     assert result.returncode == 2 and "add --finetune lora" in result.stderr
     result = run("zoo", "--preset", "smoke", "--finetune", "lora", "--lora-rank", "0")
     assert result.returncode == 2 and "recipe.expert_lora_rank = 0 is invalid" in result.stderr
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    result = subprocess.run(
+        f"{sys.executable} -m surgery_lib presets --json | head -c 10", shell=True, capture_output=True, text=True, timeout=600
+    )
+    assert len(result.stdout) == 10
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_kernels_see_the_cache_and_presets_as_absolute_paths(monkeypatch, tmp_path):
+    import os
+
+    from surgery_lib.core.storage import CACHE_ENV, exported_cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(CACHE_ENV, "relative-cache")
+    monkeypatch.setenv("SURGERY_BOOK_PRESETS", "mine.json")
+    with exported_cache(None, "SURGERY_BOOK_PRESETS"):
+        assert os.environ[CACHE_ENV] == str(tmp_path / "relative-cache")
+        assert os.environ["SURGERY_BOOK_PRESETS"] == str(tmp_path / "mine.json")
+    assert os.environ[CACHE_ENV] == "relative-cache" and os.environ["SURGERY_BOOK_PRESETS"] == "mine.json"
+    with exported_cache("other"):
+        assert os.environ[CACHE_ENV] == str(tmp_path / "other")

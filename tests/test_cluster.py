@@ -150,3 +150,11 @@ def test_cells_of_another_zoo_or_other_settings_are_not_adopted(tmp_path):
     assert adopt_cells(other, COMMITTED_MINI_GRID, tmp_path / "other-settings", {"mini": record["zoo"]}) == 0
     assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / "same", {"mini": record["zoo"]}) == 1
     assert read_json(cell_path(tmp_path / "same", Cell("mini", "task_arithmetic", 0))) == record
+
+
+def test_a_name_given_twice_is_one_grid_axis_entry_and_an_empty_axis_is_an_error():
+    spec = GridSpec(presets=("smoke", "smoke"), methods=("ties", "task_arithmetic", "ties"), versions=(0, 1, 0))
+    assert spec.presets == ("smoke",) and spec.methods == ("ties", "task_arithmetic") and spec.versions == (0, 1)
+    with pytest.raises(SurgeryBookError, match=r"invalid grid: presets \[\].*--presets mini"):
+        GridSpec(presets=(), methods=("ties",))
+    assert main(["grid", "--presets", ",", "--methods", "ties", "--out", "unused"]) == 2

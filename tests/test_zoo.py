@@ -179,3 +179,17 @@ def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, mo
     smoke_zoo.forget_features()
     with pytest.raises(AssertionError, match="computed again"):
         smoke_zoo.expert_features(task)
+
+
+def test_rebuild_never_deletes_through_a_linked_merges_folder(tmp_path):
+    """A merges folder moved to another disk and linked back: clearing the zoo removes the zoo's own files only."""
+    zoo_dir, elsewhere = tmp_path / "zoo", tmp_path / "big-disk"
+    zoo_dir.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep.safetensors").write_bytes(b"someone else's merge")
+    (zoo_dir / "merges").symlink_to(elsewhere, target_is_directory=True)
+    (zoo_dir / "pretrained.safetensors").write_bytes(b"x")
+    (zoo_dir / MANIFEST).write_text(json.dumps({"models": {"pretrained": {"file": "pretrained.safetensors", "sha256": "0"}}}))
+    zoo_module.clear_zoo(zoo_dir)
+    assert (elsewhere / "keep.safetensors").read_bytes() == b"someone else's merge"
+    assert not (zoo_dir / "pretrained.safetensors").exists() and not (zoo_dir / MANIFEST).exists()

@@ -43,21 +43,26 @@ class CorruptFileError(SurgeryBookError):
 
 
 @contextlib.contextmanager
-def exported_cache(cache_dir: str | os.PathLike[str] | None) -> Iterator[None]:
-    """While inside, ``$SURGERY_BOOK_CACHE`` names ``cache_dir`` (if given) for child processes such as the
-    kernels papermill starts; restored after."""
-    if cache_dir is None:
-        yield
-        return
-    saved = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = os.path.abspath(cache_dir)
+def exported_cache(cache_dir: str | os.PathLike[str] | None, *path_variables: str) -> Iterator[None]:
+    """While inside, ``$SURGERY_BOOK_CACHE`` names ``cache_dir`` (if given, else its current value) as an absolute
+    path for child processes such as the kernels papermill starts, and so does every variable named in
+    ``path_variables`` that is set (``SURGERY_BOOK_PRESETS``): a kernel runs in another folder, where a relative
+    path would name another cache. Restored after."""
+    names = (CACHE_ENV, *path_variables)
+    saved = {name: os.environ.get(name) for name in names}
+    if cache_dir is not None:
+        os.environ[CACHE_ENV] = str(cache_dir)
+    for name in names:
+        if os.environ.get(name):
+            os.environ[name] = os.path.abspath(os.path.expanduser(os.environ[name]))
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

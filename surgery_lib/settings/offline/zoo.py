@@ -220,9 +220,14 @@ def clear_zoo(directory: Path) -> None:
         ) from None
     for name in files:
         path = directory / Path(name).name  # only plain file names inside the folder: a manifest never points out of it
-        path.unlink(missing_ok=True)
-    if (directory / "merges").is_dir():
-        for path in (directory / "merges").glob("*.safetensors"):
+        path.unlink(missing_ok=True)  # a link is removed, never what it points to
+    merges = directory / "merges"
+    if merges.is_symlink():
+        # A merges folder moved to another disk and linked back: deleting through the link would delete outside
+        # the zoo. Its merges are keyed by the zoo's weights, so a rebuilt zoo never reuses them by mistake.
+        log.warning("%s is a link; the merges it points to are left in place", merges)
+    elif merges.is_dir():
+        for path in merges.glob("*.safetensors"):
             path.unlink()
     (directory / MANIFEST).unlink()
 
