@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from surgery_lib.core.progress import tqdm
 from surgery_lib.core.taskdata import TaskData
 from surgery_lib.merging.vectors import add_vectors, task_vectors
 from surgery_lib.models import StateDict, embed, load_encoder
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def task_subsets(tasks: Sequence[str], size: int, count: int, seed: int = 0) -> list[tuple[str, ...]]:
@@ -67,7 +71,7 @@ def kept_share_curve(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
-):
+) -> pd.DataFrame:
     """Task arithmetic's kept share and disentanglement error for subsets of ``sizes`` tasks: one row per task per subset.
 
     Args:
@@ -132,7 +136,7 @@ def kept_share_curve(
     return pd.DataFrame(rows)
 
 
-def summarize_curve(rows) -> "pd.DataFrame":  # noqa: F821
+def summarize_curve(rows: pd.DataFrame) -> pd.DataFrame:
     """Per number of tasks merged: mean kept share, alone share and disentanglement error (a subset's tasks
     averaged first, then the subsets), with the number of subsets."""
     per_subset = rows.groupby(["size", "subset"])[["kept_share", "alone_share", "disentanglement_error"]].mean()
@@ -142,7 +146,7 @@ def summarize_curve(rows) -> "pd.DataFrame":  # noqa: F821
     return summary
 
 
-def zoo_kept_share(zoo, **options):
+def zoo_kept_share(zoo, **options) -> pd.DataFrame:
     """:func:`kept_share_curve` on a zoo's pretrained model, experts, heads and test splits (any setting);
     ``sizes`` larger than the zoo's task count are dropped. ``options`` go to :func:`kept_share_curve`."""
     sizes = [size for size in options.pop("sizes", (2, 3, 4, 6, 8)) if size <= len(zoo.tasks)]

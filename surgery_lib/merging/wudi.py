@@ -130,7 +130,7 @@ def convergence_table(pretrained: StateDict, experts: Mapping[str, StateDict], l
     return pd.DataFrame(rows)
 
 
-def _orientation(key: str, value: torch.Tensor, scope: str) -> str | None:
+def _orientation(key: str, value: torch.Tensor, scope: str) -> str:
     """How ``scope`` treats tensor ``key``: ``"linear"`` (optimise the (out, in) matrix), ``"transposed"`` (a
     projection used as ``x @ proj``), ``"pretrained"`` (keep theta_0) or ``"mean"`` (the mean task vector)."""
     if scope == "official":
