@@ -8,7 +8,10 @@ every cell file into one table (CSV, Markdown, JSON) with the mean and standard 
 Interrupting a run loses at most the cells in flight; running the same command again resumes.
 
 A folder holds one grid: its settings are recorded in ``<out>/grid.json`` and a run with other settings
-is refused, so a table never mixes cells computed under different schedules.
+is refused, so a table never mixes cells computed under different schedules. A cell file is reused only if
+it vouches for itself: it records its cell, the grid settings, the preset's hash, the zoo's folder and weights
+checksum, and a digest of all of it with its numbers; a file that was edited, copied over another cell's name,
+or computed from another zoo, preset or schedule is computed again (so deleting ``grid.json`` changes nothing).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
     CorruptFileError,
     atomic_path,
+    config_hash,
     entry_lock,
     read_json,
     write_json,
@@ -51,7 +55,11 @@ from surgery_lib.surgery.schedule import check_adam
 from surgery_lib.surgery.v1 import SurgeryConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import pandas as pd
+
+    from surgery_lib.settings.base import Zoo
 
 #: Where the jobs run: subprocesses here or a Slurm job array (both through submitit), or this process.
 EXECUTORS = ("local", "slurm", "inline")
@@ -135,36 +143,65 @@ def cell_path(out: Path, cell: Cell) -> Path:
     return Path(out) / "cells" / f"{cell.name}.json"
 
 
-def finished(out: Path, cell: Cell) -> bool:
-    """Whether ``cell`` has a readable result in ``out``."""
+def zoo_identity(zoo: Zoo) -> dict[str, str]:
+    """What a cell computed on ``zoo`` depends on besides the grid settings: the preset's hash (its surgery
+    ranks, schedules and zoo recipe), the zoo's folder name (on real CLIP: checkpoint family and data sources)
+    and its weights checksum (:meth:`Zoo.weights_fingerprint`)."""
+    return {"preset_hash": config_hash(zoo.preset.to_dict()), "zoo_folder": zoo.directory.name, "zoo": zoo.weights_fingerprint()}
+
+
+def cell_identity(cell: Cell, spec: GridSpec, zoo: Mapping[str, str]) -> dict[str, Any]:
+    """Every field a cell file must carry, with these values, to be reused for ``cell`` of ``spec`` on ``zoo``
+    (a :func:`zoo_identity`)."""
+    return {**dataclasses.asdict(cell), "settings": spec.settings(), **zoo}
+
+
+def _digest(record: Mapping[str, Any]) -> str:
+    return config_hash({k: v for k, v in record.items() if k != "digest"})
+
+
+def _sealed(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, "digest": _digest(record)}
+
+
+def vouched_record(path: Path, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The cell record in ``path`` if it carries exactly ``identity`` (a :func:`cell_identity`), a finite
+    ``average`` and a digest that matches its content; ``None`` for a missing, unreadable, edited or foreign file."""
     try:
-        return isinstance(read_json(cell_path(out, cell)).get("average"), float)
-    except (OSError, CorruptFileError, AttributeError):
-        return False
+        record = read_json(path)
+    except (OSError, CorruptFileError):
+        return None
+    if not isinstance(record, dict) or record.get("digest") != _digest(record):
+        return None
+    if any(record.get(key) != value for key, value in identity.items()):
+        return None
+    average = record.get("average")
+    if not isinstance(average, float) or not math.isfinite(average):
+        return None
+    return record
 
 
-def adopt_cells(spec: GridSpec, source: str | os.PathLike[str], out: str | os.PathLike[str], zoo_fingerprints: dict[str, str]) -> int:
+def finished(out: Path, cell: Cell, spec: GridSpec, zoo: Mapping[str, str]) -> bool:
+    """Whether ``out`` holds a result for ``cell`` that was computed with ``spec``'s settings on ``zoo`` (a
+    :func:`zoo_identity`)."""
+    return vouched_record(cell_path(out, cell), cell_identity(cell, spec, zoo)) is not None
+
+
+def adopt_cells(spec: GridSpec, source: str | os.PathLike[str], out: str | os.PathLike[str], zoos: Mapping[str, Mapping[str, str]]) -> int:
     """Copy into ``out`` the cells of ``spec`` that the grid folder ``source`` holds and ``out`` lacks, where they
-    are ones this machine would compute: ``source`` was computed with ``spec``'s settings and each cell from
-    the zoo weights that ``zoo_fingerprints`` (preset -> :meth:`Zoo.weights_fingerprint`) names.
+    are ones this machine would compute: each was computed with ``spec``'s settings on the zoo that ``zoos``
+    (preset -> :func:`zoo_identity`) names, and is unedited.
 
     A chapter reads the committed grid this way and computes only what it cannot vouch for (another zoo, other
     settings, a missing or unreadable cell); ``source`` itself is never written. Returns the cells copied.
     """
     source, out = Path(source), Path(out)
-    try:
-        recorded = read_json(source / "grid.json")
-    except (OSError, CorruptFileError):
-        return 0
-    if not isinstance(recorded, dict) or recorded.get("settings") != spec.settings():
-        return 0
     adopted = 0
     for cell in plan_cells(spec):
-        if finished(out, cell) or not finished(source, cell):
+        if cell.preset not in zoos or finished(out, cell, spec, zoos[cell.preset]):
             continue
-        record = read_json(cell_path(source, cell))
-        same_cell = all(record.get(k) == v for k, v in dataclasses.asdict(cell).items())
-        if not same_cell or record.get("zoo") != zoo_fingerprints.get(cell.preset):
+        record = vouched_record(cell_path(source, cell), cell_identity(cell, spec, zoos[cell.preset]))
+        if record is None:
             continue
         cell_path(out, cell).parent.mkdir(parents=True, exist_ok=True)
         write_json(record, cell_path(out, cell))
@@ -182,19 +219,24 @@ def run_cells(cells: Sequence[Cell], spec: GridSpec, out: str) -> list[str]:
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    written, zoos = [], {}
+    written, zoos, identities = [], {}, {}
     for cell in cells:
         path = cell_path(Path(out), cell)
         with entry_lock(path, f"grid cell {cell.name}"):  # a duplicate job (a resubmission) waits, then skips
-            if finished(Path(out), cell):
-                continue
             if cell.preset not in zoos:
-                options = spec.setting_options.get(get_preset(cell.preset).setting)
-                zoos[cell.preset] = build_zoo(cell.preset, device=spec.device, cache_dir=spec.cache_dir, progress=False, options=options)
+                zoos[cell.preset] = _load_zoo(spec, cell.preset)
+                identities[cell.preset] = zoo_identity(zoos[cell.preset])
+            if finished(Path(out), cell, spec, identities[cell.preset]):
+                continue
             record = _compute(zoos[cell.preset], cell, spec)
-            write_json(record, path)
+            write_json(_sealed({**record, **cell_identity(cell, spec, identities[cell.preset])}), path)
             written.append(cell.name)
     return written
+
+
+def _load_zoo(spec: GridSpec, preset: str) -> Zoo:
+    options = spec.setting_options.get(get_preset(preset).setting)
+    return build_zoo(preset, device=spec.device, cache_dir=spec.cache_dir, progress=False, options=options)
 
 
 def _compute(zoo, cell: Cell, spec: GridSpec) -> dict[str, Any]:
@@ -343,19 +385,48 @@ class GridRun:
     files: list[Path]
 
 
-def run_grid(spec: GridSpec, out: str | os.PathLike[str], submit: SubmitOptions | None = None, *, progress: bool = True) -> GridRun:
+class _Identities(dict):
+    """Preset -> :func:`zoo_identity`, loading a preset's zoo only when a cell file needs vouching for."""
+
+    def __init__(self, spec: GridSpec, zoos: Mapping[str, Zoo] | None) -> None:
+        super().__init__({preset: zoo_identity(zoo) for preset, zoo in (zoos or {}).items()})
+        self.spec = spec
+
+    def __missing__(self, preset: str) -> dict[str, str]:
+        self[preset] = zoo_identity(_load_zoo(self.spec, preset))
+        return self[preset]
+
+    def done(self, out: Path, cell: Cell) -> bool:
+        # A cell without a file needs no zoo: the first run of a grid does not load one in this process.
+        return cell_path(out, cell).is_file() and finished(out, cell, self.spec, self[cell.preset])
+
+
+def run_grid(
+    spec: GridSpec,
+    out: str | os.PathLike[str],
+    submit: SubmitOptions | None = None,
+    *,
+    progress: bool = True,
+    zoos: Mapping[str, Zoo] | None = None,
+) -> GridRun:
     """Compute every cell of ``spec`` that ``out`` does not hold yet through submitit, then collect the table.
 
+    A cell file is reused only if it vouches for itself (:func:`vouched_record`): same cell, settings, preset
+    hash, zoo folder and weights, unedited; any other is computed again. To check that, this process loads
+    the zoo of a preset whose cell files exist (pass ``zoos``, preset -> loaded zoo, to reuse one).
+
     Raises:
-        SurgeryBookError: a folder holding other settings, an unknown executor, or failed jobs (naming
-            their cells and logs; the finished cells are kept, so the same command resumes).
+        SurgeryBookError: a folder holding other settings, an unknown executor, failed jobs (naming
+            their cells and logs; the finished cells are kept, so the same command resumes), or a cell
+            overwritten meanwhile by a run on another zoo.
         KeyboardInterrupt, SystemExit: an interruption; local jobs are cancelled, Slurm jobs run on.
     """
     submit = submit or SubmitOptions()
     out = Path(out)
     started = time.perf_counter()
     _claim_folder(out, spec)
-    todo = [cell for cell in plan_cells(spec) if not finished(out, cell)]
+    identities = _Identities(spec, zoos)
+    todo = [cell for cell in plan_cells(spec) if not identities.done(out, cell)]
     jobs = batches(todo, submit)
     failures: list[tuple[list[Cell], Any, BaseException]] = []
     if jobs and submit.executor == "inline":  # this process, cell by cell (submitit's debug executor would open pdb on errors)
@@ -386,7 +457,7 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], submit: SubmitOptions 
                 _kill_local_jobs(submitted)
             raise
     if failures:
-        names = ", ".join(cell.name for batch, _, _ in failures for cell in batch if not finished(out, cell))
+        names = ", ".join(cell.name for batch, _, _ in failures for cell in batch if not identities.done(out, cell))
         exc = failures[0][2]
         first = f"{type(exc).__name__}: {exc}" if submit.executor == "inline" else str(exc).strip().splitlines()[-1]
         logs = "" if submit.executor == "inline" else f"read the job logs in {out / 'submitit'}, "
@@ -394,7 +465,16 @@ def run_grid(spec: GridSpec, out: str | os.PathLike[str], submit: SubmitOptions 
             f"{len(failures)} grid job(s) failed; unfinished cells: {names}. First error: {first}",
             f"{logs}fix the cause and run the same command again (finished cells are kept)",
         )
-    cells = [read_json(cell_path(out, cell)) for cell in plan_cells(spec)]
+    cells = []
+    for cell in plan_cells(spec):
+        record = vouched_record(cell_path(out, cell), cell_identity(cell, spec, identities[cell.preset]))
+        if record is None:
+            raise SurgeryBookError(
+                f"the cell {cell.name} in {out} is missing or was not computed from this zoo with these settings "
+                "(another run on another zoo or preset wrote to the same folder meanwhile)",
+                "give each grid its own --out and run the command again (it recomputes that cell)",
+            )
+        cells.append(record)
     table = grid_table(cells)
     files = write_grid_table(table, out / "table")
     return GridRun(table, cells, len(todo), time.perf_counter() - started, files)

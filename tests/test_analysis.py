@@ -10,7 +10,9 @@ import torch
 
 from surgery_lib import merging as methods
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.evaluation import task_accuracy
 from surgery_lib.merging import cosine_similarities, task_arithmetic
+from surgery_lib.models import load_encoder
 from surgery_lib.surgery.run import (
     bias_table,
     block_bias_table,
@@ -75,6 +77,17 @@ def test_scale_sweep_starts_at_the_pretrained_model(smoke_zoo):
         assert sweep.loc[0.0, task] == pytest.approx(smoke_zoo.manifest["accuracy"]["pretrained"][task], abs=1e-6)
     ta = methods.evaluate_merge(smoke_zoo, methods.merge(smoke_zoo, "task_arithmetic", progress=False))
     assert sweep.loc[0.3, list(ta)].to_dict() == pytest.approx(ta)
+
+
+def test_a_merge_of_some_tasks_is_evaluated_on_those_tasks(smoke_zoo):
+    subset = list(smoke_zoo.tasks[:2])
+    result = methods.merge(smoke_zoo, "task_arithmetic", tasks=subset, progress=False)
+    accuracy = methods.evaluate_merge(smoke_zoo, result, "cpu", tasks=subset)
+    assert list(accuracy) == subset
+    encoder = load_encoder(smoke_zoo.preset.encoder, task_arithmetic(smoke_zoo.pretrained, {t: smoke_zoo.experts[t] for t in subset}, 0.3))
+    assert accuracy[subset[0]] == pytest.approx(task_accuracy(encoder, smoke_zoo.heads[subset[0]], smoke_zoo.suite[subset[0]]))
+    with pytest.raises(SurgeryBookError, match="no task.*'nope'.*pass tasks among"):
+        methods.evaluate_merge(smoke_zoo, result, "cpu", tasks=["nope"])
 
 
 def test_bias_is_zero_for_the_expert_itself(smoke_zoo):

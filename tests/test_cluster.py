@@ -22,12 +22,14 @@ from surgery_lib.cluster import (
     SubmitOptions,
     adopt_cells,
     batches,
+    cell_identity,
     cell_path,
     plan_cells,
     run_grid,
+    vouched_record,
 )
 from surgery_lib.core.errors import SurgeryBookError
-from surgery_lib.core.storage import read_json
+from surgery_lib.core.storage import config_hash, read_json, write_json
 from surgery_lib.merging import MERGE_METHODS, MergeMethod
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -142,14 +144,70 @@ def test_the_first_seed_shifts_every_seeded_cell():
     assert [(c.version, c.seed) for c in plan_cells(spec)] == [(0, 5), (1, 5), (1, 6)]
 
 
+def _identity(record):
+    return {key: record[key] for key in ("preset_hash", "zoo_folder", "zoo")}
+
+
 def test_cells_of_another_zoo_or_other_settings_are_not_adopted(tmp_path):
     spec = GridSpec(presets=("mini",), methods=("task_arithmetic",), versions=(0,), seeds=1, surgery_steps=1000, deep_surgery_steps=100)
     record = read_json(cell_path(COMMITTED_MINI_GRID, Cell("mini", "task_arithmetic", 0)))
-    assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / "other-zoo", {"mini": "not" + record["zoo"]}) == 0
+    identity = _identity(record)
+    for changed in ("zoo", "zoo_folder", "preset_hash"):
+        assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / changed, {"mini": {**identity, changed: "other"}}) == 0
     other = GridSpec(presets=("mini",), methods=("task_arithmetic",), versions=(0,), seeds=1, surgery_steps=999, deep_surgery_steps=100)
-    assert adopt_cells(other, COMMITTED_MINI_GRID, tmp_path / "other-settings", {"mini": record["zoo"]}) == 0
-    assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / "same", {"mini": record["zoo"]}) == 1
+    assert adopt_cells(other, COMMITTED_MINI_GRID, tmp_path / "other-settings", {"mini": identity}) == 0
+    assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / "same", {"mini": identity}) == 1
     assert read_json(cell_path(tmp_path / "same", Cell("mini", "task_arithmetic", 0))) == record
+
+    edited = tmp_path / "edited"
+    (edited / "cells").mkdir(parents=True)
+    write_json({**record, "average": 99.0}, cell_path(edited, Cell("mini", "task_arithmetic", 0)))
+    assert adopt_cells(spec, edited, tmp_path / "from-edited", {"mini": identity}) == 0
+
+
+@pytest.mark.parametrize("folder", ["grid-mini", "grid-mini-per-task"])
+def test_every_committed_cell_vouches_for_itself(folder):
+    """The chapters adopt these files: each must carry its own cell, its folder's settings and an intact digest."""
+    source = COMMITTED_MINI_GRID.parent / folder
+    settings = read_json(source / "grid.json")["settings"]
+    spec = GridSpec(presets=("mini",), methods=("task_arithmetic",), surgery_steps=settings["surgery_steps"],
+                    deep_surgery_steps=settings["deep_surgery_steps"], adam=settings["adam"])  # fmt: skip
+    assert spec.settings() == settings
+    paths = sorted((source / "cells").glob("*.json"))
+    assert paths
+    for path in paths:
+        record = read_json(path)
+        cell = Cell(record["preset"], record["method"], record["version"], record["seed"])
+        assert cell_path(source, cell) == path
+        assert vouched_record(path, cell_identity(cell, spec, _identity(record))) == record, path.name
+
+
+def test_a_cell_file_that_cannot_vouch_for_itself_is_computed_again(smoke_zoo, cache_dir, tmp_path):
+    spec = GridSpec(presets=("smoke",), methods=("task_arithmetic", "ties"), versions=(0,), cache_dir=str(cache_dir))
+    inline = SubmitOptions(executor="inline")
+    first = run_grid(spec, tmp_path, inline, progress=False)
+    ta, ties = (cell_path(tmp_path, Cell("smoke", m, 0)) for m in ("task_arithmetic", "ties"))
+    assert first.computed == 2
+
+    def rerun():
+        again = run_grid(spec, tmp_path, inline, progress=False)
+        assert again.table.drop(columns="seconds").equals(first.table.drop(columns="seconds"))
+        return again.computed
+
+    record = read_json(ta)
+    write_json({**record, "average": 99.0}, ta)  # edited numbers
+    assert rerun() == 1
+    ta.write_bytes(ties.read_bytes())  # another cell's file under this cell's name
+    assert rerun() == 1
+    forged = {**read_json(ta), "zoo": "0" * 12}  # another zoo's cell, its digest recomputed to match
+    write_json({**forged, "digest": config_hash({k: v for k, v in forged.items() if k != "digest"})}, ta)
+    assert rerun() == 1
+    assert rerun() == 0
+
+    # Without grid.json a rerun with another schedule is not refused, and still reuses nothing computed under the old one.
+    (tmp_path / "grid.json").unlink()
+    other = GridSpec(presets=("smoke",), methods=("task_arithmetic", "ties"), versions=(0,), surgery_steps=20, cache_dir=str(cache_dir))
+    assert run_grid(other, tmp_path, inline, progress=False).computed == 2
 
 
 def test_a_name_given_twice_is_one_grid_axis_entry_and_an_empty_axis_is_an_error():

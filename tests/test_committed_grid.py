@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery_lib.cluster import Cell, GridSpec, adopt_cells, cell_path, finished, run_cells
+from surgery_lib.cluster import Cell, GridSpec, adopt_cells, cell_path, finished, run_cells, zoo_identity
 from surgery_lib.core.storage import read_json
 
 pytestmark = pytest.mark.slow
@@ -33,13 +33,13 @@ def test_a_sample_of_the_committed_cells_is_what_this_zoo_computes(mini_zoo, tmp
                     surgery_steps=settings["surgery_steps"], deep_surgery_steps=settings["deep_surgery_steps"],
                     adam=settings["adam"], device="cpu")  # fmt: skip
     assert spec.settings() == settings
-    fingerprint = mini_zoo.weights_fingerprint()
+    identity = zoo_identity(mini_zoo)
     committed = {cell: read_json(cell_path(COMMITTED, cell)) for cell in SAMPLE}
-    same_zoo = {record["zoo"] for record in committed.values()} == {fingerprint}
+    same_zoo = {record["zoo"] for record in committed.values()} == {identity["zoo"]}
 
-    adopted = adopt_cells(spec, COMMITTED, tmp_path / "adopted", {"mini": fingerprint})
+    adopted = adopt_cells(spec, COMMITTED, tmp_path / "adopted", {"mini": identity})
     if same_zoo:
-        assert all(finished(tmp_path / "adopted", cell) for cell in SAMPLE)
+        assert all(finished(tmp_path / "adopted", cell, spec, identity) for cell in SAMPLE)
     else:
         assert adopted == 0, "cells of another zoo were adopted"
 

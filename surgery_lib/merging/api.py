@@ -182,11 +182,18 @@ def scale_sweep(
     return accuracy_table, results_table(entropy).rename_axis("scale")
 
 
-def evaluate_merge(zoo: Zoo, result: MergeResult, device: str | torch.device | None = None) -> dict[str, float]:
-    """Test accuracy (%) of a merged model on each of its tasks."""
+def evaluate_merge(
+    zoo: Zoo, result: MergeResult, device: str | torch.device | None = None, *, tasks: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Test accuracy (%) of a merged model on each of ``tasks`` (default: every task of the zoo; pass the
+    subset a merge of fewer tasks was computed from)."""
+    names = list(tasks) if tasks is not None else list(zoo.tasks)
+    unknown = [t for t in names if t not in zoo.tasks]
+    if unknown:
+        raise SurgeryBookError(f"the zoo has no task(s) {unknown}", f"pass tasks among {', '.join(zoo.tasks)}")
     device = resolve_device(device, zoo.preset.default_device)
     encoder = load_encoder(zoo.preset.encoder, result.state)
-    return evaluate_tasks(encoder, zoo.heads, {t: zoo.suite[t] for t in zoo.tasks}, device=device)
+    return evaluate_tasks(encoder, zoo.heads, {t: zoo.suite[t] for t in names}, device=device)
 
 
 def main_table(
