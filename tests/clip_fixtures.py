@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,3 +133,30 @@ def fabricate_task_vectors_checkpoints(root: Path, classes, visual, heads_dim: i
             head.bias.zero_()
         _save(head, folder / f"head_{task}.pt", "zip")
     return root
+
+
+def fabricate_fusionbench_snapshots(root: Path) -> tuple[Any, dict[str, Any]]:
+    """``save_pretrained`` folders named like FusionBench's hub repositories under ``root``: a tiny
+    transformers ``CLIPModel`` (``clip-vit-base-patch32``) and, per task, a ``CLIPVisionModel`` expert
+    (``clip-vit-base-patch32_<task>``) that is its vision tower plus a random perturbation. Returns the models."""
+    import transformers
+
+    from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, CLIP_TASKS
+
+    torch.manual_seed(3)
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+                  hidden_act="quick_gelu")  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=1)
+    pretrained = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).eval()
+    pretrained.save_pretrained(root / "clip-vit-base-patch32")
+    experts = {}
+    for task in CLIP_TASK_NAMES:
+        expert = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval()
+        source = pretrained.vision_model.state_dict()  # transformers 5 flattened CLIPVisionModel: match either way
+        expert.load_state_dict({k: source[k.removeprefix("vision_model.")] for k in expert.state_dict()})
+        with torch.no_grad():
+            for parameter in expert.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+        expert.save_pretrained(root / f"clip-vit-base-patch32_{CLIP_TASKS[task].fusionbench}")
+        experts[task] = expert
+    return pretrained, experts

@@ -4,6 +4,7 @@ folders and checkpoints, FusionBench snapshots, zero-shot heads, presets, and ev
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ from clip_fixtures import (
     TEST_SIZES,
     TINY_CLIP,
     fabricate_datasets,
+    fabricate_fusionbench_snapshots,
     fabricate_task_vectors_checkpoints,
 )
 
@@ -279,30 +281,15 @@ def test_commands_accept_clip_presets(tiny_clip_zoo, capsys, monkeypatch):
 
 
 def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, datasets_root, clip_env, capsys):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from surgery_lib.settings.clip.checkpoints import (
         build_clip_visual,
         fusionbench_sources,
         load_converted,
     )
 
-    torch.manual_seed(3)
-    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-                  hidden_act="quick_gelu")  # fmt: skip
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=1)
-    pretrained = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).eval()
     snapshots = tmp_path / "hub"
-    pretrained.save_pretrained(snapshots / "clip-vit-base-patch32")  # named like the hub repositories
-    experts = {}
-    for i, task in enumerate(CLIP_TASK_NAMES):
-        expert = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval()
-        source = pretrained.vision_model.state_dict()  # transformers 5 flattened CLIPVisionModel: match either way
-        expert.load_state_dict({k: source[k.removeprefix("vision_model.")] for k in expert.state_dict()})
-        with torch.no_grad():
-            for parameter in expert.parameters():
-                parameter.add_(0.01 * torch.randn_like(parameter))
-        expert.save_pretrained(snapshots / f"clip-vit-base-patch32_{CLIP_TASKS[task].fusionbench}")
-        experts[task] = expert
+    pretrained, experts = fabricate_fusionbench_snapshots(snapshots)  # named like the hub repositories
     assert fusionbench_sources("ViT-B-32", "hub", ("Cars",))["expert/Cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
     with pytest.raises(SurgeryBookError, match="9 FusionBench snapshot folder"):
         fusionbench_sources("ViT-B-32", str(tmp_path / "nothing"), CLIP_TASK_NAMES)
@@ -329,6 +316,115 @@ def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, dataset
     expected = zero_shot_head(model, tokenizer, EUROSAT_CLASSES, CLIP_TASKS["EuroSAT"].templates)
     assert torch.allclose(zoo.heads["EuroSAT"].linear.weight, expected.linear.weight, atol=1e-6)
     assert zoo.heads["SUN397"].num_classes == 3 and zoo.manifest["family"] == "fusionbench"
+
+
+def _edit_snapshot(folder, edit):
+    """Rewrite ``folder/model.safetensors`` with ``edit(tensors)`` applied, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    edit(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_broken_fusionbench_expert_is_refused_and_the_earlier_conversion_kept(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from surgery_lib.cli import main
+    from surgery_lib.core.storage import sha256_file
+    from surgery_lib.settings.clip.checkpoints import load_converted
+
+    good, converted = tmp_path / "hub", tmp_path / "converted"
+    fabricate_fusionbench_snapshots(good)
+    command = ["convert", "--family", "fusionbench", "--model", "ViT-B-32", "--out", str(converted), "--quiet", "--source"]
+    assert main([*command, str(good)]) == 0
+    capsys.readouterr()
+    before = {p.relative_to(converted): sha256_file(p) for p in converted.rglob("*") if p.is_file()}
+
+    def broken(name, edit=None, remove=None):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        expert = folder / "clip-vit-base-patch32_dtd"
+        if edit is not None:
+            _edit_snapshot(expert, edit)
+        if remove is not None:
+            (expert / remove).unlink()
+        return folder, expert
+
+    def first_key(tensors, part):
+        return next(k for k in tensors if part in k)
+
+    def delete(t):
+        del t[first_key(t, "layers.1.mlp.fc1.weight")]
+
+    def quantise(t):
+        key = first_key(t, "layers.0.self_attn.q_proj.weight")
+        t[key] = t[key].to(torch.int8)
+
+    def poison(t):
+        t[first_key(t, "layers.0.mlp.fc2.bias")][3] = float("nan")
+
+    def extra(t):
+        t["vision_model.encoder.layers.0.adapter.weight"] = torch.zeros(2, 2)
+
+    cases = {
+        "deleted": (dict(edit=delete), r"missing weight '(vision_model\.)?encoder\.layers\.1\.mlp\.fc1\.weight'"),
+        "int8": (dict(edit=quantise), r"q_proj\.weight' is torch\.int8, not a floating-point weight"),
+        "nan": (dict(edit=poison), r"fc2\.bias' holds NaN or infinite values"),
+        "unexpected": (dict(edit=extra), r"unexpected transformers keys \['encoder\.layers\.0\.adapter\.weight'\]"),
+        "no-config": (dict(remove="config.json"), r"has no config\.json"),
+    }
+    for name, (change, message) in cases.items():
+        folder, expert = broken(name, **change)
+        assert main([*command, str(folder)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(expert) in err and re.search(message, err), (name, err)
+    folder, expert = broken("truncated")
+    weights = expert / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main([*command, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot read {weights}" in err
+
+    # Nothing of the failed conversions reached the folder, and no temporary folder is left beside it.
+    after = {p.relative_to(converted): sha256_file(p) for p in converted.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in converted.iterdir()) == ["ViT-B-32"]
+    load_converted(converted / "ViT-B-32")
+
+    (tmp_path / "a-file").write_text("")
+    assert main(["convert", "--family", "fusionbench", "--model", "ViT-B-32", "--out", str(tmp_path / "a-file"), "--quiet",
+                 "--source", str(good)]) == 2  # fmt: skip
+    assert "a-file is a file" in capsys.readouterr().err
+
+
+def test_fusionbench_hub_ids_are_downloaded_as_weights_and_config_only(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from surgery_lib.cli import main
+
+    local = tmp_path / "hub"
+    fabricate_fusionbench_snapshots(local)
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, tuple(allow_patterns)))
+        if repo_id.endswith("_dtd"):
+            raise OSError("Repository Not Found for url: https://huggingface.co/api/models/" + repo_id)
+        return str(local / repo_id.split("/")[-1])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    command = ["convert", "--family", "fusionbench", "--model", "ViT-B-32", "--source", "hub", "--quiet", "--out"]
+    assert main([*command, str(tmp_path / "converted"), "--tasks", "SUN397,Cars"]) == 0
+    assert [repo for repo, _ in asked] == ["openai/clip-vit-base-patch32", "tanganke/clip-vit-base-patch32_sun397",
+                                           "tanganke/clip-vit-base-patch32_stanford-cars"]  # fmt: skip
+    assert all("config.json" in patterns and not any(p.endswith(".bin") for p in patterns) for _, patterns in asked)
+    assert main([*command, str(tmp_path / "failed")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot download tanganke/clip-vit-base-patch32_dtd from the hub (OSError: Repository Not Found" in err
+    assert not (tmp_path / "failed" / "ViT-B-32").exists()
 
 
 def test_presets_round_trip_through_json_files(tmp_path, monkeypatch):

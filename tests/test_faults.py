@@ -260,6 +260,33 @@ def test_temporaries_of_a_killed_write_are_removed_by_the_next_one(tmp_path):
     assert not stale.exists() and live.exists() and other.exists()  # only this file's, and only abandoned ones
 
 
+def test_a_folder_written_atomically_is_swapped_in_whole_or_not_at_all(tmp_path):
+    import os
+    import time
+
+    from surgery_lib.core.storage import atomic_directory
+
+    target = tmp_path / "ViT-B-32"
+    with atomic_directory(target) as folder:
+        (folder / "manifest.json").write_text("first")
+    assert (target / "manifest.json").read_text() == "first"
+    with pytest.raises(RuntimeError), atomic_directory(target) as folder:
+        (folder / "manifest.json").write_text("half")
+        raise RuntimeError("the fifth expert is broken")
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json"] and (target / "manifest.json").read_text() == "first"
+    stale = tmp_path / ".ViT-B-32.killed.partial"
+    stale.mkdir()
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    with atomic_directory(target) as folder:
+        (folder / "pretrained.safetensors").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["pretrained.safetensors"]  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ViT-B-32"]  # no temporaries, the killed run's removed
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SurgeryBookError, match="a-file exists and is not a folder"), atomic_directory(tmp_path / "a-file"):
+        pass
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")])
 def test_a_full_disk_is_one_clear_error_naming_the_folder(error, tmp_path, monkeypatch):
     import safetensors.torch

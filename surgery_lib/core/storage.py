@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -131,6 +132,46 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``path``; on success swap it in for ``path`` (replacing a folder
+    that was there), on error delete it, so ``path`` holds either the old complete folder or the new one.
+
+    Raises:
+        SurgeryBookError: ``path`` exists and is not a folder (a file, or a link).
+    """
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise SurgeryBookError(f"{target} exists and is not a folder", f"pass another output folder, or remove {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):  # a killed run's; a live one is younger
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_TEMPORARY_S:
+                shutil.rmtree(stale)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, old / target.name)  # out of the way first: rename cannot replace a non-empty folder
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old / target.name, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_full(target, exc) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _disk_full(target: Path, exc: BaseException) -> SurgeryBookError:

@@ -32,7 +32,7 @@ from torch import nn
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.state_dict import check_compatible
-from surgery_lib.core.storage import load_tensors, read_json, save_tensors, write_json
+from surgery_lib.core.storage import atomic_directory, load_tensors, read_json, save_tensors, write_json
 from surgery_lib.models import ClassificationHead
 from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, get_clip_task
 
@@ -373,6 +373,22 @@ def task_vectors_files(source: str | os.PathLike[str], model: str, tasks: tuple[
     return files
 
 
+def check_weights(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights a conversion must not store: a non-float tensor (int8, bool: casting would invent
+    values) or a NaN or infinite entry, naming ``source`` (the file) and the key.
+
+    Raises:
+        SurgeryBookError: the first such tensor.
+    """
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise SurgeryBookError(f"{source}: tensor {key!r} is {tensor.dtype}, not a floating-point weight",
+                                   "convert the original checkpoint, not a quantised or edited copy")  # fmt: skip
+        if not torch.isfinite(tensor).all():
+            raise SurgeryBookError(f"{source}: tensor {key!r} holds NaN or infinite values",
+                                   "download the checkpoint again; a fine-tune that diverged cannot be merged")  # fmt: skip
+
+
 def _write_converted(
     target: Path,
     family: str,
@@ -381,26 +397,32 @@ def _write_converted(
     experts: Iterable[tuple[str, Mapping[str, torch.Tensor], ClassificationHead | None]],
     sources: Mapping[str, str],
 ) -> dict[str, Any]:
-    """Write ``pretrained.safetensors``, ``experts/<T>``, ``heads/<T>`` and, last, ``manifest.json``."""
+    """Write ``pretrained.safetensors``, ``experts/<T>``, ``heads/<T>`` and ``manifest.json`` into a temporary
+    folder and swap it in for ``target`` only when all are written: a conversion that fails on its fifth
+    expert leaves an earlier good conversion in ``target`` as it was."""
     architecture = visual_architecture(pretrained)
-    written = {"pretrained": {"file": "pretrained.safetensors", "sha256": save_tensors(pretrained, target / "pretrained.safetensors")}}
-    tasks = []
-    for task, expert, head in experts:
-        check_compatible(pretrained, {task: expert})
-        tasks.append(task)
-        written[f"expert/{task}"] = {"file": f"experts/{task}.safetensors", "sha256": save_tensors(expert, target / "experts" / f"{task}.safetensors")}
-        if head is not None:
-            if head.linear.in_features != architecture["output_dim"]:
-                raise SurgeryBookError(
-                    f"the {task} head expects {head.linear.in_features}-d embeddings, the encoder gives {architecture['output_dim']}",
-                    f"use the heads of the {model} folder",
-                )
-            written[f"head/{task}"] = {"file": f"heads/{task}.safetensors", "sha256": save_tensors(head.state_dict(), target / "heads" / f"{task}.safetensors")}
-    manifest = {
-        "format": CONVERTED_FORMAT, "family": family, "model": model, "tasks": tasks,
-        "architecture": architecture, "sources": dict(sources), "files": written,
-    }  # fmt: skip
-    write_json(manifest, target / "manifest.json")
+    check_weights(pretrained, sources.get("pretrained", "the pretrained model"))
+    with atomic_directory(target) as folder:
+        written = {"pretrained": {"file": "pretrained.safetensors", "sha256": save_tensors(pretrained, folder / "pretrained.safetensors")}}
+        tasks = []
+        for task, expert, head in experts:
+            check_compatible(pretrained, {task: expert})
+            check_weights(expert, sources.get(f"expert/{task}", f"the {task} expert"))
+            tasks.append(task)
+            written[f"expert/{task}"] = {"file": f"experts/{task}.safetensors", "sha256": save_tensors(expert, folder / "experts" / f"{task}.safetensors")}
+            if head is not None:
+                if head.linear.in_features != architecture["output_dim"]:
+                    raise SurgeryBookError(
+                        f"the {task} head expects {head.linear.in_features}-d embeddings, the encoder gives {architecture['output_dim']}",
+                        f"use the heads of the {model} folder",
+                    )
+                check_weights(head.state_dict(), sources.get(f"head/{task}", f"the {task} head"))
+                written[f"head/{task}"] = {"file": f"heads/{task}.safetensors", "sha256": save_tensors(head.state_dict(), folder / "heads" / f"{task}.safetensors")}
+        manifest = {
+            "format": CONVERTED_FORMAT, "family": family, "model": model, "tasks": tasks,
+            "architecture": architecture, "sources": dict(sources), "files": written,
+        }  # fmt: skip
+        write_json(manifest, folder / "manifest.json")
     return manifest
 
 
@@ -413,13 +435,14 @@ def convert_task_vectors(
 ) -> dict[str, Any]:
     """Convert a task_vectors folder once into safetensors plus ``manifest.json`` under ``out/<model>/``.
 
-    Every file is written atomically and the manifest last, so an interrupted conversion leaves no
-    manifest and is simply run again. Returns the manifest (paths, SHA-256 and the architecture).
+    The conversion is written into a temporary folder and swapped in when complete, so an interrupted or
+    failed one leaves ``out/<model>/`` as it was. Returns the manifest (paths, SHA-256 and the architecture).
 
     Raises:
-        SurgeryBookError: missing files, unsafe or damaged pickles, or experts whose architecture differs
-            from the pretrained model's.
+        SurgeryBookError: missing files, unsafe or damaged pickles, experts whose architecture differs
+            from the pretrained model's, non-float or non-finite weights, or ``out/<model>`` a file.
     """
+    _check_output_folder(Path(out) / model)
     files = task_vectors_files(source, model, tasks)
     pretrained = load_image_encoder_state(files["pretrained"])
     experts = (
@@ -467,6 +490,120 @@ def fusionbench_sources(model: str, source: str, tasks: tuple[str, ...], owner: 
     return local
 
 
+def _check_output_folder(target: Path) -> None:
+    # Before minutes of reading checkpoints: the folder the conversion will replace must be one.
+    for path in (target, *target.parents):
+        if path.exists() and not path.is_dir():
+            raise SurgeryBookError(f"cannot write the conversion into {target}: {path} is a file", "pass another --out folder")
+
+
+#: Files a transformers ``save_pretrained`` folder may keep its weights in, in the order they are preferred.
+SNAPSHOT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def snapshot_state(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and ``config.json`` of a transformers ``save_pretrained`` folder, read as stored.
+
+    No model is built, so nothing is initialised or cast: a key missing from the file stays missing and is
+    refused by the key mapping (transformers' ``from_pretrained`` would fill it with random values).
+    Reads ``model.safetensors``, a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin`` (with
+    ``torch.load(weights_only=True)``); every tensor must be floating point and finite (:func:`check_weights`).
+
+    Raises:
+        SurgeryBookError: no ``config.json``, no weights file, or an unreadable, truncated or invalid one
+            (naming the file).
+    """
+    folder = Path(folder)
+    try:
+        config = read_json(folder / "config.json")
+    except FileNotFoundError:
+        raise SurgeryBookError(f"{folder} has no config.json", "save each model with save_pretrained, which writes it") from None
+    except (OSError, SurgeryBookError) as exc:
+        raise SurgeryBookError(f"{folder / 'config.json'} is unreadable ({exc})", "save the model again with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise SurgeryBookError(f"{folder / 'config.json'} is not a transformers config", "save the model again with save_pretrained")
+    name = next((n for n in SNAPSHOT_WEIGHTS if (folder / n).is_file()), None)
+    if name is None:
+        raise SurgeryBookError(f"{folder} holds no weights ({', '.join(SNAPSHOT_WEIGHTS)})", "save each model with save_pretrained")
+    if name == "model.safetensors.index.json":
+        index = read_json(folder / name)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+            raise SurgeryBookError(f"{folder / name} is not a safetensors index", "save the model again with save_pretrained")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [name]
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        path = folder / file
+        try:
+            if file.endswith(".bin"):
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+                    raise ValueError("not a flat mapping of tensors")
+            else:
+                loaded = load_tensors(path)[0]
+        except (Exception, RecursionError) as exc:  # noqa: BLE001  (safetensors and torch raise many types)
+            raise SurgeryBookError(f"cannot read {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
+                                   "download or save the model again; the file is truncated or not a checkpoint") from None  # fmt: skip
+        check_weights(loaded, str(path))
+        state.update({key: tensor.float() for key, tensor in loaded.items()})
+    return state, config
+
+
+def _vision_layers(config: Mapping[str, Any], path: Path) -> int:
+    vision = config.get("vision_config", config)
+    layers = vision.get("num_hidden_layers") if isinstance(vision, Mapping) else None
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= 1000:
+        raise SurgeryBookError(f"{path / 'config.json'} names no vision num_hidden_layers", "save the model again with save_pretrained")
+    return layers
+
+
+#: Keys of a transformers ``CLIPModel`` outside its vision tower (ignored when the pretrained model is read).
+CLIP_TEXT_KEYS = ("text_model.", "text_projection.", "logit_scale")
+
+
+def _fusionbench_vision(folder: Path, projection: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One snapshot as open_clip visual weights, and the projection it was mapped with (the pretrained
+    ``CLIPModel``'s own ``visual_projection`` when ``projection`` is None)."""
+    state, config = snapshot_state(folder)
+    if projection is None:
+        if "visual_projection.weight" not in state:
+            raise SurgeryBookError(f"{folder} is not a CLIPModel snapshot (no visual_projection.weight)",
+                                   "pass the pretrained openai/clip-vit-* snapshot")  # fmt: skip
+        projection = state.pop("visual_projection.weight")
+        state = {k: v for k, v in state.items() if not k.startswith(CLIP_TEXT_KEYS)}
+    try:
+        converted = open_clip_state_from_transformers(state, projection)
+    except SurgeryBookError as exc:
+        raise SurgeryBookError(f"{folder}: {exc.problem}", exc.fix) from None
+    found = len({k.split(".")[2] for k in converted if k.startswith("transformer.resblocks.")})
+    expected = _vision_layers(config, folder)
+    if found != expected:
+        raise SurgeryBookError(f"{folder} holds {found} vision blocks, its config.json {expected}",
+                               "download or save the model again; its weights are incomplete")  # fmt: skip
+    return converted, projection
+
+
+def _snapshot_folder(source: str) -> Path:
+    """A local snapshot folder, or the hub repository ``source`` downloaded (weights and config only)."""
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise SurgeryBookError("downloading FusionBench checkpoints needs huggingface_hub", "pip install 'surgery-book[hub]'") from None
+    patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+    try:
+        folder = Path(snapshot_download(source, allow_patterns=patterns))
+        if not any((folder / name).is_file() for name in SNAPSHOT_WEIGHTS):  # an older repository: pickled weights only
+            folder = Path(snapshot_download(source, allow_patterns=["config.json", "pytorch_model.bin"]))
+    except Exception as exc:  # noqa: BLE001  (network, authentication and missing-repository errors)
+        raise SurgeryBookError(f"cannot download {source} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                               "check the network and the repository name, or pass --source with local save_pretrained folders") from None  # fmt: skip
+    return folder
+
+
 def convert_fusionbench(
     source: str,
     model: str,
@@ -477,28 +614,26 @@ def convert_fusionbench(
 ) -> dict[str, Any]:
     """Convert FusionBench's transformers checkpoints once into the same layout as :func:`convert_task_vectors`.
 
-    The pretrained ``CLIPModel``'s vision tower and ``visual_projection`` and each expert
-    ``CLIPVisionModel`` are mapped onto open_clip keys (:func:`open_clip_state_from_transformers`). The
-    family ships no heads: zero-shot heads are built from the text tower (:mod:`surgery_lib.settings.clip.zero_shot`).
+    Each snapshot's weights are read as stored (:func:`snapshot_state`; no model is built, so nothing is
+    initialised at random or cast), the pretrained ``CLIPModel``'s vision tower and ``visual_projection``
+    and each expert ``CLIPVisionModel`` mapped onto open_clip keys (:func:`open_clip_state_from_transformers`),
+    missing, unexpected, non-float and non-finite weights refused. The family ships no heads: zero-shot heads
+    are built from the text tower (:mod:`surgery_lib.settings.clip.zero_shot`). Written like
+    :func:`convert_task_vectors`: swapped in when complete.
 
     Raises:
-        SurgeryBookError: transformers missing, unknown model, missing snapshots, or mismatched experts.
+        SurgeryBookError: huggingface_hub missing (hub source), unknown model, missing snapshots or
+            ``config.json``, unreadable weights, missing or unexpected keys, non-float or non-finite
+            weights, mismatched experts, or ``out/<model>`` a file.
     """
-    try:
-        from transformers import CLIPModel, CLIPVisionModel
-    except ImportError:
-        raise SurgeryBookError("converting FusionBench checkpoints needs transformers", "pip install 'surgery-book[hub]'") from None
+    _check_output_folder(Path(out) / model)
     names = tuple(get_clip_task(t).name for t in tasks)
     sources = fusionbench_sources(model, source, names, owner)
-    clip = CLIPModel.from_pretrained(sources["pretrained"])
-    projection = clip.visual_projection.weight.detach().clone()
-    pretrained = open_clip_state_from_transformers(clip.vision_model.state_dict(), projection)
-    del clip
+    pretrained, projection = _fusionbench_vision(_snapshot_folder(sources["pretrained"]), None)
 
     def experts() -> Iterator[tuple[str, dict[str, torch.Tensor], None]]:
         for task in tqdm(names, desc=f"converting {model}", disable=not progress):
-            vision = CLIPVisionModel.from_pretrained(sources[f"expert/{task}"]).state_dict()
-            yield task, open_clip_state_from_transformers(vision, projection), None
+            yield task, _fusionbench_vision(_snapshot_folder(sources[f"expert/{task}"]), projection)[0], None
 
     return _write_converted(Path(out) / model, "fusionbench", model, pretrained, experts(), sources)
 
@@ -578,7 +713,8 @@ def open_clip_state_from_transformers(vision: Mapping[str, torch.Tensor], projec
                     state[f"{dst}{ours}.{kind}"] = hf.pop(f"{src}{theirs}.{kind}")
     except KeyError as exc:
         raise SurgeryBookError(
-            f"not a transformers CLIP vision state dict (no {exc.args[0]!r})", "pass CLIPVisionModel weights, e.g. tanganke/clip-vit-base-patch32_<task>"
+            f"missing weight {exc.args[0]!r}: not a complete transformers CLIP vision state dict",
+            "pass CLIPVisionModel weights, e.g. tanganke/clip-vit-base-patch32_<task>",
         ) from None
     if hf:
         raise SurgeryBookError(f"unexpected transformers keys {sorted(hf)[:3]}", "pass the weights of a CLIPVisionModel")
