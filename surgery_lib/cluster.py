@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -209,13 +210,43 @@ def adopt_cells(spec: GridSpec, source: str | os.PathLike[str], out: str | os.Pa
     return adopted
 
 
-def run_cells(cells: Sequence[Cell], spec: GridSpec, out: str) -> list[str]:
+#: How often a local job checks that the ``grid`` command that started it is still alive, in seconds.
+PARENT_POLL_S = 0.5
+
+
+def _watch_grid(process: tuple[int, float]) -> None:
+    """Exit this job as soon as the ``grid`` process ``(pid, create_time)`` is gone (kill -9 leaves submitit's
+    local controller and its job running otherwise, for the rest of the grid). The create time tells a
+    reused pid from the original process."""
+    import psutil
+
+    pid, created = process
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(pid).create_time() == created
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)  # cells are written atomically and their locks die with the process
+
+    threading.Thread(target=watch, daemon=True, name="watch-grid").start()
+
+
+def run_cells(cells: Sequence[Cell], spec: GridSpec, out: str, parent: tuple[int, float] | None = None) -> list[str]:
     """Compute ``cells`` (in one process: the job's), skipping finished ones; returns the cells written.
 
     Zoos are loaded once per preset and each expert's embeddings once per process, so a job with many
-    cells of one preset is cheaper per cell than one job per cell.
+    cells of one preset is cheaper per cell than one job per cell. ``parent`` ``(pid, create_time)``: the
+    local ``grid`` process; the job stops when it dies.
     """
     import torch
+
+    if parent is not None:
+        _watch_grid(parent)
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -385,6 +416,12 @@ class GridRun:
     files: list[Path]
 
 
+def _this_process() -> tuple[int, float]:
+    import psutil
+
+    return os.getpid(), psutil.Process().create_time()
+
+
 class _Identities(dict):
     """Preset -> :func:`zoo_identity`, loading a preset's zoo only when a cell file needs vouching for."""
 
@@ -437,7 +474,9 @@ def run_grid(
                 failures.append((batch, None, exc))
     elif jobs:
         executor = _executor(out, submit)
-        submitted = executor.map_array(run_cells, jobs, [spec] * len(jobs), [str(out)] * len(jobs))
+        # Local jobs stop with this process even when it is killed with SIGKILL; Slurm jobs run on by design.
+        parent = _this_process() if submit.executor == "local" else None
+        submitted = executor.map_array(run_cells, jobs, [spec] * len(jobs), [str(out)] * len(jobs), [parent] * len(jobs))
         import submitit
 
         bar = tqdm(total=len(todo), desc=f"grid ({submit.executor})", unit="cell", disable=not progress)

@@ -96,6 +96,24 @@ def test_an_interrupted_local_grid_resumes_to_the_same_numbers(smoke_zoo, cache_
     assert record["seconds"] > 0 and record["peak_rss_mib"] > 0 and record["threads"] == 1 and record["steps"] == 200
 
 
+@pytest.mark.heavy
+def test_local_jobs_stop_when_the_grid_command_is_killed_outright(smoke_zoo, cache_dir, tmp_path):
+    out = tmp_path / "killed"
+    command = [*_grid_command(out, cache_dir), "--surgery-steps", "5000", "--deep-surgery-steps", "5000"]  # minutes of work left
+    run = subprocess.Popen(command, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((out / "cells").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    jobs = psutil.Process(run.pid).children(recursive=True)
+    assert jobs, "the grid started no local job"
+    run.kill()  # SIGKILL: no handler runs, nothing cancels the jobs
+    run.wait(timeout=60)
+    _, alive = psutil.wait_procs(jobs, timeout=15)
+    for process in alive:
+        process.kill()
+    assert not alive, f"{len(alive)} local job process(es) outlived the killed grid command"
+
+
 def test_a_finished_grid_is_reused_and_other_settings_are_refused(smoke_zoo, cache_dir, tmp_path, capsys):
     spec = GridSpec(presets=("smoke",), methods=("task_arithmetic",), versions=(0, 1), seeds=1, surgery_steps=10, cache_dir=str(cache_dir))
     first = run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False)
