@@ -52,7 +52,14 @@ def to_json(payload: Any) -> str:
             return [finite(item) for item in value]
         return value
 
-    return json.dumps(finite(payload), indent=2, allow_nan=False)
+    def plain(value: Any) -> Any:  # what json cannot encode itself: paths as strings, numpy scalars as numbers
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+            return finite(value.item())
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+    return json.dumps(finite(payload), indent=2, allow_nan=False, default=plain)
 
 
 def format_table(table: Any, as_json: bool) -> str:

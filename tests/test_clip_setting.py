@@ -106,6 +106,63 @@ def test_class_names_come_from_folders_and_renaming(datasets_root):
     assert [svhn[i][1] for i in range(len(svhn))] == [1, 2, 3, 4, 5]  # stored as 1..10, 10 = digit 0
 
 
+@pytest.mark.parametrize("task, folder", [("SUN397", "sun397/val"), ("DTD", "dtd/train"), ("EuroSAT", "EuroSAT_splits/test")])
+def test_folder_layouts_list_the_images_imagefolder_lists_in_its_order(datasets_root, task, folder):
+    from torchvision.datasets import ImageFolder
+
+    from surgery_lib.settings.clip.data import folder_samples
+
+    reference = ImageFolder(str(datasets_root / folder))
+    assert folder_samples(datasets_root / folder, datasets_root) == (reference.samples, reference.classes)
+    split = "train" if folder == "dtd/train" else "test"
+    dataset = local_dataset(task, datasets_root, split)
+    assert [dataset.describe(i) for i in range(len(dataset))] == [path for path, _ in reference.samples]
+
+
+def test_links_that_loop_or_leave_the_dataset_root_are_not_followed(datasets_root, tmp_path):
+    import os
+
+    root = tmp_path / "data"
+    shutil.copytree(datasets_root / "dtd", root / "dtd")
+    before = len(local_dataset("DTD", root, "test"))
+    banded = root / "dtd" / "val" / "banded"
+    os.symlink("..", banded / "up")  # a loop: walking it would list every class again, ~20 times over
+    os.symlink(".", banded / "here")  # a second loop: together they branch until memory runs out
+    outside = tmp_path / "elsewhere" / "photos"
+    outside.mkdir(parents=True)
+    shutil.copy(banded / "0.jpg", outside / "private.jpg")
+    os.symlink(outside, banded / "elsewhere")  # leaves the dataset root
+    os.symlink(outside / "private.jpg", banded / "linked.jpg")
+    os.symlink(outside.parent, root / "dtd" / "val" / "zz_outside_class")
+    inside = root / "dtd" / "val" / "blotchy" / "alias.jpg"
+    os.symlink(root / "dtd" / "val" / "braided" / "0.jpg", inside)  # a link that stays inside is fine
+    test = local_dataset("DTD", root, "test")
+    assert len(test) == before + 1 and test.class_names == ("banded", "blotchy", "braided")
+    assert str(inside) in [test.describe(i) for i in range(len(test))]
+
+
+@pytest.mark.parametrize("kind", ["tall", "not-an-image"])
+def test_an_image_that_cannot_be_decoded_is_one_line_naming_the_file(datasets_root, tmp_path, kind):
+    from PIL import Image
+
+    from surgery_lib.settings.clip.data import decode_to_cache
+
+    root = tmp_path / "data"
+    shutil.copytree(datasets_root / "dtd", root / "dtd")
+    bad = root / "dtd" / "val" / "blotchy" / "9.jpg"
+    if kind == "tall":  # 12 KB on disk, and 0.9 G pixels once its short side is resized to 224
+        Image.new("L", (1, 4_000_000)).save(bad.with_suffix(".png"))
+        bad = bad.with_suffix(".png")
+    else:
+        bad.write_text("<html>404 Not Found</html>")
+    images = local_dataset("DTD", root, "test")
+    target = tmp_path / "cache" / "dtd-test.npy"
+    with pytest.raises(SurgeryBookError, match=f"cannot decode {re.escape(str(bad))}: ") as error:
+        decode_to_cache(images, target, 224, workers=1, progress=False)
+    assert ("once resized" if kind == "tall" else "UnidentifiedImageError") in str(error.value)
+    assert not target.parent.exists() or not any(target.parent.iterdir())  # nothing half-written
+
+
 def test_missing_local_data_names_the_folder(tmp_path):
     with pytest.raises(SurgeryBookError, match="DTD \\(test\\) was not found.*dtd/val"):
         local_dataset("DTD", tmp_path, "test")
@@ -275,6 +332,9 @@ def test_commands_accept_clip_presets(tiny_clip_zoo, capsys, monkeypatch):
         assert set(payload["accuracy"]["weight averaging"]) == {*CLIP_TASK_NAMES, "average"}
         assert main(["zoo", *argv, "--device", "cpu"]) == 0
         assert "pretrained (zero-shot)" in json.loads(capsys.readouterr().out)["accuracy"]
+        assert main(["data", *argv]) == 0  # the data cards name each task's files (Paths) as strings
+        cards = json.loads(capsys.readouterr().out)["cards"]
+        assert set(cards) >= set(CLIP_TASK_NAMES) and all(isinstance(card["source"], str) for card in cards.values())
     finally:
         os.environ.clear()
         os.environ.update(before)

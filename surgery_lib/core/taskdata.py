@@ -145,6 +145,6 @@ class Suite:
         import pandas as pd  # the generic cards: what was read from the data, in the same columns
 
         rows = [{"task": n, "stands in for": n, "classes": d.num_classes, "train": len(d.labels.get("train", ())),
-                 "adapt": len(d.labels.get("adapt", ())), "test": len(d.labels.get("test", ())), "source": self.files.get(n, ""),
+                 "adapt": len(d.labels.get("adapt", ())), "test": len(d.labels.get("test", ())), "source": str(self.files.get(n, "")),
                  "licence": "the dataset's own terms"} for n, d in self.tasks.items()]  # fmt: skip
         return pd.DataFrame(rows).set_index("task")

@@ -50,10 +50,19 @@ DATA_SOURCES = ("hub", "local")
 
 
 class LabelledImages:
-    """A map-style dataset of ``(PIL image, label)`` with class names; what every source returns."""
+    """A map-style dataset of ``(PIL image, label)`` with class names; what every source returns.
+    ``describe(i)`` names image ``i`` in error messages (its file, where there is one)."""
 
-    def __init__(self, get: Callable[[int], tuple[Any, int]], length: int, class_names: Sequence[str], origin: str):
+    def __init__(
+        self,
+        get: Callable[[int], tuple[Any, int]],
+        length: int,
+        class_names: Sequence[str],
+        origin: str,
+        describe: Callable[[int], str] | None = None,
+    ):
         self._get, self._length, self.class_names, self.origin = get, length, tuple(class_names), origin
+        self._describe = describe
 
     def __len__(self) -> int:
         return self._length
@@ -61,20 +70,75 @@ class LabelledImages:
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self._get(index)
 
+    def describe(self, index: int) -> str:
+        """Where image ``index`` comes from: its file, or ``origin[index]``."""
+        return self._describe(index) if self._describe is not None else f"{self.origin}[{index}]"
+
     def subset(self, indices: Sequence[int]) -> LabelledImages:
         """The images at ``indices``, in that order."""
         picked = list(indices)
-        return LabelledImages(lambda i: self._get(picked[i]), len(picked), self.class_names, self.origin)
+        return LabelledImages(lambda i: self._get(picked[i]), len(picked), self.class_names, self.origin, lambda i: self.describe(picked[i]))
 
 
-def _folder(path: Path, names: Callable[[list[str]], Sequence[str]] | None = None) -> LabelledImages:
-    from torchvision.datasets import ImageFolder
+#: The file extensions torchvision's ImageFolder reads.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-    if not path.is_dir():
-        raise FileNotFoundError(path)
-    folder = ImageFolder(str(path))
-    classes = names(folder.classes) if names else [readable_class_name(c) for c in folder.classes]
-    return LabelledImages(folder.__getitem__, len(folder), classes, str(path))
+
+def _inside(path: str, boundary: str) -> bool:
+    return path == boundary or path.startswith(boundary.rstrip(os.sep) + os.sep)
+
+
+def folder_samples(directory: Path, boundary: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> tuple[list[tuple[str, int]], list[str]]:
+    """torchvision ImageFolder's ``(samples, classes)`` for ``directory``, in its order, except that a link
+    is followed only once (a loop would multiply the images, two loops walk until memory runs out) and never
+    to a place outside ``boundary`` (the dataset root).
+
+    Raises:
+        FileNotFoundError: ``directory`` is missing, or a class folder holds no image (as ImageFolder).
+    """
+    if not directory.is_dir():
+        raise FileNotFoundError(directory)
+    limit = os.path.realpath(boundary)
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and _inside(os.path.realpath(e.path), limit))
+    samples: list[tuple[str, int]] = []
+    for index, name in enumerate(classes):
+        seen: set[str] = set()
+        walked = []
+        top = os.path.realpath(directory / name)
+        for current, folders, files in os.walk(directory / name, followlinks=True):
+            real = os.path.realpath(current)
+            # A link back to a folder already walked, to an ancestor of the class folder (a loop: it would list
+            # every class again), or out of the dataset root is not followed.
+            if real in seen or not _inside(real, limit) or (real != top and _inside(top, real)):
+                folders[:] = []
+                continue
+            seen.add(real)
+            walked.append((current, files))
+        found = [
+            (os.path.join(current, file), index)
+            for current, files in sorted(walked)
+            for file in sorted(files)
+            if file.lower().endswith(extensions) and _inside(os.path.realpath(os.path.join(current, file)), limit)
+        ]
+        if not found:
+            raise FileNotFoundError(f"no image ({', '.join(extensions)}) in {directory / name}")
+        samples += found
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {directory}")
+    return samples, classes
+
+
+def _open_rgb(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _folder(path: Path, boundary: Path, names: Callable[[list[str]], Sequence[str]] | None = None) -> LabelledImages:
+    samples, folders = folder_samples(path, boundary)
+    classes = names(folders) if names else [readable_class_name(c) for c in folders]
+    return LabelledImages(lambda i: (_open_rgb(samples[i][0]), samples[i][1]), len(samples), classes, str(path), lambda i: samples[i][0])
 
 
 def _torchvision(dataset: Any, class_names: Sequence[str], origin: str) -> LabelledImages:
@@ -103,7 +167,7 @@ def _resisc45(root: Path, split: str) -> LabelledImages:
         with Image.open(path) as image:
             return image.convert("RGB"), label
 
-    return LabelledImages(get, len(samples), [readable_class_name(f) for f in folders], str(base))
+    return LabelledImages(get, len(samples), [readable_class_name(f) for f in folders], str(base), lambda i: str(samples[i][0]))
 
 
 def _svhn(root: Path, split: str) -> LabelledImages:
@@ -150,18 +214,23 @@ def local_dataset(task: str | ClipTask, root: str | os.PathLike[str], split: str
     folder_split = test_folder if split == "test" else "train"
     try:
         if spec.name == "SUN397":
-            return _folder(root / "sun397" / folder_split)
+            return _folder(root / "sun397" / folder_split, root)
         if spec.name == "DTD":
-            return _folder(root / "dtd" / folder_split)
+            return _folder(root / "dtd" / folder_split, root)
         if spec.name == "EuroSAT":
-            return _folder(root / "EuroSAT_splits" / split, _eurosat_names)
+            return _folder(root / "EuroSAT_splits" / split, root, _eurosat_names)
         if spec.name == "RESISC45":
             return _resisc45(root, split)
         if spec.name == "Cars":
             cars = datasets.StanfordCars(str(root), split=split)
             return _torchvision(cars, [readable_class_name(c) for c in cars.classes], str(root / "stanford_cars"))
+        if spec.name == "GTSRB" and split == "train":  # torchvision walks Training/ following every link: the same walk, bounded
+            samples, _ = folder_samples(root / "gtsrb" / "GTSRB" / "Training", root, (".ppm",))
+            return LabelledImages(lambda i: (_open_rgb(samples[i][0]), samples[i][1]), len(samples), spec.class_names or (),
+                                  str(root / "gtsrb"), lambda i: samples[i][0])  # fmt: skip
         if spec.name == "GTSRB":
-            return _torchvision(datasets.GTSRB(str(root), split=split), spec.class_names or (), str(root / "gtsrb"))
+            gtsrb = datasets.GTSRB(str(root), split=split)
+            return LabelledImages(gtsrb.__getitem__, len(gtsrb), spec.class_names or (), str(root / "gtsrb"), lambda i: gtsrb._samples[i][0])
         if spec.name == "MNIST":
             return _torchvision(datasets.MNIST(str(root), train=split == "train"), spec.class_names or (), str(root / "MNIST"))
         svhn = _svhn(root, split)
@@ -213,20 +282,41 @@ def eval_resize(image_size: int) -> Callable[[Any], Any]:
     return transforms.Compose(keep)
 
 
-class _Decoded:
-    """Worker-side decoding: ``(uint8 (3, S, S), label)``."""
+#: The most pixels an image may have after the short side is resized to the model's size: a 1 x 4,000,000
+#: PNG of 12 KB would otherwise ask for gigabytes in the resize. Photographs stay far below (a 16:1
+#: panorama at 224: 0.8 M pixels).
+MAX_RESIZED_PIXELS = 50_000_000
 
-    def __init__(self, images: LabelledImages, resize: Callable[[Any], Any]):
-        self.images, self.resize = images, resize
+
+class _Decoded:
+    """Worker-side decoding: ``(uint8 (3, S, S), label, problem)``. An image that cannot be decoded, or
+    would be too large once resized, comes back as zeros with ``problem`` naming its file and why, so the
+    parent reports it as one line instead of a worker's traceback."""
+
+    def __init__(self, images: LabelledImages, resize: Callable[[Any], Any], image_size: int):
+        self.images, self.resize, self.image_size = images, resize, image_size
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        import warnings
+
+        from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
 
-        image, label = self.images[index]
-        return pil_to_tensor(self.resize(image).convert("RGB")), int(label)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image, label = self.images[index]
+                width, height = image.size
+                resized = self.image_size**2 * max(width, height) / max(1, min(width, height))
+                if resized > MAX_RESIZED_PIXELS:
+                    raise ValueError(f"a {width} x {height} image would be {resized:,.0f} pixels once resized (at most {MAX_RESIZED_PIXELS:,})")
+                return pil_to_tensor(self.resize(image).convert("RGB")), int(label), ""
+        except Exception as exc:  # noqa: BLE001  (PIL raises many types for damaged or hostile files)
+            problem = f"{self.images.describe(index)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1, problem
 
 
 def decode_to_cache(
@@ -249,13 +339,18 @@ def decode_to_cache(
     # The readers hold closures over their files, so workers are forked (the default start method became
     # forkserver on Linux with Python 3.14, which would have to pickle them).
     context = "fork" if workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
-    loader = DataLoader(_Decoded(images, eval_resize(image_size)), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(_Decoded(images, eval_resize(image_size), image_size), batch_size=batch_size, num_workers=workers,
                         shuffle=False, multiprocessing_context=context)  # fmt: skip
     labels = np.empty(len(images), dtype=np.int64)
     with atomic_path(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), 3, image_size, image_size))
         start = 0
-        for batch, batch_labels in tqdm(loader, desc=description, disable=not progress, unit="batch"):
+        for batch, batch_labels, problems in tqdm(loader, desc=description, disable=not progress, unit="batch"):
+            bad = [problem for problem in problems if problem]
+            if bad:
+                del array
+                raise SurgeryBookError(f"cannot decode {bad[0]}" + (f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""),
+                                       "remove or replace that file (a damaged download, or not an image), then run the same command again")  # fmt: skip
             array[start : start + len(batch)] = batch.numpy()
             labels[start : start + len(batch)] = batch_labels.numpy()
             start += len(batch)
