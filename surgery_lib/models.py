@@ -19,10 +19,28 @@ from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.taskdata import normalize
-from surgery_lib.presets import EncoderConfig
+from surgery_lib.presets import EncoderConfig, encoder_parameters
 
 StateDict = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
+
+
+def check_fits(config: EncoderConfig, copies: int = 1) -> None:
+    """Refuse, before allocating, ``copies`` fp32 encoders of ``config`` that this machine's free memory
+    cannot hold (a preset's width or depth mistyped by a factor of ten asks for tens of gigabytes).
+
+    Raises:
+        SurgeryBookError: naming the size needed and the memory free.
+    """
+    import psutil
+
+    needed = encoder_parameters(config) * 4 * copies
+    free = psutil.virtual_memory().available
+    if needed > free:
+        raise SurgeryBookError(
+            f"an encoder of {encoder_parameters(config):,} parameters needs {needed / 2**30:.1f} GiB, this machine has {free / 2**30:.1f} GiB free",
+            "use a preset with a smaller encoder (width, layers), or a machine with more memory",
+        )
 
 
 def build_encoder(config: EncoderConfig) -> nn.Module:
@@ -35,6 +53,7 @@ def build_encoder(config: EncoderConfig) -> nn.Module:
     activations = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
     if config.activation not in activations:
         raise SurgeryBookError(f"unknown activation {config.activation!r}", f"use one of: {', '.join(activations)}")
+    check_fits(config)
     return VisionTransformer(
         act_layer=activations[config.activation],
         image_size=config.image_size,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,33 @@ class Preset:
         return dataclasses.asdict(self)
 
 
+#: Upper bounds of the numeric fields, far above every published model (ViT-bigG/14: width 1664, 48 blocks,
+#: 256 tokens at 224) and data set, so that a typo (a width of 16,384, an image size of 100,000) is refused
+#: before anything allocates gigabytes. Sizes of the offline suite are images per task.
+UPPER_BOUNDS = {"width": 4096, "layers": 128, "heads": 256, "output_dim": 8192, "image_size": 1024, "patch_size": 1024,
+                "mlp_ratio": 16.0, "train_per_task": 200_000, "adapt_per_task": 200_000, "test_per_task": 200_000,
+                "mix_per_class": 10_000, "batch_size": 65_536, "mtl_batch_per_task": 65_536, "adamerging_batch_size": 65_536,
+                "probe_shots": 100_000, "surgery_v2_rank": 4096, "expert_lora_rank": 4096}  # fmt: skip
+#: The most image tokens an encoder may see ((image_size / patch_size)^2; ViT-L/14 at 336: 576).
+MAX_TOKENS = 4096
+#: The most parameters an encoder may have (ViT-bigG/14's image tower: 1.8 G).
+MAX_PARAMETERS = 4_000_000_000
+#: The longest preset name: it names cache folders (``<name>-<hash>``), whose components file systems cap at 255 bytes.
+MAX_NAME_LENGTH = 64
+#: The largest preset file read (the built-in ones are a few KB; /dev/zero would be read for ever).
+MAX_PRESET_FILE_BYTES = 1_000_000
+
+
+def encoder_parameters(config: EncoderConfig) -> int:
+    """The number of parameters of the open_clip ``VisionTransformer`` ``config`` describes (exact for
+    open_clip's default layout: patch embedding without bias, class token, positional embedding, ln_pre,
+    ``layers`` blocks of attention and MLP with biases and two LayerNorms, ln_post and the projection)."""
+    width, hidden = config.width, int(config.width * config.mlp_ratio)
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    block = 4 * width * width + 4 * width + 2 * width * hidden + hidden + width + 4 * width
+    return 3 * config.patch_size**2 * width + width + tokens * width + 2 * width + config.layers * block + 2 * width + width * config.output_dim
+
+
 #: Numeric fields that may be 0 (every other int must be >= 1, every other float finite and > 0).
 MAY_BE_ZERO = {"seed", "probe_shots", "pretrain_warmup_steps", "translate_px", "ties_text_entries", "adapt_per_task",
                "pretrain_weight_decay", "probe_weight_decay", "expert_weight_decay", "expert_warmup_fraction"}  # fmt: skip
@@ -193,10 +221,16 @@ def check_preset(preset: Preset) -> Preset:
                 fail(path, value, "three finite numbers")
             elif kind.startswith("tuple[str") and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
                 fail(path, value, "a list of names")
+            elif f.name in UPPER_BOUNDS and kind in ("int", "float") and value > UPPER_BOUNDS[f.name]:
+                fail(path, value, f"at most {UPPER_BOUNDS[f.name]:,}")
 
     if not isinstance(preset.name, str):
         raise SurgeryBookError(f"preset name {preset.name!r} is not a string", "name the preset with letters, digits, '-' and '_'")
+    if len(preset.name) > MAX_NAME_LENGTH:
+        raise SurgeryBookError(f"preset name {preset.name[:20]!r}... has {len(preset.name)} characters (it names cache folders)",
+                               f"use at most {MAX_NAME_LENGTH}")  # fmt: skip
     check(preset, "")
+    _check_sections(preset, fail)
     if preset.encoder.width % preset.encoder.heads:
         fail("encoder.heads", preset.encoder.heads, f"a divisor of encoder.width ({preset.encoder.width})")
     if preset.encoder.image_size % preset.encoder.patch_size:
@@ -208,7 +242,30 @@ def check_preset(preset: Preset) -> Preset:
     if preset.recipe is not None:
         if preset.recipe.expert_finetune not in FINETUNING_MODES:
             fail("recipe.expert_finetune", preset.recipe.expert_finetune, f"one of {', '.join(FINETUNING_MODES)}")
+    tokens = (preset.encoder.image_size // preset.encoder.patch_size) ** 2
+    if tokens > MAX_TOKENS:
+        fail("encoder.patch_size", preset.encoder.patch_size, f"a patch size that gives at most {MAX_TOKENS} tokens "
+             f"at image size {preset.encoder.image_size} (this one: {tokens:,})")  # fmt: skip
+    parameters = encoder_parameters(preset.encoder)
+    if parameters > MAX_PARAMETERS:
+        fail("encoder", f"{parameters:,} parameters", f"an encoder of at most {MAX_PARAMETERS:,} parameters (smaller width or layers)")
     return preset
+
+
+def _check_sections(preset: Preset, fail: Any) -> None:
+    """The fields checked against each other: each setting's own section, a non-empty task list without repeats."""
+    settings = sorted(p.name for p in SETTINGS_DIR.iterdir() if (p / "__init__.py").is_file() and p.name != "__pycache__")
+    if preset.setting not in settings:
+        fail("setting", preset.setting, f"one of {', '.join(settings)}")
+    if preset.setting == "clip" and preset.clip is None:
+        fail("clip", None, "a clip section (model, hub_model, tasks) for a preset of the clip setting")
+    if preset.setting != "clip" and (preset.suite is None or preset.recipe is None):
+        fail("suite" if preset.suite is None else "recipe", None, f"a suite and a recipe section for a preset of the {preset.setting} setting")
+    tasks = preset.suite.tasks if preset.suite is not None else preset.clip.tasks if preset.clip is not None else ()
+    if not tasks:
+        fail("suite.tasks" if preset.suite is not None else "clip.tasks", list(tasks), "at least one task")
+    if len(set(tasks)) != len(tasks):
+        fail("suite.tasks" if preset.suite is not None else "clip.tasks", list(tasks), "each task once")
 
 
 PRESETS: Registry[Preset] = Registry("preset", load=lambda: _load_presets())
@@ -254,7 +311,21 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
 
 
 def register_presets_from_file(path: str | os.PathLike[str], *, replace: bool = False) -> list[Preset]:
-    """Register every preset in a JSON file (one ``to_dict()`` object, or a list of them)."""
+    """Register every preset in a JSON file (one ``to_dict()`` object, or a list of them).
+
+    Raises:
+        SurgeryBookError: ``path`` is not a regular file (a FIFO or ``/dev/zero`` would be read for ever) or
+            is larger than :data:`MAX_PRESET_FILE_BYTES`, is not JSON, or describes an invalid preset.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise SurgeryBookError(f"cannot read presets from {path} ({exc})", "point SURGERY_BOOK_PRESETS at a JSON file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SurgeryBookError(f"cannot read presets from {path}: not a regular file", "point SURGERY_BOOK_PRESETS at a JSON file")
+    if info.st_size > MAX_PRESET_FILE_BYTES:
+        raise SurgeryBookError(f"cannot read presets from {path}: {info.st_size:,} bytes (at most {MAX_PRESET_FILE_BYTES:,})",
+                               "point SURGERY_BOOK_PRESETS at a JSON file of presets")  # fmt: skip
     try:
         data = read_json(path)
     except (OSError, CorruptFileError) as exc:

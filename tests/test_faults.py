@@ -119,6 +119,15 @@ def test_output_paths_are_checked_before_the_work_starts(capsys, tmp_path):
     (("encoder", "layers", "four"), "encoder.layers = 'four' is invalid.*an integer"),
     (("recipe", "expert_lr", float("nan")), "recipe.expert_lr = nan is invalid.*finite"),
     (("encoder", "heads", 3), "encoder.heads = 3 is invalid.*divisor"),
+    (("encoder", "width", 16_384), "encoder.width = 16384 is invalid.*at most 4,096"),
+    (("encoder", "image_size", 100_000), "encoder.image_size = 100000 is invalid.*at most 1,024"),
+    (("encoder", "image_size", 1024), "encoder.patch_size = 8 is invalid.*at most 4096 tokens at image size 1024 .this one: 16,384"),
+    (("encoder", "layers", 128), "encoder = '.*parameters' is invalid.*at most 4,000,000,000 parameters"),
+    (("suite", "tasks", []), r"suite.tasks = \[\] is invalid.*at least one task"),
+    (("suite", "tasks", ["mnist", "mnist"]), "suite.tasks = .* is invalid.*each task once"),
+    ((None, "setting", "clip"), "clip = None is invalid.*a clip section"),
+    ((None, "setting", "quantum"), "setting = 'quantum' is invalid.*one of clip, offline"),
+    ((None, "name", "x" * 300), "preset name 'xxxxxxxxxxxxxxxxxxxx'... has 300 characters.*at most 64"),
 ])  # fmt: skip
 def test_hostile_preset_files_are_refused_naming_the_field(change, message, tmp_path):
     from surgery_lib.presets import register_presets_from_file
@@ -126,12 +135,49 @@ def test_hostile_preset_files_are_refused_naming_the_field(change, message, tmp_
     data = PRESETS["smoke"].to_dict()
     data["name"] = "hostile"
     part, field, value = change
-    data[part][field] = value
+    if part == "encoder" and field == "layers":
+        data["encoder"]["width"] = 4096  # 128 blocks of width 4096: 25.8 G parameters, 103 GB in fp32
+    (data[part] if part else data)[field] = value
     path = tmp_path / "presets.json"
     path.write_text(json.dumps(data))
     with pytest.raises(SurgeryBookError, match=message):
         register_presets_from_file(path)
     assert "hostile" not in PRESETS
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder", "huge"])
+def test_a_preset_file_is_read_only_when_it_is_a_regular_file_of_bounded_size(kind, tmp_path):
+    import os
+
+    from surgery_lib.presets import register_presets_from_file
+
+    path = {"fifo": tmp_path / "presets.fifo", "dev-zero": "/dev/zero", "folder": tmp_path, "huge": tmp_path / "huge.json"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it for reading would wait for a writer for ever
+    if kind == "huge":
+        path.write_text(json.dumps([PRESETS["smoke"].to_dict()] * 2000))
+    expected = "more than|bytes .at most 1,000,000" if kind == "huge" else "not a regular file"
+    with pytest.raises(SurgeryBookError, match=f"cannot read presets from .*({expected})"):
+        register_presets_from_file(path)
+
+
+def test_an_offline_preset_with_another_image_size_is_refused_before_any_work(tmp_path, monkeypatch):
+    import dataclasses
+    import types
+
+    import psutil
+
+    from surgery_lib.models import check_fits
+
+    preset = PRESETS["smoke"]
+    other = dataclasses.replace(preset, name="sixty-four", encoder=dataclasses.replace(preset.encoder, image_size=64))
+    with pytest.raises(SurgeryBookError, match="encoder.image_size = 64, but the offline suite's images are 32 x 32"):
+        build_zoo(other, cache_dir=tmp_path, progress=False)
+    assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.npz"))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=512 * 2**20))  # 512 MiB free
+    check_fits(preset.encoder)
+    with pytest.raises(SurgeryBookError, match=r"303,966,208 parameters needs 1\.1 GiB, this machine has 0\.5 GiB free"):
+        check_fits(PRESETS["clip-vit-l-14"].encoder)
 
 
 def test_a_deeply_nested_preset_file_is_a_clear_error(tmp_path):

@@ -58,6 +58,20 @@ CHUNK = 500
 MIX_NAME = gen.MIX.name
 
 
+def check_image_size(preset: Preset) -> None:
+    """Refuse an offline preset whose encoder expects images of another size than the suite's (before any
+    data is generated or model trained).
+
+    Raises:
+        SurgeryBookError: naming both sizes.
+    """
+    if preset.encoder.image_size != gen.SIZE:
+        raise SurgeryBookError(
+            f"preset {preset.name!r}: encoder.image_size = {preset.encoder.image_size}, but the offline suite's images are {gen.SIZE} x {gen.SIZE}",
+            f"use encoder.image_size {gen.SIZE} (and a patch size that divides it) for an offline preset",
+        )
+
+
 def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     """Validate task names against the offline suite.
 
@@ -243,6 +257,7 @@ def load_suite(
         config, encoder = resolved.suite, resolved.encoder
         if config is None:
             raise SurgeryBookError(f"preset {resolved.name!r} has no offline task suite", "load its data with surgery_lib.settings.load_suite")
+        check_image_size(resolved)
     names = check_tasks(tasks if tasks is not None else config.tasks)
     root = cache_root(cache_dir)
     _suite_dir(root).mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from surgery_lib.models import (
 )
 from surgery_lib.presets import Preset, get_preset
 from surgery_lib.settings.base import Zoo
-from surgery_lib.settings.offline.suite import load_suite, suite_fingerprint
+from surgery_lib.settings.offline.suite import check_image_size, check_tasks, load_suite, suite_fingerprint
 from surgery_lib.settings.offline.training import (
     derive_seed,
     finetune,
@@ -258,6 +258,8 @@ def build_offline_zoo(
     preset = get_preset(preset)
     if preset.suite is None or preset.recipe is None:
         raise SurgeryBookError(f"preset {preset.name!r} is not an offline preset", "build its zoo with surgery_lib.settings.build_zoo")
+    check_image_size(preset)
+    check_tasks(preset.suite.tasks)
     device = resolve_device(device, preset.default_device)
     directory = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir(preset, cache_dir)
     # One build per zoo at a time: a second run sharing the cache waits, then reuses what the first trained.
