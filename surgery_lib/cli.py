@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, from_os_error
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.merging import MERGE_METHODS
 from surgery_lib.merging.wudi import WUDI_SCOPES
@@ -701,14 +701,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurgeryBookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished models are kept; run the same command again to resume", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # The reader closed the pipe (`surgery-book presets --json | head`): stop quietly, and point stdout at
         # /dev/null so the interpreter's final flush does not raise again; 141 is the shell's code for SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except OSError as exc:
+        # A path the user gave (too long, a link loop, a file where a folder belongs, no permission): one line.
+        # SURGERY_BOOK_DEBUG=1 shows the traceback instead, for a bug report.
+        if os.environ.get("SURGERY_BOOK_DEBUG"):
+            raise
+        print(f"error: {from_os_error(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished models are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     except SystemExit as exc:
         if exc.code == 128 + signal.SIGTERM:
             print("terminated: finished models are kept; run the same command again to resume", file=sys.stderr)

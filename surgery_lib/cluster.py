@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -459,6 +460,9 @@ def run_grid(
         KeyboardInterrupt, SystemExit: an interruption; local jobs are cancelled, Slurm jobs run on.
     """
     submit = submit or SubmitOptions()
+    if submit.executor == "slurm" and shutil.which("sbatch") is None:  # before anything is written or loaded
+        raise SurgeryBookError("--executor slurm needs Slurm's sbatch, which is not on this machine's PATH",
+                               "run the command on a Slurm login node, or use --executor local")  # fmt: skip
     out = Path(out)
     started = time.perf_counter()
     _claim_folder(out, spec)

@@ -9,6 +9,7 @@ and a summary (``out/summary.json`` and ``out/summary.md``) with wall time and a
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,31 @@ def find_notebooks(source: str | os.PathLike[str], only: Sequence[str] | None = 
     return notebooks
 
 
+def check_notebooks(notebooks: Sequence[Path]) -> None:
+    """Read every notebook before the first kernel starts, so a damaged one fails in a second, not an hour in.
+
+    Raises:
+        SurgeryBookError: naming the first notebook that is not a readable Jupyter notebook.
+    """
+    import nbformat
+
+    for notebook in notebooks:
+        try:
+            nbformat.validate(nbformat.read(notebook, as_version=4))
+        except Exception as exc:  # noqa: BLE001  (nbformat raises JSON, validation and decoding errors)
+            raise SurgeryBookError(f"{notebook} is not a readable notebook ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})",
+                                   "restore it from the repository (git checkout -- notebooks)") from None  # fmt: skip
+
+
+def check_kernel(kernel: str) -> None:
+    """Raises :class:`SurgeryBookError` naming the installed kernels unless ``kernel`` is one of them."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    installed = sorted(KernelSpecManager().find_kernel_specs())
+    if kernel not in installed:
+        raise SurgeryBookError(f"no Jupyter kernel named {kernel!r}", f"use one of: {', '.join(installed) or 'none installed (pip install ipykernel)'}")
+
+
 def reproduce(
     preset: str,
     out: str | os.PathLike[str],
@@ -90,11 +116,19 @@ def reproduce(
 
     default_device = get_preset(preset).default_device  # an unknown preset fails here, before any kernel starts
     notebooks = find_notebooks(source, only)
+    check_notebooks(notebooks)
+    if kernel is not None:
+        check_kernel(kernel)
     out = Path(out).resolve()
     executed_dir = out / "notebooks"
     if executed_dir == Path(source).resolve():
         raise SurgeryBookError(f"{out} would write the executed notebooks over the sources", "pass another --out")
-    executed_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        executed_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=executed_dir):
+            pass
+    except OSError as exc:
+        raise SurgeryBookError(f"cannot write into {out} ({exc.strerror or exc})", "pass --out a writable folder (not a file)") from None
     parameters = {**(parameters or {}), "preset": preset, "device": device or default_device, "seed": seed}
     runs: list[NotebookRun] = []
     with exported_cache(cache_dir, USER_PRESETS_ENV):  # the kernels read the cache and presets from their environment

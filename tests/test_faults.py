@@ -4,6 +4,7 @@ non-finite results, and JSON output stays standard JSON."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -180,6 +181,58 @@ def test_an_offline_preset_with_another_image_size_is_refused_before_any_work(tm
         check_fits(PRESETS["clip-vit-l-14"].encoder)
 
 
+def _one_line_error(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and ". Fix: " in err, err
+    return err
+
+
+@pytest.mark.parametrize("case", ["slurm", "link-loop", "long-name", "zoo-dir-file", "reproduce-file", "kernel", "notebook"])
+def test_paths_and_environments_that_cannot_work_are_one_line_errors(case, tmp_path, capsys, monkeypatch):
+    long_name = "x" * 300
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "a-file").write_text("")
+    grid = ["grid", "--presets", "smoke", "--methods", "task_arithmetic", "--surgery", "none", "--executor", "inline", "--quiet"]
+    reproduce = ["reproduce", "--preset", "smoke", "--notebooks", "00", "--quiet"]
+    if case == "slurm":
+        monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+        argv, expected = [*grid, "--executor", "slurm", "--out", str(tmp_path / "g")], "needs Slurm's sbatch"
+    elif case == "link-loop":
+        argv, expected = [*grid, "--out", str(tmp_path / "loop" / "grid")], "Too many levels of symbolic links.*remove the symbolic link loop"
+    elif case == "long-name":
+        argv, expected = [*grid, "--out", str(tmp_path / long_name)], "File name too long.*shorter folder and file names"
+    elif case == "zoo-dir-file":
+        argv, expected = ["zoo", "--preset", "smoke", "--zoo-dir", str(tmp_path / "a-file"), "--quiet"], "a-file.*pass a folder path"
+    elif case == "reproduce-file":
+        argv, expected = [*reproduce, "--out", str(tmp_path / "a-file")], "cannot write into .*a-file.*not a file"
+    elif case == "kernel":
+        argv, expected = [*reproduce, "--out", str(tmp_path / "o"), "--kernel", "no-such-kernel"], "no Jupyter kernel named 'no-such-kernel'"
+    else:
+        source = tmp_path / "notebooks"
+        source.mkdir()
+        (source / "00_broken.ipynb").write_text('{"cells": [')
+        argv, expected = [*reproduce, "--out", str(tmp_path / "o"), "--source", str(source)], "00_broken.ipynb is not a readable notebook"
+    assert re.search(expected, _one_line_error(argv, capsys))
+    assert not (tmp_path / "g").exists() and not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_integers_of_thousands_of_digits_are_a_damaged_file_not_a_traceback(tmp_path):
+    from surgery_lib.cluster import Cell, GridSpec, cell_identity, vouched_record
+    from surgery_lib.core.storage import CorruptFileError, read_json
+    from surgery_lib.presets import register_presets_from_file
+
+    path = tmp_path / "file.json"
+    path.write_text(HUGE_INTEGER)
+    with pytest.raises(CorruptFileError, match="invalid JSON"):
+        read_json(path)
+    with pytest.raises(SurgeryBookError, match="cannot read presets from .*invalid JSON"):
+        register_presets_from_file(path)
+    cell = Cell("smoke", "task_arithmetic", 0)
+    identity = cell_identity(cell, GridSpec(presets=("smoke",), methods=("task_arithmetic",)), {"zoo": "z"})
+    assert vouched_record(path, identity) is None  # a grid computes such a cell again
+
+
 def test_a_deeply_nested_preset_file_is_a_clear_error(tmp_path):
     from surgery_lib.presets import register_presets_from_file
 
@@ -200,14 +253,17 @@ def test_a_diverging_surgery_is_an_error_not_garbage(smoke_zoo):
                         device="cpu", progress=False)  # fmt: skip
 
 
-@pytest.mark.parametrize("manifest", [[], {"models": []}, {"models": {"pretrained": {"file": "pretrained.safetensors"}}}])
+HUGE_INTEGER = '{"format": ' + "9" * 5000 + "}"  # beyond the 4,300 digits Python parses
+
+
+@pytest.mark.parametrize("manifest", [[], {"models": []}, {"models": {"pretrained": {"file": "pretrained.safetensors"}}}, HUGE_INTEGER])
 def test_a_malformed_zoo_manifest_starts_the_zoo_afresh(manifest, smoke_zoo, tmp_path, monkeypatch, caplog):
     from surgery_lib.settings.offline import zoo as zoo_module
 
     assert zoo_module._well_formed(json.loads((smoke_zoo.directory / MANIFEST).read_text()))
     zoo_dir = tmp_path / "zoo"
     shutil.copytree(smoke_zoo.directory, zoo_dir)
-    (zoo_dir / MANIFEST).write_text(json.dumps(manifest))
+    (zoo_dir / MANIFEST).write_text(manifest if manifest is HUGE_INTEGER else json.dumps(manifest))
 
     class Retraining(Exception):
         pass
@@ -218,7 +274,7 @@ def test_a_malformed_zoo_manifest_starts_the_zoo_afresh(manifest, smoke_zoo, tmp
     monkeypatch.setattr(zoo_module, "pretrain", pretrain)
     with pytest.raises(Retraining):
         build_zoo("smoke", zoo_dir=zoo_dir, cache_dir=smoke_zoo.directory.parent.parent, progress=False)
-    assert "not a zoo manifest" in caplog.text
+    assert ("invalid JSON" if manifest is HUGE_INTEGER else "not a zoo manifest") in caplog.text
 
 
 def test_a_malformed_converted_manifest_is_a_clear_error(tmp_path):

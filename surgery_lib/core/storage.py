@@ -191,8 +191,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     """Read JSON written by :func:`write_json`; a file that does not parse raises :class:`CorruptFileError`."""
     try:
         return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(Path(path), f"invalid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and integers beyond Python's 4,300-digit limit
+        raise CorruptFileError(Path(path), f"invalid JSON: {str(exc)[:200]}") from None
     except RecursionError:  # a hostile file nested thousands of levels deep
         raise CorruptFileError(Path(path), "JSON nested too deeply") from None
 
