@@ -19,6 +19,7 @@ the fix, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
 import logging
@@ -690,8 +691,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: ASCII stand-ins for the non-ASCII characters the tables print, for a terminal that cannot encode them.
+ASCII_FALLBACK = {"±": "+/-", "→": "->", "×": "x", "—": "-", "–": "-", "…": "...", "≥": ">=", "≤": "<=", "λ": "lambda",
+                  "τ": "tau", "θ": "theta", "·": "*", "°": " deg"}  # fmt: skip
+
+
+def _ascii_fallback(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start : error.end]
+    return "".join(ASCII_FALLBACK.get(c, "?") for c in text), error.end
+
+
+codecs.register_error("surgery_book_ascii", _ascii_fallback)
+
+
+def _prepare_streams() -> None:
+    """Print what a terminal cannot encode (a Latin-1 or ASCII locale) as ASCII ("74.2 +/- 0.4") instead of
+    failing on "±" after the whole grid ran."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surgery_book_ascii")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the process exit status."""
+    if sys.stdout is None:  # started with stdout closed (`surgery-book grid >&-`): every result would be lost silently
+        print("error: standard output is closed, so the result would be lost. Fix: redirect it to a file or a pipe.", file=sys.stderr)
+        return 2
+    _prepare_streams()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message=".*IProgress not found.*")

@@ -174,6 +174,25 @@ def test_a_closed_pipe_ends_the_command_quietly():
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
 
 
+def test_a_closed_stdout_is_reported_before_any_work():
+    result = subprocess.run(f"{sys.executable} -m surgery_lib presets >&-", shell=True, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr == "error: standard output is closed, so the result would be lost. Fix: redirect it to a file or a pipe.\n"
+
+
+def test_a_terminal_that_cannot_encode_the_tables_gets_ascii(smoke_zoo, cache_dir, tmp_path):
+    import os
+
+    # DARE alone is computed once per seed, so two seeds give a mean and a std: "average ± std" in the table.
+    command = [sys.executable, "-m", "surgery_lib", "grid", "--presets", "smoke", "--methods", "dare_task_arithmetic", "--surgery", "none",
+               "--seeds", "2", "--executor", "inline", "--out", str(tmp_path), "--cache-dir", str(cache_dir), "--quiet"]  # fmt: skip
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode("ascii")  # would raise on any non-ASCII byte
+    assert " +/- " in out and "Traceback" not in result.stderr.decode()
+
+
 def test_kernels_see_the_cache_and_presets_as_absolute_paths(monkeypatch, tmp_path):
     import os
 
