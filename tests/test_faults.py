@@ -188,7 +188,7 @@ def _one_line_error(argv, capsys):
     return err
 
 
-@pytest.mark.parametrize("case", ["slurm", "link-loop", "long-name", "zoo-dir-file", "reproduce-file", "kernel", "notebook"])
+@pytest.mark.parametrize("case", ["slurm", "link-loop", "long-name", "zoo-dir-file", "reproduce-file", "kernel", "notebook", "foreign-lock"])
 def test_paths_and_environments_that_cannot_work_are_one_line_errors(case, tmp_path, capsys, monkeypatch):
     long_name = "x" * 300
     (tmp_path / "loop").symlink_to("loop")
@@ -206,6 +206,16 @@ def test_paths_and_environments_that_cannot_work_are_one_line_errors(case, tmp_p
         argv, expected = ["zoo", "--preset", "smoke", "--zoo-dir", str(tmp_path / "a-file"), "--quiet"], "a-file.*pass a folder path"
     elif case == "reproduce-file":
         argv, expected = [*reproduce, "--out", str(tmp_path / "a-file")], "cannot write into .*a-file.*not a file"
+    elif case == "foreign-lock":  # a shared cache whose lock file another user created with mode 0600 (root cannot see it)
+        import errno
+
+        import filelock
+
+        def acquire(self, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", self.lock_file)
+
+        monkeypatch.setattr(filelock.FileLock, "acquire", acquire)
+        argv, expected = ["data", "--preset", "smoke", "--cache-dir", str(tmp_path / "shared"), "--quiet"], r"Permission denied \(.*\.lock\).*writable for this user"
     elif case == "kernel":
         argv, expected = [*reproduce, "--out", str(tmp_path / "o"), "--kernel", "no-such-kernel"], "no Jupyter kernel named 'no-such-kernel'"
     else:
