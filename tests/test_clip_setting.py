@@ -429,24 +429,30 @@ def test_a_broken_fusionbench_expert_is_refused_and_the_earlier_conversion_kept(
     def extra(t):
         t["vision_model.encoder.layers.0.adapter.weight"] = torch.zeros(2, 2)
 
+    def reshape(t):
+        key = first_key(t, "layers.1.mlp.fc2.weight")
+        t[key] = t[key][:, :-1].contiguous()
+
     cases = {
         "deleted": (dict(edit=delete), r"missing weight '(vision_model\.)?encoder\.layers\.1\.mlp\.fc1\.weight'"),
         "int8": (dict(edit=quantise), r"q_proj\.weight' is torch\.int8, not a floating-point weight"),
         "nan": (dict(edit=poison), r"fc2\.bias' holds NaN or infinite values"),
         "unexpected": (dict(edit=extra), r"unexpected transformers keys \['encoder\.layers\.0\.adapter\.weight'\]"),
         "no-config": (dict(remove="config.json"), r"has no config\.json"),
+        "shape": (dict(edit=reshape), r"expert 'DTD' has shape \(128, 511\) for 'transformer\.resblocks\.1\.mlp\.c_proj\.weight'"),
     }
     for name, (change, message) in cases.items():
         folder, expert = broken(name, **change)
         assert main([*command, str(folder)]) == 2, name
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(expert) in err and re.search(message, err), (name, err)
-    folder, expert = broken("truncated")
-    weights = expert / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert main([*command, str(folder)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"cannot read {weights}" in err
+    for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("huge-header", lambda b: (2**62).to_bytes(8, "little") + b[8:])):
+        folder, expert = broken(name)
+        weights = expert / "model.safetensors"
+        weights.write_bytes(damage(weights.read_bytes()))
+        assert main([*command, str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot read {weights}" in err, (name, err)
 
     # Nothing of the failed conversions reached the folder, and no temporary folder is left beside it.
     after = {p.relative_to(converted): sha256_file(p) for p in converted.rglob("*") if p.is_file()}

@@ -406,8 +406,12 @@ def _write_converted(
         written = {"pretrained": {"file": "pretrained.safetensors", "sha256": save_tensors(pretrained, folder / "pretrained.safetensors")}}
         tasks = []
         for task, expert, head in experts:
-            check_compatible(pretrained, {task: expert})
-            check_weights(expert, sources.get(f"expert/{task}", f"the {task} expert"))
+            source = sources.get(f"expert/{task}", f"the {task} expert")
+            try:
+                check_compatible(pretrained, {task: expert})
+            except SurgeryBookError as exc:
+                raise SurgeryBookError(f"{source}: {exc.problem}", exc.fix) from None
+            check_weights(expert, source)
             tasks.append(task)
             written[f"expert/{task}"] = {"file": f"experts/{task}.safetensors", "sha256": save_tensors(expert, folder / "experts" / f"{task}.safetensors")}
             if head is not None:
