@@ -44,7 +44,7 @@ from surgery_lib.presets import get_preset
 from surgery_lib.settings.base import Zoo
 from surgery_lib.settings.clip.tasks import CLIP_TASKS
 from surgery_lib.surgery import run_surgery
-from surgery_lib.surgery.v1 import SurgeryConfig, TaskSurgery, train_surgery
+from surgery_lib.surgery.v1 import DEFAULT_RANK, SurgeryConfig, TaskSurgery, train_surgery
 from surgery_lib.surgery.v2 import DeepSurgery, train_deep_surgery
 
 #: Test-set sizes of the paper's 8 datasets (SUN397 ... DTD): 87,190 images.
@@ -191,7 +191,8 @@ def run_benchmark(
     experts = {t: e.to(device).eval().requires_grad_(False) for t, e in experts.items()}
     results = []
     for adam in adams:
-        config = SurgeryConfig(steps=iterations * batches, batch_size=batch_size, eval_every=0, adam=adam, batches_per_iteration=batches)
+        config = SurgeryConfig(rank=DEFAULT_RANK, steps=iterations * batches, batch_size=batch_size, eval_every=0, adam=adam,
+                               batches_per_iteration=batches)  # fmt: skip
         for version in versions:
             official_s = official_style(version, merged, experts, data, config, batches, device, precision)
             ours_s, features_s = ours(version, merged, experts, data, config, device, precision)

@@ -240,7 +240,7 @@ def _merge_options(args: argparse.Namespace, method: str | None = None, shared: 
     )  # fmt: skip
 
 
-def _surgery_config(args: argparse.Namespace, rank: int):
+def _surgery_config(args: argparse.Namespace, rank: int | None):
     from surgery_lib.surgery.v1 import SurgeryConfig
 
     _check_finite(args, "lr")
@@ -296,7 +296,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     versions = parse_versions(args.surgery)
     methods = _table_methods(args.methods)
-    options, config = _merge_options(args), _surgery_config(args, 16)  # bad values fail here, before the zoo is loaded
+    options, config = _merge_options(args), _surgery_config(args, args.rank)  # bad values fail here, before the zoo is loaded
     if args.out:
         _check_writable(args.out, folder=True)
     zoo = _build_zoo(args)
@@ -379,11 +379,11 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     options = _merge_options(args, check_method(args.merge), shared=("seed", "data", "precision"))
     if args.online_order and not args.online:
         raise SurgeryBookError("--online-order is read only by the online variant", "add --online, or drop --online-order")
-    _surgery_config(args, 1)
+    _surgery_config(args, args.rank)
     if args.save:
         _check_writable(args.save, folder=False)
     zoo = _build_zoo(args)
-    config = _surgery_config(args, args.rank if args.rank is not None else zoo.preset.surgery_rank(args.version))
+    config = _surgery_config(args, args.rank).with_rank(zoo.preset.surgery_rank(args.version))
     merged = merge(zoo, args.merge, options, device=args.device, progress=not args.quiet)
     run = run_surgery(
         zoo, merged.state, version=args.version, config=config, split=args.data or "test",
@@ -600,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "2 (+ SurgeryV2); default none. 'none,1,2' gives the papers' whole grid (with --methods papers the seven merges "
                        "the papers repair get surgery rows; with any other --methods, every method does)")
     table.add_argument("--seeds", type=int, default=1, help="surgery seeds per row (mean and std over them; default 1)")
+    table.add_argument("--rank", type=int, default=None,
+                       help="rank of every surgery module (default: the preset's, 16; SurgeryV2 on ViT-L/14: 4, as in the paper)")
     _add_surgery_options(table)
     table.set_defaults(run=_cmd_table)
 

@@ -89,8 +89,8 @@ def surgery_grid(
     Args:
         repaired: the methods that get surgery rows (default: the papers' :data:`~surgery_lib.merging.api.REPAIRED`;
             ``None``: every method).
-        config: the surgery schedule (its seed is replaced by 0..seeds-1; its rank, when left at the
-            default 16, by the preset's rank for each version).
+        config: the surgery schedule (its seed is replaced by 0..seeds-1; a rank left at ``None`` is the
+            preset's for each version, an explicit one is kept).
         options: merge options (merges are cached next to the zoo, so a second grid reuses them).
 
     Returns:
@@ -116,9 +116,8 @@ def surgery_grid(
             bias = merge_bias(zoo, merged.state, device)
             rows[label] = {**accuracy, "average": sum(accuracy.values()) / len(accuracy), "std": math.nan, "bias": bias}
             continue
-        rank = zoo.preset.surgery_rank(version) if config.rank == SurgeryConfig.rank else config.rank
-        runs[label] = [
-            run_surgery(zoo, merged.state, version=version, config=dataclasses.replace(config, seed=seed, rank=rank),
+        runs[label] = [  # a rank left at None becomes the preset's for the version inside run_surgery
+            run_surgery(zoo, merged.state, version=version, config=dataclasses.replace(config, seed=seed),
                         device=device, progress=False)  # fmt: skip
             for seed in range(seeds)
         ]

@@ -50,6 +50,9 @@ def colour_of(label: str) -> str | None:
         return SURGERY_COLOUR
     names = list(METHODS.values())
     order = ["task arithmetic"] + [n for n in names if n != "task arithmetic"]
+    # On real CLIP the trimming methods' labels say what their top-k keeps ("TIES-merging ... [top 20 % of ...]"):
+    # the method's colour is the same.
+    label = label.split(" [", 1)[0]
     return _METHOD_CYCLE[order.index(label) % len(_METHOD_CYCLE)] if label in order else None
 
 

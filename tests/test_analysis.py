@@ -47,13 +47,16 @@ def test_cached_merge_is_reused_and_equal(private_zoo, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the cached merge was recomputed")
 
-    monkeypatch.setattr(methods, "merge", fail)
+    monkeypatch.setattr("surgery_lib.merging.api.merge", fail)  # the name cached_merge computes through
     second = methods.cached_merge(private_zoo, "adamerging_layer", options, progress=False)
     for key, value in first.state.items():
         assert torch.equal(second.state[key], value), key
     found, loaded = first.details["adamerging"], second.details["adamerging"]
     assert torch.equal(found.coefficients, loaded.coefficients) and loaded.entropy == found.entropy
     assert loaded.coefficient_table().shape == (len(private_zoo.tasks), len(found.keys))
+    path.write_bytes(path.read_bytes()[:100])  # the guard fires where the cache cannot be used
+    with pytest.raises(AssertionError, match="recomputed"):
+        methods.cached_merge(private_zoo, "adamerging_layer", options, progress=False)
 
 
 def test_cached_merge_keys_on_options_and_recomputes_a_damaged_file(private_zoo, caplog):

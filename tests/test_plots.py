@@ -70,3 +70,13 @@ def test_smoothed_curves_draw_the_raw_series_faintly_and_its_moving_average():
     figure = plots.curves({"layer-wise": pd.Series([1.0, 0.0] * 10)}, xlabel="step", ylabel="entropy", smooth=4)
     raw, trend = figure.axes[0].get_lines()
     assert raw.get_alpha() == 0.3 and list(trend.get_ydata())[3:] == [0.5] * 17
+
+
+def test_a_trimming_methods_clip_label_keeps_the_methods_colour():
+    from surgery_lib.merging import METHODS
+    from surgery_lib.plots import colour_of
+
+    ties = METHODS["ties"]
+    clip_label = ties + " [top 20% of tower + text leftovers = 25.83 % of the tower]"  # method_label on real CLIP
+    assert colour_of(ties) is not None and colour_of(clip_label) == colour_of(ties)
+    assert colour_of(clip_label + " + Surgery") == colour_of(ties + " + Surgery")

@@ -311,3 +311,23 @@ def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
         run_surgery(smoke_zoo, merged_state, split="train", progress=False)
     with pytest.raises(SurgeryBookError, match="invalid surgery schedule"):
         SurgeryConfig(lr=-1.0)
+
+
+def test_an_explicit_rank_is_kept_and_a_rank_left_open_is_the_presets(smoke_zoo):
+    """The papers run SurgeryV2 at rank 4 on ViT-L/14: a preset with that rank gets it when the caller leaves
+    the rank open, and an explicit rank 16 stays 16 (it was replaced by the preset's before)."""
+    from surgery_lib.grid import surgery_grid
+    from surgery_lib.presets import ClipConfig
+
+    clip = ClipConfig(model="ViT-L-14", hub_model="openai/clip-vit-large-patch14", surgery_v2_rank=4)
+    zoo = dataclasses.replace(smoke_zoo, preset=dataclasses.replace(smoke_zoo.preset, clip=clip))
+    assert zoo.preset.surgery_rank(2) == 4 and zoo.preset.surgery_rank(1) == 16
+    ranks = {}
+    for rank in (None, 16):
+        grid = surgery_grid(zoo, ["task_arithmetic"], versions=(1, 2), seeds=1, reference_rows=False, progress=False,
+                            config=SurgeryConfig(rank=rank, steps=2, eval_every=0))  # fmt: skip
+        ranks[rank] = sorted(run.modules.rank for runs in grid.runs.values() for run in runs)
+    assert ranks == {None: [4, 16], 16: [16, 16]}
+    assert SurgeryConfig().with_rank(4).rank == 4 and SurgeryConfig(rank=8).with_rank(4).rank == 8
+    with pytest.raises(SurgeryBookError, match="rank >= 1"):
+        SurgeryConfig(rank=0)

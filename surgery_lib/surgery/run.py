@@ -107,7 +107,7 @@ def run_surgery(
         raise SurgeryBookError(f"unknown surgery version {version!r}", "use 1 (Surgery) or 2 (SurgeryV2)")
     if split not in ("test", "adapt"):
         raise SurgeryBookError(f"unknown adaptation split {split!r}", "use 'test' (the paper) or 'adapt' (held out)")
-    config = config or SurgeryConfig(rank=zoo.preset.surgery_rank(version))
+    config = (config or SurgeryConfig()).with_rank(zoo.preset.surgery_rank(version))
     if adapt_limit is not None and adapt_limit < 1:
         raise SurgeryBookError(f"adapt_limit={adapt_limit}", "limit the adaptation data to 1 image or more per task")
     if version == 2 and config.online:

@@ -16,6 +16,8 @@ checks that against a plain step-by-step replay with ``torch.optim.Adam``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +125,10 @@ class TaskSurgery(nn.Module):
         return 2 * self.dim * self.rank
 
 
+#: The papers' rank of every Surgery module where neither the caller nor a preset chooses one.
+DEFAULT_RANK = 16
+
+
 @dataclass
 class SurgeryConfig:
     """Training schedule. Defaults are the official ones: Adam 1e-3, batch 16, 1000 steps per task
@@ -130,7 +136,9 @@ class SurgeryConfig:
     every task's modules stepped as the published runs stepped it (``adam="shared"``, see
     :mod:`surgery_lib.surgery.schedule`), evaluated every 200 steps (every 100 iterations)."""
 
-    rank: int = 16
+    #: Rank of every module; None: the preset's for the version (:meth:`Preset.surgery_rank`: 16, SurgeryV2 on
+    #: ViT-L/14 4), or :data:`DEFAULT_RANK` where no preset is known. An explicit 16 stays 16.
+    rank: int | None = None
     steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
@@ -144,13 +152,17 @@ class SurgeryConfig:
     def __post_init__(self) -> None:
         check_adam(self.adam)
         check_online_order(self.online_order)
-        if (self.steps < 0 or self.batch_size < 1 or self.batches_per_iteration < 1 or self.rank < 1
+        if (self.steps < 0 or self.batch_size < 1 or self.batches_per_iteration < 1 or (self.rank is not None and self.rank < 1)
                 or not math.isfinite(self.lr) or self.lr <= 0):  # fmt: skip
             raise SurgeryBookError(
                 f"invalid surgery schedule (rank {self.rank}, steps {self.steps}, batch {self.batch_size}, "
                 f"batches per iteration {self.batches_per_iteration}, lr {self.lr})",
                 "use rank >= 1, steps >= 0, batch size >= 1, batches per iteration >= 1 and a positive finite learning rate",
             )
+
+    def with_rank(self, rank: int) -> SurgeryConfig:
+        """This schedule with ``rank`` where it leaves the rank to the caller (``rank=None``), else unchanged."""
+        return self if self.rank is not None else dataclasses.replace(self, rank=rank)
 
     def iterations(self, sizes: Sequence[int]) -> Iterator[Iteration]:
         """The batches of every iteration for tasks with ``sizes`` adaptation images (see :mod:`surgery_lib.surgery.schedule`)."""
@@ -227,6 +239,7 @@ def train_surgery(
         raise SurgeryBookError("merged and expert embeddings name different tasks", "give both for the same tasks")
     device = torch.device(device)
     dim = next(iter(merged.values())).shape[1]
+    config = config.with_rank(DEFAULT_RANK)
     surgery = TaskSurgery(tasks, dim, config.rank, config.seed).to(device)
     optimizer = TaskAdam(surgery.parameters(), len(tasks), lr=config.lr, semantics=config.adam)
     sources = [merged[t].to(device) for t in tasks]

@@ -26,7 +26,7 @@ from surgery_lib.core.taskdata import TaskData, normalize
 from surgery_lib.evaluation import accuracy_from_features
 from surgery_lib.models import autocast, forward_blocks
 from surgery_lib.surgery.schedule import TaskAdam, train_on_schedule
-from surgery_lib.surgery.v1 import SurgeryConfig, SurgeryHistory, TaskSurgery
+from surgery_lib.surgery.v1 import DEFAULT_RANK, SurgeryConfig, SurgeryHistory, TaskSurgery
 
 
 class DeepSurgery(nn.Module):
@@ -128,6 +128,7 @@ def train_deep_surgery(
     device = torch.device(device)
     tasks = tuple(unlabeled)
     encoder = encoder.to(device).eval().requires_grad_(False)
+    config = config.with_rank(DEFAULT_RANK)
     surgery = DeepSurgery.for_encoder(encoder, tasks, config.rank, config.seed).to(device)
     optimizer = TaskAdam(surgery.parameters(), len(tasks), lr=config.lr, semantics=config.adam)
     images = [unlabeled[t].images[split] for t in tasks]
