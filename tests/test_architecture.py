@@ -162,3 +162,16 @@ def test_the_checker_finds_a_cycle_and_a_lazy_import(tmp_path):
 @pytest.mark.parametrize("module", ["surgery_lib.merging.ties", "surgery_lib.surgery.v1", "surgery_lib.bias"])
 def test_algorithms_do_not_reach_a_setting(module):
     assert not any(layer(t) == "settings.<one>" for t in EDGES[module])
+
+
+def test_the_package_docstring_names_every_module():
+    import surgery_lib
+
+    package = Path(surgery_lib.__file__).parent
+    modules = sorted(
+        p.stem if p.is_file() else p.name
+        for p in package.iterdir()
+        if (p.suffix == ".py" and p.stem not in ("__init__", "__main__")) or (p.is_dir() and (p / "__init__.py").exists())
+    )
+    missing = [m for m in modules if f"surgery_lib.{m}`" not in surgery_lib.__doc__ and f"~surgery_lib.{m}`" not in surgery_lib.__doc__]
+    assert missing == []

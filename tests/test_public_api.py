@@ -46,3 +46,14 @@ def test_old_paths_warn_and_name_the_new_one():
 def test_the_snapshot_covers_the_whole_old_package():
     assert len(SNAPSHOT) == 33 and sum(map(len, SNAPSHOT.values())) == 425
     assert "task_arithmetic" in SNAPSHOT["surgery_lib.merging"] and "build_zoo" in SNAPSHOT["surgery_lib.zoo"]
+
+
+def test_the_package_has_one_version_and_the_changelog_describes_it():
+    import importlib.metadata
+    from pathlib import Path
+
+    import surgery_lib
+
+    assert importlib.metadata.version("surgery-book") == surgery_lib.__version__  # pyproject reads the same attribute
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    assert f"## {surgery_lib.__version__}" in changelog
