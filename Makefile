@@ -16,7 +16,7 @@ PYTEST_WORKERS ?= 2
 BOOK := $(BIN)/jupyter-book build . --toc book/_toc.yml -W -n --keep-going
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: run test check book venv chromium clean
+.PHONY: run test check format book venv chromium clean
 
 venv: $(STAMP)
 
@@ -92,6 +92,11 @@ test:
 # It is not the test command: `make test` runs everything.
 check: $(STAMP)
 	$(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile -q -m "not slow and not browser and not heavy" tests
+
+# ruff, configured in pyproject.toml: format the code and apply the safe lint fixes (tests/test_style.py checks both).
+format: $(STAMP)
+	$(BIN)/ruff format surgery_lib tests bench
+	$(BIN)/ruff check --fix surgery_lib tests bench
 
 clean:
 	rm -rf $(VENV) .cache _build

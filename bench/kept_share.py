@@ -68,17 +68,31 @@ def main(argv: list[str] | None = None) -> None:
                         experts[task] = load_tensors(path)[0]
                         continue
                     _, experts[task] = finetune(
-                        load_encoder(preset.encoder, zoo.pretrained), [(zoo.suite[task], zoo.heads[task])],
-                        steps=steps, batch_per_task=recipe.batch_size, lr=recipe.expert_lr * lr_scale,
-                        weight_decay=recipe.expert_weight_decay, warmup_fraction=recipe.expert_warmup_fraction,
-                        translate_px=recipe.translate_px, seed=derive_seed(recipe.seed, "expert", task),
-                        device=torch.device("cpu"), desc=f"{name} {task}", mode=mode, lora_rank=args.lora_rank,
-                    )  # fmt: skip
+                        load_encoder(preset.encoder, zoo.pretrained),
+                        [(zoo.suite[task], zoo.heads[task])],
+                        steps=steps,
+                        batch_per_task=recipe.batch_size,
+                        lr=recipe.expert_lr * lr_scale,
+                        weight_decay=recipe.expert_weight_decay,
+                        warmup_fraction=recipe.expert_warmup_fraction,
+                        translate_px=recipe.translate_px,
+                        seed=derive_seed(recipe.seed, "expert", task),
+                        device=torch.device("cpu"),
+                        desc=f"{name} {task}",
+                        mode=mode,
+                        lora_rank=args.lora_rank,
+                    )
                     save_tensors(experts[task], path)
             rows = kept_share_curve(
-                zoo.pretrained, experts, zoo.heads, {t: zoo.suite[t] for t in zoo.tasks}, load,
-                sizes=sizes, subsets=args.subsets, scale=args.scale,
-            )  # fmt: skip
+                zoo.pretrained,
+                experts,
+                zoo.heads,
+                {t: zoo.suite[t] for t in zoo.tasks},
+                load,
+                sizes=sizes,
+                subsets=args.subsets,
+                scale=args.scale,
+            )
             rows.insert(0, "recipe", name)
             tables.append(rows)
             summary = summarize_curve(rows)

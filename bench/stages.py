@@ -55,7 +55,9 @@ def _append(target: str, stage: str, seconds: float, status: int, note: str = ""
 
 def reset(target: str) -> int:
     BUILD.mkdir(parents=True, exist_ok=True)
-    _record(target).write_text(f"# {target} on {processor()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n#epoch {time.time():.1f}\n")
+    _record(target).write_text(
+        f"# {target} on {processor()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n#epoch {time.time():.1f}\n"
+    )
     for stale in [*BUILD.glob(f"stages-{target}-*.background"), *BUILD.glob(f"stages-{target}-*.cancel")]:
         stale.unlink()
     return 0
@@ -96,8 +98,13 @@ def start(target: str, stage: str, command: list[str], cancel_on_failure: bool =
     ``cancel_on_failure`` a failing foreground stage stops it."""
     BUILD.mkdir(parents=True, exist_ok=True)
     log = BUILD / f"stages-{target}-{stage}.log"
-    child = subprocess.Popen([sys.executable, __file__, "_child", target, stage, "--", *command], start_new_session=True,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, __file__, "_child", target, stage, "--", *command],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     if cancel_on_failure:
         (BUILD / f"stages-{target}-{stage}.cancel").write_text(str(child.pid))
     print(f"==> stage {stage} started in the background (log: {log}): {' '.join(command)}", flush=True)
@@ -130,7 +137,13 @@ def wait(target: str, stage: str, timeout: float = 1800) -> int:
         time.sleep(0.5)
     status_text, seconds_text = marker.read_text().split()
     status = int(status_text)
-    _append(target, stage, float(seconds_text), status, f"in the background; waited {time.perf_counter() - waited:.1f} s for it")
+    _append(
+        target,
+        stage,
+        float(seconds_text),
+        status,
+        f"in the background; waited {time.perf_counter() - waited:.1f} s for it",
+    )
     marker.unlink()
     (BUILD / f"stages-{target}-{stage}.cancel").unlink(missing_ok=True)
     lines = (BUILD / f"stages-{target}-{stage}.log").read_text(errors="replace").splitlines()
@@ -161,11 +174,17 @@ def report(target: str) -> int:
     for stage, seconds, status, note in rows:
         charged = waited.get(stage, 0.0) if "background" in note else float(seconds)
         share = f"{100 * charged / total:5.1f}%" if total else ""
-        print(f"{stage:<{width}}  {float(seconds):8.1f}  {share:>6}  {'ok' if status == '0' else 'exit ' + status}  {note}")
-    print(f"{'total':<{width}}  {total:8.1f}  ({total / 60:.1f} min: the foreground stages and the waits for background ones)")
+        print(
+            f"{stage:<{width}}  {float(seconds):8.1f}  {share:>6}  {'ok' if status == '0' else 'exit ' + status}  {note}"
+        )
+    print(
+        f"{'total':<{width}}  {total:8.1f}  ({total / 60:.1f} min: the foreground stages and the waits for background ones)"
+    )
     if epochs:
         wall = time.time() - epochs[0]
-        print(f"{'wall clock':<{width}}  {wall:8.1f}  ({wall / 60:.1f} min since the start, waits for background stages included)")
+        print(
+            f"{'wall clock':<{width}}  {wall:8.1f}  ({wall / 60:.1f} min since the start, waits for background stages included)"
+        )
     return 0
 
 

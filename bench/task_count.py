@@ -59,13 +59,24 @@ def main(argv: list[str] | None = None) -> None:
             for method in methods:
                 result = cached_merge(zoo, method, tasks=subset, device="cpu", progress=False)
                 merged = evaluate_merge(zoo, result, "cpu", tasks=subset)
-                kept = sum(
-                    (merged[t] - accuracy["pretrained"][t]) / (accuracy["expert"][t] - accuracy["pretrained"][t]) for t in subset
-                ) / size  # fmt: skip
+                kept = (
+                    sum(
+                        (merged[t] - accuracy["pretrained"][t]) / (accuracy["expert"][t] - accuracy["pretrained"][t])
+                        for t in subset
+                    )
+                    / size
+                )
                 rows.append(
-                    {"size": size, "tasks": "+".join(subset), "method": method, "merged": sum(merged.values()) / size,
-                     "pretrained": pretrained, "experts": expert, "kept_share": kept}
-                )  # fmt: skip
+                    {
+                        "size": size,
+                        "tasks": "+".join(subset),
+                        "method": method,
+                        "merged": sum(merged.values()) / size,
+                        "pretrained": pretrained,
+                        "experts": expert,
+                        "kept_share": kept,
+                    }
+                )
                 print(f"{size} {'+'.join(subset)} {method}: {rows[-1]['merged']:.1f} (kept {kept:.2f})", flush=True)
     table = pd.DataFrame(rows)
     out = ROOT / "_build" / "task-count" / f"{zoo.directory.name}.csv"

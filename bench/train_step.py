@@ -44,7 +44,10 @@ def measure(preset_name: str, steps: int) -> dict[str, float]:
     head = torch.nn.Linear(preset.encoder.output_dim, 66)
     optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=1e-3)
     size = preset.encoder.image_size
-    images, labels = torch.randn(preset.recipe.batch_size, 3, size, size), torch.randint(0, 66, (preset.recipe.batch_size,))
+    images, labels = (
+        torch.randn(preset.recipe.batch_size, 3, size, size),
+        torch.randint(0, 66, (preset.recipe.batch_size,)),
+    )
 
     def step() -> None:
         loss = F.cross_entropy(head(encoder(images)), labels)
@@ -76,15 +79,25 @@ def main() -> int:
         print(f"{result['flops']} {result['seconds']} {result['gemm']}")
         return 0
     preset = get_preset(args.preset)
-    print(f"{args.preset}: batch {preset.recipe.batch_size}, torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}")
-    print(f"{'threads':>7}  {'GFLOP/step':>10}  {'steps/s':>7}  {'images/s':>8}  {'GFLOP/s':>7}  {'GEMM GFLOP/s':>12}  {'floor steps/s':>13}  {'of floor':>8}")
+    print(
+        f"{args.preset}: batch {preset.recipe.batch_size}, torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+    )
+    print(
+        f"{'threads':>7}  {'GFLOP/step':>10}  {'steps/s':>7}  {'images/s':>8}  {'GFLOP/s':>7}  {'GEMM GFLOP/s':>12}  {'floor steps/s':>13}  {'of floor':>8}"
+    )
     for threads in (int(t) for t in args.threads.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps), "--child", str(threads)],
-                             check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps), "--child", str(threads)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         flops, seconds, gemm = map(float, out)
         rate = flops / seconds
-        print(f"{threads:>7}  {flops / 1e9:10.2f}  {1 / seconds:7.2f}  {preset.recipe.batch_size / seconds:8.0f}  {rate / 1e9:7.1f}"
-              f"  {gemm / 1e9:12.1f}  {gemm / flops:13.2f}  {100 * rate / gemm:7.0f}%")  # fmt: skip
+        print(
+            f"{threads:>7}  {flops / 1e9:10.2f}  {1 / seconds:7.2f}  {preset.recipe.batch_size / seconds:8.0f}  {rate / 1e9:7.1f}"
+            f"  {gemm / 1e9:12.1f}  {gemm / flops:13.2f}  {100 * rate / gemm:7.0f}%"
+        )
     return 0
 
 

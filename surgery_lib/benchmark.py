@@ -153,20 +153,36 @@ def ours(
     started = time.perf_counter()
     tasks = tuple(data)
     if version == 1:
-        z = {t: embed(merged, data[t].images["test"], data[t].mean, data[t].std, device=device, precision=precision) for t in tasks}
-        target = {t: embed(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device, precision=precision) for t in tasks}
+        z = {
+            t: embed(merged, data[t].images["test"], data[t].mean, data[t].std, device=device, precision=precision)
+            for t in tasks
+        }
+        target = {
+            t: embed(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device, precision=precision)
+            for t in tasks
+        }
         _sync(device)
         features = time.perf_counter() - started
         train_surgery(z, target, config, device=device, progress=False)
     else:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         targets = {
-            t: embed_blocks(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device, dtype=dtype, precision=precision)
+            t: embed_blocks(
+                experts[t],
+                data[t].images["test"],
+                data[t].mean,
+                data[t].std,
+                device=device,
+                dtype=dtype,
+                precision=precision,
+            )
             for t in tasks
         }
         _sync(device)
         features = time.perf_counter() - started
-        train_deep_surgery(merged, data, targets, config, split="test", device=device, precision=precision, progress=False)
+        train_deep_surgery(
+            merged, data, targets, config, split="test", device=device, precision=precision, progress=False
+        )
     _sync(device)
     return time.perf_counter() - started, features
 
@@ -191,8 +207,14 @@ def run_benchmark(
     experts = {t: e.to(device).eval().requires_grad_(False) for t, e in experts.items()}
     results = []
     for adam in adams:
-        config = SurgeryConfig(rank=DEFAULT_RANK, steps=iterations * batches, batch_size=batch_size, eval_every=0, adam=adam,
-                               batches_per_iteration=batches)  # fmt: skip
+        config = SurgeryConfig(
+            rank=DEFAULT_RANK,
+            steps=iterations * batches,
+            batch_size=batch_size,
+            eval_every=0,
+            adam=adam,
+            batches_per_iteration=batches,
+        )
         for version in versions:
             official_s = official_style(version, merged, experts, data, config, batches, device, precision)
             ours_s, features_s = ours(version, merged, experts, data, config, device, precision)
@@ -210,7 +232,9 @@ class PipelineStage:
     images_per_s: float | None = None
 
 
-def synthetic_clip_zoo(preset: str = "clip-vit-b-32", sizes: Mapping[str, int] = PAPER_TEST_SIZES, seed: int = 0, adapt_images: int = 256) -> Zoo:
+def synthetic_clip_zoo(
+    preset: str = "clip-vit-b-32", sizes: Mapping[str, int] = PAPER_TEST_SIZES, seed: int = 0, adapt_images: int = 256
+) -> Zoo:
     """A :class:`~surgery_lib.settings.base.Zoo` of the real architecture with random weights and random images.
 
     Experts are the pretrained weights plus independent noise of 1 % of each tensor's spread (task
@@ -223,17 +247,30 @@ def synthetic_clip_zoo(preset: str = "clip-vit-b-32", sizes: Mapping[str, int] =
     generator = torch.Generator().manual_seed(seed)
     experts, heads, tasks = {}, {}, {}
     for task, n in sizes.items():
-        experts[task] = {k: v + 0.01 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
+        experts[task] = {
+            k: v + 0.01 * v.float().std().nan_to_num() * torch.randn(v.shape, generator=generator)
+            for k, v in pretrained.items()
+        }
         classes = CLIP_TASKS[task].num_classes if task in CLIP_TASKS else 10
-        heads[task] = ClassificationHead.from_weights(F.normalize(torch.randn(classes, spec.encoder.output_dim, generator=generator), dim=-1) * 100)
+        heads[task] = ClassificationHead.from_weights(
+            F.normalize(torch.randn(classes, spec.encoder.output_dim, generator=generator), dim=-1) * 100
+        )
         size = spec.encoder.image_size
         test = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
         adapt = test[: min(adapt_images, n)]
         labels = torch.randint(0, classes, (n,), generator=generator)
-        tasks[task] = TaskData(task, tuple(str(c) for c in range(classes)), {"test": test, "train": adapt, "adapt": adapt},
-                               {"test": labels, "train": labels[: len(adapt)], "adapt": labels[: len(adapt)]},
-                               spec.encoder.mean, spec.encoder.std)  # fmt: skip
-    manifest = {"accuracy": {"pretrained": dict.fromkeys(sizes, 0.0), "expert": dict.fromkeys(sizes, 0.0)}, "synthetic": True}
+        tasks[task] = TaskData(
+            task,
+            tuple(str(c) for c in range(classes)),
+            {"test": test, "train": adapt, "adapt": adapt},
+            {"test": labels, "train": labels[: len(adapt)], "adapt": labels[: len(adapt)]},
+            spec.encoder.mean,
+            spec.encoder.std,
+        )
+    manifest = {
+        "accuracy": {"pretrained": dict.fromkeys(sizes, 0.0), "expert": dict.fromkeys(sizes, 0.0)},
+        "synthetic": True,
+    }
     return Zoo(spec, Path("synthetic"), manifest, pretrained, heads, experts, None, Suite(None, tasks, None))
 
 
@@ -272,15 +309,31 @@ def pipeline_benchmark(
     total = sum(len(zoo.suite[t].labels["test"]) for t in zoo.tasks)
     merged = timed("task arithmetic merge", lambda: merge(zoo, "task_arithmetic", device=device, progress=False))
     encoder = load_encoder(zoo.preset.encoder, merged.state)
-    timed("feature extraction (every test image)", lambda: [embed(encoder, zoo.suite[t].images["test"], zoo.suite[t].mean,
-          zoo.suite[t].std, device=device) for t in zoo.tasks], images=total)  # fmt: skip
+    timed(
+        "feature extraction (every test image)",
+        lambda: [
+            embed(encoder, zoo.suite[t].images["test"], zoo.suite[t].mean, zoo.suite[t].std, device=device)
+            for t in zoo.tasks
+        ],
+        images=total,
+    )
     options = MergeOptions(steps=adamerging_steps)
-    ada = timed("layer-wise AdaMerging", lambda: merge(zoo, "adamerging_layer", options, device=device, progress=progress))
+    ada = timed(
+        "layer-wise AdaMerging", lambda: merge(zoo, "adamerging_layer", options, device=device, progress=progress)
+    )
     config = SurgeryConfig(steps=surgery_steps, eval_every=0)
     deep = dataclasses.replace(config, rank=zoo.preset.surgery_rank(2))
-    timed("Surgery (V1, features and evaluation included)", lambda: run_surgery(zoo, ada.state, version=1, config=config, device=device, progress=progress))
-    timed("SurgeryV2 (targets and evaluation included)", lambda: run_surgery(zoo, ada.state, version=2, config=deep, device=device, progress=progress))
+    timed(
+        "Surgery (V1, features and evaluation included)",
+        lambda: run_surgery(zoo, ada.state, version=1, config=config, device=device, progress=progress),
+    )
+    timed(
+        "SurgeryV2 (targets and evaluation included)",
+        lambda: run_surgery(zoo, ada.state, version=2, config=deep, device=device, progress=progress),
+    )
     pipeline = [s for s in stages if not s.stage.startswith("feature extraction")]
     peak = max((s.peak_memory_gb or 0.0) for s in pipeline) if cuda else None
-    stages.append(PipelineStage("end to end (merge, AdaMerging, Surgery, SurgeryV2)", sum(s.seconds for s in pipeline), peak))
+    stages.append(
+        PipelineStage("end to end (merge, AdaMerging, Surgery, SurgeryV2)", sum(s.seconds for s in pipeline), peak)
+    )
     return stages

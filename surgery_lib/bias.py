@@ -22,4 +22,3 @@ def block_bias(merged: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     if merged.shape != expert.shape:
         raise ValueError(f"block means of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}")
     return (merged.float() - expert.float()).abs().mean(dim=(0, 2))
-

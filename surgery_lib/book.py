@@ -25,7 +25,9 @@ def book_style() -> None:
     """Sharp inline figures (PNG at twice the resolution) and the book's font sizes; call once per notebook."""
     import matplotlib as mpl
 
-    mpl.rcParams.update({"figure.dpi": 100, "savefig.dpi": 200, "font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9})
+    mpl.rcParams.update(
+        {"figure.dpi": 100, "savefig.dpi": 200, "font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9}
+    )
     try:
         from matplotlib_inline.backend_inline import set_matplotlib_formats
     except ImportError:  # plain Python: figures are only saved, at savefig.dpi
@@ -64,7 +66,11 @@ class PresetBanner:
         self.tasks = len(preset.tasks)
 
     def text(self) -> str:
-        kind = "the offline benchmark (small image tasks, models trained here)" if self.offline else "real CLIP checkpoints"
+        kind = (
+            "the offline benchmark (small image tasks, models trained here)"
+            if self.offline
+            else "real CLIP checkpoints"
+        )
         return (
             f"These outputs were computed on the {self.name} preset: {kind}, {self.tasks} tasks, on {self.device}. "
             f"{self.description} Numbers in the text are this run's, except where they cite the papers."

@@ -34,9 +34,9 @@ from typing import Any
 
 from surgery_lib.core.errors import SurgeryBookError, from_os_error
 from surgery_lib.core.workers import exit_on_sigterm
+from surgery_lib.finetuning import FINETUNING_MODES
 from surgery_lib.merging import MERGE_METHODS
 from surgery_lib.merging.wudi import WUDI_SCOPES
-from surgery_lib.finetuning import FINETUNING_MODES
 from surgery_lib.presets import PRESETS, Preset, check_preset, get_preset
 from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
 
@@ -72,7 +72,9 @@ def format_table(table: Any, as_json: bool) -> str:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="mini", help="preset name (see 'surgery-book presets'); default: mini")
-    parser.add_argument("--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)"
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     for name in available_settings():
@@ -81,9 +83,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
     """For the commands that build or read a zoo in this process (zoo, merge, table, surgery, bench)."""
-    parser.add_argument("--finetune", default=None, choices=list(FINETUNING_MODES),
-                        help="how the zoo's experts are fine-tuned (offline presets; default: the preset's recipe, full)")  # fmt: skip
-    parser.add_argument("--lora-rank", type=int, default=None, help="rank of every LoRA update with --finetune lora (default 4)")
+    parser.add_argument(
+        "--finetune",
+        default=None,
+        choices=list(FINETUNING_MODES),
+        help="how the zoo's experts are fine-tuned (offline presets; default: the preset's recipe, full)",
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=None, help="rank of every LoRA update with --finetune lora (default 4)"
+    )
 
 
 def _setting_options(args: argparse.Namespace) -> Any:
@@ -106,16 +114,26 @@ def _zoo_preset(args: argparse.Namespace) -> Preset:
             "drop them for this preset, or pass an offline preset (smoke, mini, base)",
         )
     if rank is not None and (mode or preset.recipe.expert_finetune) != "lora":
-        raise SurgeryBookError("--lora-rank is given but the experts are not LoRA fine-tunes", "add --finetune lora, or drop --lora-rank")
+        raise SurgeryBookError(
+            "--lora-rank is given but the experts are not LoRA fine-tunes", "add --finetune lora, or drop --lora-rank"
+        )
     recipe = dataclasses.replace(
-        preset.recipe, expert_finetune=mode or preset.recipe.expert_finetune, expert_lora_rank=preset.recipe.expert_lora_rank if rank is None else rank
+        preset.recipe,
+        expert_finetune=mode or preset.recipe.expert_finetune,
+        expert_lora_rank=preset.recipe.expert_lora_rank if rank is None else rank,
     )
     return check_preset(dataclasses.replace(preset, recipe=recipe))
 
 
 def _build_zoo(args: argparse.Namespace, **extra: Any) -> Any:
-    return build_zoo(_zoo_preset(args), device=getattr(args, "device", None), cache_dir=args.cache_dir, progress=not args.quiet,
-                     options=_setting_options(args), **extra)  # fmt: skip
+    return build_zoo(
+        _zoo_preset(args),
+        device=getattr(args, "device", None),
+        cache_dir=args.cache_dir,
+        progress=not args.quiet,
+        options=_setting_options(args),
+        **extra,
+    )
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -176,7 +194,9 @@ def _check_finite(args: argparse.Namespace, *options: str) -> None:
             raise SurgeryBookError(f"{flag} {value} is not a finite number", f"pass a finite value to {flag}")
 
 
-def _check_range(args: argparse.Namespace, option: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+def _check_range(
+    args: argparse.Namespace, option: str, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
     """A one-line error unless ``args.<option>`` (when given) lies in the interval; never a silent substitute."""
     value = getattr(args, option, None)
     if value is None:
@@ -211,8 +231,17 @@ def _check_writable(path: str, *, folder: bool) -> None:
 
 
 #: Command-line flag -> the MergeOptions field it sets.
-MERGE_FLAGS = {"scale": "scale", "keep_fraction": "keep_fraction", "steps": "steps", "batch_size": "batch_size", "data": "split",
-               "seed": "seed", "precision": "precision", "drop_rate": "drop_rate", "wudi_scope": "wudi_scope"}  # fmt: skip
+MERGE_FLAGS = {
+    "scale": "scale",
+    "keep_fraction": "keep_fraction",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "data": "split",
+    "seed": "seed",
+    "precision": "precision",
+    "drop_rate": "drop_rate",
+    "wudi_scope": "wudi_scope",
+}
 MAX_SEED = 2**32 - 1
 
 
@@ -231,13 +260,25 @@ def _merge_options(args: argparse.Namespace, method: str | None = None, shared: 
         spec = get_method(method)
         for flag, field in MERGE_FLAGS.items():
             if getattr(args, flag, None) is not None and field not in spec.reads and flag not in shared:
-                reads = ", ".join("--" + f.replace("_", "-") for f, v in MERGE_FLAGS.items() if v in spec.reads) or "no option"
-                raise SurgeryBookError(f"{method} does not read --{flag.replace('_', '-')}", f"drop it ({method} reads {reads})")
+                reads = (
+                    ", ".join("--" + f.replace("_", "-") for f, v in MERGE_FLAGS.items() if v in spec.reads)
+                    or "no option"
+                )
+                raise SurgeryBookError(
+                    f"{method} does not read --{flag.replace('_', '-')}", f"drop it ({method} reads {reads})"
+                )
     return with_options(
-        MergeOptions(), scale=args.scale, keep_fraction=args.keep_fraction, steps=args.steps,
-        batch_size=args.batch_size, split=args.data, seed=args.seed, precision=args.precision,
-        drop_rate=args.drop_rate, wudi_scope=getattr(args, "wudi_scope", None),
-    )  # fmt: skip
+        MergeOptions(),
+        scale=args.scale,
+        keep_fraction=args.keep_fraction,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        split=args.data,
+        seed=args.seed,
+        precision=args.precision,
+        drop_rate=args.drop_rate,
+        wudi_scope=getattr(args, "wudi_scope", None),
+    )
 
 
 def _surgery_config(args: argparse.Namespace, rank: int | None):
@@ -250,10 +291,16 @@ def _surgery_config(args: argparse.Namespace, rank: int | None):
     _check_range(args, "surgery_batch_size", 1, math.inf)
     _check_range(args, "seed", 0, MAX_SEED)
     return SurgeryConfig(
-        rank=rank, steps=args.surgery_steps, batch_size=args.surgery_batch_size, lr=args.lr, seed=args.seed or 0,
-        eval_every=0, online=getattr(args, "online", False), adam=args.adam,
+        rank=rank,
+        steps=args.surgery_steps,
+        batch_size=args.surgery_batch_size,
+        lr=args.lr,
+        seed=args.seed or 0,
+        eval_every=0,
+        online=getattr(args, "online", False),
+        adam=args.adam,
         online_order=getattr(args, "online_order", None) or "official",
-    )  # fmt: skip
+    )
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -270,11 +317,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     table = results_table({METHODS[args.method]: accuracy, "individual (expert)": experts})
     normalized = normalized_accuracy(table.iloc[:1], experts).rename(index=lambda n: f"{n} / expert")
     if args.json:
-        print(to_json({
-            "method": args.method, "accuracy": table.round(2).to_dict(orient="index"),
-            "normalized": normalized.round(2).to_dict(orient="index"), "seconds": round(result.seconds, 2),
-            "peak_memory": {k: None if v is None else round(v, 2) for k, v in memory.items()},
-        }))  # fmt: skip
+        print(
+            to_json(
+                {
+                    "method": args.method,
+                    "accuracy": table.round(2).to_dict(orient="index"),
+                    "normalized": normalized.round(2).to_dict(orient="index"),
+                    "seconds": round(result.seconds, 2),
+                    "peak_memory": {k: None if v is None else round(v, 2) for k, v in memory.items()},
+                }
+            )
+        )
     else:
         print(format_table(table, as_json=False))
         print()
@@ -296,24 +349,43 @@ def _cmd_table(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     versions = parse_versions(args.surgery)
     methods = _table_methods(args.methods)
-    options, config = _merge_options(args), _surgery_config(args, args.rank)  # bad values fail here, before the zoo is loaded
+    options, config = (
+        _merge_options(args),
+        _surgery_config(args, args.rank),
+    )  # bad values fail here, before the zoo is loaded
     if args.out:
         _check_writable(args.out, folder=True)
     zoo = _build_zoo(args)
     if versions == (0,) and args.seeds == 1:
         table, results = main_table(zoo, methods, options=options, device=args.device, progress=not args.quiet)
-        payload: dict[str, Any] = {"accuracy": table.round(2).to_dict(orient="index"),
-                                   "seconds": {m: round(r.seconds, 2) for m, r in results.items()}}  # fmt: skip
+        payload: dict[str, Any] = {
+            "accuracy": table.round(2).to_dict(orient="index"),
+            "seconds": {m: round(r.seconds, 2) for m, r in results.items()},
+        }
         shown = table
     else:
-        repaired = MAIN_TABLE_REPAIRED if args.methods == "papers" else None  # any other list: every method gets surgery rows
+        repaired = (
+            MAIN_TABLE_REPAIRED if args.methods == "papers" else None
+        )  # any other list: every method gets surgery rows
         grid = surgery_grid(
-            zoo, methods, versions, args.seeds, options=options, config=config, repaired=repaired,
-            device=args.device, progress=not args.quiet,
-        )  # fmt: skip
+            zoo,
+            methods,
+            versions,
+            args.seeds,
+            options=options,
+            config=config,
+            repaired=repaired,
+            device=args.device,
+            progress=not args.quiet,
+        )
         table = grid.table
-        payload = {"accuracy": grid.to_json(), "seconds": round(grid.seconds, 1), "seeds": args.seeds, "adam": args.adam,
-                   "surgery_steps": args.surgery_steps}  # fmt: skip
+        payload = {
+            "accuracy": grid.to_json(),
+            "seconds": round(grid.seconds, 1),
+            "seeds": args.seeds,
+            "adam": args.adam,
+            "surgery_steps": args.surgery_steps,
+        }
         shown = format_grid(table, per_task=True)
     if args.out:
         for path in write_table(table, Path(args.out) / f"main_table_{zoo.preset.name}"):
@@ -342,30 +414,63 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     from surgery_lib.cluster import GridSpec, SubmitOptions, readable_grid, run_grid
     from surgery_lib.grid import parse_versions
 
-    for flag in ("seeds", "surgery_steps", "deep_surgery_steps", "jobs", "cells_per_job", "threads", "timeout_min", "array_parallelism"):
+    for flag in (
+        "seeds",
+        "surgery_steps",
+        "deep_surgery_steps",
+        "jobs",
+        "cells_per_job",
+        "threads",
+        "timeout_min",
+        "array_parallelism",
+    ):
         _check_range(args, flag, 1, math.inf)
     _check_range(args, "gpus_per_job", 0, math.inf)
     _check_range(args, "seed", 0, MAX_SEED)
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
     settings = {get_preset(p).setting for p in presets}  # unknown presets fail here, naming the known ones
     spec = GridSpec(
-        presets=presets, methods=_table_methods(args.methods), versions=parse_versions(args.surgery), seeds=args.seeds, first_seed=args.seed,
-        surgery_steps=args.surgery_steps, deep_surgery_steps=args.deep_surgery_steps, device=args.device,
-        cache_dir=args.cache_dir, threads=args.threads, adam=args.adam,
+        presets=presets,
+        methods=_table_methods(args.methods),
+        versions=parse_versions(args.surgery),
+        seeds=args.seeds,
+        first_seed=args.seed,
+        surgery_steps=args.surgery_steps,
+        deep_surgery_steps=args.deep_surgery_steps,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        threads=args.threads,
+        adam=args.adam,
         setting_options={name: get_setting(name).options_from_args(args) for name in settings},
-    )  # fmt: skip
+    )
     submit = SubmitOptions(
-        executor=args.executor, jobs=args.jobs, cells_per_job=args.cells_per_job, timeout_min=args.timeout_min,
-        partition=args.partition, gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job, mem_gb=args.mem_gb,
+        executor=args.executor,
+        jobs=args.jobs,
+        cells_per_job=args.cells_per_job,
+        timeout_min=args.timeout_min,
+        partition=args.partition,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job,
+        mem_gb=args.mem_gb,
         array_parallelism=args.array_parallelism,
-    )  # fmt: skip
+    )
     _check_writable(args.out, folder=True)
     result = run_grid(spec, args.out, submit, progress=not args.quiet)
     if args.json:
-        print(to_json({"table": json.loads(result.files[2].read_text()), "computed": result.computed, "seconds": round(result.seconds, 1)}))
+        print(
+            to_json(
+                {
+                    "table": json.loads(result.files[2].read_text()),
+                    "computed": result.computed,
+                    "seconds": round(result.seconds, 1),
+                }
+            )
+        )
     else:
         print(readable_grid(result.table).reset_index().to_markdown(index=False))
-        print(f"\n{result.computed} cells computed in {result.seconds:.0f} s; {len(result.cells) - result.computed} reused")
+        print(
+            f"\n{result.computed} cells computed in {result.seconds:.0f} s; {len(result.cells) - result.computed} reused"
+        )
         for path in result.files:
             print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -378,7 +483,9 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     # Bad values fail here, before the zoo is loaded; --seed, --data and --precision also drive the surgery itself.
     options = _merge_options(args, check_method(args.merge), shared=("seed", "data", "precision"))
     if args.online_order and not args.online:
-        raise SurgeryBookError("--online-order is read only by the online variant", "add --online, or drop --online-order")
+        raise SurgeryBookError(
+            "--online-order is read only by the online variant", "add --online, or drop --online-order"
+        )
     _surgery_config(args, args.rank)
     if args.save:
         _check_writable(args.save, folder=False)
@@ -386,26 +493,45 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
     config = _surgery_config(args, args.rank).with_rank(zoo.preset.surgery_rank(args.version))
     merged = merge(zoo, args.merge, options, device=args.device, progress=not args.quiet)
     run = run_surgery(
-        zoo, merged.state, version=args.version, config=config, split=args.data or "test",
-        device=args.device, precision=args.precision, progress=not args.quiet,
-    )  # fmt: skip
+        zoo,
+        merged.state,
+        version=args.version,
+        config=config,
+        split=args.data or "test",
+        device=args.device,
+        precision=args.precision,
+        progress=not args.quiet,
+    )
     if args.save:
         save_surgery(run, args.save, {"preset": zoo.preset.name, "merge": args.merge})
     table = run.table()
     name = f"{METHODS[args.merge]} + {'Surgery' if args.version == 1 else 'SurgeryV2'}"
     if args.json:
-        print(to_json({
-            "preset": zoo.preset.name, "merge": args.merge, "version": args.version, "adapt_split": run.split,
-            "rank": config.rank, "steps": config.steps, "adam": config.adam, "online": config.online,
-            **({"online_order": config.online_order} if config.online else {}),
-            "parameters_per_task": run.modules.parameters_per_task(),
-            "table": table.round(4).to_dict(orient="index"), "seconds": {k: round(v, 2) for k, v in run.seconds.items()},
-        }))  # fmt: skip
+        print(
+            to_json(
+                {
+                    "preset": zoo.preset.name,
+                    "merge": args.merge,
+                    "version": args.version,
+                    "adapt_split": run.split,
+                    "rank": config.rank,
+                    "steps": config.steps,
+                    "adam": config.adam,
+                    "online": config.online,
+                    **({"online_order": config.online_order} if config.online else {}),
+                    "parameters_per_task": run.modules.parameters_per_task(),
+                    "table": table.round(4).to_dict(orient="index"),
+                    "seconds": {k: round(v, 2) for k, v in run.seconds.items()},
+                }
+            )
+        )
     else:
         print(f"{name} on the {zoo.preset.name} preset (adapting on the {run.split} split, {config.adam} Adam)\n")
         print(table.to_markdown(floatfmt=".3f"))
-        print(f"\n{run.modules.parameters_per_task():,} parameters per task; "
-              f"features {run.seconds['features_s']:.1f} s, training {run.seconds['training_s']:.1f} s")  # fmt: skip
+        print(
+            f"\n{run.modules.parameters_per_task():,} parameters per task; "
+            f"features {run.seconds['features_s']:.1f} s, training {run.seconds['training_s']:.1f} s"
+        )
     return 0
 
 
@@ -421,7 +547,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "cpu")
     versions = tuple(int(v) for v in args.versions.split(",") if v.strip().isdigit())
     if not versions or len(versions) != len(args.versions.split(",")) or any(v not in (1, 2) for v in versions):
-        raise SurgeryBookError(f"--versions {args.versions!r} names no surgery version this benchmark times", "use 1, 2 or 1,2")
+        raise SurgeryBookError(
+            f"--versions {args.versions!r} names no surgery version this benchmark times", "use 1, 2 or 1,2"
+        )
     zoo, setting = _bench_zoo(args, device)
     if args.pipeline:
         return _bench_pipeline(args, zoo, setting, device)
@@ -432,14 +560,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     adams = tuple(a.strip() for a in args.adam.split(","))
     for adam in adams:
         check_adam(adam)
-    results = run_benchmark(merged, experts, data, versions=versions, iterations=args.iterations, adams=adams, device=device,
-                            precision=args.precision or "fp32")  # fmt: skip
+    results = run_benchmark(
+        merged,
+        experts,
+        data,
+        versions=versions,
+        iterations=args.iterations,
+        adams=adams,
+        device=device,
+        precision=args.precision or "fp32",
+    )
     rows = [
-        {"version": f"V{r.version}", "adam": r.adam, "steps per task": r.steps_per_task, "official-style loop (s)": round(r.official_s, 1),
-         "this library (s)": round(r.ours_s, 1), "of which features (s)": round(r.ours_features_s, 1),
-         "speed-up": round(r.speedup, 1)}
+        {
+            "version": f"V{r.version}",
+            "adam": r.adam,
+            "steps per task": r.steps_per_task,
+            "official-style loop (s)": round(r.official_s, 1),
+            "this library (s)": round(r.ours_s, 1),
+            "of which features (s)": round(r.ours_features_s, 1),
+            "speed-up": round(r.speedup, 1),
+        }
         for r in results
-    ]  # fmt: skip
+    ]
     return _print_bench(args, setting, device, "results", rows)
 
 
@@ -471,11 +613,22 @@ def _bench_zoo(args: argparse.Namespace, device: Any) -> tuple[Any, str]:
 def _bench_pipeline(args: argparse.Namespace, zoo: Any, setting: str, device: Any) -> int:
     from surgery_lib.benchmark import pipeline_benchmark
 
-    stages = pipeline_benchmark(zoo, device=device, adamerging_steps=args.adamerging_steps,
-                                surgery_steps=args.iterations * 2, progress=not args.quiet)  # fmt: skip
-    rows = [{"stage": s.stage, "seconds": round(s.seconds, 1),
-             "peak GPU memory (GB)": None if s.peak_memory_gb is None else round(s.peak_memory_gb, 2),
-             "images/s": None if s.images_per_s is None else round(s.images_per_s)} for s in stages]  # fmt: skip
+    stages = pipeline_benchmark(
+        zoo,
+        device=device,
+        adamerging_steps=args.adamerging_steps,
+        surgery_steps=args.iterations * 2,
+        progress=not args.quiet,
+    )
+    rows = [
+        {
+            "stage": s.stage,
+            "seconds": round(s.seconds, 1),
+            "peak GPU memory (GB)": None if s.peak_memory_gb is None else round(s.peak_memory_gb, 2),
+            "images/s": None if s.images_per_s is None else round(s.images_per_s),
+        }
+        for s in stages
+    ]
     return _print_bench(args, setting, device, "stages", rows)
 
 
@@ -497,10 +650,22 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     args.param = [(name, _literal(value)) for name, value in args.param]
     setting = get_setting(get_preset(args.preset).setting)
     with setting.exported(_setting_options(args)):  # the kernels papermill starts read them from their environment
-        runs = reproduce(args.preset, args.out, device=args.device, seed=args.seed, source=args.source, only=only,
-                         kernel=args.kernel, parameters=dict(args.param), cache_dir=args.cache_dir, progress=not args.quiet)  # fmt: skip
+        runs = reproduce(
+            args.preset,
+            args.out,
+            device=args.device,
+            seed=args.seed,
+            source=args.source,
+            only=only,
+            kernel=args.kernel,
+            parameters=dict(args.param),
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+        )
     if args.json:
-        print(to_json([{"notebook": r.notebook, "seconds": round(r.seconds, 1), "artifacts": r.artifacts} for r in runs]))
+        print(
+            to_json([{"notebook": r.notebook, "seconds": round(r.seconds, 1), "artifacts": r.artifacts} for r in runs])
+        )
     else:
         for run in runs:
             print(f"{run.notebook:40s} {run.seconds:7.1f} s  {len(run.artifacts)} files")
@@ -522,8 +687,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(to_json(manifest))
     else:
         arch = manifest["architecture"]
-        print(f"{args.model}: {arch['layers']} blocks of width {arch['width']}, patch {arch['patch_size']}, "
-              f"{len(manifest['tasks'])} experts, {sum(k.startswith('head/') for k in manifest['files'])} heads")  # fmt: skip
+        print(
+            f"{args.model}: {arch['layers']} blocks of width {arch['width']}, patch {arch['patch_size']}, "
+            f"{len(manifest['tasks'])} experts, {sum(k.startswith('head/') for k in manifest['files'])} heads"
+        )
         for key, entry in manifest["files"].items():
             print(f"  {key:20s} -> {args.out}/{args.model}/{entry['file']}")
     return 0
@@ -531,29 +698,58 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
-    parser.add_argument("--scale", type=float, default=None, help="task arithmetic / TIES scale (default 0.3; TIES mean 1.0)")
+    parser.add_argument(
+        "--scale", type=float, default=None, help="task arithmetic / TIES scale (default 0.3; TIES mean 1.0)"
+    )
     parser.add_argument("--keep-fraction", type=float, default=None, help="TIES top-k fraction kept (default 0.2)")
     parser.add_argument("--steps", type=int, default=None, help="AdaMerging steps (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="AdaMerging batch size per task (default: the preset's)")
-    parser.add_argument("--data", choices=("test", "adapt"), default=None,
-                        help="unlabeled images AdaMerging adapts on: the test split as in the paper, or the held-out adapt split")
-    parser.add_argument("--seed", type=int, default=None, help="seed of batch selection and of DARE's drops (default 0)")
-    parser.add_argument("--drop-rate", type=float, default=None, help="DARE: probability of dropping each task-vector entry (default 0.5)")
-    parser.add_argument("--wudi-scope", choices=WUDI_SCOPES, default=None,
-                        help="WUDI: the tensors optimised: official (the authors' four matrices per block, the rest "
-                        "pretrained; default), fusionbench (every matrix, the mean task vector elsewhere), linear")  # fmt: skip
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                        help="GPU precision of features, AdaMerging and SurgeryV2 (default: the preset's; fp32 for real CLIP, "
-                        "as the official code; tf32 = fp32 with TF32 matmuls, torch 1.10's default on Ampere GPUs)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="AdaMerging batch size per task (default: the preset's)"
+    )
+    parser.add_argument(
+        "--data",
+        choices=("test", "adapt"),
+        default=None,
+        help="unlabeled images AdaMerging adapts on: the test split as in the paper, or the held-out adapt split",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of batch selection and of DARE's drops (default 0)"
+    )
+    parser.add_argument(
+        "--drop-rate",
+        type=float,
+        default=None,
+        help="DARE: probability of dropping each task-vector entry (default 0.5)",
+    )
+    parser.add_argument(
+        "--wudi-scope",
+        choices=WUDI_SCOPES,
+        default=None,
+        help="WUDI: the tensors optimised: official (the authors' four matrices per block, the rest "
+        "pretrained; default), fusionbench (every matrix, the mean task vector elsewhere), linear",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=None,
+        help="GPU precision of features, AdaMerging and SurgeryV2 (default: the preset's; fp32 for real CLIP, "
+        "as the official code; tf32 = fp32 with TF32 matmuls, torch 1.10's default on Ampere GPUs)",
+    )
 
 
 def _add_surgery_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--surgery-steps", type=int, default=1000, help="steps per task (default 1000 = 500 official iterations x 2)")
+    parser.add_argument(
+        "--surgery-steps", type=int, default=1000, help="steps per task (default 1000 = 500 official iterations x 2)"
+    )
     parser.add_argument("--surgery-batch-size", type=int, default=16, help="batch size per task (default 16)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--adam", choices=("shared", "per-task"), default="shared",
-                        help="optimiser semantics: 'shared' = the published runs (one Adam over all tasks, zero-filled "
-                        "gradients under torch 1.10, so idle modules keep moving; default); 'per-task' = the same code under torch >= 2")
+    parser.add_argument(
+        "--adam",
+        choices=("shared", "per-task"),
+        default="shared",
+        help="optimiser semantics: 'shared' = the published runs (one Adam over all tasks, zero-filled "
+        "gradients under torch 1.10, so idle modules keep moving; default); 'per-task' = the same code under torch >= 2",
+    )
 
 
 #: The --precision choices (surgery_lib.models.PRECISIONS, spelled out so that --help needs no torch import).
@@ -577,15 +773,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(zoo)
     _add_finetune(zoo)
     zoo.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
-    zoo.add_argument("--zoo-dir", default=None, help="explicit zoo directory (default: in the cache, named by config hash)")
-    zoo.add_argument("--rebuild", action="store_true", help="delete the zoo's own files (never a folder without a zoo manifest) and train everything again")
+    zoo.add_argument(
+        "--zoo-dir", default=None, help="explicit zoo directory (default: in the cache, named by config hash)"
+    )
+    zoo.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="delete the zoo's own files (never a folder without a zoo manifest) and train everything again",
+    )
     zoo.set_defaults(run=_cmd_zoo)
 
     merge = sub.add_parser("merge", help="merge a preset's experts with one method and print per-task accuracy")
     _add_common(merge)
     _add_finetune(merge)
-    merge.add_argument("--method", required=True, metavar="METHOD",
-                       help="the merging method: " + ", ".join(f"{n} ({m.label})" for n, m in MERGE_METHODS.items()))
+    merge.add_argument(
+        "--method",
+        required=True,
+        metavar="METHOD",
+        help="the merging method: " + ", ".join(f"{n} ({m.label})" for n, m in MERGE_METHODS.items()),
+    )
     _add_merge_options(merge)
     merge.set_defaults(run=_cmd_merge)
 
@@ -593,83 +799,179 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(table)
     _add_finetune(table)
     _add_merge_options(table)
-    table.add_argument("--methods", default="papers", help="rows: 'papers' (the papers' main table, default), 'all' (every "
-                       "registered method) or a comma-separated list of --method names")
+    table.add_argument(
+        "--methods",
+        default="papers",
+        help="rows: 'papers' (the papers' main table, default), 'all' (every "
+        "registered method) or a comma-separated list of --method names",
+    )
     table.add_argument("--out", default=None, help="also write main_table_<preset>.csv and .md into this directory")
-    table.add_argument("--surgery", default="none", help="comma-separated rows per merge: none (the merge alone), 1 (+ Surgery), "
-                       "2 (+ SurgeryV2); default none. 'none,1,2' gives the papers' whole grid (with --methods papers the seven merges "
-                       "the papers repair get surgery rows; with any other --methods, every method does)")
+    table.add_argument(
+        "--surgery",
+        default="none",
+        help="comma-separated rows per merge: none (the merge alone), 1 (+ Surgery), "
+        "2 (+ SurgeryV2); default none. 'none,1,2' gives the papers' whole grid (with --methods papers the seven merges "
+        "the papers repair get surgery rows; with any other --methods, every method does)",
+    )
     table.add_argument("--seeds", type=int, default=1, help="surgery seeds per row (mean and std over them; default 1)")
-    table.add_argument("--rank", type=int, default=None,
-                       help="rank of every surgery module (default: the preset's, 16; SurgeryV2 on ViT-L/14: 4, as in the paper)")
+    table.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="rank of every surgery module (default: the preset's, 16; SurgeryV2 on ViT-L/14: 4, as in the paper)",
+    )
     _add_surgery_options(table)
     table.set_defaults(run=_cmd_table)
 
-    grid = sub.add_parser("grid", help="presets x methods x {merge, + Surgery, + SurgeryV2} x seeds as jobs (local processes or "
-                          "Slurm, through submitit); resumable; one table with mean ± std, bias, time and memory per cell")
+    grid = sub.add_parser(
+        "grid",
+        help="presets x methods x {merge, + Surgery, + SurgeryV2} x seeds as jobs (local processes or "
+        "Slurm, through submitit); resumable; one table with mean ± std, bias, time and memory per cell",
+    )
     grid.add_argument("--presets", default="mini", help="comma-separated presets (default mini)")
-    grid.add_argument("--methods", default="all", help="'all' (every registered method, default), 'papers' or a comma-separated list")
-    grid.add_argument("--surgery", default="none,1,2", help="comma-separated: none (merge alone), 1 (+ Surgery), 2 (+ SurgeryV2); default all three")
+    grid.add_argument(
+        "--methods", default="all", help="'all' (every registered method, default), 'papers' or a comma-separated list"
+    )
+    grid.add_argument(
+        "--surgery",
+        default="none,1,2",
+        help="comma-separated: none (merge alone), 1 (+ Surgery), 2 (+ SurgeryV2); default all three",
+    )
     grid.add_argument("--seeds", type=int, default=3, help="surgery seeds per cell (default 3)")
     grid.add_argument("--seed", type=int, default=0, help="the first surgery seed; the others follow (default 0)")
-    grid.add_argument("--surgery-steps", type=int, default=1000, help="Surgery steps per task (default 1000, the official)")
-    grid.add_argument("--deep-surgery-steps", type=int, default=None, help="SurgeryV2 steps per task (default: --surgery-steps)")
-    grid.add_argument("--adam", choices=("shared", "per-task"), default="shared",
-                      help="optimiser semantics of the surgery cells: 'shared' (the published runs, default) or 'per-task' (torch >= 2)")
-    grid.add_argument("--out", required=True, help="the grid's folder: one JSON per cell, table.csv/.md/.json, job logs")
-    grid.add_argument("--executor", choices=("local", "slurm", "inline"), default="local",
-                      help="local: subprocesses on this machine; slurm: a job array; inline: this process (default local)")
-    grid.add_argument("--jobs", type=int, default=1, help="local: processes at once, each taking a share of the cells (default 1)")
-    grid.add_argument("--cells-per-job", type=int, default=None, help="cells each job computes (default: Slurm 1; local: cells / --jobs)")
-    grid.add_argument("--threads", type=int, default=None, help="torch threads per job (default: torch's; give 1 when --jobs fills the cores)")
+    grid.add_argument(
+        "--surgery-steps", type=int, default=1000, help="Surgery steps per task (default 1000, the official)"
+    )
+    grid.add_argument(
+        "--deep-surgery-steps", type=int, default=None, help="SurgeryV2 steps per task (default: --surgery-steps)"
+    )
+    grid.add_argument(
+        "--adam",
+        choices=("shared", "per-task"),
+        default="shared",
+        help="optimiser semantics of the surgery cells: 'shared' (the published runs, default) or 'per-task' (torch >= 2)",
+    )
+    grid.add_argument(
+        "--out", required=True, help="the grid's folder: one JSON per cell, table.csv/.md/.json, job logs"
+    )
+    grid.add_argument(
+        "--executor",
+        choices=("local", "slurm", "inline"),
+        default="local",
+        help="local: subprocesses on this machine; slurm: a job array; inline: this process (default local)",
+    )
+    grid.add_argument(
+        "--jobs", type=int, default=1, help="local: processes at once, each taking a share of the cells (default 1)"
+    )
+    grid.add_argument(
+        "--cells-per-job",
+        type=int,
+        default=None,
+        help="cells each job computes (default: Slurm 1; local: cells / --jobs)",
+    )
+    grid.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per job (default: torch's; give 1 when --jobs fills the cores)",
+    )
     grid.add_argument("--device", default=None, help="cpu or cuda (default: each preset's)")
     grid.add_argument("--partition", default=None, help="Slurm partition")
     grid.add_argument("--gpus-per-job", type=int, default=0, help="Slurm GPUs per job (default 0)")
     grid.add_argument("--cpus-per-job", type=int, default=None, help="Slurm CPUs per job")
     grid.add_argument("--mem-gb", type=int, default=None, help="Slurm memory per job in GB")
     grid.add_argument("--timeout-min", type=int, default=60, help="time limit per job in minutes (default 60)")
-    grid.add_argument("--array-parallelism", type=int, default=64, help="Slurm: array jobs running at once (default 64)")
-    grid.add_argument("--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)")
+    grid.add_argument(
+        "--array-parallelism", type=int, default=64, help="Slurm: array jobs running at once (default 64)"
+    )
+    grid.add_argument(
+        "--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)"
+    )
     grid.add_argument("--json", action="store_true", help="print the table as JSON")
     grid.add_argument("--quiet", action="store_true", help="no progress bars")
     for name in available_settings():
         get_setting(name).add_arguments(grid)
     grid.set_defaults(run=_cmd_grid)
 
-    surgery = sub.add_parser("surgery", help="train Surgery (V1) or SurgeryV2 on a merged model; accuracy and bias before and after")
+    surgery = sub.add_parser(
+        "surgery", help="train Surgery (V1) or SurgeryV2 on a merged model; accuracy and bias before and after"
+    )
     _add_common(surgery)
     _add_finetune(surgery)
-    surgery.add_argument("--merge", default="task_arithmetic", metavar="METHOD",
-                         help="the merging method to repair (default task_arithmetic; any of --method's)")
-    surgery.add_argument("--version", type=int, choices=(1, 2), default=1, help="1: Surgery on the final embedding; 2: SurgeryV2 after every block")
-    surgery.add_argument("--rank", type=int, default=None,
-                         help="rank of every module (default 16; SurgeryV2 on ViT-L/14: 4, as in the paper)")
+    surgery.add_argument(
+        "--merge",
+        default="task_arithmetic",
+        metavar="METHOD",
+        help="the merging method to repair (default task_arithmetic; any of --method's)",
+    )
+    surgery.add_argument(
+        "--version",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: Surgery on the final embedding; 2: SurgeryV2 after every block",
+    )
+    surgery.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="rank of every module (default 16; SurgeryV2 on ViT-L/14: 4, as in the paper)",
+    )
     _add_surgery_options(surgery)
     surgery.add_argument("--online", action="store_true", help="online variant: batch 1, every adaptation image once")
-    surgery.add_argument("--online-order", choices=("official", "interleaved"), default=None,
-                         help="with --online: 'official' (default; each task's whole pass in turn, as the official script) "
-                              "or 'interleaved' (the tasks take turns between accuracy checkpoints)")
+    surgery.add_argument(
+        "--online-order",
+        choices=("official", "interleaved"),
+        default=None,
+        help="with --online: 'official' (default; each task's whole pass in turn, as the official script) "
+        "or 'interleaved' (the tasks take turns between accuracy checkpoints)",
+    )
     surgery.add_argument("--save", default=None, help="save the trained modules to this .safetensors file")
     _add_merge_options(surgery)
     surgery.set_defaults(run=_cmd_surgery)
 
-    reproduce = sub.add_parser("reproduce", help="execute every notebook with papermill for a preset; collect figures and tables")
+    reproduce = sub.add_parser(
+        "reproduce", help="execute every notebook with papermill for a preset; collect figures and tables"
+    )
     _add_common(reproduce)
-    reproduce.add_argument("--out", required=True, help="output directory (executed notebooks, figures, tables, summary)")
+    reproduce.add_argument(
+        "--out", required=True, help="output directory (executed notebooks, figures, tables, summary)"
+    )
     reproduce.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     reproduce.add_argument("--seed", type=int, default=0, help="the notebooks' seed parameter (default 0)")
-    reproduce.add_argument("--source", default="notebooks", help="folder of the NN_*.ipynb notebooks (default: ./notebooks)")
+    reproduce.add_argument(
+        "--source", default="notebooks", help="folder of the NN_*.ipynb notebooks (default: ./notebooks)"
+    )
     reproduce.add_argument("--notebooks", default=None, help="comma-separated numbers or names to run (default: all)")
     reproduce.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks' own)")
-    reproduce.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), type=str,
-                           help="another notebook parameter, as papermill's -p (e.g. -p surgery_steps 200); repeatable")
+    reproduce.add_argument(
+        "-p",
+        "--param",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        type=str,
+        help="another notebook parameter, as papermill's -p (e.g. -p surgery_steps 200); repeatable",
+    )
     reproduce.set_defaults(run=_cmd_reproduce)
 
-    convert = sub.add_parser("convert", help="convert task_vectors (safe unpickling) or FusionBench checkpoints to safetensors + manifest")
-    convert.add_argument("--family", choices=("task_vectors", "fusionbench"), default="task_vectors", help="checkpoint family (default task_vectors)")
+    convert = sub.add_parser(
+        "convert", help="convert task_vectors (safe unpickling) or FusionBench checkpoints to safetensors + manifest"
+    )
+    convert.add_argument(
+        "--family",
+        choices=("task_vectors", "fusionbench"),
+        default="task_vectors",
+        help="checkpoint family (default task_vectors)",
+    )
     convert.add_argument("--model", required=True, help="ViT-B-32, ViT-B-16 or ViT-L-14")
-    convert.add_argument("--source", required=True, help="task_vectors: folder holding <model>/zeroshot.pt, <model>/<Task>/finetuned.pt, "
-                         "<model>/head_<Task>.pt; fusionbench: 'hub', or a folder of save_pretrained snapshots named like the hub repositories")  # fmt: skip
+    convert.add_argument(
+        "--source",
+        required=True,
+        help="task_vectors: folder holding <model>/zeroshot.pt, <model>/<Task>/finetuned.pt, "
+        "<model>/head_<Task>.pt; fusionbench: 'hub', or a folder of save_pretrained snapshots named like the hub repositories",
+    )
     convert.add_argument("--out", required=True, help="output folder (writes <out>/<model>/...)")
     convert.add_argument("--tasks", default=None, help="comma-separated task folder names (default: the papers' 8)")
     convert.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -680,22 +982,58 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(bench)
     _add_finetune(bench)
     bench.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
-    bench.add_argument("--iterations", type=int, default=500, help="official iterations (x 2 batches per task; default 500)")
+    bench.add_argument(
+        "--iterations", type=int, default=500, help="official iterations (x 2 batches per task; default 500)"
+    )
     bench.add_argument("--versions", default="1,2", help="surgery versions to time (default 1,2)")
-    bench.add_argument("--adam", default="shared", help="optimiser semantics to time, comma-separated: shared, per-task (default shared)")
-    bench.add_argument("--precision", choices=PRECISION_CHOICES, default=None, help="GPU precision (default fp32, the official)")
-    bench.add_argument("--vit-b32", action="store_true", help="ViT-B/32 with random weights and 224x224 inputs at the paper's sizes (GPU)")
-    bench.add_argument("--pipeline", action="store_true", help="time merge -> layer-wise AdaMerging -> Surgery -> SurgeryV2 end to end, "
-                       "with peak GPU memory and feature-extraction images/s")
-    bench.add_argument("--scale", type=float, default=1.0, help="with --vit-b32: fraction of the paper's test-set sizes (default 1)")
-    bench.add_argument("--adamerging-steps", type=int, default=None, help="with --pipeline: AdaMerging steps (default: the preset's, 500)")
+    bench.add_argument(
+        "--adam",
+        default="shared",
+        help="optimiser semantics to time, comma-separated: shared, per-task (default shared)",
+    )
+    bench.add_argument(
+        "--precision", choices=PRECISION_CHOICES, default=None, help="GPU precision (default fp32, the official)"
+    )
+    bench.add_argument(
+        "--vit-b32",
+        action="store_true",
+        help="ViT-B/32 with random weights and 224x224 inputs at the paper's sizes (GPU)",
+    )
+    bench.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="time merge -> layer-wise AdaMerging -> Surgery -> SurgeryV2 end to end, "
+        "with peak GPU memory and feature-extraction images/s",
+    )
+    bench.add_argument(
+        "--scale", type=float, default=1.0, help="with --vit-b32: fraction of the paper's test-set sizes (default 1)"
+    )
+    bench.add_argument(
+        "--adamerging-steps",
+        type=int,
+        default=None,
+        help="with --pipeline: AdaMerging steps (default: the preset's, 500)",
+    )
     bench.set_defaults(run=_cmd_bench)
     return parser
 
 
 #: ASCII stand-ins for the non-ASCII characters the tables print, for a terminal that cannot encode them.
-ASCII_FALLBACK = {"±": "+/-", "→": "->", "×": "x", "—": "-", "–": "-", "…": "...", "≥": ">=", "≤": "<=", "λ": "lambda",
-                  "τ": "tau", "θ": "theta", "·": "*", "°": " deg"}  # fmt: skip
+ASCII_FALLBACK = {
+    "±": "+/-",
+    "→": "->",
+    "×": "x",
+    "—": "-",
+    "–": "-",
+    "…": "...",
+    "≥": ">=",
+    "≤": "<=",
+    "λ": "lambda",
+    "τ": "tau",
+    "θ": "theta",
+    "·": "*",
+    "°": " deg",
+}
 
 
 def _ascii_fallback(error: UnicodeError) -> tuple[str, int]:
@@ -719,7 +1057,10 @@ def _prepare_streams() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the process exit status."""
     if sys.stdout is None:  # started with stdout closed (`surgery-book grid >&-`): every result would be lost silently
-        print("error: standard output is closed, so the result would be lost. Fix: redirect it to a file or a pipe.", file=sys.stderr)
+        print(
+            "error: standard output is closed, so the result would be lost. Fix: redirect it to a file or a pipe.",
+            file=sys.stderr,
+        )
         return 2
     _prepare_streams()
     args = build_parser().parse_args(argv)

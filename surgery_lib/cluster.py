@@ -91,15 +91,24 @@ class GridSpec:
         for name in ("presets", "methods", "versions"):
             object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         if not self.presets or not self.methods:
-            raise SurgeryBookError(f"invalid grid: presets {list(self.presets)}, methods {list(self.methods)}",
-                                   "name at least one preset (--presets mini) and one method (--methods all)")  # fmt: skip
+            raise SurgeryBookError(
+                f"invalid grid: presets {list(self.presets)}, methods {list(self.methods)}",
+                "name at least one preset (--presets mini) and one method (--methods all)",
+            )
         for preset in self.presets:
             get_preset(preset)
         for method in self.methods:
             get_method(method)
-        if self.first_seed < 0 or self.seeds < 1 or self.surgery_steps < 1 or (self.deep_surgery_steps is not None and self.deep_surgery_steps < 1):
-            raise SurgeryBookError(f"invalid grid: {self.seeds} seeds, surgery steps {self.surgery_steps}/{self.deep_surgery_steps}",
-                                   "pass --seeds, --surgery-steps and --deep-surgery-steps of 1 or more")  # fmt: skip
+        if (
+            self.first_seed < 0
+            or self.seeds < 1
+            or self.surgery_steps < 1
+            or (self.deep_surgery_steps is not None and self.deep_surgery_steps < 1)
+        ):
+            raise SurgeryBookError(
+                f"invalid grid: {self.seeds} seeds, surgery steps {self.surgery_steps}/{self.deep_surgery_steps}",
+                "pass --seeds, --surgery-steps and --deep-surgery-steps of 1 or more",
+            )
         if not self.versions or any(v not in VERSION_SUFFIX for v in self.versions):
             raise SurgeryBookError(f"invalid surgery versions {self.versions}", "use none, 1 and 2")
         check_adam(self.adam)
@@ -107,8 +116,14 @@ class GridSpec:
     def settings(self) -> dict[str, Any]:
         """What decides a cell's numbers (not where or how it runs): the folder's identity."""
         schedule = SurgeryConfig()
-        return {"format": GRID_FORMAT, "surgery_steps": self.surgery_steps, "deep_surgery_steps": self.steps(2),
-                "batch_size": schedule.batch_size, "lr": schedule.lr, "adam": self.adam}  # fmt: skip
+        return {
+            "format": GRID_FORMAT,
+            "surgery_steps": self.surgery_steps,
+            "deep_surgery_steps": self.steps(2),
+            "batch_size": schedule.batch_size,
+            "lr": schedule.lr,
+            "adam": self.adam,
+        }
 
     def steps(self, version: int) -> int:
         return self.surgery_steps if version != 2 or self.deep_surgery_steps is None else self.deep_surgery_steps
@@ -149,7 +164,11 @@ def zoo_identity(zoo: Zoo) -> dict[str, str]:
     """What a cell computed on ``zoo`` depends on besides the grid settings: the preset's hash (its surgery
     ranks, schedules and zoo recipe), the zoo's folder name (on real CLIP: checkpoint family and data sources)
     and its weights checksum (:meth:`Zoo.weights_fingerprint`)."""
-    return {"preset_hash": config_hash(zoo.preset.to_dict()), "zoo_folder": zoo.directory.name, "zoo": zoo.weights_fingerprint()}
+    return {
+        "preset_hash": config_hash(zoo.preset.to_dict()),
+        "zoo_folder": zoo.directory.name,
+        "zoo": zoo.weights_fingerprint(),
+    }
 
 
 def cell_identity(cell: Cell, spec: GridSpec, zoo: Mapping[str, str]) -> dict[str, Any]:
@@ -189,7 +208,9 @@ def finished(out: Path, cell: Cell, spec: GridSpec, zoo: Mapping[str, str]) -> b
     return vouched_record(cell_path(out, cell), cell_identity(cell, spec, zoo)) is not None
 
 
-def adopt_cells(spec: GridSpec, source: str | os.PathLike[str], out: str | os.PathLike[str], zoos: Mapping[str, Mapping[str, str]]) -> int:
+def adopt_cells(
+    spec: GridSpec, source: str | os.PathLike[str], out: str | os.PathLike[str], zoos: Mapping[str, Mapping[str, str]]
+) -> int:
     """Copy into ``out`` the cells of ``spec`` that the grid folder ``source`` holds and ``out`` lacks, where they
     are ones this machine would compute: each was computed with ``spec``'s settings on the zoo that ``zoos``
     (preset -> :func:`zoo_identity`) names, and is unedited.
@@ -280,26 +301,42 @@ def _compute(zoo, cell: Cell, spec: GridSpec) -> dict[str, Any]:
     started = time.perf_counter()
     options = MergeOptions(seed=cell.seed) if "seed" in get_method(cell.method).reads else MergeOptions()
     merged = cached_merge(zoo, cell.method, options, device=device, progress=False)
-    record: dict[str, Any] = {**dataclasses.asdict(cell), "label": method_label(zoo, cell.method, options) + VERSION_SUFFIX[cell.version]}
+    record: dict[str, Any] = {
+        **dataclasses.asdict(cell),
+        "label": method_label(zoo, cell.method, options) + VERSION_SUFFIX[cell.version],
+    }
     if cell.version == 0:
         accuracy = evaluate_merge(zoo, merged, device)
         record.update(accuracy=accuracy, bias=merge_bias(zoo, merged.state, device))
     else:
-        config = SurgeryConfig(rank=zoo.preset.surgery_rank(cell.version), steps=spec.steps(cell.version), seed=cell.seed,
-                               adam=spec.adam, eval_every=0)  # fmt: skip
+        config = SurgeryConfig(
+            rank=zoo.preset.surgery_rank(cell.version),
+            steps=spec.steps(cell.version),
+            seed=cell.seed,
+            adam=spec.adam,
+            eval_every=0,
+        )
         run = run_surgery(zoo, merged.state, version=cell.version, config=config, device=device, progress=False)
         accuracy = dict(run.accuracy_after)
-        record.update(accuracy=accuracy, bias=sum(run.bias_after.values()) / len(run.tasks),
-                      accuracy_before=dict(run.accuracy_before), bias_before=sum(run.bias_before.values()) / len(run.tasks),
-                      steps=config.steps, rank=config.rank)  # fmt: skip
+        record.update(
+            accuracy=accuracy,
+            bias=sum(run.bias_after.values()) / len(run.tasks),
+            accuracy_before=dict(run.accuracy_before),
+            bias_before=sum(run.bias_before.values()) / len(run.tasks),
+            steps=config.steps,
+            rank=config.rank,
+        )
     memory = peak_memory(device)
     record.update(
         average=sum(accuracy.values()) / len(accuracy),
         seconds=round(time.perf_counter() - started, 2),
-        peak_rss_mib=memory["rss_mib"], peak_gpu_gib=memory["gpu_gib"],
-        threads=torch.get_num_threads(), host=platform.node(), device=str(device),
+        peak_rss_mib=memory["rss_mib"],
+        peak_gpu_gib=memory["gpu_gib"],
+        threads=torch.get_num_threads(),
+        host=platform.node(),
+        device=str(device),
         zoo=zoo.weights_fingerprint(),
-    )  # fmt: skip
+    )
     return record
 
 
@@ -323,7 +360,9 @@ class SubmitOptions:
         if self.executor not in EXECUTORS:
             raise SurgeryBookError(f"unknown executor {self.executor!r}", f"use one of: {', '.join(EXECUTORS)}")
         if self.jobs < 1 or (self.cells_per_job is not None and self.cells_per_job < 1) or self.timeout_min < 1:
-            raise SurgeryBookError("--jobs, --cells-per-job and --timeout-min must be 1 or more", "pass positive numbers")
+            raise SurgeryBookError(
+                "--jobs, --cells-per-job and --timeout-min must be 1 or more", "pass positive numbers"
+            )
 
 
 def batches(cells: Sequence[Cell], submit: SubmitOptions) -> list[list[Cell]]:
@@ -349,8 +388,11 @@ def _executor(out: Path, submit: SubmitOptions):
     folder = out / "submitit" / "%j"
     if submit.executor == "slurm":
         executor = submitit.SlurmExecutor(folder=folder)
-        parameters: dict[str, Any] = {"time": submit.timeout_min, "job_name": "surgery-book-grid",
-                                      "array_parallelism": submit.array_parallelism}  # fmt: skip
+        parameters: dict[str, Any] = {
+            "time": submit.timeout_min,
+            "job_name": "surgery-book-grid",
+            "array_parallelism": submit.array_parallelism,
+        }
         if submit.gpus_per_job:
             parameters["gpus_per_node"] = submit.gpus_per_job
         if submit.partition:
@@ -461,8 +503,10 @@ def run_grid(
     """
     submit = submit or SubmitOptions()
     if submit.executor == "slurm" and shutil.which("sbatch") is None:  # before anything is written or loaded
-        raise SurgeryBookError("--executor slurm needs Slurm's sbatch, which is not on this machine's PATH",
-                               "run the command on a Slurm login node, or use --executor local")  # fmt: skip
+        raise SurgeryBookError(
+            "--executor slurm needs Slurm's sbatch, which is not on this machine's PATH",
+            "run the command on a Slurm login node, or use --executor local",
+        )
     out = Path(out)
     started = time.perf_counter()
     _claim_folder(out, spec)
@@ -470,7 +514,9 @@ def run_grid(
     todo = [cell for cell in plan_cells(spec) if not identities.done(out, cell)]
     jobs = batches(todo, submit)
     failures: list[tuple[list[Cell], Any, BaseException]] = []
-    if jobs and submit.executor == "inline":  # this process, cell by cell (submitit's debug executor would open pdb on errors)
+    if (
+        jobs and submit.executor == "inline"
+    ):  # this process, cell by cell (submitit's debug executor would open pdb on errors)
         for batch in tqdm(jobs, desc="grid (inline)", unit="job", disable=not progress):
             try:
                 run_cells(batch, spec, str(out))
@@ -480,7 +526,9 @@ def run_grid(
         executor = _executor(out, submit)
         # Local jobs stop with this process even when it is killed with SIGKILL; Slurm jobs run on by design.
         parent = _this_process() if submit.executor == "local" else None
-        submitted = executor.map_array(run_cells, jobs, [spec] * len(jobs), [str(out)] * len(jobs), [parent] * len(jobs))
+        submitted = executor.map_array(
+            run_cells, jobs, [spec] * len(jobs), [str(out)] * len(jobs), [parent] * len(jobs)
+        )
         import submitit
 
         bar = tqdm(total=len(todo), desc=f"grid ({submit.executor})", unit="cell", disable=not progress)
@@ -537,18 +585,26 @@ def grid_table(cells: Sequence[dict[str, Any]]) -> pd.DataFrame:
     for (preset, method, version), records in groups.items():
         averages = [r["average"] for r in records]
         mean = sum(averages) / len(averages)
-        row: dict[str, Any] = {"preset": preset, "method": method, "version": version, "row": records[0]["label"],
-                               "data": MERGE_METHODS[method].data if method in MERGE_METHODS else "",
-                               "seeds": len(records), "average": mean,
-                               "std": math.sqrt(sum((a - mean) ** 2 for a in averages) / (len(averages) - 1)) if len(averages) > 1 else math.nan,
-                               "bias": sum(r["bias"] for r in records) / len(records)}  # fmt: skip
+        row: dict[str, Any] = {
+            "preset": preset,
+            "method": method,
+            "version": version,
+            "row": records[0]["label"],
+            "data": MERGE_METHODS[method].data if method in MERGE_METHODS else "",
+            "seeds": len(records),
+            "average": mean,
+            "std": math.sqrt(sum((a - mean) ** 2 for a in averages) / (len(averages) - 1))
+            if len(averages) > 1
+            else math.nan,
+            "bias": sum(r["bias"] for r in records) / len(records),
+        }
         if version:
             row["bias_before"] = sum(r["bias_before"] for r in records) / len(records)
             row["gain"] = mean - alone[(preset, method)] if (preset, method) in alone else math.nan
         row["seconds"] = sum(r["seconds"] for r in records)
         row["peak_rss_mib"] = max(r["peak_rss_mib"] or 0 for r in records)
         row["peak_gpu_gib"] = max((r["peak_gpu_gib"] or 0 for r in records), default=0)
-        for task, value in records[0]["accuracy"].items():
+        for task in records[0]["accuracy"]:
             row[task] = sum(r["accuracy"][task] for r in records) / len(records)
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -575,10 +631,14 @@ def readable_grid(table: pd.DataFrame) -> pd.DataFrame:
 
     shown = pd.DataFrame({"preset": table.index.get_level_values(0), "row": table.index.get_level_values(1)})
     table = table.reset_index(drop=True)
-    shown["average"] = [f"{a:.1f}" if not math.isfinite(s) else f"{a:.1f} ± {s:.1f}" for a, s in zip(table["average"], table["std"])]
+    shown["average"] = [
+        f"{a:.1f}" if not math.isfinite(s) else f"{a:.1f} ± {s:.1f}" for a, s in zip(table["average"], table["std"])
+    ]
     if "gain" in table:
         shown["gain"] = [f"{g:+.1f}" if math.isfinite(g) else "" for g in table["gain"].astype(float)]
-    shown["bias"] = [f"{b:.3f}" if not math.isfinite(f) else f"{f:.3f} → {b:.3f}"
-                     for b, f in zip(table["bias"], table.get("bias_before", pd.Series(math.nan, index=table.index)).astype(float))]  # fmt: skip
+    shown["bias"] = [
+        f"{b:.3f}" if not math.isfinite(f) else f"{f:.3f} → {b:.3f}"
+        for b, f in zip(table["bias"], table.get("bias_before", pd.Series(math.nan, index=table.index)).astype(float))
+    ]
     shown["seconds"] = table["seconds"].round(0).astype(int)
     return shown.set_index(["preset", "row"])

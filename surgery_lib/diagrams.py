@@ -17,24 +17,61 @@ if TYPE_CHECKING:
 _FROZEN = "#f4f4f4"
 
 
-def _box(axis: Axes, x: float, y: float, width: float, height: float, text: str, edge: str, *, fill: str = _FROZEN,
-         dashed: bool = False, size: float = 9) -> tuple[float, float, float, float]:  # fmt: skip
+def _box(
+    axis: Axes,
+    x: float,
+    y: float,
+    width: float,
+    height: float,
+    text: str,
+    edge: str,
+    *,
+    fill: str = _FROZEN,
+    dashed: bool = False,
+    size: float = 9,
+) -> tuple[float, float, float, float]:
     from matplotlib.patches import FancyBboxPatch
 
-    axis.add_patch(FancyBboxPatch(
-        (x, y), width, height, boxstyle="round,pad=0.02,rounding_size=0.08", facecolor=fill, edgecolor=edge,
-        linewidth=1.6, linestyle="--" if dashed else "-",
-    ))  # fmt: skip
+    axis.add_patch(
+        FancyBboxPatch(
+            (x, y),
+            width,
+            height,
+            boxstyle="round,pad=0.02,rounding_size=0.08",
+            facecolor=fill,
+            edgecolor=edge,
+            linewidth=1.6,
+            linestyle="--" if dashed else "-",
+        )
+    )
     axis.text(x + width / 2, y + height / 2, text, ha="center", va="center", fontsize=size)
     return x, y, width, height
 
 
-def _arrow(axis: Axes, start: tuple[float, float], end: tuple[float, float], *, colour: str = "0.25", style: str = "-|>",
-           dashed: bool = False, label: str = "", label_offset: tuple[float, float] = (0.0, 0.12)) -> None:  # fmt: skip
+def _arrow(
+    axis: Axes,
+    start: tuple[float, float],
+    end: tuple[float, float],
+    *,
+    colour: str = "0.25",
+    style: str = "-|>",
+    dashed: bool = False,
+    label: str = "",
+    label_offset: tuple[float, float] = (0.0, 0.12),
+) -> None:
     axis.annotate(
-        "", xy=end, xytext=start,
-        arrowprops={"arrowstyle": style, "color": colour, "lw": 1.4, "linestyle": "--" if dashed else "-", "shrinkA": 0, "shrinkB": 0},
-    )  # fmt: skip
+        "",
+        xy=end,
+        xytext=start,
+        arrowprops={
+            "arrowstyle": style,
+            "color": colour,
+            "lw": 1.4,
+            "linestyle": "--" if dashed else "-",
+            "shrinkA": 0,
+            "shrinkB": 0,
+        },
+    )
     if label:
         middle = ((start[0] + end[0]) / 2 + label_offset[0], (start[1] + end[1]) / 2 + label_offset[1])
         axis.text(*middle, label, ha="center", va="bottom", fontsize=8.5, color=colour)
@@ -56,8 +93,17 @@ def surgery_diagram() -> Figure:
     figure, axis = _canvas(10.0, 3.6, "Surgery: one module per task, on the merged model's final embedding")
     axis.text(0.55, 2.45, "images of\ntask t", ha="center", va="center", fontsize=9)
     _box(axis, 1.3, 2.05, 2.0, 0.8, "merged encoder\n(frozen)", MERGED_COLOUR)
-    _box(axis, 4.35, 1.95, 2.5, 1.0, "Surgery module of task t\n" + r"$\hat z_M = z_M - W_{up}\,\mathrm{ReLU}(W_{down}\,z_M)$",
-         SURGERY_COLOUR, fill="#e6f4e6", size=8.5)  # fmt: skip
+    _box(
+        axis,
+        4.35,
+        1.95,
+        2.5,
+        1.0,
+        "Surgery module of task t\n" + r"$\hat z_M = z_M - W_{up}\,\mathrm{ReLU}(W_{down}\,z_M)$",
+        SURGERY_COLOUR,
+        fill="#e6f4e6",
+        size=8.5,
+    )
     _box(axis, 7.85, 2.05, 1.3, 0.8, "head t\n(frozen)", "0.3")
     axis.text(9.6, 2.45, "class", ha="center", va="center", fontsize=9)
     _arrow(axis, (0.95, 2.45), (1.3, 2.45))
@@ -70,8 +116,12 @@ def surgery_diagram() -> Figure:
     _arrow(axis, (0.55, 0.75), (1.3, 0.75))
     _arrow(axis, (3.3, 0.75), (5.6, 0.75), colour=EXPERT_COLOUR, dashed=True, label=r"expert's $z_t$")
     _arrow(axis, (5.6, 0.75), (5.6, 1.95), colour=SURGERY_COLOUR, style="<|-|>", dashed=True)
-    axis.text(5.7, 1.32, r"L1 loss $|\hat z_M - z_t|_1$" + "\n(no labels)", fontsize=8.5, color=SURGERY_COLOUR, va="center")
-    axis.text(7.85, 0.95, "deployed: merged encoder,\nper task a head and a module\n(2dr parameters)", fontsize=8, va="center")
+    axis.text(
+        5.7, 1.32, r"L1 loss $|\hat z_M - z_t|_1$" + "\n(no labels)", fontsize=8.5, color=SURGERY_COLOUR, va="center"
+    )
+    axis.text(
+        7.85, 0.95, "deployed: merged encoder,\nper task a head and a module\n(2dr parameters)", fontsize=8, va="center"
+    )
     axis.text(7.85, 0.25, "dashed: adaptation only", fontsize=8, va="center", color=EXPERT_COLOUR)
     figure.tight_layout()
     return figure
@@ -94,7 +144,9 @@ def surgery_v2_diagram(blocks: int = 2) -> Figure:
         _box(axis, x, 2.05, 1.05, 0.8, f"merged\nblock {label}", MERGED_COLOUR, size=10)
         _arrow(axis, (x + 1.05, 2.45), (x + 1.4, 2.45))
         _box(axis, x + 1.4, 2.1, 0.75, 0.7, rf"$S^{{{label}}}_t$", SURGERY_COLOUR, fill="#e6f4e6", size=10)
-        _arrow(axis, (expert_previous, 0.75), (x, 0.75), colour=EXPERT_COLOUR if block > 1 else "0.25", dashed=block > 1)
+        _arrow(
+            axis, (expert_previous, 0.75), (x, 0.75), colour=EXPERT_COLOUR if block > 1 else "0.25", dashed=block > 1
+        )
         _box(axis, x, 0.35, 1.05, 0.8, f"expert t\nblock {label}", EXPERT_COLOUR, dashed=True, size=10)
         axis.plot([x + 1.05, x + 1.78], [0.75, 0.75], color=EXPERT_COLOUR, lw=1.4, linestyle="--")
         _arrow(axis, (x + 1.78, 0.75), (x + 1.78, 2.1), colour=SURGERY_COLOUR, style="<|-|>", dashed=True)
@@ -108,8 +160,14 @@ def surgery_v2_diagram(blocks: int = 2) -> Figure:
     _box(axis, previous + 0.35, 2.1, 0.75, 0.7, r"$S_t$", SURGERY_COLOUR, fill="#e6f4e6", size=10)
     _arrow(axis, (previous + 1.1, 2.45), (previous + 1.45, 2.45))
     _box(axis, previous + 1.45, 2.05, 1.0, 0.8, "head t\n(frozen)", "0.3", size=10)
-    axis.text(previous + 0.35, 1.3, "every module acts on every\ntoken; the next block reads\nthe repaired tokens; Surgery's\n"
-              "module (+ L1) repairs the\nfinal embedding too", fontsize=9.5, va="center")  # fmt: skip
+    axis.text(
+        previous + 0.35,
+        1.3,
+        "every module acts on every\ntoken; the next block reads\nthe repaired tokens; Surgery's\n"
+        "module (+ L1) repairs the\nfinal embedding too",
+        fontsize=9.5,
+        va="center",
+    )
     axis.text(previous + 0.35, 0.3, "dashed: adaptation only", fontsize=9.5, va="center", color=EXPERT_COLOUR)
     figure.tight_layout()
     return figure

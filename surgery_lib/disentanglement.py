@@ -151,6 +151,11 @@ def zoo_kept_share(zoo, **options) -> pd.DataFrame:
     ``sizes`` larger than the zoo's task count are dropped. ``options`` go to :func:`kept_share_curve`."""
     sizes = [size for size in options.pop("sizes", (2, 3, 4, 6, 8)) if size <= len(zoo.tasks)]
     return kept_share_curve(
-        zoo.pretrained, zoo.experts, zoo.heads, {t: zoo.suite[t] for t in zoo.tasks},
-        lambda state: load_encoder(zoo.preset.encoder, state), sizes=sizes, **options,
-    )  # fmt: skip
+        zoo.pretrained,
+        zoo.experts,
+        zoo.heads,
+        {t: zoo.suite[t] for t in zoo.tasks},
+        lambda state: load_encoder(zoo.preset.encoder, state),
+        sizes=sizes,
+        **options,
+    )

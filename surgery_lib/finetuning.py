@@ -68,7 +68,9 @@ class FineTuning:
 FINETUNING_MODES: Registry[Callable[..., FineTuning]] = Registry("fine-tuning mode")
 
 
-def prepare_finetuning(encoder: nn.Module, mode: str = "full", *, lora_rank: int = 4, lora_alpha: float | None = None) -> FineTuning:
+def prepare_finetuning(
+    encoder: nn.Module, mode: str = "full", *, lora_rank: int = 4, lora_alpha: float | None = None
+) -> FineTuning:
     """Prepare ``encoder`` (modified in place: frozen weights, LoRA parametrisations) for fine-tuning ``mode``.
 
     Args:
@@ -83,7 +85,9 @@ def prepare_finetuning(encoder: nn.Module, mode: str = "full", *, lora_rank: int
     build = FINETUNING_MODES[mode]
     if mode == "lora":
         if not isinstance(lora_rank, int) or lora_rank < 1:
-            raise SurgeryBookError(f"LoRA rank {lora_rank!r} is not a positive integer", "pass lora_rank=4 (or any integer >= 1)")
+            raise SurgeryBookError(
+                f"LoRA rank {lora_rank!r} is not a positive integer", "pass lora_rank=4 (or any integer >= 1)"
+            )
         tuning = build(encoder, rank=lora_rank, alpha=float(lora_rank if lora_alpha is None else lora_alpha))
     else:
         tuning = build(encoder)

@@ -47,7 +47,9 @@ def parse_versions(text: str) -> tuple[int, ...]:
     names = {"none": 0, "0": 0, "1": 1, "2": 2}
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or any(p not in names for p in parts):
-        raise SurgeryBookError(f"unknown surgery versions {text!r}", "use a comma-separated list of none, 1 and 2 (e.g. none,1,2)")
+        raise SurgeryBookError(
+            f"unknown surgery versions {text!r}", "use a comma-separated list of none, 1 and 2 (e.g. none,1,2)"
+        )
     return tuple(dict.fromkeys(names[p] for p in parts))
 
 
@@ -66,7 +68,10 @@ class GridResult:
     def to_json(self) -> dict[str, dict[str, float | None]]:
         """The table as ``{row: {column: value}}`` with NaN as ``None`` (standard JSON)."""
         return {
-            row: {k: None if isinstance(v, float) and not math.isfinite(v) else round(float(v), 4) for k, v in values.items()}
+            row: {
+                k: None if isinstance(v, float) and not math.isfinite(v) else round(float(v), 4)
+                for k, v in values.items()
+            }
             for row, values in self.table.to_dict(orient="index").items()
         }
 
@@ -117,8 +122,14 @@ def surgery_grid(
             rows[label] = {**accuracy, "average": sum(accuracy.values()) / len(accuracy), "std": math.nan, "bias": bias}
             continue
         runs[label] = [  # a rank left at None becomes the preset's for the version inside run_surgery
-            run_surgery(zoo, merged.state, version=version, config=dataclasses.replace(config, seed=seed),
-                        device=device, progress=False)  # fmt: skip
+            run_surgery(
+                zoo,
+                merged.state,
+                version=version,
+                config=dataclasses.replace(config, seed=seed),
+                device=device,
+                progress=False,
+            )
             for seed in range(seeds)
         ]
         rows[label] = _summarise(runs[label])

@@ -191,8 +191,14 @@ def autocast(device: torch.device | str, precision: str = "fp32") -> Iterator[No
 
 
 def _encode_batches(
-    encoder: nn.Module, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
-    device: torch.device | str, precision: str, forward: Callable[[nn.Module, torch.Tensor], Any],
+    encoder: nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int,
+    device: torch.device | str,
+    precision: str,
+    forward: Callable[[nn.Module, torch.Tensor], Any],
 ) -> list[Any]:
     """``forward(encoder, batch)`` on every normalised batch of uint8 ``images``, under inference mode and autocast."""
     device = torch.device(device)
@@ -220,7 +226,9 @@ def embed(
     Runs under ``torch.inference_mode`` in ``precision`` (:data:`PRECISIONS`; the CPU always runs fp32);
     the result is an ordinary tensor, usable in autograd later.
     """
-    outputs = _encode_batches(encoder, images, mean, std, batch_size, device, precision, lambda e, x: e(x).float().cpu())
+    outputs = _encode_batches(
+        encoder, images, mean, std, batch_size, device, precision, lambda e, x: e(x).float().cpu()
+    )
     return torch.cat(outputs).clone() if outputs else torch.empty(0, encoder.output_dim)
 
 

@@ -27,14 +27,38 @@ SURGERY_V2_COLOUR = "#1b7a3a"
 
 #: Rows that are bounds, not merges: the experts blue as in the papers, the rest in greys and purple.
 REFERENCE_COLOURS = {
-    EXPERT_ROW: EXPERT_COLOUR, ZOO_ROWS["pretrained"]: "0.55", ZERO_SHOT_ROW: "0.7", ZOO_ROWS["mtl"]: "#6a3d9a",
-    "expert": EXPERT_COLOUR, "experts": EXPERT_COLOUR, "merged": MERGED_COLOUR, "merged + Surgery": SURGERY_COLOUR,
+    EXPERT_ROW: EXPERT_COLOUR,
+    ZOO_ROWS["pretrained"]: "0.55",
+    ZERO_SHOT_ROW: "0.7",
+    ZOO_ROWS["mtl"]: "#6a3d9a",
+    "expert": EXPERT_COLOUR,
+    "experts": EXPERT_COLOUR,
+    "merged": MERGED_COLOUR,
+    "merged + Surgery": SURGERY_COLOUR,
     "merged + SurgeryV2": SURGERY_V2_COLOUR,
-}  # fmt: skip
+}
 # Merging methods take these in registration order, so a method keeps its colour in every chapter whichever
 # other methods a figure shows. No blue or green: those mean "expert" and "repaired".
-_METHOD_CYCLE = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#e6ab02", "#9467bd", "#17becf", "#b8860b",
-                 "#a0522d", "#c71585", "#008b8b", "#ff6347", "#556b2f", "#4b0082", "#cd853f", "#a6761d", "#800000")  # fmt: skip
+_METHOD_CYCLE = (
+    "#d62728",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#e6ab02",
+    "#9467bd",
+    "#17becf",
+    "#b8860b",
+    "#a0522d",
+    "#c71585",
+    "#008b8b",
+    "#ff6347",
+    "#556b2f",
+    "#4b0082",
+    "#cd853f",
+    "#a6761d",
+    "#800000",
+)
 
 
 def colour_of(label: str) -> str | None:
@@ -104,7 +128,9 @@ def bias_bars(table: pd.DataFrame, title: str = "Representation bias per task", 
     return figure
 
 
-def block_bias_curves(curves: Mapping[str, torch.Tensor | np.ndarray], title: str = "Representation bias at every block") -> Figure:
+def block_bias_curves(
+    curves: Mapping[str, torch.Tensor | np.ndarray], title: str = "Representation bias at every block"
+) -> Figure:
     """One line per label over block index (1-based), e.g. merged vs merged + SurgeryV2.
 
     Each line has its own dash pattern and marker, drawn thinner than the one below it, so a curve that
@@ -118,8 +144,16 @@ def block_bias_curves(curves: Mapping[str, torch.Tensor | np.ndarray], title: st
     for (label, values), (dash, marker, width) in zip(curves.items(), styles * (len(curves) // len(styles) + 1)):
         values = np.asarray(values, dtype=float)
         blocks = max(blocks, len(values))
-        axis.plot(np.arange(1, len(values) + 1), values, linestyle=dash, marker=marker, linewidth=width, markersize=3 + width,
-                  label=label, color=colours[str(label)])  # fmt: skip
+        axis.plot(
+            np.arange(1, len(values) + 1),
+            values,
+            linestyle=dash,
+            marker=marker,
+            linewidth=width,
+            markersize=3 + width,
+            label=label,
+            color=colours[str(label)],
+        )
     axis.set_xticks(np.arange(1, blocks + 1))
     axis.set(xlabel="block", ylabel="L1 bias of token-means", title=title)
     _legend_outside(axis)
@@ -160,9 +194,15 @@ def tsne_embeddings(
 
 
 def tsne_panels(
-    expert: torch.Tensor, merged: torch.Tensor, repaired: torch.Tensor, *, repaired_label: str = "merged + Surgery",
-    title: str = "", seed: int = 0, max_points: int = 500,
-) -> Figure:  # fmt: skip
+    expert: torch.Tensor,
+    merged: torch.Tensor,
+    repaired: torch.Tensor,
+    *,
+    repaired_label: str = "merged + Surgery",
+    title: str = "",
+    seed: int = 0,
+    max_points: int = 500,
+) -> Figure:
     """Two t-SNE panels of the same images: expert vs merged (left), expert vs repaired (right).
 
     One t-SNE of all three sets (scikit-learn, PCA init, seeded) places both panels in the same
@@ -176,11 +216,15 @@ def tsne_panels(
     points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, count - 1)).fit_transform(stacked)
     expert_points, merged_points, repaired_points = points[:count], points[count : 2 * count], points[2 * count :]
     figure, axes = plt.subplots(1, 2, figsize=(8.0, 3.9), sharex=True, sharey=True)
-    for axis, (label, part, colour) in zip(axes, [("merged", merged_points, MERGED_COLOUR), (repaired_label, repaired_points, SURGERY_COLOUR)]):
+    for axis, (label, part, colour) in zip(
+        axes, [("merged", merged_points, MERGED_COLOUR), (repaired_label, repaired_points, SURGERY_COLOUR)]
+    ):
         axis.scatter(expert_points[:, 0], expert_points[:, 1], s=6, alpha=0.5, color=EXPERT_COLOUR, label="expert")
         axis.scatter(part[:, 0], part[:, 1], s=6, alpha=0.5, color=colour, label=label, marker="^")
         axis.set(xticks=[], yticks=[], title=f"expert vs {label}")
-        axis.legend(frameon=False, fontsize="small", markerscale=2.5, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncols=2)
+        axis.legend(
+            frameon=False, fontsize="small", markerscale=2.5, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncols=2
+        )
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -235,9 +279,16 @@ def heatmap(
     rows, columns = table.shape
     figure, axis = plt.subplots(figsize=(min(14.0, 1.2 + 0.62 * columns), 0.9 + 0.45 * rows))
     sns.heatmap(
-        table.astype(float), ax=axis, cmap=cmap, annot=annotate and columns <= 16, fmt=fmt,
-        vmin=vmin, vmax=vmax, cbar_kws={"label": label}, annot_kws={"fontsize": 7},
-    )  # fmt: skip
+        table.astype(float),
+        ax=axis,
+        cmap=cmap,
+        annot=annotate and columns <= 16,
+        fmt=fmt,
+        vmin=vmin,
+        vmax=vmax,
+        cbar_kws={"label": label},
+        annot_kws={"fontsize": 7},
+    )
     axis.set(title=title, xlabel="", ylabel="")
     figure.tight_layout()
     return figure
@@ -257,7 +308,9 @@ def _short_parameter_name(name: str) -> str:
     return name.replace("transformer.resblocks.", "").replace("_weight", ".w").replace("_bias", ".b")
 
 
-def coefficient_heatmap(table: pd.DataFrame, title: str = "Layer-wise AdaMerging coefficients", start: float = 0.3) -> Figure:
+def coefficient_heatmap(
+    table: pd.DataFrame, title: str = "Layer-wise AdaMerging coefficients", start: float = 0.3
+) -> Figure:
     """Tasks (rows) x parameter tensors (columns, in model order) of learned merging coefficients.
 
     The colour scale is diverging and centred on ``start`` (AdaMerging's initial 0.3), spanning just the
@@ -272,14 +325,26 @@ def coefficient_heatmap(table: pd.DataFrame, title: str = "Layer-wise AdaMerging
     shown = table[columns].astype(float)
     span = max(float((shown - start).abs().max().max()), 0.005)
     figure, axis = plt.subplots(figsize=(min(16.0, 4.0 + 0.08 * len(columns)), 1.4 + 0.32 * len(shown)))
-    sns.heatmap(shown, ax=axis, cmap="RdBu_r", center=start, vmin=start - span, vmax=start + span, xticklabels=False,
-                cbar_kws={"label": f"coefficient (started at {start:g})"})  # fmt: skip
+    sns.heatmap(
+        shown,
+        ax=axis,
+        cmap="RdBu_r",
+        center=start,
+        vmin=start - span,
+        vmax=start + span,
+        xticklabels=False,
+        cbar_kws={"label": f"coefficient (started at {start:g})"},
+    )
     groups: dict[tuple[int, int], list[int]] = {}
     for position, name in enumerate(columns):
         groups.setdefault(_model_order(name)[:2], []).append(position)
     names = {0: "embed", 2: "head"}
-    axis.set_xticks([sum(p) / len(p) + 0.5 for p in groups.values()],
-                    [names.get(kind, f"block {block}") for kind, block in groups], rotation=90, fontsize=7)  # fmt: skip
+    axis.set_xticks(
+        [sum(p) / len(p) + 0.5 for p in groups.values()],
+        [names.get(kind, f"block {block}") for kind, block in groups],
+        rotation=90,
+        fontsize=7,
+    )
     for positions in list(groups.values())[1:]:
         axis.axvline(positions[0], color="white", linewidth=1)
     axis.tick_params(axis="y", rotation=0, labelsize=8)
@@ -288,7 +353,11 @@ def coefficient_heatmap(table: pd.DataFrame, title: str = "Layer-wise AdaMerging
     return figure
 
 
-def scale_sweep(table: pd.DataFrame, references: Mapping[str, float] | None = None, title: str = "Task arithmetic: average accuracy against the scale") -> Figure:
+def scale_sweep(
+    table: pd.DataFrame,
+    references: Mapping[str, float] | None = None,
+    title: str = "Task arithmetic: average accuracy against the scale",
+) -> Figure:
     """Average accuracy (%) against the task-arithmetic scale (the index of ``table``), with dashed reference lines."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7.0, 3.4))
@@ -302,8 +371,15 @@ def scale_sweep(table: pd.DataFrame, references: Mapping[str, float] | None = No
     return figure
 
 
-def curves(series: Mapping[str, pd.Series | Sequence[float]], *, xlabel: str, ylabel: str, title: str = "", logx: bool = False,
-           smooth: int = 0) -> Figure:  # fmt: skip
+def curves(
+    series: Mapping[str, pd.Series | Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logx: bool = False,
+    smooth: int = 0,
+) -> Figure:
     """Plain line plot, one line per label (an AdaMerging entropy curve, an ablation against rank or data).
 
     ``smooth`` > 1 draws each raw series faintly and its moving average over ``smooth`` points on top
@@ -340,15 +416,24 @@ def bias_accuracy_scatter(points: pd.DataFrame, title: str = "Bias against accur
 
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    sns.scatterplot(data=points, x="bias", y="normalised accuracy (%)", hue="merge", style="merge", ax=axis,
-                    palette=palette(points["merge"].unique()))  # fmt: skip
+    sns.scatterplot(
+        data=points,
+        x="bias",
+        y="normalised accuracy (%)",
+        hue="merge",
+        style="merge",
+        ax=axis,
+        palette=palette(points["merge"].unique()),
+    )
     axis.set_title(title)
     _legend_outside(axis)
     figure.tight_layout()
     return figure
 
 
-def accuracy_and_entropy(accuracy: pd.Series, entropy: pd.Series, xlabel: str = "scale λ", title: str = "Is lower entropy higher accuracy?") -> Figure:
+def accuracy_and_entropy(
+    accuracy: pd.Series, entropy: pd.Series, xlabel: str = "scale λ", title: str = "Is lower entropy higher accuracy?"
+) -> Figure:
     """Average accuracy (%, left axis) and mean prediction entropy (nats, right axis) over a shared x."""
     plt = _pyplot()
     figure, left = plt.subplots(figsize=(5.5, 3.4))
@@ -401,17 +486,30 @@ def grid_dots(table: pd.DataFrame, title: str = "Every merge alone and repaired"
     positions = dict(zip(labels, np.arange(len(labels))[::-1]))
     figure, axis = plt.subplots(figsize=(6.8, 0.3 * len(labels) + 1.3))
     for label, rows in table.groupby("label", sort=False):
-        axis.plot([rows["average"].min(), rows["average"].max()], [positions[label]] * 2, color="0.8", linewidth=1, zorder=1)
+        axis.plot(
+            [rows["average"].min(), rows["average"].max()], [positions[label]] * 2, color="0.8", linewidth=1, zorder=1
+        )
     for version in sorted(table["version"].unique()):
         rows = table[table["version"] == version]
-        axis.errorbar(rows["average"], [positions[label] for label in rows["label"]], xerr=rows["std"].fillna(0),
-                      fmt="o", markersize=5, color=VERSION_COLOURS[version], label=VERSION_NAMES[version], zorder=2,
-                      elinewidth=0.8, capsize=2)  # fmt: skip
+        axis.errorbar(
+            rows["average"],
+            [positions[label] for label in rows["label"]],
+            xerr=rows["std"].fillna(0),
+            fmt="o",
+            markersize=5,
+            color=VERSION_COLOURS[version],
+            label=VERSION_NAMES[version],
+            zorder=2,
+            elinewidth=0.8,
+            capsize=2,
+        )
     axis.set_yticks(list(positions.values()), labels, fontsize=8)
     axis.set(xlabel="average test accuracy (%)", title=title)
     axis.grid(axis="x", color="0.92")
     axis.spines[["top", "right"]].set_visible(False)
-    axis.legend(frameon=False, fontsize="small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 1.0 / len(labels)))
+    axis.legend(
+        frameon=False, fontsize="small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 1.0 / len(labels))
+    )
     figure.tight_layout()
     return figure
 
@@ -436,8 +534,11 @@ def gain_scatter(points: pd.DataFrame, x: str, xlabel: str, title: str) -> Figur
     return figure
 
 
-def kept_share_curve(summary: pd.DataFrame, references: Mapping[str, tuple[float, float]] | None = None,
-                     title: str = "What task arithmetic keeps as more tasks are merged") -> Figure:  # fmt: skip
+def kept_share_curve(
+    summary: pd.DataFrame,
+    references: Mapping[str, tuple[float, float]] | None = None,
+    title: str = "What task arithmetic keeps as more tasks are merged",
+) -> Figure:
     """Two panels against the number of tasks merged (the index of ``summary``, from
     :func:`surgery_lib.disentanglement.summarize_curve`): the kept share of the experts' gain (mean and the
     range over subsets, the task vector's share alone as a dashed line, ``references`` as ``{label: (tasks,
@@ -453,8 +554,13 @@ def kept_share_curve(summary: pd.DataFrame, references: Mapping[str, tuple[float
     left.axhline(0, color="0.6", linewidth=0.8)
     left.set(xlabel="tasks merged", ylabel="share of the experts' gain kept", xticks=sizes)
     left.legend(fontsize=8, loc="lower left")
-    right.fill_between(sizes, summary["disentanglement_error_min"], summary["disentanglement_error_max"],
-                       color=MERGED_COLOUR, alpha=0.15)  # fmt: skip
+    right.fill_between(
+        sizes,
+        summary["disentanglement_error_min"],
+        summary["disentanglement_error_max"],
+        color=MERGED_COLOUR,
+        alpha=0.15,
+    )
     right.plot(sizes, summary["disentanglement_error"], marker="o", color=MERGED_COLOUR)
     right.set(xlabel="tasks merged", ylabel="predictions changed by the others", xticks=sizes, ylim=(0, None))
     figure.suptitle(title)

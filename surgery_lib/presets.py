@@ -161,10 +161,25 @@ class Preset:
 #: Upper bounds of the numeric fields, far above every published model (ViT-bigG/14: width 1664, 48 blocks,
 #: 256 tokens at 224) and data set, so that a typo (a width of 16,384, an image size of 100,000) is refused
 #: before anything allocates gigabytes. Sizes of the offline suite are images per task.
-UPPER_BOUNDS = {"width": 4096, "layers": 128, "heads": 256, "output_dim": 8192, "image_size": 1024, "patch_size": 1024,
-                "mlp_ratio": 16.0, "train_per_task": 200_000, "adapt_per_task": 200_000, "test_per_task": 200_000,
-                "mix_per_class": 10_000, "batch_size": 65_536, "mtl_batch_per_task": 65_536, "adamerging_batch_size": 65_536,
-                "probe_shots": 100_000, "surgery_v2_rank": 4096, "expert_lora_rank": 4096}  # fmt: skip
+UPPER_BOUNDS = {
+    "width": 4096,
+    "layers": 128,
+    "heads": 256,
+    "output_dim": 8192,
+    "image_size": 1024,
+    "patch_size": 1024,
+    "mlp_ratio": 16.0,
+    "train_per_task": 200_000,
+    "adapt_per_task": 200_000,
+    "test_per_task": 200_000,
+    "mix_per_class": 10_000,
+    "batch_size": 65_536,
+    "mtl_batch_per_task": 65_536,
+    "adamerging_batch_size": 65_536,
+    "probe_shots": 100_000,
+    "surgery_v2_rank": 4096,
+    "expert_lora_rank": 4096,
+}
 #: The most image tokens an encoder may see ((image_size / patch_size)^2; ViT-L/14 at 336: 576).
 MAX_TOKENS = 4096
 #: The most parameters an encoder may have (ViT-bigG/14's image tower: 1.8 G).
@@ -182,12 +197,30 @@ def encoder_parameters(config: EncoderConfig) -> int:
     width, hidden = config.width, int(config.width * config.mlp_ratio)
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     block = 4 * width * width + 4 * width + 2 * width * hidden + hidden + width + 4 * width
-    return 3 * config.patch_size**2 * width + width + tokens * width + 2 * width + config.layers * block + 2 * width + width * config.output_dim
+    return (
+        3 * config.patch_size**2 * width
+        + width
+        + tokens * width
+        + 2 * width
+        + config.layers * block
+        + 2 * width
+        + width * config.output_dim
+    )
 
 
 #: Numeric fields that may be 0 (every other int must be >= 1, every other float finite and > 0).
-MAY_BE_ZERO = {"seed", "probe_shots", "pretrain_warmup_steps", "translate_px", "ties_text_entries", "adapt_per_task",
-               "pretrain_weight_decay", "probe_weight_decay", "expert_weight_decay", "expert_warmup_fraction"}  # fmt: skip
+MAY_BE_ZERO = {
+    "seed",
+    "probe_shots",
+    "pretrain_warmup_steps",
+    "translate_px",
+    "ties_text_entries",
+    "adapt_per_task",
+    "pretrain_weight_decay",
+    "probe_weight_decay",
+    "expert_weight_decay",
+    "expert_warmup_fraction",
+}
 
 
 def check_preset(preset: Preset) -> Preset:
@@ -210,31 +243,46 @@ def check_preset(preset: Preset) -> Preset:
                 fail(path, value, "an integer")
             elif kind == "int" and value < (0 if f.name in MAY_BE_ZERO else 1):
                 fail(path, value, "a value >= 0" if f.name in MAY_BE_ZERO else "a value >= 1")
-            elif kind == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            elif kind == "float" and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ):
                 fail(path, value, "a finite number")
             elif kind == "float" and (value < 0 or (value == 0 and f.name not in MAY_BE_ZERO)):
                 fail(path, value, "a positive number")
             elif kind == "str" and not isinstance(value, str):
                 fail(path, value, "a string")
-            elif kind.startswith("tuple[float") and not (isinstance(value, tuple) and len(value) == 3
-                                                          and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)):
+            elif kind.startswith("tuple[float") and not (
+                isinstance(value, tuple)
+                and len(value) == 3
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+            ):
                 fail(path, value, "three finite numbers")
-            elif kind.startswith("tuple[str") and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+            elif kind.startswith("tuple[str") and not (
+                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+            ):
                 fail(path, value, "a list of names")
             elif f.name in UPPER_BOUNDS and kind in ("int", "float") and value > UPPER_BOUNDS[f.name]:
                 fail(path, value, f"at most {UPPER_BOUNDS[f.name]:,}")
 
     if not isinstance(preset.name, str):
-        raise SurgeryBookError(f"preset name {preset.name!r} is not a string", "name the preset with letters, digits, '-' and '_'")
+        raise SurgeryBookError(
+            f"preset name {preset.name!r} is not a string", "name the preset with letters, digits, '-' and '_'"
+        )
     if len(preset.name) > MAX_NAME_LENGTH:
-        raise SurgeryBookError(f"preset name {preset.name[:20]!r}... has {len(preset.name)} characters (it names cache folders)",
-                               f"use at most {MAX_NAME_LENGTH}")  # fmt: skip
+        raise SurgeryBookError(
+            f"preset name {preset.name[:20]!r}... has {len(preset.name)} characters (it names cache folders)",
+            f"use at most {MAX_NAME_LENGTH}",
+        )
     check(preset, "")
     _check_sections(preset, fail)
     if preset.encoder.width % preset.encoder.heads:
         fail("encoder.heads", preset.encoder.heads, f"a divisor of encoder.width ({preset.encoder.width})")
     if preset.encoder.image_size % preset.encoder.patch_size:
-        fail("encoder.patch_size", preset.encoder.patch_size, f"a divisor of encoder.image_size ({preset.encoder.image_size})")
+        fail(
+            "encoder.patch_size",
+            preset.encoder.patch_size,
+            f"a divisor of encoder.image_size ({preset.encoder.image_size})",
+        )
     if preset.encoder.activation not in ("gelu", "quick_gelu"):
         fail("encoder.activation", preset.encoder.activation, "'gelu' or 'quick_gelu'")
     if preset.precision not in ("fp32", "tf32", "bf16", "fp16"):
@@ -244,23 +292,37 @@ def check_preset(preset: Preset) -> Preset:
             fail("recipe.expert_finetune", preset.recipe.expert_finetune, f"one of {', '.join(FINETUNING_MODES)}")
     tokens = (preset.encoder.image_size // preset.encoder.patch_size) ** 2
     if tokens > MAX_TOKENS:
-        fail("encoder.patch_size", preset.encoder.patch_size, f"a patch size that gives at most {MAX_TOKENS} tokens "
-             f"at image size {preset.encoder.image_size} (this one: {tokens:,})")  # fmt: skip
+        fail(
+            "encoder.patch_size",
+            preset.encoder.patch_size,
+            f"a patch size that gives at most {MAX_TOKENS} tokens "
+            f"at image size {preset.encoder.image_size} (this one: {tokens:,})",
+        )
     parameters = encoder_parameters(preset.encoder)
     if parameters > MAX_PARAMETERS:
-        fail("encoder", f"{parameters:,} parameters", f"an encoder of at most {MAX_PARAMETERS:,} parameters (smaller width or layers)")
+        fail(
+            "encoder",
+            f"{parameters:,} parameters",
+            f"an encoder of at most {MAX_PARAMETERS:,} parameters (smaller width or layers)",
+        )
     return preset
 
 
 def _check_sections(preset: Preset, fail: Any) -> None:
     """The fields checked against each other: each setting's own section, a non-empty task list without repeats."""
-    settings = sorted(p.name for p in SETTINGS_DIR.iterdir() if (p / "__init__.py").is_file() and p.name != "__pycache__")
+    settings = sorted(
+        p.name for p in SETTINGS_DIR.iterdir() if (p / "__init__.py").is_file() and p.name != "__pycache__"
+    )
     if preset.setting not in settings:
         fail("setting", preset.setting, f"one of {', '.join(settings)}")
     if preset.setting == "clip" and preset.clip is None:
         fail("clip", None, "a clip section (model, hub_model, tasks) for a preset of the clip setting")
     if preset.setting != "clip" and (preset.suite is None or preset.recipe is None):
-        fail("suite" if preset.suite is None else "recipe", None, f"a suite and a recipe section for a preset of the {preset.setting} setting")
+        fail(
+            "suite" if preset.suite is None else "recipe",
+            None,
+            f"a suite and a recipe section for a preset of the {preset.setting} setting",
+        )
     tasks = preset.suite.tasks if preset.suite is not None else preset.clip.tasks if preset.clip is not None else ()
     if not tasks:
         fail("suite.tasks" if preset.suite is not None else "clip.tasks", list(tasks), "at least one task")
@@ -302,12 +364,18 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
         return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
     try:
-        parts = {"encoder": build(EncoderConfig, data["encoder"]), "suite": build(SuiteConfig, data.get("suite")),
-                 "recipe": build(RecipeConfig, data.get("recipe")), "clip": build(ClipConfig, data.get("clip"))}  # fmt: skip
+        parts = {
+            "encoder": build(EncoderConfig, data["encoder"]),
+            "suite": build(SuiteConfig, data.get("suite")),
+            "recipe": build(RecipeConfig, data.get("recipe")),
+            "clip": build(ClipConfig, data.get("clip")),
+        }
         rest = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in parts}
         return Preset(**rest, **parts)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise SurgeryBookError(f"invalid preset description ({exc})", "start from `surgery-book presets --json` output") from None
+        raise SurgeryBookError(
+            f"invalid preset description ({exc})", "start from `surgery-book presets --json` output"
+        ) from None
 
 
 def register_presets_from_file(path: str | os.PathLike[str], *, replace: bool = False) -> list[Preset]:
@@ -320,17 +388,28 @@ def register_presets_from_file(path: str | os.PathLike[str], *, replace: bool = 
     try:
         info = os.stat(path)
     except OSError as exc:
-        raise SurgeryBookError(f"cannot read presets from {path} ({exc})", "point SURGERY_BOOK_PRESETS at a JSON file") from None
+        raise SurgeryBookError(
+            f"cannot read presets from {path} ({exc})", "point SURGERY_BOOK_PRESETS at a JSON file"
+        ) from None
     if not stat.S_ISREG(info.st_mode):
-        raise SurgeryBookError(f"cannot read presets from {path}: not a regular file", "point SURGERY_BOOK_PRESETS at a JSON file")
+        raise SurgeryBookError(
+            f"cannot read presets from {path}: not a regular file", "point SURGERY_BOOK_PRESETS at a JSON file"
+        )
     if info.st_size > MAX_PRESET_FILE_BYTES:
-        raise SurgeryBookError(f"cannot read presets from {path}: {info.st_size:,} bytes (at most {MAX_PRESET_FILE_BYTES:,})",
-                               "point SURGERY_BOOK_PRESETS at a JSON file of presets")  # fmt: skip
+        raise SurgeryBookError(
+            f"cannot read presets from {path}: {info.st_size:,} bytes (at most {MAX_PRESET_FILE_BYTES:,})",
+            "point SURGERY_BOOK_PRESETS at a JSON file of presets",
+        )
     try:
         data = read_json(path)
     except (OSError, CorruptFileError) as exc:
-        raise SurgeryBookError(f"cannot read presets from {path} ({exc})", "point SURGERY_BOOK_PRESETS at a JSON file") from None
-    return [register_preset(preset_from_dict(item), replace=replace) for item in (data if isinstance(data, list) else [data])]
+        raise SurgeryBookError(
+            f"cannot read presets from {path} ({exc})", "point SURGERY_BOOK_PRESETS at a JSON file"
+        ) from None
+    return [
+        register_preset(preset_from_dict(item), replace=replace)
+        for item in (data if isinstance(data, list) else [data])
+    ]
 
 
 #: The folder whose subfolders are the settings; each may hold a ``presets.json``.
@@ -341,7 +420,9 @@ USER_PRESETS_ENV = "SURGERY_BOOK_PRESETS"
 def _load_presets() -> None:
     """Register the presets of every setting folder, then those of ``$SURGERY_BOOK_PRESETS`` (which may
     replace a built-in one of the same name)."""
-    for path in sorted(SETTINGS_DIR.glob("*/presets.json"), key=lambda p: (p.parent.name != "offline", p.parent.name)):  # offline first
+    for path in sorted(
+        SETTINGS_DIR.glob("*/presets.json"), key=lambda p: (p.parent.name != "offline", p.parent.name)
+    ):  # offline first
         register_presets_from_file(path)
     if os.environ.get(USER_PRESETS_ENV):
         register_presets_from_file(os.environ[USER_PRESETS_ENV], replace=True)

@@ -54,7 +54,8 @@ def find_notebooks(source: str | os.PathLike[str], only: Sequence[str] | None = 
         unknown = wanted - {nb.stem for nb in chosen} - {nb.stem[:2] for nb in chosen}
         if unknown:
             raise SurgeryBookError(
-                f"unknown notebook(s) {sorted(unknown)}", f"use numbers or names of: {', '.join(nb.stem for nb in notebooks)}"
+                f"unknown notebook(s) {sorted(unknown)}",
+                f"use numbers or names of: {', '.join(nb.stem for nb in notebooks)}",
             )
         notebooks = chosen
     return notebooks
@@ -72,8 +73,10 @@ def check_notebooks(notebooks: Sequence[Path]) -> None:
         try:
             nbformat.validate(nbformat.read(notebook, as_version=4))
         except Exception as exc:  # noqa: BLE001  (nbformat raises JSON, validation and decoding errors)
-            raise SurgeryBookError(f"{notebook} is not a readable notebook ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})",
-                                   "restore it from the repository (git checkout -- notebooks)") from None  # fmt: skip
+            raise SurgeryBookError(
+                f"{notebook} is not a readable notebook ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})",
+                "restore it from the repository (git checkout -- notebooks)",
+            ) from None
 
 
 def check_kernel(kernel: str) -> None:
@@ -82,7 +85,10 @@ def check_kernel(kernel: str) -> None:
 
     installed = sorted(KernelSpecManager().find_kernel_specs())
     if kernel not in installed:
-        raise SurgeryBookError(f"no Jupyter kernel named {kernel!r}", f"use one of: {', '.join(installed) or 'none installed (pip install ipykernel)'}")
+        raise SurgeryBookError(
+            f"no Jupyter kernel named {kernel!r}",
+            f"use one of: {', '.join(installed) or 'none installed (pip install ipykernel)'}",
+        )
 
 
 def reproduce(
@@ -112,7 +118,9 @@ def reproduce(
         import papermill
         from papermill.exceptions import PapermillExecutionError
     except ImportError:
-        raise SurgeryBookError("papermill is not installed", "pip install 'surgery-book[book]' (or the repository's .venv)") from None
+        raise SurgeryBookError(
+            "papermill is not installed", "pip install 'surgery-book[book]' (or the repository's .venv)"
+        ) from None
 
     default_device = get_preset(preset).default_device  # an unknown preset fails here, before any kernel starts
     notebooks = find_notebooks(source, only)
@@ -128,7 +136,9 @@ def reproduce(
         with tempfile.TemporaryFile(dir=executed_dir):
             pass
     except OSError as exc:
-        raise SurgeryBookError(f"cannot write into {out} ({exc.strerror or exc})", "pass --out a writable folder (not a file)") from None
+        raise SurgeryBookError(
+            f"cannot write into {out} ({exc.strerror or exc})", "pass --out a writable folder (not a file)"
+        ) from None
     parameters = {**(parameters or {}), "preset": preset, "device": device or default_device, "seed": seed}
     runs: list[NotebookRun] = []
     with exported_cache(cache_dir, USER_PRESETS_ENV):  # the kernels read the cache and presets from their environment
@@ -140,18 +150,26 @@ def reproduce(
             started = time.perf_counter()
             try:
                 papermill.execute_notebook(
-                    str(notebook), str(target), parameters={**parameters, "output_dir": str(artifacts_dir)},
-                    cwd=str(notebook.parent), kernel_name=kernel, progress_bar=False,
-                )  # fmt: skip
+                    str(notebook),
+                    str(target),
+                    parameters={**parameters, "output_dir": str(artifacts_dir)},
+                    cwd=str(notebook.parent),
+                    kernel_name=kernel,
+                    progress_bar=False,
+                )
             except PapermillExecutionError as exc:
                 message = f"{exc.ename}: {exc.evalue}".strip()
-                runs.append(NotebookRun(notebook.name, "failed", time.perf_counter() - started, str(target), error=message))
+                runs.append(
+                    NotebookRun(notebook.name, "failed", time.perf_counter() - started, str(target), error=message)
+                )
                 write_summary(out, preset, runs)
                 raise SurgeryBookError(
                     f"notebook {notebook.name} failed in cell {exc.exec_count} ({message})",
                     f"read the traceback in {target}; the summary is in {out / 'summary.md'}",
                 ) from None
-            artifacts = sorted(str(p.relative_to(out)) for p in artifacts_dir.rglob("*") if p.suffix in ARTIFACT_SUFFIXES)
+            artifacts = sorted(
+                str(p.relative_to(out)) for p in artifacts_dir.rglob("*") if p.suffix in ARTIFACT_SUFFIXES
+            )
             runs.append(NotebookRun(notebook.name, "ok", time.perf_counter() - started, str(target), artifacts))
             write_summary(out, preset, runs)
     return runs
@@ -160,7 +178,12 @@ def reproduce(
 def write_summary(out: Path, preset: str, runs: Sequence[NotebookRun]) -> None:
     """``summary.json`` (everything) and ``summary.md`` (a table) in ``out``, written atomically."""
     write_json({"preset": preset, "notebooks": [asdict(run) for run in runs]}, out / "summary.json")
-    lines = [f"# Reproduction summary: preset `{preset}`", "", "| notebook | status | seconds | figures | tables |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Reproduction summary: preset `{preset}`",
+        "",
+        "| notebook | status | seconds | figures | tables |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for run in runs:
         figures = sum(a.endswith(".png") for a in run.artifacts)
         tables = sum(a.endswith(".csv") for a in run.artifacts)

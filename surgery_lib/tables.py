@@ -47,7 +47,12 @@ class ReadableTable:
     """
 
     def __init__(
-        self, table: pd.DataFrame, *, digits: int = 1, lower_is_better: bool | Sequence[str] | None = None, fold: bool | None = None
+        self,
+        table: pd.DataFrame,
+        *,
+        digits: int = 1,
+        lower_is_better: bool | Sequence[str] | None = None,
+        fold: bool | None = None,
     ) -> None:
         summary = [c for c in SUMMARY_COLUMNS if c in table.columns]
         self.frame = table[summary + [c for c in table.columns if c not in summary]]
@@ -97,7 +102,11 @@ class ReadableTable:
     def _repr_html_(self) -> str:
         best = self.best()
         note = "<p><small><b>bold</b>: best per column"
-        note += " among the merges (reference rows are bounds, not competitors)" if any(str(r) in REFERENCE_ROWS for r in self.frame.index) else ""
+        note += (
+            " among the merges (reference rows are bounds, not competitors)"
+            if any(str(r) in REFERENCE_ROWS for r in self.frame.index)
+            else ""
+        )
         note += "</small></p>" if best else ""
         columns = list(self.frame.columns)
         if not self.fold:
@@ -108,8 +117,10 @@ class ReadableTable:
         return (
             self._html(self.summary, best)
             + f'<details id="table-{digest}"><summary>All {len(per_task)} per-task columns</summary>'
-            + self._html(columns, best) + "</details>" + (note if best else "")
-        )  # fmt: skip
+            + self._html(columns, best)
+            + "</details>"
+            + (note if best else "")
+        )
 
     def __repr__(self) -> str:
         shown = self.frame[self.summary] if self.fold else self.frame

@@ -26,21 +26,32 @@ CLASSES = {"SUN397": 3, "Cars": 2, "RESISC45": 3, "EuroSAT": 10, "SVHN": 10, "GT
 TEST_SIZES = {"SUN397": 6, "Cars": 2, "RESISC45": 6, "EuroSAT": 10, "SVHN": 5, "GTSRB": 4, "MNIST": 6, "DTD": 6}
 
 #: Not registered globally (tests that look it up by name register it for their own duration).
-TINY_CLIP = (
-    Preset(
-        name="clip-tiny-test",
-        description="tests only: a 2-block width-128 CLIP image tower on fabricated data",
-        encoder=EncoderConfig(image_size=32, patch_size=8, width=128, layers=2, heads=2, output_dim=64,
-                              mean=OPENAI_MEAN, std=OPENAI_STD, activation="quick_gelu"),  # fmt: skip
-        suite=None,
-        recipe=None,
-        # The fabricated checkpoints keep text leftovers of width 16 projecting to 64 (vocabulary 12, context 5).
-        clip=ClipConfig(model="ViT-B-32", hub_model="openai/clip-vit-base-patch32",
-                        ties_text_entries=text_leftover_entries(16, 64, vocabulary=12, context=5), tasks=CLIP_TASK_NAMES),
-        setting="clip",
-        adamerging_steps=2,
-        adamerging_batch_size=4,
-    )
+TINY_CLIP = Preset(
+    name="clip-tiny-test",
+    description="tests only: a 2-block width-128 CLIP image tower on fabricated data",
+    encoder=EncoderConfig(
+        image_size=32,
+        patch_size=8,
+        width=128,
+        layers=2,
+        heads=2,
+        output_dim=64,
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
+        activation="quick_gelu",
+    ),
+    suite=None,
+    recipe=None,
+    # The fabricated checkpoints keep text leftovers of width 16 projecting to 64 (vocabulary 12, context 5).
+    clip=ClipConfig(
+        model="ViT-B-32",
+        hub_model="openai/clip-vit-base-patch32",
+        ties_text_entries=text_leftover_entries(16, 64, vocabulary=12, context=5),
+        tasks=CLIP_TASK_NAMES,
+    ),
+    setting="clip",
+    adamerging_steps=2,
+    adamerging_batch_size=4,
 )
 
 
@@ -80,9 +91,14 @@ def fabricate_datasets(root: Path) -> Path:
         (resisc / f"resisc45-{split}.txt").write_text("\n".join(lines) + "\n")
     cars = root / "stanford_cars"
     (cars / "devkit").mkdir(parents=True)
-    scipy.io.savemat(cars / "devkit" / "cars_meta.mat", {"class_names": np.array([["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]], dtype=object)})
-    for split, folder, listing in (("train", "cars_train", cars / "devkit" / "cars_train_annos.mat"),
-                                    ("test", "cars_test", cars / "cars_test_annos_withlabels.mat")):  # fmt: skip
+    scipy.io.savemat(
+        cars / "devkit" / "cars_meta.mat",
+        {"class_names": np.array([["AM General Hummer SUV 2000", "Acura RL Sedan 2012"]], dtype=object)},
+    )
+    for split, folder, listing in (
+        ("train", "cars_train", cars / "devkit" / "cars_train_annos.mat"),
+        ("test", "cars_test", cars / "cars_test_annos_withlabels.mat"),
+    ):
         records = np.zeros((1, 2), dtype=[("fname", "O"), ("class", "O")])
         for i in range(2):
             _image(cars / folder / f"{split}{i:05d}.jpg", rng, (30, 60))
@@ -101,8 +117,10 @@ def fabricate_datasets(root: Path) -> Path:
         _idx(root / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
     for split, count in (("train", 7), ("test", TEST_SIZES["SVHN"])):
         (root / "svhn").mkdir(exist_ok=True)
-        scipy.io.savemat(root / "svhn" / f"{split}_32x32.mat",
-                         {"X": rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8), "y": (np.arange(count) % 10 + 1)[:, None]})  # fmt: skip
+        scipy.io.savemat(
+            root / "svhn" / f"{split}_32x32.mat",
+            {"X": rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8), "y": (np.arange(count) % 10 + 1)[:, None]},
+        )
     return root
 
 
@@ -144,10 +162,27 @@ def fabricate_fusionbench_snapshots(root: Path) -> tuple[Any, dict[str, Any]]:
     from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, CLIP_TASKS
 
     torch.manual_seed(3)
-    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-                  hidden_act="quick_gelu")  # fmt: skip
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=1)
-    pretrained = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).eval()
+    vision = dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        hidden_act="quick_gelu",
+    )
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        vocab_size=100,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    pretrained = transformers.CLIPModel(
+        transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
+    ).eval()
     pretrained.save_pretrained(root / "clip-vit-base-patch32")
     experts = {}
     for task in CLIP_TASK_NAMES:

@@ -27,8 +27,14 @@ def published_classes(monkeypatch):
     import open_clip.model
 
     classes = {}
-    for name, base in [("VisualTransformer", nn.Module), ("Transformer", nn.Module), ("ResidualAttentionBlock", nn.Module),
-                       ("LayerNorm", nn.LayerNorm), ("QuickGELU", nn.Module), ("CLIP", nn.Module)]:  # fmt: skip
+    for name, base in [
+        ("VisualTransformer", nn.Module),
+        ("Transformer", nn.Module),
+        ("ResidualAttentionBlock", nn.Module),
+        ("LayerNorm", nn.LayerNorm),
+        ("QuickGELU", nn.Module),
+        ("CLIP", nn.Module),
+    ]:
         classes[name] = type(name, (base,), {"__module__": "open_clip.model"})
         monkeypatch.setattr(open_clip.model, name, classes[name], raising=False)
     modeling = types.ModuleType("src.modeling")
@@ -47,7 +53,9 @@ def _as_published(module: nn.Module, classes) -> nn.Module:
         kind = classes[LEGACY_NAMES.get(kind.__name__, kind.__name__)]
     copy = kind.__new__(kind)
     copy.__dict__ = dict(module.__dict__)
-    copy._modules = OrderedDict((k, _as_published(c, classes) if c is not None else None) for k, c in module._modules.items())
+    copy._modules = OrderedDict(
+        (k, _as_published(c, classes) if c is not None else None) for k, c in module._modules.items()
+    )
     return copy
 
 
@@ -56,7 +64,9 @@ def tiny_visual():
     from open_clip.transformer import QuickGELU, VisionTransformer
 
     torch.manual_seed(0)
-    visual = VisionTransformer(image_size=32, patch_size=8, width=128, layers=2, heads=2, mlp_ratio=4.0, output_dim=64, act_layer=QuickGELU)
+    visual = VisionTransformer(
+        image_size=32, patch_size=8, width=128, layers=2, heads=2, mlp_ratio=4.0, output_dim=64, act_layer=QuickGELU
+    )
     with torch.no_grad():  # non-trivial values everywhere, so a key mix-up cannot go unnoticed
         for parameter in visual.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
@@ -82,8 +92,23 @@ def _image_encoder(visual: nn.Module, classes) -> nn.Module:
     encoder = classes["ImageEncoder"]()
     encoder.model = clip
     normalize = transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-    encoder.train_preprocess = transforms.Compose([transforms.RandomResizedCrop(32, interpolation=transforms.InterpolationMode.BICUBIC), _convert_to_rgb, transforms.ToTensor(), normalize])
-    encoder.val_preprocess = transforms.Compose([transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(32), _convert_to_rgb, transforms.ToTensor(), normalize])
+    encoder.train_preprocess = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(32, interpolation=transforms.InterpolationMode.BICUBIC),
+            _convert_to_rgb,
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    encoder.val_preprocess = transforms.Compose(
+        [
+            transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(32),
+            _convert_to_rgb,
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
     encoder.cache_dir = None
     return encoder
 
@@ -96,5 +121,3 @@ def _save(obj, path, kind: str) -> None:
     else:  # the raw-pickle variant (ViT-B-16/Cars/finetuned.pt): torch.load says "Invalid magic number"
         with open(path, "wb") as handle:
             pickle.dump(obj, handle, protocol=2)
-
-

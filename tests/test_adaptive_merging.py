@@ -109,11 +109,27 @@ def test_adamerging_refuses_nan_and_missing_heads(smoke_zoo):
     key = next(iter(vectors["mnist"]))
     vectors["mnist"][key] = vectors["mnist"][key] * float("nan")
     with pytest.raises(SurgeryBookError, match="NaN"):
-        adamerging(smoke_zoo.encoder(), smoke_zoo.pretrained, vectors, smoke_zoo.heads, smoke_zoo.suite.tasks,
-                   steps=1, batch_size=4, batches_per_task=1, progress=False)  # fmt: skip
+        adamerging(
+            smoke_zoo.encoder(),
+            smoke_zoo.pretrained,
+            vectors,
+            smoke_zoo.heads,
+            smoke_zoo.suite.tasks,
+            steps=1,
+            batch_size=4,
+            batches_per_task=1,
+            progress=False,
+        )
     with pytest.raises(SurgeryBookError, match="no head or data"):
-        adamerging(smoke_zoo.encoder(), smoke_zoo.pretrained, task_vectors(smoke_zoo.pretrained, smoke_zoo.experts),
-                   {"mnist": smoke_zoo.heads["mnist"]}, smoke_zoo.suite.tasks, steps=1, progress=False)  # fmt: skip
+        adamerging(
+            smoke_zoo.encoder(),
+            smoke_zoo.pretrained,
+            task_vectors(smoke_zoo.pretrained, smoke_zoo.experts),
+            {"mnist": smoke_zoo.heads["mnist"]},
+            smoke_zoo.suite.tasks,
+            steps=1,
+            progress=False,
+        )
     with pytest.raises(SurgeryBookError, match="NaN or infinity"):
         add_vectors(smoke_zoo.pretrained, list(vectors.values()), [0.3, float("nan")])
 
@@ -121,7 +137,10 @@ def test_adamerging_refuses_nan_and_missing_heads(smoke_zoo):
 def test_regmean_on_linear_models_is_the_least_squares_merge():
     generator = torch.Generator().manual_seed(0)
     inputs = {t: torch.randn(50, 6, generator=generator) for t in ("a", "b", "c")}
-    experts = {t: {"fc.weight": torch.randn(4, 6, generator=generator), "fc.bias": torch.randn(4, generator=generator)} for t in inputs}
+    experts = {
+        t: {"fc.weight": torch.randn(4, 6, generator=generator), "fc.bias": torch.randn(4, generator=generator)}
+        for t in inputs
+    }
     grams = {t: {"fc.weight": (x.T @ x).double()} for t, x in inputs.items()}
     merged = regmean_merging(experts, grams, alpha=1.0)
     stacked_x = torch.cat(list(inputs.values())).double()
@@ -130,7 +149,9 @@ def test_regmean_on_linear_models_is_the_least_squares_merge():
     assert torch.allclose(merged["fc.weight"].double(), least_squares, atol=1e-5)
     assert torch.allclose(merged["fc.bias"], torch.stack([e["fc.bias"] for e in experts.values()]).mean(0))
     # alpha = 0 keeps only the diagonal: a per-input-feature weighted average, not the least-squares solution.
-    assert not torch.allclose(regmean_merging(experts, grams, alpha=0.0)["fc.weight"].double(), least_squares, atol=1e-3)
+    assert not torch.allclose(
+        regmean_merging(experts, grams, alpha=0.0)["fc.weight"].double(), least_squares, atol=1e-3
+    )
 
 
 def test_regmean_of_identical_experts_is_that_expert(smoke_zoo):
@@ -173,8 +194,20 @@ def test_diagonal_fisher_is_a_mean_of_squared_gradients(smoke_zoo):
         assert (value >= 0).all() and torch.allclose(value, manual[name], atol=1e-7, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic", "ties", "ties_mean", "fisher", "regmean",
-                                    "adamerging_task", "adamerging_layer", "adamerging_plus"])  # fmt: skip
+@pytest.mark.parametrize(
+    "method",
+    [
+        "weight_averaging",
+        "task_arithmetic",
+        "ties",
+        "ties_mean",
+        "fisher",
+        "regmean",
+        "adamerging_task",
+        "adamerging_layer",
+        "adamerging_plus",
+    ],
+)
 def test_every_method_runs_on_the_zoo(smoke_zoo, method):
     options = MergeOptions(steps=2, batch_size=4, samples=8)
     result = merge(smoke_zoo, method, options, progress=False)

@@ -87,8 +87,12 @@ def test_a_merge_of_some_tasks_is_evaluated_on_those_tasks(smoke_zoo):
     result = methods.merge(smoke_zoo, "task_arithmetic", tasks=subset, progress=False)
     accuracy = methods.evaluate_merge(smoke_zoo, result, "cpu", tasks=subset)
     assert list(accuracy) == subset
-    encoder = load_encoder(smoke_zoo.preset.encoder, task_arithmetic(smoke_zoo.pretrained, {t: smoke_zoo.experts[t] for t in subset}, 0.3))
-    assert accuracy[subset[0]] == pytest.approx(task_accuracy(encoder, smoke_zoo.heads[subset[0]], smoke_zoo.suite[subset[0]]))
+    encoder = load_encoder(
+        smoke_zoo.preset.encoder, task_arithmetic(smoke_zoo.pretrained, {t: smoke_zoo.experts[t] for t in subset}, 0.3)
+    )
+    assert accuracy[subset[0]] == pytest.approx(
+        task_accuracy(encoder, smoke_zoo.heads[subset[0]], smoke_zoo.suite[subset[0]])
+    )
     with pytest.raises(SurgeryBookError, match="no task.*'nope'.*pass tasks among"):
         methods.evaluate_merge(smoke_zoo, result, "cpu", tasks=["nope"])
 

@@ -13,7 +13,19 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "surgery_lib"
-APPS = {"cli", "grid", "cluster", "plots", "diagrams", "tables", "book", "reproduce", "benchmark", "__main__", ""}  # "" is the package's __init__
+APPS = {
+    "cli",
+    "grid",
+    "cluster",
+    "plots",
+    "diagrams",
+    "tables",
+    "book",
+    "reproduce",
+    "benchmark",
+    "__main__",
+    "",
+}  # "" is the package's __init__
 
 #: Layer -> the layers it may import (besides itself).
 ALLOWED = {
@@ -171,7 +183,12 @@ def test_the_package_docstring_names_every_module():
     modules = sorted(
         p.stem if p.is_file() else p.name
         for p in package.iterdir()
-        if (p.suffix == ".py" and p.stem not in ("__init__", "__main__")) or (p.is_dir() and (p / "__init__.py").exists())
+        if (p.suffix == ".py" and p.stem not in ("__init__", "__main__"))
+        or (p.is_dir() and (p / "__init__.py").exists())
     )
-    missing = [m for m in modules if f"surgery_lib.{m}`" not in surgery_lib.__doc__ and f"~surgery_lib.{m}`" not in surgery_lib.__doc__]
+    missing = [
+        m
+        for m in modules
+        if f"surgery_lib.{m}`" not in surgery_lib.__doc__ and f"~surgery_lib.{m}`" not in surgery_lib.__doc__
+    ]
     assert missing == []

@@ -71,7 +71,10 @@ def test_every_method_and_reference_row_has_its_own_fixed_colour():
     assert plots.colour_of("TIES-merging (disjoint sum) + SurgeryV2") == plots.SURGERY_V2_COLOUR
     assert plots.colour_of("no such row") is None
     # A method keeps its colour whichever other labels share the figure.
-    assert plots.palette(["weight averaging", "x"])["weight averaging"] == plots.palette(["y", "weight averaging"])["weight averaging"]
+    assert (
+        plots.palette(["weight averaging", "x"])["weight averaging"]
+        == plots.palette(["y", "weight averaging"])["weight averaging"]
+    )
 
 
 def test_bar_charts_use_the_fixed_colours_and_keep_the_legend_off_the_axes():

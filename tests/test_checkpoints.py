@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from published_formats import _image_encoder, _save
 from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
@@ -28,8 +29,6 @@ from surgery_lib.settings.clip.checkpoints import (
 
 pytestmark = pytest.mark.filterwarnings("ignore:Couldn.t retrieve source code")
 
-from published_formats import _image_encoder, _save
-
 
 @pytest.mark.parametrize("kind", ["zip", "legacy", "raw"])
 def test_image_encoder_round_trips_from_every_file_kind(tmp_path, published_classes, tiny_visual, kind):
@@ -42,7 +41,15 @@ def test_image_encoder_round_trips_from_every_file_kind(tmp_path, published_clas
     expected = tiny_visual.state_dict()
     assert set(state) == set(expected)
     assert all(torch.equal(state[k], expected[k]) for k in expected)
-    assert visual_architecture(state) == {"image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "heads": 2, "mlp_ratio": 4.0, "output_dim": 64}
+    assert visual_architecture(state) == {
+        "image_size": 32,
+        "patch_size": 8,
+        "width": 128,
+        "layers": 2,
+        "heads": 2,
+        "mlp_ratio": 4.0,
+        "output_dim": 64,
+    }
     rebuilt = build_clip_visual(state)
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -116,7 +123,18 @@ def test_convert_a_task_vectors_folder_and_load_it_back(tmp_path, published_clas
         _save(_image_encoder(tiny_visual, published_classes), root / task / "finetuned.pt", kind)
         head = published_classes["ClassificationHead"](64, 10 if task == "MNIST" else 47)
         _save(head, root / f"head_{task}.pt", kind)
-    argv = ["convert", "--model", "ViT-B-32", "--source", str(tmp_path / "checkpoints"), "--out", str(tmp_path / "out"), "--tasks", "MNIST,DTD", "--quiet"]
+    argv = [
+        "convert",
+        "--model",
+        "ViT-B-32",
+        "--source",
+        str(tmp_path / "checkpoints"),
+        "--out",
+        str(tmp_path / "out"),
+        "--tasks",
+        "MNIST,DTD",
+        "--quiet",
+    ]
     assert main(argv) == 0
     assert "expert/DTD" in capsys.readouterr().out
     pretrained, loaded, heads, manifest = load_converted(tmp_path / "out" / "ViT-B-32")
@@ -135,8 +153,16 @@ def test_transformers_clip_vision_maps_onto_open_clip_exactly():
 
     torch.manual_seed(2)
     # head width 64, as in every CLIP (the head count is not stored in the weights)
-    config = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-                                           image_size=32, patch_size=8, projection_dim=32, hidden_act="quick_gelu")  # fmt: skip
+    config = transformers.CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )
     reference = transformers.CLIPVisionModelWithProjection(config).eval()
     state = reference.state_dict()
     vision = {k: v for k, v in state.items() if k.startswith("vision_model.")}
@@ -146,6 +172,11 @@ def test_transformers_clip_vision_maps_onto_open_clip_exactly():
     with torch.no_grad():
         assert torch.allclose(encoder(images), reference(pixel_values=images).image_embeds, atol=1e-5)
     flattened = {k.removeprefix("vision_model."): v for k, v in vision.items()}  # transformers >= 5 CLIPVisionModel
-    assert all(torch.equal(a, b) for a, b in zip(open_clip_state_from_transformers(flattened, state["visual_projection.weight"]).values(), mapped.values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            open_clip_state_from_transformers(flattened, state["visual_projection.weight"]).values(), mapped.values()
+        )
+    )
     with pytest.raises(SurgeryBookError, match="missing weight .*: not a complete transformers CLIP"):
         open_clip_state_from_transformers({"weight": torch.ones(1)}, state["visual_projection.weight"])

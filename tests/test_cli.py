@@ -17,8 +17,11 @@ from surgery_lib.finetuning import attention_parameter
 
 def run(*args):
     return subprocess.run(
-        [sys.executable, "-m", "surgery_lib", *args], capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [sys.executable, "-m", "surgery_lib", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_unknown_preset_prints_one_clear_line_and_exits_2():
@@ -99,25 +102,57 @@ def _strict_json(text):
 
 
 def test_surgery_reports_its_optimiser_semantics(smoke_zoo, cache_dir, capsys):
-    common = ["--preset", "smoke", "--cache-dir", str(cache_dir), "--json", "--quiet", "--surgery-steps", "4", "--rank", "4"]
+    common = [
+        "--preset",
+        "smoke",
+        "--cache-dir",
+        str(cache_dir),
+        "--json",
+        "--quiet",
+        "--surgery-steps",
+        "4",
+        "--rank",
+        "4",
+    ]
     results = {}
     for adam in ("shared", "per-task"):
         assert main(["surgery", "--merge", "task_arithmetic", "--adam", adam, *common]) == 0
         results[adam] = _strict_json(capsys.readouterr().out)
         assert results[adam]["adam"] == adam
-    assert results["shared"]["table"]["accuracy after"] != results["per-task"]["table"]["accuracy after"] or \
-        results["shared"]["table"]["bias after"] != results["per-task"]["table"]["bias after"]
+    assert (
+        results["shared"]["table"]["accuracy after"] != results["per-task"]["table"]["accuracy after"]
+        or results["shared"]["table"]["bias after"] != results["per-task"]["table"]["bias after"]
+    )
 
 
 @pytest.mark.heavy
 def test_table_prints_the_surgery_grid_with_seeds(smoke_zoo, cache_dir, capsys):
-    argv = ["table", "--preset", "smoke", "--cache-dir", str(cache_dir), "--quiet", "--surgery", "none,1,2", "--seeds", "2",
-            "--surgery-steps", "4", "--steps", "2"]  # fmt: skip
+    argv = [
+        "table",
+        "--preset",
+        "smoke",
+        "--cache-dir",
+        str(cache_dir),
+        "--quiet",
+        "--surgery",
+        "none,1,2",
+        "--seeds",
+        "2",
+        "--surgery-steps",
+        "4",
+        "--steps",
+        "2",
+    ]
     assert main([*argv, "--json"]) == 0
     payload = _strict_json(capsys.readouterr().out)
     rows = payload["accuracy"]
-    assert {"task arithmetic", "task arithmetic + Surgery", "task arithmetic + SurgeryV2",
-            "task-wise AdaMerging++ + SurgeryV2", "individual (expert)"} <= set(rows)  # fmt: skip
+    assert {
+        "task arithmetic",
+        "task arithmetic + Surgery",
+        "task arithmetic + SurgeryV2",
+        "task-wise AdaMerging++ + SurgeryV2",
+        "individual (expert)",
+    } <= set(rows)
     assert rows["task arithmetic"]["std"] is None and rows["task arithmetic + Surgery"]["std"] >= 0
     assert rows["task arithmetic + Surgery"]["bias"] < rows["task arithmetic"]["bias"]
     assert payload["seeds"] == 2 and payload["adam"] == "shared"
@@ -142,14 +177,30 @@ def test_a_registered_method_reaches_merge_and_table_without_touching_the_cli(sm
 
 
 def test_table_repairs_every_method_of_an_explicit_list(smoke_zoo, cache_dir, capsys):
-    common = ["--preset", "smoke", "--cache-dir", str(cache_dir), "--json", "--quiet", "--surgery", "none,1", "--surgery-steps", "4"]
+    common = [
+        "--preset",
+        "smoke",
+        "--cache-dir",
+        str(cache_dir),
+        "--json",
+        "--quiet",
+        "--surgery",
+        "none,1",
+        "--surgery-steps",
+        "4",
+    ]
     assert main(["table", "--methods", "tsv,task_arithmetic", *common]) == 0
     rows = _strict_json(capsys.readouterr().out)["accuracy"]
     assert {"TSV-M (task singular vectors) + Surgery", "task arithmetic + Surgery"} <= set(rows)
 
 
 def test_zoo_finetune_builds_another_zoo_whose_experts_move_attention_only(smoke_zoo, cache_dir, capsys):
-    assert main(["zoo", "--preset", "smoke", "--cache-dir", str(cache_dir), "--finetune", "attention", "--json", "--quiet"]) == 0
+    assert (
+        main(
+            ["zoo", "--preset", "smoke", "--cache-dir", str(cache_dir), "--finetune", "attention", "--json", "--quiet"]
+        )
+        == 0
+    )
     payload = json.loads(capsys.readouterr().out)
     assert payload["directory"] != str(smoke_zoo.directory)  # its own zoo, next to the full fine-tunes
     expert, _ = load_tensors(Path(payload["directory"]) / "expert-mnist.safetensors")
@@ -168,24 +219,52 @@ def test_finetune_options_are_checked_before_anything_is_built():
 
 def test_a_closed_pipe_ends_the_command_quietly():
     result = subprocess.run(
-        f"{sys.executable} -m surgery_lib presets --json | head -c 10", shell=True, capture_output=True, text=True, timeout=600
+        f"{sys.executable} -m surgery_lib presets --json | head -c 10",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert len(result.stdout) == 10
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
 
 
 def test_a_closed_stdout_is_reported_before_any_work():
-    result = subprocess.run(f"{sys.executable} -m surgery_lib presets >&-", shell=True, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        f"{sys.executable} -m surgery_lib presets >&-", shell=True, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 2
-    assert result.stderr == "error: standard output is closed, so the result would be lost. Fix: redirect it to a file or a pipe.\n"
+    assert (
+        result.stderr
+        == "error: standard output is closed, so the result would be lost. Fix: redirect it to a file or a pipe.\n"
+    )
 
 
 def test_a_terminal_that_cannot_encode_the_tables_gets_ascii(smoke_zoo, cache_dir, tmp_path):
     import os
 
     # DARE alone is computed once per seed, so two seeds give a mean and a std: "average ± std" in the table.
-    command = [sys.executable, "-m", "surgery_lib", "grid", "--presets", "smoke", "--methods", "dare_task_arithmetic", "--surgery", "none",
-               "--seeds", "2", "--executor", "inline", "--out", str(tmp_path), "--cache-dir", str(cache_dir), "--quiet"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "surgery_lib",
+        "grid",
+        "--presets",
+        "smoke",
+        "--methods",
+        "dare_task_arithmetic",
+        "--surgery",
+        "none",
+        "--seeds",
+        "2",
+        "--executor",
+        "inline",
+        "--out",
+        str(tmp_path),
+        "--cache-dir",
+        str(cache_dir),
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONIOENCODING": "ascii", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr.decode()

@@ -34,12 +34,43 @@ def test_every_notebook_runs_on_a_clip_preset(tmp_path, monkeypatch, published_c
     monkeypatch.setitem(PRESETS, TINY_CLIP.name, TINY_CLIP)  # ... and this process, imported before, directly
     for variable in ("FAMILY", "TEST_FOLDER"):
         monkeypatch.delenv(f"SURGERY_BOOK_{variable}", raising=False)
-    for variable, value in (("CHECKPOINTS", checkpoints), ("DATA_SOURCE", "local"), ("DATA_ROOT", data), ("CACHE", tmp_path / "cache")):
+    for variable, value in (
+        ("CHECKPOINTS", checkpoints),
+        ("DATA_SOURCE", "local"),
+        ("DATA_ROOT", data),
+        ("CACHE", tmp_path / "cache"),
+    ):
         monkeypatch.setenv(f"SURGERY_BOOK_{variable}", str(value))  # what --checkpoints, --data-source ... export
     out = tmp_path / "out"
-    status = main(["reproduce", "--preset", TINY_CLIP.name, "--out", str(out), "--device", "cpu", "--source", str(NOTEBOOKS),
-                   "-p", "surgery_steps", "20", "-p", "deep_surgery_steps", "10", "-p", "tsne_points", "20",
-                   "-p", "methods", "task_arithmetic,tsv", "-p", "seeds", "1", "--quiet"])  # fmt: skip
+    status = main(
+        [
+            "reproduce",
+            "--preset",
+            TINY_CLIP.name,
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--source",
+            str(NOTEBOOKS),
+            "-p",
+            "surgery_steps",
+            "20",
+            "-p",
+            "deep_surgery_steps",
+            "10",
+            "-p",
+            "tsne_points",
+            "20",
+            "-p",
+            "methods",
+            "task_arithmetic,tsv",
+            "-p",
+            "seeds",
+            "1",
+            "--quiet",
+        ]
+    )
     assert status == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [run["status"] for run in summary["notebooks"]] == ["ok"] * len(list(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")))
@@ -47,8 +78,12 @@ def test_every_notebook_runs_on_a_clip_preset(tmp_path, monkeypatch, published_c
     assert list(table.columns) == [*CLIP_TASK_NAMES, "average", "std", "bias"]
     assert "pretrained (zero-shot)" in table.index and "traditional MTL" not in table.index
     assert "task arithmetic + SurgeryV2" in table.index
-    assert any(label.startswith("task-wise AdaMerging++ [") and label.endswith("] + SurgeryV2") for label in table.index)
+    assert any(
+        label.startswith("task-wise AdaMerging++ [") and label.endswith("] + SurgeryV2") for label in table.index
+    )
     ties = [label for label in table.index if label.startswith("TIES-merging (disjoint sum) [")]
     assert ties and "% of the tower" in ties[0]  # the official trim scope, named in the label
-    grid = pd.read_csv(out / "07_beyond_the_papers" / "grid" / "table.csv")  # the chapter's grid, computed into its output
+    grid = pd.read_csv(
+        out / "07_beyond_the_papers" / "grid" / "table.csv"
+    )  # the chapter's grid, computed into its output
     assert set(grid["method"]) == {"task_arithmetic", "tsv"} and set(grid["version"]) == {0, 1, 2}

@@ -56,9 +56,20 @@ def clip_env(monkeypatch):
 def test_task_metadata_matches_the_papers():
     assert CLIP_TASK_NAMES == ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
     templates = {name: len(task.templates) for name, task in CLIP_TASKS.items()}
-    assert templates == {"SUN397": 2, "Cars": 8, "RESISC45": 18, "EuroSAT": 3, "SVHN": 1, "GTSRB": 3, "MNIST": 1, "DTD": 8}
+    assert templates == {
+        "SUN397": 2,
+        "Cars": 8,
+        "RESISC45": 18,
+        "EuroSAT": 3,
+        "SVHN": 1,
+        "GTSRB": 3,
+        "MNIST": 1,
+        "DTD": 8,
+    }
     assert all(t.count("{}") == 1 for task in CLIP_TASKS.values() for t in task.templates)
-    assert sum(task.test_size for task in CLIP_TASKS.values()) == 19887 + 8041 + 6300 + 2700 + 26032 + 12630 + 10000 + 1880
+    assert (
+        sum(task.test_size for task in CLIP_TASKS.values()) == 19887 + 8041 + 6300 + 2700 + 26032 + 12630 + 10000 + 1880
+    )
     assert len(GTSRB_CLASSES) == 43 and len(set(GTSRB_CLASSES)) == 43
     assert EUROSAT_CLASSES[0] == "annual crop land" and EUROSAT_CLASSES[-1] == "lake or sea"
     assert get_clip_task("eurosat").name == "EuroSAT"
@@ -69,7 +80,11 @@ def test_task_metadata_matches_the_papers():
 def test_clip_presets_describe_the_papers_backbones():
     from surgery_lib.models import build_encoder
 
-    for name, layers, width, output, rank in (("clip-vit-b-32", 12, 768, 512, 16), ("clip-vit-b-16", 12, 768, 512, 16), ("clip-vit-l-14", 24, 1024, 768, 4)):
+    for name, layers, width, output, rank in (
+        ("clip-vit-b-32", 12, 768, 512, 16),
+        ("clip-vit-b-16", 12, 768, 512, 16),
+        ("clip-vit-l-14", 24, 1024, 768, 4),
+    ):
         preset = get_preset(name)
         assert (preset.encoder.layers, preset.encoder.width, preset.encoder.output_dim) == (layers, width, output)
         assert preset.encoder.activation == "quick_gelu" and preset.clip.surgery_v2_rank == rank
@@ -98,7 +113,10 @@ def test_local_folder_layouts_are_read(datasets_root, task):
 def test_class_names_come_from_folders_and_renaming(datasets_root):
     assert local_dataset("SUN397", datasets_root, "test").class_names == ("abbey", "airplane cabin", "bakery")
     assert local_dataset("RESISC45", datasets_root, "test").class_names == ("airplane", "baseball diamond", "beach")
-    assert local_dataset("Cars", datasets_root, "test").class_names == ("AM General Hummer SUV 2000", "Acura RL Sedan 2012")
+    assert local_dataset("Cars", datasets_root, "test").class_names == (
+        "AM General Hummer SUV 2000",
+        "Acura RL Sedan 2012",
+    )
     assert local_dataset("EuroSAT", datasets_root, "test").class_names == EUROSAT_CLASSES
     gtsrb = local_dataset("GTSRB", datasets_root, "test")
     assert [gtsrb[i][1] for i in range(len(gtsrb))] == [3, 14, 42, 0]
@@ -106,7 +124,9 @@ def test_class_names_come_from_folders_and_renaming(datasets_root):
     assert [svhn[i][1] for i in range(len(svhn))] == [1, 2, 3, 4, 5]  # stored as 1..10, 10 = digit 0
 
 
-@pytest.mark.parametrize("task, folder", [("SUN397", "sun397/val"), ("DTD", "dtd/train"), ("EuroSAT", "EuroSAT_splits/test")])
+@pytest.mark.parametrize(
+    "task, folder", [("SUN397", "sun397/val"), ("DTD", "dtd/train"), ("EuroSAT", "EuroSAT_splits/test")]
+)
 def test_folder_layouts_list_the_images_imagefolder_lists_in_its_order(datasets_root, task, folder):
     from torchvision.datasets import ImageFolder
 
@@ -174,8 +194,19 @@ def test_missing_local_data_names_the_folder(tmp_path):
 
 def test_the_dtd_and_sun397_test_folder_is_an_explicit_choice(datasets_root, tmp_path):
     shutil.copy(datasets_root / "dtd" / "train" / "banded" / "0.jpg", tmp_path / "marker.jpg")
-    val = load_clip_task("DTD", source="local", root=datasets_root, cache_dir=tmp_path / "c", image_size=32, workers=0, progress=False)
-    test = load_clip_task("DTD", source="local", root=datasets_root, test_folder="test", cache_dir=tmp_path / "c", image_size=32, workers=0, progress=False)
+    val = load_clip_task(
+        "DTD", source="local", root=datasets_root, cache_dir=tmp_path / "c", image_size=32, workers=0, progress=False
+    )
+    test = load_clip_task(
+        "DTD",
+        source="local",
+        root=datasets_root,
+        test_folder="test",
+        cache_dir=tmp_path / "c",
+        image_size=32,
+        workers=0,
+        progress=False,
+    )
     assert not torch.equal(val.images["test"], test.images["test"])  # two different folders, two caches
 
 
@@ -183,7 +214,16 @@ def test_decoded_cache_equals_open_clips_eval_transform(datasets_root, tmp_path)
     import open_clip
     from PIL import Image
 
-    data = load_clip_task("SUN397", source="local", root=datasets_root, cache_dir=tmp_path, image_size=32, train_images=4, workers=0, progress=False)
+    data = load_clip_task(
+        "SUN397",
+        source="local",
+        root=datasets_root,
+        cache_dir=tmp_path,
+        image_size=32,
+        train_images=4,
+        workers=0,
+        progress=False,
+    )
     assert data.images["test"].dtype == torch.uint8 and data.images["test"].shape == (6, 3, 32, 32)
     assert len(data.labels["train"]) == 4 and data.images["adapt"] is data.images["train"]
     transform = open_clip.image_transform(32, is_train=False)  # Resize, CenterCrop, RGB, ToTensor, Normalize
@@ -191,13 +231,23 @@ def test_decoded_cache_equals_open_clips_eval_transform(datasets_root, tmp_path)
         expected = transform(image)
     assert torch.allclose(data.normalized("test", torch.tensor([0]))[0], expected, atol=1e-6)
     assert data.labels["test"].tolist() == [0, 0, 1, 1, 2, 2]
-    in_workers = load_clip_task("SUN397", source="local", root=datasets_root, cache_dir=tmp_path / "w", image_size=32,
-                                train_images=4, workers=2, progress=False)  # fmt: skip
+    in_workers = load_clip_task(
+        "SUN397",
+        source="local",
+        root=datasets_root,
+        cache_dir=tmp_path / "w",
+        image_size=32,
+        train_images=4,
+        workers=2,
+        progress=False,
+    )
     assert torch.equal(in_workers.images["test"], data.images["test"])  # decoded in 2 DataLoader worker processes
 
 
 def test_a_damaged_image_cache_is_reported_with_its_path(datasets_root, tmp_path):
-    options = dict(source="local", root=datasets_root, cache_dir=tmp_path, image_size=32, train_images=4, workers=0, progress=False)
+    options = dict(
+        source="local", root=datasets_root, cache_dir=tmp_path, image_size=32, train_images=4, workers=0, progress=False
+    )
     load_clip_task("DTD", **options)
     path = next(tmp_path.rglob("DTD-test-val.npy"))
     path.write_bytes(path.read_bytes()[:200])
@@ -211,9 +261,14 @@ def test_hub_datasets_are_read_through_datasets(tmp_path):
     rng = np.random.default_rng(0)
     from PIL import Image
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["banded", "blotchy_spots"])})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["banded", "blotchy_spots"])}
+    )
     local = datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(3)], "label": [0, 1, 1]},
+        {
+            "image": [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(3)],
+            "label": [0, 1, 1],
+        },
         features=features,
     )
     calls = []
@@ -238,8 +293,11 @@ def _tiny_text_clip():
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(0)
-    model = CLIP(embed_dim=64, vision_cfg=CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=32),
-                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))  # fmt: skip
+    model = CLIP(
+        embed_dim=64,
+        vision_cfg=CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=32),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+    )
     return model.eval(), open_clip.get_tokenizer("ViT-B-32")
 
 
@@ -270,15 +328,21 @@ def test_zero_shot_heads_are_cached_and_rebuilt_when_damaged(tmp_path):
     assert len(built) == 1 and torch.equal(first.linear.weight, again.linear.weight)
     path = next(tmp_path.rglob("DTD-*.safetensors"))
     path.write_bytes(b"garbage")
-    rebuilt = cached_zero_shot_head(tmp_path, "ViT-B-32", "DTD", ["banded", "dotted"], ["a photo of a {} texture."], load)
+    rebuilt = cached_zero_shot_head(
+        tmp_path, "ViT-B-32", "DTD", ["banded", "dotted"], ["a photo of a {} texture."], load
+    )
     assert len(built) == 2 and torch.allclose(rebuilt.linear.weight, first.linear.weight)
 
 
 @pytest.fixture
 def tiny_clip_zoo(tmp_path, datasets_root, published_classes, tiny_visual, clip_env):
     checkpoints = fabricate_task_vectors_checkpoints(tmp_path / "checkpoints", published_classes, tiny_visual)
-    sources = ClipSources(checkpoints=str(checkpoints), data_source="local", data_root=str(datasets_root), train_images=6)
-    zoo = load_clip_zoo(TINY_CLIP, device="cpu", cache_dir=tmp_path / "cache", sources=sources, workers=0, progress=False)
+    sources = ClipSources(
+        checkpoints=str(checkpoints), data_source="local", data_root=str(datasets_root), train_images=6
+    )
+    zoo = load_clip_zoo(
+        TINY_CLIP, device="cpu", cache_dir=tmp_path / "cache", sources=sources, workers=0, progress=False
+    )
     return zoo, tmp_path, sources
 
 
@@ -295,7 +359,9 @@ def test_task_vectors_setting_loads_into_a_zoo(tiny_clip_zoo, tiny_visual):
         zoo.encoder("mtl")
     # second time: everything from the cache, with the original files gone
     shutil.rmtree(tmp_path / "checkpoints")
-    again = load_clip_zoo(TINY_CLIP, device="cpu", cache_dir=tmp_path / "cache", sources=sources, workers=0, progress=False)
+    again = load_clip_zoo(
+        TINY_CLIP, device="cpu", cache_dir=tmp_path / "cache", sources=sources, workers=0, progress=False
+    )
     assert again.accuracy_table().equals(table)
 
 
@@ -311,7 +377,14 @@ def test_every_method_runs_on_the_clip_path(tiny_clip_zoo):
     ada = merge(zoo, "adamerging_layer", MergeOptions(steps=2, batch_size=2), device="cpu", progress=False)
     assert ada.details["adamerging"].coefficients.shape == (8, 8 + 12 * 2)  # tensors of a 2-block tower
     for version in (1, 2):
-        run = run_surgery(zoo, result.state, config=SurgeryConfig(steps=3, batch_size=2, eval_every=3), version=version, device="cpu", progress=False)
+        run = run_surgery(
+            zoo,
+            result.state,
+            config=SurgeryConfig(steps=3, batch_size=2, eval_every=3),
+            version=version,
+            device="cpu",
+            progress=False,
+        )
         assert set(run.accuracy_after) == set(CLIP_TASK_NAMES) and all(b >= 0 for b in run.bias_after.values())
 
 
@@ -321,8 +394,18 @@ def test_commands_accept_clip_presets(tiny_clip_zoo, capsys, monkeypatch):
 
     monkeypatch.setitem(PRESETS, TINY_CLIP.name, TINY_CLIP)
     zoo, tmp_path, sources = tiny_clip_zoo  # the caches exist; the command finds them through its options
-    argv = ["--preset", TINY_CLIP.name, "--cache-dir", str(tmp_path / "cache"), "--data-source", "local",
-            "--data-root", sources.data_root, "--json", "--quiet"]  # fmt: skip
+    argv = [
+        "--preset",
+        TINY_CLIP.name,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--data-source",
+        "local",
+        "--data-root",
+        sources.data_root,
+        "--json",
+        "--quiet",
+    ]
     import os
 
     before = dict(os.environ)
@@ -350,14 +433,33 @@ def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, dataset
 
     snapshots = tmp_path / "hub"
     pretrained, experts = fabricate_fusionbench_snapshots(snapshots)  # named like the hub repositories
-    assert fusionbench_sources("ViT-B-32", "hub", ("Cars",))["expert/Cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
+    assert (
+        fusionbench_sources("ViT-B-32", "hub", ("Cars",))["expert/Cars"]
+        == "tanganke/clip-vit-base-patch32_stanford-cars"
+    )
     with pytest.raises(SurgeryBookError, match="9 FusionBench snapshot folder"):
         fusionbench_sources("ViT-B-32", str(tmp_path / "nothing"), CLIP_TASK_NAMES)
 
     from surgery_lib.cli import main
 
-    assert main(["convert", "--family", "fusionbench", "--model", "ViT-B-32", "--source", str(snapshots),
-                 "--out", str(tmp_path / "converted"), "--json", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "convert",
+                "--family",
+                "fusionbench",
+                "--model",
+                "ViT-B-32",
+                "--source",
+                str(snapshots),
+                "--out",
+                str(tmp_path / "converted"),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["family"] == "fusionbench" and manifest["tasks"] == list(CLIP_TASK_NAMES)
     assert manifest["architecture"]["layers"] == 2 and len(manifest["files"]) == 9  # pretrained + 8 experts
@@ -368,10 +470,22 @@ def test_fusionbench_snapshots_convert_and_get_zero_shot_heads(tmp_path, dataset
         reference = pretrained.visual_projection(experts["MNIST"](pixel_values=images).pooler_output)
         assert torch.allclose(build_clip_visual(converted["MNIST"])(images), reference, atol=1e-5)
 
-    sources = ClipSources(family="fusionbench", checkpoints=str(tmp_path / "converted" / "ViT-B-32"), data_source="local",
-                          data_root=str(datasets_root), train_images=4)  # fmt: skip
-    zoo = load_clip_zoo(TINY_CLIP, device="cpu", cache_dir=tmp_path / "cache", sources=sources, workers=0,
-                        load_text_model=_tiny_text_clip, progress=False)  # fmt: skip
+    sources = ClipSources(
+        family="fusionbench",
+        checkpoints=str(tmp_path / "converted" / "ViT-B-32"),
+        data_source="local",
+        data_root=str(datasets_root),
+        train_images=4,
+    )
+    zoo = load_clip_zoo(
+        TINY_CLIP,
+        device="cpu",
+        cache_dir=tmp_path / "cache",
+        sources=sources,
+        workers=0,
+        load_text_model=_tiny_text_clip,
+        progress=False,
+    )
     model, tokenizer = _tiny_text_clip()
     expected = zero_shot_head(model, tokenizer, EUROSAT_CLASSES, CLIP_TASKS["EuroSAT"].templates)
     assert torch.allclose(zoo.heads["EuroSAT"].linear.weight, expected.linear.weight, atol=1e-6)
@@ -398,7 +512,17 @@ def test_a_broken_fusionbench_expert_is_refused_and_the_earlier_conversion_kept(
 
     good, converted = tmp_path / "hub", tmp_path / "converted"
     fabricate_fusionbench_snapshots(good)
-    command = ["convert", "--family", "fusionbench", "--model", "ViT-B-32", "--out", str(converted), "--quiet", "--source"]
+    command = [
+        "convert",
+        "--family",
+        "fusionbench",
+        "--model",
+        "ViT-B-32",
+        "--out",
+        str(converted),
+        "--quiet",
+        "--source",
+    ]
     assert main([*command, str(good)]) == 0
     capsys.readouterr()
     before = {p.relative_to(converted): sha256_file(p) for p in converted.rglob("*") if p.is_file()}
@@ -439,14 +563,20 @@ def test_a_broken_fusionbench_expert_is_refused_and_the_earlier_conversion_kept(
         "nan": (dict(edit=poison), r"fc2\.bias' holds NaN or infinite values"),
         "unexpected": (dict(edit=extra), r"unexpected transformers keys \['encoder\.layers\.0\.adapter\.weight'\]"),
         "no-config": (dict(remove="config.json"), r"has no config\.json"),
-        "shape": (dict(edit=reshape), r"expert 'DTD' has shape \(128, 511\) for 'transformer\.resblocks\.1\.mlp\.c_proj\.weight'"),
+        "shape": (
+            dict(edit=reshape),
+            r"expert 'DTD' has shape \(128, 511\) for 'transformer\.resblocks\.1\.mlp\.c_proj\.weight'",
+        ),
     }
     for name, (change, message) in cases.items():
         folder, expert = broken(name, **change)
         assert main([*command, str(folder)]) == 2, name
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(expert) in err and re.search(message, err), (name, err)
-    for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("huge-header", lambda b: (2**62).to_bytes(8, "little") + b[8:])):
+    for name, damage in (
+        ("truncated", lambda b: b[: len(b) // 2]),
+        ("huge-header", lambda b: (2**62).to_bytes(8, "little") + b[8:]),
+    ):
         folder, expert = broken(name)
         weights = expert / "model.safetensors"
         weights.write_bytes(damage(weights.read_bytes()))
@@ -461,8 +591,23 @@ def test_a_broken_fusionbench_expert_is_refused_and_the_earlier_conversion_kept(
     load_converted(converted / "ViT-B-32")
 
     (tmp_path / "a-file").write_text("")
-    assert main(["convert", "--family", "fusionbench", "--model", "ViT-B-32", "--out", str(tmp_path / "a-file"), "--quiet",
-                 "--source", str(good)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "convert",
+                "--family",
+                "fusionbench",
+                "--model",
+                "ViT-B-32",
+                "--out",
+                str(tmp_path / "a-file"),
+                "--quiet",
+                "--source",
+                str(good),
+            ]
+        )
+        == 2
+    )
     assert "a-file is a file" in capsys.readouterr().err
 
 
@@ -484,8 +629,11 @@ def test_fusionbench_hub_ids_are_downloaded_as_weights_and_config_only(tmp_path,
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     command = ["convert", "--family", "fusionbench", "--model", "ViT-B-32", "--source", "hub", "--quiet", "--out"]
     assert main([*command, str(tmp_path / "converted"), "--tasks", "SUN397,Cars"]) == 0
-    assert [repo for repo, _ in asked] == ["openai/clip-vit-base-patch32", "tanganke/clip-vit-base-patch32_sun397",
-                                           "tanganke/clip-vit-base-patch32_stanford-cars"]  # fmt: skip
+    assert [repo for repo, _ in asked] == [
+        "openai/clip-vit-base-patch32",
+        "tanganke/clip-vit-base-patch32_sun397",
+        "tanganke/clip-vit-base-patch32_stanford-cars",
+    ]
     assert all("config.json" in patterns and not any(p.endswith(".bin") for p in patterns) for _, patterns in asked)
     assert main([*command, str(tmp_path / "failed")]) == 2
     err = capsys.readouterr().err
@@ -529,7 +677,9 @@ def test_pipeline_benchmark_times_every_stage(monkeypatch):
     names = [s.stage for s in stages]
     assert names[0] == "task arithmetic merge" and names[-1].startswith("end to end") and len(stages) == 6
     assert all(s.seconds > 0 and s.peak_memory_gb is None for s in stages)
-    assert stages[1].images_per_s > 0 and stages[-1].seconds == pytest.approx(sum(s.seconds for s in stages[:-1]) - stages[1].seconds)
+    assert stages[1].images_per_s > 0 and stages[-1].seconds == pytest.approx(
+        sum(s.seconds for s in stages[:-1]) - stages[1].seconds
+    )
 
 
 def test_a_new_checkpoint_source_is_converted_again(tmp_path, datasets_root, published_classes, tiny_visual, clip_env):
@@ -552,8 +702,16 @@ def test_a_new_checkpoint_source_is_converted_again(tmp_path, datasets_root, pub
 def test_suite_cards_name_the_cache_files(datasets_root, tmp_path):
     from surgery_lib.settings.clip.data import load_clip_suite
 
-    suite = load_clip_suite(("DTD", "MNIST"), source="local", root=datasets_root, cache_dir=tmp_path, image_size=32,
-                            train_images=4, workers=0, progress=False)  # fmt: skip
+    suite = load_clip_suite(
+        ("DTD", "MNIST"),
+        source="local",
+        root=datasets_root,
+        cache_dir=tmp_path,
+        image_size=32,
+        train_images=4,
+        workers=0,
+        progress=False,
+    )
     assert all(path.is_file() for path in suite.files.values()) and suite.files["DTD"].name == "DTD-test-val.npy"
     cards = suite.cards()
     assert cards.loc["MNIST", "test"] == TEST_SIZES["MNIST"] and cards.loc["DTD", "adapt"] == 4
@@ -573,7 +731,9 @@ def _official_ties(folder, tasks, keep=0.2, scale=0.3):
 
     pretrained = full(folder / "zeroshot.pt")
     keys = sorted(pretrained)
-    flat = torch.stack([torch.cat([(full(folder / t / "finetuned.pt")[k] - pretrained[k]).flatten() for k in keys]) for t in tasks])
+    flat = torch.stack(
+        [torch.cat([(full(folder / t / "finetuned.pt")[k] - pretrained[k]).flatten() for k in keys]) for t in tasks]
+    )
     d = flat.shape[1]
     kth = flat.abs().kthvalue(d - int(d * keep), dim=1, keepdim=True).values
     trimmed = flat * (flat.abs() >= kth)
@@ -626,8 +786,16 @@ def test_clip_presets_carry_the_official_ties_scope():
         text_width, embed = (768, 768) if e.layers == 24 else (512, 512)
         assert preset.clip.ties_text_entries == text_leftover_entries(text_width, embed)
         with torch.device("meta"):
-            tower = VisionTransformer(image_size=e.image_size, patch_size=e.patch_size, width=e.width, layers=e.layers,
-                                      heads=e.heads, mlp_ratio=e.mlp_ratio, output_dim=e.output_dim, act_layer=QuickGELU)  # fmt: skip
+            tower = VisionTransformer(
+                image_size=e.image_size,
+                patch_size=e.patch_size,
+                width=e.width,
+                layers=e.layers,
+                heads=e.heads,
+                mlp_ratio=e.mlp_ratio,
+                output_dim=e.output_dim,
+                act_layer=QuickGELU,
+            )
         entries = sum(p.numel() for p in tower.state_dict().values())
         assert round(100 * kept_fraction(entries, 0.2, preset.clip.ties_text_entries), 2) == percent, name
     assert get_preset("mini").clip is None  # offline presets trim their own vector: 20 %

@@ -59,13 +59,42 @@ def test_jobs_get_round_robin_shares_locally_and_one_cell_each_on_slurm():
 
 
 def _grid_command(out, cache_dir):
-    return [sys.executable, "-m", "surgery_lib", "grid", "--presets", "smoke", "--methods", "task_arithmetic,tsv,dare_ties",
-            "--surgery", "none,1,2", "--seeds", "2", "--surgery-steps", "200", "--deep-surgery-steps", "400", "--out", str(out), "--cache-dir", str(cache_dir),
-            "--executor", "local", "--jobs", "1", "--threads", "1", "--quiet"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "surgery_lib",
+        "grid",
+        "--presets",
+        "smoke",
+        "--methods",
+        "task_arithmetic,tsv,dare_ties",
+        "--surgery",
+        "none,1,2",
+        "--seeds",
+        "2",
+        "--surgery-steps",
+        "200",
+        "--deep-surgery-steps",
+        "400",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache_dir),
+        "--executor",
+        "local",
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
 
 
 def _numbers(out):
-    return [{k: v for k, v in row.items() if k not in MACHINE_COLUMNS} for row in json.loads((out / "table.json").read_text())]
+    return [
+        {k: v for k, v in row.items() if k not in MACHINE_COLUMNS}
+        for row in json.loads((out / "table.json").read_text())
+    ]
 
 
 @pytest.mark.heavy
@@ -73,10 +102,18 @@ def test_an_interrupted_local_grid_resumes_to_the_same_numbers(smoke_zoo, cache_
     reference = tmp_path / "reference"
     subprocess.run(_grid_command(reference, cache_dir), env=ONE_THREAD, check=True, capture_output=True, timeout=600)
     cells = list((reference / "cells").glob("*.json"))
-    assert len(cells) == 3 + 2 * 3 * 2 + 1  # alone: task arithmetic, TSV-M, DARE x 2 seeds; surgery: 3 methods x 2 versions x 2 seeds
+    assert (
+        len(cells) == 3 + 2 * 3 * 2 + 1
+    )  # alone: task arithmetic, TSV-M, DARE x 2 seeds; surgery: 3 methods x 2 versions x 2 seeds
 
     interrupted = tmp_path / "interrupted"
-    run = subprocess.Popen(_grid_command(interrupted, cache_dir), env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        _grid_command(interrupted, cache_dir),
+        env=ONE_THREAD,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not list((interrupted / "cells").glob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -89,7 +126,9 @@ def test_an_interrupted_local_grid_resumes_to_the_same_numbers(smoke_zoo, cache_
     # SurgeryV2 cells take seconds each, so the grid is far from done when the first cell appears.
     assert 1 <= done < len(cells), f"the interruption came after {done} of {len(cells)} cells"
 
-    resumed = subprocess.run(_grid_command(interrupted, cache_dir), env=ONE_THREAD, check=True, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _grid_command(interrupted, cache_dir), env=ONE_THREAD, check=True, capture_output=True, text=True, timeout=600
+    )
     assert f"{len(cells) - done} cells computed" in resumed.stdout
     assert _numbers(interrupted) == _numbers(reference)
     record = json.loads(cell_path(interrupted, Cell("smoke", "tsv", 1, 1)).read_text())
@@ -99,7 +138,13 @@ def test_an_interrupted_local_grid_resumes_to_the_same_numbers(smoke_zoo, cache_
 @pytest.mark.heavy
 def test_local_jobs_stop_when_the_grid_command_is_killed_outright(smoke_zoo, cache_dir, tmp_path):
     out = tmp_path / "killed"
-    command = [*_grid_command(out, cache_dir), "--surgery-steps", "5000", "--deep-surgery-steps", "5000"]  # minutes of work left
+    command = [
+        *_grid_command(out, cache_dir),
+        "--surgery-steps",
+        "5000",
+        "--deep-surgery-steps",
+        "5000",
+    ]  # minutes of work left
     run = subprocess.Popen(command, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list((out / "cells").glob("*.json")) and time.monotonic() < deadline:
@@ -115,14 +160,39 @@ def test_local_jobs_stop_when_the_grid_command_is_killed_outright(smoke_zoo, cac
 
 
 def test_a_finished_grid_is_reused_and_other_settings_are_refused(smoke_zoo, cache_dir, tmp_path, capsys):
-    spec = GridSpec(presets=("smoke",), methods=("task_arithmetic",), versions=(0, 1), seeds=1, surgery_steps=10, cache_dir=str(cache_dir))
+    spec = GridSpec(
+        presets=("smoke",),
+        methods=("task_arithmetic",),
+        versions=(0, 1),
+        seeds=1,
+        surgery_steps=10,
+        cache_dir=str(cache_dir),
+    )
     first = run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False)
     again = run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False)
     assert (first.computed, again.computed) == (2, 0)
     assert again.table.equals(first.table)
     assert {p.suffix for p in first.files} == {".csv", ".md", ".json"}
-    other = ["grid", "--presets", "smoke", "--methods", "task_arithmetic", "--surgery", "none,1", "--seeds", "1",
-             "--surgery-steps", "20", "--out", str(tmp_path), "--cache-dir", str(cache_dir), "--executor", "inline", "--quiet"]  # fmt: skip
+    other = [
+        "grid",
+        "--presets",
+        "smoke",
+        "--methods",
+        "task_arithmetic",
+        "--surgery",
+        "none,1",
+        "--seeds",
+        "1",
+        "--surgery-steps",
+        "20",
+        "--out",
+        str(tmp_path),
+        "--cache-dir",
+        str(cache_dir),
+        "--executor",
+        "inline",
+        "--quiet",
+    ]
     assert main(other) == 2
     assert "holds a grid computed with other settings" in capsys.readouterr().err
 
@@ -133,7 +203,9 @@ def test_failed_jobs_name_their_cells_and_keep_the_finished_ones(smoke_zoo, cach
 
     MERGE_METHODS.register("always_fails", MergeMethod("always_fails", "always fails", fail))
     try:
-        spec = GridSpec(presets=("smoke",), methods=("task_arithmetic", "always_fails"), versions=(0,), cache_dir=str(cache_dir))
+        spec = GridSpec(
+            presets=("smoke",), methods=("task_arithmetic", "always_fails"), versions=(0,), cache_dir=str(cache_dir)
+        )
         with pytest.raises(SurgeryBookError, match="unfinished cells: smoke__always_fails__v0__s0.*always fails"):
             run_grid(spec, tmp_path, SubmitOptions(executor="inline", cells_per_job=1), progress=False)
     finally:
@@ -150,11 +222,15 @@ def test_partial_rank_correlation_removes_what_the_control_explains():
     # x and y both follow the control: they correlate perfectly, but nothing is left once it is held fixed.
     x, y = control * 2, control**3
     assert x.corr(y, method="spearman") == pytest.approx(1.0)
-    assert partial_rank_correlation(x, y, control) != partial_rank_correlation(x, y, control)  # NaN: no residual variance
+    assert partial_rank_correlation(x, y, control) != partial_rank_correlation(
+        x, y, control
+    )  # NaN: no residual variance
     # x = control + 0.6 [1, -1, 1, ...] swaps each pair of ranks: what is left beyond the control is the swap.
     wiggle = pd.Series([1.0, -1.0] * 5)
     assert partial_rank_correlation(control + 0.6 * wiggle, control + 0.7 * wiggle, control) == pytest.approx(1.0)
-    assert partial_rank_correlation(control + 0.6 * wiggle, control - 0.6 * wiggle, control) < -0.8  # the opposite swaps
+    assert (
+        partial_rank_correlation(control + 0.6 * wiggle, control - 0.6 * wiggle, control) < -0.8
+    )  # the opposite swaps
 
 
 def test_the_first_seed_shifts_every_seeded_cell():
@@ -167,12 +243,26 @@ def _identity(record):
 
 
 def test_cells_of_another_zoo_or_other_settings_are_not_adopted(tmp_path):
-    spec = GridSpec(presets=("mini",), methods=("task_arithmetic",), versions=(0,), seeds=1, surgery_steps=1000, deep_surgery_steps=100)
+    spec = GridSpec(
+        presets=("mini",),
+        methods=("task_arithmetic",),
+        versions=(0,),
+        seeds=1,
+        surgery_steps=1000,
+        deep_surgery_steps=100,
+    )
     record = read_json(cell_path(COMMITTED_MINI_GRID, Cell("mini", "task_arithmetic", 0)))
     identity = _identity(record)
     for changed in ("zoo", "zoo_folder", "preset_hash"):
         assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / changed, {"mini": {**identity, changed: "other"}}) == 0
-    other = GridSpec(presets=("mini",), methods=("task_arithmetic",), versions=(0,), seeds=1, surgery_steps=999, deep_surgery_steps=100)
+    other = GridSpec(
+        presets=("mini",),
+        methods=("task_arithmetic",),
+        versions=(0,),
+        seeds=1,
+        surgery_steps=999,
+        deep_surgery_steps=100,
+    )
     assert adopt_cells(other, COMMITTED_MINI_GRID, tmp_path / "other-settings", {"mini": identity}) == 0
     assert adopt_cells(spec, COMMITTED_MINI_GRID, tmp_path / "same", {"mini": identity}) == 1
     assert read_json(cell_path(tmp_path / "same", Cell("mini", "task_arithmetic", 0))) == record
@@ -188,8 +278,13 @@ def test_every_committed_cell_vouches_for_itself(folder):
     """The chapters adopt these files: each must carry its own cell, its folder's settings and an intact digest."""
     source = COMMITTED_MINI_GRID.parent / folder
     settings = read_json(source / "grid.json")["settings"]
-    spec = GridSpec(presets=("mini",), methods=("task_arithmetic",), surgery_steps=settings["surgery_steps"],
-                    deep_surgery_steps=settings["deep_surgery_steps"], adam=settings["adam"])  # fmt: skip
+    spec = GridSpec(
+        presets=("mini",),
+        methods=("task_arithmetic",),
+        surgery_steps=settings["surgery_steps"],
+        deep_surgery_steps=settings["deep_surgery_steps"],
+        adam=settings["adam"],
+    )
     assert spec.settings() == settings
     paths = sorted((source / "cells").glob("*.json"))
     assert paths
@@ -224,7 +319,13 @@ def test_a_cell_file_that_cannot_vouch_for_itself_is_computed_again(smoke_zoo, c
 
     # Without grid.json a rerun with another schedule is not refused, and still reuses nothing computed under the old one.
     (tmp_path / "grid.json").unlink()
-    other = GridSpec(presets=("smoke",), methods=("task_arithmetic", "ties"), versions=(0,), surgery_steps=20, cache_dir=str(cache_dir))
+    other = GridSpec(
+        presets=("smoke",),
+        methods=("task_arithmetic", "ties"),
+        versions=(0,),
+        surgery_steps=20,
+        cache_dir=str(cache_dir),
+    )
     assert run_grid(other, tmp_path, inline, progress=False).computed == 2
 
 

@@ -29,9 +29,16 @@ def mini_zoo():
 
 def test_a_sample_of_the_committed_cells_is_what_this_zoo_computes(mini_zoo, tmp_path):
     settings = read_json(COMMITTED / "grid.json")["settings"]
-    spec = GridSpec(presets=("mini",), methods=tuple(c.method for c in SAMPLE), versions=(0, 1, 2), seeds=1,
-                    surgery_steps=settings["surgery_steps"], deep_surgery_steps=settings["deep_surgery_steps"],
-                    adam=settings["adam"], device="cpu")  # fmt: skip
+    spec = GridSpec(
+        presets=("mini",),
+        methods=tuple(c.method for c in SAMPLE),
+        versions=(0, 1, 2),
+        seeds=1,
+        surgery_steps=settings["surgery_steps"],
+        deep_surgery_steps=settings["deep_surgery_steps"],
+        adam=settings["adam"],
+        device="cpu",
+    )
     assert spec.settings() == settings
     identity = zoo_identity(mini_zoo)
     committed = {cell: read_json(cell_path(COMMITTED, cell)) for cell in SAMPLE}
@@ -47,9 +54,10 @@ def test_a_sample_of_the_committed_cells_is_what_this_zoo_computes(mini_zoo, tmp
     tolerance = SAME_ZOO_POINTS if same_zoo else OTHER_ZOO_POINTS
     for cell, record in committed.items():
         fresh = read_json(cell_path(tmp_path / "fresh", cell))
-        print(f"\n{cell.name}: committed {record['average']:.2f}, recomputed {fresh['average']:.2f} "
-              f"(bias {record['bias']:.4f} / {fresh['bias']:.4f}; same zoo: {same_zoo})")  # fmt: skip
+        print(
+            f"\n{cell.name}: committed {record['average']:.2f}, recomputed {fresh['average']:.2f} "
+            f"(bias {record['bias']:.4f} / {fresh['bias']:.4f}; same zoo: {same_zoo})"
+        )
         assert fresh["label"] == record["label"]
         assert abs(fresh["average"] - record["average"]) <= tolerance, cell.name
         assert abs(fresh["bias"] - record["bias"]) <= 0.1 * record["bias"], cell.name
-

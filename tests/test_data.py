@@ -16,7 +16,9 @@ from surgery_lib.settings.offline import suite as suite_module
 from surgery_lib.settings.offline.generators import TASKS
 from surgery_lib.settings.offline.suite import check_tasks, data_cards
 
-TINY = SuiteConfig(tasks=("street_digits", "textures"), train_per_task=40, adapt_per_task=20, test_per_task=30, mix_per_class=2)
+TINY = SuiteConfig(
+    tasks=("street_digits", "textures"), train_per_task=40, adapt_per_task=20, test_per_task=30, mix_per_class=2
+)
 
 
 @pytest.mark.parametrize("task", [t for t, spec in TASKS.items() if spec.render is not None] + ["mix"])
@@ -53,7 +55,11 @@ def test_mnist_splits_are_disjoint_and_stratified():
     splits = gen.mnist_split_indices(0, {"train": 3500, "adapt": 500, "test": 1000})
     sets = {k: set(v.tolist()) for k, v in splits.items()}
     assert len(sets["train"]) == 3500 and len(sets["adapt"]) == 500 and len(sets["test"]) == 1000
-    assert not (sets["train"] & sets["test"]) and not (sets["train"] & sets["adapt"]) and not (sets["adapt"] & sets["test"])
+    assert (
+        not (sets["train"] & sets["test"])
+        and not (sets["train"] & sets["adapt"])
+        and not (sets["adapt"] & sets["test"])
+    )
     _, labels = gen.mnist_pool()
     assert np.bincount(labels[splits["test"]]).tolist() == [100] * 10
 

@@ -59,8 +59,14 @@ def test_a_merge_that_overflows_is_an_error_not_garbage(smoke_zoo):
         merge(smoke_zoo, "task_arithmetic", MergeOptions(scale=1e308), device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("argv", [["merge", "--method", "ties", "--scale", "nan"], ["merge", "--method", "task_arithmetic", "--scale", "inf"],
-                                  ["surgery", "--lr", "nan"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "--method", "ties", "--scale", "nan"],
+        ["merge", "--method", "task_arithmetic", "--scale", "inf"],
+        ["surgery", "--lr", "nan"],
+    ],
+)
 def test_non_finite_options_are_one_line_errors(argv, capsys, tmp_path):
     assert main([*argv, "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path)]) == 2
     assert not any(tmp_path.iterdir())  # rejected before any data or zoo was touched
@@ -73,19 +79,25 @@ def test_json_output_is_standard_json():
     assert json.loads(text) == {"a": None, "b": [1.5, None], "c": {"d": None}} and "NaN" not in text
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["merge", "--method", "adamerging_task", "--steps", "-5"], "--steps -5 is outside [1, inf]"),
-    (["merge", "--method", "adamerging_task", "--batch-size", "0"], "--batch-size 0 is outside [1, inf]"),
-    (["merge", "--method", "ties", "--keep-fraction", "1.5"], "--keep-fraction 1.5 is outside (0, 1]"),
-    (["merge", "--method", "dare_ties", "--drop-rate", "1"], "--drop-rate 1.0 is outside [0, 1)"),
-    (["merge", "--method", "regmean", "--seed", str(2**70)], "--seed"),
-    (["merge", "--method", "task_arithmetic", "--keep-fraction", "0.5"], "task_arithmetic does not read --keep-fraction"),
-    (["surgery", "--rank", "0"], "--rank 0 is outside [1, inf]"),
-    (["surgery", "--surgery-steps", "0"], "--surgery-steps 0 is outside"),
-    (["surgery", "--merge", "weight_averaging", "--scale", "0.5"], "weight_averaging does not read --scale"),
-    (["bench", "--versions", "3"], "--versions '3' names no surgery version"),
-    (["bench", "--versions", "abc"], "--versions 'abc'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["merge", "--method", "adamerging_task", "--steps", "-5"], "--steps -5 is outside [1, inf]"),
+        (["merge", "--method", "adamerging_task", "--batch-size", "0"], "--batch-size 0 is outside [1, inf]"),
+        (["merge", "--method", "ties", "--keep-fraction", "1.5"], "--keep-fraction 1.5 is outside (0, 1]"),
+        (["merge", "--method", "dare_ties", "--drop-rate", "1"], "--drop-rate 1.0 is outside [0, 1)"),
+        (["merge", "--method", "regmean", "--seed", str(2**70)], "--seed"),
+        (
+            ["merge", "--method", "task_arithmetic", "--keep-fraction", "0.5"],
+            "task_arithmetic does not read --keep-fraction",
+        ),
+        (["surgery", "--rank", "0"], "--rank 0 is outside [1, inf]"),
+        (["surgery", "--surgery-steps", "0"], "--surgery-steps 0 is outside"),
+        (["surgery", "--merge", "weight_averaging", "--scale", "0.5"], "weight_averaging does not read --scale"),
+        (["bench", "--versions", "3"], "--versions '3' names no surgery version"),
+        (["bench", "--versions", "abc"], "--versions 'abc'"),
+    ],
+)
 def test_out_of_range_options_are_one_line_errors_never_silent_substitutes(argv, flag, capsys, tmp_path):
     assert main([*argv, "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path)]) == 2
     error = capsys.readouterr().err
@@ -103,33 +115,60 @@ def test_unsupported_devices_are_one_line_errors(device, capsys, tmp_path):
 def test_output_paths_are_checked_before_the_work_starts(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    assert main(["table", "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--out", str(blocker)]) == 2
+    assert (
+        main(["table", "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--out", str(blocker)])
+        == 2
+    )
     assert "output folder" in capsys.readouterr().err
-    assert main(["surgery", "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--save", str(tmp_path)]) == 2
+    assert (
+        main(
+            ["surgery", "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path / "cache"), "--save", str(tmp_path)]
+        )
+        == 2
+    )
     assert "is a folder" in capsys.readouterr().err
-    assert main(["surgery", "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path / "cache"),
-                 "--save", str(blocker / "modules.safetensors")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "surgery",
+                "--preset",
+                "smoke",
+                "--quiet",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--save",
+                str(blocker / "modules.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert "cannot write" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # nothing was computed
 
 
-@pytest.mark.parametrize("change, message", [
-    (("encoder", "width", 0), "encoder.width = 0 is invalid"),
-    (("recipe", "batch_size", 0), "recipe.batch_size = 0 is invalid"),
-    (("recipe", "expert_steps", -3), "recipe.expert_steps = -3 is invalid"),
-    (("encoder", "layers", "four"), "encoder.layers = 'four' is invalid.*an integer"),
-    (("recipe", "expert_lr", float("nan")), "recipe.expert_lr = nan is invalid.*finite"),
-    (("encoder", "heads", 3), "encoder.heads = 3 is invalid.*divisor"),
-    (("encoder", "width", 16_384), "encoder.width = 16384 is invalid.*at most 4,096"),
-    (("encoder", "image_size", 100_000), "encoder.image_size = 100000 is invalid.*at most 1,024"),
-    (("encoder", "image_size", 1024), "encoder.patch_size = 8 is invalid.*at most 4096 tokens at image size 1024 .this one: 16,384"),
-    (("encoder", "layers", 128), "encoder = '.*parameters' is invalid.*at most 4,000,000,000 parameters"),
-    (("suite", "tasks", []), r"suite.tasks = \[\] is invalid.*at least one task"),
-    (("suite", "tasks", ["mnist", "mnist"]), "suite.tasks = .* is invalid.*each task once"),
-    ((None, "setting", "clip"), "clip = None is invalid.*a clip section"),
-    ((None, "setting", "quantum"), "setting = 'quantum' is invalid.*one of clip, offline"),
-    ((None, "name", "x" * 300), "preset name 'xxxxxxxxxxxxxxxxxxxx'... has 300 characters.*at most 64"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("encoder", "width", 0), "encoder.width = 0 is invalid"),
+        (("recipe", "batch_size", 0), "recipe.batch_size = 0 is invalid"),
+        (("recipe", "expert_steps", -3), "recipe.expert_steps = -3 is invalid"),
+        (("encoder", "layers", "four"), "encoder.layers = 'four' is invalid.*an integer"),
+        (("recipe", "expert_lr", float("nan")), "recipe.expert_lr = nan is invalid.*finite"),
+        (("encoder", "heads", 3), "encoder.heads = 3 is invalid.*divisor"),
+        (("encoder", "width", 16_384), "encoder.width = 16384 is invalid.*at most 4,096"),
+        (("encoder", "image_size", 100_000), "encoder.image_size = 100000 is invalid.*at most 1,024"),
+        (
+            ("encoder", "image_size", 1024),
+            "encoder.patch_size = 8 is invalid.*at most 4096 tokens at image size 1024 .this one: 16,384",
+        ),
+        (("encoder", "layers", 128), "encoder = '.*parameters' is invalid.*at most 4,000,000,000 parameters"),
+        (("suite", "tasks", []), r"suite.tasks = \[\] is invalid.*at least one task"),
+        (("suite", "tasks", ["mnist", "mnist"]), "suite.tasks = .* is invalid.*each task once"),
+        ((None, "setting", "clip"), "clip = None is invalid.*a clip section"),
+        ((None, "setting", "quantum"), "setting = 'quantum' is invalid.*one of clip, offline"),
+        ((None, "name", "x" * 300), "preset name 'xxxxxxxxxxxxxxxxxxxx'... has 300 characters.*at most 64"),
+    ],
+)
 def test_hostile_preset_files_are_refused_naming_the_field(change, message, tmp_path):
     from surgery_lib.presets import register_presets_from_file
 
@@ -152,7 +191,12 @@ def test_a_preset_file_is_read_only_when_it_is_a_regular_file_of_bounded_size(ki
 
     from surgery_lib.presets import register_presets_from_file
 
-    path = {"fifo": tmp_path / "presets.fifo", "dev-zero": "/dev/zero", "folder": tmp_path, "huge": tmp_path / "huge.json"}[kind]
+    path = {
+        "fifo": tmp_path / "presets.fifo",
+        "dev-zero": "/dev/zero",
+        "folder": tmp_path,
+        "huge": tmp_path / "huge.json",
+    }[kind]
     if kind == "fifo":
         os.mkfifo(path)  # opening it for reading would wait for a writer for ever
     if kind == "huge":
@@ -177,7 +221,9 @@ def test_an_offline_preset_with_another_image_size_is_refused_before_any_work(tm
     assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.npz"))
     monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=512 * 2**20))  # 512 MiB free
     check_fits(preset.encoder)
-    with pytest.raises(SurgeryBookError, match=r"303,966,208 parameters needs 1\.1 GiB, this machine has 0\.5 GiB free"):
+    with pytest.raises(
+        SurgeryBookError, match=r"303,966,208 parameters needs 1\.1 GiB, this machine has 0\.5 GiB free"
+    ):
         check_fits(PRESETS["clip-vit-l-14"].encoder)
 
 
@@ -188,25 +234,49 @@ def _one_line_error(argv, capsys):
     return err
 
 
-@pytest.mark.parametrize("case", ["slurm", "link-loop", "long-name", "zoo-dir-file", "reproduce-file", "kernel", "notebook", "foreign-lock"])
+@pytest.mark.parametrize(
+    "case", ["slurm", "link-loop", "long-name", "zoo-dir-file", "reproduce-file", "kernel", "notebook", "foreign-lock"]
+)
 def test_paths_and_environments_that_cannot_work_are_one_line_errors(case, tmp_path, capsys, monkeypatch):
     long_name = "x" * 300
     (tmp_path / "loop").symlink_to("loop")
     (tmp_path / "a-file").write_text("")
-    grid = ["grid", "--presets", "smoke", "--methods", "task_arithmetic", "--surgery", "none", "--executor", "inline", "--quiet"]
+    grid = [
+        "grid",
+        "--presets",
+        "smoke",
+        "--methods",
+        "task_arithmetic",
+        "--surgery",
+        "none",
+        "--executor",
+        "inline",
+        "--quiet",
+    ]
     reproduce = ["reproduce", "--preset", "smoke", "--notebooks", "00", "--quiet"]
     if case == "slurm":
         monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
         argv, expected = [*grid, "--executor", "slurm", "--out", str(tmp_path / "g")], "needs Slurm's sbatch"
     elif case == "link-loop":
-        argv, expected = [*grid, "--out", str(tmp_path / "loop" / "grid")], "Too many levels of symbolic links.*remove the symbolic link loop"
+        argv, expected = (
+            [*grid, "--out", str(tmp_path / "loop" / "grid")],
+            "Too many levels of symbolic links.*remove the symbolic link loop",
+        )
     elif case == "long-name":
-        argv, expected = [*grid, "--out", str(tmp_path / long_name)], "File name too long.*shorter folder and file names"
+        argv, expected = (
+            [*grid, "--out", str(tmp_path / long_name)],
+            "File name too long.*shorter folder and file names",
+        )
     elif case == "zoo-dir-file":
-        argv, expected = ["zoo", "--preset", "smoke", "--zoo-dir", str(tmp_path / "a-file"), "--quiet"], "a-file.*pass a folder path"
+        argv, expected = (
+            ["zoo", "--preset", "smoke", "--zoo-dir", str(tmp_path / "a-file"), "--quiet"],
+            "a-file.*pass a folder path",
+        )
     elif case == "reproduce-file":
         argv, expected = [*reproduce, "--out", str(tmp_path / "a-file")], "cannot write into .*a-file.*not a file"
-    elif case == "foreign-lock":  # a shared cache whose lock file another user created with mode 0600 (root cannot see it)
+    elif (
+        case == "foreign-lock"
+    ):  # a shared cache whose lock file another user created with mode 0600 (root cannot see it)
         import errno
 
         import filelock
@@ -215,14 +285,23 @@ def test_paths_and_environments_that_cannot_work_are_one_line_errors(case, tmp_p
             raise PermissionError(errno.EACCES, "Permission denied", self.lock_file)
 
         monkeypatch.setattr(filelock.FileLock, "acquire", acquire)
-        argv, expected = ["data", "--preset", "smoke", "--cache-dir", str(tmp_path / "shared"), "--quiet"], r"Permission denied \(.*\.lock\).*writable for this user"
+        argv, expected = (
+            ["data", "--preset", "smoke", "--cache-dir", str(tmp_path / "shared"), "--quiet"],
+            r"Permission denied \(.*\.lock\).*writable for this user",
+        )
     elif case == "kernel":
-        argv, expected = [*reproduce, "--out", str(tmp_path / "o"), "--kernel", "no-such-kernel"], "no Jupyter kernel named 'no-such-kernel'"
+        argv, expected = (
+            [*reproduce, "--out", str(tmp_path / "o"), "--kernel", "no-such-kernel"],
+            "no Jupyter kernel named 'no-such-kernel'",
+        )
     else:
         source = tmp_path / "notebooks"
         source.mkdir()
         (source / "00_broken.ipynb").write_text('{"cells": [')
-        argv, expected = [*reproduce, "--out", str(tmp_path / "o"), "--source", str(source)], "00_broken.ipynb is not a readable notebook"
+        argv, expected = (
+            [*reproduce, "--out", str(tmp_path / "o"), "--source", str(source)],
+            "00_broken.ipynb is not a readable notebook",
+        )
     assert re.search(expected, _one_line_error(argv, capsys))
     assert not (tmp_path / "g").exists() and not (tmp_path / "o" / "summary.json").exists()
 
@@ -259,14 +338,22 @@ def test_a_diverging_surgery_is_an_error_not_garbage(smoke_zoo):
     merged = task_arithmetic(smoke_zoo.pretrained, smoke_zoo.experts, 0.3)
     for version in (1, 2):
         with pytest.raises(SurgeryBookError, match="surgery loss became .* training diverged.*--lr"):
-            run_surgery(smoke_zoo, merged, version=version, config=SurgeryConfig(rank=4, steps=20, lr=1e30, eval_every=0),
-                        device="cpu", progress=False)  # fmt: skip
+            run_surgery(
+                smoke_zoo,
+                merged,
+                version=version,
+                config=SurgeryConfig(rank=4, steps=20, lr=1e30, eval_every=0),
+                device="cpu",
+                progress=False,
+            )
 
 
 HUGE_INTEGER = '{"format": ' + "9" * 5000 + "}"  # beyond the 4,300 digits Python parses
 
 
-@pytest.mark.parametrize("manifest", [[], {"models": []}, {"models": {"pretrained": {"file": "pretrained.safetensors"}}}, HUGE_INTEGER])
+@pytest.mark.parametrize(
+    "manifest", [[], {"models": []}, {"models": {"pretrained": {"file": "pretrained.safetensors"}}}, HUGE_INTEGER]
+)
 def test_a_malformed_zoo_manifest_starts_the_zoo_afresh(manifest, smoke_zoo, tmp_path, monkeypatch, caplog):
     from surgery_lib.settings.offline import zoo as zoo_module
 
@@ -361,7 +448,11 @@ def test_temporaries_of_a_killed_write_are_removed_by_the_next_one(tmp_path):
     from surgery_lib.core.storage import write_json
 
     target = tmp_path / "manifest.json"
-    stale, live, other = tmp_path / ".manifest.json.ab12cd.tmp", tmp_path / ".manifest.json.ef34gh.tmp", tmp_path / ".other.json.x.tmp"
+    stale, live, other = (
+        tmp_path / ".manifest.json.ab12cd.tmp",
+        tmp_path / ".manifest.json.ef34gh.tmp",
+        tmp_path / ".other.json.x.tmp",
+    )
     for path in (stale, live, other):
         path.write_text("partial")
     old = time.time() - 2 * 3600
@@ -385,7 +476,10 @@ def test_a_folder_written_atomically_is_swapped_in_whole_or_not_at_all(tmp_path)
     with pytest.raises(RuntimeError), atomic_directory(target) as folder:
         (folder / "manifest.json").write_text("half")
         raise RuntimeError("the fifth expert is broken")
-    assert sorted(p.name for p in target.iterdir()) == ["manifest.json"] and (target / "manifest.json").read_text() == "first"
+    assert (
+        sorted(p.name for p in target.iterdir()) == ["manifest.json"]
+        and (target / "manifest.json").read_text() == "first"
+    )
     stale = tmp_path / ".ViT-B-32.killed.partial"
     stale.mkdir()
     old = time.time() - 2 * 3600
@@ -395,11 +489,20 @@ def test_a_folder_written_atomically_is_swapped_in_whole_or_not_at_all(tmp_path)
     assert sorted(p.name for p in target.iterdir()) == ["pretrained.safetensors"]  # replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ViT-B-32"]  # no temporaries, the killed run's removed
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(SurgeryBookError, match="a-file exists and is not a folder"), atomic_directory(tmp_path / "a-file"):
+    with (
+        pytest.raises(SurgeryBookError, match="a-file exists and is not a folder"),
+        atomic_directory(tmp_path / "a-file"),
+    ):
         pass
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
+    ],
+)
 def test_a_full_disk_is_one_clear_error_naming_the_folder(error, tmp_path, monkeypatch):
     import safetensors.torch
     import torch
@@ -470,12 +573,21 @@ def test_a_view_larger_than_its_storage_is_refused_before_copying(tmp_path):
         load_image_encoder_state(_save(module, tmp_path / "expanded.pt"))
 
 
-@pytest.mark.parametrize("payload, what", [
-    (b"\x80\x04\x8e" + (2**40).to_bytes(8, "little"), "declares 1,099,511,627,776 bytes"),  # BINBYTES8 of 1 TiB
-    (b"\x80\x04N" + b"r" + (2**32 - 1).to_bytes(4, "little") + b".", "holds no CLIP image encoder"),  # memo index 2^32 - 1
-    (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nX\x01\x00\x00\x00a\x85R.", "TypeError"),  # an allowed global, bad arguments
-    (b"\x80\x02cbuiltins\nbytearray\nK\x05\x85R.", "refers to builtins.bytearray"),  # not needed by any checkpoint
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "payload, what",
+    [
+        (b"\x80\x04\x8e" + (2**40).to_bytes(8, "little"), "declares 1,099,511,627,776 bytes"),  # BINBYTES8 of 1 TiB
+        (
+            b"\x80\x04N" + b"r" + (2**32 - 1).to_bytes(4, "little") + b".",
+            "holds no CLIP image encoder",
+        ),  # memo index 2^32 - 1
+        (
+            b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nX\x01\x00\x00\x00a\x85R.",
+            "TypeError",
+        ),  # an allowed global, bad arguments
+        (b"\x80\x02cbuiltins\nbytearray\nK\x05\x85R.", "refers to builtins.bytearray"),  # not needed by any checkpoint
+    ],
+)
 def test_hostile_raw_pickles_are_one_line_errors(payload, what, tmp_path):
     import time
 

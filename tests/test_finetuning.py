@@ -117,9 +117,13 @@ def test_bad_modes_and_ranks_are_clear_errors():
 
 
 def test_the_recipe_mode_names_the_zoo_only_when_it_is_not_the_earlier_default():
-    assert zoo_config_hash(SMOKE) == zoo_config_hash(dataclasses.replace(SMOKE, recipe=dataclasses.replace(SMOKE.recipe)))
+    assert zoo_config_hash(SMOKE) == zoo_config_hash(
+        dataclasses.replace(SMOKE, recipe=dataclasses.replace(SMOKE.recipe))
+    )
     lora = dataclasses.replace(SMOKE, recipe=dataclasses.replace(SMOKE.recipe, expert_finetune="lora"))
-    lora8 = dataclasses.replace(SMOKE, recipe=dataclasses.replace(SMOKE.recipe, expert_finetune="lora", expert_lora_rank=8))
+    lora8 = dataclasses.replace(
+        SMOKE, recipe=dataclasses.replace(SMOKE.recipe, expert_finetune="lora", expert_lora_rank=8)
+    )
     assert len({zoo_config_hash(SMOKE), zoo_config_hash(lora), zoo_config_hash(lora8)}) == 3
 
 
@@ -140,9 +144,18 @@ def test_an_attention_zoo_trains_attention_only_experts(smoke_zoo, cache_dir, tm
 def test_finetune_keeps_the_mtl_baseline_a_full_fine_tune(smoke_zoo):
     encoder = smoke_zoo.encoder("pretrained")
     _, state = training.finetune(
-        encoder, [(smoke_zoo.suite[t], smoke_zoo.heads[t]) for t in smoke_zoo.tasks], steps=2, batch_per_task=8,
-        lr=1e-3, weight_decay=0.1, warmup_fraction=0.0, translate_px=0, seed=0, device=torch.device("cpu"), progress=False,
-    )  # fmt: skip
+        encoder,
+        [(smoke_zoo.suite[t], smoke_zoo.heads[t]) for t in smoke_zoo.tasks],
+        steps=2,
+        batch_per_task=8,
+        lr=1e-3,
+        weight_decay=0.1,
+        warmup_fraction=0.0,
+        translate_px=0,
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+    )
     assert all(not torch.equal(state[k], smoke_zoo.pretrained[k]) for k in ("proj", "conv1.weight", "ln_post.weight"))
 
 
@@ -160,7 +173,15 @@ def test_kept_share_equals_a_step_by_step_evaluation(smoke_zoo):
     load = lambda s: load_encoder(SMOKE.encoder, s)  # noqa: E731
     tasks = {t: smoke_zoo.suite[t] for t in smoke_zoo.tasks}
     rows = kept_share_curve(
-        smoke_zoo.pretrained, smoke_zoo.experts, smoke_zoo.heads, tasks, load, sizes=(1, 2), subsets=5, scale=0.5, progress=False
+        smoke_zoo.pretrained,
+        smoke_zoo.experts,
+        smoke_zoo.heads,
+        tasks,
+        load,
+        sizes=(1, 2),
+        subsets=5,
+        scale=0.5,
+        progress=False,
     )
     assert sorted(rows["size"].tolist()) == [1, 1, 2, 2]
     vectors = task_vectors(smoke_zoo.pretrained, smoke_zoo.experts)

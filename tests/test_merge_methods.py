@@ -46,7 +46,9 @@ def test_every_registered_method_keeps_the_contract(method, smoke_zoo, tmp_path)
 def test_the_cache_key_covers_exactly_the_options_a_method_reads(smoke_zoo):
     tasks = smoke_zoo.tasks
     path = merge_cache_path(smoke_zoo, "task_arithmetic", MergeOptions(), tasks)
-    assert merge_cache_path(smoke_zoo, "task_arithmetic", MergeOptions(keep_fraction=0.5, steps=9, seed=3), tasks) == path
+    assert (
+        merge_cache_path(smoke_zoo, "task_arithmetic", MergeOptions(keep_fraction=0.5, steps=9, seed=3), tasks) == path
+    )
     assert merge_cache_path(smoke_zoo, "task_arithmetic", MergeOptions(scale=0.5), tasks) != path
     ties = merge_cache_path(smoke_zoo, "ties", MergeOptions(), tasks)
     assert merge_cache_path(smoke_zoo, "ties", MergeOptions(keep_fraction=0.5), tasks) != ties
@@ -70,7 +72,10 @@ def test_dare_drops_and_rescales_a_hand_computed_example():
     keep = {"w": torch.tensor([True, False, True, False])}
     assert torch.equal(drop_and_rescale(tau, keep, 0.5)["w"], torch.tensor([4.0, 0.0, 2.0, 0.0]))
     # p = 0.75 keeps one entry in four, scaled by 4.
-    assert torch.equal(drop_and_rescale(tau, {"w": torch.tensor([False, False, False, True])}, 0.75)["w"], torch.tensor([0.0, 0.0, 0.0, 16.0]))
+    assert torch.equal(
+        drop_and_rescale(tau, {"w": torch.tensor([False, False, False, True])}, 0.75)["w"],
+        torch.tensor([0.0, 0.0, 0.0, 16.0]),
+    )
 
 
 def test_dare_is_seeded_unbiased_and_reduces_to_task_arithmetic_without_drops():
@@ -96,6 +101,8 @@ def test_dare_over_task_arithmetic_on_a_zoo_equals_the_formula(smoke_zoo):
     sparse = dare_vectors(vectors, 0.3, seed=5)
     for key, value in smoke_zoo.pretrained.items():
         assert torch.allclose(result.state[key], value + 0.4 * sum(s[key] for s in sparse), atol=1e-6)
-    plain = merge(smoke_zoo, "dare_task_arithmetic", MergeOptions(drop_rate=0.0, scale=0.4), device="cpu", progress=False)
+    plain = merge(
+        smoke_zoo, "dare_task_arithmetic", MergeOptions(drop_rate=0.0, scale=0.4), device="cpu", progress=False
+    )
     reference = task_arithmetic(smoke_zoo.pretrained, smoke_zoo.experts, 0.4)
     assert all(torch.allclose(plain.state[k], v, atol=1e-6) for k, v in reference.items())

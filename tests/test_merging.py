@@ -11,9 +11,16 @@ from surgery_lib.merging import task_arithmetic, task_vectors, weight_averaging
 
 def _models(num_tasks: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    pretrained = {"w": torch.randn(4, 3, generator=generator), "b": torch.randn(3, generator=generator), "steps": torch.tensor(7)}
+    pretrained = {
+        "w": torch.randn(4, 3, generator=generator),
+        "b": torch.randn(3, generator=generator),
+        "steps": torch.tensor(7),
+    }
     experts = {
-        f"task{i}": {k: (v + torch.randn(v.shape, generator=generator) if v.is_floating_point() else v) for k, v in pretrained.items()}
+        f"task{i}": {
+            k: (v + torch.randn(v.shape, generator=generator) if v.is_floating_point() else v)
+            for k, v in pretrained.items()
+        }
         for i in range(num_tasks)
     }
     return pretrained, experts
@@ -73,8 +80,12 @@ def test_ties_on_a_hand_computed_example():
     assert torch.allclose(merged_sum["w"], 0.3 * disjoint_sum)
     assert torch.allclose(merged_mean["w"], disjoint_mean)
     # An entry whose trimmed values cancel exactly takes the majority sign of all elected signs (+ here).
-    cancel = ties_merging({"w": torch.zeros(2)}, {"a": {"w": torch.tensor([1.0, 3.0])}, "b": {"w": torch.tensor([-1.0, 3.0])}},
-                          keep_fraction=1.0, scale=1.0)  # fmt: skip
+    cancel = ties_merging(
+        {"w": torch.zeros(2)},
+        {"a": {"w": torch.tensor([1.0, 3.0])}, "b": {"w": torch.tensor([-1.0, 3.0])}},
+        keep_fraction=1.0,
+        scale=1.0,
+    )
     assert torch.equal(cancel["w"], torch.tensor([1.0, 6.0]))
 
 
@@ -88,6 +99,8 @@ def test_ties_threshold_is_global_over_all_tensors():
     # With 6 more all-zero entries trimmed alongside (real CLIP's text leftovers) the cut falls among the
     # zeros (the 6th smallest of 12): every real entry is kept.
     assert trim_threshold(vector, 0.5, zero_entries=6) == 0.0
-    assert trim_threshold(vector, 0.4, zero_entries=6) == pytest.approx(0.2)  # int(0.4 * 12) + 1 = 5 kept: 0.2 and the large ones
+    assert trim_threshold(vector, 0.4, zero_entries=6) == pytest.approx(
+        0.2
+    )  # int(0.4 * 12) + 1 = 5 kept: 0.2 and the large ones
     with pytest.raises(SurgeryBookError, match="outside"):
         trim_threshold(vector, 0.0)

@@ -58,7 +58,9 @@ def test_surgery_gains_three_points_and_lowers_bias_everywhere(mini_zoo, merges,
 
     run = run_surgery(mini_zoo, merges[method], progress=False)
     before, after = _average(run.accuracy_before), _average(run.accuracy_after)
-    print(f"\n{method} + Surgery: {before:.2f} -> {after:.2f}; bias {_average(run.bias_before):.3f} -> {_average(run.bias_after):.3f}")
+    print(
+        f"\n{method} + Surgery: {before:.2f} -> {after:.2f}; bias {_average(run.bias_before):.3f} -> {_average(run.bias_after):.3f}"
+    )
     assert after >= before + 3
     assert all(run.bias_after[t] < run.bias_before[t] for t in run.tasks)
 

@@ -47,7 +47,7 @@ def test_cells_call_the_library_instead_of_defining_it(path):
 def test_committed_outputs_are_clean(path):
     text = path.read_text()
     notebook = json.loads(text)
-    assert not re.search(r'(/root/|/tmp/|/home/|/usr/local/|/work/)', text), "absolute local path in outputs"
+    assert not re.search(r"(/root/|/tmp/|/home/|/usr/local/|/work/)", text), "absolute local path in outputs"
     assert "injected-parameters" not in text, "a papermill output was committed over the source"
     for cell in notebook["cells"]:
         assert "execution" not in cell.get("metadata", {}) and "papermill" not in cell.get("metadata", {})
@@ -60,7 +60,8 @@ def test_committed_outputs_are_clean(path):
     counts = [cell.get("execution_count") for cell in notebook["cells"] if cell["cell_type"] == "code"]
     assert counts == list(range(1, len(counts) + 1)), (
         f"{path.name}: execution counts {counts}; re-execute it top to bottom in a fresh kernel "
-        "(jupyter nbconvert --execute --inplace) and strip only the timing metadata")
+        "(jupyter nbconvert --execute --inplace) and strip only the timing metadata"
+    )
 
 
 def test_repository_url_is_the_same_everywhere():
@@ -101,8 +102,12 @@ def test_plumbing_is_hidden_and_every_figure_has_a_caption(path):
         source, tags = "".join(cell["source"]), cell["metadata"].get("tags", [])
         if "save_figure(" in source or "write_table(" in source:
             assert "remove-cell" in tags, f"{path.name}: a save-to-disk cell is shown: {source[:60]!r}"
-        shown = [o for o in cell.get("outputs", []) if o["output_type"] in ("display_data", "execute_result")
-                 and not any(k.startswith("application/papermill.record") for k in o["data"])]
+        shown = [
+            o
+            for o in cell.get("outputs", [])
+            if o["output_type"] in ("display_data", "execute_result")
+            and not any(k.startswith("application/papermill.record") for k in o["data"])
+        ]
         images = [o for o in shown if "image/png" in o["data"]]
         caption = cell["metadata"].get("mystnb", {}).get("figure", {}).get("caption", "")
         if images:

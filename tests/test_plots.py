@@ -30,24 +30,35 @@ def test_every_figure_renders_and_saves(tmp_path):
 def test_the_grid_figures_draw_every_method_and_version_in_the_version_colours(tmp_path):
     import matplotlib.colors as mcolors
 
-    rows = [{"label": label, "version": v, "average": 60 + 5 * v + i, "std": 0.5 if v else float("nan")}
-            for i, label in enumerate(["TA", "TSV-M", "Iso-C"]) for v in (0, 1, 2)]  # fmt: skip
+    rows = [
+        {"label": label, "version": v, "average": 60 + 5 * v + i, "std": 0.5 if v else float("nan")}
+        for i, label in enumerate(["TA", "TSV-M", "Iso-C"])
+        for v in (0, 1, 2)
+    ]
     table = pd.DataFrame(rows)
     dots = plots.grid_dots(table)
     markers = [line for line in dots.axes[0].lines if line.get_marker() == "o"]
-    assert [mcolors.to_hex(m.get_color()) for m in markers] == [mcolors.to_hex(c) for c in plots.VERSION_COLOURS.values()]
+    assert [mcolors.to_hex(m.get_color()) for m in markers] == [
+        mcolors.to_hex(c) for c in plots.VERSION_COLOURS.values()
+    ]
     assert all(len(m.get_xdata()) == 3 for m in markers)  # one dot per method and version
     assert [t.get_text() for t in dots.axes[0].get_yticklabels()] == ["TA", "TSV-M", "Iso-C"]
-    points = pd.DataFrame({"alone": [60.0, 62.0, 65.0] * 2, "gain": [10.0, 8.0, 5.0, 15.0, 12.0, 9.0], "version": [1] * 3 + [2] * 3})
+    points = pd.DataFrame(
+        {"alone": [60.0, 62.0, 65.0] * 2, "gain": [10.0, 8.0, 5.0, 15.0, 12.0, 9.0], "version": [1] * 3 + [2] * 3}
+    )
     scatter = plots.gain_scatter(points, "alone", "merge alone (%)", "title")
-    assert len(scatter.axes[0].collections) == 2 and len(scatter.axes[0].lines) == 3  # two versions, two fits, the zero line
+    assert (
+        len(scatter.axes[0].collections) == 2 and len(scatter.axes[0].lines) == 3
+    )  # two versions, two fits, the zero line
     for name, figure in (("dots", dots), ("scatter", scatter)):
         png, _ = plots.save_figure(figure, tmp_path / name)
         assert png.stat().st_size > 1000
 
 
 def test_block_curves_have_one_tick_per_block_and_stay_visible_where_they_coincide():
-    figure = plots.block_bias_curves({"merged": [0.3, 0.5, 0.8], "+ Surgery": [0.3, 0.5, 0.4], "+ SurgeryV2": [0.1, 0.1, 0.2]})
+    figure = plots.block_bias_curves(
+        {"merged": [0.3, 0.5, 0.8], "+ Surgery": [0.3, 0.5, 0.4], "+ SurgeryV2": [0.1, 0.1, 0.2]}
+    )
     axis = figure.axes[0]
     assert list(axis.get_xticks()) == [1, 2, 3]
     lines = axis.get_lines()
@@ -56,9 +67,16 @@ def test_block_curves_have_one_tick_per_block_and_stay_visible_where_they_coinci
 
 
 def test_the_coefficient_map_is_centred_on_the_start_and_labelled_by_block():
-    names = ["conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.mlp.c_fc.weight",
-             "transformer.resblocks.1.attn.in_proj_weight", "proj"]  # fmt: skip
-    table = pd.DataFrame([[0.30, 0.31, 0.29, 0.32, 0.30], [0.30, 0.28, 0.30, 0.33, 0.31]], index=["a", "b"], columns=names)
+    names = [
+        "conv1.weight",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+        "transformer.resblocks.1.attn.in_proj_weight",
+        "proj",
+    ]
+    table = pd.DataFrame(
+        [[0.30, 0.31, 0.29, 0.32, 0.30], [0.30, 0.28, 0.30, 0.33, 0.31]], index=["a", "b"], columns=names
+    )
     figure = plots.coefficient_heatmap(table)
     axis = figure.axes[0]
     assert [t.get_text() for t in axis.get_xticklabels()] == ["embed", "block 0", "block 1", "head"]

@@ -63,14 +63,18 @@ def test_nearest_orthonormal_equals_whitening():
     values, vectors = torch.linalg.eigh(u.T @ u)
     whitened = u @ vectors @ torch.diag(values.rsqrt()) @ vectors.T
     assert torch.allclose(nearest_orthonormal(u), whitened, atol=1e-12)
-    assert torch.allclose(nearest_orthonormal(u).T @ nearest_orthonormal(u), torch.eye(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        nearest_orthonormal(u).T @ nearest_orthonormal(u), torch.eye(2, dtype=torch.float64), atol=1e-12
+    )
 
 
 def test_tsv_merging_adds_the_mean_task_vector_to_non_matrix_parameters():
     pretrained = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
     f = torch.eye(3)
-    experts = {"a": {"w": 2 * outer(E[0], f[0]), "b": torch.tensor([1.0, 2, 3])},
-               "c": {"w": 3 * outer(E[1], f[1]), "b": torch.tensor([3.0, 2, 1])}}  # fmt: skip
+    experts = {
+        "a": {"w": 2 * outer(E[0], f[0]), "b": torch.tensor([1.0, 2, 3])},
+        "c": {"w": 3 * outer(E[1], f[1]), "b": torch.tensor([3.0, 2, 1])},
+    }
     merged = tsv_merging(pretrained, experts)
     assert torch.allclose(merged["w"], experts["a"]["w"] + experts["c"]["w"], atol=1e-6)
     assert torch.equal(merged["b"], torch.tensor([2.0, 2, 2]))
@@ -93,13 +97,16 @@ def test_iso_cts_fills_the_rank_with_each_tasks_own_direction():
         iso_cts_matrix(deltas, common_fraction=0)
 
 
-@pytest.mark.parametrize(("rank", "tasks", "fraction", "split"), [
-    (128, 8, 0.8, (104, 3)),  # mini: 26 spare directions, 3.25 per task rounds to 3, the common part takes 104
-    (768, 8, 0.8, (616, 19)),  # ViT-B: 154 spare, 19.25 -> 19
-    (1024, 8, 0.8, (816, 26)),  # ViT-L: 205 spare, 25.6 -> 26, so the common part gives some back
-    (4, 3, 0.5, (1, 1)),
-    (16, 8, 0.8, (16, 0)),  # 4 spare over 8 tasks: 0.5 rounds to even (0), the common part takes all
-])
+@pytest.mark.parametrize(
+    ("rank", "tasks", "fraction", "split"),
+    [
+        (128, 8, 0.8, (104, 3)),  # mini: 26 spare directions, 3.25 per task rounds to 3, the common part takes 104
+        (768, 8, 0.8, (616, 19)),  # ViT-B: 154 spare, 19.25 -> 19
+        (1024, 8, 0.8, (816, 26)),  # ViT-L: 205 spare, 25.6 -> 26, so the common part gives some back
+        (4, 3, 0.5, (1, 1)),
+        (16, 8, 0.8, (16, 0)),  # 4 spare over 8 tasks: 0.5 rounds to even (0), the common part takes all
+    ],
+)
 def test_iso_cts_splits_the_rank_as_the_official_code_every_direction_used(rank, tasks, fraction, split):
     assert iso_cts_split(rank, tasks, fraction) == split
     common, per_task = split
@@ -126,21 +133,27 @@ def test_wudi_gradient_is_that_of_the_papers_loss_and_adam_reaches_its_minimum()
     weights = [1 / d.square().sum() for d in deltas]
     analytic = 2 * sum(w * (merged.detach() - d) @ d.T @ d for w, d in zip(weights, deltas))
     assert torch.allclose(merged.grad, analytic)
-    assert torch.equal(wudi_matrix(deltas, steps=0), torch.stack([d.float() for d in deltas]).sum(0))  # starts at the sum
+    assert torch.equal(
+        wudi_matrix(deltas, steps=0), torch.stack([d.float() for d in deltas]).sum(0)
+    )  # starts at the sum
     # The minimum in closed form: tau_m A = B with A = sum w D^T D, B = sum w D D^T D (A is invertible here).
     a = sum(w * d.T @ d for w, d in zip(weights, deltas))
     b = sum(w * d @ d.T @ d for w, d in zip(weights, deltas))
     exact = b @ torch.linalg.inv(a)
     found = wudi_matrix(deltas, steps=3000, lr=1e-3).double()
     assert float(interference_loss(found, deltas)) <= float(interference_loss(exact, deltas)) * 1.001
-    assert float(interference_loss(wudi_matrix(deltas), deltas)) < float(interference_loss(torch.stack(deltas).sum(0), deltas))
+    assert float(interference_loss(wudi_matrix(deltas), deltas)) < float(
+        interference_loss(torch.stack(deltas).sum(0), deltas)
+    )
 
 
 def test_wudi_convergence_curve_measures_the_gap_left_by_wudis_own_iterates(smoke_zoo):
     torch.manual_seed(0)
     deltas = [torch.randn(6, 4, dtype=torch.float64) * 0.01 for _ in range(3)]
     weights = [1 / d.square().sum() for d in deltas]
-    exact = (sum(w * d @ d.T @ d for w, d in zip(weights, deltas)) @ torch.linalg.inv(sum(w * d.T @ d for w, d in zip(weights, deltas))))
+    exact = sum(w * d @ d.T @ d for w, d in zip(weights, deltas)) @ torch.linalg.inv(
+        sum(w * d.T @ d for w, d in zip(weights, deltas))
+    )
     assert torch.allclose(interference_minimum(deltas), exact)
     curve = convergence_curve(deltas, lr=1e-3, steps=200, every=50)
     assert [step for step, _ in curve] == [0, 50, 100, 150, 200] and curve[0][1] == pytest.approx(1.0)
@@ -156,14 +169,22 @@ def test_wudi_convergence_curve_measures_the_gap_left_by_wudis_own_iterates(smok
 def test_wudi_scopes_choose_what_is_optimised_and_what_the_rest_gets():
     # A block's four matrices, a LayerNorm weight (1-D), a positional embedding (2-D, not a linear layer) and proj.
     torch.manual_seed(0)
-    shapes = {"transformer.resblocks.0.attn.in_proj_weight": (12, 4), "transformer.resblocks.0.attn.out_proj.weight": (4, 4),
-              "transformer.resblocks.0.mlp.c_fc.weight": (8, 4), "transformer.resblocks.0.mlp.c_proj.weight": (4, 8),
-              "transformer.resblocks.0.ln_1.weight": (4,), "positional_embedding": (5, 4), "proj": (4, 3)}  # fmt: skip
+    shapes = {
+        "transformer.resblocks.0.attn.in_proj_weight": (12, 4),
+        "transformer.resblocks.0.attn.out_proj.weight": (4, 4),
+        "transformer.resblocks.0.mlp.c_fc.weight": (8, 4),
+        "transformer.resblocks.0.mlp.c_proj.weight": (4, 8),
+        "transformer.resblocks.0.ln_1.weight": (4,),
+        "positional_embedding": (5, 4),
+        "proj": (4, 3),
+    }
     pretrained = {k: torch.randn(shape) for k, shape in shapes.items()}
     experts = {t: {k: v + 0.01 * torch.randn_like(v) for k, v in pretrained.items()} for t in "abc"}
     vectors = list(task_vectors(pretrained, experts).values())
     mean = {k: torch.stack([v[k] for v in vectors]).mean(0) for k in pretrained}
-    optimised = {k: pretrained[k] + wudi_matrix([v[k] for v in vectors], 20, 1e-4) for k in pretrained if len(shapes[k]) == 2}
+    optimised = {
+        k: pretrained[k] + wudi_matrix([v[k] for v in vectors], 20, 1e-4) for k in pretrained if len(shapes[k]) == 2
+    }
     block = [k for k in shapes if ".attn." in k or ".mlp." in k]
 
     official = wudi_merging(pretrained, experts, steps=20, scope="official")
@@ -172,11 +193,15 @@ def test_wudi_scopes_choose_what_is_optimised_and_what_the_rest_gets():
 
     fusionbench = wudi_merging(pretrained, experts, steps=20, scope="fusionbench")
     assert all(torch.allclose(fusionbench[k], optimised[k]) for k in [*block, "positional_embedding", "proj"])
-    assert torch.allclose(fusionbench["transformer.resblocks.0.ln_1.weight"], pretrained["transformer.resblocks.0.ln_1.weight"]
-                          + mean["transformer.resblocks.0.ln_1.weight"])  # fmt: skip
+    assert torch.allclose(
+        fusionbench["transformer.resblocks.0.ln_1.weight"],
+        pretrained["transformer.resblocks.0.ln_1.weight"] + mean["transformer.resblocks.0.ln_1.weight"],
+    )
 
     linear = wudi_merging(pretrained, experts, steps=20, scope="linear")
-    assert torch.allclose(linear["positional_embedding"], pretrained["positional_embedding"] + mean["positional_embedding"])
+    assert torch.allclose(
+        linear["positional_embedding"], pretrained["positional_embedding"] + mean["positional_embedding"]
+    )
     transposed = pretrained["proj"] + wudi_matrix([v["proj"].T for v in vectors], 20, 1e-4).T
     assert torch.allclose(linear["proj"], transposed)
     with pytest.raises(SurgeryBookError, match=r"unknown WUDI scope 'all'.*official, fusionbench, linear"):
@@ -193,7 +218,9 @@ def test_consensus_keeps_entries_at_least_two_tall_masks_keep():
     masks = tall_masks(vectors, summed, 0.4)
     assert masks[0]["w"].tolist() == [True, True, True] and masks[1]["w"].tolist() == [True, False, True]
     assert torch.equal(consensus_vector(vectors, summed, 0.4)["w"], torch.tensor([2.0, 0.0, 0.0]))
-    merged = consensus_merging({"w": torch.ones(3)}, {"a": {"w": 1 + vectors[0]["w"]}, "b": {"w": 1 + vectors[1]["w"]}}, scale=0.5)
+    merged = consensus_merging(
+        {"w": torch.ones(3)}, {"a": {"w": 1 + vectors[0]["w"]}, "b": {"w": 1 + vectors[1]["w"]}}, scale=0.5
+    )
     assert torch.allclose(merged["w"], torch.tensor([2.0, 1.0, 1.0]))
 
 

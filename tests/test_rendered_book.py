@@ -26,8 +26,15 @@ SCREENSHOTS = ROOT / "_build" / "screenshots"
 SCREENSHOT_PAGES = {"intro", "04_surgery", "05_surgery_v2", "reproduce"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The flags a closed network needs: no background connections, no updates, no GPU, no sandbox (root in CI).
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def _pages() -> list[str]:
@@ -39,6 +46,7 @@ def _pages() -> list[str]:
 def site():
     if not (HTML / "index.html").exists():
         pytest.fail(f"no rendered book in {HTML}: build it first with `make book`")
+
     class QuietHandler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -92,7 +100,8 @@ def test_chapter_loads_with_decoded_figures_and_colab_link(browser, site, page_f
     assert not _uncaptioned_figures(page), f"{page_file}: figures without a caption: {_uncaptioned_figures(page)}"
     # A code or printed line wider than the page makes its block scroll sideways: the reader never sees its end.
     wide = page.eval_on_selector_all(
-        "article div.cell_input pre, article div.cell_output pre", "els => els.filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)"
+        "article div.cell_input pre, article div.cell_output pre",
+        "els => els.filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)"
         ".map(e => e.textContent.split('\\n').reduce((a, b) => a.length > b.length ? a : b))",
     )
     assert not wide, f"{page_file}: code wider than the page: {wide}"
@@ -103,7 +112,8 @@ def test_chapter_loads_with_decoded_figures_and_colab_link(browser, site, page_f
 def _uncaptioned_figures(page) -> list[str]:
     """The article's images that are not inside a figure with a caption of a sentence or more."""
     return page.eval_on_selector_all(
-        "article img", "els => els.filter(e => { const caption = e.closest('figure') && e.closest('figure')"
+        "article img",
+        "els => els.filter(e => { const caption = e.closest('figure') && e.closest('figure')"
         ".querySelector('figcaption'); return !(caption && caption.innerText.trim().length > 20); })"
         ".map(e => e.src.slice(-40))",
     )
@@ -132,10 +142,13 @@ def test_prose_page_loads_and_renders_math_offline(browser, site, page_file):
     page.close()
 
 
-@pytest.mark.parametrize(("page_file", "selector"), [
-    ("notebooks/06_reproduce_tables", "article table.readable-table"),
-    ("book/results", "article table"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("page_file", "selector"),
+    [
+        ("notebooks/06_reproduce_tables", "article table.readable-table"),
+        ("book/results", "article table"),
+    ],
+)
 def test_the_headline_table_shows_its_average_without_scrolling(browser, site, page_file, selector):
     page, _ = _open(browser, f"{site}/{page_file}.html")
     table = page.locator(selector).first

@@ -53,7 +53,9 @@ def test_reproduce_names_the_failing_notebook_and_cell(tmp_path, capsys):
     source.mkdir()
     _notebook(source / "01_ok.ipynb", "x = 1")
     _notebook(source / "02_broken.ipynb", "raise ValueError('deliberate')")
-    status = main(["reproduce", "--preset", "smoke", "--out", str(tmp_path / "out"), "--source", str(source), "--quiet"])
+    status = main(
+        ["reproduce", "--preset", "smoke", "--out", str(tmp_path / "out"), "--source", str(source), "--quiet"]
+    )
     error = capsys.readouterr().err
     assert status == 2
     assert "02_broken.ipynb failed in cell" in error and "ValueError: deliberate" in error

@@ -35,19 +35,31 @@ def test_equal_tensors_give_byte_identical_files_in_every_process(tmp_path):
         tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(4, dtype=torch.int64)}
         print(save_tensors(tensors, sys.argv[1], metadata={"model": "m", "task": "t", "key": "k", "config_hash": "c"}))
     """)
-    digests = {subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{i}.safetensors")], env=ONE_THREAD,
-                              capture_output=True, text=True, check=True).stdout.strip() for i in range(3)}  # fmt: skip
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"{i}.safetensors")],
+            env=ONE_THREAD,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for i in range(3)
+    }
     assert len(digests) == 1
     assert sha256_file(tmp_path / "0.safetensors") == digests.pop()
     tensors, metadata = load_tensors(tmp_path / "0.safetensors")
-    assert metadata == {"model": "m", "task": "t", "key": "k", "config_hash": "c"} and torch.equal(tensors["a"], torch.ones(4, dtype=torch.int64))
+    assert metadata == {"model": "m", "task": "t", "key": "k", "config_hash": "c"} and torch.equal(
+        tensors["a"], torch.ones(4, dtype=torch.int64)
+    )
 
 
 def test_the_manifest_records_what_decides_the_last_bits(smoke_zoo):
     machine = smoke_zoo.manifest["machine"]
     assert machine["torch_threads"] == torch.get_num_threads() and machine["cpu_count"] == os.cpu_count()
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert all(entry["torch_threads"] >= 1 and len(entry["content"]) == 16 for entry in smoke_zoo.manifest["models"].values())
+    assert all(
+        entry["torch_threads"] >= 1 and len(entry["content"]) == 16 for entry in smoke_zoo.manifest["models"].values()
+    )
 
 
 class Retraining(Exception):
@@ -64,11 +76,14 @@ def _copy_zoo(smoke_zoo, tmp_path):
 def _forbid(monkeypatch, *names):
     def refuse(*args, **kwargs):
         raise Retraining
+
     for name in names:
         monkeypatch.setattr(zoo_module, name, refuse)
 
 
-def test_a_damaged_model_rebuilt_identically_does_not_retrain_what_was_trained_from_it(smoke_zoo, tmp_path, monkeypatch, caplog):
+def test_a_damaged_model_rebuilt_identically_does_not_retrain_what_was_trained_from_it(
+    smoke_zoo, tmp_path, monkeypatch, caplog
+):
     cache, directory = _copy_zoo(smoke_zoo, tmp_path)
     before = json.loads((directory / MANIFEST).read_text())["models"]
     with open(directory / "pretrained.safetensors", "r+b") as handle:  # truncated, as by a disk error
@@ -100,7 +115,9 @@ def test_a_cached_merge_of_since_rebuilt_experts_is_recomputed(smoke_zoo, tmp_pa
     zoo = dataclasses.replace(smoke_zoo, directory=tmp_path)
     first = cached_merge(zoo, "task_arithmetic", MergeOptions(), device="cpu", progress=False)
     task = zoo.tasks[0]
-    changed = dict(zoo.experts, **{task: {k: v + 0.01 if v.is_floating_point() else v for k, v in zoo.experts[task].items()}})
+    changed = dict(
+        zoo.experts, **{task: {k: v + 0.01 if v.is_floating_point() else v for k, v in zoo.experts[task].items()}}
+    )
     manifest = json.loads(json.dumps(zoo.manifest))
     manifest["models"][f"expert/{task}"]["content"] = "0" * 16
     rebuilt = dataclasses.replace(zoo, experts=changed, manifest=manifest)
@@ -129,8 +146,15 @@ BUILD_COUNTING_TRAINING = textwrap.dedent("""
 @pytest.mark.heavy
 def test_two_builds_sharing_a_cache_take_turns_and_train_once(tmp_path):
     calls = tmp_path / "calls.txt"
-    runs = [subprocess.Popen([sys.executable, "-c", BUILD_COUNTING_TRAINING, str(tmp_path / "cache"), str(calls)], env=ONE_THREAD,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_COUNTING_TRAINING, str(tmp_path / "cache"), str(calls)],
+            env=ONE_THREAD,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     errors = [run.communicate(timeout=300)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], errors
     assert calls.read_text().split() == ["pretrain"]  # the second build waited and reused the first one's model

@@ -34,12 +34,18 @@ def test_the_preset_data_keeps_the_zoo_names_of_0_1():
     from surgery_lib.settings.offline.zoo import zoo_config_hash
 
     # The hashes name the zoo folders built by 0.1: moving the presets into JSON changed nothing that counts.
-    assert [zoo_config_hash(PRESETS[n]) for n in ("smoke", "mini", "base")] == ["cfe2505fb7d9", "fef7eb5c96c1", "ed9f96fc2b13"]
+    assert [zoo_config_hash(PRESETS[n]) for n in ("smoke", "mini", "base")] == [
+        "cfe2505fb7d9",
+        "fef7eb5c96c1",
+        "ed9f96fc2b13",
+    ]
 
 
 def test_a_missing_task_is_reported_with_the_suites_own_tasks():
     # 0.1 validated the name against the offline tasks first, so a CLIP suite answered with mnist, shapes, ...
-    data = TaskData("EuroSAT", ("a", "b"), {"test": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}, {"test": torch.zeros(1)})
+    data = TaskData(
+        "EuroSAT", ("a", "b"), {"test": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}, {"test": torch.zeros(1)}
+    )
     suite = Suite(None, {"EuroSAT": data}, None)
     with pytest.raises(SurgeryBookError, match="task 'SVHN' is not part of this suite.*use one of: EuroSAT") as error:
         suite["SVHN"]
@@ -80,11 +86,28 @@ def test_the_cli_passes_clip_options_as_objects_not_through_the_environment(monk
 
     def fake_load_suite(preset, **kwargs):
         seen.update(kwargs["options"])
-        data = TaskData("EuroSAT", ("a",), {"test": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}, {"test": torch.zeros(1)})
+        data = TaskData(
+            "EuroSAT", ("a",), {"test": torch.zeros(1, 3, 4, 4, dtype=torch.uint8)}, {"test": torch.zeros(1)}
+        )
         return Suite(None, {"EuroSAT": data}, None)
 
     monkeypatch.setattr(cli, "load_suite", fake_load_suite)
-    assert cli.main(["data", "--preset", "clip-vit-b-32", "--family", "fusionbench", "--data-root", "rel/data", "--json", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "--preset",
+                "clip-vit-b-32",
+                "--family",
+                "fusionbench",
+                "--data-root",
+                "rel/data",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert seen["family"] == "fusionbench" and seen["data_root"] == "rel/data"
     assert not any(variable in os.environ for variable in VARIABLES.values())
 

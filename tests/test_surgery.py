@@ -122,7 +122,9 @@ def test_surgery_v2_batched_trainer_equals_a_step_by_step_replay(smoke_zoo, merg
 def test_shared_adam_moves_idle_modules_and_per_task_does_not():
     merged, expert = _features([32, 32])
     shared, _ = train_surgery(merged, expert, SurgeryConfig(rank=4, steps=2, lr=1e-2, eval_every=0), progress=False)
-    per_task, _ = train_surgery(merged, expert, SurgeryConfig(rank=4, steps=2, lr=1e-2, eval_every=0, adam="per-task"), progress=False)
+    per_task, _ = train_surgery(
+        merged, expert, SurgeryConfig(rank=4, steps=2, lr=1e-2, eval_every=0, adam="per-task"), progress=False
+    )
     # One iteration: task 0 steps twice, then coasts through task 1's two steps; task 1 is last and never coasts.
     assert not torch.allclose(shared.up[0], per_task.up[0], atol=1e-7)
     torch.testing.assert_close(shared.up[1], per_task.up[1], atol=1e-7, rtol=0)
@@ -179,7 +181,9 @@ def test_online_iterations_see_every_image_once_with_checkpoints(order):
 
     iterations = list(online_iterations([1000, 250], seed=0, order=order))
     if order == "official":  # task 0's whole pass, cut at every checkpoint, then task 1's
-        assert [(it.checkpoint, it.checkpoint_tasks) for it in iterations] == [(p, (t,)) for t in (0, 1) for p in ONLINE_CHECKPOINTS]
+        assert [(it.checkpoint, it.checkpoint_tasks) for it in iterations] == [
+            (p, (t,)) for t in (0, 1) for p in ONLINE_CHECKPOINTS
+        ]
         assert all(not it.batches[1] for it in iterations[: len(ONLINE_CHECKPOINTS)])
     else:
         assert [it.checkpoint for it in iterations] == list(ONLINE_CHECKPOINTS)
@@ -226,7 +230,9 @@ def test_online_surgery_equals_the_official_online_loop_task_by_task(adam):
         torch.testing.assert_close(history.end_of_pass[task].down.weight, reference_end[task][0], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(history.end_of_pass[task].up.weight, reference_end[task][1], atol=2e-5, rtol=1e-4)
     # The interleaved order is the same computation only under per-task Adam.
-    interleaved, _ = train_surgery(merged, expert, dataclasses.replace(config, online_order="interleaved"), progress=False)
+    interleaved, _ = train_surgery(
+        merged, expert, dataclasses.replace(config, online_order="interleaved"), progress=False
+    )
     gap = max((interleaved.up[i] - reference[i].up.weight).abs().max().item() for i in range(3))
     assert gap > 1e-3 if adam == "shared" else gap < 2e-5
 
@@ -235,7 +241,9 @@ def test_surgery_lowers_bias_and_seeds_reproduce(smoke_zoo, merged_state):
     config = SurgeryConfig(rank=8, steps=150, batch_size=32, lr=1e-2, seed=1, eval_every=50)
     first = run_surgery(smoke_zoo, merged_state, config=config, progress=False)
     again = run_surgery(smoke_zoo, merged_state, config=config, progress=False)
-    other = run_surgery(smoke_zoo, merged_state, config=SurgeryConfig(rank=8, steps=150, batch_size=32, lr=1e-2, seed=2), progress=False)
+    other = run_surgery(
+        smoke_zoo, merged_state, config=SurgeryConfig(rank=8, steps=150, batch_size=32, lr=1e-2, seed=2), progress=False
+    )
     for task in smoke_zoo.tasks:
         assert first.bias_after[task] < first.bias_before[task]
     assert torch.equal(first.modules.down, again.modules.down) and torch.equal(first.modules.up, again.modules.up)
@@ -278,7 +286,9 @@ def test_v2_runs_a_24_block_width_1024_encoder():
     from open_clip.transformer import VisionTransformer
 
     torch.manual_seed(0)
-    encoder = VisionTransformer(image_size=16, patch_size=16, width=1024, layers=24, heads=16, mlp_ratio=4.0, output_dim=768)
+    encoder = VisionTransformer(
+        image_size=16, patch_size=16, width=1024, layers=24, heads=16, mlp_ratio=4.0, output_dim=768
+    )
     encoder.requires_grad_(False)
     deep = DeepSurgery.for_encoder(encoder, ("a", "b"), rank=4)
     assert deep.blocks == 24 and deep.block_down.shape == (2, 24, 4, 1024)
@@ -324,8 +334,15 @@ def test_an_explicit_rank_is_kept_and_a_rank_left_open_is_the_presets(smoke_zoo)
     assert zoo.preset.surgery_rank(2) == 4 and zoo.preset.surgery_rank(1) == 16
     ranks = {}
     for rank in (None, 16):
-        grid = surgery_grid(zoo, ["task_arithmetic"], versions=(1, 2), seeds=1, reference_rows=False, progress=False,
-                            config=SurgeryConfig(rank=rank, steps=2, eval_every=0))  # fmt: skip
+        grid = surgery_grid(
+            zoo,
+            ["task_arithmetic"],
+            versions=(1, 2),
+            seeds=1,
+            reference_rows=False,
+            progress=False,
+            config=SurgeryConfig(rank=rank, steps=2, eval_every=0),
+        )
         ranks[rank] = sorted(run.modules.rank for runs in grid.runs.values() for run in runs)
     assert ranks == {None: [4, 16], 16: [16, 16]}
     assert SurgeryConfig().with_rank(4).rank == 4 and SurgeryConfig(rank=8).with_rank(4).rank == 8

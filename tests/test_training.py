@@ -61,7 +61,10 @@ def test_derive_seed_is_stable_and_distinct():
 
 
 def test_unknown_preset_is_a_clear_error():
-    with pytest.raises(SurgeryBookError, match=r"unknown preset 'huge'.*use one of: smoke, mini, base, clip-vit-b-32, clip-vit-b-16, clip-vit-l-14"):
+    with pytest.raises(
+        SurgeryBookError,
+        match=r"unknown preset 'huge'.*use one of: smoke, mini, base, clip-vit-b-32, clip-vit-b-16, clip-vit-l-14",
+    ):
         get_preset("huge")
 
 

@@ -67,7 +67,9 @@ def test_interrupted_build_resumes_at_the_last_finished_model(smoke_zoo, tmp_pat
 
     calls.clear()
     monkeypatch.setattr(zoo_module, "pretrain", lambda *a, **k: pytest.fail("pretraining was repeated"))
-    monkeypatch.setattr(zoo_module, "finetune", lambda *a, desc="", **k: calls.append(desc) or real_finetune(*a, desc=desc, **k))
+    monkeypatch.setattr(
+        zoo_module, "finetune", lambda *a, desc="", **k: calls.append(desc) or real_finetune(*a, desc=desc, **k)
+    )
     resumed = build_zoo("smoke", device="cpu", cache_dir=cache_dir, zoo_dir=tmp_path / "zoo", progress=False)
     assert calls == ["expert shapes", "multi-task learning"]
     # Seeded steps: the resumed zoo equals the one built in one go.
@@ -117,9 +119,18 @@ def test_heads_stay_frozen_while_experts_train(smoke_zoo):
     before = {k: v.clone() for k, v in head.state_dict().items()}
     encoder = smoke_zoo.encoder("pretrained")
     training.finetune(
-        encoder, [(smoke_zoo.suite["shapes"], head)], steps=3, batch_per_task=16, lr=1e-3, weight_decay=0.1,
-        warmup_fraction=0.0, translate_px=2, seed=0, device=torch.device("cpu"), progress=False,
-    )  # fmt: skip
+        encoder,
+        [(smoke_zoo.suite["shapes"], head)],
+        steps=3,
+        batch_per_task=16,
+        lr=1e-3,
+        weight_decay=0.1,
+        warmup_fraction=0.0,
+        translate_px=2,
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+    )
     assert all(not p.requires_grad for p in head.parameters())
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
     moved = [not torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), smoke_zoo.pretrained.values())]
@@ -189,7 +200,9 @@ def test_rebuild_never_deletes_through_a_linked_merges_folder(tmp_path):
     (elsewhere / "keep.safetensors").write_bytes(b"someone else's merge")
     (zoo_dir / "merges").symlink_to(elsewhere, target_is_directory=True)
     (zoo_dir / "pretrained.safetensors").write_bytes(b"x")
-    (zoo_dir / MANIFEST).write_text(json.dumps({"models": {"pretrained": {"file": "pretrained.safetensors", "sha256": "0"}}}))
+    (zoo_dir / MANIFEST).write_text(
+        json.dumps({"models": {"pretrained": {"file": "pretrained.safetensors", "sha256": "0"}}})
+    )
     zoo_module.clear_zoo(zoo_dir)
     assert (elsewhere / "keep.safetensors").read_bytes() == b"someone else's merge"
     assert not (zoo_dir / "pretrained.safetensors").exists() and not (zoo_dir / MANIFEST).exists()

@@ -34,23 +34,50 @@ MOVED: dict[str, tuple[str, ...]] = {
     "data.generators": ("settings.offline.generators",),
     "data.suite": ("core.taskdata", "settings", "settings.offline.suite", "core.storage", "presets", "core.errors"),
     "training": ("settings.offline.training", "core.taskdata", "models"),
-    "zoo": ("settings", "settings.base", "settings.offline.zoo", "settings.clip.zoo", "settings.offline.training",
-            "core.taskdata", "core.storage", "evaluation", "models", "presets", "core.errors"),
+    "zoo": (
+        "settings",
+        "settings.base",
+        "settings.offline.zoo",
+        "settings.clip.zoo",
+        "settings.offline.training",
+        "core.taskdata",
+        "core.storage",
+        "evaluation",
+        "models",
+        "presets",
+        "core.errors",
+    ),
     "clip_tasks": ("settings.clip.tasks",),
     "clip_data": ("settings.clip.data", "settings.clip.tasks", "core.taskdata", "core.storage", "core.errors"),
     "zero_shot": ("settings.clip.zero_shot", "core.storage", "models", "core.errors"),
     "checkpoints": ("settings.clip.checkpoints", "core.errors"),
-    "clip_zoo": ("settings.clip.zoo", "settings.clip.sources", "settings.clip.tasks", "settings.clip.checkpoints",
-                 "settings.clip.data", "settings.clip.zero_shot", "core.taskdata", "core.storage", "evaluation",
-                 "models", "presets", "core.errors"),
-}  # fmt: skip
+    "clip_zoo": (
+        "settings.clip.zoo",
+        "settings.clip.sources",
+        "settings.clip.tasks",
+        "settings.clip.checkpoints",
+        "settings.clip.data",
+        "settings.clip.zero_shot",
+        "core.taskdata",
+        "core.storage",
+        "evaluation",
+        "models",
+        "presets",
+        "core.errors",
+    ),
+}
 
 #: Names that left a module that still exists (``presets``, ``models``, ...): where they went.
 MOVED_NAMES: dict[str, dict[str, str]] = {
-    "presets": {"config_hash": "core.storage", "OFFLINE_TASKS": "settings.offline.suite", "OPENAI_MEAN": "settings.clip.tasks",
-                "OPENAI_STD": "settings.clip.tasks", "text_leftover_entries": "settings.clip.tasks"},
+    "presets": {
+        "config_hash": "core.storage",
+        "OFFLINE_TASKS": "settings.offline.suite",
+        "OPENAI_MEAN": "settings.clip.tasks",
+        "OPENAI_STD": "settings.clip.tasks",
+        "text_leftover_entries": "settings.clip.tasks",
+    },
     "surgery": {"task_seed": "surgery.schedule"},
-}  # fmt: skip
+}
 
 PACKAGE = __name__.split(".")[0]
 
@@ -67,8 +94,11 @@ class _MovedModule(types.ModuleType):
         for target in self._targets:
             module = importlib.import_module(f"{PACKAGE}.{target}")
             if hasattr(module, name):
-                warnings.warn(f"{self.__name__}.{name} moved to {PACKAGE}.{target}.{name}; the old path goes in 0.3",
-                              DeprecationWarning, stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"{self.__name__}.{name} moved to {PACKAGE}.{target}.{name}; the old path goes in 0.3",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
                 return getattr(module, name)
         raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
 
@@ -96,7 +126,11 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def moved_name(module: str, name: str) -> Any:
     """A name that left the still-existing ``module`` (see :data:`MOVED_NAMES`), with a DeprecationWarning."""
     target = MOVED_NAMES[module][name]
-    warnings.warn(f"{PACKAGE}.{module}.{name} moved to {PACKAGE}.{target}.{name}; the old path goes in 0.3", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{PACKAGE}.{module}.{name} moved to {PACKAGE}.{target}.{name}; the old path goes in 0.3",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return getattr(importlib.import_module(f"{PACKAGE}.{target}"), name)
 
 

@@ -39,4 +39,6 @@ def from_os_error(exc: OSError) -> SurgeryBookError:
     name = errno_module.errorcode.get(exc.errno or 0, "")
     where = f" ({exc.filename})" if exc.filename else ""
     reason = exc.strerror or str(exc) or type(exc).__name__
-    return SurgeryBookError(f"{reason}{where}", _OS_FIXES.get(name, "check the path and its permissions, then run the same command again"))
+    return SurgeryBookError(
+        f"{reason}{where}", _OS_FIXES.get(name, "check the path and its permissions, then run the same command again")
+    )

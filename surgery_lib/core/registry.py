@@ -37,7 +37,9 @@ class Registry(MutableMapping[str, T], Generic[T]):
         if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
             raise SurgeryBookError(f"invalid {self.what} name {name!r}", "use letters, digits, '-', '_' and '.' only")
         if name in self._entries and not replace:
-            raise SurgeryBookError(f"a {self.what} named {name!r} is already registered", "choose another name, or pass replace=True")
+            raise SurgeryBookError(
+                f"a {self.what} named {name!r} is already registered", "choose another name, or pass replace=True"
+            )
         self._entries[name] = entry
         return entry
 

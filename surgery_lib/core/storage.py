@@ -144,7 +144,9 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise SurgeryBookError(f"{target} exists and is not a folder", f"pass another output folder, or remove {target}")
+        raise SurgeryBookError(
+            f"{target} exists and is not a folder", f"pass another output folder, or remove {target}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):  # a killed run's; a live one is younger
@@ -225,7 +227,9 @@ def save_tensors(
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     with atomic_path(path) as tmp:
         try:
-            save_file(contiguous, str(tmp), metadata={**dict(metadata or {}), CONTENT_KEY: state_fingerprint(contiguous)})
+            save_file(
+                contiguous, str(tmp), metadata={**dict(metadata or {}), CONTENT_KEY: state_fingerprint(contiguous)}
+            )
             _sort_header(tmp)
         except Exception as exc:  # safetensors reports I/O failures as its own SafetensorError
             if "No space left" in str(exc) or "StorageFull" in str(exc) or "QuotaExceeded" in str(exc):
@@ -338,5 +342,7 @@ def config_hash(data: Any) -> str:
             return dataclasses.asdict(value)
         return list(value)
 
-    blob = json.dumps(encode(data) if dataclasses.is_dataclass(data) else data, sort_keys=True, separators=(",", ":"), default=encode)
+    blob = json.dumps(
+        encode(data) if dataclasses.is_dataclass(data) else data, sort_keys=True, separators=(",", ":"), default=encode
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

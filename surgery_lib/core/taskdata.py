@@ -41,9 +41,11 @@ class TaskData:
     def with_split(self, name: str, source: str, index: torch.Tensor) -> TaskData:
         """A copy with one more split ``name`` holding the images (and labels) ``index`` of split ``source``."""
         return dataclasses.replace(
-            self, images={**self.images, name: self.images[source][index]},
-            labels={**self.labels, name: self.labels[source][index]}, files=dict(self.files),
-        )  # fmt: skip
+            self,
+            images={**self.images, name: self.images[source][index]},
+            labels={**self.labels, name: self.labels[source][index]},
+            files=dict(self.files),
+        )
 
     def normalized(self, split: str, index: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Images of ``split`` (optionally a subset) as float32 (N, 3, H, W), normalised for the encoder."""
@@ -131,7 +133,8 @@ class Suite:
             return self.tasks[task]
         except KeyError:
             raise SurgeryBookError(
-                f"task {task!r} is not part of this suite", f"use one of: {', '.join(self.tasks)} (or load a preset that includes it)"
+                f"task {task!r} is not part of this suite",
+                f"use one of: {', '.join(self.tasks)} (or load a preset that includes it)",
             ) from None
 
     @property
@@ -144,7 +147,17 @@ class Suite:
             return self.describe()
         import pandas as pd  # the generic cards: what was read from the data, in the same columns
 
-        rows = [{"task": n, "stands in for": n, "classes": d.num_classes, "train": len(d.labels.get("train", ())),
-                 "adapt": len(d.labels.get("adapt", ())), "test": len(d.labels.get("test", ())), "source": str(self.files.get(n, "")),
-                 "licence": "the dataset's own terms"} for n, d in self.tasks.items()]  # fmt: skip
+        rows = [
+            {
+                "task": n,
+                "stands in for": n,
+                "classes": d.num_classes,
+                "train": len(d.labels.get("train", ())),
+                "adapt": len(d.labels.get("adapt", ())),
+                "test": len(d.labels.get("test", ())),
+                "source": str(self.files.get(n, "")),
+                "licence": "the dataset's own terms",
+            }
+            for n, d in self.tasks.items()
+        ]
         return pd.DataFrame(rows).set_index("task")

@@ -33,6 +33,7 @@ from surgery_lib.merging import consensus  # noqa: F401
 from surgery_lib.merging import tsv  # noqa: F401
 from surgery_lib.merging import isotropic  # noqa: F401
 from surgery_lib.merging import wudi  # noqa: F401
+
 # isort: on
 from surgery_lib.core.errors import SurgeryBookError  # noqa: F401  (0.1 re-exported it here)
 from surgery_lib.merging.api import (
@@ -78,9 +79,37 @@ from surgery_lib.merging.vectors import (
 )
 
 __all__ = [
-    "MAIN_TABLE", "MERGE_METHODS", "METHODS", "REPAIRED", "StateDict", "TIES_OPERATING_POINTS", "TRIMMING", "MergeMethod",
-    "MergeOptions", "MergeResult", "add_vectors", "cached_merge", "check_compatible", "check_method", "cosine_similarities",
-    "evaluate_merge", "flatten_vector", "get_method", "kept_fraction", "main_table", "merge", "merge_cache_path",
-    "method_label", "register_method", "scale_sweep", "task_arithmetic", "task_vectors", "ties_merging", "ties_vectors",
-    "ties_zero_entries", "trim_threshold", "weight_averaging", "with_options",
-]  # fmt: skip
+    "MAIN_TABLE",
+    "MERGE_METHODS",
+    "METHODS",
+    "REPAIRED",
+    "StateDict",
+    "TIES_OPERATING_POINTS",
+    "TRIMMING",
+    "MergeMethod",
+    "MergeOptions",
+    "MergeResult",
+    "add_vectors",
+    "cached_merge",
+    "check_compatible",
+    "check_method",
+    "cosine_similarities",
+    "evaluate_merge",
+    "flatten_vector",
+    "get_method",
+    "kept_fraction",
+    "main_table",
+    "merge",
+    "merge_cache_path",
+    "method_label",
+    "register_method",
+    "scale_sweep",
+    "task_arithmetic",
+    "task_vectors",
+    "ties_merging",
+    "ties_vectors",
+    "ties_zero_entries",
+    "trim_threshold",
+    "weight_averaging",
+    "with_options",
+]

@@ -178,14 +178,26 @@ def adamerging(
 def _run(zoo, experts, options, device, progress, *, granularity: str, trimmed: bool):
     vectors = task_vectors(zoo.pretrained, experts)
     if trimmed:  # AdaMerging++: the coefficients scale TIES-trimmed task vectors
-        vectors = dict(zip(vectors, ties_vectors(list(vectors.values()), options.keep_fraction, ties_zero_entries(zoo))))
+        vectors = dict(
+            zip(vectors, ties_vectors(list(vectors.values()), options.keep_fraction, ties_zero_entries(zoo)))
+        )
     result = adamerging(
-        zoo.encoder("pretrained"), zoo.pretrained, vectors, zoo.heads, {t: zoo.suite[t] for t in experts},
-        granularity=granularity, split=options.split,
+        zoo.encoder("pretrained"),
+        zoo.pretrained,
+        vectors,
+        zoo.heads,
+        {t: zoo.suite[t] for t in experts},
+        granularity=granularity,
+        split=options.split,
         steps=options.steps if options.steps is not None else zoo.preset.adamerging_steps,
-        batch_size=options.batch_size or zoo.preset.adamerging_batch_size, batches_per_task=options.batches_per_task,
-        lr=options.lr, seed=options.seed, device=device, precision=options.precision or zoo.preset.precision, progress=progress,
-    )  # fmt: skip
+        batch_size=options.batch_size or zoo.preset.adamerging_batch_size,
+        batches_per_task=options.batches_per_task,
+        lr=options.lr,
+        seed=options.seed,
+        device=device,
+        precision=options.precision or zoo.preset.precision,
+        progress=progress,
+    )
     return result.merged, {"adamerging": result}
 
 
@@ -196,7 +208,13 @@ for _name, _label, _granularity, _trimmed in (
     ("adamerging_plus_task", "task-wise AdaMerging++", "task", True),
     ("adamerging_plus", "layer-wise AdaMerging++", "layer", True),
 ):
-    register_method(MergeMethod(
-        _name, _label, functools.partial(_run, granularity=_granularity, trimmed=_trimmed),
-        reads=_READS + (("keep_fraction",) if _trimmed else ()), trims=_trimmed, data="unlabeled",
-    ))  # fmt: skip
+    register_method(
+        MergeMethod(
+            _name,
+            _label,
+            functools.partial(_run, granularity=_granularity, trimmed=_trimmed),
+            reads=_READS + (("keep_fraction",) if _trimmed else ()),
+            trims=_trimmed,
+            data="unlabeled",
+        )
+    )

@@ -52,7 +52,10 @@ def method_label(zoo: Zoo, method: str, options: MergeOptions | None = None) -> 
         return spec.label
     keep = (options or MergeOptions()).keep_fraction
     entries = sum(v.numel() for v in zoo.pretrained.values() if v.is_floating_point())
-    return spec.label + f" [top {keep:.0%} of tower + text leftovers = {100 * kept_fraction(entries, keep, extra):.2f} % of the tower]"
+    return (
+        spec.label
+        + f" [top {keep:.0%} of tower + text leftovers = {100 * kept_fraction(entries, keep, extra):.2f} % of the tower]"
+    )
 
 
 def merge(
@@ -83,7 +86,7 @@ def merge(
 
 def merge_cache_path(zoo: Zoo, method: str, options: MergeOptions, tasks: Sequence[str]) -> Path:
     """Where :func:`cached_merge` keeps a merge: ``<zoo>/merges/<method>-<hash>.safetensors``, the hash of the
-options the method reads (:attr:`~surgery_lib.merging.base.MergeMethod.reads`) and of the tasks."""
+    options the method reads (:attr:`~surgery_lib.merging.base.MergeMethod.reads`) and of the tasks."""
     key = config_hash({"method": method, "options": get_method(method).key_options(options), "tasks": list(tasks)})
     return Path(zoo.directory) / "merges" / f"{method}-{key}.safetensors"
 
@@ -124,11 +127,22 @@ def cached_merge(
 
 
 def _compute_and_cache(
-    zoo: Zoo, method: str, options: MergeOptions, names: list[str], path: Path, device: str | torch.device | None, progress: bool
+    zoo: Zoo,
+    method: str,
+    options: MergeOptions,
+    names: list[str],
+    path: Path,
+    device: str | torch.device | None,
+    progress: bool,
 ) -> MergeResult:
     result = merge(zoo, method, options, tasks=names, device=device, progress=progress)
     tensors = {f"state/{k}": v for k, v in result.state.items()}
-    metadata = {"method": method, "seconds": repr(result.seconds), "tasks": json.dumps(names), "zoo": zoo.weights_fingerprint()}
+    metadata = {
+        "method": method,
+        "seconds": repr(result.seconds),
+        "tasks": json.dumps(names),
+        "zoo": zoo.weights_fingerprint(),
+    }
     if "adamerging" in result.details:
         found = result.details["adamerging"]
         tensors["adamerging/coefficients"] = found.coefficients
@@ -145,9 +159,12 @@ def _merge_from_cache(method: str, tensors: dict[str, torch.Tensor], metadata: d
     details: dict[str, Any] = {}
     if "adamerging/coefficients" in tensors:
         details["adamerging"] = AdaMergingResult(
-            tuple(json.loads(metadata["tasks"])), tuple(json.loads(metadata["keys"])),
-            tensors["adamerging/coefficients"], state, json.loads(metadata["entropy"]),
-        )  # fmt: skip
+            tuple(json.loads(metadata["tasks"])),
+            tuple(json.loads(metadata["keys"])),
+            tensors["adamerging/coefficients"],
+            state,
+            json.loads(metadata["entropy"]),
+        )
     return MergeResult(method, state, float(metadata["seconds"]), details)
 
 

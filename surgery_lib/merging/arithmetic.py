@@ -10,7 +10,9 @@ from surgery_lib.merging.base import MergeMethod, register_method
 from surgery_lib.merging.vectors import StateDict, add_vectors, task_vectors
 
 
-def task_arithmetic(pretrained: StateDict, experts: Mapping[str, StateDict], scale: float = 0.3) -> dict[str, torch.Tensor]:
+def task_arithmetic(
+    pretrained: StateDict, experts: Mapping[str, StateDict], scale: float = 0.3
+) -> dict[str, torch.Tensor]:
     """``theta_0 + scale * sum_t tau_t`` (Ilharco et al., 2023); the papers use ``scale = 0.3``."""
     vectors = list(task_vectors(pretrained, experts).values())
     return add_vectors(pretrained, vectors, [scale] * len(vectors))

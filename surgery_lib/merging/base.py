@@ -28,7 +28,9 @@ class MergeOptions:
     which of them it reads (:attr:`MergeMethod.reads`); the others do not change its result or cache key."""
 
     scale: float | None = None  # task arithmetic 0.3; TIES: its operating point's scale; DARE: the base merge's
-    keep_fraction: float = 0.2  # TIES / AdaMerging++: top-k fraction kept (of the image tower + text leftovers on real CLIP)
+    keep_fraction: float = (
+        0.2  # TIES / AdaMerging++: top-k fraction kept (of the image tower + text leftovers on real CLIP)
+    )
     steps: int | None = None  # AdaMerging: the preset's adamerging_steps
     batch_size: int | None = None  # AdaMerging: the preset's adamerging_batch_size
     batches_per_task: int = 2
@@ -54,7 +56,10 @@ class MergeResult:
 
 #: ``run(zoo, experts, options, device, progress) -> (merged state dict, details)``; ``experts`` maps the
 #: tasks to merge to their state dicts (all of the zoo's, or a subset).
-MergeFunction = Callable[["Zoo", dict[str, Mapping[str, torch.Tensor]], MergeOptions, torch.device, bool], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+MergeFunction = Callable[
+    ["Zoo", dict[str, Mapping[str, torch.Tensor]], MergeOptions, torch.device, bool],
+    tuple[dict[str, torch.Tensor], dict[str, Any]],
+]
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,14 @@ class MergeMethod:
         known = {f.name for f in dataclasses.fields(MergeOptions)}
         unknown = [option for option in self.reads if option not in known]
         if unknown:
-            raise SurgeryBookError(f"merging method {self.name!r} reads unknown options {unknown}", f"use MergeOptions fields: {', '.join(sorted(known))}")
+            raise SurgeryBookError(
+                f"merging method {self.name!r} reads unknown options {unknown}",
+                f"use MergeOptions fields: {', '.join(sorted(known))}",
+            )
         if self.data not in ("free", "labeled", "unlabeled"):
-            raise SurgeryBookError(f"merging method {self.name!r} declares data={self.data!r}", "use 'free', 'labeled' or 'unlabeled'")
+            raise SurgeryBookError(
+                f"merging method {self.name!r} declares data={self.data!r}", "use 'free', 'labeled' or 'unlabeled'"
+            )
 
     def key_options(self, options: MergeOptions) -> dict[str, Any]:
         """The options this method reads, by name: what its cache key covers."""
@@ -151,15 +161,27 @@ TRIMMING: Set[str] = _Trimming()
 
 #: The rows of the papers' main table, in their order (plus the zoo's reference rows first).
 MAIN_TABLE = (
-    "weight_averaging", "fisher", "regmean", "task_arithmetic", "ties",
-    "adamerging_task", "adamerging_layer", "adamerging_plus_task", "adamerging_plus",
-)  # fmt: skip
+    "weight_averaging",
+    "fisher",
+    "regmean",
+    "task_arithmetic",
+    "ties",
+    "adamerging_task",
+    "adamerging_layer",
+    "adamerging_plus_task",
+    "adamerging_plus",
+)
 
 #: The merges the papers repair with Surgery and SurgeryV2 (their main table's rows).
 REPAIRED = (
-    "weight_averaging", "task_arithmetic", "ties", "adamerging_task", "adamerging_layer", "adamerging_plus_task",
+    "weight_averaging",
+    "task_arithmetic",
+    "ties",
+    "adamerging_task",
+    "adamerging_layer",
+    "adamerging_plus_task",
     "adamerging_plus",
-)  # fmt: skip
+)
 
 
 def ties_zero_entries(zoo: Zoo) -> int:

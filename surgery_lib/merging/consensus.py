@@ -30,22 +30,40 @@ CONSENSUS_K = 2
 TALL_LAMBDA = 0.4
 
 
-def tall_masks(vectors: Sequence[Mapping[str, torch.Tensor]], merged: Mapping[str, torch.Tensor], lam: float = TALL_LAMBDA) -> list[dict[str, torch.Tensor]]:
+def tall_masks(
+    vectors: Sequence[Mapping[str, torch.Tensor]], merged: Mapping[str, torch.Tensor], lam: float = TALL_LAMBDA
+) -> list[dict[str, torch.Tensor]]:
     """One boolean mask per task and tensor: ``|tau_t| >= lam * |merged - tau_t|``."""
     if lam < 0:
         raise SurgeryBookError(f"TALL-mask lambda {lam} is negative", "pass a value such as 0.4")
     return [{k: v.abs() >= lam * (merged[k] - v).abs() for k, v in vector.items()} for vector in vectors]
 
 
-def consensus_vector(vectors: Sequence[Mapping[str, torch.Tensor]], merged: Mapping[str, torch.Tensor], lam: float = TALL_LAMBDA,
-                     k: int = CONSENSUS_K) -> dict[str, torch.Tensor]:  # fmt: skip
+def consensus_vector(
+    vectors: Sequence[Mapping[str, torch.Tensor]],
+    merged: Mapping[str, torch.Tensor],
+    lam: float = TALL_LAMBDA,
+    k: int = CONSENSUS_K,
+) -> dict[str, torch.Tensor]:
     """``merged`` with every entry that fewer than ``k`` TALL masks keep set to zero."""
     masks = tall_masks(vectors, merged, lam)
-    return {key: torch.where(sum(m[key].int() for m in masks) >= k, value, torch.zeros_like(value)) for key, value in merged.items()}
+    return {
+        key: torch.where(sum(m[key].int() for m in masks) >= k, value, torch.zeros_like(value))
+        for key, value in merged.items()
+    }
 
 
-def consensus_merging(pretrained: StateDict, experts: Mapping[str, StateDict], *, base: str = "task_arithmetic", scale: float = 0.3,
-                      keep_fraction: float = 0.2, zero_entries: int = 0, lam: float = TALL_LAMBDA, k: int = CONSENSUS_K) -> dict[str, torch.Tensor]:  # fmt: skip
+def consensus_merging(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    *,
+    base: str = "task_arithmetic",
+    scale: float = 0.3,
+    keep_fraction: float = 0.2,
+    zero_entries: int = 0,
+    lam: float = TALL_LAMBDA,
+    k: int = CONSENSUS_K,
+) -> dict[str, torch.Tensor]:
     """``theta_0 + scale * consensus(tau_MTL)`` with ``tau_MTL`` the task-arithmetic sum or TIES' disjoint sum."""
     vectors = list(task_vectors(pretrained, experts).values())
     if base == "task_arithmetic":
@@ -61,12 +79,32 @@ def consensus_merging(pretrained: StateDict, experts: Mapping[str, StateDict], *
 def _run(zoo, experts, options, device, progress, *, base: str):
     scale = 0.3 if options.scale is None else options.scale
     zeros = ties_zero_entries(zoo) if base == "ties" else 0
-    state = consensus_merging(zoo.pretrained, experts, base=base, scale=scale, keep_fraction=options.keep_fraction, zero_entries=zeros)
-    details = {"scale": scale, "lambda": TALL_LAMBDA, "k": CONSENSUS_K, **({"keep_fraction": options.keep_fraction} if base == "ties" else {})}
+    state = consensus_merging(
+        zoo.pretrained, experts, base=base, scale=scale, keep_fraction=options.keep_fraction, zero_entries=zeros
+    )
+    details = {
+        "scale": scale,
+        "lambda": TALL_LAMBDA,
+        "k": CONSENSUS_K,
+        **({"keep_fraction": options.keep_fraction} if base == "ties" else {}),
+    }
     return state, details
 
 
-register_method(MergeMethod("consensus_ta", "consensus task arithmetic (TALL masks)", lambda *a: _run(*a, base="task_arithmetic"),
-                            reads=("scale",)))  # fmt: skip
-register_method(MergeMethod("consensus_ties", "consensus TIES (TALL masks)", lambda *a: _run(*a, base="ties"),
-                            reads=("scale", "keep_fraction"), trims=True))  # fmt: skip
+register_method(
+    MergeMethod(
+        "consensus_ta",
+        "consensus task arithmetic (TALL masks)",
+        lambda *a: _run(*a, base="task_arithmetic"),
+        reads=("scale",),
+    )
+)
+register_method(
+    MergeMethod(
+        "consensus_ties",
+        "consensus TIES (TALL masks)",
+        lambda *a: _run(*a, base="ties"),
+        reads=("scale", "keep_fraction"),
+        trims=True,
+    )
+)

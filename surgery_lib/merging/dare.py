@@ -16,9 +16,13 @@ from surgery_lib.merging.ties import ties_vectors
 from surgery_lib.merging.vectors import add_vectors, task_vectors
 
 
-def drop_and_rescale(vector: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor], drop_rate: float) -> dict[str, torch.Tensor]:
+def drop_and_rescale(
+    vector: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor], drop_rate: float
+) -> dict[str, torch.Tensor]:
     """``keep * vector / (1 - drop_rate)`` per tensor; ``keep`` holds one boolean mask per tensor (True: kept)."""
-    return {key: torch.where(keep[key], value / (1 - drop_rate), torch.zeros_like(value)) for key, value in vector.items()}
+    return {
+        key: torch.where(keep[key], value / (1 - drop_rate), torch.zeros_like(value)) for key, value in vector.items()
+    }
 
 
 def dare_vectors(
@@ -31,7 +35,10 @@ def dare_vectors(
     generator = torch.Generator().manual_seed(seed)
     out = []
     for vector in vectors:
-        keep = {key: (torch.rand(value.shape, generator=generator) >= drop_rate).to(value.device) for key, value in vector.items()}
+        keep = {
+            key: (torch.rand(value.shape, generator=generator) >= drop_rate).to(value.device)
+            for key, value in vector.items()
+        }
         out.append(drop_and_rescale(vector, keep, drop_rate))
     return out
 
@@ -43,7 +50,10 @@ def _sparse_vectors(zoo, experts, options):
 def _run_task_arithmetic(zoo, experts, options, device, progress):
     scale = 0.3 if options.scale is None else options.scale
     vectors = _sparse_vectors(zoo, experts, options)
-    return add_vectors(zoo.pretrained, vectors, [scale] * len(vectors)), {"scale": scale, "drop_rate": options.drop_rate}
+    return add_vectors(zoo.pretrained, vectors, [scale] * len(vectors)), {
+        "scale": scale,
+        "drop_rate": options.drop_rate,
+    }
 
 
 def _run_ties(zoo, experts, options, device, progress):
@@ -53,7 +63,13 @@ def _run_ties(zoo, experts, options, device, progress):
     return add_vectors(zoo.pretrained, disjoint, [scale] * len(disjoint)), details
 
 
-register_method(MergeMethod("dare_task_arithmetic", "DARE + task arithmetic", _run_task_arithmetic,
-                            reads=("scale", "drop_rate", "seed")))  # fmt: skip
-register_method(MergeMethod("dare_ties", "DARE + TIES-merging", _run_ties,
-                            reads=("scale", "drop_rate", "seed", "keep_fraction"), trims=True))  # fmt: skip
+register_method(
+    MergeMethod(
+        "dare_task_arithmetic", "DARE + task arithmetic", _run_task_arithmetic, reads=("scale", "drop_rate", "seed")
+    )
+)
+register_method(
+    MergeMethod(
+        "dare_ties", "DARE + TIES-merging", _run_ties, reads=("scale", "drop_rate", "seed", "keep_fraction"), trims=True
+    )
+)

@@ -17,7 +17,11 @@ from surgery_lib.merging.base import MergeMethod, register_method, train_subset
 
 
 def diagonal_fisher(
-    encoder: nn.Module, head: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu", progress: bool = False
+    encoder: nn.Module,
+    head: nn.Module,
+    images: torch.Tensor,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of ``head(encoder(x))`` over normalised ``images`` (N, 3, H, W), one example at a time.
 
@@ -59,7 +63,9 @@ def fisher_merging(
 
 def _run(zoo, experts, options, device, progress):
     fishers = {
-        task: diagonal_fisher(zoo.encoder(task), zoo.heads[task], train_subset(zoo, task, options.samples, options.seed), device, progress)
+        task: diagonal_fisher(
+            zoo.encoder(task), zoo.heads[task], train_subset(zoo, task, options.samples, options.seed), device, progress
+        )
         for task in experts
     }
     return fisher_merging(experts, fishers), {}

@@ -50,9 +50,13 @@ def iso_cts_split(rank: int, tasks: int, common_fraction: float = COMMON_FRACTIO
     small ``common_fraction`` on a small layer, where the official code breaks), it is rounded down instead.
     """
     if not 0 < common_fraction <= 1:
-        raise SurgeryBookError(f"Iso-CTS common fraction {common_fraction} is outside (0, 1]", "pass a fraction such as 0.8")
+        raise SurgeryBookError(
+            f"Iso-CTS common fraction {common_fraction} is outside (0, 1]", "pass a fraction such as 0.8"
+        )
     if rank < 1 or tasks < 1:
-        raise SurgeryBookError(f"Iso-CTS needs a rank and a task count of at least 1, got {rank} and {tasks}", "merge at least one matrix")
+        raise SurgeryBookError(
+            f"Iso-CTS needs a rank and a task count of at least 1, got {rank} and {tasks}", "merge at least one matrix"
+        )
     spare = rank - int(common_fraction * rank)
     per_task = round(spare / tasks)
     if per_task * tasks > rank:
@@ -79,21 +83,48 @@ def iso_cts_matrix(deltas: Sequence[torch.Tensor], common_fraction: float = COMM
     return torch.cat(kept).mean() * (u_perp @ v_perp.T)
 
 
-def iso_merging(pretrained: StateDict, experts: Mapping[str, StateDict], *, task_specific: bool, scale: float = ISO_SCALE,
-                common_fraction: float = COMMON_FRACTION, device: torch.device | str = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+def iso_merging(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    *,
+    task_specific: bool,
+    scale: float = ISO_SCALE,
+    common_fraction: float = COMMON_FRACTION,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """Iso-C (``task_specific=False``) or Iso-CTS: ``theta_0 + scale * update``."""
     if task_specific:
-        return spectral_merge(pretrained, task_vectors(pretrained, experts), lambda d: iso_cts_matrix(d, common_fraction),
-                              scale, device, progress, "Iso-CTS")  # fmt: skip
+        return spectral_merge(
+            pretrained,
+            task_vectors(pretrained, experts),
+            lambda d: iso_cts_matrix(d, common_fraction),
+            scale,
+            device,
+            progress,
+            "Iso-CTS",
+        )
     return spectral_merge(pretrained, task_vectors(pretrained, experts), iso_c_matrix, scale, device, progress, "Iso-C")
 
 
 def _run(zoo, experts, options, device, progress, *, task_specific: bool):
     scale = ISO_SCALE if options.scale is None else options.scale
-    state = iso_merging(zoo.pretrained, experts, task_specific=task_specific, scale=scale, device=device, progress=progress)
+    state = iso_merging(
+        zoo.pretrained, experts, task_specific=task_specific, scale=scale, device=device, progress=progress
+    )
     return state, {"scale": scale, **({"common_fraction": COMMON_FRACTION} if task_specific else {})}
 
 
-register_method(MergeMethod("iso_c", "Iso-C (isotropic, common subspace)", lambda *a: _run(*a, task_specific=False), reads=("scale",)))
-register_method(MergeMethod("iso_cts", "Iso-CTS (isotropic, common + task subspaces)", lambda *a: _run(*a, task_specific=True),
-                            reads=("scale",)))  # fmt: skip
+register_method(
+    MergeMethod(
+        "iso_c", "Iso-C (isotropic, common subspace)", lambda *a: _run(*a, task_specific=False), reads=("scale",)
+    )
+)
+register_method(
+    MergeMethod(
+        "iso_cts",
+        "Iso-CTS (isotropic, common + task subspaces)",
+        lambda *a: _run(*a, task_specific=True),
+        reads=("scale",),
+    )
+)

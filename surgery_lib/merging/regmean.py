@@ -54,7 +54,9 @@ def _hooks(encoder: nn.Module, grams: dict[str, torch.Tensor]) -> Iterator[torch
 
         yield block.attn.register_forward_pre_hook(attn_hook)
         yield block.mlp.c_fc.register_forward_pre_hook(lambda m, a, p=prefix: accumulate(f"{p}.mlp.c_fc.weight", a[0]))
-        yield block.mlp.c_proj.register_forward_pre_hook(lambda m, a, p=prefix: accumulate(f"{p}.mlp.c_proj.weight", a[0]))
+        yield block.mlp.c_proj.register_forward_pre_hook(
+            lambda m, a, p=prefix: accumulate(f"{p}.mlp.c_proj.weight", a[0])
+        )
 
     def pooled_hook(module, args, output):
         accumulate("proj", output[:, 0])  # the CLS token after ln_post is what meets proj
@@ -63,7 +65,9 @@ def _hooks(encoder: nn.Module, grams: dict[str, torch.Tensor]) -> Iterator[torch
 
 
 @torch.inference_mode()
-def gram_matrices(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def gram_matrices(
+    encoder: nn.Module, images: torch.Tensor, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Input Gram matrices ``X^T X`` (float64, (in, in)) of every linear map of an open_clip ViT over ``images``."""
     device = torch.device(device)
     encoder = encoder.to(device).eval()
@@ -113,7 +117,10 @@ def regmean_merging(
 
 
 def _run(zoo, experts, options, device, progress):
-    grams = {task: gram_matrices(zoo.encoder(task), train_subset(zoo, task, options.samples, options.seed), device=device) for task in experts}
+    grams = {
+        task: gram_matrices(zoo.encoder(task), train_subset(zoo, task, options.samples, options.seed), device=device)
+        for task in experts
+    }
     return regmean_merging(experts, grams, alpha=options.alpha), {}
 
 

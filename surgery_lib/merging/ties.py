@@ -60,7 +60,9 @@ def ties_vectors(
 
     def trimmed(key: str) -> torch.Tensor:
         stacked = torch.stack([vector[key] for vector in vectors])
-        limits = torch.tensor(thresholds, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
+        limits = torch.tensor(thresholds, dtype=stacked.dtype, device=stacked.device).view(
+            -1, *[1] * (stacked.dim() - 1)
+        )
         return torch.where(stacked.abs() >= limits, stacked, torch.zeros_like(stacked))
 
     majority = torch.sign(sum(torch.sign(trimmed(key).sum(dim=0)).sum() for key in vectors[0]))
@@ -116,7 +118,21 @@ def _run(zoo, experts, options, device, progress, *, method: str):
     return state, {**point, "keep_fraction": options.keep_fraction, "zero_entries": zeros}
 
 
-register_method(MergeMethod("ties", "TIES-merging (disjoint sum)", lambda *a: _run(*a, method="ties"),
-                            reads=("scale", "keep_fraction"), trims=True))  # fmt: skip
-register_method(MergeMethod("ties_mean", "TIES-merging (disjoint mean)", lambda *a: _run(*a, method="ties_mean"),
-                            reads=("scale", "keep_fraction"), trims=True))  # fmt: skip
+register_method(
+    MergeMethod(
+        "ties",
+        "TIES-merging (disjoint sum)",
+        lambda *a: _run(*a, method="ties"),
+        reads=("scale", "keep_fraction"),
+        trims=True,
+    )
+)
+register_method(
+    MergeMethod(
+        "ties_mean",
+        "TIES-merging (disjoint mean)",
+        lambda *a: _run(*a, method="ties_mean"),
+        reads=("scale", "keep_fraction"),
+        trims=True,
+    )
+)

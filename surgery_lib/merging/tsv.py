@@ -50,7 +50,9 @@ def tsv_matrix(deltas: Sequence[torch.Tensor], rank: int | None = None) -> torch
     rows, cols = deltas[0].shape
     k = rank if rank is not None else per_task_rank(rows, cols, len(deltas))
     if k * len(deltas) > min(rows, cols):
-        raise SurgeryBookError(f"{len(deltas)} tasks x rank {k} exceed the layer's rank {min(rows, cols)}", "lower the rank per task")
+        raise SurgeryBookError(
+            f"{len(deltas)} tasks x rank {k} exceed the layer's rank {min(rows, cols)}", "lower the rank per task"
+        )
     lefts, values, rights = [], [], []
     for delta in deltas:
         u, s, v_t = torch.linalg.svd(delta.float(), full_matrices=False)
@@ -94,8 +96,13 @@ def spectral_merge(
     return merged
 
 
-def tsv_merging(pretrained: StateDict, experts: Mapping[str, StateDict], scale: float = TSV_SCALE, device: torch.device | str = "cpu",
-                progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+def tsv_merging(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    scale: float = TSV_SCALE,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """TSV-M: ``theta_0 + scale * (per matrix: tsv_matrix; otherwise the mean task vector)``."""
     return spectral_merge(pretrained, task_vectors(pretrained, experts), tsv_matrix, scale, device, progress, "TSV-M")
 

@@ -42,14 +42,18 @@ def cosine_similarities(vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> to
     return flat @ flat.T
 
 
-def add_vectors(pretrained: StateDict, vectors: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
+def add_vectors(
+    pretrained: StateDict, vectors: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]
+) -> dict[str, torch.Tensor]:
     """``theta_0 + sum_t coefficients[t] * vectors[t]``; keys absent from the vectors are copied."""
     if len(vectors) != len(coefficients):
         raise SurgeryBookError(
             f"{len(coefficients)} coefficients for {len(vectors)} task vectors", "give one coefficient per task"
         )
     if not all(math.isfinite(float(c)) for c in coefficients):
-        raise SurgeryBookError(f"merging coefficients {list(coefficients)} contain NaN or infinity", "pass finite numbers")
+        raise SurgeryBookError(
+            f"merging coefficients {list(coefficients)} contain NaN or infinity", "pass finite numbers"
+        )
     merged = {}
     for key, value in pretrained.items():
         if vectors and key in vectors[0]:

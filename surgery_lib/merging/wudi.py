@@ -56,8 +56,12 @@ def interference_loss(merged: torch.Tensor, deltas: Sequence[torch.Tensor]) -> t
     return sum(((merged - d) @ d.T).square().sum() / d.square().sum().clamp_min(1e-30) for d in deltas)
 
 
-def wudi_matrix(deltas: Sequence[torch.Tensor], steps: int = WUDI_STEPS, lr: float = WUDI_LR,
-                trace: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:  # fmt: skip
+def wudi_matrix(
+    deltas: Sequence[torch.Tensor],
+    steps: int = WUDI_STEPS,
+    lr: float = WUDI_LR,
+    trace: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """WUDI's merged update of one (out, in) linear layer from the task matrices ``deltas``: Adam on
     :func:`interference_loss` from their sum, with its gradient in closed form. ``trace(step, merged)``, if
     given, sees the iterate after every step (step 0: the sum)."""
@@ -91,7 +95,9 @@ def interference_minimum(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.lstsq(a, b.T).solution.T  # A is symmetric: tau_m A = B  <=>  A tau_m^T = B^T
 
 
-def convergence_curve(deltas: Sequence[torch.Tensor], lr: float, steps: int = WUDI_STEPS, every: int = 10) -> list[tuple[int, float]]:
+def convergence_curve(
+    deltas: Sequence[torch.Tensor], lr: float, steps: int = WUDI_STEPS, every: int = 10
+) -> list[tuple[int, float]]:
     """How far WUDI's Adam gets in ``steps``: ``[(step, gap)]`` every ``every`` steps, with ``gap`` the share of the
     loss gap that remains, ``(L(tau_m) - L*) / (L(sum_t D_t) - L*)`` (1 at the start, 0 at the minimum).
 
@@ -111,22 +117,36 @@ def convergence_curve(deltas: Sequence[torch.Tensor], lr: float, steps: int = WU
     return points
 
 
-def convergence_table(pretrained: StateDict, experts: Mapping[str, StateDict], lrs: Sequence[float], steps: int = WUDI_STEPS,
-                      every: int = 25, scope: str = "official", layers: int | None = None):  # fmt: skip
+def convergence_table(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    lrs: Sequence[float],
+    steps: int = WUDI_STEPS,
+    every: int = 25,
+    scope: str = "official",
+    layers: int | None = None,
+):
     """:func:`convergence_curve` for every matrix ``scope`` optimises (or the first ``layers`` of them), at every
     learning rate in ``lrs``: a ``pandas.DataFrame`` with columns ``layer, lr, step, gap``. Cost: one WUDI run per
     layer and rate, plus a float64 loss every ``every`` steps."""
     import pandas as pd
 
     vectors = list(task_vectors(pretrained, experts).values())
-    keys = [k for k, v in pretrained.items() if vectors and k in vectors[0] and _orientation(k, v, scope) in ("linear", "transposed")]
+    keys = [
+        k
+        for k, v in pretrained.items()
+        if vectors and k in vectors[0] and _orientation(k, v, scope) in ("linear", "transposed")
+    ]
     rows = []
     for key in keys[:layers]:
         deltas = [v[key].float() for v in vectors]
         if _orientation(key, pretrained[key], scope) == "transposed":
             deltas = [d.T for d in deltas]
         for lr in lrs:
-            rows += [{"layer": key, "lr": lr, "step": step, "gap": gap} for step, gap in convergence_curve(deltas, lr, steps, every)]
+            rows += [
+                {"layer": key, "lr": lr, "step": step, "gap": gap}
+                for step, gap in convergence_curve(deltas, lr, steps, every)
+            ]
     return pd.DataFrame(rows)
 
 
@@ -144,8 +164,15 @@ def _orientation(key: str, value: torch.Tensor, scope: str) -> str:
     return "mean"
 
 
-def wudi_merging(pretrained: StateDict, experts: Mapping[str, StateDict], steps: int = WUDI_STEPS, lr: float = WUDI_LR,
-                 device: torch.device | str = "cpu", progress: bool = False, scope: str = "official") -> dict[str, torch.Tensor]:  # fmt: skip
+def wudi_merging(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    steps: int = WUDI_STEPS,
+    lr: float = WUDI_LR,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    scope: str = "official",
+) -> dict[str, torch.Tensor]:
     """WUDI-Merging: ``theta_0 + tau_m`` per optimised matrix (:func:`wudi_matrix`); the other tensors as ``scope`` says.
 
     Raises:

@@ -41,7 +41,9 @@ def get_setting(name: str) -> Setting:
         raise SurgeryBookError(f"unknown setting {name!r}", f"use one of: {', '.join(available_settings())}")
     setting = importlib.import_module(f"{__name__}.{name}").SETTING
     if not isinstance(setting, Setting):
-        raise SurgeryBookError(f"settings/{name} defines no Setting named SETTING", "define SETTING = <a Setting subclass>()")
+        raise SurgeryBookError(
+            f"settings/{name} defines no Setting named SETTING", "define SETTING = <a Setting subclass>()"
+        )
     return setting
 
 
@@ -91,7 +93,9 @@ def load_suite(
         A :class:`~surgery_lib.core.taskdata.Suite` of uint8 (N, 3, H, W) images, normalised on access.
     """
     if isinstance(preset, SuiteConfig):
-        return get_setting("offline").load_suite(preset, tasks=tasks, cache_dir=cache_dir, workers=workers, progress=progress)
+        return get_setting("offline").load_suite(
+            preset, tasks=tasks, cache_dir=cache_dir, workers=workers, progress=progress
+        )
     preset = get_preset(preset)
     return get_setting(preset.setting).load_suite(
         preset, tasks=tasks, cache_dir=cache_dir, workers=workers, progress=progress, options=options

@@ -72,7 +72,13 @@ class Zoo:
         return tuple(self.experts)
 
     def expert_features(
-        self, task: str, split: str = "test", *, blocks: bool = False, device: str | torch.device = "cpu", precision: str = "fp32"
+        self,
+        task: str,
+        split: str = "test",
+        *,
+        blocks: bool = False,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``task``'s expert embeddings of its ``split`` images: final (N, output_dim) and, with ``blocks``,
         the per-block token means (N, blocks, width), float32 on the CPU (``None`` without ``blocks``).
@@ -85,10 +91,15 @@ class Zoo:
         if key not in self._expert_features:
             data, encoder = self.suite[task], self.encoder(task)
             if blocks:
-                final, means = embed_blocks(encoder, data.images[split], data.mean, data.std, device=device, precision=precision)
+                final, means = embed_blocks(
+                    encoder, data.images[split], data.mean, data.std, device=device, precision=precision
+                )
                 self._expert_features[key] = (final, means)
             else:
-                self._expert_features[key] = (embed(encoder, data.images[split], data.mean, data.std, device=device, precision=precision), None)
+                self._expert_features[key] = (
+                    embed(encoder, data.images[split], data.mean, data.std, device=device, precision=precision),
+                    None,
+                )
         return self._expert_features[key]
 
     def weights_fingerprint(self) -> str:
@@ -100,11 +111,17 @@ class Zoo:
         if self._fingerprint is None:
             models = self.manifest.get("models")
             names = ["pretrained", "heads", *(f"expert/{t}" for t in self.tasks)]
-            if isinstance(models, dict) and all(isinstance(models.get(n), dict) and models[n].get("content") for n in names):
+            if isinstance(models, dict) and all(
+                isinstance(models.get(n), dict) and models[n].get("content") for n in names
+            ):
                 self._fingerprint = config_hash({n: models[n]["content"] for n in names})
             else:
                 heads = {f"{t}.{k}": v for t, h in self.heads.items() for k, v in h.state_dict().items()}
-                states = {"pretrained": self.pretrained, "heads": heads, **{f"expert/{t}": s for t, s in self.experts.items()}}
+                states = {
+                    "pretrained": self.pretrained,
+                    "heads": heads,
+                    **{f"expert/{t}": s for t, s in self.experts.items()},
+                }
                 self._fingerprint = config_hash({n: state_fingerprint(s) for n, s in states.items()})
         return self._fingerprint
 
@@ -123,7 +140,8 @@ class Zoo:
         else:
             models = ["pretrained", *(["mtl"] if self.mtl is not None else [])]
             raise SurgeryBookError(
-                f"the zoo has no model {which!r}", f"use {', '.join(repr(m) for m in models)} or a task: {', '.join(self.tasks)}"
+                f"the zoo has no model {which!r}",
+                f"use {', '.join(repr(m) for m in models)} or a task: {', '.join(self.tasks)}",
             )
         return load_encoder(self.preset.encoder, state).eval()
 
@@ -131,7 +149,11 @@ class Zoo:
         """The reference rows of the papers' tables, ``{label: {task: accuracy %}}``: pretrained (+ probe
         offline, zero-shot for CLIP), each expert on its own task, and MTL where the zoo has it."""
         accuracy = self.manifest["accuracy"]
-        return {label: {t: accuracy[key][t] for t in self.tasks} for key, label in self.reference_labels.items() if key in accuracy}
+        return {
+            label: {t: accuracy[key][t] for t in self.tasks}
+            for key, label in self.reference_labels.items()
+            if key in accuracy
+        }
 
     def accuracy_table(self) -> pd.DataFrame:
         """Test accuracy (%) of the reference rows (:meth:`reference_rows`), with the average."""
@@ -148,19 +170,32 @@ class Setting(ABC):
 
     @abstractmethod
     def build_zoo(
-        self, preset: Preset, *, device: str | torch.device | None = None, cache_dir: str | os.PathLike[str] | None = None,
-        zoo_dir: str | os.PathLike[str] | None = None, rebuild: bool = False, progress: bool = True, options: Any = None,
+        self,
+        preset: Preset,
+        *,
+        device: str | torch.device | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        zoo_dir: str | os.PathLike[str] | None = None,
+        rebuild: bool = False,
+        progress: bool = True,
+        options: Any = None,
     ) -> Zoo:
         """The preset's zoo: built (or downloaded and converted) once, then loaded from the cache."""
 
     @abstractmethod
     def load_suite(
-        self, preset: Preset, *, tasks: Sequence[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
-        workers: int | None = None, progress: bool = True, options: Any = None,
+        self,
+        preset: Preset,
+        *,
+        tasks: Sequence[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        workers: int | None = None,
+        progress: bool = True,
+        options: Any = None,
     ) -> Suite:
         """The preset's tasks (all, or ``tasks``), prepared once and then read from the cache."""
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027  (optional: a setting may add none)
         """Add this setting's command-line options (an argument group) to a subcommand's parser."""
 
     def options_from_args(self, args: argparse.Namespace) -> Any:

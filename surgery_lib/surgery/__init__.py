@@ -40,8 +40,28 @@ from surgery_lib.surgery.v1 import (
 from surgery_lib.surgery.v2 import DeepSurgery, train_deep_surgery
 
 __all__ = [
-    "ADAM_SEMANTICS", "DeepSurgery", "Iteration", "SurgeryConfig", "SurgeryHistory", "SurgeryModule", "SurgeryRun",
-    "TaskAdam", "TaskSurgery", "bias_table", "block_bias_table", "check_adam", "l1_loss_per_task", "load_surgery",
-    "official_iterations", "online_iterations", "run_surgery", "save_surgery", "state_fingerprint", "task_embeddings",
-    "task_seed", "train_deep_surgery", "train_on_schedule", "train_surgery",
-]  # fmt: skip
+    "ADAM_SEMANTICS",
+    "DeepSurgery",
+    "Iteration",
+    "SurgeryConfig",
+    "SurgeryHistory",
+    "SurgeryModule",
+    "SurgeryRun",
+    "TaskAdam",
+    "TaskSurgery",
+    "bias_table",
+    "block_bias_table",
+    "check_adam",
+    "l1_loss_per_task",
+    "load_surgery",
+    "official_iterations",
+    "online_iterations",
+    "run_surgery",
+    "save_surgery",
+    "state_fingerprint",
+    "task_embeddings",
+    "task_seed",
+    "train_deep_surgery",
+    "train_on_schedule",
+    "train_surgery",
+]

@@ -54,10 +54,14 @@ class SurgeryRun:
 
     def table(self) -> pd.DataFrame:
         """Rows: accuracy and bias before and after surgery; columns: tasks and their average."""
-        return results_table({
-            "accuracy before": self.accuracy_before, "accuracy after": self.accuracy_after,
-            "bias before": self.bias_before, "bias after": self.bias_after,
-        })  # fmt: skip
+        return results_table(
+            {
+                "accuracy before": self.accuracy_before,
+                "accuracy after": self.accuracy_after,
+                "bias before": self.bias_before,
+                "bias after": self.bias_after,
+            }
+        )
 
     def average(self, which: str = "after") -> float:
         """Average test accuracy (%) over the tasks, ``"before"`` or ``"after"`` surgery."""
@@ -119,7 +123,9 @@ def run_surgery(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    def features(model: torch.nn.Module, task: str, which: str, blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def features(
+        model: torch.nn.Module, task: str, which: str, blocks: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         data = zoo.suite[task]
         if blocks:
             return embed_blocks(model, data.images[which], data.mean, data.std, device=device, precision=precision)
@@ -131,7 +137,9 @@ def run_surgery(
     for task in names:
         expert_test[task] = zoo.expert_features(task, "test", blocks=with_blocks, device=device, precision=precision)
         expert_adapt[task] = (
-            expert_test[task] if split == "test" else zoo.expert_features(task, split, blocks=version == 2, device=device, precision=precision)
+            expert_test[task]
+            if split == "test"
+            else zoo.expert_features(task, split, blocks=version == 2, device=device, precision=precision)
         )
         merged_test[task] = features(encoder, task, "test", with_blocks)
         if version == 1:
@@ -140,7 +148,9 @@ def run_surgery(
     if adapt_limit is not None:
         for i, task in enumerate(names):
             count = len(expert_adapt[task][0])
-            keep = torch.randperm(count, generator=torch.Generator().manual_seed(task_seed(config.seed, i)))[:adapt_limit]
+            keep = torch.randperm(count, generator=torch.Generator().manual_seed(task_seed(config.seed, i)))[
+                :adapt_limit
+            ]
             adapt_index[task] = keep
             blocks = expert_adapt[task][1]
             expert_adapt[task] = (expert_adapt[task][0][keep], None if blocks is None else blocks[keep])
@@ -153,7 +163,12 @@ def run_surgery(
     if version == 1:
         evaluate = {t: (merged_test[t][0], labels[t], zoo.heads[t]) for t in names}
         modules, history = train_surgery(
-            merged_adapt, {t: expert_adapt[t][0] for t in names}, config, evaluate=evaluate, device=device, progress=progress
+            merged_adapt,
+            {t: expert_adapt[t][0] for t in names},
+            config,
+            evaluate=evaluate,
+            device=device,
+            progress=progress,
         )
         if config.online:  # each task as its own pass left it: what the official online log reports
             modules = TaskSurgery.from_modules({t: history.end_of_pass[t] for t in names})
@@ -161,23 +176,41 @@ def run_surgery(
     else:
         targets = {t: (expert_adapt[t][0], expert_adapt[t][1]) for t in names}
         adapt_split = "limited" if adapt_index else split
-        unlabeled = {t: zoo.suite[t].with_split(adapt_split, split, adapt_index[t]) if adapt_index else zoo.suite[t] for t in names}
+        unlabeled = {
+            t: zoo.suite[t].with_split(adapt_split, split, adapt_index[t]) if adapt_index else zoo.suite[t]
+            for t in names
+        }
         modules, history = train_deep_surgery(
-            encoder, unlabeled, targets, config, split=adapt_split, evaluate={t: zoo.heads[t] for t in names},
-            device=device, precision=precision, progress=progress,
-        )  # fmt: skip
-        after = {t: modules.to(device).embed(encoder, t, zoo.suite[t], device=device, precision=precision) for t in names}
+            encoder,
+            unlabeled,
+            targets,
+            config,
+            split=adapt_split,
+            evaluate={t: zoo.heads[t] for t in names},
+            device=device,
+            precision=precision,
+            progress=progress,
+        )
+        after = {
+            t: modules.to(device).embed(encoder, t, zoo.suite[t], device=device, precision=precision) for t in names
+        }
         modules = modules.cpu()
     timings["training_s"] = time.perf_counter() - started
 
     run = SurgeryRun(
-        version=version, split=split, config=config, tasks=names,
+        version=version,
+        split=split,
+        config=config,
+        tasks=names,
         accuracy_before={t: accuracy_from_features(merged_test[t][0], zoo.heads[t], labels[t]) for t in names},
         accuracy_after={t: accuracy_from_features(after[t][0], zoo.heads[t], labels[t]) for t in names},
         bias_before={t: representation_bias(merged_test[t][0], expert_test[t][0]) for t in names},
         bias_after={t: representation_bias(after[t][0], expert_test[t][0]) for t in names},
-        history=history, modules=modules, base_fingerprint=state_fingerprint(merged), seconds=timings,
-    )  # fmt: skip
+        history=history,
+        modules=modules,
+        base_fingerprint=state_fingerprint(merged),
+        seconds=timings,
+    )
     if with_blocks:
         run.block_bias_before = {t: block_bias(merged_test[t][1], expert_test[t][1]) for t in names}
         if version == 2:
@@ -202,7 +235,11 @@ def task_embeddings(
     """
     device = resolve_device(device, zoo.preset.default_device)
     names = tuple(tasks) if tasks is not None else zoo.tasks
-    shared = None if model == "expert" else (zoo.encoder(model) if isinstance(model, str) else load_encoder(zoo.preset.encoder, model))
+    shared = (
+        None
+        if model == "expert"
+        else (zoo.encoder(model) if isinstance(model, str) else load_encoder(zoo.preset.encoder, model))
+    )
     out = {}
     for task in names:
         data = zoo.suite[task]
@@ -270,7 +307,9 @@ def save_surgery(run: SurgeryRun, path: str | os.PathLike[str], extra: Mapping[s
     return Path(path)
 
 
-def load_surgery(path: str | os.PathLike[str], merged: Mapping[str, torch.Tensor], encoder: torch.nn.Module) -> TaskSurgery | DeepSurgery:
+def load_surgery(
+    path: str | os.PathLike[str], merged: Mapping[str, torch.Tensor], encoder: torch.nn.Module
+) -> TaskSurgery | DeepSurgery:
     """Load modules saved by :func:`save_surgery` for the base merge ``merged`` on ``encoder``'s architecture.
 
     Raises:

@@ -54,14 +54,22 @@ def _one_of(value: str, choices: Sequence[str], what: str, fix: str) -> str:
 
 def check_adam(adam: str) -> str:
     """Raise a clear error unless ``adam`` names one of :data:`ADAM_SEMANTICS`."""
-    return _one_of(adam, ADAM_SEMANTICS, "optimiser semantics",
-                   "use 'shared' (the published runs: one Adam, zero-filled gradients) or 'per-task' (torch >= 2)")  # fmt: skip
+    return _one_of(
+        adam,
+        ADAM_SEMANTICS,
+        "optimiser semantics",
+        "use 'shared' (the published runs: one Adam, zero-filled gradients) or 'per-task' (torch >= 2)",
+    )
 
 
 def check_online_order(order: str) -> str:
     """Raise a clear error unless ``order`` names one of :data:`ONLINE_ORDERS`."""
-    return _one_of(order, ONLINE_ORDERS, "online order",
-                   "use 'official' (each task's whole pass in turn, as the official online script) or 'interleaved'")  # fmt: skip
+    return _one_of(
+        order,
+        ONLINE_ORDERS,
+        "online order",
+        "use 'official' (each task's whole pass in turn, as the official online script) or 'interleaved'",
+    )
 
 
 def task_seed(seed: int, task_index: int) -> int:
@@ -103,9 +111,14 @@ class Iteration:
 
 
 def official_iterations(
-    sizes: Sequence[int], *, steps: int, batch_size: int, batches_per_iteration: int = 2, seed: int = 0,
+    sizes: Sequence[int],
+    *,
+    steps: int,
+    batch_size: int,
+    batches_per_iteration: int = 2,
+    seed: int = 0,
     eval_every: int = 0,
-) -> Iterator[Iteration]:  # fmt: skip
+) -> Iterator[Iteration]:
     """The official batches: every iteration each task draws a fresh shuffle of its ``sizes[t]`` images and
     takes its first ``batches_per_iteration`` batches of ``batch_size`` (the last one may be short, as a
     ``DataLoader`` without ``drop_last`` gives it; a task with fewer images takes fewer batches).
@@ -123,7 +136,9 @@ def official_iterations(
         batches = []
         for size, generator in zip(sizes, generators):
             order = torch.randperm(size, generator=generator)
-            batches.append([order[start : start + batch_size] for start in range(0, min(size, take * batch_size), batch_size)])
+            batches.append(
+                [order[start : start + batch_size] for start in range(0, min(size, take * batch_size), batch_size)]
+            )
         previous, done = done, done + take
         due = eval_every and done // eval_every > previous // eval_every
         yield Iteration(batches, done if due else None)
@@ -144,7 +159,10 @@ def online_iterations(
     check_online_order(order)
     if min(sizes, default=0) < 1:
         raise SurgeryBookError("a task has no adaptation images", "give every task at least one image")
-    orders = [torch.randperm(size, generator=torch.Generator().manual_seed(task_seed(seed, t))) for t, size in enumerate(sizes)]
+    orders = [
+        torch.randperm(size, generator=torch.Generator().manual_seed(task_seed(seed, t)))
+        for t, size in enumerate(sizes)
+    ]
     cuts = [[max(1, size * percent // 100) for percent in checkpoints] for size in sizes]
     if order == "interleaved":
         seen = [0] * len(sizes)
@@ -173,11 +191,21 @@ class TaskAdam:
     real step (before that, their gradient is ``None`` and Adam skips them, in torch 1.10 too).
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], tasks: int, *, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, semantics: str = "shared") -> None:  # fmt: skip
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        tasks: int,
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        semantics: str = "shared",
+    ) -> None:
         self.params = list(params)
         if any(p.shape[0] != tasks for p in self.params):
-            raise SurgeryBookError("TaskAdam needs parameters whose first axis is the task", f"stack {tasks} tasks' weights")
+            raise SurgeryBookError(
+                "TaskAdam needs parameters whose first axis is the task", f"stack {tasks} tasks' weights"
+            )
         self.tasks, self.lr, self.betas, self.eps = tasks, lr, betas, eps
         self.semantics = check_adam(semantics)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
@@ -266,7 +294,9 @@ class TaskAdam:
         self.pending = [0] * self.tasks
 
 
-def gather_batches(batches: Sequence[Sequence[torch.Tensor]], round_index: int) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+def gather_batches(
+    batches: Sequence[Sequence[torch.Tensor]], round_index: int
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """The ``round_index``-th batch of every task, stacked for one batched step.
 
     Returns indices (T, n) (short batches padded by repeating their first index), row weights (T, n)

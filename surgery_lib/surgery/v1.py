@@ -17,7 +17,6 @@ checks that against a plain step-by-step replay with ``torch.optim.Adam``.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +38,17 @@ from surgery_lib.surgery.schedule import (
     online_iterations,
     task_seed,
     train_on_schedule,
-)  # fmt: skip
+)
 
-__all__ = ["SurgeryConfig", "SurgeryHistory", "SurgeryModule", "TaskSurgery", "l1_loss_per_task", "task_seed", "train_surgery"]
+__all__ = [
+    "SurgeryConfig",
+    "SurgeryHistory",
+    "SurgeryModule",
+    "TaskSurgery",
+    "l1_loss_per_task",
+    "task_seed",
+    "train_surgery",
+]
 
 
 class SurgeryModule(nn.Module):
@@ -147,13 +154,21 @@ class SurgeryConfig:
     online: bool = False  # batch 1, every adaptation image once, one step each
     adam: str = "shared"  # "shared" (the published runs, torch 1.10) or "per-task" (the same code under torch >= 2)
     batches_per_iteration: int = 2
-    online_order: str = "official"  # "official": each task's whole pass in turn; "interleaved": tasks between checkpoints
+    online_order: str = (
+        "official"  # "official": each task's whole pass in turn; "interleaved": tasks between checkpoints
+    )
 
     def __post_init__(self) -> None:
         check_adam(self.adam)
         check_online_order(self.online_order)
-        if (self.steps < 0 or self.batch_size < 1 or self.batches_per_iteration < 1 or (self.rank is not None and self.rank < 1)
-                or not math.isfinite(self.lr) or self.lr <= 0):  # fmt: skip
+        if (
+            self.steps < 0
+            or self.batch_size < 1
+            or self.batches_per_iteration < 1
+            or (self.rank is not None and self.rank < 1)
+            or not math.isfinite(self.lr)
+            or self.lr <= 0
+        ):
             raise SurgeryBookError(
                 f"invalid surgery schedule (rank {self.rank}, steps {self.steps}, batch {self.batch_size}, "
                 f"batches per iteration {self.batches_per_iteration}, lr {self.lr})",
@@ -169,9 +184,13 @@ class SurgeryConfig:
         if self.online:
             return online_iterations(sizes, seed=self.seed, order=self.online_order)
         return official_iterations(
-            sizes, steps=self.steps, batch_size=self.batch_size, batches_per_iteration=self.batches_per_iteration,
-            seed=self.seed, eval_every=self.eval_every,
-        )  # fmt: skip
+            sizes,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            batches_per_iteration=self.batches_per_iteration,
+            seed=self.seed,
+            eval_every=self.eval_every,
+        )
 
     def rounds(self, sizes: Sequence[int]) -> int:
         """How many batched steps the schedule takes (for progress bars)."""
@@ -269,10 +288,15 @@ def train_surgery(
         target = torch.stack([s[i] for s, i in zip(targets, index)])
         return ((surgery(z) - target).abs().mean(dim=-1) * weight).sum(dim=1)
 
-    with tqdm(total=config.rounds(sizes), desc="surgery" + (" (online)" if config.online else ""), disable=not progress) as bar:
+    with tqdm(
+        total=config.rounds(sizes), desc="surgery" + (" (online)" if config.online else ""), disable=not progress
+    ) as bar:
         train_on_schedule(
-            config.iterations(sizes), optimizer, task_losses, losses=history.loss, bar=bar,
+            config.iterations(sizes),
+            optimizer,
+            task_losses,
+            losses=history.loss,
+            bar=bar,
             checkpoint=checkpoint if evaluate or config.online else None,
-        )  # fmt: skip
+        )
     return surgery.cpu(), history
-

@@ -38,7 +38,9 @@ class DeepSurgery(nn.Module):
         self.tasks = tuple(tasks)
         generator = torch.Generator().manual_seed(seed)
         bound = 1 / math.sqrt(width)
-        self.block_down = nn.Parameter(torch.empty(len(tasks), blocks, rank, width).uniform_(-bound, bound, generator=generator))
+        self.block_down = nn.Parameter(
+            torch.empty(len(tasks), blocks, rank, width).uniform_(-bound, bound, generator=generator)
+        )
         self.block_up = nn.Parameter(torch.zeros(len(tasks), blocks, width, rank))
         self.final = TaskSurgery(tasks, dim, rank, seed + 1)
 
@@ -67,7 +69,9 @@ class DeepSurgery(nn.Module):
         hidden = F.relu(torch.einsum("tnlw,trw->tnlr", x, down.to(x.dtype)))
         return x - torch.einsum("tnlr,twr->tnlw", hidden, up.to(x.dtype))
 
-    def forward_tasks(self, encoder: nn.Module, images: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_tasks(
+        self, encoder: nn.Module, images: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged forward with surgery: images (T, n, 3, H, W) -> final (T, n, dim), block means (T, n, blocks, width)."""
         groups, per_group = images.shape[:2]
 
@@ -84,8 +88,16 @@ class DeepSurgery(nn.Module):
         return final, means.reshape(groups, per_group, *means.shape[1:])
 
     @torch.no_grad()
-    def embed(self, encoder: nn.Module, task: str, data: TaskData, split: str = "test", batch_size: int = 512,
-              device: torch.device | str = "cpu", precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def embed(
+        self,
+        encoder: nn.Module,
+        task: str,
+        data: TaskData,
+        split: str = "test",
+        batch_size: int = 512,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Corrected final embeddings (N, dim) and block means (N, blocks, width) of ``task``'s ``split``."""
         device = torch.device(device)
         rows = torch.tensor([self.final.index(task)], device=device)
@@ -155,14 +167,20 @@ def train_deep_surgery(
             final, means = surgery.forward_tasks(encoder, batch)
         final_target = torch.stack([f[i] for f, i in zip(final_targets, index)])
         block_target = torch.stack([b[i] for b, i in zip(block_targets, index)])
-        block_losses = (means.float() - block_target.float()).abs().mean(dim=-1).sum(dim=-1)  # (T, n): every block's term
+        block_losses = (
+            (means.float() - block_target.float()).abs().mean(dim=-1).sum(dim=-1)
+        )  # (T, n): every block's term
         final_losses = (final.float() - final_target).abs().mean(dim=-1)
         return ((block_losses + final_losses) * weight).sum(dim=1)
 
     sizes = [len(x) for x in images]
     with tqdm(total=config.rounds(sizes), desc="SurgeryV2", disable=not progress) as bar:
         train_on_schedule(
-            config.iterations(sizes), optimizer, task_losses, losses=history.loss, bar=bar,
+            config.iterations(sizes),
+            optimizer,
+            task_losses,
+            losses=history.loss,
+            bar=bar,
             checkpoint=checkpoint if evaluate else None,
-        )  # fmt: skip
+        )
     return surgery.cpu(), history

@@ -26,7 +26,9 @@ class ClipSetting(Setting):
     name = "clip"
     description = "the papers' CLIP checkpoints, heads and datasets"
 
-    def build_zoo(self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None):
+    def build_zoo(
+        self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None
+    ):
         if zoo_dir is not None or rebuild:
             raise SurgeryBookError(
                 f"zoo_dir and rebuild do not apply to the real-CLIP preset {preset.name!r}",
@@ -44,14 +46,33 @@ class ClipSetting(Setting):
             "real CLIP presets (clip-vit-b-32, clip-vit-b-16, clip-vit-l-14)",
             "each option overrides its SURGERY_BOOK_* variable and is passed on to the notebooks that reproduce runs",
         )
-        group.add_argument("--family", choices=FAMILIES, default=None, help=f"checkpoint family (default task_vectors; ${VARIABLES['family']})")
-        group.add_argument("--checkpoints", default=None, help="task_vectors' folder, a converted folder, or FusionBench "
-                           f"snapshots; 'hub' for FusionBench from the hub (${VARIABLES['checkpoints']})")  # fmt: skip
-        group.add_argument("--data-source", choices=("hub", "local"), default=None,
-                           help=f"datasets from the Hugging Face hub (default) or task_vectors' folders (${VARIABLES['data_source']})")
-        group.add_argument("--data-root", default=None, help=f"root of task_vectors' dataset folders (${VARIABLES['data_root']})")
-        group.add_argument("--test-folder", choices=("val", "test"), default=None,
-                           help="which DTD/SUN397 folder is the test split in the local layout (default val, as task_vectors)")
+        group.add_argument(
+            "--family",
+            choices=FAMILIES,
+            default=None,
+            help=f"checkpoint family (default task_vectors; ${VARIABLES['family']})",
+        )
+        group.add_argument(
+            "--checkpoints",
+            default=None,
+            help="task_vectors' folder, a converted folder, or FusionBench "
+            f"snapshots; 'hub' for FusionBench from the hub (${VARIABLES['checkpoints']})",
+        )
+        group.add_argument(
+            "--data-source",
+            choices=("hub", "local"),
+            default=None,
+            help=f"datasets from the Hugging Face hub (default) or task_vectors' folders (${VARIABLES['data_source']})",
+        )
+        group.add_argument(
+            "--data-root", default=None, help=f"root of task_vectors' dataset folders (${VARIABLES['data_root']})"
+        )
+        group.add_argument(
+            "--test-folder",
+            choices=("val", "test"),
+            default=None,
+            help="which DTD/SUN397 folder is the test split in the local layout (default val, as task_vectors)",
+        )
 
     def options_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
         return {field: getattr(args, field, None) for field in VARIABLES}

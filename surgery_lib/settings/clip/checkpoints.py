@@ -38,9 +38,14 @@ from surgery_lib.settings.clip.tasks import CLIP_TASK_NAMES, get_clip_task
 
 #: Modules whose classes become inert stand-ins (nothing of theirs is imported or run).
 STAND_IN_MODULES = (
-    "src.modeling", "open_clip.model", "open_clip.transformer", "open_clip.transform", "open_clip.modified_resnet",
-    "torch.nn.modules.", "torchvision.transforms.",
-)  # fmt: skip
+    "src.modeling",
+    "open_clip.model",
+    "open_clip.transformer",
+    "open_clip.transform",
+    "open_clip.modified_resnet",
+    "torch.nn.modules.",
+    "torchvision.transforms.",
+)
 # What torch itself needs to rebuild tensors and parameters (no code from the file runs through these).
 _TORCH_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"),
@@ -52,7 +57,20 @@ _TORCH_GLOBALS = {
     ("torch", "device"),
 }
 # Plain data types (nn.Module keeps a set of non-persistent buffer names); no callables beyond constructors.
-_SAFE_BUILTINS = {"set", "frozenset", "list", "dict", "tuple", "bytes", "str", "int", "float", "bool", "complex", "slice"}
+_SAFE_BUILTINS = {
+    "set",
+    "frozenset",
+    "list",
+    "dict",
+    "tuple",
+    "bytes",
+    "str",
+    "int",
+    "float",
+    "bool",
+    "complex",
+    "slice",
+}
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
@@ -80,7 +98,7 @@ class StandIn:
         return f"<stand-in for {self._qualified_name}>"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stand_in(module: str, name: str) -> type:
     return type(name, (StandIn,), {"_qualified_name": f"{module}.{name}", "__module__": __name__})
 
@@ -153,7 +171,9 @@ def read_pickled_checkpoint(path: str | os.PathLike[str]) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise SurgeryBookError(f"no checkpoint at {path}", "check the path (task_vectors layout: <root>/<model>/<Task>/finetuned.pt)")
+        raise SurgeryBookError(
+            f"no checkpoint at {path}", "check the path (task_vectors layout: <root>/<model>/<Task>/finetuned.pt)"
+        )
     module = _pickle_module(str(path))
     try:
         if zipfile.is_zipfile(path):
@@ -259,11 +279,14 @@ def module_tensors(root: Any, prefix: str = "") -> dict[str, torch.Tensor]:
             continue
         visited.add(id(node))
         if depth > MAX_MODULE_DEPTH:
-            raise SurgeryBookError(f"the checkpoint nests modules deeper than {MAX_MODULE_DEPTH} levels", "load only task_vectors checkpoints")
+            raise SurgeryBookError(
+                f"the checkpoint nests modules deeper than {MAX_MODULE_DEPTH} levels",
+                "load only task_vectors checkpoints",
+            )
         attributes = getattr(node, "__dict__", {})
         for kind in ("_parameters", "_buffers"):
             entries = attributes.get(kind) or {}
-            for name, tensor in (entries.items() if isinstance(entries, Mapping) else ()):
+            for name, tensor in entries.items() if isinstance(entries, Mapping) else ():
                 if isinstance(tensor, torch.Tensor):
                     state[path + str(name)] = _checked_tensor(path + str(name), tensor)
         children = attributes.get("_modules") or {}
@@ -307,7 +330,9 @@ def load_head(path: str | os.PathLike[str]) -> ClassificationHead:
     L2-normalises the embedding, then applies weight = scaled class text embeddings, bias 0)."""
     state = _checkpoint_tensors(path)
     if set(state) != {"weight", "bias"}:
-        raise SurgeryBookError(f"{path} is not a classification head (tensors {sorted(state)})", "pass a head_<Task>.pt file")
+        raise SurgeryBookError(
+            f"{path} is not a classification head (tensors {sorted(state)})", "pass a head_<Task>.pt file"
+        )
     return ClassificationHead.from_weights(state["weight"], state["bias"])
 
 
@@ -353,7 +378,9 @@ TASK_VECTORS_TASKS = CLIP_TASK_NAMES
 CONVERTED_FORMAT = 1
 
 
-def task_vectors_files(source: str | os.PathLike[str], model: str, tasks: tuple[str, ...] = TASK_VECTORS_TASKS) -> dict[str, Path]:
+def task_vectors_files(
+    source: str | os.PathLike[str], model: str, tasks: tuple[str, ...] = TASK_VECTORS_TASKS
+) -> dict[str, Path]:
     """The files of ``model`` in a task_vectors folder: ``pretrained``, ``expert/<Task>`` and ``head/<Task>``.
 
     Raises:
@@ -382,11 +409,15 @@ def check_weights(state: Mapping[str, torch.Tensor], source: str) -> None:
     """
     for key, tensor in state.items():
         if not tensor.is_floating_point():
-            raise SurgeryBookError(f"{source}: tensor {key!r} is {tensor.dtype}, not a floating-point weight",
-                                   "convert the original checkpoint, not a quantised or edited copy")  # fmt: skip
+            raise SurgeryBookError(
+                f"{source}: tensor {key!r} is {tensor.dtype}, not a floating-point weight",
+                "convert the original checkpoint, not a quantised or edited copy",
+            )
         if not torch.isfinite(tensor).all():
-            raise SurgeryBookError(f"{source}: tensor {key!r} holds NaN or infinite values",
-                                   "download the checkpoint again; a fine-tune that diverged cannot be merged")  # fmt: skip
+            raise SurgeryBookError(
+                f"{source}: tensor {key!r} holds NaN or infinite values",
+                "download the checkpoint again; a fine-tune that diverged cannot be merged",
+            )
 
 
 def _write_converted(
@@ -403,7 +434,12 @@ def _write_converted(
     architecture = visual_architecture(pretrained)
     check_weights(pretrained, sources.get("pretrained", "the pretrained model"))
     with atomic_directory(target) as folder:
-        written = {"pretrained": {"file": "pretrained.safetensors", "sha256": save_tensors(pretrained, folder / "pretrained.safetensors")}}
+        written = {
+            "pretrained": {
+                "file": "pretrained.safetensors",
+                "sha256": save_tensors(pretrained, folder / "pretrained.safetensors"),
+            }
+        }
         tasks = []
         for task, expert, head in experts:
             source = sources.get(f"expert/{task}", f"the {task} expert")
@@ -413,7 +449,10 @@ def _write_converted(
                 raise SurgeryBookError(f"{source}: {exc.problem}", exc.fix) from None
             check_weights(expert, source)
             tasks.append(task)
-            written[f"expert/{task}"] = {"file": f"experts/{task}.safetensors", "sha256": save_tensors(expert, folder / "experts" / f"{task}.safetensors")}
+            written[f"expert/{task}"] = {
+                "file": f"experts/{task}.safetensors",
+                "sha256": save_tensors(expert, folder / "experts" / f"{task}.safetensors"),
+            }
             if head is not None:
                 if head.linear.in_features != architecture["output_dim"]:
                     raise SurgeryBookError(
@@ -421,11 +460,19 @@ def _write_converted(
                         f"use the heads of the {model} folder",
                     )
                 check_weights(head.state_dict(), sources.get(f"head/{task}", f"the {task} head"))
-                written[f"head/{task}"] = {"file": f"heads/{task}.safetensors", "sha256": save_tensors(head.state_dict(), folder / "heads" / f"{task}.safetensors")}
+                written[f"head/{task}"] = {
+                    "file": f"heads/{task}.safetensors",
+                    "sha256": save_tensors(head.state_dict(), folder / "heads" / f"{task}.safetensors"),
+                }
         manifest = {
-            "format": CONVERTED_FORMAT, "family": family, "model": model, "tasks": tasks,
-            "architecture": architecture, "sources": dict(sources), "files": written,
-        }  # fmt: skip
+            "format": CONVERTED_FORMAT,
+            "family": family,
+            "model": model,
+            "tasks": tasks,
+            "architecture": architecture,
+            "sources": dict(sources),
+            "files": written,
+        }
         write_json(manifest, folder / "manifest.json")
     return manifest
 
@@ -453,7 +500,9 @@ def convert_task_vectors(
         (task, load_image_encoder_state(files[f"expert/{task}"]), load_head(files[f"head/{task}"]))
         for task in tqdm(tasks, desc=f"converting {model}", disable=not progress)
     )
-    return _write_converted(Path(out) / model, "task_vectors", model, pretrained, experts, {k: str(v) for k, v in files.items()})
+    return _write_converted(
+        Path(out) / model, "task_vectors", model, pretrained, experts, {k: str(v) for k, v in files.items()}
+    )
 
 
 #: open_clip architecture -> the transformers id of OpenAI's CLIP (FusionBench's experts are named after it).
@@ -468,7 +517,9 @@ FUSIONBENCH_MODELS = {
 FUSIONBENCH_OWNER = "tanganke"
 
 
-def fusionbench_sources(model: str, source: str, tasks: tuple[str, ...], owner: str = FUSIONBENCH_OWNER) -> dict[str, str]:
+def fusionbench_sources(
+    model: str, source: str, tasks: tuple[str, ...], owner: str = FUSIONBENCH_OWNER
+) -> dict[str, str]:
     """Where each model of the FusionBench family comes from: hub ids (``source="hub"``; experts
     ``<owner>/clip-vit-base-patch32_<task>``) or folders of ``save_pretrained`` snapshots under ``source``
     named like the hub repositories (``clip-vit-base-patch32/``, ``clip-vit-base-patch32_<task>/``).
@@ -477,7 +528,9 @@ def fusionbench_sources(model: str, source: str, tasks: tuple[str, ...], owner: 
         SurgeryBookError: unknown model or task, or missing local folders (all listed at once).
     """
     if model not in FUSIONBENCH_MODELS:
-        raise SurgeryBookError(f"no FusionBench checkpoints for {model!r}", f"use one of: {', '.join(FUSIONBENCH_MODELS)}")
+        raise SurgeryBookError(
+            f"no FusionBench checkpoints for {model!r}", f"use one of: {', '.join(FUSIONBENCH_MODELS)}"
+        )
     base = FUSIONBENCH_MODELS[model]
     ids = {"pretrained": base}
     for task in tasks:
@@ -498,7 +551,9 @@ def _check_output_folder(target: Path) -> None:
     # Before minutes of reading checkpoints: the folder the conversion will replace must be one.
     for path in (target, *target.parents):
         if path.exists() and not path.is_dir():
-            raise SurgeryBookError(f"cannot write the conversion into {target}: {path} is a file", "pass another --out folder")
+            raise SurgeryBookError(
+                f"cannot write the conversion into {target}: {path} is a file", "pass another --out folder"
+            )
 
 
 #: Files a transformers ``save_pretrained`` folder may keep its weights in, in the order they are preferred.
@@ -521,19 +576,31 @@ def snapshot_state(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     try:
         config = read_json(folder / "config.json")
     except FileNotFoundError:
-        raise SurgeryBookError(f"{folder} has no config.json", "save each model with save_pretrained, which writes it") from None
+        raise SurgeryBookError(
+            f"{folder} has no config.json", "save each model with save_pretrained, which writes it"
+        ) from None
     except (OSError, SurgeryBookError) as exc:
-        raise SurgeryBookError(f"{folder / 'config.json'} is unreadable ({exc})", "save the model again with save_pretrained") from None
+        raise SurgeryBookError(
+            f"{folder / 'config.json'} is unreadable ({exc})", "save the model again with save_pretrained"
+        ) from None
     if not isinstance(config, dict):
-        raise SurgeryBookError(f"{folder / 'config.json'} is not a transformers config", "save the model again with save_pretrained")
+        raise SurgeryBookError(
+            f"{folder / 'config.json'} is not a transformers config", "save the model again with save_pretrained"
+        )
     name = next((n for n in SNAPSHOT_WEIGHTS if (folder / n).is_file()), None)
     if name is None:
-        raise SurgeryBookError(f"{folder} holds no weights ({', '.join(SNAPSHOT_WEIGHTS)})", "save each model with save_pretrained")
+        raise SurgeryBookError(
+            f"{folder} holds no weights ({', '.join(SNAPSHOT_WEIGHTS)})", "save each model with save_pretrained"
+        )
     if name == "model.safetensors.index.json":
         index = read_json(folder / name)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
-            raise SurgeryBookError(f"{folder / name} is not a safetensors index", "save the model again with save_pretrained")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and "/" not in f for f in weight_map.values()
+        ):
+            raise SurgeryBookError(
+                f"{folder / name} is not a safetensors index", "save the model again with save_pretrained"
+            )
         files = sorted(set(weight_map.values()))
     else:
         files = [name]
@@ -548,8 +615,10 @@ def snapshot_state(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
             else:
                 loaded = load_tensors(path)[0]
         except (Exception, RecursionError) as exc:  # noqa: BLE001  (safetensors and torch raise many types)
-            raise SurgeryBookError(f"cannot read {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
-                                   "download or save the model again; the file is truncated or not a checkpoint") from None  # fmt: skip
+            raise SurgeryBookError(
+                f"cannot read {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
+                "download or save the model again; the file is truncated or not a checkpoint",
+            ) from None
         check_weights(loaded, str(path))
         state.update({key: tensor.float() for key, tensor in loaded.items()})
     return state, config
@@ -559,7 +628,9 @@ def _vision_layers(config: Mapping[str, Any], path: Path) -> int:
     vision = config.get("vision_config", config)
     layers = vision.get("num_hidden_layers") if isinstance(vision, Mapping) else None
     if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= 1000:
-        raise SurgeryBookError(f"{path / 'config.json'} names no vision num_hidden_layers", "save the model again with save_pretrained")
+        raise SurgeryBookError(
+            f"{path / 'config.json'} names no vision num_hidden_layers", "save the model again with save_pretrained"
+        )
     return layers
 
 
@@ -573,8 +644,10 @@ def _fusionbench_vision(folder: Path, projection: torch.Tensor | None) -> tuple[
     state, config = snapshot_state(folder)
     if projection is None:
         if "visual_projection.weight" not in state:
-            raise SurgeryBookError(f"{folder} is not a CLIPModel snapshot (no visual_projection.weight)",
-                                   "pass the pretrained openai/clip-vit-* snapshot")  # fmt: skip
+            raise SurgeryBookError(
+                f"{folder} is not a CLIPModel snapshot (no visual_projection.weight)",
+                "pass the pretrained openai/clip-vit-* snapshot",
+            )
         projection = state.pop("visual_projection.weight")
         state = {k: v for k, v in state.items() if not k.startswith(CLIP_TEXT_KEYS)}
     try:
@@ -584,8 +657,10 @@ def _fusionbench_vision(folder: Path, projection: torch.Tensor | None) -> tuple[
     found = len({k.split(".")[2] for k in converted if k.startswith("transformer.resblocks.")})
     expected = _vision_layers(config, folder)
     if found != expected:
-        raise SurgeryBookError(f"{folder} holds {found} vision blocks, its config.json {expected}",
-                               "download or save the model again; its weights are incomplete")  # fmt: skip
+        raise SurgeryBookError(
+            f"{folder} holds {found} vision blocks, its config.json {expected}",
+            "download or save the model again; its weights are incomplete",
+        )
     return converted, projection
 
 
@@ -596,15 +671,19 @@ def _snapshot_folder(source: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise SurgeryBookError("downloading FusionBench checkpoints needs huggingface_hub", "pip install 'surgery-book[hub]'") from None
+        raise SurgeryBookError(
+            "downloading FusionBench checkpoints needs huggingface_hub", "pip install 'surgery-book[hub]'"
+        ) from None
     patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
     try:
         folder = Path(snapshot_download(source, allow_patterns=patterns))
         if not any((folder / name).is_file() for name in SNAPSHOT_WEIGHTS):  # an older repository: pickled weights only
             folder = Path(snapshot_download(source, allow_patterns=["config.json", "pytorch_model.bin"]))
     except Exception as exc:  # noqa: BLE001  (network, authentication and missing-repository errors)
-        raise SurgeryBookError(f"cannot download {source} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
-                               "check the network and the repository name, or pass --source with local save_pretrained folders") from None  # fmt: skip
+        raise SurgeryBookError(
+            f"cannot download {source} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+            "check the network and the repository name, or pass --source with local save_pretrained folders",
+        ) from None
     return folder
 
 
@@ -642,7 +721,9 @@ def convert_fusionbench(
     return _write_converted(Path(out) / model, "fusionbench", model, pretrained, experts(), sources)
 
 
-def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, ClassificationHead], dict[str, Any]]:
+def load_converted(
+    directory: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, ClassificationHead], dict[str, Any]]:
     """Load a folder written by a ``convert_*`` function: ``(pretrained, experts, heads, manifest)``;
     ``heads`` is empty for the FusionBench family.
 
@@ -655,21 +736,33 @@ def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
     if not (directory / "manifest.json").is_file():
         raise SurgeryBookError(f"no converted checkpoints in {directory}", "run `surgery-book convert` first")
     manifest = read_json(directory / "manifest.json")
-    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("tasks"), list)):
-        raise SurgeryBookError(f"{directory / 'manifest.json'} is not a converted-checkpoint manifest (no files or tasks)",
-                               "convert the checkpoints again with `surgery-book convert`")  # fmt: skip
+    if not (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("files"), dict)
+        and isinstance(manifest.get("tasks"), list)
+    ):
+        raise SurgeryBookError(
+            f"{directory / 'manifest.json'} is not a converted-checkpoint manifest (no files or tasks)",
+            "convert the checkpoints again with `surgery-book convert`",
+        )
 
     root = directory.resolve()
 
     def tensors(key: str) -> dict[str, torch.Tensor]:
         entry = manifest["files"].get(key)
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)):
-            raise SurgeryBookError(f"{directory / 'manifest.json'} has no usable entry for {key}",
-                                   "convert the checkpoints again with `surgery-book convert`")  # fmt: skip
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
+        ):
+            raise SurgeryBookError(
+                f"{directory / 'manifest.json'} has no usable entry for {key}",
+                "convert the checkpoints again with `surgery-book convert`",
+            )
         path = (directory / entry["file"]).resolve()
         if not path.is_relative_to(root):  # a manifest may only name files inside its folder
-            raise SurgeryBookError(f"{directory / 'manifest.json'} names {entry['file']!r}, outside its folder",
-                                   "convert the checkpoints again with `surgery-book convert`")  # fmt: skip
+            raise SurgeryBookError(
+                f"{directory / 'manifest.json'} names {entry['file']!r}, outside its folder",
+                "convert the checkpoints again with `surgery-book convert`",
+            )
         return load_tensors(path, expected_sha256=entry["sha256"])[0]
 
     pretrained = tensors("pretrained")
@@ -683,7 +776,9 @@ def load_converted(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.T
     return pretrained, experts, heads, manifest
 
 
-def open_clip_state_from_transformers(vision: Mapping[str, torch.Tensor], projection: torch.Tensor) -> dict[str, torch.Tensor]:
+def open_clip_state_from_transformers(
+    vision: Mapping[str, torch.Tensor], projection: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Map a transformers ``CLIPVisionModel`` state dict (FusionBench's experts) onto open_clip's visual keys.
 
     Args:
@@ -703,17 +798,26 @@ def open_clip_state_from_transformers(vision: Mapping[str, torch.Tensor], projec
             "class_embedding": hf.pop("embeddings.class_embedding"),
             "conv1.weight": hf.pop("embeddings.patch_embedding.weight"),
             "positional_embedding": hf.pop("embeddings.position_embedding.weight"),
-            "ln_pre.weight": hf.pop("pre_layrnorm.weight"), "ln_pre.bias": hf.pop("pre_layrnorm.bias"),
-            "ln_post.weight": hf.pop("post_layernorm.weight"), "ln_post.bias": hf.pop("post_layernorm.bias"),
+            "ln_pre.weight": hf.pop("pre_layrnorm.weight"),
+            "ln_pre.bias": hf.pop("pre_layrnorm.bias"),
+            "ln_post.weight": hf.pop("post_layernorm.weight"),
+            "ln_post.bias": hf.pop("post_layernorm.bias"),
             "proj": projection.T.contiguous(),
-        }  # fmt: skip
+        }
         layers = sorted({int(m.group(1)) for k in hf if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
         for i in layers:
             src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
             for kind in ("weight", "bias"):
-                state[f"{dst}attn.in_proj_{kind}"] = torch.cat([hf.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
-                for theirs, ours in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                                     ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):  # fmt: skip
+                state[f"{dst}attn.in_proj_{kind}"] = torch.cat(
+                    [hf.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
+                )
+                for theirs, ours in (
+                    ("self_attn.out_proj", "attn.out_proj"),
+                    ("layer_norm1", "ln_1"),
+                    ("layer_norm2", "ln_2"),
+                    ("mlp.fc1", "mlp.c_fc"),
+                    ("mlp.fc2", "mlp.c_proj"),
+                ):
                     state[f"{dst}{ours}.{kind}"] = hf.pop(f"{src}{theirs}.{kind}")
     except KeyError as exc:
         raise SurgeryBookError(
@@ -721,5 +825,7 @@ def open_clip_state_from_transformers(vision: Mapping[str, torch.Tensor], projec
             "pass CLIPVisionModel weights, e.g. tanganke/clip-vit-base-patch32_<task>",
         ) from None
     if hf:
-        raise SurgeryBookError(f"unexpected transformers keys {sorted(hf)[:3]}", "pass the weights of a CLIPVisionModel")
+        raise SurgeryBookError(
+            f"unexpected transformers keys {sorted(hf)[:3]}", "pass the weights of a CLIPVisionModel"
+        )
     return state

@@ -77,7 +77,13 @@ class LabelledImages:
     def subset(self, indices: Sequence[int]) -> LabelledImages:
         """The images at ``indices``, in that order."""
         picked = list(indices)
-        return LabelledImages(lambda i: self._get(picked[i]), len(picked), self.class_names, self.origin, lambda i: self.describe(picked[i]))
+        return LabelledImages(
+            lambda i: self._get(picked[i]),
+            len(picked),
+            self.class_names,
+            self.origin,
+            lambda i: self.describe(picked[i]),
+        )
 
 
 #: The file extensions torchvision's ImageFolder reads.
@@ -88,7 +94,9 @@ def _inside(path: str, boundary: str) -> bool:
     return path == boundary or path.startswith(boundary.rstrip(os.sep) + os.sep)
 
 
-def folder_samples(directory: Path, boundary: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> tuple[list[tuple[str, int]], list[str]]:
+def folder_samples(
+    directory: Path, boundary: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> tuple[list[tuple[str, int]], list[str]]:
     """torchvision ImageFolder's ``(samples, classes)`` for ``directory``, in its order, except that a link
     is followed only once (a loop would multiply the images, two loops walk until memory runs out) and never
     to a place outside ``boundary`` (the dataset root).
@@ -138,7 +146,9 @@ def _open_rgb(path: str) -> Any:
 def _folder(path: Path, boundary: Path, names: Callable[[list[str]], Sequence[str]] | None = None) -> LabelledImages:
     samples, folders = folder_samples(path, boundary)
     classes = names(folders) if names else [readable_class_name(c) for c in folders]
-    return LabelledImages(lambda i: (_open_rgb(samples[i][0]), samples[i][1]), len(samples), classes, str(path), lambda i: samples[i][0])
+    return LabelledImages(
+        lambda i: (_open_rgb(samples[i][0]), samples[i][1]), len(samples), classes, str(path), lambda i: samples[i][0]
+    )
 
 
 def _torchvision(dataset: Any, class_names: Sequence[str], origin: str) -> LabelledImages:
@@ -159,7 +169,9 @@ def _resisc45(root: Path, split: str) -> LabelledImages:
     for name in files:
         folder = name.rsplit("_", 1)[0]  # "baseball_diamond_001.jpg" lives in NWPU-RESISC45/baseball_diamond/
         if folder not in index:
-            raise SurgeryBookError(f"{listing} names {name}, but NWPU-RESISC45/{folder}/ does not exist", "re-extract RESISC45")
+            raise SurgeryBookError(
+                f"{listing} names {name}, but NWPU-RESISC45/{folder}/ does not exist", "re-extract RESISC45"
+            )
         samples.append((base / "NWPU-RESISC45" / folder / name, index[folder]))
 
     def get(i: int) -> tuple[Any, int]:
@@ -167,7 +179,9 @@ def _resisc45(root: Path, split: str) -> LabelledImages:
         with Image.open(path) as image:
             return image.convert("RGB"), label
 
-    return LabelledImages(get, len(samples), [readable_class_name(f) for f in folders], str(base), lambda i: str(samples[i][0]))
+    return LabelledImages(
+        get, len(samples), [readable_class_name(f) for f in folders], str(base), lambda i: str(samples[i][0])
+    )
 
 
 def _svhn(root: Path, split: str) -> LabelledImages:
@@ -193,7 +207,9 @@ def _eurosat_names(folders: list[str]) -> list[str]:
     return [renamed[f] for f in folders]
 
 
-def local_dataset(task: str | ClipTask, root: str | os.PathLike[str], split: str, test_folder: str = "val") -> LabelledImages:
+def local_dataset(
+    task: str | ClipTask, root: str | os.PathLike[str], split: str, test_folder: str = "val"
+) -> LabelledImages:
     """One split of a task from task_vectors' local folder layout under ``root``.
 
     Layout: ``sun397/{train,val}`` and ``dtd/{train,val}`` (ImageFolder; which folder is the test split
@@ -224,15 +240,30 @@ def local_dataset(task: str | ClipTask, root: str | os.PathLike[str], split: str
         if spec.name == "Cars":
             cars = datasets.StanfordCars(str(root), split=split)
             return _torchvision(cars, [readable_class_name(c) for c in cars.classes], str(root / "stanford_cars"))
-        if spec.name == "GTSRB" and split == "train":  # torchvision walks Training/ following every link: the same walk, bounded
+        if (
+            spec.name == "GTSRB" and split == "train"
+        ):  # torchvision walks Training/ following every link: the same walk, bounded
             samples, _ = folder_samples(root / "gtsrb" / "GTSRB" / "Training", root, (".ppm",))
-            return LabelledImages(lambda i: (_open_rgb(samples[i][0]), samples[i][1]), len(samples), spec.class_names or (),
-                                  str(root / "gtsrb"), lambda i: samples[i][0])  # fmt: skip
+            return LabelledImages(
+                lambda i: (_open_rgb(samples[i][0]), samples[i][1]),
+                len(samples),
+                spec.class_names or (),
+                str(root / "gtsrb"),
+                lambda i: samples[i][0],
+            )
         if spec.name == "GTSRB":
             gtsrb = datasets.GTSRB(str(root), split=split)
-            return LabelledImages(gtsrb.__getitem__, len(gtsrb), spec.class_names or (), str(root / "gtsrb"), lambda i: gtsrb._samples[i][0])
+            return LabelledImages(
+                gtsrb.__getitem__,
+                len(gtsrb),
+                spec.class_names or (),
+                str(root / "gtsrb"),
+                lambda i: gtsrb._samples[i][0],
+            )
         if spec.name == "MNIST":
-            return _torchvision(datasets.MNIST(str(root), train=split == "train"), spec.class_names or (), str(root / "MNIST"))
+            return _torchvision(
+                datasets.MNIST(str(root), train=split == "train"), spec.class_names or (), str(root / "MNIST")
+            )
         svhn = _svhn(root, split)
         return LabelledImages(svhn.__getitem__, len(svhn), spec.class_names or (), svhn.origin)
     except (FileNotFoundError, RuntimeError) as exc:
@@ -261,7 +292,8 @@ def hub_dataset(task: str | ClipTask, split: str, *, load: Callable[..., Any] | 
     names = spec.class_names or tuple(readable_class_name(n) for n in data.features["label"].names)
     if len(names) != spec.num_classes:
         raise SurgeryBookError(
-            f"{spec.hub} has {len(names)} classes, {spec.name} has {spec.num_classes}", "check the dataset id and config"
+            f"{spec.hub} has {len(names)} classes, {spec.name} has {spec.num_classes}",
+            "check the dataset id and config",
         )
 
     def get(i: int) -> tuple[Any, int]:
@@ -278,7 +310,9 @@ def eval_resize(image_size: int) -> Callable[[Any], Any]:
     from torchvision import transforms
 
     pipeline = open_clip.image_transform(image_size, is_train=False)
-    keep = [t for t in pipeline.transforms if not isinstance(t, transforms.Normalize) and "ToTensor" not in type(t).__name__]
+    keep = [
+        t for t in pipeline.transforms if not isinstance(t, transforms.Normalize) and "ToTensor" not in type(t).__name__
+    ]
     return transforms.Compose(keep)
 
 
@@ -312,7 +346,9 @@ class _Decoded:
                 width, height = image.size
                 resized = self.image_size**2 * max(width, height) / max(1, min(width, height))
                 if resized > MAX_RESIZED_PIXELS:
-                    raise ValueError(f"a {width} x {height} image would be {resized:,.0f} pixels once resized (at most {MAX_RESIZED_PIXELS:,})")
+                    raise ValueError(
+                        f"a {width} x {height} image would be {resized:,.0f} pixels once resized (at most {MAX_RESIZED_PIXELS:,})"
+                    )
                 return pil_to_tensor(self.resize(image).convert("RGB")), int(label), ""
         except Exception as exc:  # noqa: BLE001  (PIL raises many types for damaged or hostile files)
             problem = f"{self.images.describe(index)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -339,28 +375,43 @@ def decode_to_cache(
     # The readers hold closures over their files, so workers are forked (the default start method became
     # forkserver on Linux with Python 3.14, which would have to pickle them).
     context = "fork" if workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
-    loader = DataLoader(_Decoded(images, eval_resize(image_size), image_size), batch_size=batch_size, num_workers=workers,
-                        shuffle=False, multiprocessing_context=context)  # fmt: skip
+    loader = DataLoader(
+        _Decoded(images, eval_resize(image_size), image_size),
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=False,
+        multiprocessing_context=context,
+    )
     labels = np.empty(len(images), dtype=np.int64)
     with atomic_path(path) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), 3, image_size, image_size))
+        array = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(images), 3, image_size, image_size)
+        )
         start = 0
         for batch, batch_labels, problems in tqdm(loader, desc=description, disable=not progress, unit="batch"):
             bad = [problem for problem in problems if problem]
             if bad:
                 del array
-                raise SurgeryBookError(f"cannot decode {bad[0]}" + (f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""),
-                                       "remove or replace that file (a damaged download, or not an image), then run the same command again")  # fmt: skip
+                raise SurgeryBookError(
+                    f"cannot decode {bad[0]}" + (f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""),
+                    "remove or replace that file (a damaged download, or not an image), then run the same command again",
+                )
             array[start : start + len(batch)] = batch.numpy()
             labels[start : start + len(batch)] = batch_labels.numpy()
             start += len(batch)
         array.flush()
         del array
     write_json(
-        {"format": CACHE_FORMAT, "count": len(images), "image_size": image_size, "class_names": list(images.class_names),
-         "origin": images.origin, "labels": labels.tolist()},
+        {
+            "format": CACHE_FORMAT,
+            "count": len(images),
+            "image_size": image_size,
+            "class_names": list(images.class_names),
+            "origin": images.origin,
+            "labels": labels.tolist(),
+        },
         path.with_suffix(".json"),
-    )  # fmt: skip
+    )
     return path
 
 
@@ -382,7 +433,9 @@ def read_cache(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(array), torch.tensor(meta["labels"], dtype=torch.int64), tuple(meta["class_names"])
 
 
-def split_cache_path(cache_dir: str | os.PathLike[str], task: str, split: str, source: str, image_size: int, tag: str = "") -> Path:
+def split_cache_path(
+    cache_dir: str | os.PathLike[str], task: str, split: str, source: str, image_size: int, tag: str = ""
+) -> Path:
     """``<cache_dir>/<source>/<image_size>/<task>-<split>[-tag].npy``."""
     return Path(cache_dir) / source / str(image_size) / f"{task}-{split}{'-' + tag if tag else ''}.npy"
 
@@ -423,18 +476,25 @@ def load_clip_task(
     images, labels, names, paths = {}, {}, None, {}
     for split, count_tag in (("test", tag), ("train", f"{train_images}-{seed}")):
         path = paths[split] = split_cache_path(cache_dir, spec.name, split, source, image_size, count_tag)
-        with entry_lock(path, f"the {spec.name} {split} image cache"):  # a concurrent run decodes it once, the other waits
+        with entry_lock(
+            path, f"the {spec.name} {split} image cache"
+        ):  # a concurrent run decodes it once, the other waits
             if not (path.is_file() and path.with_suffix(".json").is_file()):
                 data = reader(split)
                 if split == "train":
-                    picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: min(train_images, len(data))]
+                    picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[
+                        : min(train_images, len(data))
+                    ]
                     data = data.subset(picks.tolist())
-                decode_to_cache(data, path, image_size, workers=workers, progress=progress, description=f"{spec.name} {split}")
+                decode_to_cache(
+                    data, path, image_size, workers=workers, progress=progress, description=f"{spec.name} {split}"
+                )
         try:
             images[split], labels[split], names = read_cache(path)
         except CorruptFileError as exc:
             raise SurgeryBookError(
-                f"the image cache {path} is damaged ({exc.problem})", f"delete {path} and {path.with_suffix('.json')} and run again"
+                f"the image cache {path} is damaged ({exc.problem})",
+                f"delete {path} and {path.with_suffix('.json')} and run again",
             ) from None
     images["adapt"], labels["adapt"] = images["train"], labels["train"]
     return TaskData(spec.name, names or (), images, labels, mean=OPENAI_MEAN, std=OPENAI_STD, files=paths)

@@ -22,9 +22,12 @@ FAMILIES = ("task_vectors", "fusionbench")
 
 #: Field of :class:`ClipSources` -> the environment variable that carries it to notebook kernels.
 VARIABLES = {
-    "family": "SURGERY_BOOK_FAMILY", "checkpoints": "SURGERY_BOOK_CHECKPOINTS", "data_source": "SURGERY_BOOK_DATA_SOURCE",
-    "data_root": "SURGERY_BOOK_DATA_ROOT", "test_folder": "SURGERY_BOOK_TEST_FOLDER",
-}  # fmt: skip
+    "family": "SURGERY_BOOK_FAMILY",
+    "checkpoints": "SURGERY_BOOK_CHECKPOINTS",
+    "data_source": "SURGERY_BOOK_DATA_SOURCE",
+    "data_root": "SURGERY_BOOK_DATA_ROOT",
+    "test_folder": "SURGERY_BOOK_TEST_FOLDER",
+}
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ class ClipSources:
         env = {field: os.environ.get(variable, defaults.get(field)) for field, variable in VARIABLES.items()}
         sources = cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
         if sources.family not in FAMILIES:
-            raise SurgeryBookError(f"unknown checkpoint family {sources.family!r}", f"use one of: {', '.join(FAMILIES)}")
+            raise SurgeryBookError(
+                f"unknown checkpoint family {sources.family!r}", f"use one of: {', '.join(FAMILIES)}"
+            )
         return sources
 
     @staticmethod
@@ -57,7 +62,9 @@ class ClipSources:
         for field, variable in VARIABLES.items():
             value = given.get(field)
             if value is not None:
-                out[variable] = os.path.abspath(value) if field in ("checkpoints", "data_root") and value != "hub" else str(value)
+                out[variable] = (
+                    os.path.abspath(value) if field in ("checkpoints", "data_root") and value != "hub" else str(value)
+                )
         return out
 
     @staticmethod

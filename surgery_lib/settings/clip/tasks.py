@@ -36,11 +36,30 @@ _DIGITS = tuple(str(d) for d in range(10))
 _NUMBER = ('a photo of the number: "{}".',)
 _ARTICLES = ("{}", "a {}", "the {}")
 
-EUROSAT_FOLDERS = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-                   "Pasture", "PermanentCrop", "Residential", "River", "SeaLake")  # fmt: skip
-EUROSAT_CLASSES = ("annual crop land", "forest", "brushland or shrubland", "highway or road",
-                   "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
-                   "residential buildings or homes or apartments", "river", "lake or sea")  # fmt: skip
+EUROSAT_FOLDERS = (
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+)
+EUROSAT_CLASSES = (
+    "annual crop land",
+    "forest",
+    "brushland or shrubland",
+    "highway or road",
+    "industrial buildings or commercial buildings",
+    "pasture land",
+    "permanent crop land",
+    "residential buildings or homes or apartments",
+    "river",
+    "lake or sea",
+)
 
 GTSRB_CLASSES = tuple(
     [f"red and white circle {n} kph speed limit" for n in (20, 30, 50, 60, 70, 80)]
@@ -89,30 +108,69 @@ CLIP_TASKS: dict[str, ClipTask] = {
     for task in (
         ClipTask("SUN397", 397, 19887, "tanganke/sun397", "sun397", ("a photo of a {}.", "a photo of the {}.")),
         ClipTask(
-            "Cars", 196, 8041, "tanganke/stanford_cars", "stanford-cars",
-            ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
-             "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."),
-        ),  # fmt: skip
+            "Cars",
+            196,
+            8041,
+            "tanganke/stanford_cars",
+            "stanford-cars",
+            (
+                "a photo of a {}.",
+                "a photo of the {}.",
+                "a photo of my {}.",
+                "i love my {}!",
+                "a photo of my dirty {}.",
+                "a photo of my clean {}.",
+                "a photo of my new {}.",
+                "a photo of my old {}.",
+            ),
+        ),
         ClipTask(
-            "RESISC45", 45, 6300, "tanganke/resisc45", "resisc45",
-            tuple(f"{kind} {what} of {a}." for a in _ARTICLES for kind, what in
-                  (("satellite", "imagery"), ("aerial", "imagery"), ("satellite", "photo"), ("aerial", "photo"),
-                   ("satellite", "view"), ("aerial", "view"))),
-        ),  # fmt: skip
+            "RESISC45",
+            45,
+            6300,
+            "tanganke/resisc45",
+            "resisc45",
+            tuple(
+                f"{kind} {what} of {a}."
+                for a in _ARTICLES
+                for kind, what in (
+                    ("satellite", "imagery"),
+                    ("aerial", "imagery"),
+                    ("satellite", "photo"),
+                    ("aerial", "photo"),
+                    ("satellite", "view"),
+                    ("aerial", "view"),
+                )
+            ),
+        ),
         ClipTask(
-            "EuroSAT", 10, 2700, "tanganke/eurosat", "eurosat",
-            tuple(f"a centered satellite photo of {a}." for a in _ARTICLES), EUROSAT_CLASSES,
-        ),  # fmt: skip
+            "EuroSAT",
+            10,
+            2700,
+            "tanganke/eurosat",
+            "eurosat",
+            tuple(f"a centered satellite photo of {a}." for a in _ARTICLES),
+            EUROSAT_CLASSES,
+        ),
         ClipTask("SVHN", 10, 26032, "ufldl-stanford/svhn", "svhn", _NUMBER, _DIGITS, hub_config="cropped_digits"),
         ClipTask(
-            "GTSRB", 43, 12630, "tanganke/gtsrb", "gtsrb",
-            tuple(f'a {v} photo of a "{{}}" traffic sign.' for v in ("zoomed in", "centered", "close up")), GTSRB_CLASSES,
-        ),  # fmt: skip
+            "GTSRB",
+            43,
+            12630,
+            "tanganke/gtsrb",
+            "gtsrb",
+            tuple(f'a {v} photo of a "{{}}" traffic sign.' for v in ("zoomed in", "centered", "close up")),
+            GTSRB_CLASSES,
+        ),
         ClipTask("MNIST", 10, 10000, "ylecun/mnist", "mnist", _NUMBER, _DIGITS),
         ClipTask(
-            "DTD", 47, 1880, "tanganke/dtd", "dtd",
+            "DTD",
+            47,
+            1880,
+            "tanganke/dtd",
+            "dtd",
             tuple(f"a photo of {a} {{}} {k}." for a in ("a", "the") for k in ("texture", "pattern", "thing", "object")),
-        ),  # fmt: skip
+        ),
     )
 }
 

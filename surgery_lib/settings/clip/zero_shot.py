@@ -63,7 +63,9 @@ def zero_shot_head(
     return ClassificationHead.from_weights(weight)
 
 
-def head_cache_path(cache_dir: str | os.PathLike[str], model: str, task: str, class_names: Sequence[str], templates: Sequence[str]) -> Path:
+def head_cache_path(
+    cache_dir: str | os.PathLike[str], model: str, task: str, class_names: Sequence[str], templates: Sequence[str]
+) -> Path:
     """``<cache_dir>/<model>/<task>-<hash of names and templates>.safetensors``."""
     key = config_hash({"classes": list(class_names), "templates": list(templates)})
     return Path(cache_dir) / model / f"{task}-{key}.safetensors"
@@ -95,7 +97,9 @@ def cached_zero_shot_head(
     return head
 
 
-def openai_clip(model: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
+def openai_clip(
+    model: str, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
     """open_clip's ``<model>-quickgelu`` with OpenAI's weights (downloaded once by open_clip) and its tokenizer."""
     import open_clip
 

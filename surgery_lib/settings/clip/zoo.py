@@ -78,7 +78,9 @@ def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, pro
             wanted = str((given / model / "zeroshot.pt").resolve())
         else:
             wanted = str(Path(fusionbench_sources(model, str(given), ())["pretrained"]).resolve())
-        if converted_from is not None and Path(converted_from).exists():  # a local file or folder: compare resolved paths
+        if (
+            converted_from is not None and Path(converted_from).exists()
+        ):  # a local file or folder: compare resolved paths
             converted_from = str(Path(converted_from).resolve())
         if converted_from is not None and wanted in (None, converted_from):
             return target_root / model  # converted before from the same source (or no source named now)
@@ -90,8 +92,14 @@ def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, pro
             )
         convert_task_vectors(given, model, target_root, preset.clip.tasks, progress=progress)
     else:
-        convert_fusionbench(str(given) if given is not None else "hub", model, target_root, preset.clip.tasks, progress=progress,
-                            owner=preset.clip.fusionbench_owner)  # fmt: skip
+        convert_fusionbench(
+            str(given) if given is not None else "hub",
+            model,
+            target_root,
+            preset.clip.tasks,
+            progress=progress,
+            owner=preset.clip.fusionbench_owner,
+        )
     return target_root / model
 
 
@@ -109,11 +117,17 @@ def clip_suite(
     assert preset.clip is not None
     sources = sources or ClipSources.from_environment(preset)
     return load_clip_suite(
-        tuple(tasks) if tasks is not None else preset.clip.tasks, source=sources.data_source,
-        cache_dir=cache_root(cache_dir) / "clip" / "data", image_size=preset.encoder.image_size, root=sources.data_root,
-        test_folder=sources.test_folder, train_images=sources.train_images, workers=workers, hub_load=hub_load,
+        tuple(tasks) if tasks is not None else preset.clip.tasks,
+        source=sources.data_source,
+        cache_dir=cache_root(cache_dir) / "clip" / "data",
+        image_size=preset.encoder.image_size,
+        root=sources.data_root,
+        test_folder=sources.test_folder,
+        train_images=sources.train_images,
+        workers=workers,
+        hub_load=hub_load,
         progress=progress,
-    )  # fmt: skip
+    )
 
 
 def load_clip_zoo(
@@ -144,27 +158,45 @@ def load_clip_zoo(
     cache = cache_root(cache_dir) / "clip"
     checkpoint_dir = converted_checkpoints(preset, sources, cache, progress)
     pretrained, experts, heads, converted = load_converted(checkpoint_dir)
-    if converted["architecture"]["width"] != preset.encoder.width or converted["architecture"]["layers"] != preset.encoder.layers:
+    if (
+        converted["architecture"]["width"] != preset.encoder.width
+        or converted["architecture"]["layers"] != preset.encoder.layers
+    ):
         raise SurgeryBookError(
             f"{checkpoint_dir} holds a {converted['model']} model, preset {preset.name!r} is {preset.clip.model}",
             "pass the checkpoints of the preset's model",
         )
-    suite = clip_suite(preset, sources=sources, tasks=converted["tasks"], cache_dir=cache_dir, workers=workers,
-                       hub_load=hub_load, progress=progress)  # fmt: skip
+    suite = clip_suite(
+        preset,
+        sources=sources,
+        tasks=converted["tasks"],
+        cache_dir=cache_dir,
+        workers=workers,
+        hub_load=hub_load,
+        progress=progress,
+    )
     model = preset.clip.model
     loader = load_text_model or (lambda: openai_clip(model, device))
     for task in converted["tasks"]:
         if task not in heads:  # FusionBench: zero-shot heads from the pretrained text tower
             names = suite[task].class_names
-            heads[task] = cached_zero_shot_head(cache / "heads", model, task, names, CLIP_TASKS[task].templates, loader, device=device)
+            heads[task] = cached_zero_shot_head(
+                cache / "heads", model, task, names, CLIP_TASKS[task].templates, loader, device=device
+            )
         if heads[task].num_classes != suite[task].num_classes:
             raise SurgeryBookError(
                 f"the {task} head has {heads[task].num_classes} classes, the data {suite[task].num_classes}",
                 "check the dataset source (--data-source) and the checkpoint family",
             )
 
-    key = config_hash({"checkpoints": converted["files"], "data": {t: suite[t].labels["test"].shape[0] for t in suite.task_names},
-                       "sources": [sources.data_source, sources.test_folder], "heads": {t: float(h.linear.weight.sum()) for t, h in heads.items()}})  # fmt: skip
+    key = config_hash(
+        {
+            "checkpoints": converted["files"],
+            "data": {t: suite[t].labels["test"].shape[0] for t in suite.task_names},
+            "sources": [sources.data_source, sources.test_folder],
+            "heads": {t: float(h.linear.weight.sum()) for t, h in heads.items()},
+        }
+    )
     directory = cache / "zoo" / f"{preset.name}-{sources.family}-{key}"
     manifest_path = directory / "manifest.json"
     manifest: dict[str, Any] | None = None
@@ -178,10 +210,19 @@ def load_clip_zoo(
         base = load_encoder(preset.encoder, pretrained)
         for task in converted["tasks"]:
             accuracy["pretrained"][task] = task_accuracy(base, heads[task], suite[task], device=device)
-            accuracy["expert"][task] = task_accuracy(load_encoder(preset.encoder, experts[task]), heads[task], suite[task], device=device)
+            accuracy["expert"][task] = task_accuracy(
+                load_encoder(preset.encoder, experts[task]), heads[task], suite[task], device=device
+            )
         manifest = {
-            "preset": preset.name, "family": sources.family, "checkpoints": str(checkpoint_dir), "config": preset.to_dict(),
-            "data_source": sources.data_source, "test_folder": sources.test_folder, "accuracy": accuracy,
-        }  # fmt: skip
+            "preset": preset.name,
+            "family": sources.family,
+            "checkpoints": str(checkpoint_dir),
+            "config": preset.to_dict(),
+            "data_source": sources.data_source,
+            "test_folder": sources.test_folder,
+            "accuracy": accuracy,
+        }
         write_json(manifest, manifest_path)
-    return Zoo(preset, directory, manifest, pretrained, heads, experts, None, suite, reference_labels=dict(CLIP_REFERENCE_ROWS))
+    return Zoo(
+        preset, directory, manifest, pretrained, heads, experts, None, suite, reference_labels=dict(CLIP_REFERENCE_ROWS)
+    )

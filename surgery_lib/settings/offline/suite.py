@@ -161,9 +161,11 @@ def _task_path(root: Path, task: str, config: SuiteConfig) -> Path:
     return _suite_dir(root) / f"{task}-{_task_key(task, config)}.safetensors"
 
 
-def _generate(tasks: Sequence[str], config: SuiteConfig, workers: int, progress: bool) -> dict[str, dict[str, np.ndarray]]:
+def _generate(
+    tasks: Sequence[str], config: SuiteConfig, workers: int, progress: bool
+) -> dict[str, dict[str, np.ndarray]]:
     """Render every split of ``tasks``; returns ``{task: {"<split>_images": ..., "<split>_labels": ...}}``."""
-    
+
     arrays: dict[str, dict[str, np.ndarray]] = {}
     jobs: list[tuple[str, str, int, np.ndarray, tuple[int, ...]]] = []
     for task in tasks:
@@ -256,7 +258,10 @@ def load_suite(
         resolved = get_preset(preset)
         config, encoder = resolved.suite, resolved.encoder
         if config is None:
-            raise SurgeryBookError(f"preset {resolved.name!r} has no offline task suite", "load its data with surgery_lib.settings.load_suite")
+            raise SurgeryBookError(
+                f"preset {resolved.name!r} has no offline task suite",
+                "load its data with surgery_lib.settings.load_suite",
+            )
         check_image_size(resolved)
     names = check_tasks(tasks if tasks is not None else config.tasks)
     root = cache_root(cache_dir)
@@ -275,7 +280,9 @@ def suite_fingerprint(suite: Suite) -> str:
 
     The zoo records it with each model, so a suite whose content changed retrains the models built on it.
     """
-    return config_hash({task: content_checksum(path) or sha256_file(path) for task, path in sorted(suite.files.items())})
+    return config_hash(
+        {task: content_checksum(path) or sha256_file(path) for task, path in sorted(suite.files.items())}
+    )
 
 
 def _load_or_generate(

@@ -31,7 +31,9 @@ def derive_seed(base: int, *parts: str) -> int:
     return (base * 1_000_003 + zlib.crc32("/".join(parts).encode())) % (2**31)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
 
     def factor(step: int) -> float:
@@ -116,7 +118,14 @@ def pretrain(
 
 
 def fit_probe(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, steps: int, lr: float, weight_decay: float, seed: int
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
 ) -> ClassificationHead:
     """A :class:`ClassificationHead` fitted full-batch (AdamW) on frozen features (N, D) with labels (N,)."""
     torch.manual_seed(seed)

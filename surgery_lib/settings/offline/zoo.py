@@ -123,7 +123,8 @@ def _well_formed(manifest: Any) -> bool:
     """A manifest of this format: an object whose ``models`` map names to entries with a file and its SHA-256."""
     models = manifest.get("models") if isinstance(manifest, dict) else None
     return isinstance(models, dict) and all(
-        isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str) for entry in models.values()
+        isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
+        for entry in models.values()
     )
 
 
@@ -165,7 +166,10 @@ class _Builder:
         write_json(self.manifest, self.directory / MANIFEST)
 
     def step(
-        self, name: str, inputs: dict[str, _Built | str], train: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+        self,
+        name: str,
+        inputs: dict[str, _Built | str],
+        train: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
     ) -> _Built:
         """Load model ``name`` if its file and inputs are unchanged, otherwise train and save it.
 
@@ -257,7 +261,9 @@ def build_offline_zoo(
     """
     preset = get_preset(preset)
     if preset.suite is None or preset.recipe is None:
-        raise SurgeryBookError(f"preset {preset.name!r} is not an offline preset", "build its zoo with surgery_lib.settings.build_zoo")
+        raise SurgeryBookError(
+            f"preset {preset.name!r} is not an offline preset", "build its zoo with surgery_lib.settings.build_zoo"
+        )
     check_image_size(preset)
     check_tasks(preset.suite.tasks)
     device = resolve_device(device, preset.default_device)
@@ -267,7 +273,9 @@ def build_offline_zoo(
         return _build_locked(preset, directory, device, cache_dir, rebuild, progress)
 
 
-def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_dir: Any, rebuild: bool, progress: bool) -> Zoo:
+def _build_locked(
+    preset: Preset, directory: Path, device: torch.device, cache_dir: Any, rebuild: bool, progress: bool
+) -> Zoo:
     if rebuild:
         clear_zoo(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -279,7 +287,9 @@ def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_d
         except CorruptFileError as exc:
             log.warning("%s; starting the zoo afresh", exc.problem)
         if manifest is not None and not _well_formed(manifest):
-            log.warning("%s is not a zoo manifest (valid JSON of another shape); starting the zoo afresh", directory / MANIFEST)
+            log.warning(
+                "%s is not a zoo manifest (valid JSON of another shape); starting the zoo afresh", directory / MANIFEST
+            )
             manifest = None
         if manifest is not None:
             _check_manifest(manifest, preset, directory)
@@ -307,12 +317,23 @@ def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_d
         torch.manual_seed(seeds["pretrained"])
         encoder = build_encoder(encoder_cfg)
         stats = pretrain(
-            encoder, suite.mix, epochs=recipe.pretrain_epochs, lr=recipe.pretrain_lr,
-            weight_decay=recipe.pretrain_weight_decay, warmup_steps=recipe.pretrain_warmup_steps,
-            batch_size=recipe.batch_size, translate_px=recipe.translate_px, seed=seeds["pretrained"],
-            device=device, progress=progress,
-        )  # fmt: skip
-        return clone_state(encoder), {"steps": stats.steps, "images_seen": stats.images, "final_loss": round(stats.final_loss, 4)}
+            encoder,
+            suite.mix,
+            epochs=recipe.pretrain_epochs,
+            lr=recipe.pretrain_lr,
+            weight_decay=recipe.pretrain_weight_decay,
+            warmup_steps=recipe.pretrain_warmup_steps,
+            batch_size=recipe.batch_size,
+            translate_px=recipe.translate_px,
+            seed=seeds["pretrained"],
+            device=device,
+            progress=progress,
+        )
+        return clone_state(encoder), {
+            "steps": stats.steps,
+            "images_seen": stats.images,
+            "final_loss": round(stats.final_loss, 4),
+        }
 
     pretrained_step = builder.step("pretrained", {"suite": data}, train_pretrained)
     pretrained = pretrained_step.tensors
@@ -332,17 +353,26 @@ def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_d
             seed = derive_seed(seeds["heads"], task)
             shots = suite[task].few_shot("train", recipe.probe_shots, seed)
             head = fit_probe(
-                features(task, "train", shots), suite[task].labels["train"][shots], suite[task].num_classes,
-                steps=recipe.probe_steps, lr=recipe.probe_lr, weight_decay=recipe.probe_weight_decay, seed=seed,
-            )  # fmt: skip
+                features(task, "train", shots),
+                suite[task].labels["train"][shots],
+                suite[task].num_classes,
+                steps=recipe.probe_steps,
+                lr=recipe.probe_lr,
+                weight_decay=recipe.probe_weight_decay,
+                seed=seed,
+            )
             accuracy[task] = accuracy_from_features(features(task, "test"), head, suite[task].labels["test"])
             tensors.update({f"{task}.{k}": v for k, v in head.state_dict().items()})
         return tensors, {"test_accuracy": accuracy}
 
     heads_step = builder.step("heads", {"suite": data, "pretrained": pretrained_step}, train_heads)
     head_tensors = heads_step.tensors
-    heads = {task: ClassificationHead.from_weights(head_tensors[f"{task}.linear.weight"], head_tensors[f"{task}.linear.bias"])
-             for task in suite.task_names}  # fmt: skip
+    heads = {
+        task: ClassificationHead.from_weights(
+            head_tensors[f"{task}.linear.weight"], head_tensors[f"{task}.linear.bias"]
+        )
+        for task in suite.task_names
+    }
     inputs = {"suite": data, "pretrained": pretrained_step, "heads": heads_step}
 
     # 3. Experts: the encoder fine-tuned per task through its frozen head (the recipe's expert_finetune mode).
@@ -352,12 +382,21 @@ def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_d
 
         def train_expert(task: str = task):
             stats, state = finetune(
-                load_encoder(encoder_cfg, pretrained), [(suite[task], heads[task])], steps=recipe.expert_steps,
-                batch_per_task=recipe.batch_size, lr=recipe.expert_lr, weight_decay=recipe.expert_weight_decay,
-                warmup_fraction=recipe.expert_warmup_fraction, translate_px=recipe.translate_px,
-                seed=seeds[f"expert/{task}"], device=device, progress=progress, desc=f"expert {task}",
-                mode=recipe.expert_finetune, lora_rank=recipe.expert_lora_rank,
-            )  # fmt: skip
+                load_encoder(encoder_cfg, pretrained),
+                [(suite[task], heads[task])],
+                steps=recipe.expert_steps,
+                batch_per_task=recipe.batch_size,
+                lr=recipe.expert_lr,
+                weight_decay=recipe.expert_weight_decay,
+                warmup_fraction=recipe.expert_warmup_fraction,
+                translate_px=recipe.translate_px,
+                seed=seeds[f"expert/{task}"],
+                device=device,
+                progress=progress,
+                desc=f"expert {task}",
+                mode=recipe.expert_finetune,
+                lora_rank=recipe.expert_lora_rank,
+            )
             # Evaluated as every merge is: the plain encoder at the exported weights theta_0 + tau.
             accuracy = task_accuracy(load_encoder(encoder_cfg, state), heads[task], suite[task], device=device)
             return state, {"steps": stats.steps, "final_loss": round(stats.final_loss, 4), "test_accuracy": accuracy}
@@ -370,13 +409,25 @@ def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_d
     def train_mtl():
         encoder = load_encoder(encoder_cfg, pretrained)
         stats, _ = finetune(
-            encoder, [(suite[t], heads[t]) for t in suite.task_names], steps=recipe.mtl_steps,
-            batch_per_task=recipe.mtl_batch_per_task, lr=recipe.mtl_lr, weight_decay=recipe.expert_weight_decay,
-            warmup_fraction=recipe.expert_warmup_fraction, translate_px=recipe.translate_px, seed=seeds["mtl"],
-            device=device, progress=progress, desc="multi-task learning",
-        )  # fmt: skip
+            encoder,
+            [(suite[t], heads[t]) for t in suite.task_names],
+            steps=recipe.mtl_steps,
+            batch_per_task=recipe.mtl_batch_per_task,
+            lr=recipe.mtl_lr,
+            weight_decay=recipe.expert_weight_decay,
+            warmup_fraction=recipe.expert_warmup_fraction,
+            translate_px=recipe.translate_px,
+            seed=seeds["mtl"],
+            device=device,
+            progress=progress,
+            desc="multi-task learning",
+        )
         accuracy = {t: task_accuracy(encoder, heads[t], suite[t], device=device) for t in suite.task_names}
-        return clone_state(encoder), {"steps": stats.steps, "final_loss": round(stats.final_loss, 4), "test_accuracy": accuracy}
+        return clone_state(encoder), {
+            "steps": stats.steps,
+            "final_loss": round(stats.final_loss, 4),
+            "test_accuracy": accuracy,
+        }
 
     mtl = builder.step("mtl", inputs, train_mtl).tensors
 
@@ -391,4 +442,3 @@ def _build_locked(preset: Preset, directory: Path, device: torch.device, cache_d
     manifest["last_run_wall_time_s"] = round(time.perf_counter() - started, 2)
     builder.save_manifest()
     return Zoo(preset, directory, manifest, pretrained, heads, experts, mtl, suite)
-
