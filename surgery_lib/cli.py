@@ -35,8 +35,8 @@ from typing import Any
 from surgery_lib.core.errors import SurgeryBookError, from_os_error
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.finetuning import FINETUNING_MODES
-from surgery_lib.merging import MERGE_METHODS
-from surgery_lib.merging.wudi import WUDI_SCOPES
+from surgery_lib.merging import MERGE_METHODS, MERGE_OPTIONS, MergeOptions, get_method
+from surgery_lib.merging.options import PRECISION
 from surgery_lib.presets import PRESETS, Preset, check_preset, get_preset
 from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
 
@@ -230,55 +230,23 @@ def _check_writable(path: str, *, folder: bool) -> None:
         raise SurgeryBookError(f"cannot write {path} (no permission in {existing})", "pass a writable location")
 
 
-#: Command-line flag -> the MergeOptions field it sets.
-MERGE_FLAGS = {
-    "scale": "scale",
-    "keep_fraction": "keep_fraction",
-    "steps": "steps",
-    "batch_size": "batch_size",
-    "data": "split",
-    "seed": "seed",
-    "precision": "precision",
-    "drop_rate": "drop_rate",
-    "wudi_scope": "wudi_scope",
-}
+#: The largest --seed (numpy's and torch's generators take 32-bit seeds).
 MAX_SEED = 2**32 - 1
 
 
 def _merge_options(args: argparse.Namespace, method: str | None = None, shared: tuple[str, ...] = ()):
-    """The merge options of ``args``, every value checked once, here. With ``method``, a flag the method does not read
-    is an error (it would be ignored silently), except the ``shared`` flags another part of the command reads."""
-    from surgery_lib.merging import MergeOptions, get_method, with_options
-
-    _check_finite(args, "scale", "keep_fraction", "drop_rate")
-    _check_range(args, "keep_fraction", 0, 1, low_open=True)
-    _check_range(args, "drop_rate", 0, 1, high_open=True)
-    _check_range(args, "steps", 1, math.inf)
-    _check_range(args, "batch_size", 1, math.inf)
-    _check_range(args, "seed", 0, MAX_SEED)
+    """The merge options of ``args`` (the flags :func:`_add_merge_options` generated from the registered
+    options), every value checked by its declaration. With ``method``, a flag the method does not read is an
+    error (it would be ignored silently), except the ``shared`` flags another part of the command reads."""
+    given = {option: getattr(args, option.dest) for option in MERGE_OPTIONS.values()}
+    given = {option: value for option, value in given.items() if value is not None}
     if method is not None:
         spec = get_method(method)
-        for flag, field in MERGE_FLAGS.items():
-            if getattr(args, flag, None) is not None and field not in spec.reads and flag not in shared:
-                reads = (
-                    ", ".join("--" + f.replace("_", "-") for f, v in MERGE_FLAGS.items() if v in spec.reads)
-                    or "no option"
-                )
-                raise SurgeryBookError(
-                    f"{method} does not read --{flag.replace('_', '-')}", f"drop it ({method} reads {reads})"
-                )
-    return with_options(
-        MergeOptions(),
-        scale=args.scale,
-        keep_fraction=args.keep_fraction,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        split=args.data,
-        seed=args.seed,
-        precision=args.precision,
-        drop_rate=args.drop_rate,
-        wudi_scope=getattr(args, "wudi_scope", None),
-    )
+        for option in given:
+            if option.name not in spec.reads and option.dest not in shared:
+                reads = ", ".join(o.cli_flag for o in spec.options) or "no option"
+                raise SurgeryBookError(f"{method} does not read {option.cli_flag}", f"drop it ({method} reads {reads})")
+    return MergeOptions(**{option.name: value for option, value in given.items()})
 
 
 def _surgery_config(args: argparse.Namespace, rank: int | None):
@@ -372,6 +340,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
             methods,
             versions,
             args.seeds,
+            first_seed=args.seed or 0,
             options=options,
             config=config,
             repaired=repaired,
@@ -697,44 +666,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and one flag per registered merge option, from its declaration (type, choices, help),
+    with the methods that read it."""
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
-    parser.add_argument(
-        "--scale", type=float, default=None, help="task arithmetic / TIES scale (default 0.3; TIES mean 1.0)"
-    )
-    parser.add_argument("--keep-fraction", type=float, default=None, help="TIES top-k fraction kept (default 0.2)")
-    parser.add_argument("--steps", type=int, default=None, help="AdaMerging steps (default: the preset's)")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="AdaMerging batch size per task (default: the preset's)"
-    )
-    parser.add_argument(
-        "--data",
-        choices=("test", "adapt"),
-        default=None,
-        help="unlabeled images AdaMerging adapts on: the test split as in the paper, or the held-out adapt split",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="seed of batch selection and of DARE's drops (default 0)"
-    )
-    parser.add_argument(
-        "--drop-rate",
-        type=float,
-        default=None,
-        help="DARE: probability of dropping each task-vector entry (default 0.5)",
-    )
-    parser.add_argument(
-        "--wudi-scope",
-        choices=WUDI_SCOPES,
-        default=None,
-        help="WUDI: the tensors optimised: official (the authors' four matrices per block, the rest "
-        "pretrained; default), fusionbench (every matrix, the mean task vector elsewhere), linear",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISION_CHOICES,
-        default=None,
-        help="GPU precision of features, AdaMerging and SurgeryV2 (default: the preset's; fp32 for real CLIP, "
-        "as the official code; tf32 = fp32 with TF32 matmuls, torch 1.10's default on Ampere GPUs)",
-    )
+    for option in MERGE_OPTIONS.values():
+        readers = [name for name, method in MERGE_METHODS.items() if option.name in method.reads]
+        bounds = f"; in {option.interval}" if option.interval else ""
+        parser.add_argument(
+            option.cli_flag,
+            type=option.kind,
+            choices=option.choices,
+            default=None,
+            help=f"{option.help}{bounds}. Read by: {', '.join(readers)}",
+        )
 
 
 def _add_surgery_options(parser: argparse.ArgumentParser) -> None:
@@ -752,8 +696,8 @@ def _add_surgery_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-#: The --precision choices (surgery_lib.models.PRECISIONS, spelled out so that --help needs no torch import).
-PRECISION_CHOICES = ("fp32", "tf32", "bf16", "fp16")
+#: The --precision choices (surgery_lib.models.PRECISIONS).
+PRECISION_CHOICES = PRECISION.choices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -813,7 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
         "2 (+ SurgeryV2); default none. 'none,1,2' gives the papers' whole grid (with --methods papers the seven merges "
         "the papers repair get surgery rows; with any other --methods, every method does)",
     )
-    table.add_argument("--seeds", type=int, default=1, help="surgery seeds per row (mean and std over them; default 1)")
+    table.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds per row, from --seed on: every surgery row and the merges that draw from a seed ("
+        + ", ".join(m for m, method in MERGE_METHODS.items() if "seed" in method.reads)
+        + "), computed cell by cell as `grid` does; mean and std over them (default 1)",
+    )
     table.add_argument(
         "--rank",
         type=int,

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery_lib.benchmark import peak_memory
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
@@ -41,18 +40,10 @@ from surgery_lib.core.storage import (
     read_json,
     write_json,
 )
-from surgery_lib.grid import VERSION_SUFFIX, merge_bias
-from surgery_lib.merging import (
-    MERGE_METHODS,
-    MergeOptions,
-    cached_merge,
-    evaluate_merge,
-    get_method,
-    method_label,
-)
+from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell
+from surgery_lib.merging import get_method
 from surgery_lib.presets import get_preset
 from surgery_lib.settings import build_zoo
-from surgery_lib.surgery.run import run_surgery
 from surgery_lib.surgery.schedule import check_adam
 from surgery_lib.surgery.v1 import SurgeryConfig
 
@@ -292,52 +283,21 @@ def _load_zoo(spec: GridSpec, preset: str) -> Zoo:
     return build_zoo(preset, device=spec.device, cache_dir=spec.cache_dir, progress=False, options=options)
 
 
-def _compute(zoo, cell: Cell, spec: GridSpec) -> dict[str, Any]:
+def _compute(zoo: Zoo, cell: Cell, spec: GridSpec) -> dict[str, Any]:
+    """The record of ``cell``: :func:`~surgery_lib.grid.compute_cell` (the engine ``table`` uses too) with the
+    grid's schedule, plus where it ran."""
     import torch
 
-    device = spec.device or zoo.preset.default_device
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    options = MergeOptions(seed=cell.seed) if "seed" in get_method(cell.method).reads else MergeOptions()
-    merged = cached_merge(zoo, cell.method, options, device=device, progress=False)
-    record: dict[str, Any] = {
+    config = SurgeryConfig(steps=spec.steps(cell.version), adam=spec.adam)
+    record, _ = compute_cell(zoo, cell.method, cell.version, cell.seed, config=config, device=spec.device)
+    return {
         **dataclasses.asdict(cell),
-        "label": method_label(zoo, cell.method, options) + VERSION_SUFFIX[cell.version],
+        **record,
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "device": str(spec.device or zoo.preset.default_device),
+        "zoo": zoo.weights_fingerprint(),
     }
-    if cell.version == 0:
-        accuracy = evaluate_merge(zoo, merged, device)
-        record.update(accuracy=accuracy, bias=merge_bias(zoo, merged.state, device))
-    else:
-        config = SurgeryConfig(
-            rank=zoo.preset.surgery_rank(cell.version),
-            steps=spec.steps(cell.version),
-            seed=cell.seed,
-            adam=spec.adam,
-            eval_every=0,
-        )
-        run = run_surgery(zoo, merged.state, version=cell.version, config=config, device=device, progress=False)
-        accuracy = dict(run.accuracy_after)
-        record.update(
-            accuracy=accuracy,
-            bias=sum(run.bias_after.values()) / len(run.tasks),
-            accuracy_before=dict(run.accuracy_before),
-            bias_before=sum(run.bias_before.values()) / len(run.tasks),
-            steps=config.steps,
-            rank=config.rank,
-        )
-    memory = peak_memory(device)
-    record.update(
-        average=sum(accuracy.values()) / len(accuracy),
-        seconds=round(time.perf_counter() - started, 2),
-        peak_rss_mib=memory["rss_mib"],
-        peak_gpu_gib=memory["gpu_gib"],
-        threads=torch.get_num_threads(),
-        host=platform.node(),
-        device=str(device),
-        zoo=zoo.weights_fingerprint(),
-    )
-    return record
 
 
 @dataclass
@@ -571,44 +531,8 @@ def run_grid(
     return GridRun(table, cells, len(todo), time.perf_counter() - started, files)
 
 
-def grid_table(cells: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per preset, method and version: per-task accuracy and ``average`` (means over seeds),
-    ``std`` of the average over seeds (NaN for one), ``bias``, for surgery rows ``gain`` (average minus
-    the merge alone's) and ``bias_before``; ``seconds`` (all seeds) and ``peak_rss_mib`` / ``peak_gpu_gib``."""
-    import pandas as pd
-
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-    for record in cells:
-        groups.setdefault((record["preset"], record["method"], record["version"]), []).append(record)
-    rows = []
-    alone = {(p, m): sum(r["average"] for r in rs) / len(rs) for (p, m, v), rs in groups.items() if v == 0}
-    for (preset, method, version), records in groups.items():
-        averages = [r["average"] for r in records]
-        mean = sum(averages) / len(averages)
-        row: dict[str, Any] = {
-            "preset": preset,
-            "method": method,
-            "version": version,
-            "row": records[0]["label"],
-            "data": MERGE_METHODS[method].data if method in MERGE_METHODS else "",
-            "seeds": len(records),
-            "average": mean,
-            "std": math.sqrt(sum((a - mean) ** 2 for a in averages) / (len(averages) - 1))
-            if len(averages) > 1
-            else math.nan,
-            "bias": sum(r["bias"] for r in records) / len(records),
-        }
-        if version:
-            row["bias_before"] = sum(r["bias_before"] for r in records) / len(records)
-            row["gain"] = mean - alone[(preset, method)] if (preset, method) in alone else math.nan
-        row["seconds"] = sum(r["seconds"] for r in records)
-        row["peak_rss_mib"] = max(r["peak_rss_mib"] or 0 for r in records)
-        row["peak_gpu_gib"] = max((r["peak_gpu_gib"] or 0 for r in records), default=0)
-        for task in records[0]["accuracy"]:
-            row[task] = sum(r["accuracy"][task] for r in records) / len(records)
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    return table.set_index(["preset", "row"]) if len(table) else table
+#: The table of a grid's cell records: one summariser for ``grid`` and ``table`` (:func:`~surgery_lib.grid.cell_table`).
+grid_table = cell_table
 
 
 def write_grid_table(table: pd.DataFrame, stem: Path) -> list[Path]:

@@ -16,14 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from surgery_lib.benchmark import peak_memory
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.merging import (
     MAIN_TABLE,
+    MERGE_METHODS,
     REPAIRED,
     MergeOptions,
     cached_merge,
     evaluate_merge,
+    get_method,
     method_label,
 )
 from surgery_lib.surgery.run import SurgeryRun, bias_table, run_surgery
@@ -82,6 +85,7 @@ def surgery_grid(
     versions: Sequence[int] = (0, 1, 2),
     seeds: int = 1,
     *,
+    first_seed: int = 0,
     repaired: Sequence[str] | None = REPAIRED,
     options: MergeOptions | None = None,
     config: SurgeryConfig | None = None,
@@ -91,10 +95,17 @@ def surgery_grid(
 ) -> GridResult:
     """Every method of ``methods`` alone (version 0), + Surgery (1) and + SurgeryV2 (2), surgery over ``seeds`` seeds.
 
+    Each (method, version, seed) cell is computed by :func:`compute_cell`, the engine the ``grid`` command's
+    jobs use too, and the rows summarised by :func:`cell_table`: the same cell gives the same numbers here
+    and in ``surgery-book grid``. A merge alone is one cell, or one per seed for a method that draws from
+    its seed (DARE).
+
     Args:
         repaired: the methods that get surgery rows (default: the papers' :data:`~surgery_lib.merging.api.REPAIRED`;
             ``None``: every method).
-        config: the surgery schedule (its seed is replaced by 0..seeds-1; a rank left at ``None`` is the
+        first_seed: the cells' seeds are ``first_seed``, ..., ``first_seed + seeds - 1`` (surgery, and the
+            merge of a method that draws from its seed), as in ``surgery-book grid --first-seed``.
+        config: the surgery schedule (its seed is replaced by each cell's; a rank left at ``None`` is the
             preset's for each version, an explicit one is kept).
         options: merge options (merges are cached next to the zoo, so a second grid reuses them).
 
@@ -106,45 +117,143 @@ def surgery_grid(
     if seeds < 1:
         raise SurgeryBookError(f"{seeds} seeds", "pass --seeds 1 or more")
     started = time.perf_counter()
-    config = config or SurgeryConfig()
     rows: dict[str, dict[str, float]] = {}
     if reference_rows:
         for label, values in zoo.reference_rows().items():
             rows[label] = {**values, "average": sum(values.values()) / len(values), "std": math.nan, "bias": math.nan}
     runs: dict[str, list[SurgeryRun]] = {}
-    cells = [(m, v) for m in methods for v in versions if v == 0 or repaired is None or m in repaired]
-    for method, version in tqdm(cells, desc="grid", disable=not progress):
-        merged = cached_merge(zoo, method, options, device=device, progress=False)
-        label = method_label(zoo, method, options) + VERSION_SUFFIX[version]
-        if version == 0:
-            accuracy = evaluate_merge(zoo, merged, device)
-            bias = merge_bias(zoo, merged.state, device)
-            rows[label] = {**accuracy, "average": sum(accuracy.values()) / len(accuracy), "std": math.nan, "bias": bias}
-            continue
-        runs[label] = [  # a rank left at None becomes the preset's for the version inside run_surgery
-            run_surgery(
-                zoo,
-                merged.state,
-                version=version,
-                config=dataclasses.replace(config, seed=seed),
-                device=device,
-                progress=False,
-            )
-            for seed in range(seeds)
-        ]
-        rows[label] = _summarise(runs[label])
+    cells = [
+        (method, version, seed)
+        for method in methods
+        for version in versions
+        if version == 0 or repaired is None or method in repaired
+        for seed in range(first_seed, first_seed + (seeds if version != 0 or "seed" in get_method(method).reads else 1))
+    ]
+    records = []
+    for method, version, seed in tqdm(cells, desc="grid", disable=not progress):
+        record, run = compute_cell(zoo, method, version, seed, options=options, config=config, device=device)
+        records.append({"preset": zoo.preset.name, **record})
+        if run is not None:
+            runs.setdefault(record["label"], []).append(run)
+    if records:
+        summary = cell_table(records).loc[zoo.preset.name]
+        for label, row in summary.iterrows():
+            rows[label] = {
+                **{t: row[t] for t in zoo.tasks},
+                "average": row["average"],
+                "std": row["std"],
+                "bias": row["bias"],
+            }
     table = pd.DataFrame.from_dict(rows, orient="index")
     return GridResult(table, runs, time.perf_counter() - started)
 
 
-def _summarise(runs: Sequence[SurgeryRun]) -> dict[str, float]:
-    tasks = runs[0].tasks
-    averages = [run.average("after") for run in runs]
-    mean = sum(averages) / len(averages)
-    spread = math.sqrt(sum((a - mean) ** 2 for a in averages) / (len(averages) - 1)) if len(averages) > 1 else math.nan
-    row = {t: sum(run.accuracy_after[t] for run in runs) / len(runs) for t in tasks}
-    bias = sum(sum(run.bias_after.values()) / len(tasks) for run in runs) / len(runs)
-    return {**row, "average": mean, "std": spread, "bias": bias}
+def compute_cell(
+    zoo: Zoo,
+    method: str,
+    version: int,
+    seed: int = 0,
+    *,
+    options: MergeOptions | None = None,
+    config: SurgeryConfig | None = None,
+    device: Any = None,
+) -> tuple[dict[str, Any], SurgeryRun | None]:
+    """One cell of the papers' grid: ``method``'s merge alone (``version`` 0) or repaired by Surgery (1) or
+    SurgeryV2 (2) with surgery seed ``seed``. The one engine behind ``surgery-book table`` and the jobs of
+    ``surgery-book grid``.
+
+    A method that draws from its seed (DARE) merges with ``seed`` too, so each seed is its own merge. The
+    schedule is ``config`` (default: the official one) with ``seed``, no intermediate evaluation and, where
+    it leaves the rank open, the preset's rank for ``version``.
+
+    Returns:
+        ``(record, run)``: the record holds ``method``, ``version``, ``seed``, ``label``, ``accuracy`` (% per
+        task), ``average``, ``bias`` (after surgery on surgery cells), on surgery cells ``accuracy_before``,
+        ``bias_before``, ``steps`` and ``rank``, and ``seconds``, ``peak_rss_mib`` and ``peak_gpu_gib``; ``run``
+        is the :class:`SurgeryRun` (None for a merge alone).
+    """
+    import torch
+
+    device = device or zoo.preset.default_device
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    options = options or MergeOptions()
+    if "seed" in get_method(method).reads:
+        options = options.replace(seed=seed)
+    merged = cached_merge(zoo, method, options, device=device, progress=False)
+    record: dict[str, Any] = {
+        "method": method,
+        "version": version,
+        "seed": seed,
+        "label": method_label(zoo, method, options) + VERSION_SUFFIX[version],
+    }
+    run = None
+    if version == 0:
+        accuracy = evaluate_merge(zoo, merged, device)
+        record.update(accuracy=accuracy, bias=merge_bias(zoo, merged.state, device))
+    else:
+        schedule = dataclasses.replace(config or SurgeryConfig(), seed=seed, eval_every=0)
+        schedule = schedule.with_rank(zoo.preset.surgery_rank(version))
+        run = run_surgery(zoo, merged.state, version=version, config=schedule, device=device, progress=False)
+        accuracy = dict(run.accuracy_after)
+        record.update(
+            accuracy=accuracy,
+            bias=sum(run.bias_after.values()) / len(run.tasks),
+            accuracy_before=dict(run.accuracy_before),
+            bias_before=sum(run.bias_before.values()) / len(run.tasks),
+            steps=schedule.steps,
+            rank=schedule.rank,
+        )
+    memory = peak_memory(device)
+    record.update(
+        average=sum(accuracy.values()) / len(accuracy),
+        seconds=round(time.perf_counter() - started, 2),
+        peak_rss_mib=memory["rss_mib"],
+        peak_gpu_gib=memory["gpu_gib"],
+    )
+    return record, run
+
+
+def cell_table(cells: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per preset, method and version of cell records (:func:`compute_cell` plus ``preset``):
+    per-task accuracy and ``average`` (means over seeds), ``std`` of the average over seeds (NaN for one),
+    ``bias``, for surgery rows ``gain`` (average minus the merge alone's) and ``bias_before``; ``seconds``
+    (all seeds) and ``peak_rss_mib`` / ``peak_gpu_gib``. Indexed by (preset, row label)."""
+    import pandas as pd
+
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for record in cells:
+        groups.setdefault((record["preset"], record["method"], record["version"]), []).append(record)
+    rows = []
+    alone = {(p, m): sum(r["average"] for r in rs) / len(rs) for (p, m, v), rs in groups.items() if v == 0}
+    for (preset, method, version), records in groups.items():
+        averages = [r["average"] for r in records]
+        mean = sum(averages) / len(averages)
+        row: dict[str, Any] = {
+            "preset": preset,
+            "method": method,
+            "version": version,
+            "row": records[0]["label"],
+            "data": MERGE_METHODS[method].data if method in MERGE_METHODS else "",
+            "seeds": len(records),
+            "average": mean,
+            "std": math.sqrt(sum((a - mean) ** 2 for a in averages) / (len(averages) - 1))
+            if len(averages) > 1
+            else math.nan,
+            "bias": sum(r["bias"] for r in records) / len(records),
+        }
+        if version:
+            row["bias_before"] = sum(r["bias_before"] for r in records) / len(records)
+            row["gain"] = mean - alone[(preset, method)] if (preset, method) in alone else math.nan
+        row["seconds"] = sum(r["seconds"] for r in records)
+        row["peak_rss_mib"] = max(r["peak_rss_mib"] or 0 for r in records)
+        row["peak_gpu_gib"] = max((r["peak_gpu_gib"] or 0 for r in records), default=0)
+        for task in records[0]["accuracy"]:
+            row[task] = sum(r["accuracy"][task] for r in records) / len(records)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.set_index(["preset", "row"]) if len(table) else table
 
 
 def merge_bias(zoo: Zoo, state: Any, device: Any) -> float:

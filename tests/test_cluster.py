@@ -335,3 +335,39 @@ def test_a_name_given_twice_is_one_grid_axis_entry_and_an_empty_axis_is_an_error
     with pytest.raises(SurgeryBookError, match=r"invalid grid: presets \[\].*--presets mini"):
         GridSpec(presets=(), methods=("ties",))
     assert main(["grid", "--presets", ",", "--methods", "ties", "--out", "unused"]) == 2
+
+
+def test_table_and_grid_compute_a_cell_with_one_engine(smoke_zoo, cache_dir, tmp_path):
+    """The same (method, version, seed) through `surgery-book table` (surgery_grid) and `surgery-book grid`
+    (run_grid): DARE draws its drops from the seed, so a merge per seed in both, and the same schedule."""
+    from surgery_lib.grid import surgery_grid
+    from surgery_lib.surgery.v1 import SurgeryConfig
+
+    methods, versions = ("dare_task_arithmetic", "task_arithmetic"), (0, 1, 2)
+    table = surgery_grid(
+        smoke_zoo,
+        methods,
+        versions,
+        seeds=2,
+        first_seed=3,
+        repaired=None,
+        reference_rows=False,
+        config=SurgeryConfig(steps=6),
+        device="cpu",
+        progress=False,
+    ).table
+    spec = GridSpec(
+        presets=("smoke",),
+        methods=methods,
+        versions=versions,
+        seeds=2,
+        first_seed=3,
+        surgery_steps=6,
+        device="cpu",
+        cache_dir=str(cache_dir),
+    )
+    grid = run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False).table.loc["smoke"]
+    assert list(table.index) == list(grid.index) and len(table) == 6
+    columns = [*smoke_zoo.tasks, "average", "std", "bias"]
+    assert table[columns].equals(grid[columns].astype(float)), (table[columns], grid[columns])
+    assert grid.loc["DARE + task arithmetic", "seeds"] == 2  # one merge per seed, in both

@@ -4,6 +4,7 @@ example, and the merge cache keyed by the options each method reads."""
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -11,15 +12,19 @@ import torch
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging import (
     MERGE_METHODS,
+    MERGE_OPTIONS,
     MergeMethod,
     MergeOptions,
+    Option,
     cached_merge,
     merge,
     merge_cache_path,
     register_method,
+    register_option,
     task_arithmetic,
 )
 from surgery_lib.merging.dare import dare_vectors, drop_and_rescale
+from surgery_lib.merging.options import SCALE
 
 #: Small but complete runs: every AdaMerging and data-based method still takes real steps.
 FAST = MergeOptions(steps=2, batch_size=4, samples=16)
@@ -56,9 +61,92 @@ def test_the_cache_key_covers_exactly_the_options_a_method_reads(smoke_zoo):
     assert merge_cache_path(smoke_zoo, "task_arithmetic", MergeOptions(), tasks[:1]) != path
 
 
-def test_a_method_must_name_real_options_and_a_fresh_name():
-    with pytest.raises(SurgeryBookError, match="reads unknown options"):
-        MergeMethod("bad", "bad", lambda *a: ({}, {}), reads=("sclae",))
+def _another_value(option: Option, value):
+    """A valid value of ``option`` other than ``value``."""
+    if option.choices:
+        return next(choice for choice in option.choices if choice != value)
+    if option.kind is int:
+        return 2 if value is None else (value + 1 if option.high is None or value + 1 <= option.high else value - 1)
+    return 0.7 if value is None else value / 2
+
+
+@pytest.mark.parametrize("method", list(MERGE_METHODS))
+def test_an_option_a_method_does_not_declare_leaves_its_merge_unchanged(method, smoke_zoo):
+    """The merge cache keys a method's entry by the options it declares only: every other option must not
+    change what it computes."""
+    spec = MERGE_METHODS[method]
+    declared = {name: value for name, value in FAST.values().items() if name in spec.reads}
+    others = {o.name: _another_value(o, getattr(FAST, o.name)) for o in MERGE_OPTIONS.values() if o not in spec.options}
+    assert set(others) | set(declared) == set(MERGE_OPTIONS)
+    plain = merge(smoke_zoo, method, MergeOptions(**declared), device="cpu", progress=False)
+    changed = merge(smoke_zoo, method, MergeOptions(**declared, **others), device="cpu", progress=False)
+    assert all(torch.equal(changed.state[k], v) for k, v in plain.state.items()), f"{method} reads an undeclared option"
+
+
+def test_merge_options_check_their_values_by_the_declaration():
+    assert MergeOptions() == MergeOptions(seed=0) and hash(MergeOptions()) == hash(MergeOptions(seed=0))
+    assert MergeOptions(scale=0.5).replace(seed=2) == MergeOptions(seed=2, scale=0.5)
+    assert pickle.loads(pickle.dumps(MergeOptions(drop_rate=0.25))).drop_rate == 0.25
+    assert MergeOptions(steps=3.0).steps == 3 and isinstance(MergeOptions(steps=3.0).steps, int)
+    for bad, message in (
+        ({"keep_fraction": 1.5}, r"--keep-fraction 1.5 is outside \(0, 1\]"),
+        ({"drop_rate": 1}, r"--drop-rate 1.0 is outside \[0, 1\)"),
+        ({"steps": 2.5}, "--steps 2.5 is not a whole number"),
+        ({"scale": float("nan")}, "--scale nan is not a finite number"),
+        ({"split": "train"}, "--data 'train' is not one of: test, adapt"),
+        ({"seed": None}, "--seed cannot be None"),
+        ({"sclae": 0.3}, "unknown merge option 'sclae'.*scale"),
+    ):
+        with pytest.raises(SurgeryBookError, match=message):
+            MergeOptions(**bad)
+    with pytest.raises(AttributeError, match="immutable"):
+        MergeOptions().scale = 0.5
+
+
+def test_a_new_option_is_one_declaration_and_the_cli_offers_it(monkeypatch):
+    """What a contributor adds: one Option in the method's module. The flag, its check, --help and the
+    cache key follow from the registry."""
+    from surgery_lib.cli import _merge_options, build_parser
+
+    sharpness = Option("sharpness", float, 1.0, "test: how sharp", low=0)
+    method = MergeMethod("sharp_average", "sharp average", lambda *a: ({}, {}), options=(SCALE, sharpness))
+    monkeypatch.setitem(MERGE_OPTIONS, "sharpness", sharpness)
+    monkeypatch.setitem(MERGE_METHODS, "sharp_average", method)
+    parser = build_parser()
+    args = parser.parse_args(["merge", "--method", "sharp_average", "--sharpness", "2", "--scale", "0.4"])
+    options = _merge_options(args, "sharp_average")
+    assert options.sharpness == 2.0 and method.key_options(options) == {"scale": 0.4, "sharpness": 2.0}
+    merge_help = next(
+        a for a in parser._subparsers._group_actions[0].choices["merge"]._actions if a.dest == "sharpness"
+    )
+    assert "how sharp" in merge_help.help and "Read by: sharp_average" in merge_help.help
+    with pytest.raises(SurgeryBookError, match=r"--sharpness -1.0 is outside \[0, inf\]"):
+        _merge_options(parser.parse_args(["merge", "--method", "sharp_average", "--sharpness", "-1"]), "sharp_average")
+    with pytest.raises(SurgeryBookError, match="ties does not read --sharpness"):
+        _merge_options(parser.parse_args(["merge", "--method", "ties", "--sharpness", "2"]), "ties")
+
+
+def test_every_declared_option_is_a_flag_of_every_merging_command():
+    from surgery_lib.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("merge", "table", "surgery"):
+        flags = {flag for action in commands[command]._actions for flag in action.option_strings}
+        for method in MERGE_METHODS.values():
+            assert {option.cli_flag for option in method.options} <= flags, (command, method.name)
+
+
+def test_an_option_is_declared_once():
+    with pytest.raises(SurgeryBookError, match="declared twice"):
+        register_option(Option("scale", float, 0.3, "another scale"))
+    with pytest.raises(SurgeryBookError, match="share --data"):
+        register_option(Option("data", str, "x", "a clash", choices=("x",)))
+    assert all(MERGE_OPTIONS[o.name] is o for method in MERGE_METHODS.values() for o in method.options)
+
+
+def test_a_method_must_declare_real_options_and_a_fresh_name():
+    with pytest.raises(SurgeryBookError, match="not Option declarations"):
+        MergeMethod("bad", "bad", lambda *a: ({}, {}), options=("sclae",))
     with pytest.raises(SurgeryBookError, match="already registered"):
         register_method(MergeMethod("ties", "again", lambda *a: ({}, {})))
     with pytest.raises(SurgeryBookError, match="unknown merging method 'dare'.*dare_task_arithmetic"):

@@ -1,6 +1,7 @@
 """Merging methods: one module per family, each registering its methods by name.
 
-- :mod:`~surgery_lib.merging.base`        options, results and the registry (:data:`MERGE_METHODS`)
+- :mod:`~surgery_lib.merging.options`     the options methods declare (:class:`Option`), and their values (:class:`MergeOptions`)
+- :mod:`~surgery_lib.merging.base`        results and the registry (:data:`MERGE_METHODS`)
 - :mod:`~surgery_lib.merging.vectors`     task vectors and the arithmetic every family builds on
 - :mod:`~surgery_lib.merging.averaging`   weight averaging                        (data-free)
 - :mod:`~surgery_lib.merging.arithmetic`  task arithmetic                         (data-free)
@@ -15,8 +16,8 @@
 - :mod:`~surgery_lib.merging.adamerging`  AdaMerging and AdaMerging++, task- and layer-wise (unlabeled test images)
 - :mod:`~surgery_lib.merging.api`         any registered method on a zoo by name: merge, cache, evaluate, main table
 
-Adding a method: a new module that defines its ``run`` function and calls :func:`register_method`, plus
-its import line below. The command line, the tables, the merge cache and the contract test
+Adding a method: a new module that defines its ``run`` function and calls :func:`register_method` (with
+the :class:`Option` declarations it reads), plus its import line below. The command line, the tables, the merge cache and the contract test
 (``tests/test_merge_methods.py``) pick it up from the registry.
 """
 
@@ -62,6 +63,7 @@ from surgery_lib.merging.base import (
     ties_zero_entries,
     with_options,
 )
+from surgery_lib.merging.options import MERGE_OPTIONS, Option, option_named, register_option
 from surgery_lib.merging.ties import (
     TIES_OPERATING_POINTS,
     kept_fraction,
@@ -112,4 +114,8 @@ __all__ = [
     "trim_threshold",
     "weight_averaging",
     "with_options",
+    "MERGE_OPTIONS",
+    "Option",
+    "option_named",
+    "register_option",
 ]

@@ -26,6 +26,7 @@ from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.taskdata import TaskData
 from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
+from surgery_lib.merging.options import KEEP_FRACTION, PRECISION, SEED, STEPS, Option
 from surgery_lib.merging.ties import ties_vectors
 from surgery_lib.merging.vectors import task_vectors
 from surgery_lib.models import autocast
@@ -201,7 +202,30 @@ def _run(zoo, experts, options, device, progress, *, granularity: str, trimmed: 
     return result.merged, {"adamerging": result}
 
 
-_READS = ("steps", "batch_size", "batches_per_task", "lr", "split", "seed", "precision")
+BATCH_SIZE = Option(
+    "batch_size", int, None, "AdaMerging: unlabeled images per task and step (default: the preset's)", low=1
+)
+BATCHES_PER_TASK = Option(
+    "batches_per_task", int, 2, "AdaMerging: batches per task and step, drawn afresh each step (default 2)", low=1
+)
+LR = Option(
+    "lr",
+    float,
+    1e-3,
+    "AdaMerging: Adam's learning rate on the merging coefficients (default 1e-3, the official)",
+    low=0,
+    low_open=True,
+    flag="adamerging-lr",
+)
+SPLIT = Option(
+    "split",
+    str,
+    "test",
+    "the unlabeled images AdaMerging adapts on: the test split as in the paper (default), or the held-out adapt split",
+    choices=("test", "adapt"),
+    flag="data",
+)
+_OPTIONS = (STEPS, BATCH_SIZE, BATCHES_PER_TASK, LR, SPLIT, SEED, PRECISION)
 for _name, _label, _granularity, _trimmed in (
     ("adamerging_task", "task-wise AdaMerging", "task", False),
     ("adamerging_layer", "layer-wise AdaMerging", "layer", False),
@@ -213,7 +237,7 @@ for _name, _label, _granularity, _trimmed in (
             _name,
             _label,
             functools.partial(_run, granularity=_granularity, trimmed=_trimmed),
-            reads=_READS + (("keep_fraction",) if _trimmed else ()),
+            options=_OPTIONS + ((KEEP_FRACTION,) if _trimmed else ()),
             trims=_trimmed,
             data="unlabeled",
         )

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.options import SCALE
 from surgery_lib.merging.vectors import StateDict, add_vectors, task_vectors
 
 
@@ -23,4 +24,4 @@ def _run(zoo, experts, options, device, progress):
     return task_arithmetic(zoo.pretrained, experts, scale), {"scale": scale}
 
 
-register_method(MergeMethod("task_arithmetic", "task arithmetic", _run, reads=("scale",)))
+register_method(MergeMethod("task_arithmetic", "task arithmetic", _run, options=(SCALE,)))

@@ -1,4 +1,5 @@
-"""What every merging family shares: the options, the result, and the registry of named methods.
+"""What every merging family shares: the result, the registry of named methods, and (from
+:mod:`~surgery_lib.merging.options`) the options they declare.
 
 A family module defines its method's ``run`` function and calls :func:`register_method` once per method it
 offers; the command line (``--method`` choices and help), the main table, the merge cache and the contract
@@ -8,7 +9,6 @@ test all read :data:`MERGE_METHODS`. Adding a method is one module plus its impo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,31 +17,10 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.registry import Registry
+from surgery_lib.merging.options import MergeOptions, Option, register_option
 
 if TYPE_CHECKING:
     from surgery_lib.settings.base import Zoo
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    """Options of every method; ``None`` means the method's (or preset's) default. Each method declares
-    which of them it reads (:attr:`MergeMethod.reads`); the others do not change its result or cache key."""
-
-    scale: float | None = None  # task arithmetic 0.3; TIES: its operating point's scale; DARE: the base merge's
-    keep_fraction: float = (
-        0.2  # TIES / AdaMerging++: top-k fraction kept (of the image tower + text leftovers on real CLIP)
-    )
-    steps: int | None = None  # AdaMerging: the preset's adamerging_steps
-    batch_size: int | None = None  # AdaMerging: the preset's adamerging_batch_size
-    batches_per_task: int = 2
-    lr: float = 1e-3
-    split: str = "test"  # unlabeled images for AdaMerging: "test" (the paper) or "adapt" (held out)
-    samples: int = 256  # Fisher / RegMean: train images per task
-    alpha: float = 0.95  # RegMean off-diagonal scale
-    seed: int = 0
-    precision: str | None = None  # AdaMerging on a GPU: the preset's (fp32 for real CLIP)
-    drop_rate: float = 0.5  # DARE: the probability of dropping each task-vector entry
-    wudi_scope: str = "official"  # WUDI: which tensors are optimised (official, fusionbench, linear)
 
 
 @dataclass
@@ -70,7 +49,8 @@ class MergeMethod:
         name: the registry key (``--method`` value).
         label: the row label in tables.
         run: the merge (:data:`MergeFunction`).
-        reads: the :class:`MergeOptions` fields it reads; they, and only they, key its cache entry.
+        options: the options it reads (:class:`~surgery_lib.merging.options.Option`, declared once each); they,
+            and only they, key its cache entry, and the command line offers exactly their flags for it.
         trims: it trims task vectors the TIES way (on real CLIP its label names the kept fraction).
         data: ``"free"`` (weights only), ``"labeled"`` (training images and labels) or ``"unlabeled"``
             (test-time images without labels).
@@ -79,22 +59,26 @@ class MergeMethod:
     name: str
     label: str
     run: MergeFunction = field(repr=False)
-    reads: tuple[str, ...] = ()
+    options: tuple[Option, ...] = ()
     trims: bool = False
     data: str = "free"
 
     def __post_init__(self) -> None:
-        known = {f.name for f in dataclasses.fields(MergeOptions)}
-        unknown = [option for option in self.reads if option not in known]
-        if unknown:
+        strays = [option for option in self.options if not isinstance(option, Option)]
+        if strays:
             raise SurgeryBookError(
-                f"merging method {self.name!r} reads unknown options {unknown}",
-                f"use MergeOptions fields: {', '.join(sorted(known))}",
+                f"merging method {self.name!r} declares options {strays} that are not Option declarations",
+                "pass Option objects (surgery_lib.merging.options: SCALE, SEED, ... or your own Option(...))",
             )
         if self.data not in ("free", "labeled", "unlabeled"):
             raise SurgeryBookError(
                 f"merging method {self.name!r} declares data={self.data!r}", "use 'free', 'labeled' or 'unlabeled'"
             )
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The names of the options it reads."""
+        return tuple(option.name for option in self.options)
 
     def key_options(self, options: MergeOptions) -> dict[str, Any]:
         """The options this method reads, by name: what its cache key covers."""
@@ -107,6 +91,8 @@ MERGE_METHODS: Registry[MergeMethod] = Registry("merging method")
 
 def register_method(method: MergeMethod) -> MergeMethod:
     """Add ``method`` to :data:`MERGE_METHODS` (a family module calls this once per method) and return it."""
+    for option in method.options:
+        register_option(option)
     return MERGE_METHODS.register(method.name, method)
 
 
@@ -198,4 +184,4 @@ def train_subset(zoo: Zoo, task: str, count: int, seed: int) -> torch.Tensor:
 
 def with_options(options: MergeOptions, **changes: Any) -> MergeOptions:
     """``options`` with ``changes`` applied, ignoring changes that are None."""
-    return dataclasses.replace(options, **{k: v for k, v in changes.items() if v is not None})
+    return options.replace(**{k: v for k, v in changes.items() if v is not None})

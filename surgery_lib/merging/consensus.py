@@ -21,6 +21,7 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
+from surgery_lib.merging.options import KEEP_FRACTION, SCALE
 from surgery_lib.merging.ties import ties_vectors
 from surgery_lib.merging.vectors import StateDict, add_vectors, task_vectors
 
@@ -96,7 +97,7 @@ register_method(
         "consensus_ta",
         "consensus task arithmetic (TALL masks)",
         lambda *a: _run(*a, base="task_arithmetic"),
-        reads=("scale",),
+        options=(SCALE,),
     )
 )
 register_method(
@@ -104,7 +105,7 @@ register_method(
         "consensus_ties",
         "consensus TIES (TALL masks)",
         lambda *a: _run(*a, base="ties"),
-        reads=("scale", "keep_fraction"),
+        options=(SCALE, KEEP_FRACTION),
         trims=True,
     )
 )

@@ -12,8 +12,19 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
+from surgery_lib.merging.options import KEEP_FRACTION, SCALE, SEED, Option
 from surgery_lib.merging.ties import ties_vectors
 from surgery_lib.merging.vectors import add_vectors, task_vectors
+
+DROP_RATE = Option(
+    "drop_rate",
+    float,
+    0.5,
+    "DARE: the probability of dropping each task-vector entry (the rest rescaled by 1/(1-p); default 0.5)",
+    low=0,
+    high=1,
+    high_open=True,
+)
 
 
 def drop_and_rescale(
@@ -65,11 +76,11 @@ def _run_ties(zoo, experts, options, device, progress):
 
 register_method(
     MergeMethod(
-        "dare_task_arithmetic", "DARE + task arithmetic", _run_task_arithmetic, reads=("scale", "drop_rate", "seed")
+        "dare_task_arithmetic", "DARE + task arithmetic", _run_task_arithmetic, options=(SCALE, DROP_RATE, SEED)
     )
 )
 register_method(
     MergeMethod(
-        "dare_ties", "DARE + TIES-merging", _run_ties, reads=("scale", "drop_rate", "seed", "keep_fraction"), trims=True
+        "dare_ties", "DARE + TIES-merging", _run_ties, options=(SCALE, DROP_RATE, SEED, KEEP_FRACTION), trims=True
     )
 )

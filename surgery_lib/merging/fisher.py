@@ -14,6 +14,7 @@ from torch import nn
 
 from surgery_lib.core.progress import tqdm
 from surgery_lib.merging.base import MergeMethod, register_method, train_subset
+from surgery_lib.merging.options import SAMPLES, SEED
 
 
 def diagonal_fisher(
@@ -71,4 +72,4 @@ def _run(zoo, experts, options, device, progress):
     return fisher_merging(experts, fishers), {}
 
 
-register_method(MergeMethod("fisher", "Fisher merging", _run, reads=("samples", "seed"), data="labeled"))
+register_method(MergeMethod("fisher", "Fisher merging", _run, options=(SAMPLES, SEED), data="labeled"))

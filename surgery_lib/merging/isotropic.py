@@ -26,6 +26,7 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.options import SCALE
 from surgery_lib.merging.tsv import nearest_orthonormal, spectral_merge
 from surgery_lib.merging.vectors import StateDict, task_vectors
 
@@ -117,7 +118,7 @@ def _run(zoo, experts, options, device, progress, *, task_specific: bool):
 
 register_method(
     MergeMethod(
-        "iso_c", "Iso-C (isotropic, common subspace)", lambda *a: _run(*a, task_specific=False), reads=("scale",)
+        "iso_c", "Iso-C (isotropic, common subspace)", lambda *a: _run(*a, task_specific=False), options=(SCALE,)
     )
 )
 register_method(
@@ -125,6 +126,6 @@ register_method(
         "iso_cts",
         "Iso-CTS (isotropic, common + task subspaces)",
         lambda *a: _run(*a, task_specific=True),
-        reads=("scale",),
+        options=(SCALE,),
     )
 )

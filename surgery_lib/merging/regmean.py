@@ -22,6 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery_lib.merging.base import MergeMethod, register_method, train_subset
+from surgery_lib.merging.options import SAMPLES, SEED, Option
+
+ALPHA = Option(
+    "alpha",
+    float,
+    0.95,
+    "RegMean: the scale of the Gram matrices' off-diagonal entries (default 0.95, the official)",
+    low=0,
+    high=1,
+)
 
 #: For keys stored as (in, out) instead of nn.Linear's (out, in).
 _TRANSPOSED = ("proj",)
@@ -124,4 +134,4 @@ def _run(zoo, experts, options, device, progress):
     return regmean_merging(experts, grams, alpha=options.alpha), {}
 
 
-register_method(MergeMethod("regmean", "RegMean", _run, reads=("samples", "seed", "alpha"), data="labeled"))
+register_method(MergeMethod("regmean", "RegMean", _run, options=(SAMPLES, SEED, ALPHA), data="labeled"))

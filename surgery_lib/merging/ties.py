@@ -9,6 +9,7 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
+from surgery_lib.merging.options import KEEP_FRACTION, SCALE
 from surgery_lib.merging.vectors import StateDict, task_vectors
 
 #: The two TIES operating points in the literature; name the one you run.
@@ -123,7 +124,7 @@ register_method(
         "ties",
         "TIES-merging (disjoint sum)",
         lambda *a: _run(*a, method="ties"),
-        reads=("scale", "keep_fraction"),
+        options=(SCALE, KEEP_FRACTION),
         trims=True,
     )
 )
@@ -132,7 +133,7 @@ register_method(
         "ties_mean",
         "TIES-merging (disjoint mean)",
         lambda *a: _run(*a, method="ties_mean"),
-        reads=("scale", "keep_fraction"),
+        options=(SCALE, KEEP_FRACTION),
         trims=True,
     )
 )

@@ -22,6 +22,7 @@ import torch
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.options import SCALE
 from surgery_lib.merging.vectors import StateDict, task_vectors
 
 #: TSV-M's scale: the paper merges at alpha = 1 (no tuning).
@@ -112,4 +113,4 @@ def _run(zoo, experts, options, device, progress):
     return tsv_merging(zoo.pretrained, experts, scale, device, progress), {"scale": scale}
 
 
-register_method(MergeMethod("tsv", "TSV-M (task singular vectors)", _run, reads=("scale",)))
+register_method(MergeMethod("tsv", "TSV-M (task singular vectors)", _run, options=(SCALE,)))

@@ -38,6 +38,7 @@ import torch
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.options import STEPS, Option
 from surgery_lib.merging.vectors import StateDict, task_vectors
 
 #: Adam steps per layer (the paper's) and the learning rate offline (see the module docstring for why 1e-4).
@@ -47,6 +48,14 @@ WUDI_LR = 1e-4
 WUDI_OFFICIAL_LR = 1e-5
 #: What each scope optimises; see the module docstring.
 WUDI_SCOPES = ("official", "fusionbench", "linear")
+WUDI_SCOPE = Option(
+    "wudi_scope",
+    str,
+    "official",
+    "WUDI: the tensors optimised: official (the authors' four matrices per block, the rest pretrained; "
+    "default), fusionbench (every matrix, the mean task vector elsewhere), linear",
+    choices=WUDI_SCOPES,
+)
 #: The official code's four matrices per block (open_clip / CLIP names).
 BLOCK_MATRICES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -205,4 +214,4 @@ def _run(zoo, experts, options, device, progress):
     return state, {"steps": steps, "lr": lr, "scope": options.wudi_scope}
 
 
-register_method(MergeMethod("wudi", "WUDI-Merging", _run, reads=("steps", "wudi_scope")))
+register_method(MergeMethod("wudi", "WUDI-Merging", _run, options=(STEPS, WUDI_SCOPE)))
