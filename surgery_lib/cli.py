@@ -33,34 +33,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from surgery_lib.core.errors import SurgeryBookError, from_os_error
+from surgery_lib.core.storage import to_json
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.finetuning import FINETUNING_MODES
 from surgery_lib.merging import MERGE_METHODS, MERGE_OPTIONS, MergeOptions, get_method
 from surgery_lib.merging.options import PRECISION
 from surgery_lib.presets import PRESETS, Preset, check_preset, get_preset
 from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
-
-
-def to_json(payload: Any) -> str:
-    """Standard JSON (RFC 8259): a non-finite number (NaN, infinity) becomes ``null`` instead of Python's ``NaN``."""
-
-    def finite(value: Any) -> Any:
-        if isinstance(value, float):
-            return value if math.isfinite(value) else None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(item) for item in value]
-        return value
-
-    def plain(value: Any) -> Any:  # what json cannot encode itself: paths as strings, numpy scalars as numbers
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-            return finite(value.item())
-        raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-    return json.dumps(finite(payload), indent=2, allow_nan=False, default=plain)
 
 
 def format_table(table: Any, as_json: bool) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -34,13 +33,13 @@ from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
     CorruptFileError,
-    atomic_path,
     config_hash,
     entry_lock,
     read_json,
     write_json,
 )
-from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell
+from surgery_lib.evaluation import write_table
+from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell, readable_grid
 from surgery_lib.merging import get_method
 from surgery_lib.presets import get_preset
 from surgery_lib.settings import build_zoo
@@ -536,33 +535,7 @@ grid_table = cell_table
 
 
 def write_grid_table(table: pd.DataFrame, stem: Path) -> list[Path]:
-    """``<stem>.csv``, ``.md`` (``average ± std`` first, one decimal) and ``.json`` (NaN as null), atomically."""
-    paths = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".json")]
-    with atomic_path(paths[0]) as tmp:
-        table.to_csv(tmp, float_format="%.4f")
-    with atomic_path(paths[1]) as tmp:
-        tmp.write_text(readable_grid(table).reset_index().to_markdown(index=False) + "\n")
-    records = table.reset_index().to_dict(orient="records")
-    clean = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in records]
-    with atomic_path(paths[2]) as tmp:
-        tmp.write_text(json.dumps(clean, indent=1) + "\n")
-    return paths
-
-
-def readable_grid(table: pd.DataFrame) -> pd.DataFrame:
-    """The grid for reading: ``average ± std``, gain, bias (before -> after), minutes; one decimal."""
-    import pandas as pd
-
-    shown = pd.DataFrame({"preset": table.index.get_level_values(0), "row": table.index.get_level_values(1)})
-    table = table.reset_index(drop=True)
-    shown["average"] = [
-        f"{a:.1f}" if not math.isfinite(s) else f"{a:.1f} ± {s:.1f}" for a, s in zip(table["average"], table["std"])
-    ]
-    if "gain" in table:
-        shown["gain"] = [f"{g:+.1f}" if math.isfinite(g) else "" for g in table["gain"].astype(float)]
-    shown["bias"] = [
-        f"{b:.3f}" if not math.isfinite(f) else f"{f:.3f} → {b:.3f}"
-        for b, f in zip(table["bias"], table.get("bias_before", pd.Series(math.nan, index=table.index)).astype(float))
-    ]
-    shown["seconds"] = table["seconds"].round(0).astype(int)
-    return shown.set_index(["preset", "row"])
+    """``<stem>.csv`` (four decimals), ``.md`` (:func:`~surgery_lib.grid.readable_grid`) and ``.json`` (NaN as
+    null), atomically."""
+    shown = readable_grid(table).reset_index()
+    return list(write_table(table, stem, decimals=4, markdown=shown, records=True))

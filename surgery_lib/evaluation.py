@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
-from surgery_lib.core.storage import atomic_path
+from surgery_lib.core.storage import atomic_path, to_json
 from surgery_lib.core.taskdata import TaskData
 from surgery_lib.models import embed
 
@@ -73,15 +73,35 @@ def normalized_accuracy(table: pd.DataFrame, experts: Mapping[str, float]) -> pd
     return normalized
 
 
-def write_table(table: pd.DataFrame, stem: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``table`` as ``<stem>.csv`` and ``<stem>.md`` (two decimals), atomically; returns both paths."""
+def write_table(
+    table: pd.DataFrame,
+    stem: str | os.PathLike[str],
+    *,
+    decimals: int = 2,
+    markdown: pd.DataFrame | None = None,
+    records: bool = False,
+) -> tuple[Path, ...]:
+    """Write ``table`` as ``<stem>.csv`` and ``<stem>.md``, and with ``records`` as ``<stem>.json`` (one object
+    per row, NaN as null), each atomically; the one writer of every table the library saves.
+
+    Args:
+        decimals: of the CSV and of the Markdown's numbers.
+        markdown: what the Markdown shows instead of ``table`` (e.g. a readable ``average ± std`` view), without
+            its index.
+    Returns:
+        the paths written: CSV, Markdown (and JSON).
+    """
     stem = Path(stem)
-    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
-    with atomic_path(csv_path) as tmp:
-        table.round(2).to_csv(tmp, float_format="%.2f")
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(table.to_markdown(floatfmt=".2f") + "\n")
-    return csv_path, md_path
+    paths = [stem.with_suffix(".csv"), stem.with_suffix(".md")] + ([stem.with_suffix(".json")] if records else [])
+    with atomic_path(paths[0]) as tmp:
+        table.round(decimals).to_csv(tmp, float_format=f"%.{decimals}f")
+    with atomic_path(paths[1]) as tmp:
+        shown = table.to_markdown(floatfmt=f".{decimals}f") if markdown is None else markdown.to_markdown(index=False)
+        tmp.write_text(shown + "\n")
+    if records:
+        with atomic_path(paths[2]) as tmp:
+            tmp.write_text(to_json(table.reset_index().to_dict(orient="records"), indent=1) + "\n")
+    return tuple(paths)
 
 
 def partial_rank_correlation(x: pd.Series, y: pd.Series, control: pd.Series) -> float:

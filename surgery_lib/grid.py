@@ -261,16 +261,38 @@ def merge_bias(zoo: Zoo, state: Any, device: Any) -> float:
     return float(bias_table(zoo, {"merge": state}, device=device).loc["merge", "average"])
 
 
-def format_grid(table: pd.DataFrame, per_task: bool = False) -> pd.DataFrame:
-    """The grid for reading: ``average ± std`` first (one decimal), bias, then per-task columns if asked."""
+def readable_grid(table: pd.DataFrame, per_task: bool = False) -> pd.DataFrame:
+    """The grid for reading, for ``table`` and ``grid`` alike: ``average ± std`` (one decimal; the mean alone for
+    one seed), then whichever of ``gain``, ``bias`` (``before → after`` on surgery rows) and ``seconds`` the
+    table has, then the per-task columns if ``per_task``. A (preset, row) index is kept."""
     import pandas as pd
 
-    shown = pd.DataFrame(index=table.index)
+    index_columns = [name for name in table.index.names if name] if isinstance(table.index, pd.MultiIndex) else []
+    source = table.reset_index() if index_columns else table
+    shown = source[index_columns].copy() if index_columns else pd.DataFrame(index=table.index)
+    missing = pd.Series(math.nan, index=source.index)
+    std = source["std"].astype(float) if "std" in source else missing
     shown["average"] = [
-        f"{a:.1f}" if not math.isfinite(s) else f"{a:.1f} ± {s:.1f}" for a, s in zip(table["average"], table["std"])
+        f"{a:.1f}" if not math.isfinite(s) else f"{a:.1f} ± {s:.1f}" for a, s in zip(source["average"], std)
     ]
-    shown["bias"] = [f"{b:.3f}" if math.isfinite(b) else "" for b in table["bias"]]
+    if "gain" in source:
+        shown["gain"] = [f"{g:+.1f}" if math.isfinite(g) else "" for g in source["gain"].astype(float)]
+    if "bias" in source:
+        before = source["bias_before"].astype(float) if "bias_before" in source else missing
+        shown["bias"] = [
+            "" if not math.isfinite(b) else f"{f:.3f} → {b:.3f}" if math.isfinite(f) else f"{b:.3f}"
+            for b, f in zip(source["bias"].astype(float), before)
+        ]
+    if "seconds" in source:
+        shown["seconds"] = source["seconds"].round(0).astype(int)
     if per_task:
-        for column in table.columns.drop(["average", "std", "bias"]):
-            shown[column] = table[column].round(1)
-    return shown
+        summary = {"average", "std", "bias", "bias_before", "gain", "seconds", "peak_rss_mib", "peak_gpu_gib"}
+        summary |= {"method", "version", "data", "seeds", *index_columns}
+        for column in source.columns:
+            if column not in summary:
+                shown[column] = source[column].round(1)
+    return shown.set_index(index_columns) if index_columns else shown
+
+
+#: The 0.1 name of :func:`readable_grid` (the ``table`` command's formatter).
+format_grid = readable_grid

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -181,6 +182,29 @@ def _disk_full(target: Path, exc: BaseException) -> SurgeryBookError:
         f"cannot write {target}: the disk is full ({exc})",
         f"free space in {target.parent} or pass --cache-dir elsewhere, then run the same command again (finished files are kept)",
     )
+
+
+def to_json(payload: Any, indent: int = 2) -> str:
+    """Standard JSON (RFC 8259) text: a non-finite number (NaN, infinity) becomes ``null`` instead of Python's
+    ``NaN``; paths become strings and numpy / torch scalars numbers."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    def plain(value: Any) -> Any:  # what json cannot encode itself
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+            return finite(value.item())
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+    return json.dumps(finite(payload), indent=indent, allow_nan=False, default=plain)
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
