@@ -34,11 +34,12 @@ from surgery_lib.models import (
     autocast,
     build_encoder,
     clone_state,
-    embed,
+    embed,  # noqa: F401  (0.1 re-exported it here)
     embed_blocks,
     forward_blocks,
     load_encoder,
     resolve_device,
+    task_features,
 )
 from surgery_lib.presets import get_preset
 from surgery_lib.settings.base import Zoo
@@ -153,14 +154,8 @@ def ours(
     started = time.perf_counter()
     tasks = tuple(data)
     if version == 1:
-        z = {
-            t: embed(merged, data[t].images["test"], data[t].mean, data[t].std, device=device, precision=precision)
-            for t in tasks
-        }
-        target = {
-            t: embed(experts[t], data[t].images["test"], data[t].mean, data[t].std, device=device, precision=precision)
-            for t in tasks
-        }
+        z = {t: task_features(merged, data[t], device=device, precision=precision)[0] for t in tasks}
+        target = {t: task_features(experts[t], data[t], device=device, precision=precision)[0] for t in tasks}
         _sync(device)
         features = time.perf_counter() - started
         train_surgery(z, target, config, device=device, progress=False)
@@ -311,10 +306,7 @@ def pipeline_benchmark(
     encoder = load_encoder(zoo.preset.encoder, merged.state)
     timed(
         "feature extraction (every test image)",
-        lambda: [
-            embed(encoder, zoo.suite[t].images["test"], zoo.suite[t].mean, zoo.suite[t].std, device=device)
-            for t in zoo.tasks
-        ],
+        lambda: [zoo.features(encoder, t, device=device) for t in zoo.tasks],
         images=total,
     )
     options = MergeOptions(steps=adamerging_steps)

@@ -30,7 +30,7 @@ from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.taskdata import TaskData
 from surgery_lib.merging.vectors import add_vectors, task_vectors
-from surgery_lib.models import StateDict, embed, load_encoder
+from surgery_lib.models import StateDict, load_encoder, task_features
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,7 +54,7 @@ def task_subsets(tasks: Sequence[str], size: int, count: int, seed: int = 0) -> 
 
 @torch.inference_mode()
 def _predictions(encoder: nn.Module, head: nn.Module, task: TaskData, device: torch.device | str) -> torch.Tensor:
-    features = embed(encoder, task.images["test"], task.mean, task.std, device=device)
+    features = task_features(encoder, task, "test", device=device)[0]
     return head.to(features.device)(features).argmax(dim=-1).cpu()
 
 

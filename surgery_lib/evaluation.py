@@ -13,7 +13,7 @@ from torch import nn
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.storage import atomic_path, to_json
 from surgery_lib.core.taskdata import TaskData
-from surgery_lib.models import embed
+from surgery_lib.models import embed, task_features  # noqa: F401  (embed: 0.1 re-exported it here)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,7 +36,7 @@ def task_accuracy(
     device: torch.device | str = "cpu",
 ) -> float:
     """Top-1 accuracy in percent of ``encoder`` + ``head`` on ``task``'s ``split``."""
-    features = embed(encoder, task.images[split], task.mean, task.std, batch_size, device)
+    features = task_features(encoder, task, split, batch_size=batch_size, device=device)[0]
     return accuracy_from_features(features, head, task.labels[split])
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
-from surgery_lib.core.taskdata import normalize
+from surgery_lib.core.taskdata import TaskData, normalize
 from surgery_lib.presets import EncoderConfig, encoder_parameters
 
 StateDict = dict[str, torch.Tensor]
@@ -230,6 +230,31 @@ def embed(
         encoder, images, mean, std, batch_size, device, precision, lambda e, x: e(x).float().cpu()
     )
     return torch.cat(outputs).clone() if outputs else torch.empty(0, encoder.output_dim)
+
+
+def task_features(
+    encoder: nn.Module,
+    data: TaskData,
+    split: str = "test",
+    *,
+    blocks: bool = False,
+    index: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``encoder``'s features of ``data``'s ``split`` images (or of the rows ``index`` of it): the one place a
+    task's images meet a model (normalised by the task's ``mean`` / ``std``, batched, in ``precision``).
+
+    Returns:
+        ``(final, means)``: float32 final embeddings (N, output_dim) on the CPU, and with ``blocks`` the per-block
+        token means (N, blocks, width), else ``None``. :meth:`~surgery_lib.settings.base.Zoo.features` is the
+        same for a zoo's task by name.
+    """
+    images = data.images[split] if index is None else data.images[split][index]
+    if blocks:
+        return embed_blocks(encoder, images, data.mean, data.std, batch_size or 512, device=device, precision=precision)
+    return embed(encoder, images, data.mean, data.std, batch_size or 1024, device, precision), None
 
 
 def forward_blocks(

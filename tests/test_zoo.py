@@ -183,8 +183,7 @@ def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, mo
     def fail(*args, **kwargs):
         raise AssertionError("the expert's embeddings were computed again")
 
-    monkeypatch.setattr(settings_base, "embed", fail)
-    monkeypatch.setattr(settings_base, "embed_blocks", fail)
+    monkeypatch.setattr(settings_base, "task_features", fail)  # the one seam Zoo.features goes through
     assert smoke_zoo.expert_features(task)[0] is final
     assert smoke_zoo.expert_features(task, blocks=True)[1] is blocks
     smoke_zoo.forget_features()

@@ -33,7 +33,7 @@ from surgery_lib.merging.base import (
 )
 from surgery_lib.merging.ties import kept_fraction
 from surgery_lib.merging.vectors import add_vectors, task_vectors
-from surgery_lib.models import embed, load_encoder, resolve_device
+from surgery_lib.models import load_encoder, resolve_device
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -188,9 +188,10 @@ def scale_sweep(
         encoder = load_encoder(zoo.preset.encoder, add_vectors(zoo.pretrained, vectors, [float(scale)] * len(vectors)))
         accuracy[float(scale)], entropy[float(scale)] = {}, {}
         for task in zoo.tasks:
-            data = zoo.suite[task]
-            features = embed(encoder, data.images["test"], data.mean, data.std, device=device)
-            accuracy[float(scale)][task] = accuracy_from_features(features, zoo.heads[task], data.labels["test"])
+            features = zoo.features(encoder, task, "test", device=device)[0]
+            accuracy[float(scale)][task] = accuracy_from_features(
+                features, zoo.heads[task], zoo.suite[task].labels["test"]
+            )
             with torch.inference_mode():
                 entropy[float(scale)][task] = prediction_entropy(zoo.heads[task](features)).mean().item()
     accuracy_table = results_table(accuracy).rename_axis("scale")

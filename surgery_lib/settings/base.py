@@ -29,9 +29,8 @@ from surgery_lib.evaluation import results_table
 from surgery_lib.models import (
     ClassificationHead,
     StateDict,
-    embed,
-    embed_blocks,
     load_encoder,
+    task_features,
 )
 from surgery_lib.presets import Preset
 
@@ -71,6 +70,22 @@ class Zoo:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.experts)
 
+    def features(
+        self,
+        model: nn.Module,
+        task: str,
+        split: str = "test",
+        *,
+        blocks: bool = False,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``model``'s features of ``task``'s ``split`` images: final (N, output_dim) and, with ``blocks``, the
+        per-block token means (N, blocks, width), float32 on the CPU (``None`` without ``blocks``). Not cached:
+        :meth:`expert_features` keeps the experts' (:func:`~surgery_lib.models.task_features` is the same for a
+        :class:`~surgery_lib.core.taskdata.TaskData`)."""
+        return task_features(model, self.suite[task], split, blocks=blocks, device=device, precision=precision)
+
     def expert_features(
         self,
         task: str,
@@ -89,17 +104,10 @@ class Zoo:
         """
         key = (task, split, blocks, str(torch.device(device)), precision)
         if key not in self._expert_features:
-            data, encoder = self.suite[task], self.encoder(task)
-            if blocks:
-                final, means = embed_blocks(
-                    encoder, data.images[split], data.mean, data.std, device=device, precision=precision
-                )
-                self._expert_features[key] = (final, means)
-            else:
-                self._expert_features[key] = (
-                    embed(encoder, data.images[split], data.mean, data.std, device=device, precision=precision),
-                    None,
-                )
+            encoder = self.encoder(task)
+            self._expert_features[key] = self.features(
+                encoder, task, split, blocks=blocks, device=device, precision=precision
+            )
         return self._expert_features[key]
 
     def weights_fingerprint(self) -> str:

@@ -17,7 +17,7 @@ from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import load_tensors, save_tensors
 from surgery_lib.evaluation import accuracy_from_features, results_table
-from surgery_lib.models import embed, embed_blocks, load_encoder, resolve_device
+from surgery_lib.models import load_encoder, resolve_device
 from surgery_lib.surgery.v1 import (
     SurgeryConfig,
     SurgeryHistory,
@@ -30,6 +30,7 @@ from surgery_lib.surgery.v2 import DeepSurgery, train_deep_surgery
 if TYPE_CHECKING:
     import pandas as pd
 
+    from surgery_lib.core.taskdata import TaskData
     from surgery_lib.settings.base import Zoo
 
 
@@ -107,6 +108,62 @@ def run_surgery(
     Returns:
         A :class:`SurgeryRun` with accuracy and bias on the test split before and after.
     """
+    config = _checked_config(zoo, version, config, split, adapt_limit)
+    device = resolve_device(device, zoo.preset.default_device)
+    precision = precision or zoo.preset.precision
+    names = tuple(tasks) if tasks is not None else zoo.tasks
+    encoder = load_encoder(zoo.preset.encoder, merged).to(device)
+    with_blocks = version == 2 or block_bias_too
+    started = time.perf_counter()
+    features = _Features.extract(zoo, encoder, names, version, split, with_blocks, device, precision)
+    if adapt_limit is not None:
+        features.limit_adaptation(adapt_limit, config.seed, version)
+    timings = {"features_s": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    labels = {t: zoo.suite[t].labels["test"] for t in names}
+    train = _train_final if version == 1 else _train_blocks
+    modules, history, after = train(zoo, encoder, features, labels, config, split, device, precision, progress)
+    timings["training_s"] = time.perf_counter() - started
+    return _surgery_run(zoo, version, split, config, names, features, after, labels, modules, history, merged, timings)
+
+
+def _train_final(zoo, encoder, features, labels, config, split, device, precision, progress):
+    """Surgery (V1) on the final embeddings: ``(modules, history, after)``, ``after`` as ``(final, None)`` per task."""
+    names = tuple(features.merged_test)
+    evaluate = {t: (features.merged_test[t][0], labels[t], zoo.heads[t]) for t in names}
+    targets = {t: features.expert_adapt[t][0] for t in names}
+    modules, history = train_surgery(
+        features.merged_adapt, targets, config, evaluate=evaluate, device=device, progress=progress
+    )
+    if config.online:  # each task as its own pass left it: what the official online log reports
+        modules = TaskSurgery.from_modules({t: history.end_of_pass[t] for t in names})
+    return modules, history, {t: (modules.apply_task(t, features.merged_test[t][0]).detach(), None) for t in names}
+
+
+def _train_blocks(zoo, encoder, features, labels, config, split, device, precision, progress):
+    """SurgeryV2 after every block: ``(modules on the CPU, history, after)``, ``after`` as ``(final, block means)``."""
+    names = tuple(features.merged_test)
+    modules, history = train_deep_surgery(
+        encoder,
+        features.unlabeled(zoo, split),
+        dict(features.expert_adapt),
+        config,
+        split="limited" if features.adapt_index else split,
+        evaluate={t: zoo.heads[t] for t in names},
+        device=device,
+        precision=precision,
+        progress=progress,
+    )
+    after = {t: modules.to(device).embed(encoder, t, zoo.suite[t], device=device, precision=precision) for t in names}
+    return modules.cpu(), history, after
+
+
+def _checked_config(
+    zoo: Zoo, version: int, config: SurgeryConfig | None, split: str, adapt_limit: int | None
+) -> SurgeryConfig:
+    """``config`` (default: the official schedule) with the preset's rank where it leaves the rank open;
+    one-line errors for a version, split or limit that does not exist."""
     if version not in (1, 2):
         raise SurgeryBookError(f"unknown surgery version {version!r}", "use 1 (Surgery) or 2 (SurgeryV2)")
     if split not in ("test", "adapt"):
@@ -116,105 +173,84 @@ def run_surgery(
         raise SurgeryBookError(f"adapt_limit={adapt_limit}", "limit the adaptation data to 1 image or more per task")
     if version == 2 and config.online:
         raise SurgeryBookError("SurgeryV2 has no online variant here", "use --version 1 with --online")
-    device = resolve_device(device, zoo.preset.default_device)
-    precision = precision or zoo.preset.precision
-    names = tuple(tasks) if tasks is not None else zoo.tasks
-    encoder = load_encoder(zoo.preset.encoder, merged).to(device)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    return config
 
-    def features(
-        model: torch.nn.Module, task: str, which: str, blocks: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        data = zoo.suite[task]
-        if blocks:
-            return embed_blocks(model, data.images[which], data.mean, data.std, device=device, precision=precision)
-        return embed(model, data.images[which], data.mean, data.std, device=device, precision=precision), None
 
-    with_blocks = version == 2 or block_bias_too
-    merged_test, expert_test, expert_adapt = {}, {}, {}
-    merged_adapt = {}
-    for task in names:
-        expert_test[task] = zoo.expert_features(task, "test", blocks=with_blocks, device=device, precision=precision)
-        expert_adapt[task] = (
-            expert_test[task]
-            if split == "test"
-            else zoo.expert_features(task, split, blocks=version == 2, device=device, precision=precision)
-        )
-        merged_test[task] = features(encoder, task, "test", with_blocks)
-        if version == 1:
-            merged_adapt[task] = merged_test[task][0] if split == "test" else features(encoder, task, split, False)[0]
-    adapt_index: dict[str, torch.Tensor] = {}
-    if adapt_limit is not None:
-        for i, task in enumerate(names):
-            count = len(expert_adapt[task][0])
-            keep = torch.randperm(count, generator=torch.Generator().manual_seed(task_seed(config.seed, i)))[
-                :adapt_limit
-            ]
-            adapt_index[task] = keep
-            blocks = expert_adapt[task][1]
-            expert_adapt[task] = (expert_adapt[task][0][keep], None if blocks is None else blocks[keep])
+@dataclass
+class _Features:
+    """What a surgery run compares, per task: ``(final, block means or None)`` of the merged and the expert
+    model on the test split and on the adaptation data, and the adaptation subset when limited."""
+
+    merged_test: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+    expert_test: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+    expert_adapt: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+    merged_adapt: dict[str, torch.Tensor]  # Surgery (V1) only: the merged final embeddings it adapts on
+    adapt_index: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def extract(cls, zoo, encoder, names, version, split, with_blocks, device, precision) -> _Features:
+        found = cls({}, {}, {}, {})
+        for task in names:
+            found.expert_test[task] = zoo.expert_features(
+                task, "test", blocks=with_blocks, device=device, precision=precision
+            )
+            found.expert_adapt[task] = (
+                found.expert_test[task]
+                if split == "test"
+                else zoo.expert_features(task, split, blocks=version == 2, device=device, precision=precision)
+            )
+            found.merged_test[task] = zoo.features(
+                encoder, task, "test", blocks=with_blocks, device=device, precision=precision
+            )
             if version == 1:
-                merged_adapt[task] = merged_adapt[task][keep]
-    labels = {t: zoo.suite[t].labels["test"] for t in names}
-    timings["features_s"] = time.perf_counter() - started
+                found.merged_adapt[task] = (
+                    found.merged_test[task][0]
+                    if split == "test"
+                    else zoo.features(encoder, task, split, device=device, precision=precision)[0]
+                )
+        return found
 
-    started = time.perf_counter()
-    if version == 1:
-        evaluate = {t: (merged_test[t][0], labels[t], zoo.heads[t]) for t in names}
-        modules, history = train_surgery(
-            merged_adapt,
-            {t: expert_adapt[t][0] for t in names},
-            config,
-            evaluate=evaluate,
-            device=device,
-            progress=progress,
-        )
-        if config.online:  # each task as its own pass left it: what the official online log reports
-            modules = TaskSurgery.from_modules({t: history.end_of_pass[t] for t in names})
-        after = {t: (modules.apply_task(t, merged_test[t][0]).detach(), None) for t in names}
-    else:
-        targets = {t: (expert_adapt[t][0], expert_adapt[t][1]) for t in names}
-        adapt_split = "limited" if adapt_index else split
-        unlabeled = {
-            t: zoo.suite[t].with_split(adapt_split, split, adapt_index[t]) if adapt_index else zoo.suite[t]
-            for t in names
-        }
-        modules, history = train_deep_surgery(
-            encoder,
-            unlabeled,
-            targets,
-            config,
-            split=adapt_split,
-            evaluate={t: zoo.heads[t] for t in names},
-            device=device,
-            precision=precision,
-            progress=progress,
-        )
-        after = {
-            t: modules.to(device).embed(encoder, t, zoo.suite[t], device=device, precision=precision) for t in names
-        }
-        modules = modules.cpu()
-    timings["training_s"] = time.perf_counter() - started
+    def limit_adaptation(self, limit: int, seed: int, version: int) -> None:
+        """Keep a seeded random ``limit`` of each task's adaptation data (the data-amount ablation)."""
+        for i, task in enumerate(self.expert_adapt):
+            count = len(self.expert_adapt[task][0])
+            generator = torch.Generator().manual_seed(task_seed(seed, i))
+            keep = torch.randperm(count, generator=generator)[:limit]
+            self.adapt_index[task] = keep
+            final, blocks = self.expert_adapt[task]
+            self.expert_adapt[task] = (final[keep], None if blocks is None else blocks[keep])
+            if version == 1:
+                self.merged_adapt[task] = self.merged_adapt[task][keep]
 
+    def unlabeled(self, zoo: Zoo, split: str) -> dict[str, TaskData]:
+        """SurgeryV2's adaptation images per task: ``split``, or its limited subset."""
+        if not self.adapt_index:
+            return {t: zoo.suite[t] for t in self.expert_adapt}
+        return {t: zoo.suite[t].with_split("limited", split, self.adapt_index[t]) for t in self.expert_adapt}
+
+
+def _surgery_run(zoo, version, split, config, names, features, after, labels, modules, history, merged, timings):
+    """The :class:`SurgeryRun` of a finished training: accuracy and bias before and after (per block too when
+    the features have block means)."""
+    before, experts = features.merged_test, features.expert_test
     run = SurgeryRun(
         version=version,
         split=split,
         config=config,
         tasks=names,
-        accuracy_before={t: accuracy_from_features(merged_test[t][0], zoo.heads[t], labels[t]) for t in names},
+        accuracy_before={t: accuracy_from_features(before[t][0], zoo.heads[t], labels[t]) for t in names},
         accuracy_after={t: accuracy_from_features(after[t][0], zoo.heads[t], labels[t]) for t in names},
-        bias_before={t: representation_bias(merged_test[t][0], expert_test[t][0]) for t in names},
-        bias_after={t: representation_bias(after[t][0], expert_test[t][0]) for t in names},
+        bias_before={t: representation_bias(before[t][0], experts[t][0]) for t in names},
+        bias_after={t: representation_bias(after[t][0], experts[t][0]) for t in names},
         history=history,
         modules=modules,
         base_fingerprint=state_fingerprint(merged),
         seconds=timings,
     )
-    if with_blocks:
-        run.block_bias_before = {t: block_bias(merged_test[t][1], expert_test[t][1]) for t in names}
+    if experts[names[0]][1] is not None:
+        run.block_bias_before = {t: block_bias(before[t][1], experts[t][1]) for t in names}
         if version == 2:
-            run.block_bias_after = {t: block_bias(after[t][1], expert_test[t][1]) for t in names}
+            run.block_bias_after = {t: block_bias(after[t][1], experts[t][1]) for t in names}
         else:  # V1 leaves the blocks untouched: only the final embedding moves
             run.block_bias_after = dict(run.block_bias_before)
     return run
@@ -240,14 +276,14 @@ def task_embeddings(
         if model == "expert"
         else (zoo.encoder(model) if isinstance(model, str) else load_encoder(zoo.preset.encoder, model))
     )
-    out = {}
-    for task in names:
-        data = zoo.suite[task]
-        if shared is None:
-            out[task] = zoo.expert_features(task, split, device=device)[0]
-        else:
-            out[task] = embed(shared, data.images[split], data.mean, data.std, device=device)
-    return out
+    return {
+        task: (
+            zoo.expert_features(task, split, device=device)
+            if shared is None
+            else zoo.features(shared, task, split, device=device)
+        )[0]
+        for task in names
+    }
 
 
 def bias_table(
@@ -285,8 +321,7 @@ def block_bias_table(
         encoder = load_encoder(zoo.preset.encoder, state)
         per_task = []
         for task in names:
-            data = zoo.suite[task]
-            means = embed_blocks(encoder, data.images["test"], data.mean, data.std, device=device)[1]
+            means = zoo.features(encoder, task, "test", blocks=True, device=device)[1]
             per_task.append(block_bias(means, experts[task]))
         rows[label] = torch.stack(per_task).mean(dim=0).tolist()
     table = pd.DataFrame.from_dict(rows, orient="index")

@@ -42,9 +42,9 @@ from surgery_lib.models import (
     StateDict,
     build_encoder,
     clone_state,
-    embed,
     load_encoder,
     resolve_device,
+    task_features,
 )
 from surgery_lib.presets import Preset, get_preset
 from surgery_lib.settings.base import Zoo
@@ -343,9 +343,7 @@ def _build_locked(
     seeds["heads"] = derive_seed(recipe.seed, "heads")
 
     def features(task: str, split: str, index: torch.Tensor | None = None) -> torch.Tensor:
-        data = suite[task]
-        images = data.images[split] if index is None else data.images[split][index]
-        return embed(pretrained_encoder, images, data.mean, data.std, device=device)
+        return task_features(pretrained_encoder, suite[task], split, index=index, device=device)[0]
 
     def train_heads():
         tensors, accuracy = {}, {}
