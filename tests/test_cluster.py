@@ -73,9 +73,9 @@ def _grid_command(out, cache_dir):
         "--seeds",
         "2",
         "--surgery-steps",
-        "200",
+        "100",
         "--deep-surgery-steps",
-        "400",
+        "150",
         "--out",
         str(out),
         "--cache-dir",
@@ -132,7 +132,7 @@ def test_an_interrupted_local_grid_resumes_to_the_same_numbers(smoke_zoo, cache_
     assert f"{len(cells) - done} cells computed" in resumed.stdout
     assert _numbers(interrupted) == _numbers(reference)
     record = json.loads(cell_path(interrupted, Cell("smoke", "tsv", 1, 1)).read_text())
-    assert record["seconds"] > 0 and record["peak_rss_mib"] > 0 and record["threads"] == 1 and record["steps"] == 200
+    assert record["seconds"] > 0 and record["peak_rss_mib"] > 0 and record["threads"] == 1 and record["steps"] == 100
 
 
 @pytest.mark.heavy
