@@ -2,7 +2,11 @@
 
 - :mod:`~surgery_lib.settings.clip.tasks`        the eight tasks: classes, prompt templates, sizes
 - :mod:`~surgery_lib.settings.clip.sources`      where checkpoints and data come from (the ``SURGERY_BOOK_*`` variables)
-- :mod:`~surgery_lib.settings.clip.checkpoints`  safe reading of task_vectors' pickles, FusionBench, the converted format
+- :mod:`~surgery_lib.settings.clip.safe_pickle`  the safe unpickler of task_vectors' pickles (allow-listed globals only)
+- :mod:`~surgery_lib.settings.clip.task_vectors` the task_vectors folder: encoders, heads, conversion
+- :mod:`~surgery_lib.settings.clip.fusionbench`  FusionBench's hub experts: snapshots, name mapping, conversion
+- :mod:`~surgery_lib.settings.clip.converted`    the converted format (safetensors + manifest) and its open_clip encoder
+- :mod:`~surgery_lib.settings.clip.checkpoints`  the four above's public names in one place
 - :mod:`~surgery_lib.settings.clip.data`         the datasets, decoded once into the cache
 - :mod:`~surgery_lib.settings.clip.zero_shot`    zero-shot heads from the text tower
 - :mod:`~surgery_lib.settings.clip.zoo`          all of it behind the :class:`~surgery_lib.settings.base.Zoo` interface
