@@ -27,8 +27,9 @@ from surgery_lib.merging import (
     cached_merge,
     evaluate_merge,
     get_method,
-    method_label,
+    method_label,  # noqa: F401  (0.1 re-exported it here)
 )
+from surgery_lib.merging.rows import VERSION_SUFFIX, Row  # noqa: F401  (VERSION_SUFFIX: grid.VERSION_SUFFIX in 0.1)
 from surgery_lib.surgery.run import SurgeryRun, bias_table, run_surgery
 from surgery_lib.surgery.v1 import SurgeryConfig
 
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from surgery_lib.settings.base import Zoo
-
-#: Surgery versions of the grid: 0 is the merge alone.
-VERSION_SUFFIX = {0: "", 1: " + Surgery", 2: " + SurgeryV2"}
 
 
 def parse_versions(text: str) -> tuple[int, ...]:
@@ -186,7 +184,7 @@ def compute_cell(
         "method": method,
         "version": version,
         "seed": seed,
-        "label": method_label(zoo, method, options) + VERSION_SUFFIX[version],
+        "label": Row(method, version).label(zoo, options),
     }
     run = None
     if version == 0:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from surgery_lib.core.storage import atomic_path
-from surgery_lib.merging import METHODS
+from surgery_lib.merging import METHODS, VERSION_NAMES, Row, row_of  # noqa: F401  (VERSION_NAMES: plots.VERSION_NAMES)
 from surgery_lib.settings.base import EXPERT_ROW, ZERO_SHOT_ROW, ZOO_ROWS
 
 if TYPE_CHECKING:
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 EXPERT_COLOUR, MERGED_COLOUR, SURGERY_COLOUR = "#1f5fbf", "#d62728", "#2ca02c"
 SURGERY_V2_COLOUR = "#1b7a3a"
+#: Colours of a merge alone and repaired (the papers': merged red, surgery green), shared by the grid figures.
+VERSION_COLOURS = {0: MERGED_COLOUR, 1: SURGERY_COLOUR, 2: SURGERY_V2_COLOUR}
 
 #: Rows that are bounds, not merges: the experts blue as in the papers, the rest in greys and purple.
 REFERENCE_COLOURS = {
@@ -61,23 +63,23 @@ _METHOD_CYCLE = (
 )
 
 
-def colour_of(label: str) -> str | None:
-    """The fixed colour of a row label: a reference row, a merging method by its display name (merged red
-    for task arithmetic, the papers' usual merge), or ``" + Surgery"`` / ``" + SurgeryV2"`` rows in the
-    repaired greens. ``None`` for a label with no fixed colour."""
-    label = str(label)
-    if label in REFERENCE_COLOURS:
-        return REFERENCE_COLOURS[label]
-    if label.endswith(" + SurgeryV2"):
-        return SURGERY_V2_COLOUR
-    if label.endswith(" + Surgery"):
-        return SURGERY_COLOUR
-    names = list(METHODS.values())
-    order = ["task arithmetic"] + [n for n in names if n != "task arithmetic"]
-    # On real CLIP the trimming methods' labels say what their top-k keeps ("TIES-merging ... [top 20 % of ...]"):
-    # the method's colour is the same.
-    label = label.split(" [", 1)[0]
-    return _METHOD_CYCLE[order.index(label) % len(_METHOD_CYCLE)] if label in order else None
+def colour_of(row: Row | str) -> str | None:
+    """The fixed colour of a row (a :class:`~surgery_lib.merging.rows.Row`, or a label :func:`row_of` reads
+    back into one): a reference row's, a merging method's (merged red for task arithmetic, the papers' usual
+    merge; the others in registration order), + Surgery and + SurgeryV2 rows in the repaired greens.
+    ``None`` for a label that names no row and has no colour of its own (``"merged"``, ``"experts"``)."""
+    if isinstance(row, str):
+        if row in REFERENCE_COLOURS:
+            return REFERENCE_COLOURS[row]
+        row = row_of(row)
+        if row is None:
+            return None
+    if row.is_reference:
+        return REFERENCE_COLOURS[row.label()]
+    if row.version:
+        return VERSION_COLOURS[row.version]
+    order = ["task_arithmetic"] + [name for name in METHODS if name != "task_arithmetic"]
+    return _METHOD_CYCLE[order.index(row.method) % len(_METHOD_CYCLE)]
 
 
 def palette(labels: Sequence[str]) -> dict[str, str]:
@@ -453,7 +455,8 @@ def main_table_bars(average: pd.Series, title: str = "Average accuracy over the 
     plt = _pyplot()
 
     def colour(label: str) -> str:
-        if label.endswith(("+ Surgery", "+ SurgeryV2")) or label in REFERENCE_COLOURS:
+        row = row_of(label)
+        if label in REFERENCE_COLOURS or (row is not None and (row.version or row.is_reference)):
             return colour_of(label)
         return MERGED_COLOUR
 
@@ -467,11 +470,6 @@ def main_table_bars(average: pd.Series, title: str = "Average accuracy over the 
     axis.spines[["top", "right"]].set_visible(False)
     figure.tight_layout()
     return figure
-
-
-#: Colours of a merge alone and repaired (the papers': merged red, surgery green), shared by the grid figures.
-VERSION_COLOURS = {0: MERGED_COLOUR, 1: SURGERY_COLOUR, 2: SURGERY_V2_COLOUR}
-VERSION_NAMES = {0: "merge alone", 1: "+ Surgery", 2: "+ SurgeryV2"}
 
 
 def grid_dots(table: pd.DataFrame, title: str = "Every merge alone and repaired") -> Figure:

@@ -15,6 +15,7 @@
 - :mod:`~surgery_lib.merging.regmean`     RegMean                                 (training images' features)
 - :mod:`~surgery_lib.merging.adamerging`  AdaMerging and AdaMerging++, task- and layer-wise (unlabeled test images)
 - :mod:`~surgery_lib.merging.api`         any registered method on a zoo by name: merge, cache, evaluate, main table
+- :mod:`~surgery_lib.merging.rows`        table rows as (method, version) keys, and their labels
 
 Adding a method: a new module that defines its ``run`` function and calls :func:`register_method` (with
 the :class:`Option` declarations it reads), plus its import line below. The command line, the tables, the merge cache and the contract test
@@ -64,6 +65,7 @@ from surgery_lib.merging.base import (
     with_options,
 )
 from surgery_lib.merging.options import MERGE_OPTIONS, Option, option_named, register_option
+from surgery_lib.merging.rows import VERSION_NAMES, VERSION_SUFFIX, Row, row_label, row_of
 from surgery_lib.merging.ties import (
     TIES_OPERATING_POINTS,
     kept_fraction,
@@ -118,4 +120,9 @@ __all__ = [
     "Option",
     "option_named",
     "register_option",
+    "Row",
+    "VERSION_NAMES",
+    "VERSION_SUFFIX",
+    "row_label",
+    "row_of",
 ]
