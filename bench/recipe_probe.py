@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.storage import load_tensors, save_tensors  # noqa: E402
+from surgery_lib.core.storage import load_tensors, save_tensors, write_json  # noqa: E402
 from surgery_lib.core.taskdata import TaskData  # noqa: E402
 from surgery_lib.disentanglement import kept_share_curve, summarize_curve  # noqa: E402
 from surgery_lib.evaluation import accuracy_from_features, task_accuracy  # noqa: E402
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
             gain = rows["experts"] - rows["pretrained"]
             print(f"{method:24s} {rows[method]:6.2f}   kept share {(rows[method] - rows['pretrained']) / gain:+.2f}")
     if args.skip_curve:
-        (out / f"merges-{args.merges}-{args.adamerging_steps}.json").write_text(json.dumps(rows, indent=1))
+        write_json(rows, out / f"merges-{len(rows) - 2}-{args.adamerging_steps}.json")
         return
     vectors = task_vectors(pretrained, experts)
     average = add_vectors(pretrained, list(vectors.values()), [1 / len(vectors)] * len(vectors))
@@ -310,10 +310,9 @@ def main(argv: list[str] | None = None) -> None:
         scale=0.3,
     )
     print(summarize_curve(curve).round(3).to_string())
-    (out / "result.json").write_text(
-        json.dumps(
-            {"args": vars(args), "timings": timings, "rows": rows, "per_task": {"pre": pre, "expert": expert}}, indent=1
-        )
+    write_json(
+        {"args": vars(args), "timings": timings, "rows": rows, "per_task": {"pre": pre, "expert": expert}},
+        out / "result.json",
     )
 
 
