@@ -34,7 +34,7 @@ from surgery_lib.disentanglement import kept_share_curve, summarize_curve  # noq
 from surgery_lib.evaluation import accuracy_from_features, task_accuracy  # noqa: E402
 from surgery_lib.merging import MAIN_TABLE, MergeOptions, evaluate_merge, merge  # noqa: E402
 from surgery_lib.merging.vectors import add_vectors, task_vectors  # noqa: E402
-from surgery_lib.models import build_encoder, clone_state, load_encoder, task_features  # noqa: E402
+from surgery_lib.models import StateDict, build_encoder, clone_state, load_encoder, task_features  # noqa: E402
 from surgery_lib.presets import get_preset  # noqa: E402
 from surgery_lib.settings.base import Zoo  # noqa: E402
 from surgery_lib.settings.offline.suite import load_suite  # noqa: E402
@@ -162,40 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     tasks = {t: suite[t] for t in suite.task_names}
     timings: dict[str, float] = {}
 
-    started = time.perf_counter()
-    pretrained_path = out / "pretrained.safetensors"
-    if args.pretrained_from and not pretrained_path.exists():
-        start = load_tensors(Path(args.pretrained_from))[0]
-        if args.continue_epochs:
-            seed = derive_seed(recipe.seed, "pretrained", "continued")
-            torch.manual_seed(seed)
-            encoder = load_encoder(encoder_cfg, start)
-            pretrain(
-                encoder,
-                domain_mix(suite.mix, tasks, args.pretrain_domains, seed),
-                epochs=args.continue_epochs,
-                lr=args.continue_lr,
-                weight_decay=recipe.pretrain_weight_decay,
-                warmup_steps=recipe.pretrain_warmup_steps,
-                batch_size=recipe.batch_size,
-                translate_px=recipe.translate_px,
-                seed=seed,
-                device=device,
-            )
-            start = clone_state(encoder)
-        save_tensors(start, pretrained_path)
-    if pretrained_path.exists():
-        pretrained = load_tensors(pretrained_path)[0]
-    else:
-        seed = derive_seed(recipe.seed, "pretrained")
+    def pretrain_for(encoder, epochs: int, lr: float, seed: int) -> StateDict:
         torch.manual_seed(seed)
-        encoder = build_encoder(encoder_cfg)
-        mix = domain_mix(suite.mix, tasks, args.pretrain_domains, seed)
         pretrain(
             encoder,
-            mix,
-            epochs=recipe.pretrain_epochs,
-            lr=recipe.pretrain_lr,
+            domain_mix(suite.mix, tasks, args.pretrain_domains, seed),
+            epochs=epochs,
+            lr=lr,
             weight_decay=recipe.pretrain_weight_decay,
             warmup_steps=recipe.pretrain_warmup_steps,
             batch_size=recipe.batch_size,
@@ -203,7 +176,22 @@ def main(argv: list[str] | None = None) -> None:
             seed=seed,
             device=device,
         )
-        pretrained = clone_state(encoder)
+        return clone_state(encoder)
+
+    started = time.perf_counter()
+    pretrained_path = out / "pretrained.safetensors"
+    if args.pretrained_from and not pretrained_path.exists():
+        start = load_tensors(Path(args.pretrained_from))[0]
+        if args.continue_epochs:
+            seed = derive_seed(recipe.seed, "pretrained", "continued")
+            start = pretrain_for(load_encoder(encoder_cfg, start), args.continue_epochs, args.continue_lr, seed)
+        save_tensors(start, pretrained_path)
+    if pretrained_path.exists():
+        pretrained = load_tensors(pretrained_path)[0]
+    else:
+        seed = derive_seed(recipe.seed, "pretrained")
+        torch.manual_seed(seed)  # the encoder's initialisation, as the zoo seeds it
+        pretrained = pretrain_for(build_encoder(encoder_cfg), recipe.pretrain_epochs, recipe.pretrain_lr, seed)
         save_tensors(pretrained, pretrained_path)
     timings["pretraining"] = time.perf_counter() - started
 
