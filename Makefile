@@ -20,10 +20,20 @@ PYTEST := $(BIN)/python -m pytest
 
 venv: $(STAMP)
 
+# uv installs the same pinned packages as pip, downloads and unpacking in parallel: 20 s instead of 120 s for this
+# environment (measured on a cold cache). It does not read pip's configuration, so where uv cannot be installed or
+# cannot install (a private index only pip is configured for), pip does the same two installs; INSTALLER=pip
+# skips uv altogether.
+INSTALLER ?= uv
+UV_PIP := $(BIN)/python -m uv pip install --quiet --python $(BIN)/python
+PIP := $(BIN)/python -m pip install --quiet
+
 $(STAMP): pyproject.toml requirements-local.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements-local.txt
-	$(BIN)/python -m pip install --quiet -e ".[book,dev]"
+	@if [ "$(INSTALLER)" = uv ] && $(PIP) "uv>=0.5" && $(UV_PIP) -r requirements-local.txt && $(UV_PIP) -e ".[book,dev]"; \
+	then echo "installed .venv with uv"; \
+	else [ "$(INSTALLER)" != uv ] || echo "uv could not install .venv; installing with pip"; \
+	  $(PIP) -r requirements-local.txt && $(PIP) -e ".[book,dev]"; fi
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # The book's config keeps execution off (the committed outputs are rendered as they are); `make run`
@@ -65,7 +75,8 @@ chromium:
 #              more than the 209 s they take alone
 #   notebooks  the mini acceptance checks (-m slow: they fill the merge cache the chapters read) and the eight
 #              notebooks under nbval, exercise solutions included, in two one-thread workers, by file (a notebook's
-#              cells share one kernel), longest first (their order below; a new one goes last)
+#              cells share one kernel), longest first (their order below; a new one goes last). Longest first with
+#              the acceptance checks last measured no better (535 s against 524 s)
 #   book       the strict book build
 #   browser    the rendered pages in headless chromium
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
