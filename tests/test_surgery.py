@@ -7,9 +7,12 @@ import dataclasses
 import pytest
 import torch
 
+from surgery_lib.bias import block_bias
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.evaluation import accuracy_from_features
 from surgery_lib.merging import task_arithmetic
-from surgery_lib.models import forward_blocks
+from surgery_lib.models import forward_blocks, load_encoder
+from surgery_lib.settings import base as settings_base
 from surgery_lib.surgery.run import load_surgery, run_surgery, save_surgery
 from surgery_lib.surgery.v1 import SurgeryConfig, TaskSurgery, train_surgery
 from surgery_lib.surgery.v2 import DeepSurgery
@@ -253,6 +256,30 @@ def test_surgery_lowers_bias_and_seeds_reproduce(smoke_zoo, merged_state):
     assert first.history.accuracy[0] == first.accuracy_before
 
 
+def test_runs_on_one_merge_embed_it_once_and_another_merge_replaces_it(smoke_zoo, merged_state, monkeypatch):
+    config = SurgeryConfig(rank=4, steps=30, batch_size=32, seed=1)
+    smoke_zoo.forget_features()
+    fresh = run_surgery(smoke_zoo, merged_state, config=config, block_bias_too=True, progress=False)
+    for task in smoke_zoo.tasks:  # the experts' too, so that what follows counts merged embeddings only
+        smoke_zoo.expert_features(task, "adapt"), smoke_zoo.expert_features(task, "test")
+    computed = []
+    original = settings_base.task_features
+    monkeypatch.setattr(settings_base, "task_features", lambda *a, **k: computed.append(a[2]) or original(*a, **k))
+    again = run_surgery(smoke_zoo, merged_state, config=config, block_bias_too=True, progress=False)
+    v2 = run_surgery(smoke_zoo, merged_state, version=2, config=config, progress=False)
+    assert computed == []  # the same merge: V1 again and V2 (blocks) reuse the first run's embeddings
+    assert again.accuracy_after == fresh.accuracy_after and again.bias_before == fresh.bias_before
+    assert v2.accuracy_before == fresh.accuracy_before
+    run_surgery(smoke_zoo, merged_state, config=config, split="adapt", block_bias_too=True, progress=False)
+    assert computed == ["adapt"] * len(smoke_zoo.tasks)  # a split not asked for yet is computed, once
+    other = task_arithmetic(smoke_zoo.pretrained, smoke_zoo.experts, scale=0.5)
+    replaced = run_surgery(smoke_zoo, other, config=config, progress=False)
+    assert len(computed) == 2 * len(smoke_zoo.tasks)  # another merge is embedded ...
+    assert replaced.accuracy_before != fresh.accuracy_before
+    run_surgery(smoke_zoo, merged_state, config=config, progress=False)
+    assert len(computed) == 3 * len(smoke_zoo.tasks)  # ... and replaces the first: one merge is kept at a time
+
+
 def test_online_surgery_sees_each_image_once(smoke_zoo, merged_state):
     run = run_surgery(smoke_zoo, merged_state, config=SurgeryConfig(rank=4, online=True), split="adapt", progress=False)
     # Every task takes its images one by one, each task's whole pass in turn (the official order).
@@ -264,13 +291,23 @@ def test_online_surgery_sees_each_image_once(smoke_zoo, merged_state):
     assert run.accuracy_after == pytest.approx(run.history.accuracy[100])
 
 
-def test_surgery_v2_lowers_bias_at_every_block(smoke_zoo, merged_state):
-    config = SurgeryConfig(rank=4, steps=40, batch_size=32, lr=1e-2, eval_every=20)
+@pytest.mark.parametrize("steps", [40, 30])  # the last step a checkpoint, or not
+def test_surgery_v2_lowers_bias_at_every_block(smoke_zoo, merged_state, steps):
+    config = SurgeryConfig(rank=4, steps=steps, batch_size=32, lr=1e-2, eval_every=20)
     run = run_surgery(smoke_zoo, merged_state, version=2, config=config, progress=False)
     for task in smoke_zoo.tasks:
         assert (run.block_bias_after[task] < run.block_bias_before[task]).all(), task
         assert run.bias_after[task] < run.bias_before[task]
-    assert sorted(run.history.accuracy) == [0, 20, 40]
+    assert sorted(run.history.accuracy) == ([0, 20, 40] if steps == 40 else [0, 20])
+    # What the run reports after training (taken from the last checkpoint where there is one) is what the final
+    # modules compute.
+    encoder = load_encoder(smoke_zoo.preset.encoder, merged_state).eval().requires_grad_(False)  # as trained
+    for task in smoke_zoo.tasks:
+        final, blocks = run.modules.embed(encoder, task, smoke_zoo.suite[task])
+        expert = smoke_zoo.expert_features(task, blocks=True)
+        labels = smoke_zoo.suite[task].labels["test"]
+        assert run.accuracy_after[task] == accuracy_from_features(final, smoke_zoo.heads[task], labels)
+        assert torch.equal(run.block_bias_after[task], block_bias(blocks, expert[1]))
 
 
 def test_v2_parameter_count_matches_the_formula():

@@ -64,6 +64,10 @@ class Zoo:
     _expert_features: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    #: The features of the one merged model seen last, ``(weights fingerprint, {key: features})``.
+    _merged_features: tuple[str, dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]]] = field(
+        default=("", {}), init=False, repr=False, compare=False
+    )
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -110,6 +114,34 @@ class Zoo:
             )
         return self._expert_features[key]
 
+    def merged_features(
+        self,
+        model: nn.Module,
+        fingerprint: str,
+        task: str,
+        split: str = "test",
+        *,
+        blocks: bool = False,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`features` of a merged ``model`` whose weights have checksum ``fingerprint``
+        (:func:`~surgery_lib.core.state_dict.state_fingerprint`), kept for the last merged model asked about.
+
+        Ablations run surgery many times on one merge (ranks, data amounts, seeds, V1 then V2); its embeddings
+        are the same every time, so they are computed once. Only one merged model's are kept, so memory stays
+        that of one run (for ViT-L/14 with blocks, gigabytes); another fingerprint replaces them. Treat them as
+        read-only, as :meth:`expert_features`; :meth:`forget_features` frees them.
+        """
+        kept_for, kept = self._merged_features
+        if kept_for != fingerprint:
+            kept = {}
+            self._merged_features = (fingerprint, kept)
+        key = (task, split, blocks, str(torch.device(device)), precision)
+        if key not in kept:
+            kept[key] = self.features(model, task, split, blocks=blocks, device=device, precision=precision)
+        return kept[key]
+
     def weights_fingerprint(self) -> str:
         """A checksum of the weights merges are computed from (pretrained, experts, heads): the merge cache
         records it, so a merge of experts that were since rebuilt differently is recomputed, not reused.
@@ -134,8 +166,9 @@ class Zoo:
         return self._fingerprint
 
     def forget_features(self) -> None:
-        """Free the expert embeddings :meth:`expert_features` kept."""
+        """Free the embeddings :meth:`expert_features` and :meth:`merged_features` kept."""
         self._expert_features.clear()
+        self._merged_features = ("", {})
 
     def encoder(self, which: str = "pretrained") -> nn.Module:
         """A fresh encoder loaded with ``"pretrained"``, ``"mtl"`` or a task's expert weights."""

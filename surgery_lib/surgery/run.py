@@ -115,7 +115,8 @@ def run_surgery(
     encoder = load_encoder(zoo.preset.encoder, merged).to(device)
     with_blocks = version == 2 or block_bias_too
     started = time.perf_counter()
-    features = _Features.extract(zoo, encoder, names, version, split, with_blocks, device, precision)
+    fingerprint = state_fingerprint(merged)
+    features = _Features.extract(zoo, encoder, fingerprint, names, version, split, with_blocks, device, precision)
     if adapt_limit is not None:
         features.limit_adaptation(adapt_limit, config.seed, version)
     timings = {"features_s": time.perf_counter() - started}
@@ -125,7 +126,9 @@ def run_surgery(
     train = _train_final if version == 1 else _train_blocks
     modules, history, after = train(zoo, encoder, features, labels, config, split, device, precision, progress)
     timings["training_s"] = time.perf_counter() - started
-    return _surgery_run(zoo, version, split, config, names, features, after, labels, modules, history, merged, timings)
+    return _surgery_run(
+        zoo, version, split, config, names, features, after, labels, modules, history, fingerprint, timings
+    )
 
 
 def _train_final(zoo, encoder, features, labels, config, split, device, precision, progress):
@@ -144,6 +147,7 @@ def _train_final(zoo, encoder, features, labels, config, split, device, precisio
 def _train_blocks(zoo, encoder, features, labels, config, split, device, precision, progress):
     """SurgeryV2 after every block: ``(modules on the CPU, history, after)``, ``after`` as ``(final, block means)``."""
     names = tuple(features.merged_test)
+    after: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules, history = train_deep_surgery(
         encoder,
         features.unlabeled(zoo, split),
@@ -154,9 +158,9 @@ def _train_blocks(zoo, encoder, features, labels, config, split, device, precisi
         device=device,
         precision=precision,
         progress=progress,
+        embeddings=after,  # the test embeddings after training, from its last checkpoint
     )
-    after = {t: modules.to(device).embed(encoder, t, zoo.suite[t], device=device, precision=precision) for t in names}
-    return modules.cpu(), history, after
+    return modules, history, after
 
 
 def _checked_config(
@@ -188,8 +192,14 @@ class _Features:
     adapt_index: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def extract(cls, zoo, encoder, names, version, split, with_blocks, device, precision) -> _Features:
+    def extract(cls, zoo, encoder, fingerprint, names, version, split, with_blocks, device, precision) -> _Features:
         found = cls({}, {}, {}, {})
+
+        def merged(task: str, split: str, blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return zoo.merged_features(
+                encoder, fingerprint, task, split, blocks=blocks, device=device, precision=precision
+            )
+
         for task in names:
             found.expert_test[task] = zoo.expert_features(
                 task, "test", blocks=with_blocks, device=device, precision=precision
@@ -199,14 +209,10 @@ class _Features:
                 if split == "test"
                 else zoo.expert_features(task, split, blocks=version == 2, device=device, precision=precision)
             )
-            found.merged_test[task] = zoo.features(
-                encoder, task, "test", blocks=with_blocks, device=device, precision=precision
-            )
+            found.merged_test[task] = merged(task, "test", with_blocks)
             if version == 1:
                 found.merged_adapt[task] = (
-                    found.merged_test[task][0]
-                    if split == "test"
-                    else zoo.features(encoder, task, split, device=device, precision=precision)[0]
+                    found.merged_test[task][0] if split == "test" else merged(task, split, False)[0]
                 )
         return found
 
@@ -229,7 +235,7 @@ class _Features:
         return {t: zoo.suite[t].with_split("limited", split, self.adapt_index[t]) for t in self.expert_adapt}
 
 
-def _surgery_run(zoo, version, split, config, names, features, after, labels, modules, history, merged, timings):
+def _surgery_run(zoo, version, split, config, names, features, after, labels, modules, history, fingerprint, timings):
     """The :class:`SurgeryRun` of a finished training: accuracy and bias before and after (per block too when
     the features have block means)."""
     before, experts = features.merged_test, features.expert_test
@@ -244,7 +250,7 @@ def _surgery_run(zoo, version, split, config, names, features, after, labels, mo
         bias_after={t: representation_bias(after[t][0], experts[t][0]) for t in names},
         history=history,
         modules=modules,
-        base_fingerprint=state_fingerprint(merged),
+        base_fingerprint=fingerprint,
         seconds=timings,
     )
     if experts[names[0]][1] is not None:

@@ -122,6 +122,7 @@ def train_deep_surgery(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     progress: bool = True,
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[DeepSurgery, SurgeryHistory]:
     """Train SurgeryV2's modules on a frozen merged ``encoder``.
 
@@ -133,6 +134,9 @@ def train_deep_surgery(
         config: the schedule (default: the official one); ``online`` is not supported for V2.
         evaluate: optional ``{task: head}``; test accuracy is recorded every ``config.eval_every`` steps.
         precision: of the merged forward passes on a GPU (:data:`surgery_lib.models.PRECISIONS`).
+        embeddings: a dict to fill with each evaluated task's corrected test embeddings after training
+            (:meth:`DeepSurgery.embed`), taken from the last checkpoint when it is the end of training: a caller
+            that needs them (accuracy and block bias after) then saves one pass over every test set.
     """
     config = config or SurgeryConfig()
     if config.online:
@@ -148,9 +152,13 @@ def train_deep_surgery(
     block_targets = [targets[t][1].to(device) for t in tasks]
     history = SurgeryHistory()
 
+    total_rounds = config.rounds([len(x) for x in images])
+
     def accuracy(task: str) -> float:
-        final = surgery.embed(encoder, task, unlabeled[task], device=device, precision=precision)[0]
-        return accuracy_from_features(final, evaluate[task], unlabeled[task].labels["test"])
+        embedded = surgery.embed(encoder, task, unlabeled[task], device=device, precision=precision)
+        if embeddings is not None and len(history.loss) == total_rounds:  # the modules are final: keep them
+            embeddings[task] = embedded
+        return accuracy_from_features(embedded[0], evaluate[task], unlabeled[task].labels["test"])
 
     def checkpoint(step: int, indices: Sequence[int] | None = None) -> None:
         names = list(evaluate) if indices is None else [tasks[i] for i in indices]
@@ -173,14 +181,17 @@ def train_deep_surgery(
         final_losses = (final.float() - final_target).abs().mean(dim=-1)
         return ((block_losses + final_losses) * weight).sum(dim=1)
 
-    sizes = [len(x) for x in images]
-    with tqdm(total=config.rounds(sizes), desc="SurgeryV2", disable=not progress) as bar:
+    with tqdm(total=total_rounds, desc="SurgeryV2", disable=not progress) as bar:
         train_on_schedule(
-            config.iterations(sizes),
+            config.iterations([len(x) for x in images]),
             optimizer,
             task_losses,
             losses=history.loss,
             bar=bar,
             checkpoint=checkpoint if evaluate else None,
         )
+    if embeddings is not None:
+        for task in evaluate or {}:
+            if task not in embeddings:  # no checkpoint at the last step
+                embeddings[task] = surgery.embed(encoder, task, unlabeled[task], device=device, precision=precision)
     return surgery.cpu(), history
