@@ -20,12 +20,14 @@ PYTEST := $(BIN)/python -m pytest
 
 venv: $(STAMP)
 
-# uv installs the same pinned packages as pip, downloads and unpacking in parallel: 20 s instead of 120 s for this
-# environment (measured on a cold cache). It does not read pip's configuration, so where uv cannot be installed or
-# cannot install (a private index only pip is configured for), pip does the same two installs; INSTALLER=pip
-# skips uv altogether.
+# uv installs the same pinned packages as pip, downloading and unpacking in parallel: 42 s instead of about 120 s for
+# this environment (measured with a cold cache). It compiles the bytecode at install time as pip does: without it,
+# where PYTHONDONTWRITEBYTECODE is set (this project's machines set it) every process compiles torch from source
+# again (the unit tests took 290 s instead of 165 s). uv does not read pip's configuration, so where it cannot be
+# installed or cannot install (a private index only pip is configured for), pip does the same two installs;
+# INSTALLER=pip skips uv altogether.
 INSTALLER ?= uv
-UV_PIP := $(BIN)/python -m uv pip install --quiet --python $(BIN)/python
+UV_PIP := $(BIN)/python -m uv pip install --quiet --compile-bytecode --python $(BIN)/python
 PIP := $(BIN)/python -m pip install --quiet
 
 $(STAMP): pyproject.toml requirements-local.txt
@@ -36,15 +38,23 @@ $(STAMP): pyproject.toml requirements-local.txt
 	  $(PIP) -r requirements-local.txt && $(PIP) -e ".[book,dev]"; fi
 	@rm -f $(VENV)/.installed-* && touch $@
 
-# The book's config keeps execution off (the committed outputs are rendered as they are); `make run`
-# renders from a copy that executes every notebook first, with its default (mini, CPU) parameters and torch's
-# default thread count, one notebook after another: the regime the committed outputs come from.
+# The book's config keeps execution off (the committed outputs are rendered as they are). `make run` executes every
+# notebook first, with its default (mini, CPU) parameters, two at a time with one torch thread each (two processes
+# of two threads stall each other), longest first: jupyter-cache's parallel executor, into a fresh cache that the
+# book build then reads (execute_notebooks: cache). `make test` checks on every run that one-thread outputs are
+# the committed ones. A notebook that fails in the cache is executed again by the build, which then stops on it.
+JUPYTER_CACHE := _build/.jupyter_cache
+RUN_ORDER := $(addprefix notebooks/,05_surgery_v2.ipynb 02_adamerging.ipynb 04_surgery.ipynb 06_reproduce_tables.ipynb \
+  01_merging_basics.ipynb 00_offline_benchmark.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb)
 run: $(STAMP)
 	@$(STAGES) reset run
 	@$(STAGES) run run zoo -- $(BIN)/surgery-book zoo --preset mini
-	@mkdir -p _build
-	sed 's/execute_notebooks: "off"/execute_notebooks: force/' book/_config.yml > _build/config-execute.yml
-	@grep -q "execute_notebooks: force" _build/config-execute.yml
+	@rm -rf $(JUPYTER_CACHE) && mkdir -p $(JUPYTER_CACHE)
+	sed 's/execute_notebooks: "off"/execute_notebooks: cache/' book/_config.yml > _build/config-execute.yml
+	@grep -q "execute_notebooks: cache" _build/config-execute.yml
+	@$(BIN)/jcache notebook -p $(JUPYTER_CACHE) add $(wildcard $(RUN_ORDER)) $(filter-out $(RUN_ORDER),$(NOTEBOOKS)) > /dev/null
+	@$(STAGES) run run notebooks -- env $(ONE_THREAD) $(BIN)/jcache project -p $(JUPYTER_CACHE) execute \
+	  --executor local-parallel --timeout 1800 --verbosity WARNING
 	@$(STAGES) run run book -- $(BOOK) --config _build/config-execute.yml
 	@$(STAGES) report run
 	@echo "book: $(CURDIR)/_build/html/index.html"
@@ -67,23 +77,25 @@ chromium:
 # `make test` runs its stages through bench/stages.py, which times each one and ends with a table of seconds per
 # stage (also in _build/stages-test.tsv), passed or failed. Chromium installs in the background from the start.
 #   venv       install .venv (skipped when the stamp says it is current)
-#   unit       every test that needs no mini zoo (-m "not slow and not browser"), the heavy ones included:
-#              subprocess grids, concurrent builds, all eight notebooks by papermill on a fabricated CLIP preset;
-#              test by test to whichever worker is free (--dist worksteal: 180 s instead of 224 s by file)
-#   zoo        the mini zoo from scratch (two torch threads). Not beside the unit stage: started at nice 19 in the
-#              background, the unit tests still slowed the zoo's OpenMP threads from 587 s to 821 s (measured),
-#              more than the 209 s they take alone
-#   notebooks  the mini acceptance checks (-m slow: they fill the merge cache the chapters read) and the eight
-#              notebooks under nbval, exercise solutions included, in two one-thread workers, by file (a notebook's
-#              cells share one kernel), longest first (their order below; a new one goes last). Longest first with
-#              the acceptance checks last measured no better (535 s against 524 s)
+#   zoo        the mini zoo from scratch (two torch threads), alone: started at nice 19 beside the unit tests, its
+#              OpenMP threads slowed from 587 s to 821 s (measured), more than the 209 s the tests take alone
+#   tests      every test but the browser's, in one pool of two one-thread workers, file by file (a notebook's
+#              cells share one kernel): the eight notebooks under nbval, exercise solutions included, the mini
+#              acceptance checks (-m slow), and the unit tests with the heavy ones (subprocess grids, concurrent
+#              builds, all eight notebooks by papermill on a fabricated CLIP preset). Longest first (LONGEST_FIRST,
+#              measured one-thread seconds; the other test files follow, each a few seconds, and fill the tail);
+#              --no-loadscope-reorder keeps that order (pytest-xdist would otherwise order files by their number
+#              of tests). One pool instead of a unit stage before the zoo and a notebook stage after it: 640 s
+#              instead of 162 + 535 s, because neither stage's tail leaves a core idle any more
 #   book       the strict book build
 #   browser    the rendered pages in headless chromium
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-BY_RUNTIME := $(addprefix notebooks/,05_surgery_v2.ipynb 04_surgery.ipynb 06_reproduce_tables.ipynb 02_adamerging.ipynb \
-  01_merging_basics.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb 00_offline_benchmark.ipynb)
-NBVAL_ORDER := $(filter $(NOTEBOOKS),$(BY_RUNTIME)) $(filter-out $(BY_RUNTIME),$(NOTEBOOKS))
+LONGEST_FIRST := notebooks/05_surgery_v2.ipynb notebooks/02_adamerging.ipynb notebooks/04_surgery.ipynb \
+  tests/test_clip_notebooks.py notebooks/06_reproduce_tables.ipynb tests/test_mini_zoo.py \
+  notebooks/01_merging_basics.ipynb tests/test_cluster.py notebooks/00_offline_benchmark.ipynb \
+  notebooks/03_representation_bias.ipynb tests/test_committed_grid.py notebooks/07_beyond_the_papers.ipynb
+TEST_ORDER := $(wildcard $(LONGEST_FIRST)) $(filter-out $(LONGEST_FIRST),$(NOTEBOOKS)) tests
 STAGES := $(PYTHON) bench/stages.py
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1200
 
@@ -91,10 +103,9 @@ test:
 	@$(STAGES) reset test
 	@$(STAGES) start test chromium -- $(MAKE) --no-print-directory chromium
 	@$(STAGES) run test venv -- $(MAKE) --no-print-directory venv
-	@$(STAGES) run test unit -- env $(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist worksteal -m "not slow and not browser" tests
 	@$(STAGES) run test zoo -- $(BIN)/surgery-book zoo --preset mini --quiet
-	@$(STAGES) run test notebooks -- env $(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile $(NBVAL) \
-	  -m "slow or notebook" tests $(NBVAL_ORDER)
+	@$(STAGES) run test tests -- env $(ONE_THREAD) $(PYTEST) -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	  $(NBVAL) -m "not browser" $(TEST_ORDER)
 	@$(STAGES) run test book -- $(BOOK) --config book/_config.yml
 	@$(STAGES) wait test chromium
 	@$(STAGES) run test browser -- $(PYTEST) -m browser tests
