@@ -40,14 +40,15 @@ $(STAMP): pyproject.toml requirements-local.txt
 
 # The book's config keeps execution off (the committed outputs are rendered as they are). `make run` executes every
 # notebook first, with its default (mini, CPU) parameters, two at a time with one torch thread each (two processes
-# of two threads stall each other), longest first: jupyter-cache's parallel executor, into a fresh cache that the
+# of two threads stall each other), added longest first: jupyter-cache's parallel executor, into a fresh cache that the
 # book build then reads (execute_notebooks: cache). `make test` checks on every run that one-thread outputs are
 # the committed ones. A notebook that fails in the cache is executed again by the build, which then stops on it.
 JUPYTER_CACHE := _build/.jupyter_cache
 RUN_ORDER := $(addprefix notebooks/,05_surgery_v2.ipynb 02_adamerging.ipynb 04_surgery.ipynb 06_reproduce_tables.ipynb \
   01_merging_basics.ipynb 00_offline_benchmark.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb)
-run: $(STAMP)
+run:
 	@$(STAGES) reset run
+	@$(STAGES) run run venv -- $(MAKE) --no-print-directory venv
 	@$(STAGES) run run zoo -- $(BIN)/surgery-book zoo --preset mini
 	@rm -rf $(JUPYTER_CACHE) && mkdir -p $(JUPYTER_CACHE)
 	sed 's/execute_notebooks: "off"/execute_notebooks: cache/' book/_config.yml > _build/config-execute.yml
