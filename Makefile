@@ -84,7 +84,7 @@ chromium:
 #              cells share one kernel): the eight notebooks under nbval, exercise solutions included, the mini
 #              acceptance checks (-m slow), and the unit tests with the heavy ones (subprocess grids, concurrent
 #              builds, all eight notebooks by papermill on a fabricated CLIP preset). Longest first (LONGEST_FIRST,
-#              measured one-thread seconds; the other test files follow, each a few seconds, and fill the tail);
+#              measured one-thread seconds; the other test files follow, each under 40 s, and fill the tail);
 #              --no-loadscope-reorder keeps that order (pytest-xdist would otherwise order files by their number
 #              of tests). One pool instead of a unit stage before the zoo and a notebook stage after it: 640 s
 #              instead of 162 + 535 s, because neither stage's tail leaves a core idle any more
