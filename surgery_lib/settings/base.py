@@ -83,12 +83,29 @@ class Zoo:
         blocks: bool = False,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        fingerprint: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``model``'s features of ``task``'s ``split`` images: final (N, output_dim) and, with ``blocks``, the
-        per-block token means (N, blocks, width), float32 on the CPU (``None`` without ``blocks``). Not cached:
-        :meth:`expert_features` keeps the experts' (:func:`~surgery_lib.models.task_features` is the same for a
-        :class:`~surgery_lib.core.taskdata.TaskData`)."""
-        return task_features(model, self.suite[task], split, blocks=blocks, device=device, precision=precision)
+        per-block token means (N, blocks, width), float32 on the CPU (``None`` without ``blocks``).
+        :func:`~surgery_lib.models.task_features` is the same for a :class:`~surgery_lib.core.taskdata.TaskData`.
+
+        Computed every time unless ``fingerprint``, the checksum of ``model``'s weights
+        (:func:`~surgery_lib.core.state_dict.state_fingerprint`), is given: then they are kept for the last model
+        asked about that way. Ablations run surgery many times on one merge (ranks, data amounts, seeds, V1 then
+        V2) and its embeddings are the same every time; keeping one model's only, memory stays that of one run
+        (for ViT-L/14 with blocks, gigabytes). Treat them as read-only; :meth:`expert_features` keeps the
+        experts'; :meth:`forget_features` frees both.
+        """
+        if fingerprint is None:
+            return task_features(model, self.suite[task], split, blocks=blocks, device=device, precision=precision)
+        kept_for, kept = self._merged_features
+        if kept_for != fingerprint:
+            kept = {}
+            self._merged_features = (fingerprint, kept)
+        key = (task, split, blocks, str(torch.device(device)), precision)
+        if key not in kept:
+            kept[key] = self.features(model, task, split, blocks=blocks, device=device, precision=precision)
+        return kept[key]
 
     def expert_features(
         self,
@@ -114,34 +131,6 @@ class Zoo:
             )
         return self._expert_features[key]
 
-    def merged_features(
-        self,
-        model: nn.Module,
-        fingerprint: str,
-        task: str,
-        split: str = "test",
-        *,
-        blocks: bool = False,
-        device: str | torch.device = "cpu",
-        precision: str = "fp32",
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`features` of a merged ``model`` whose weights have checksum ``fingerprint``
-        (:func:`~surgery_lib.core.state_dict.state_fingerprint`), kept for the last merged model asked about.
-
-        Ablations run surgery many times on one merge (ranks, data amounts, seeds, V1 then V2); its embeddings
-        are the same every time, so they are computed once. Only one merged model's are kept, so memory stays
-        that of one run (for ViT-L/14 with blocks, gigabytes); another fingerprint replaces them. Treat them as
-        read-only, as :meth:`expert_features`; :meth:`forget_features` frees them.
-        """
-        kept_for, kept = self._merged_features
-        if kept_for != fingerprint:
-            kept = {}
-            self._merged_features = (fingerprint, kept)
-        key = (task, split, blocks, str(torch.device(device)), precision)
-        if key not in kept:
-            kept[key] = self.features(model, task, split, blocks=blocks, device=device, precision=precision)
-        return kept[key]
-
     def weights_fingerprint(self) -> str:
         """A checksum of the weights merges are computed from (pretrained, experts, heads): the merge cache
         records it, so a merge of experts that were since rebuilt differently is recomputed, not reused.
@@ -166,7 +155,7 @@ class Zoo:
         return self._fingerprint
 
     def forget_features(self) -> None:
-        """Free the embeddings :meth:`expert_features` and :meth:`merged_features` kept."""
+        """Free the embeddings :meth:`expert_features` and :meth:`features` kept."""
         self._expert_features.clear()
         self._merged_features = ("", {})
 

@@ -196,8 +196,8 @@ class _Features:
         found = cls({}, {}, {}, {})
 
         def merged(task: str, split: str, blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return zoo.merged_features(
-                encoder, fingerprint, task, split, blocks=blocks, device=device, precision=precision
+            return zoo.features(
+                encoder, task, split, blocks=blocks, device=device, precision=precision, fingerprint=fingerprint
             )
 
         for task in names:

@@ -152,7 +152,8 @@ def train_deep_surgery(
     block_targets = [targets[t][1].to(device) for t in tasks]
     history = SurgeryHistory()
 
-    total_rounds = config.rounds([len(x) for x in images])
+    sizes = [len(x) for x in images]
+    total_rounds = config.rounds(sizes)
 
     def accuracy(task: str) -> float:
         embedded = surgery.embed(encoder, task, unlabeled[task], device=device, precision=precision)
@@ -183,7 +184,7 @@ def train_deep_surgery(
 
     with tqdm(total=total_rounds, desc="SurgeryV2", disable=not progress) as bar:
         train_on_schedule(
-            config.iterations([len(x) for x in images]),
+            config.iterations(sizes),
             optimizer,
             task_losses,
             losses=history.loss,
