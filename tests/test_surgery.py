@@ -258,6 +258,7 @@ def test_surgery_lowers_bias_and_seeds_reproduce(smoke_zoo, merged_state):
 
 def test_runs_on_one_merge_embed_it_once_and_another_merge_replaces_it(smoke_zoo, merged_state, monkeypatch):
     config = SurgeryConfig(rank=4, steps=30, batch_size=32, seed=1)
+    monkeypatch.setattr(smoke_zoo, "data_fingerprint", None)  # what is kept in memory; tests/test_zoo.py: on disk
     smoke_zoo.forget_features()
     fresh = run_surgery(smoke_zoo, merged_state, config=config, block_bias_too=True, progress=False)
     for task in smoke_zoo.tasks:  # the experts' too, so that what follows counts merged embeddings only

@@ -171,6 +171,7 @@ def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, mo
 
     task = smoke_zoo.tasks[0]
     data = smoke_zoo.suite[task]
+    monkeypatch.setattr(smoke_zoo, "data_fingerprint", None)  # memory only: the next test checks the disk
     smoke_zoo.forget_features()
     final, none = smoke_zoo.expert_features(task)
     assert none is None
@@ -191,17 +192,73 @@ def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, mo
         smoke_zoo.expert_features(task)
 
 
-def test_rebuild_never_deletes_through_a_linked_merges_folder(tmp_path):
-    """A merges folder moved to another disk and linked back: clearing the zoo removes the zoo's own files only."""
+def test_embeddings_are_stored_under_a_key_of_everything_that_decides_them(smoke_zoo, monkeypatch, caplog):
+    """Another process (another zoo object) reads what one computed; any change to what decides the numbers
+    (threads, data, blocks) computes afresh; a damaged or misplaced file is recomputed, never trusted."""
+    from surgery_lib.core.state_dict import state_fingerprint
+    from surgery_lib.merging import task_arithmetic
+    from surgery_lib.models import load_encoder
+
+    state = task_arithmetic(smoke_zoo.pretrained, smoke_zoo.experts, scale=0.37)  # a merge no other test embeds
+    encoder, fingerprint = load_encoder(smoke_zoo.preset.encoder, state), state_fingerprint(state)
+    task = smoke_zoo.tasks[0]
+    computed = []
+    original = settings_base.task_features
+    monkeypatch.setattr(
+        settings_base, "task_features", lambda *a, **k: computed.append(k["blocks"]) or original(*a, **k)
+    )
+    fresh = lambda **changes: dataclasses.replace(smoke_zoo, **changes)  # noqa: E731  (a new process's zoo object)
+
+    first = fresh().features(encoder, task, fingerprint=fingerprint)[0]
+    assert computed == [False]
+    assert torch.equal(first, original(encoder, smoke_zoo.suite[task], "test")[0])
+    read = fresh().features(encoder, task, fingerprint=fingerprint)[0]
+    assert computed == [False] and torch.equal(read, first)  # read from disk by the second object
+    fresh().features(encoder, task, blocks=True, fingerprint=fingerprint)
+    means = fresh().features(encoder, task, blocks=True, fingerprint=fingerprint)[1]
+    assert computed == [False, True] and means.shape[1] == smoke_zoo.preset.encoder.layers
+    fresh(data_fingerprint="other images").features(encoder, task, fingerprint=fingerprint)
+    assert computed == [False, True, False]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        fresh().features(encoder, task, fingerprint=fingerprint)
+    finally:
+        torch.set_num_threads(threads)
+    assert computed == [False, True, False, False]
+
+    store, key = smoke_zoo._embedding_store(), smoke_zoo._embedding_key(fingerprint, task, "test", False, "cpu", "fp32")
+    path = store.path(key)
+    path.write_bytes(path.read_bytes()[:-100])  # a damaged file
+    with caplog.at_level(logging.WARNING):
+        again = fresh().features(encoder, task, fingerprint=fingerprint)[0]
+    assert len(computed) == 5 and torch.equal(again, first) and "recomputing" in caplog.text
+    other = smoke_zoo._embedding_key(fingerprint, task, "test", True, "cpu", "fp32")
+    path.write_bytes(store.path(other).read_bytes())  # another key's file copied over this one's name
+    fresh().features(encoder, task, fingerprint=fingerprint)
+    assert len(computed) == 6 and "another key" in caplog.text
+    files = sorted(store.directory.iterdir())
+    fresh(data_fingerprint=None).features(encoder, smoke_zoo.tasks[1], fingerprint=fingerprint)
+    assert sorted(store.directory.iterdir()) == files  # no data checksum (real CLIP): nothing is stored
+
+
+@pytest.mark.parametrize("folder", ["merges", "embeddings"])
+def test_rebuild_never_deletes_through_a_linked_folder(tmp_path, folder):
+    """A merges or embeddings folder moved to another disk and linked back: clearing the zoo removes the zoo's
+    own files only; the other folder, a plain one, is emptied."""
     zoo_dir, elsewhere = tmp_path / "zoo", tmp_path / "big-disk"
     zoo_dir.mkdir()
     elsewhere.mkdir()
-    (elsewhere / "keep.safetensors").write_bytes(b"someone else's merge")
-    (zoo_dir / "merges").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "keep.safetensors").write_bytes(b"someone else's file")
+    (zoo_dir / folder).symlink_to(elsewhere, target_is_directory=True)
+    plain = zoo_dir / ({"merges", "embeddings"} - {folder}).pop()
+    plain.mkdir()
+    (plain / "mine.safetensors").write_bytes(b"y")
     (zoo_dir / "pretrained.safetensors").write_bytes(b"x")
     (zoo_dir / MANIFEST).write_text(
         json.dumps({"models": {"pretrained": {"file": "pretrained.safetensors", "sha256": "0"}}})
     )
     zoo_module.clear_zoo(zoo_dir)
-    assert (elsewhere / "keep.safetensors").read_bytes() == b"someone else's merge"
+    assert (elsewhere / "keep.safetensors").read_bytes() == b"someone else's file"
     assert not (zoo_dir / "pretrained.safetensors").exists() and not (zoo_dir / MANIFEST).exists()
+    assert not (plain / "mine.safetensors").exists()

@@ -370,3 +370,43 @@ def config_hash(data: Any) -> str:
         encode(data) if dataclasses.is_dataclass(data) else data, sort_keys=True, separators=(",", ":"), default=encode
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class TensorStore:
+    """Tensors on disk, one safetensors file per key: a JSON-compatible mapping of everything that decides them.
+
+    The file is named by the key's hash and records the key itself, so a file copied over another's name (or
+    a hash collision) is never taken for it. Writes are atomic: two processes filling the same entry both
+    write it whole and the last rename wins; a killed one leaves no half file. A damaged file is recomputed.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def path(self, key: Mapping[str, Any]) -> Path:
+        """The file that holds ``key``'s tensors: ``<directory>/<config_hash(key)>.safetensors``."""
+        return self.directory / f"{config_hash(dict(key))}.safetensors"
+
+    def get(self, key: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``key``'s tensors, or None when they were never stored (or their file is damaged or another key's)."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            tensors, metadata = load_tensors(path)
+        except CorruptFileError as exc:
+            log.warning("recomputing %s: %s", path, exc.problem)
+            return None
+        if metadata.get("key") != _key_text(key):
+            log.warning("recomputing %s: it holds the tensors of another key", path)
+            return None
+        return tensors
+
+    def put(self, key: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+        """Store ``tensors`` (CPU copies) as ``key``'s, replacing what was there."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(tensors, self.path(key), metadata={"key": _key_text(key)})
+
+
+def _key_text(key: Mapping[str, Any]) -> str:
+    return json.dumps(dict(key), sort_keys=True, separators=(",", ":"))

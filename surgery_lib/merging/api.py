@@ -15,6 +15,7 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
+from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import (
     CorruptFileError,
     config_hash,
@@ -22,7 +23,7 @@ from surgery_lib.core.storage import (
     load_tensors,
     save_tensors,
 )
-from surgery_lib.evaluation import accuracy_from_features, evaluate_tasks, results_table
+from surgery_lib.evaluation import accuracy_from_features, results_table
 from surgery_lib.merging.adamerging import AdaMergingResult, prediction_entropy
 from surgery_lib.merging.base import (
     MAIN_TABLE,
@@ -185,10 +186,11 @@ def scale_sweep(
     vectors = list(task_vectors(zoo.pretrained, zoo.experts).values())
     accuracy, entropy = {}, {}
     for scale in tqdm(scales, desc="task arithmetic sweep", disable=not progress):
-        encoder = load_encoder(zoo.preset.encoder, add_vectors(zoo.pretrained, vectors, [float(scale)] * len(vectors)))
+        state = add_vectors(zoo.pretrained, vectors, [float(scale)] * len(vectors))
+        encoder, fingerprint = load_encoder(zoo.preset.encoder, state), state_fingerprint(state)
         accuracy[float(scale)], entropy[float(scale)] = {}, {}
         for task in zoo.tasks:
-            features = zoo.features(encoder, task, "test", device=device)[0]
+            features = zoo.features(encoder, task, "test", device=device, fingerprint=fingerprint)[0]
             accuracy[float(scale)][task] = accuracy_from_features(
                 features, zoo.heads[task], zoo.suite[task].labels["test"]
             )
@@ -210,8 +212,15 @@ def evaluate_merge(
     if unknown:
         raise SurgeryBookError(f"the zoo has no task(s) {unknown}", f"pass tasks among {', '.join(zoo.tasks)}")
     device = resolve_device(device, zoo.preset.default_device)
-    encoder = load_encoder(zoo.preset.encoder, result.state)
-    return evaluate_tasks(encoder, zoo.heads, {t: zoo.suite[t] for t in names}, device=device)
+    encoder, fingerprint = load_encoder(zoo.preset.encoder, result.state), state_fingerprint(result.state)
+    return {
+        task: accuracy_from_features(
+            zoo.features(encoder, task, "test", device=device, fingerprint=fingerprint)[0],
+            zoo.heads[task],
+            zoo.suite[task].labels["test"],
+        )
+        for task in names
+    }
 
 
 def main_table(

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -23,7 +27,7 @@ from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.state_dict import state_fingerprint
-from surgery_lib.core.storage import config_hash
+from surgery_lib.core.storage import TensorStore, config_hash
 from surgery_lib.core.taskdata import Suite
 from surgery_lib.evaluation import results_table
 from surgery_lib.models import (
@@ -45,6 +49,16 @@ EXPERT_ROW = ZOO_ROWS["expert"]
 ZERO_SHOT_ROW = "pretrained (zero-shot)"
 #: Every reference row label of every setting: rows that are not merges (plots colour them apart).
 REFERENCE_ROWS = frozenset({*ZOO_ROWS.values(), ZERO_SHOT_ROW})
+#: The folder of a zoo's directory where :meth:`Zoo.features` keeps embeddings on disk.
+EMBEDDINGS_DIR = "embeddings"
+
+
+@functools.cache
+def _embedding_code() -> str:
+    """What decides an embedding besides weights and data: the module that embeds (an edit there computes
+    stored embeddings afresh) and the torch and open_clip versions."""
+    source = hashlib.sha256(Path(inspect.getfile(task_features)).read_bytes()).hexdigest()[:12]
+    return f"{source}/torch {torch.__version__}/open_clip {importlib.metadata.version('open_clip_torch')}"
 
 
 @dataclass
@@ -61,6 +75,9 @@ class Zoo:
     suite: Suite = field(repr=False)
     #: Manifest accuracy key -> row label of the reference rows (the setting's: e.g. "pretrained (zero-shot)" for CLIP).
     reference_labels: dict[str, str] = field(default_factory=lambda: dict(ZOO_ROWS), repr=False)
+    #: A checksum of every image and label of ``suite`` (the offline setting's); None where the data have none
+    #: (real CLIP: hashing 87k images costs more than embedding them), and then embeddings stay in memory.
+    data_fingerprint: str | None = field(default=None, repr=False)
     _expert_features: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -69,6 +86,7 @@ class Zoo:
         default=("", {}), init=False, repr=False, compare=False
     )
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+    _model_fingerprints: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -90,11 +108,21 @@ class Zoo:
         :func:`~surgery_lib.models.task_features` is the same for a :class:`~surgery_lib.core.taskdata.TaskData`.
 
         Computed every time unless ``fingerprint``, the checksum of ``model``'s weights
-        (:func:`~surgery_lib.core.state_dict.state_fingerprint`), is given: then they are kept for the last model
-        asked about that way. Ablations run surgery many times on one merge (ranks, data amounts, seeds, V1 then
-        V2) and its embeddings are the same every time; keeping one model's only, memory stays that of one run
-        (for ViT-L/14 with blocks, gigabytes). Treat them as read-only; :meth:`expert_features` keeps the
-        experts'; :meth:`forget_features` frees both.
+        (:func:`~surgery_lib.core.state_dict.state_fingerprint`, or :meth:`model_fingerprint`), is given; ``model``
+        must then be this zoo's encoder loaded with those weights. Then they are
+
+        - kept in memory for the last model asked about that way: ablations run surgery many times on one merge
+          (ranks, data amounts, seeds, V1 then V2), and with one model's only, memory stays that of one run (for
+          ViT-L/14 with blocks, gigabytes);
+        - and kept on disk under ``<zoo>/embeddings/`` where the zoo has a :attr:`data_fingerprint` (the offline
+          setting): every process that evaluates the same model (a chapter's sweep, the next chapter's tables,
+          the tests) reads them instead of embedding the test sets again. The file's key holds everything that
+          decides the numbers: the weights, the task, split, blocks and precision, the data's checksum, the zoo's
+          config, the embedding code (``models.py``), the torch and open_clip versions, the device type and
+          torch's thread count; any change computes them afresh.
+
+        Treat them as read-only; :meth:`expert_features` keeps the experts'; :meth:`forget_features` frees both
+        (the files stay; :func:`~surgery_lib.settings.offline.zoo.clear_zoo` deletes them).
         """
         if fingerprint is None:
             return task_features(model, self.suite[task], split, blocks=blocks, device=device, precision=precision)
@@ -104,8 +132,57 @@ class Zoo:
             self._merged_features = (fingerprint, kept)
         key = (task, split, blocks, str(torch.device(device)), precision)
         if key not in kept:
-            kept[key] = self.features(model, task, split, blocks=blocks, device=device, precision=precision)
+            kept[key] = self._stored_features(model, fingerprint, task, split, blocks, device, precision)
         return kept[key]
+
+    def _stored_features(
+        self, model: nn.Module, fingerprint: str, task: str, split: str, blocks: bool, device: Any, precision: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        store, key = self._embedding_store(), self._embedding_key(fingerprint, task, split, blocks, device, precision)
+        found = store.get(key) if store is not None else None
+        if found is not None and "final" in found:
+            return found["final"], found.get("blocks")
+        final, means = task_features(model, self.suite[task], split, blocks=blocks, device=device, precision=precision)
+        if store is not None:
+            store.put(key, {"final": final, **({"blocks": means} if means is not None else {})})
+        return final, means
+
+    def _embedding_store(self) -> TensorStore | None:
+        if self.data_fingerprint is None:
+            return None
+        return TensorStore(Path(self.directory) / EMBEDDINGS_DIR)
+
+    def _embedding_key(
+        self, fingerprint: str, task: str, split: str, blocks: bool, device: Any, precision: str
+    ) -> dict[str, Any]:
+        return {
+            "weights": fingerprint,
+            "task": task,
+            "split": split,
+            "blocks": blocks,
+            "precision": precision,
+            "data": self.data_fingerprint,
+            "zoo": self.manifest.get("config_hash"),
+            "code": _embedding_code(),
+            "device": torch.device(device).type,
+            "threads": torch.get_num_threads(),
+        }
+
+    def model_fingerprint(self, which: str = "pretrained") -> str:
+        """The weights checksum of ``"pretrained"``, ``"mtl"`` or a task's expert (as :meth:`encoder` names
+        them), computed once per zoo object: what :meth:`features` takes as ``fingerprint``."""
+        if which not in self._model_fingerprints:
+            state = (
+                self.pretrained
+                if which == "pretrained"
+                else self.mtl
+                if which == "mtl" and self.mtl is not None
+                else self.experts.get(which)
+            )
+            if state is None:
+                self.encoder(which)  # raises the error that names the models there are
+            self._model_fingerprints[which] = state_fingerprint(state)
+        return self._model_fingerprints[which]
 
     def expert_features(
         self,
@@ -125,9 +202,8 @@ class Zoo:
         """
         key = (task, split, blocks, str(torch.device(device)), precision)
         if key not in self._expert_features:
-            encoder = self.encoder(task)
-            self._expert_features[key] = self.features(
-                encoder, task, split, blocks=blocks, device=device, precision=precision
+            self._expert_features[key] = self._stored_features(
+                self.encoder(task), self.model_fingerprint(task), task, split, blocks, device, precision
             )
         return self._expert_features[key]
 

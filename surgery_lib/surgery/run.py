@@ -277,19 +277,13 @@ def task_embeddings(
     """
     device = resolve_device(device, zoo.preset.default_device)
     names = tuple(tasks) if tasks is not None else zoo.tasks
-    shared = (
-        None
-        if model == "expert"
-        else (zoo.encoder(model) if isinstance(model, str) else load_encoder(zoo.preset.encoder, model))
-    )
-    return {
-        task: (
-            zoo.expert_features(task, split, device=device)
-            if shared is None
-            else zoo.features(shared, task, split, device=device)
-        )[0]
-        for task in names
-    }
+    if model == "expert":
+        return {task: zoo.expert_features(task, split, device=device)[0] for task in names}
+    if isinstance(model, str):
+        shared, fingerprint = zoo.encoder(model), zoo.model_fingerprint(model)
+    else:
+        shared, fingerprint = load_encoder(zoo.preset.encoder, model), state_fingerprint(model)
+    return {task: zoo.features(shared, task, split, device=device, fingerprint=fingerprint)[0] for task in names}
 
 
 def bias_table(
@@ -324,10 +318,10 @@ def block_bias_table(
     experts = {task: zoo.expert_features(task, "test", blocks=True, device=device)[1] for task in names}
     rows = {}
     for label, state in merges.items():
-        encoder = load_encoder(zoo.preset.encoder, state)
+        encoder, fingerprint = load_encoder(zoo.preset.encoder, state), state_fingerprint(state)
         per_task = []
         for task in names:
-            means = zoo.features(encoder, task, "test", blocks=True, device=device)[1]
+            means = zoo.features(encoder, task, "test", blocks=True, device=device, fingerprint=fingerprint)[1]
             per_task.append(block_bias(means, experts[task]))
         rows[label] = torch.stack(per_task).mean(dim=0).tolist()
     table = pd.DataFrame.from_dict(rows, orient="index")

@@ -47,7 +47,7 @@ from surgery_lib.models import (
     task_features,
 )
 from surgery_lib.presets import Preset, get_preset
-from surgery_lib.settings.base import Zoo
+from surgery_lib.settings.base import EMBEDDINGS_DIR, Zoo
 from surgery_lib.settings.offline.suite import check_image_size, check_tasks, load_suite, suite_fingerprint
 from surgery_lib.settings.offline.training import (
     derive_seed,
@@ -207,7 +207,7 @@ class _Builder:
 
 
 def clear_zoo(directory: Path) -> None:
-    """Delete what a zoo build wrote in ``directory`` (its models, manifest and merge cache) and nothing else.
+    """Delete what a zoo build wrote in ``directory`` (its models, manifest, merges and embeddings) and nothing else.
 
     Raises:
         SurgeryBookError: ``directory`` holds files but no zoo manifest: it is not ours to delete.
@@ -225,14 +225,14 @@ def clear_zoo(directory: Path) -> None:
     for name in files:
         path = directory / Path(name).name  # only plain file names inside the folder: a manifest never points out of it
         path.unlink(missing_ok=True)  # a link is removed, never what it points to
-    merges = directory / "merges"
-    if merges.is_symlink():
-        # A merges folder moved to another disk and linked back: deleting through the link would delete outside
-        # the zoo. Its merges are keyed by the zoo's weights, so a rebuilt zoo never reuses them by mistake.
-        log.warning("%s is a link; the merges it points to are left in place", merges)
-    elif merges.is_dir():
-        for path in merges.glob("*.safetensors"):
-            path.unlink()
+    for folder in (directory / "merges", directory / EMBEDDINGS_DIR):
+        if folder.is_symlink():
+            # A folder moved to another disk and linked back: deleting through the link would delete outside the
+            # zoo. Its files are keyed by the zoo's weights, so a rebuilt zoo never reuses them by mistake.
+            log.warning("%s is a link; the files it points to are left in place", folder)
+        elif folder.is_dir():
+            for path in folder.glob("*.safetensors"):
+                path.unlink()
     (directory / MANIFEST).unlink()
 
 
@@ -439,4 +439,4 @@ def _build_locked(
     manifest["train_wall_time_s"] = round(sum(m["wall_time_s"] for m in models.values()), 2)
     manifest["last_run_wall_time_s"] = round(time.perf_counter() - started, 2)
     builder.save_manifest()
-    return Zoo(preset, directory, manifest, pretrained, heads, experts, mtl, suite)
+    return Zoo(preset, directory, manifest, pretrained, heads, experts, mtl, suite, data_fingerprint=data)
