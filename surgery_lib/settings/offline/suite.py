@@ -93,7 +93,7 @@ def split_sizes(task: str, config: SuiteConfig) -> dict[str, int]:
         return {"train": config.mix_per_class * len(gen.MIX_CLASSES)}
     sizes = {"train": config.train_per_task, "adapt": config.adapt_per_task, "test": config.test_per_task}
     if task == "mnist":
-        available = len(gen.mnist_pool()[1]) - sizes["adapt"] - sizes["test"]
+        available = gen.MNIST_POOL_SIZE - sizes["adapt"] - sizes["test"]
         sizes["train"] = min(sizes["train"], available)
     return sizes
 
