@@ -28,6 +28,7 @@ from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
+from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.taskdata import TaskData
 from surgery_lib.merging.vectors import add_vectors, task_vectors
 from surgery_lib.models import StateDict, load_encoder, task_features
@@ -52,9 +53,12 @@ def task_subsets(tasks: Sequence[str], size: int, count: int, seed: int = 0) -> 
     return sorted(random.Random(f"{seed}/{size}").sample(every, count), key=every.index)
 
 
+#: ``(weights, task) -> `` the final test-set embeddings (N, D) of the encoder with those weights on ``task``.
+Embedder = Callable[[StateDict, str], torch.Tensor]
+
+
 @torch.inference_mode()
-def _predictions(encoder: nn.Module, head: nn.Module, task: TaskData, device: torch.device | str) -> torch.Tensor:
-    features = task_features(encoder, task, "test", device=device)[0]
+def _predictions(features: torch.Tensor, head: nn.Module) -> torch.Tensor:
     return head.to(features.device)(features).argmax(dim=-1).cpu()
 
 
@@ -71,6 +75,7 @@ def kept_share_curve(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    embed: Embedder | None = None,
 ) -> pd.DataFrame:
     """Task arithmetic's kept share and disentanglement error for subsets of ``sizes`` tasks: one row per task per subset.
 
@@ -80,6 +85,9 @@ def kept_share_curve(
         load: state dict -> encoder module (for example ``lambda s: load_encoder(preset.encoder, s)``).
         sizes: numbers of tasks merged (each at most ``len(experts)``). subsets: subsets per size (seeded).
         scale: task arithmetic's lambda (0.3, the papers' choice).
+        embed: how a model's test embeddings are obtained (default: ``load`` it and embed ``tasks``' test split;
+            :func:`zoo_kept_share` reads the ones the zoo keeps on disk). It is called with the same weights
+            object for every task of a subset.
 
     Returns:
         A ``pandas.DataFrame`` with columns ``size, subset, task, pretrained, expert, alone, merged`` (accuracies,
@@ -96,9 +104,18 @@ def kept_share_curve(
     plan = [(size, subset) for size in sizes for subset in task_subsets(names, size, subsets, seed)]
     bar = tqdm(total=3 * len(names) + sum(size for size, _ in plan), desc="kept share", disable=not progress)
 
+    loaded: dict[str, object] = {}
+
+    def default_embed(state: StateDict, task: str) -> torch.Tensor:
+        if loaded.get("state") is not state:  # one encoder per subset, not per task
+            loaded.update(state=state, encoder=load(state))
+        return task_features(loaded["encoder"], tasks[task], "test", device=device)[0]
+
+    embedding = embed or default_embed
+
     def predict(state: StateDict, task: str) -> torch.Tensor:
         bar.update(1)
-        return _predictions(load(state), heads[task], tasks[task], device)
+        return _predictions(embedding(state, task), heads[task])
 
     labels = {t: tasks[t].labels["test"].cpu() for t in names}
     accuracy = lambda p, t: 100.0 * (p == labels[t]).float().mean().item()  # noqa: E731
@@ -114,10 +131,8 @@ def kept_share_curve(
     rows = []
     for size, subset in plan:
         merged = add_vectors(pretrained, [vectors[t] for t in subset], [scale] * len(subset))
-        encoder = load(merged)
         for task in subset:
-            bar.update(1)
-            prediction = _predictions(encoder, heads[task], tasks[task], device)
+            prediction = predict(merged, task)
             ref = reference[task]
             gain = ref["expert"] - ref["pretrained"]
             rows.append(
@@ -150,6 +165,16 @@ def zoo_kept_share(zoo, **options) -> pd.DataFrame:
     """:func:`kept_share_curve` on a zoo's pretrained model, experts, heads and test splits (any setting);
     ``sizes`` larger than the zoo's task count are dropped. ``options`` go to :func:`kept_share_curve`."""
     sizes = [size for size in options.pop("sizes", (2, 3, 4, 6, 8)) if size <= len(zoo.tasks)]
+    device = options.get("device", "cpu")
+    loaded: dict[str, object] = {}
+
+    def embed(state: StateDict, task: str) -> torch.Tensor:  # through the zoo: embeddings other runs stored
+        if loaded.get("state") is not state:
+            loaded.update(
+                state=state, encoder=load_encoder(zoo.preset.encoder, state), weights=state_fingerprint(state)
+            )
+        return zoo.features(loaded["encoder"], task, "test", device=device, fingerprint=loaded["weights"])[0]
+
     return kept_share_curve(
         zoo.pretrained,
         zoo.experts,
@@ -157,5 +182,6 @@ def zoo_kept_share(zoo, **options) -> pd.DataFrame:
         {t: zoo.suite[t] for t in zoo.tasks},
         lambda state: load_encoder(zoo.preset.encoder, state),
         sizes=sizes,
+        embed=embed,
         **options,
     )

@@ -199,3 +199,30 @@ def test_kept_share_equals_a_step_by_step_evaluation(smoke_zoo):
     assert alone["merged"].tolist() == alone["alone"].tolist()
     summary = summarize_curve(rows)
     assert list(summary.index) == [1, 2] and summary.loc[1, "disentanglement_error"] == 0
+
+
+def test_the_zoo_curve_reads_stored_embeddings_and_equals_the_plain_one(smoke_zoo, monkeypatch):
+    """zoo_kept_share embeds through the zoo (what other runs stored is read, not recomputed) and gives the
+    plain curve's numbers exactly."""
+    from surgery_lib import disentanglement
+    from surgery_lib.disentanglement import zoo_kept_share
+    from surgery_lib.settings import base as settings_base
+
+    options = {"sizes": (2,), "subsets": 2, "scale": 0.45, "progress": False}
+    plain = kept_share_curve(
+        smoke_zoo.pretrained,
+        smoke_zoo.experts,
+        smoke_zoo.heads,
+        {t: smoke_zoo.suite[t] for t in smoke_zoo.tasks},
+        lambda s: load_encoder(SMOKE.encoder, s),
+        **options,
+    )
+    first = zoo_kept_share(smoke_zoo, **options)
+    computed = []
+    original = settings_base.task_features
+    for module in (settings_base, disentanglement):  # every way an embedding can be computed
+        monkeypatch.setattr(module, "task_features", lambda *a, **k: computed.append(a[2]) or original(*a, **k))
+    smoke_zoo.forget_features()
+    again = zoo_kept_share(smoke_zoo, **options)
+    assert computed == []  # every model's embeddings were stored by the first call
+    assert first.equals(plain) and again.equals(plain)
