@@ -87,7 +87,8 @@ chromium:
 #              measured one-thread seconds; the other test files follow, each under 40 s, and fill the tail);
 #              --no-loadscope-reorder keeps that order (pytest-xdist would otherwise order files by their number
 #              of tests). One pool instead of a unit stage before the zoo and a notebook stage after it: 640 s
-#              instead of 162 + 535 s, because neither stage's tail leaves a core idle any more
+#              instead of 162 + 535 s, because neither stage's tail leaves a core idle any more; about 500 s since
+#              a model's test embeddings are stored next to the zoo (1,011 s of one-thread work, balanced within 2 %)
 #   book       the strict book build
 #   browser    the rendered pages in headless chromium
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
