@@ -61,6 +61,26 @@ def test_the_cache_key_covers_exactly_the_options_a_method_reads(smoke_zoo):
     assert merge_cache_path(smoke_zoo, "task_arithmetic", MergeOptions(), tasks[:1]) != path
 
 
+def test_the_cache_key_covers_threads_data_and_code(smoke_zoo, monkeypatch):
+    """A merge cached by a run with another thread count, other images or other merging code is computed afresh."""
+    from surgery_lib.merging import api
+
+    path = merge_cache_path(smoke_zoo, "ties", MergeOptions(), smoke_zoo.tasks)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert merge_cache_path(smoke_zoo, "ties", MergeOptions(), smoke_zoo.tasks) != path
+    finally:
+        torch.set_num_threads(threads)
+    other_images = dataclasses.replace(smoke_zoo, data_fingerprint="other images")
+    assert merge_cache_path(other_images, "ties", MergeOptions(), smoke_zoo.tasks) != path
+    monkeypatch.setattr(api, "_merging_code", lambda: "edited/torch 9")
+    assert merge_cache_path(smoke_zoo, "ties", MergeOptions(), smoke_zoo.tasks) != path
+    monkeypatch.undo()
+    assert merge_cache_path(smoke_zoo, "ties", MergeOptions(), smoke_zoo.tasks) == path
+    assert api._merging_code().endswith(f"torch {torch.__version__}")
+
+
 def _another_value(option: Option, value):
     """A valid value of ``option`` other than ``value``."""
     if option.choices:

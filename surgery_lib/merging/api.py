@@ -4,6 +4,9 @@ table. This is the layer the command line and the notebooks use."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
 import json
 import logging
 import time
@@ -87,9 +90,31 @@ def merge(
 
 def merge_cache_path(zoo: Zoo, method: str, options: MergeOptions, tasks: Sequence[str]) -> Path:
     """Where :func:`cached_merge` keeps a merge: ``<zoo>/merges/<method>-<hash>.safetensors``, the hash of the
-    options the method reads (:attr:`~surgery_lib.merging.base.MergeMethod.reads`) and of the tasks."""
-    key = config_hash({"method": method, "options": get_method(method).key_options(options), "tasks": list(tasks)})
+    options the method reads (:attr:`~surgery_lib.merging.base.MergeMethod.reads`), the tasks, and what else
+    decides the merged weights: the zoo's data checksum (the images data-driven merges read), the merging code
+    and torch version (:func:`_merging_code`) and torch's thread count (learned merges differ in the last bits
+    between thread counts). The zoo's weights are checked apart, from the file's metadata."""
+    key = config_hash(
+        {
+            "method": method,
+            "options": get_method(method).key_options(options),
+            "tasks": list(tasks),
+            "data": zoo.data_fingerprint,
+            "code": _merging_code(),
+            "threads": torch.get_num_threads(),
+        }
+    )
     return Path(zoo.directory) / "merges" / f"{method}-{key}.safetensors"
+
+
+@functools.cache
+def _merging_code() -> str:
+    """A checksum of the code a merge runs, this package and the encoder module, with the torch version: after
+    an edit there, or under another torch, cached merges are computed afresh instead of reused."""
+    digest = hashlib.sha256()
+    for path in sorted([*Path(__file__).parent.glob("*.py"), Path(inspect.getfile(load_encoder))]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return f"{digest.hexdigest()[:12]}/torch {torch.__version__}"
 
 
 def cached_merge(
