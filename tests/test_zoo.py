@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.presets import get_preset
 from surgery_lib.settings import base as settings_base
 from surgery_lib.settings import build_zoo
@@ -154,6 +155,12 @@ def test_accuracy_table_shape(smoke_zoo):
 def test_unknown_model_and_missing_gpu_are_clear_errors(smoke_zoo, cache_dir):
     with pytest.raises(SurgeryBookError, match="no model 'letters'"):
         smoke_zoo.encoder("letters")
+    with pytest.raises(SurgeryBookError, match="no model 'letters'"):
+        smoke_zoo.model_fingerprint("letters")
+    task = smoke_zoo.tasks[0]
+    assert (
+        smoke_zoo.model_fingerprint(task) == state_fingerprint(smoke_zoo.experts[task]) != smoke_zoo.model_fingerprint()
+    )
     if not torch.cuda.is_available():
         with pytest.raises(SurgeryBookError, match="CUDA was requested"):
             build_zoo("smoke", device="cuda", cache_dir=cache_dir, progress=False)
@@ -195,7 +202,6 @@ def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, mo
 def test_embeddings_are_stored_under_a_key_of_everything_that_decides_them(smoke_zoo, monkeypatch, caplog):
     """Another process (another zoo object) reads what one computed; any change to what decides the numbers
     (threads, data, blocks) computes afresh; a damaged or misplaced file is recomputed, never trusted."""
-    from surgery_lib.core.state_dict import state_fingerprint
     from surgery_lib.merging import task_arithmetic
     from surgery_lib.models import load_encoder
 

@@ -172,16 +172,14 @@ class Zoo:
         """The weights checksum of ``"pretrained"``, ``"mtl"`` or a task's expert (as :meth:`encoder` names
         them), computed once per zoo object: what :meth:`features` takes as ``fingerprint``."""
         if which not in self._model_fingerprints:
-            state = (
-                self.pretrained
-                if which == "pretrained"
-                else self.mtl
-                if which == "mtl" and self.mtl is not None
-                else self.experts.get(which)
-            )
-            if state is None:
+            named = {
+                "pretrained": self.pretrained,
+                **({"mtl": self.mtl} if self.mtl is not None else {}),
+                **self.experts,
+            }
+            if which not in named:
                 self.encoder(which)  # raises the error that names the models there are
-            self._model_fingerprints[which] = state_fingerprint(state)
+            self._model_fingerprints[which] = state_fingerprint(named[which])
         return self._model_fingerprints[which]
 
     def expert_features(
