@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from surgery_lib.core.storage import load_tensors, save_tensors, sha256_file
+from surgery_lib.core.storage import load_tensors, save_tensors, sha256_file, source_checksum
 from surgery_lib.merging import MergeOptions, cached_merge
 from surgery_lib.settings import build_zoo
 from surgery_lib.settings.offline import zoo as zoo_module
@@ -187,3 +187,16 @@ def test_killing_data_generation_leaves_no_worker_behind(sig, tmp_path):
     if sig == signal.SIGTERM:  # cleaned up on the way out: the message, and no temporary left half-written
         assert "terminated: finished models are kept" in stderr
         assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_the_source_checksum_changes_with_any_edit_and_not_with_order(tmp_path):
+    first, second = tmp_path / "a.py", tmp_path / "b.py"
+    first.write_text("x = 1\n")
+    second.write_text("y = 2\n")
+    checksum = source_checksum([first, second])
+    assert source_checksum([str(second), first]) == checksum
+    second.write_text("y = 3\n")
+    assert source_checksum([first, second]) != checksum
+    second.write_text("y = 2\n")
+    second.rename(tmp_path / "c.py")  # the same bytes under another name: another module
+    assert source_checksum([first, tmp_path / "c.py"]) != checksum

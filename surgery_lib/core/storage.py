@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +370,15 @@ def config_hash(data: Any) -> str:
         encode(data) if dataclasses.is_dataclass(data) else data, sort_keys=True, separators=(",", ":"), default=encode
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def source_checksum(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """A short hash of source files' names and bytes, in sorted order: a cache key that includes it is not reused
+    after an edit to the code that computed its entry."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class TensorStore:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import inspect
 import json
 import logging
@@ -25,6 +24,7 @@ from surgery_lib.core.storage import (
     entry_lock,
     load_tensors,
     save_tensors,
+    source_checksum,
 )
 from surgery_lib.evaluation import accuracy_from_features, results_table
 from surgery_lib.merging.adamerging import AdaMergingResult, prediction_entropy
@@ -111,10 +111,8 @@ def merge_cache_path(zoo: Zoo, method: str, options: MergeOptions, tasks: Sequen
 def _merging_code() -> str:
     """A checksum of the code a merge runs, this package and the encoder module, with the torch version: after
     an edit there, or under another torch, cached merges are computed afresh instead of reused."""
-    digest = hashlib.sha256()
-    for path in sorted([*Path(__file__).parent.glob("*.py"), Path(inspect.getfile(load_encoder))]):
-        digest.update(path.name.encode() + path.read_bytes())
-    return f"{digest.hexdigest()[:12]}/torch {torch.__version__}"
+    source = source_checksum([*Path(__file__).parent.glob("*.py"), inspect.getfile(load_encoder)])
+    return f"{source}/torch {torch.__version__}"
 
 
 def cached_merge(

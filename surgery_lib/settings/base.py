@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import importlib.metadata
 import inspect
 import os
@@ -27,7 +26,7 @@ from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.state_dict import state_fingerprint
-from surgery_lib.core.storage import TensorStore, config_hash
+from surgery_lib.core.storage import TensorStore, config_hash, source_checksum
 from surgery_lib.core.taskdata import Suite
 from surgery_lib.evaluation import results_table
 from surgery_lib.models import (
@@ -57,7 +56,7 @@ EMBEDDINGS_DIR = "embeddings"
 def _embedding_code() -> str:
     """What decides an embedding besides weights and data: the module that embeds (an edit there computes
     stored embeddings afresh) and the torch and open_clip versions."""
-    source = hashlib.sha256(Path(inspect.getfile(task_features)).read_bytes()).hexdigest()[:12]
+    source = source_checksum([inspect.getfile(task_features)])
     return f"{source}/torch {torch.__version__}/open_clip {importlib.metadata.version('open_clip_torch')}"
 
 
