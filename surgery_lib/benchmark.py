@@ -43,6 +43,7 @@ from surgery_lib.models import (
 )
 from surgery_lib.presets import get_preset
 from surgery_lib.settings.base import Zoo
+from surgery_lib.settings.clip.config import clip_config
 from surgery_lib.settings.clip.tasks import CLIP_TASKS
 from surgery_lib.surgery import run_surgery
 from surgery_lib.surgery.v1 import DEFAULT_RANK, SurgeryConfig, TaskSurgery, train_surgery
@@ -266,7 +267,19 @@ def synthetic_clip_zoo(
         "accuracy": {"pretrained": dict.fromkeys(sizes, 0.0), "expert": dict.fromkeys(sizes, 0.0)},
         "synthetic": True,
     }
-    return Zoo(spec, Path("synthetic"), manifest, pretrained, heads, experts, None, Suite(None, tasks, None))
+    zeros = clip_config(spec).ties_text_entries if spec.setting == "clip" else 0  # TIES trims as on the checkpoints
+    return Zoo(
+        spec,
+        Path("synthetic"),
+        manifest,
+        pretrained,
+        heads,
+        experts,
+        None,
+        Suite(None, tasks, None),
+        ties_zero_entries=zeros,
+        published=spec.setting == "clip",  # merges take the hyper-parameters of the published checkpoints
+    )
 
 
 def pipeline_benchmark(

@@ -41,7 +41,7 @@ from surgery_lib.core.storage import (
 from surgery_lib.evaluation import write_table
 from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell, readable_grid
 from surgery_lib.merging import get_method
-from surgery_lib.presets import get_preset
+from surgery_lib.presets import get_preset, preset_hash
 from surgery_lib.settings import build_zoo
 from surgery_lib.surgery.schedule import check_adam
 from surgery_lib.surgery.v1 import SurgeryConfig
@@ -155,7 +155,7 @@ def zoo_identity(zoo: Zoo) -> dict[str, str]:
     ranks, schedules and zoo recipe), the zoo's folder name (on real CLIP: checkpoint family and data sources)
     and its weights checksum (:meth:`Zoo.weights_fingerprint`)."""
     return {
-        "preset_hash": config_hash(zoo.preset.to_dict()),
+        "preset_hash": preset_hash(zoo.preset),
         "zoo_folder": zoo.directory.name,
         "zoo": zoo.weights_fingerprint(),
     }

@@ -16,11 +16,12 @@ import dataclasses
 import math
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery_lib.core import compat
+from surgery_lib.core import compat, storage
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.registry import Registry
 from surgery_lib.core.storage import CorruptFileError, read_json
@@ -42,36 +43,6 @@ class EncoderConfig:
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     #: ``"gelu"`` or ``"quick_gelu"`` (OpenAI's CLIP weights were trained with QuickGELU).
     activation: str = "gelu"
-
-
-@dataclass(frozen=True)
-class ClipConfig:
-    """Where a real-CLIP preset's weights come from.
-
-    ``model`` is the open_clip architecture and task_vectors folder name (``"ViT-B-32"``); ``hub_model``
-    the transformers id of the pretrained CLIP (``"openai/clip-vit-base-patch32"``), whose name
-    also prefixes FusionBench's experts (``"tanganke/clip-vit-base-patch32_<task>"``).
-    ``surgery_v2_rank`` is the papers' SurgeryV2 rank for this backbone (16 for ViT-B, 4 for ViT-L/14).
-    """
-
-    model: str
-    hub_model: str
-    fusionbench_owner: str = "tanganke"
-    family: str = "task_vectors"  # or "fusionbench"
-    data_source: str = "hub"  # or "local"
-    surgery_v2_rank: int = 16
-    #: Entries of the text-tower leftovers (token and positional embeddings, text projection, ln_final,
-    #: logit scale) that the published ``ImageEncoder`` pickles keep and whose task vectors are zero. The
-    #: official TIES flattens them together with the image tower, so its top 20 % keeps 25.83 % (ViT-B/32),
-    #: 25.94 % (B/16) or 22.54 % (L/14) of the image tower: TIES and AdaMerging++ trim with this count.
-    ties_text_entries: int = 0
-    #: The eight tasks in the papers' table order (the setting's task catalogue describes each).
-    tasks: tuple[str, ...] = ()
-
-    def fusionbench_expert(self, task_suffix: str) -> str:
-        """The hub id of FusionBench's expert for ``task_suffix`` (e.g. ``"stanford-cars"``); the converter
-        builds the same ids from ``fusionbench_owner`` (``settings.clip.checkpoints.fusionbench_sources``)."""
-        return f"{self.fusionbench_owner}/{self.hub_model.split('/')[-1]}_{task_suffix}"
 
 
 @dataclass(frozen=True)
@@ -132,8 +103,10 @@ class Preset:
     #: AdaMerging's schedule for this preset (the official one: 500 steps, batches of 16).
     adamerging_steps: int = 500
     adamerging_batch_size: int = 16
-    #: Set for the real-CLIP presets, whose zoo is downloaded checkpoints instead of trained models.
-    clip: ClipConfig | None = None
+    #: The setting's own section as JSON data (the real-CLIP presets': which published model, where its weights
+    #: and data come from; read and checked by ``settings/clip/config.py``). Generic code reads two keys of any
+    #: setting's section: ``tasks`` (for a preset without a suite) and ``surgery_v2_rank``. None: no section.
+    setting_config: dict[str, Any] | None = None
     #: Precision of feature extraction, AdaMerging and SurgeryV2 on a GPU (fp32, tf32, bf16, fp16; the CPU
     #: always runs fp32). The official code is fp32 throughout.
     precision: str = "fp32"
@@ -142,16 +115,15 @@ class Preset:
 
     def surgery_rank(self, version: int) -> int:
         """The papers' default rank for Surgery ``version`` 1 or 2 on this preset: 16, except SurgeryV2 on a
-        real-CLIP backbone that the papers ran at another rank (4 on ViT-L/14)."""
-        return self.clip.surgery_v2_rank if version == 2 and self.clip is not None else 16
+        backbone whose setting section names another (the papers ran ViT-L/14 at 4)."""
+        return int((self.setting_config or {}).get("surgery_v2_rank", 16)) if version == 2 else 16
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """The preset's tasks, in table order."""
+        """The preset's tasks, in table order: its suite's, else those its setting section names."""
         if self.suite is not None:
             return self.suite.tasks
-        assert self.clip is not None, f"preset {self.name!r} names no tasks"
-        return self.clip.tasks
+        return tuple((self.setting_config or {}).get("tasks", ()))
 
     def to_dict(self) -> dict[str, Any]:
         """The preset as JSON-compatible data."""
@@ -223,8 +195,44 @@ MAY_BE_ZERO = {
 }
 
 
+def check_fields(obj: Any, prefix: str, fail: Callable[[str, Any, str], None]) -> None:
+    """Check every field of the dataclass ``obj`` (and of the dataclasses it holds) against its declared type:
+    integers, finite numbers, positive where :data:`MAY_BE_ZERO` does not allow 0, under :data:`UPPER_BOUNDS`.
+    ``fail(path, value, expected)`` raises for the first field that is wrong (``path`` starts with ``prefix``)."""
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{prefix}{f.name}"
+        kind = str(f.type)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, path + ".", fail)
+        elif kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+            fail(path, value, "an integer")
+        elif kind == "int" and value < (0 if f.name in MAY_BE_ZERO else 1):
+            fail(path, value, "a value >= 0" if f.name in MAY_BE_ZERO else "a value >= 1")
+        elif kind == "float" and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            fail(path, value, "a finite number")
+        elif kind == "float" and (value < 0 or (value == 0 and f.name not in MAY_BE_ZERO)):
+            fail(path, value, "a positive number")
+        elif kind == "str" and not isinstance(value, str):
+            fail(path, value, "a string")
+        elif kind.startswith("tuple[float") and not (
+            isinstance(value, tuple)
+            and len(value) == 3
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+        ):
+            fail(path, value, "three finite numbers")
+        elif kind.startswith("tuple[str") and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+            fail(path, value, "a list of names")
+        elif f.name in UPPER_BOUNDS and kind in ("int", "float") and value > UPPER_BOUNDS[f.name]:
+            fail(path, value, f"at most {UPPER_BOUNDS[f.name]:,}")
+
+
 def check_preset(preset: Preset) -> Preset:
     """Check every field of ``preset`` against the schema: types, positive sizes, finite rates, known names.
+
+    A setting's own section (``setting_config``) is checked here only where generic code reads it (``tasks``,
+    ``surgery_v2_rank``); the setting checks the rest when it loads the preset (:meth:`Setting.check_preset`).
 
     Raises:
         SurgeryBookError: naming the preset, the field and the value.
@@ -232,37 +240,6 @@ def check_preset(preset: Preset) -> Preset:
 
     def fail(path: str, value: Any, expected: str) -> None:
         raise SurgeryBookError(f"preset {preset.name!r}: {path} = {value!r} is invalid", f"use {expected}")
-
-    def check(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value, path = getattr(obj, f.name), f"{prefix}{f.name}"
-            kind = str(f.type)
-            if dataclasses.is_dataclass(value):
-                check(value, path + ".")
-            elif kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
-                fail(path, value, "an integer")
-            elif kind == "int" and value < (0 if f.name in MAY_BE_ZERO else 1):
-                fail(path, value, "a value >= 0" if f.name in MAY_BE_ZERO else "a value >= 1")
-            elif kind == "float" and not (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ):
-                fail(path, value, "a finite number")
-            elif kind == "float" and (value < 0 or (value == 0 and f.name not in MAY_BE_ZERO)):
-                fail(path, value, "a positive number")
-            elif kind == "str" and not isinstance(value, str):
-                fail(path, value, "a string")
-            elif kind.startswith("tuple[float") and not (
-                isinstance(value, tuple)
-                and len(value) == 3
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
-            ):
-                fail(path, value, "three finite numbers")
-            elif kind.startswith("tuple[str") and not (
-                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
-            ):
-                fail(path, value, "a list of names")
-            elif f.name in UPPER_BOUNDS and kind in ("int", "float") and value > UPPER_BOUNDS[f.name]:
-                fail(path, value, f"at most {UPPER_BOUNDS[f.name]:,}")
 
     if not isinstance(preset.name, str):
         raise SurgeryBookError(
@@ -273,7 +250,7 @@ def check_preset(preset: Preset) -> Preset:
             f"preset name {preset.name[:20]!r}... has {len(preset.name)} characters (it names cache folders)",
             f"use at most {MAX_NAME_LENGTH}",
         )
-    check(preset, "")
+    check_fields(preset, "", fail)
     _check_sections(preset, fail)
     if preset.encoder.width % preset.encoder.heads:
         fail("encoder.heads", preset.encoder.heads, f"a divisor of encoder.width ({preset.encoder.width})")
@@ -309,25 +286,51 @@ def check_preset(preset: Preset) -> Preset:
 
 
 def _check_sections(preset: Preset, fail: Any) -> None:
-    """The fields checked against each other: each setting's own section, a non-empty task list without repeats."""
+    """The fields checked against each other: a known setting, a suite and a recipe together or neither, the
+    setting section's generic keys, and a non-empty task list without repeats (from the suite or the section)."""
     settings = sorted(
         p.name for p in SETTINGS_DIR.iterdir() if (p / "__init__.py").is_file() and p.name != "__pycache__"
     )
     if preset.setting not in settings:
         fail("setting", preset.setting, f"one of {', '.join(settings)}")
-    if preset.setting == "clip" and preset.clip is None:
-        fail("clip", None, "a clip section (model, hub_model, tasks) for a preset of the clip setting")
-    if preset.setting != "clip" and (preset.suite is None or preset.recipe is None):
+    if (preset.suite is None) != (preset.recipe is None):
         fail(
             "suite" if preset.suite is None else "recipe",
             None,
-            f"a suite and a recipe section for a preset of the {preset.setting} setting",
+            "a suite and a recipe section together (a zoo trained here) or neither (a zoo of published checkpoints)",
         )
-    tasks = preset.suite.tasks if preset.suite is not None else preset.clip.tasks if preset.clip is not None else ()
+    section = preset.setting_config
+    if section is not None and not isinstance(section, dict):
+        fail("setting_config", section, "a JSON object (the setting's own section) or null")
+    if preset.suite is None and section is None:
+        fail(
+            "setting_config",
+            None,
+            f"a suite and a recipe, or a section of the {preset.setting} setting that names the tasks "
+            "(setting_config.tasks; a real-CLIP preset: model, hub_model, tasks)",
+        )
+    rank = (section or {}).get("surgery_v2_rank", 16)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= UPPER_BOUNDS["surgery_v2_rank"]:
+        fail("setting_config.surgery_v2_rank", rank, f"an integer from 1 to {UPPER_BOUNDS['surgery_v2_rank']:,}")
+    where = "suite.tasks" if preset.suite is not None else "setting_config.tasks"
+    tasks = preset.suite.tasks if preset.suite is not None else (section or {}).get("tasks", ())
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+        fail(where, tasks, "a list of names")
     if not tasks:
-        fail("suite.tasks" if preset.suite is not None else "clip.tasks", list(tasks), "at least one task")
+        fail(where, list(tasks), "at least one task")
     if len(set(tasks)) != len(tasks):
-        fail("suite.tasks" if preset.suite is not None else "clip.tasks", list(tasks), "each task once")
+        fail(where, list(tasks), "each task once")
+
+
+def preset_hash(preset: Preset) -> str:
+    """The hash of every field of ``preset``: a grid cell records it, and is reused only under the same preset.
+
+    Hashed in the layout the committed cells were computed under, in which the setting's section was the field
+    ``clip`` (real-CLIP presets' only): renaming a field changes no number, so it does not invalidate a cell.
+    """
+    data = preset.to_dict()
+    data["clip"] = data.pop("setting_config")
+    return storage.config_hash(data)
 
 
 PRESETS: Registry[Preset] = Registry("preset", load=lambda: _load_presets())
@@ -368,9 +371,10 @@ def preset_from_dict(data: dict[str, Any]) -> Preset:
             "encoder": build(EncoderConfig, data["encoder"]),
             "suite": build(SuiteConfig, data.get("suite")),
             "recipe": build(RecipeConfig, data.get("recipe")),
-            "clip": build(ClipConfig, data.get("clip")),
         }
         rest = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k not in parts}
+        if "clip" in rest:  # 0.2's files named the real-CLIP section after its setting
+            rest["setting_config"] = rest.pop("clip")
         return Preset(**rest, **parts)
     except (KeyError, TypeError, AttributeError) as exc:
         raise SurgeryBookError(

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from surgery_lib.presets import ClipConfig, EncoderConfig, Preset
+from surgery_lib.presets import EncoderConfig, Preset
+from surgery_lib.settings.clip.config import ClipConfig
 from surgery_lib.settings.clip.tasks import (
     CLIP_TASK_NAMES,
     EUROSAT_FOLDERS,
@@ -43,12 +44,12 @@ TINY_CLIP = Preset(
     suite=None,
     recipe=None,
     # The fabricated checkpoints keep text leftovers of width 16 projecting to 64 (vocabulary 12, context 5).
-    clip=ClipConfig(
+    setting_config=ClipConfig(
         model="ViT-B-32",
         hub_model="openai/clip-vit-base-patch32",
         ties_text_entries=text_leftover_entries(16, 64, vocabulary=12, context=5),
         tasks=CLIP_TASK_NAMES,
-    ),
+    ).section(),
     setting="clip",
     adamerging_steps=2,
     adamerging_batch_size=4,

@@ -8,6 +8,7 @@ core imports nothing above itself; no import cycle; no function-level import of 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,18 @@ def test_the_package_docstring_names_every_module():
         if f"surgery_lib.{m}`" not in surgery_lib.__doc__ and f"~surgery_lib.{m}`" not in surgery_lib.__doc__
     ]
     assert missing == []
+
+
+def test_a_settings_own_preset_section_is_read_only_in_its_folder():
+    """A setting's section of a preset (``setting_config``) is its own: outside ``settings/<name>/`` only the
+    generic schema (``presets.py``: the ``tasks`` and ``surgery_v2_rank`` keys) reads it, and nothing reads the
+    0.2 field ``preset.clip``; what an algorithm needs of a setting comes through the :class:`Zoo`."""
+    readers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative == "presets.py" or (relative.startswith("settings/") and relative.count("/") == 2):
+            continue
+        text = path.read_text()
+        if re.search(r"\bsetting_config\b|preset\.clip\b", text):
+            readers.append(relative)
+    assert readers == []

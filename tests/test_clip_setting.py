@@ -22,6 +22,7 @@ from clip_fixtures import (
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import get_preset
+from surgery_lib.settings.clip.config import clip_config
 from surgery_lib.settings.clip.data import (
     hub_dataset,
     load_clip_task,
@@ -87,7 +88,7 @@ def test_clip_presets_describe_the_papers_backbones():
     ):
         preset = get_preset(name)
         assert (preset.encoder.layers, preset.encoder.width, preset.encoder.output_dim) == (layers, width, output)
-        assert preset.encoder.activation == "quick_gelu" and preset.clip.surgery_v2_rank == rank
+        assert preset.encoder.activation == "quick_gelu" and clip_config(preset).surgery_v2_rank == rank
         assert (preset.surgery_rank(1), preset.surgery_rank(2)) == (16, rank)
         assert preset.tasks == CLIP_TASK_NAMES and preset.adamerging_steps == 500
     assert get_preset("mini").surgery_rank(2) == 16
@@ -759,7 +760,8 @@ def test_ties_keeps_exactly_the_entries_the_official_flatten_then_trim_keeps(tin
     leftovers = [k for k in official_kept if not k.startswith(VISUAL_PREFIX)]
     assert len(leftovers) == 6 and all(not official_kept[k].any() for k in leftovers)  # zero, as published
     vectors = list(task_vectors(zoo.pretrained, zoo.experts).values())
-    ours = ties_vectors(vectors, 0.2, zoo.preset.clip.ties_text_entries)
+    assert zoo.published and zoo.ties_zero_entries == clip_config(zoo.preset).ties_text_entries > 0  # on the zoo
+    ours = ties_vectors(vectors, 0.2, zoo.ties_zero_entries)
     image_tower_only = ties_vectors(vectors, 0.2)
     state = merge(zoo, "ties", device="cpu", progress=False).state
     differs = False
@@ -784,7 +786,7 @@ def test_clip_presets_carry_the_official_ties_scope():
         preset = get_preset(name)
         e = preset.encoder
         text_width, embed = (768, 768) if e.layers == 24 else (512, 512)
-        assert preset.clip.ties_text_entries == text_leftover_entries(text_width, embed)
+        assert clip_config(preset).ties_text_entries == text_leftover_entries(text_width, embed)
         with torch.device("meta"):
             tower = VisionTransformer(
                 image_size=e.image_size,
@@ -797,5 +799,5 @@ def test_clip_presets_carry_the_official_ties_scope():
                 act_layer=QuickGELU,
             )
         entries = sum(p.numel() for p in tower.state_dict().values())
-        assert round(100 * kept_fraction(entries, 0.2, preset.clip.ties_text_entries), 2) == percent, name
-    assert get_preset("mini").clip is None  # offline presets trim their own vector: 20 %
+        assert round(100 * kept_fraction(entries, 0.2, clip_config(preset).ties_text_entries), 2) == percent, name
+    assert get_preset("mini").setting_config is None  # offline presets trim their own vector: 20 %

@@ -24,6 +24,8 @@ from surgery_lib.merging.tsv import (
 )
 from surgery_lib.merging.vectors import task_vectors
 from surgery_lib.merging.wudi import (
+    WUDI_LR,
+    WUDI_OFFICIAL_LR,
     convergence_curve,
     convergence_table,
     interference_loss,
@@ -164,6 +166,17 @@ def test_wudi_convergence_curve_measures_the_gap_left_by_wudis_own_iterates(smok
     table = convergence_table(smoke_zoo.pretrained, smoke_zoo.experts, lrs=(1e-5, 1e-4), steps=20, every=10)
     assert table["layer"].nunique() == 4 * get_preset("smoke").encoder.layers  # the official scope's matrices
     assert sorted(table["step"].unique()) == [0, 10, 20] and set(table["lr"]) == {1e-5, 1e-4}
+
+
+def test_wudi_takes_the_official_learning_rate_on_the_published_checkpoints_only(smoke_zoo):
+    import dataclasses
+
+    options = MergeOptions(steps=1)
+    trained_here = merge(smoke_zoo, "wudi", options, device="cpu", progress=False)
+    published = merge(dataclasses.replace(smoke_zoo, published=True), "wudi", options, device="cpu", progress=False)
+    assert (trained_here.details["lr"], published.details["lr"]) == (WUDI_LR, WUDI_OFFICIAL_LR)
+    key = "transformer.resblocks.0.mlp.c_fc.weight"  # optimised in the official scope
+    assert not torch.equal(trained_here.state[key], published.state[key])  # the step size reached the merge
 
 
 def test_wudi_scopes_choose_what_is_optimised_and_what_the_rest_gets():

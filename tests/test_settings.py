@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,10 @@ from surgery_lib.core.taskdata import Suite, TaskData
 from surgery_lib.presets import PRESETS, SETTINGS_DIR, preset_from_dict
 from surgery_lib.settings import available_settings, get_setting, load_suite
 from surgery_lib.settings.base import Setting
+from surgery_lib.settings.clip.config import clip_config
 from surgery_lib.settings.clip.sources import VARIABLES, ClipSources
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_setting_folder_keeps_the_contract():
@@ -39,6 +44,38 @@ def test_the_preset_data_keeps_the_zoo_names_of_0_1():
         "fef7eb5c96c1",
         "ed9f96fc2b13",
     ]
+
+
+def test_the_committed_grid_cells_keep_their_preset_hash_and_0_2_files_still_read():
+    """The setting section left the generic schema under a new name; the hash a grid cell records did not move
+    (renaming a field changes no number), and a preset file written by 0.2, its section called ``clip``, reads."""
+    from surgery_lib.presets import preset_hash
+
+    cell = json.loads(next((ROOT / "notebooks" / "results" / "grid-mini" / "cells").glob("*.json")).read_text())
+    assert preset_hash(PRESETS["mini"]) == cell["preset_hash"]
+    old = PRESETS["clip-vit-b-32"].to_dict()
+    old["clip"] = old.pop("setting_config")
+    assert preset_from_dict(old) == PRESETS["clip-vit-b-32"]
+
+
+def test_each_setting_checks_its_own_part_of_a_preset_naming_the_field():
+    clip, mini = PRESETS["clip-vit-b-32"], PRESETS["mini"]
+    section = clip.setting_config
+    for changed, message in (
+        ({k: v for k, v in section.items() if k != "model"}, "setting_config.model = None is invalid"),
+        ({**section, "surgery_v2_rank": "4"}, "setting_config.surgery_v2_rank = '4' is invalid.*an integer"),
+        ({**section, "colour": "red"}, "setting_config.colour = 'red' is invalid.*only the fields"),
+        ({**section, "ties_text_entries": -1}, "setting_config.ties_text_entries = -1 is invalid.*>= 0"),
+    ):
+        with pytest.raises(SurgeryBookError, match=message):
+            get_setting("clip").check_preset(dataclasses.replace(clip, setting_config=changed))
+    with pytest.raises(SurgeryBookError, match="setting_config = None is invalid.*section with model"):
+        get_setting("clip").check_preset(dataclasses.replace(mini, setting="clip"))
+    with pytest.raises(SurgeryBookError, match="offline setting has no suite"):
+        get_setting("offline").check_preset(dataclasses.replace(clip, setting="offline"))
+    with pytest.raises(SurgeryBookError, match="offline setting has no suite"):
+        load_suite(dataclasses.replace(clip, name="clip-as-offline", setting="offline"))  # checked before loading
+    assert get_setting("offline").check_preset(mini) is None and get_setting("clip").check_preset(clip) is None
 
 
 def test_a_missing_task_is_reported_with_the_suites_own_tasks():
@@ -130,5 +167,5 @@ def test_the_fusionbench_owner_of_a_preset_reaches_the_hub_ids():
     preset = PRESETS["clip-vit-b-32"]
     ids = fusionbench_sources("ViT-B-32", "hub", ("Cars",), owner="mirror")
     assert ids["expert/Cars"] == "mirror/clip-vit-base-patch32_stanford-cars"
-    default = fusionbench_sources("ViT-B-32", "hub", ("Cars",), owner=preset.clip.fusionbench_owner)["expert/Cars"]
-    assert default == preset.clip.fusionbench_expert("stanford-cars")
+    default = fusionbench_sources("ViT-B-32", "hub", ("Cars",), owner=clip_config(preset).fusionbench_owner)
+    assert default["expert/Cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"

@@ -365,10 +365,9 @@ def test_an_explicit_rank_is_kept_and_a_rank_left_open_is_the_presets(smoke_zoo)
     """The papers run SurgeryV2 at rank 4 on ViT-L/14: a preset with that rank gets it when the caller leaves
     the rank open, and an explicit rank 16 stays 16 (it was replaced by the preset's before)."""
     from surgery_lib.grid import surgery_grid
-    from surgery_lib.presets import ClipConfig
 
-    clip = ClipConfig(model="ViT-L-14", hub_model="openai/clip-vit-large-patch14", surgery_v2_rank=4)
-    zoo = dataclasses.replace(smoke_zoo, preset=dataclasses.replace(smoke_zoo.preset, clip=clip))
+    section = {"surgery_v2_rank": 4}  # as the ViT-L/14 preset's section says
+    zoo = dataclasses.replace(smoke_zoo, preset=dataclasses.replace(smoke_zoo.preset, setting_config=section))
     assert zoo.preset.surgery_rank(2) == 4 and zoo.preset.surgery_rank(1) == 16
     ranks = {}
     for rank in (None, 16):

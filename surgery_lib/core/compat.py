@@ -75,6 +75,7 @@ MOVED_NAMES: dict[str, dict[str, str]] = {
         "OPENAI_MEAN": "settings.clip.tasks",
         "OPENAI_STD": "settings.clip.tasks",
         "text_leftover_entries": "settings.clip.tasks",
+        "ClipConfig": "settings.clip.config",
     },
     "surgery": {"task_seed": "surgery.schedule"},
 }

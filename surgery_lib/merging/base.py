@@ -172,7 +172,7 @@ REPAIRED = (
 
 def ties_zero_entries(zoo: Zoo) -> int:
     """The all-zero entries the official TIES trimmed together with this zoo's task vectors (real CLIP's text leftovers)."""
-    return zoo.preset.clip.ties_text_entries if zoo.preset.clip is not None else 0
+    return zoo.ties_zero_entries
 
 
 def train_subset(zoo: Zoo, task: str, count: int, seed: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ from surgery_lib.merging.vectors import StateDict, task_vectors
 #: Adam steps per layer (the paper's) and the learning rate offline (see the module docstring for why 1e-4).
 WUDI_STEPS = 300
 WUDI_LR = 1e-4
-#: The official learning rate, used on the real-CLIP presets.
+#: The official learning rate, used on zoos of the published checkpoints (:attr:`Zoo.published`: real CLIP).
 WUDI_OFFICIAL_LR = 1e-5
 #: What each scope optimises; see the module docstring.
 WUDI_SCOPES = ("official", "fusionbench", "linear")
@@ -209,7 +209,7 @@ def wudi_merging(
 
 def _run(zoo, experts, options, device, progress):
     steps = WUDI_STEPS if options.steps is None else options.steps
-    lr = WUDI_OFFICIAL_LR if zoo.preset.setting == "clip" else WUDI_LR
+    lr = WUDI_OFFICIAL_LR if zoo.published else WUDI_LR
     state = wudi_merging(zoo.pretrained, experts, steps, lr, device, progress, scope=options.wudi_scope)
     return state, {"steps": steps, "lr": lr, "scope": options.wudi_scope}
 

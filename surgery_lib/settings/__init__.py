@@ -73,7 +73,9 @@ def build_zoo(
             an explicit ``zoo_dir`` that holds a zoo of another config (without ``rebuild``).
     """
     preset = get_preset(preset)
-    return get_setting(preset.setting).build_zoo(
+    setting = get_setting(preset.setting)
+    setting.check_preset(preset)
+    return setting.build_zoo(
         preset, device=device, cache_dir=cache_dir, zoo_dir=zoo_dir, rebuild=rebuild, progress=progress, options=options
     )
 
@@ -97,7 +99,9 @@ def load_suite(
             preset, tasks=tasks, cache_dir=cache_dir, workers=workers, progress=progress
         )
     preset = get_preset(preset)
-    return get_setting(preset.setting).load_suite(
+    setting = get_setting(preset.setting)
+    setting.check_preset(preset)
+    return setting.load_suite(
         preset, tasks=tasks, cache_dir=cache_dir, workers=workers, progress=progress, options=options
     )
 

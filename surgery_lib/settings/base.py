@@ -77,6 +77,12 @@ class Zoo:
     #: A checksum of every image and label of ``suite`` (the offline setting's); None where the data have none
     #: (real CLIP: hashing 87k images costs more than embedding them), and then embeddings stay in memory.
     data_fingerprint: str | None = field(default=None, repr=False)
+    #: All-zero entries the official TIES trimmed together with this zoo's task vectors (real CLIP: the text-tower
+    #: leftovers of the published pickles, so its top 20 % keeps about 26 % of the image tower); 0 elsewhere.
+    ties_zero_entries: int = field(default=0, repr=False)
+    #: Whether the experts are the published checkpoints the papers merged (real CLIP): a method whose authors
+    #: chose a hyper-parameter for them (WUDI's learning rate) takes theirs, a zoo trained here its own.
+    published: bool = field(default=False, repr=False)
     _expert_features: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -297,6 +303,11 @@ class Setting(ABC):
         options: Any = None,
     ) -> Suite:
         """The preset's tasks (all, or ``tasks``), prepared once and then read from the cache."""
+
+    def check_preset(self, preset: Preset) -> None:  # noqa: B027  (optional: the generic checks may be all)
+        """Check what this setting needs of ``preset`` beyond the generic schema (its own section, the
+        sections it trains from); raise a :class:`SurgeryBookError` naming the field. Called before every zoo
+        or suite it loads."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027  (optional: a setting may add none)
         """Add this setting's command-line options (an argument group) to a subcommand's parser."""

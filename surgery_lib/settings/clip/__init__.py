@@ -1,5 +1,6 @@
 """The papers' setting: OpenAI CLIP ViT-B/32, B/16 and L/14, the published experts and heads, the eight datasets.
 
+- :mod:`~surgery_lib.settings.clip.config`       this setting's section of a preset (model, hub id, family, TIES scope, tasks)
 - :mod:`~surgery_lib.settings.clip.tasks`        the eight tasks: classes, prompt templates, sizes
 - :mod:`~surgery_lib.settings.clip.sources`      where checkpoints and data come from (the ``SURGERY_BOOK_*`` variables)
 - :mod:`~surgery_lib.settings.clip.safe_pickle`  the safe unpickler of task_vectors' pickles (allow-listed globals only)
@@ -22,6 +23,7 @@ from typing import Any
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.settings.base import Setting
+from surgery_lib.settings.clip.config import clip_config
 from surgery_lib.settings.clip.sources import FAMILIES, VARIABLES, ClipSources
 from surgery_lib.settings.clip.zoo import clip_suite, load_clip_zoo
 
@@ -29,6 +31,9 @@ from surgery_lib.settings.clip.zoo import clip_suite, load_clip_zoo
 class ClipSetting(Setting):
     name = "clip"
     description = "the papers' CLIP checkpoints, heads and datasets"
+
+    def check_preset(self, preset):
+        clip_config(preset)
 
     def build_zoo(
         self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None

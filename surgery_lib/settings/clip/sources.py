@@ -17,6 +17,7 @@ from typing import Any
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.presets import Preset
+from surgery_lib.settings.clip.config import clip_config
 
 FAMILIES = ("task_vectors", "fusionbench")
 
@@ -44,8 +45,8 @@ class ClipSources:
     @classmethod
     def from_environment(cls, preset: Preset, **given: Any) -> ClipSources:
         """Arguments that are not None, else ``SURGERY_BOOK_*`` variables, else the preset's defaults."""
-        assert preset.clip is not None
-        defaults = {"family": preset.clip.family, "data_source": preset.clip.data_source, "test_folder": "val"}
+        config = clip_config(preset)
+        defaults = {"family": config.family, "data_source": config.data_source, "test_folder": "val"}
         env = {field: os.environ.get(variable, defaults.get(field)) for field, variable in VARIABLES.items()}
         sources = cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
         if sources.family not in FAMILIES:

@@ -42,6 +42,7 @@ from surgery_lib.settings.clip.checkpoints import (
     fusionbench_sources,
     load_converted,
 )
+from surgery_lib.settings.clip.config import clip_config
 from surgery_lib.settings.clip.data import load_clip_suite
 from surgery_lib.settings.clip.sources import ClipSources
 from surgery_lib.settings.clip.tasks import CLIP_TASKS
@@ -60,8 +61,8 @@ def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, pro
     Raises:
         SurgeryBookError: no converted folder and no source to convert from (naming the fix).
     """
-    assert preset.clip is not None
-    model = preset.clip.model
+    config = clip_config(preset)
+    model = config.model
     given = Path(sources.checkpoints) if sources.checkpoints not in (None, "hub") else None
     if given is not None and (given / "manifest.json").is_file():
         return given  # already a converted folder
@@ -90,15 +91,15 @@ def converted_checkpoints(preset: Preset, sources: ClipSources, cache: Path, pro
                 f"no converted {model} checkpoints in {target_root} and no task_vectors folder given",
                 "download task_vectors' checkpoint folder and pass --checkpoints DIR (or set SURGERY_BOOK_CHECKPOINTS)",
             )
-        convert_task_vectors(given, model, target_root, preset.clip.tasks, progress=progress)
+        convert_task_vectors(given, model, target_root, config.tasks, progress=progress)
     else:
         convert_fusionbench(
             str(given) if given is not None else "hub",
             model,
             target_root,
-            preset.clip.tasks,
+            config.tasks,
             progress=progress,
-            owner=preset.clip.fusionbench_owner,
+            owner=config.fusionbench_owner,
         )
     return target_root / model
 
@@ -114,10 +115,9 @@ def clip_suite(
     progress: bool = True,
 ) -> Suite:
     """The preset's datasets (all eight, or ``tasks``), decoded once into ``<cache>/clip/data``."""
-    assert preset.clip is not None
     sources = sources or ClipSources.from_environment(preset)
     return load_clip_suite(
-        tuple(tasks) if tasks is not None else preset.clip.tasks,
+        tuple(tasks) if tasks is not None else clip_config(preset).tasks,
         source=sources.data_source,
         cache_dir=cache_root(cache_dir) / "clip" / "data",
         image_size=preset.encoder.image_size,
@@ -151,8 +151,11 @@ def load_clip_zoo(
             CLIP (tests pass local stand-ins).
     """
     preset = get_preset(preset)
-    if preset.clip is None:
-        raise SurgeryBookError(f"preset {preset.name!r} is an offline preset", "use build_zoo for it")
+    if preset.setting != "clip":
+        raise SurgeryBookError(
+            f"preset {preset.name!r} is a preset of the {preset.setting} setting", "use build_zoo for it"
+        )
+    config = clip_config(preset)
     sources = sources or ClipSources.from_environment(preset)
     device = resolve_device(device, preset.default_device)
     cache = cache_root(cache_dir) / "clip"
@@ -163,7 +166,7 @@ def load_clip_zoo(
         or converted["architecture"]["layers"] != preset.encoder.layers
     ):
         raise SurgeryBookError(
-            f"{checkpoint_dir} holds a {converted['model']} model, preset {preset.name!r} is {preset.clip.model}",
+            f"{checkpoint_dir} holds a {converted['model']} model, preset {preset.name!r} is {config.model}",
             "pass the checkpoints of the preset's model",
         )
     suite = clip_suite(
@@ -175,7 +178,7 @@ def load_clip_zoo(
         hub_load=hub_load,
         progress=progress,
     )
-    model = preset.clip.model
+    model = config.model
     loader = load_text_model or (lambda: openai_clip(model, device))
     for task in converted["tasks"]:
         if task not in heads:  # FusionBench: zero-shot heads from the pretrained text tower
@@ -224,5 +227,15 @@ def load_clip_zoo(
         }
         write_json(manifest, manifest_path)
     return Zoo(
-        preset, directory, manifest, pretrained, heads, experts, None, suite, reference_labels=dict(CLIP_REFERENCE_ROWS)
+        preset,
+        directory,
+        manifest,
+        pretrained,
+        heads,
+        experts,
+        None,
+        suite,
+        reference_labels=dict(CLIP_REFERENCE_ROWS),
+        ties_zero_entries=config.ties_text_entries,
+        published=True,
     )

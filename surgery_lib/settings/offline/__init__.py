@@ -10,6 +10,7 @@ trained here (pretraining on a label-disjoint mix, probe heads, one expert per t
 
 from __future__ import annotations
 
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.settings.base import Setting
 from surgery_lib.settings.offline.suite import load_suite
 from surgery_lib.settings.offline.zoo import build_offline_zoo
@@ -18,6 +19,13 @@ from surgery_lib.settings.offline.zoo import build_offline_zoo
 class OfflineSetting(Setting):
     name = "offline"
     description = "eight generated tasks and a zoo trained on this machine"
+
+    def check_preset(self, preset):
+        if preset.suite is None or preset.recipe is None:
+            raise SurgeryBookError(
+                f"preset {preset.name!r} of the offline setting has no {'suite' if preset.suite is None else 'recipe'}",
+                "give it a suite and a recipe section (see `surgery-book presets --json` for the mini preset's)",
+            )
 
     def build_zoo(
         self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None
