@@ -125,6 +125,9 @@ class Preset:
             return self.suite.tasks
         return tuple((self.setting_config or {}).get("tasks", ()))
 
+    def __hash__(self) -> int:  # the setting section is a dict, which has no hash: hash the preset's JSON form
+        return hash(storage.config_hash(self.to_dict()))
+
     def to_dict(self) -> dict[str, Any]:
         """The preset as JSON-compatible data."""
         return dataclasses.asdict(self)

@@ -56,6 +56,7 @@ def test_the_committed_grid_cells_keep_their_preset_hash_and_0_2_files_still_rea
     old = PRESETS["clip-vit-b-32"].to_dict()
     old["clip"] = old.pop("setting_config")
     assert preset_from_dict(old) == PRESETS["clip-vit-b-32"]
+    assert len({PRESETS["clip-vit-b-32"], preset_from_dict(old), PRESETS["mini"]}) == 2  # presets stay hashable
 
 
 def test_each_setting_checks_its_own_part_of_a_preset_naming_the_field():
