@@ -2,6 +2,7 @@
 
 - :mod:`~surgery_lib.settings.clip.config`       this setting's section of a preset (model, hub id, family, TIES scope, tasks)
 - :mod:`~surgery_lib.settings.clip.tasks`        the eight tasks: classes, prompt templates, sizes
+- :mod:`~surgery_lib.settings.clip.published`    the papers' ViT-B/32 averages, keyed like the table rows
 - :mod:`~surgery_lib.settings.clip.sources`      where checkpoints and data come from (the ``SURGERY_BOOK_*`` variables)
 - :mod:`~surgery_lib.settings.clip.safe_pickle`  the safe unpickler of task_vectors' pickles (allow-listed globals only)
 - :mod:`~surgery_lib.settings.clip.task_vectors` the task_vectors folder: encoders, heads, conversion
