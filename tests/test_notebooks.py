@@ -123,3 +123,38 @@ def test_shown_code_fits_the_page(path):
     shown = [c for c in cells if "remove-cell" not in c["metadata"].get("tags", [])]
     wide = [line for c in shown for line in "".join(c["source"]).splitlines() if len(line) > 88]
     assert not wide, f"{path.name}: code lines wider than 88 columns: {wide}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_chapter_reads_the_committed_grid_and_never_writes_into_it(path):
+    """The committed grids (``notebooks/results/``) are inputs: a chapter copies the cells that vouch for its zoo
+    into its own folder (``adopt_cells``) and computes the rest there. A chapter that ran ``run_grid`` on the
+    committed folder overwrote every committed cell with this machine's on a processor whose zoo differs."""
+    import ast
+
+    sources = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    tree = ast.parse("\n".join(s for s in sources if "%pip" not in s))  # the Colab install cell is IPython
+    assignments = [
+        (target.id, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    ]
+    names_in = lambda expr: {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)}  # noqa: E731
+    literal = lambda expr: any(  # noqa: E731  (a path under notebooks/results, e.g. Path("results") / ...)
+        isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith("results")
+        for n in ast.walk(expr)
+    )
+    committed = {name for name, value in assignments if literal(value)}
+    while True:  # every name computed from a committed folder (``folder = ... committed ...``)
+        more = {name for name, value in assignments if names_in(value) & committed} - committed
+        if not more:
+            break
+        committed |= more
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("run_grid", "run_cells")):
+            folder = node.args[1] if len(node.args) > 1 else None
+            assert folder is None or not (names_in(folder) & committed), (
+                f"{path.name}: {ast.unparse(node)} writes into the committed grid"
+            )
