@@ -222,6 +222,204 @@ def adopt_cells(
     return adopted
 
 
+def zoo_record_path(out: str | os.PathLike[str], identity: Mapping[str, str], preset: str) -> Path:
+    """``<out>/zoos/<preset>__<weights checksum>.json``: one file per zoo a grid folder's cells were computed on."""
+    return Path(out) / "zoos" / f"{preset}__{identity['zoo']}.json"
+
+
+def record_zoo(zoo: Zoo, out: str | os.PathLike[str]) -> Path:
+    """Write what a reader of ``out``'s cells needs to know about the zoo they were computed on: its
+    :func:`zoo_identity`, tasks, reference rows (pretrained, experts, MTL; accuracy in %), library versions and
+    machine, sealed with a digest like a cell. Jobs write it beside their cells, so a committed grid can be
+    shown whole, with its own reference rows, on a machine whose zoo came out otherwise
+    (:func:`reference_build`). Returns the path."""
+    identity = zoo_identity(zoo)
+    path = zoo_record_path(out, identity, zoo.preset.name)
+    record = {
+        "preset": zoo.preset.name,
+        **identity,
+        "tasks": list(zoo.tasks),
+        "reference_rows": zoo.reference_rows(),
+        "versions": zoo.manifest.get("versions"),
+        "machine": zoo.manifest.get("machine"),
+    }
+    if _vouched_zoo_record(path, identity) is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(_sealed(record), path)
+    return path
+
+
+def _vouched_zoo_record(path: Path, identity: Mapping[str, str]) -> dict[str, Any] | None:
+    try:
+        record = read_json(path)
+    except (OSError, CorruptFileError):
+        return None
+    if not isinstance(record, dict) or record.get("digest") != _digest(record):
+        return None
+    if any(record.get(key) != value for key, value in identity.items()):
+        return None
+    rows = record.get("reference_rows")
+    return record if isinstance(rows, dict) else None
+
+
+@dataclass
+class ReferenceBuild:
+    """A grid folder's cells computed with the same preset hash, zoo recipe and settings as this machine would
+    use, on another build of the zoo (its weights checksum ``zoo`` differs: CPU kernels of another instruction
+    set reduce in another order, and a trained zoo inherits the difference). Shown as what they are, the
+    reference build's results, never adopted as this zoo's (:func:`adopt_cells` refuses them)."""
+
+    source: Path
+    zoo: str
+    cells: list[dict[str, Any]]
+    #: The reference zoo's record (:func:`record_zoo`): reference rows, versions, machine.
+    record: dict[str, Any]
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return cell_table(self.cells)
+
+
+def reference_build(
+    spec: GridSpec, source: str | os.PathLike[str], zoos: Mapping[str, Mapping[str, str]]
+) -> ReferenceBuild | None:
+    """The cells of ``spec`` in the grid folder ``source`` if every one of them is there, unedited, computed
+    with ``spec``'s settings for the preset hash and zoo folder (recipe) that ``zoos`` (preset ->
+    :func:`zoo_identity`) names, all on one other build of the zoo (weights checksum). ``None`` otherwise:
+    a missing or edited cell, other settings or recipe, cells from several builds, or cells of this very zoo
+    (those :func:`adopt_cells` copies), or no zoo record (:func:`record_zoo`) for that build. ``spec`` has
+    one preset."""
+    if len(spec.presets) != 1 or spec.presets[0] not in zoos:
+        return None
+    source = Path(source)
+    preset = spec.presets[0]
+    recipe = {key: value for key, value in zoos[preset].items() if key != "zoo"}
+    cells = []
+    for cell in plan_cells(spec):
+        record = vouched_record(cell_path(source, cell), cell_identity(cell, spec, recipe))
+        if record is None:
+            return None
+        cells.append(record)
+    builds = {record["zoo"] for record in cells}
+    if len(builds) != 1 or builds == {zoos[preset]["zoo"]}:
+        return None
+    (build,) = builds
+    identity = {**recipe, "zoo": build}
+    record = _vouched_zoo_record(zoo_record_path(source, identity, preset), identity)
+    return ReferenceBuild(source, build, cells, record) if record is not None else None
+
+
+@dataclass
+class ChapterGrid:
+    """What :func:`chapter_grid` shows: ``table`` (:func:`grid_table`) and ``cells`` with ``reference_rows`` (the
+    pretrained, expert and MTL rows of the zoo they were computed on), from this zoo or, when ``reference`` is
+    set, the reference build's, with ``sample`` comparing the cells recomputed here."""
+
+    table: pd.DataFrame
+    cells: list[dict[str, Any]]
+    reference_rows: dict[str, dict[str, float]]
+    adopted: int
+    computed: int
+    source: Path
+    reference: ReferenceBuild | None = None
+    #: Per recomputed cell (row label and seed): its average on the reference build and on this zoo, and the
+    #: difference, in points.
+    sample: pd.DataFrame | None = None
+
+    def describe(self) -> str:
+        """Where the table's numbers come from, in two lines."""
+        total = len(self.cells)
+        if self.reference is None:
+            earlier = total - self.adopted - self.computed
+            return (
+                f"{total} cells: {self.adopted} read from {self.source} (computed from this zoo with these\n"
+                f"settings), {self.computed} computed now, {earlier} from an earlier run"
+            )
+        return (
+            f"{total} cells from the reference build in {self.source} (zoo {self.reference.zoo}):\n"
+            f"this machine's zoo differs; shown as computed there, {len(self.sample)} recomputed here to compare"
+        )
+
+
+def chapter_grid(
+    specs: GridSpec | Sequence[GridSpec],
+    committed: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    zoo: Zoo,
+    *,
+    another_zoo: str = "reference",
+    sample: Sequence[str] = ("task_arithmetic",),
+) -> ChapterGrid:
+    """A chapter's grid, in this process: the cells of ``specs`` (grids of ``zoo``'s preset alone) that the
+    committed grid folder ``committed`` holds for this zoo and settings are copied into ``out``, and the rest
+    are computed there.
+
+    When this machine's zoo is another build of the same recipe (another processor's kernels) and
+    ``committed`` holds every cell from one build with its zoo record (:func:`reference_build`), ``another_zoo``
+    decides: ``"reference"`` shows the reference build's cells and rows as they are and recomputes here only
+    the cells of the ``sample`` methods (first seed), to compare; ``"compute"`` computes every cell on this zoo
+    (the mini preset's full grid: about half an hour of CPU). ``committed`` is never written.
+
+    Raises:
+        SurgeryBookError: an unknown ``another_zoo``, or a grid of another preset.
+    """
+    if another_zoo not in ("reference", "compute"):
+        raise SurgeryBookError(
+            f"another_zoo={another_zoo!r} is not a choice", 'use "reference" (the default) or "compute"'
+        )
+    specs = [specs] if isinstance(specs, GridSpec) else list(specs)
+    preset = zoo.preset.name
+    if not specs or any(spec.presets != (preset,) for spec in specs):
+        raise SurgeryBookError(
+            f"chapter_grid takes grids of the zoo's preset {preset!r} alone, not {[s.presets for s in specs]}",
+            "give each GridSpec presets=(zoo.preset.name,)",
+        )
+    committed, out = Path(committed), Path(out)
+    zoos = {preset: zoo_identity(zoo)}
+    inline = SubmitOptions(executor="inline")
+
+    def run(spec: GridSpec) -> GridRun:
+        return run_grid(spec, out, inline, progress=False, zoos={preset: zoo})
+
+    adopted = sum(adopt_cells(spec, committed, out, zoos) for spec in specs)
+    missing = any(not finished(out, cell, spec, zoos[preset]) for spec in specs for cell in plan_cells(spec))
+    builds = (
+        [reference_build(spec, committed, zoos) for spec in specs] if missing and another_zoo == "reference" else []
+    )
+    if not builds or None in builds or len({build.zoo for build in builds}) != 1:
+        runs = [run(spec) for spec in specs]
+        cells = [cell for result in runs for cell in result.cells]
+        computed = sum(result.computed for result in runs)
+        return ChapterGrid(cell_table(cells), cells, zoo.reference_rows(), adopted, computed, committed)
+    import pandas as pd
+
+    reference = dataclasses.replace(builds[0], cells=[cell for build in builds for cell in build.cells])
+    theirs = {(r["method"], r["version"], r["seed"]): r for r in reference.cells}
+    runs = [run(dataclasses.replace(spec, methods=_sampled(spec, sample), seeds=1)) for spec in specs]
+    rows = {}
+    for mine in (cell for result in runs for cell in result.cells):
+        record = theirs[(mine["method"], mine["version"], mine["seed"])]
+        rows[f"{mine['label']}, seed {mine['seed']}"] = {
+            "reference build": record["average"],
+            "this zoo": mine["average"],
+            "difference": mine["average"] - record["average"],
+        }
+    return ChapterGrid(
+        reference.table,
+        reference.cells,
+        reference.record["reference_rows"],
+        adopted,
+        sum(result.computed for result in runs),
+        committed,
+        reference,
+        pd.DataFrame.from_dict(rows, orient="index"),
+    )
+
+
+def _sampled(spec: GridSpec, sample: Sequence[str]) -> tuple[str, ...]:
+    return tuple(method for method in spec.methods if method in sample) or spec.methods[:1]
+
+
 #: How often a local job checks that the ``grid`` command that started it is still alive, in seconds.
 PARENT_POLL_S = 0.5
 
@@ -269,6 +467,7 @@ def run_cells(cells: Sequence[Cell], spec: GridSpec, out: str, parent: tuple[int
             if cell.preset not in zoos:
                 zoos[cell.preset] = _load_zoo(spec, cell.preset)
                 identities[cell.preset] = zoo_identity(zoos[cell.preset])
+                record_zoo(zoos[cell.preset], out)
             if finished(Path(out), cell, spec, identities[cell.preset]):
                 continue
             record = _compute(zoos[cell.preset], cell, spec)

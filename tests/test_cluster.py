@@ -4,8 +4,10 @@ committed grid a chapter may read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +26,13 @@ from surgery_lib.cluster import (
     batches,
     cell_identity,
     cell_path,
+    chapter_grid,
     plan_cells,
+    reference_build,
     run_grid,
     vouched_record,
+    zoo_identity,
+    zoo_record_path,
 )
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.storage import config_hash, read_json, write_json
@@ -329,6 +335,85 @@ def test_a_cell_file_that_cannot_vouch_for_itself_is_computed_again(smoke_zoo, c
         cache_dir=str(cache_dir),
     )
     assert run_grid(other, tmp_path, inline, progress=False).computed == 2
+
+
+def _reseal(path, **changes):
+    record = {**read_json(path), **changes}
+    write_json({**record, "digest": config_hash({k: v for k, v in record.items() if k != "digest"})}, path)
+
+
+def test_the_committed_grid_is_a_reference_build_on_another_build_of_its_zoo_only(tmp_path):
+    """Another processor builds the same recipe into other weights: its chapters show the committed cells as the
+    reference build's, and only when every cell is there, unedited, from one build, with that build's zoo record."""
+    grid = read_json(COMMITTED_MINI_GRID / "grid.json")
+    spec = GridSpec(
+        **{
+            **grid["spec"],
+            "presets": tuple(grid["spec"]["presets"]),
+            "methods": tuple(grid["spec"]["methods"]),
+            "versions": tuple(grid["spec"]["versions"]),
+        }
+    )
+    sample = read_json(cell_path(COMMITTED_MINI_GRID, Cell("mini", "task_arithmetic", 0)))
+    built_here = _identity(sample)
+    elsewhere = {**built_here, "zoo": "another0zoo0"}
+
+    reference = reference_build(spec, COMMITTED_MINI_GRID, {"mini": elsewhere})
+    assert reference is not None and reference.zoo == built_here["zoo"]
+    assert len(reference.cells) == len(plan_cells(spec)) == len(list((COMMITTED_MINI_GRID / "cells").glob("*.json")))
+    assert set(reference.record["reference_rows"]) == {"pretrained + probe", "individual (expert)", "traditional MTL"}
+    assert reference.table.loc[("mini", "task arithmetic"), "average"] == pytest.approx(sample["average"])
+    assert reference_build(spec, COMMITTED_MINI_GRID, {"mini": built_here}) is None  # this zoo's: adopted instead
+    for changed in ("zoo_folder", "preset_hash"):  # another recipe or preset
+        assert reference_build(spec, COMMITTED_MINI_GRID, {"mini": {**elsewhere, changed: "other"}}) is None
+    other_schedule = dataclasses.replace(spec, surgery_steps=999)
+    assert reference_build(other_schedule, COMMITTED_MINI_GRID, {"mini": elsewhere}) is None
+
+    def broken(name, damage):
+        copy = tmp_path / name
+        shutil.copytree(COMMITTED_MINI_GRID, copy)
+        damage(copy)
+        return reference_build(spec, copy, {"mini": elsewhere})
+
+    ta = Cell("mini", "task_arithmetic", 0)
+    assert broken("edited", lambda d: write_json({**sample, "average": 99.0}, cell_path(d, ta))) is None
+    assert broken("missing", lambda d: cell_path(d, ta).unlink()) is None
+    assert broken("two-builds", lambda d: _reseal(cell_path(d, ta), zoo="third0build0")) is None
+    assert broken("no-zoo-record", lambda d: zoo_record_path(d, built_here, "mini").unlink()) is None
+    assert broken("untouched", lambda d: None) is not None
+
+
+def test_a_chapter_shows_a_reference_build_and_recomputes_only_its_sample(smoke_zoo, cache_dir, tmp_path):
+    spec = GridSpec(presets=("smoke",), methods=("task_arithmetic", "ties"), versions=(0, 1), cache_dir=str(cache_dir))
+    committed = tmp_path / "committed"
+    first = chapter_grid(spec, tmp_path / "nothing", committed, smoke_zoo)
+    assert first.reference is None and first.computed == 4 and first.adopted == 0
+    assert first.reference_rows == smoke_zoo.reference_rows()
+    # The same cells as another build of this zoo would have left them: another weights checksum, resealed.
+    built_here = zoo_identity(smoke_zoo)
+    for path in [*(committed / "cells").glob("*.json"), zoo_record_path(committed, built_here, "smoke")]:
+        _reseal(path, zoo="another0zoo0")
+    zoo_record_path(committed, built_here, "smoke").rename(
+        zoo_record_path(committed, {**built_here, "zoo": "another0zoo0"}, "smoke")
+    )
+    before = {path: path.read_bytes() for path in committed.rglob("*") if path.is_file()}
+
+    shown = chapter_grid(spec, committed, tmp_path / "shown", smoke_zoo)
+    assert shown.reference is not None and shown.reference.zoo == "another0zoo0"
+    assert shown.computed == 2 and list(shown.sample.index) == [
+        "task arithmetic, seed 0",
+        "task arithmetic + Surgery, seed 0",
+    ]
+    assert (shown.sample["difference"] == 0).all()  # the same numbers under another checksum
+    numbers = [*smoke_zoo.tasks, "average", "bias"]
+    assert shown.table[numbers].equals(first.table[numbers])
+    assert "reference build" in shown.describe() and "2 recomputed here" in shown.describe()
+    assert {path: path.read_bytes() for path in committed.rglob("*") if path.is_file()} == before
+
+    everything = chapter_grid(spec, committed, tmp_path / "all", smoke_zoo, another_zoo="compute")
+    assert everything.reference is None and everything.computed == 4 and everything.sample is None
+    with pytest.raises(SurgeryBookError, match="another_zoo='sometimes' is not a choice"):
+        chapter_grid(spec, committed, tmp_path / "bad", smoke_zoo, another_zoo="sometimes")
 
 
 def test_a_name_given_twice_is_one_grid_axis_entry_and_an_empty_axis_is_an_error():

@@ -16,7 +16,8 @@ COMMITTED = Path(__file__).resolve().parents[1] / "notebooks" / "results" / "gri
 SAMPLE = (Cell("mini", "task_arithmetic", 0), Cell("mini", "ties", 1), Cell("mini", "adamerging_layer", 2))
 #: The same zoo recomputed with another torch thread count (the committed cells used two, the tests one) differs in
 #: the last bits only; another processor's zoo differs within the README's reproducibility table (averages within 2
-#: points), and then the chapters compute their cells instead of reading these.
+#: points), and then the chapters show these cells as the reference build's and recompute a sample
+#: (``cluster.chapter_grid``).
 SAME_ZOO_POINTS, OTHER_ZOO_POINTS = 0.5, 3.0
 
 

@@ -128,7 +128,7 @@ def test_shown_code_fits_the_page(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_a_chapter_reads_the_committed_grid_and_never_writes_into_it(path):
     """The committed grids (``notebooks/results/``) are inputs: a chapter copies the cells that vouch for its zoo
-    into its own folder (``adopt_cells``) and computes the rest there. A chapter that ran ``run_grid`` on the
+    into its own folder (``adopt_cells``, ``chapter_grid``) and computes the rest there. A chapter that ran ``run_grid`` on the
     committed folder overwrote every committed cell with this machine's on a processor whose zoo differs."""
     import ast
 
@@ -153,8 +153,10 @@ def test_a_chapter_reads_the_committed_grid_and_never_writes_into_it(path):
             break
         committed |= more
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("run_grid", "run_cells")):
-            folder = node.args[1] if len(node.args) > 1 else None
+        function = ast.unparse(node.func) if isinstance(node, ast.Call) else ""
+        if function.endswith(("run_grid", "run_cells", "chapter_grid")):
+            position = 2 if function.endswith("chapter_grid") else 1  # chapter_grid(specs, committed, out, zoo)
+            folder = node.args[position] if len(node.args) > position else None
             assert folder is None or not (names_in(folder) & committed), (
                 f"{path.name}: {ast.unparse(node)} writes into the committed grid"
             )
