@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import html
 import math
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -22,11 +23,13 @@ if TYPE_CHECKING:
 #: Columns that summarise a row, shown before (and, in the folded view, instead of) the per-task columns.
 SUMMARY_COLUMNS = ("average", "average (normalised)", "normalized average", "± std", "gain", "bias")
 
-#: Columns that describe a spread, not a result: never marked as best.
-UNRANKED = frozenset({"± std", "std"})
+#: Columns that describe a spread or a cost, not a result: never marked as best.
+UNRANKED = frozenset(
+    {"± std", "std", "seeds", "cells", "seconds", "minutes", "peak memory (GB)", "peak_rss_mib", "peak_gpu_gib"}
+)
 
 #: Columns where less is better (the representation bias): their best value is the smallest.
-LOWER_IS_BETTER = frozenset({"bias", "bias before", "bias after", "seconds", "peak memory (GB)"})
+LOWER_IS_BETTER = frozenset({"bias", "bias before", "bias after"})
 
 
 class ReadableTable:
@@ -40,6 +43,8 @@ class ReadableTable:
             (:data:`LOWER_IS_BETTER`), or every column when ``True``.
         fold: fold the per-task columns into a collapsible block (default: when there are summary
             columns to show instead).
+        mark_best: mark each column's best value; ``False`` where best means nothing (coefficients,
+            settings).
 
     The best value of each numeric column is bold. Reference rows (the experts, multi-task learning,
     the pretrained model: upper and lower bounds, not competitors) are left out of that comparison
@@ -53,22 +58,27 @@ class ReadableTable:
         digits: int = 1,
         lower_is_better: bool | Sequence[str] | None = None,
         fold: bool | None = None,
+        mark_best: bool = True,
     ) -> None:
         summary = [c for c in SUMMARY_COLUMNS if c in table.columns]
         self.frame = table[summary + [c for c in table.columns if c not in summary]]
         self.summary = summary
         self.digits = digits
+        self.mark_best = mark_best
         if lower_is_better is True:
             self.lower = set(map(str, table.columns))
         else:
             self.lower = set(lower_is_better or ()) | (LOWER_IS_BETTER if lower_is_better is None else set())
         per_task = len(self.frame.columns) - len(summary)
-        self.fold = bool(summary) and per_task > 0 if fold is None else fold
+        # One column more is shown, not hidden behind a fold that would only repeat the table.
+        self.fold = bool(summary) and per_task > 1 if fold is None else fold
 
     def best(self) -> dict[str, object]:
         """The row label holding the best value of each numeric column (reference rows excluded)."""
         import pandas as pd
 
+        if not self.mark_best:
+            return {}
         rows = [r for r in self.frame.index if str(r) not in REFERENCE_ROWS] or list(self.frame.index)
         best = {}
         for column in self.frame.columns:
@@ -80,19 +90,23 @@ class ReadableTable:
         return best
 
     def _cell(self, value: object) -> str:
-        if isinstance(value, float) and math.isnan(value):
+        # numpy scalars too: a float32 coefficient printed through str() showed eight digits.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return str(value)
+        if isinstance(value, numbers.Integral):
+            return f"{int(value):,}"
+        if math.isnan(value):
             return ""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return f"{value:.{self.digits}f}"
-        return str(value)
+        return f"{value:.{self.digits}f}"
 
     def _html(self, columns: Sequence[str], best: dict[str, object]) -> str:
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
         body = []
-        for label, row in self.frame[list(columns)].iterrows():
+        shown = self.frame[list(columns)]
+        for position, label in enumerate(shown.index):
             cells = []
-            for column in columns:
-                text = html.escape(self._cell(row[column]))
+            for column in columns:  # by column, keeping its dtype (a row would turn counts into floats)
+                text = html.escape(self._cell(shown[column].iloc[position]))
                 cells.append(f"<td><b>{text}</b></td>" if best.get(column) == label else f"<td>{text}</td>")
             # Row labels in normal weight, so that bold means "best" and nothing else.
             label_cell = f'<th style="font-weight: normal; text-align: left">{html.escape(str(label))}</th>'
@@ -116,7 +130,7 @@ class ReadableTable:
         digest = hashlib.sha1(self.frame.to_csv().encode()).hexdigest()[:8]
         return (
             self._html(self.summary, best)
-            + f'<details id="table-{digest}"><summary>All {len(per_task)} per-task columns</summary>'
+            + f'<details id="table-{digest}"><summary>{_fold_label(per_task)}</summary>'
             + self._html(columns, best)
             + "</details>"
             + (note if best else "")
@@ -125,6 +139,10 @@ class ReadableTable:
     def __repr__(self) -> str:
         shown = self.frame[self.summary] if self.fold else self.frame
         return shown.to_string(float_format=lambda v: f"{v:.{self.digits}f}")
+
+
+def _fold_label(columns: Sequence[str]) -> str:
+    return f"All {len(columns)} per-task columns" if len(columns) > 1 else f"The {columns[0]} column"
 
 
 def readable(table: pd.DataFrame, **options) -> ReadableTable:

@@ -62,6 +62,30 @@ def test_a_table_without_summary_columns_is_shown_whole_and_the_html_is_stable()
     assert tables.readable(results())._repr_html_() == tables.readable(results())._repr_html_()
 
 
+def test_costs_and_spreads_are_never_best_and_one_extra_column_is_not_folded():
+    costs = pd.DataFrame(
+        {"average": [61.7, 75.4], "seconds": [4.6, 3.1], "peak memory (GB)": [1.2, 1.4], "seeds": [1, 3]},
+        index=["task arithmetic", "task arithmetic + Surgery"],
+    )
+    best = tables.readable(costs).best()
+    assert best == {"average": "task arithmetic + Surgery"}  # seconds, memory and seed counts are costs
+    one_more = tables.readable(results()[["average", "bias", "mnist"]])
+    assert not one_more.fold and "<details" not in one_more._repr_html_()
+    forced = tables.readable(results()[["average", "bias", "mnist"]], fold=True)._repr_html_()
+    assert "<summary>The mnist column</summary>" in forced and "1 per-task columns" not in forced
+
+
+def test_numpy_numbers_are_rounded_counts_stay_integers_and_best_can_be_left_unmarked():
+    coefficients = pd.DataFrame(
+        {"block 1": np.array([0.25598907, 0.3], dtype=np.float32), "parameters": [4096, 20480]},
+        index=["mnist", "shapes"],
+    )
+    html = tables.readable(coefficients, digits=2, mark_best=False)._repr_html_()
+    assert "<td>0.26</td>" in html and "0.25598" not in html  # a float32 is a number too
+    assert "<td>4,096</td>" in html and "4096.0" not in html  # a count beside floats stays a count
+    assert "<b>" not in html and tables.readable(coefficients).best()
+
+
 def test_every_method_and_reference_row_has_its_own_fixed_colour():
     colours = {name: plots.colour_of(name) for name in METHODS.values()}
     assert None not in colours.values() and len(set(colours.values())) == len(colours)
