@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 EXPERT_COLOUR, MERGED_COLOUR, SURGERY_COLOUR = "#1f5fbf", "#d62728", "#2ca02c"
 SURGERY_V2_COLOUR = "#1b7a3a"
+ENTROPY_COLOUR = "0.35"
 #: Colours of a merge alone and repaired (the papers': merged red, surgery green), shared by the grid figures.
 VERSION_COLOURS = {0: MERGED_COLOUR, 1: SURGERY_COLOUR, 2: SURGERY_V2_COLOUR}
 
@@ -63,15 +64,32 @@ _METHOD_CYCLE = (
 )
 
 
+#: Colours for labels that name no row: matplotlib's cycle without its blue and green, which mean expert and
+#: repaired in every figure of the book.
+SPARE_COLOURS = ("#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000")
+
+
 def colour_of(row: Row | str) -> str | None:
     """The fixed colour of a row (a :class:`~surgery_lib.merging.rows.Row`, or a label :func:`row_of` reads
     back into one): a reference row's, a merging method's (merged red for task arithmetic, the papers' usual
-    merge; the others in registration order), + Surgery and + SurgeryV2 rows in the repaired greens.
-    ``None`` for a label that names no row and has no colour of its own (``"merged"``, ``"experts"``)."""
+    merge; the others in registration order), + Surgery and + SurgeryV2 rows in the repaired greens, and so the
+    bare version names ("Surgery"). A label with a note in brackets after the row ("... + Surgery (online)")
+    takes the row's colour. ``None`` for a label that names no row and has no colour of its own."""
     if isinstance(row, str):
-        if row in REFERENCE_COLOURS:
-            return REFERENCE_COLOURS[row]
-        row = row_of(row)
+        label = row
+        if label in REFERENCE_COLOURS:
+            return REFERENCE_COLOURS[label]
+        versions = {  # "+ Surgery" and "Surgery"
+            name: VERSION_COLOURS[version]
+            for version, full in VERSION_NAMES.items()
+            if version
+            for name in (full, full.removeprefix("+ "))
+        }
+        if label in versions:
+            return versions[label]
+        row = row_of(label)
+        if row is None and label.endswith(")") and " (" in label:
+            return colour_of(label.rsplit(" (", 1)[0])
         if row is None:
             return None
     if row.is_reference:
@@ -83,11 +101,14 @@ def colour_of(row: Row | str) -> str | None:
 
 
 def palette(labels: Sequence[str]) -> dict[str, str]:
-    """``{label: colour}`` for a figure's labels: :func:`colour_of` where fixed, otherwise matplotlib's cycle."""
-    import matplotlib as mpl
-
-    spare = iter(mpl.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
-    return {str(label): colour_of(label) or next(spare) for label in labels}
+    """``{label: colour}`` for a figure's labels: :func:`colour_of` where fixed and not yet taken in this figure
+    (two Surgery runs of one merge get two colours), otherwise the next of :data:`SPARE_COLOURS`."""
+    colours: dict[str, str] = {}
+    spare = (colour for colour in SPARE_COLOURS * 4 if colour not in {colour_of(label) for label in labels})
+    for label in map(str, labels):
+        fixed = colour_of(label)
+        colours[label] = fixed if fixed is not None and fixed not in colours.values() else next(spare)
+    return colours
 
 
 def _legend_outside(axis, **options) -> None:
@@ -400,8 +421,11 @@ def curves(
             axis.plot(trend.index, trend.values, color=colour, linewidth=2, label=f"{label} ({smooth}-step mean)")
             continue
         axis.plot(values.index, values.values, marker="o" if len(values) <= 30 else None, label=label, color=colour)
-    if logx:
+    if logx:  # log spacing, labelled with the values themselves (not powers of 2)
         axis.set_xscale("log", base=2)
+        ticks = sorted({float(x) for line in axis.get_lines() for x in line.get_xdata()})
+        axis.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        axis.minorticks_off()
     axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if len(series) > 1:
         _legend_outside(axis)
@@ -439,12 +463,13 @@ def accuracy_and_entropy(
     """Average accuracy (%, left axis) and mean prediction entropy (nats, right axis) over a shared x."""
     plt = _pyplot()
     figure, left = plt.subplots(figsize=(5.5, 3.4))
-    left.plot(accuracy.index, accuracy.values, marker="o", color=EXPERT_COLOUR, label="accuracy")
+    # Both lines describe the merged model: its accuracy in the merged red, its entropy in grey, dashed.
+    left.plot(accuracy.index, accuracy.values, marker="o", color=MERGED_COLOUR, label="accuracy")
     left.set(xlabel=xlabel, ylabel="average accuracy (%)", title=title)
-    left.yaxis.label.set_color(EXPERT_COLOUR)
+    left.yaxis.label.set_color(MERGED_COLOUR)
     right = left.twinx()
-    right.plot(entropy.index, entropy.values, marker="s", color=MERGED_COLOUR, label="entropy")
-    right.set_ylabel("mean prediction entropy (nats)", color=MERGED_COLOUR)
+    right.plot(entropy.index, entropy.values, marker="s", linestyle="--", color=ENTROPY_COLOUR, label="entropy")
+    right.set_ylabel("mean prediction entropy (nats)", color=ENTROPY_COLOUR)
     figure.tight_layout()
     return figure
 

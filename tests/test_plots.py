@@ -98,3 +98,34 @@ def test_a_trimming_methods_clip_label_keeps_the_methods_colour():
     clip_label = ties + " [top 20% of tower + text leftovers = 25.83 % of the tower]"  # method_label on real CLIP
     assert colour_of(ties) is not None and colour_of(clip_label) == colour_of(ties)
     assert colour_of(clip_label + " + Surgery") == colour_of(ties + " + Surgery")
+
+
+def test_line_charts_keep_the_book_palette_and_never_repeat_a_colour():
+
+    # Bare version names and rows with a note in brackets take the row's colour (chapter 06's data and online
+    # figures drew "Surgery" in matplotlib's first colour, a blue like the experts').
+    assert plots.palette(["Surgery", "SurgeryV2"]) == {
+        "Surgery": plots.SURGERY_COLOUR,
+        "SurgeryV2": plots.SURGERY_V2_COLOUR,
+    }
+    assert plots.colour_of("layer-wise AdaMerging + Surgery (online)") == plots.SURGERY_COLOUR
+    # Two Surgery runs in one figure (chapter 05: two ranks) get two colours, neither blue.
+    runs = plots.palette(
+        ["task arithmetic + Surgery (rank 4)", "Surgery (rank 16)", "task arithmetic + SurgeryV2 (rank 4)"]
+    )
+    assert list(runs.values())[0] == plots.SURGERY_COLOUR and len(set(runs.values())) == 3
+    unknown = plots.palette(["rank", "images per task", "lr 1e-05", "lr 0.0001"])
+    assert len(set(unknown.values())) == 4
+    assert not set(unknown.values()) & {plots.EXPERT_COLOUR, plots.SURGERY_COLOUR, "#1f77b4", "#2ca02c"}
+
+
+def test_a_log_axis_is_labelled_with_the_values_themselves():
+
+    figure = plots.curves(
+        {"Surgery": pd.Series([70.0, 72.0, 75.0], index=[50, 200, 1000])},
+        xlabel="images per task",
+        ylabel="accuracy",
+        logx=True,
+    )
+    labels = [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert labels == ["50", "200", "1000"]
