@@ -12,6 +12,10 @@ is refused, so a table never mixes cells computed under different schedules. A c
 it vouches for itself: it records its cell, the grid settings, the preset's hash, the zoo's folder and weights
 checksum, and a digest of all of it with its numbers; a file that was edited, copied over another cell's name,
 or computed from another zoo, preset or schedule is computed again (so deleting ``grid.json`` changes nothing).
+
+Jobs also record the zoo they computed on (``<out>/zoos/``: identity and reference rows). On a machine whose
+processor builds the same recipe into other weights, :func:`chapter_grid` can then show a committed grid whole as
+that reference build's results, and recompute a sample here to compare, instead of recomputing every cell.
 """
 
 from __future__ import annotations

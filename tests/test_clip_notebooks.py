@@ -83,6 +83,12 @@ def test_every_notebook_runs_on_a_clip_preset(tmp_path, monkeypatch, published_c
     )
     ties = [label for label in table.index if label.startswith("TIES-merging (disjoint sum) [")]
     assert ties and "% of the tower" in ties[0]  # the official trim scope, named in the label
+    # The from-scratch Surgery (04) and SurgeryV2 (05) learn the library's modules on CLIP too, where a task has fewer
+    # images than two batches (the official schedule then takes one batch per iteration).
+    for chapter, check in (("04_surgery", "scratch-check"), ("05_surgery_v2", "scratch-v2-check")):
+        cells = json.loads((out / "notebooks" / f"{chapter}.ipynb").read_text())["cells"]
+        (printed,) = ["".join(o.get("text", "")) for c in cells if c.get("id") == check for o in c["outputs"]]
+        assert "same module" in printed and printed.count(": True") == printed.count(": "), (chapter, printed)
     (table,) = (out / "07_beyond_the_papers" / "grid").glob("*/table.csv")  # one folder per zoo, in its output
     grid = pd.read_csv(table)
     assert set(grid["method"]) == {"task_arithmetic", "tsv"} and set(grid["version"]) == {0, 1, 2}
