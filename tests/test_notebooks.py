@@ -92,6 +92,18 @@ def test_every_chapter_has_its_tutorial_furniture(path):
     assert 2 <= len(numbered) == len(solutions), f"{path.name}: {len(numbered)} exercises, {len(solutions)} solutions"
     # Folded in the book, executed (and so checked by nbval) with the chapter.
     assert all("hide-cell" in c["metadata"].get("tags", []) and c["outputs"] for c in solutions)
+    # The fold says what it holds ("Show code cell content" did not), and no heading stands between the
+    # exercises and their solutions (chapter 06's solutions rendered under "Projects").
+    for number, cell in enumerate(solutions, start=1):
+        assert cell["metadata"].get("mystnb", {}).get("code_prompt_show") == f"Solution to exercise {number}"
+    first_solution = cells.index(solutions[0])
+    exercise_cell = max(i for i, c in enumerate(cells[:first_solution]) if "## Exercises" in "".join(c["source"]))
+    between = "".join(
+        "".join(c["source"]).split("## Exercises", 1)[-1]
+        for c in cells[exercise_cell:first_solution]
+        if c["cell_type"] == "markdown"
+    )
+    assert "\n## " not in between and not between.startswith("## "), f"{path.name}: a heading before the solutions"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
