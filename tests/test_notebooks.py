@@ -208,3 +208,40 @@ def test_tables_show_rounded_numbers_and_counts_as_integers(path):
             page = "".join(output.get("data", {}).get("text/html", ""))
             shown += re.findall(r"<td>(?:<b>)?(-?\d+\.\d{5,}|\d{4,}\.0)(?:</b>)?</td>", page)
     assert not shown, f"{path.name}: table cells shown unrounded or as float counts: {shown[:5]}"
+
+
+#: Decimals a chapter's prose may state without an output holding them: what they are, not results of a run.
+PROSE_CONSTANTS = {
+    "0.02": "a ViT-B/32 module's share of the encoder's parameters, worked out in the text (chapter 04)",
+    "0.50": "task arithmetic's share of the gain from the published CLIP numbers quoted beside it (chapter 00)",
+    "0.95": "RegMean's published scaling of the off-diagonal Gram terms (chapter 07)",
+    "1.10": "the torch version the official code pinned (chapter 06)",
+}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_decimal_in_a_chapters_prose_comes_from_its_run_or_a_cited_source(path):
+    """A number typed into prose goes stale when the chapter is re-executed: results are glued. A decimal that
+    is not glued must be in one of the chapter's outputs, among the published CLIP numbers the library cites, or
+    a constant named in ``PROSE_CONSTANTS``."""
+    from surgery_lib.settings.clip.published import VIT_B32_AVERAGES
+
+    cells = json.loads(path.read_text())["cells"]
+    outputs = "".join(
+        "".join(output.get("text", ""))
+        + "".join("".join(v) for v in output.get("data", {}).values() if isinstance(v, (str, list)))
+        for cell in cells
+        for output in cell.get("outputs", [])
+    )
+    cited = {f"{value:.1f}" for value in VIT_B32_AVERAGES.values()}
+    stale = []
+    for cell in cells:
+        if cell["cell_type"] != "markdown":
+            continue
+        prose = "".join(cell["source"])
+        for pattern in (r"\{glue:[^}]*\}`[^`]*`", r"`[^`]*`", r"\$[^$]*\$", r"\]\([^)]*\)"):
+            prose = re.sub(pattern, " ", prose)  # glued values, code, maths, link targets
+        for number in re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", prose):
+            if number not in outputs and number not in cited and number not in PROSE_CONSTANTS:
+                stale.append(number)
+    assert not stale, f"{path.name}: numbers in prose that no output contains (glue them): {stale}"
