@@ -179,9 +179,9 @@ def _sealed(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "digest": _digest(record)}
 
 
-def vouched_record(path: Path, identity: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The cell record in ``path`` if it carries exactly ``identity`` (a :func:`cell_identity`), a finite
-    ``average`` and a digest that matches its content; ``None`` for a missing, unreadable, edited or foreign file."""
+def _sealed_record(path: Path, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON object in ``path`` if its digest matches its content and it carries every field of ``identity``
+    with that value; ``None`` for a missing, unreadable, edited or foreign file."""
     try:
         record = read_json(path)
     except (OSError, CorruptFileError):
@@ -189,6 +189,15 @@ def vouched_record(path: Path, identity: Mapping[str, Any]) -> dict[str, Any] | 
     if not isinstance(record, dict) or record.get("digest") != _digest(record):
         return None
     if any(record.get(key) != value for key, value in identity.items()):
+        return None
+    return record
+
+
+def vouched_record(path: Path, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The cell record in ``path`` if it carries exactly ``identity`` (a :func:`cell_identity`), a finite
+    ``average`` and a digest that matches its content; ``None`` for a missing, unreadable, edited or foreign file."""
+    record = _sealed_record(path, identity)
+    if record is None:
         return None
     average = record.get("average")
     if not isinstance(average, float) or not math.isfinite(average):
@@ -254,16 +263,8 @@ def record_zoo(zoo: Zoo, out: str | os.PathLike[str]) -> Path:
 
 
 def _vouched_zoo_record(path: Path, identity: Mapping[str, str]) -> dict[str, Any] | None:
-    try:
-        record = read_json(path)
-    except (OSError, CorruptFileError):
-        return None
-    if not isinstance(record, dict) or record.get("digest") != _digest(record):
-        return None
-    if any(record.get(key) != value for key, value in identity.items()):
-        return None
-    rows = record.get("reference_rows")
-    return record if isinstance(rows, dict) else None
+    record = _sealed_record(path, identity)
+    return record if record is not None and isinstance(record.get("reference_rows"), dict) else None
 
 
 @dataclass

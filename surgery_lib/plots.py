@@ -103,10 +103,10 @@ def colour_of(row: Row | str) -> str | None:
 def palette(labels: Sequence[str]) -> dict[str, str]:
     """``{label: colour}`` for a figure's labels: :func:`colour_of` where fixed and not yet taken in this figure
     (two Surgery runs of one merge get two colours), otherwise the next of :data:`SPARE_COLOURS`."""
+    fixed_colours = {str(label): colour_of(label) for label in labels}
+    spare = (colour for colour in SPARE_COLOURS * 4 if colour not in fixed_colours.values())
     colours: dict[str, str] = {}
-    spare = (colour for colour in SPARE_COLOURS * 4 if colour not in {colour_of(label) for label in labels})
-    for label in map(str, labels):
-        fixed = colour_of(label)
+    for label, fixed in fixed_colours.items():
         colours[label] = fixed if fixed is not None and fixed not in colours.values() else next(spare)
     return colours
 
