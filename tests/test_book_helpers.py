@@ -37,6 +37,7 @@ def test_a_readable_table_puts_the_summary_first_and_folds_the_tasks():
     compact, folded = html.split("<details", 1)
     assert "<th>average</th>" in compact and "mnist" not in compact
     assert all(f"<th>{t}</th>" in folded for t in TASKS) and "per-task columns" in folded
+    assert "<th>average</th>" not in folded  # shown right above: repeating it widened the fold past the page
     assert "60.0" in html and "60.04" not in html  # one decimal shown, the frame keeps every digit
     assert shown.frame.loc["task arithmetic", "mnist"] == 60.04
     assert "mnist" not in repr(shown) and "average" in repr(shown)
@@ -86,6 +87,13 @@ def test_numpy_numbers_are_rounded_counts_stay_integers_and_best_can_be_left_unm
     assert "<b>" not in html and tables.readable(coefficients).best()
 
 
+def test_long_task_names_may_wrap_and_a_wide_table_scrolls_instead_of_being_cut():
+    wide = pd.DataFrame({"street_digits": [87.2], "photo_patches": [66.0]}, index=["individual (expert)"])
+    html = tables.readable(wide)._repr_html_()
+    assert "<th>street_<wbr>digits</th>" in html and "<th>photo_<wbr>patches</th>" in html
+    assert html.startswith('<div style="overflow-x: auto"><table')
+
+
 def test_every_method_and_reference_row_has_its_own_fixed_colour():
     colours = {name: plots.colour_of(name) for name in METHODS.values()}
     assert None not in colours.values() and len(set(colours.values())) == len(colours)
@@ -117,8 +125,37 @@ def test_the_diagrams_draw_one_module_per_block_and_name_their_parts():
     figure = diagrams.surgery_v2_diagram(blocks=4)
     modules = [t.get_text() for t in figure.axes[0].texts if re.fullmatch(r"\$S\^\{\w+\}_t\$", t.get_text())]
     assert modules == ["$S^{1}_t$", "$S^{2}_t$", "$S^{3}_t$", "$S^{L}_t$"]
+    # One L1 loss per block and Surgery's own on the final embedding.
+    assert [t.get_text() for t in figure.axes[0].texts].count("L1") == 4 + 1
     with pytest.raises(ValueError):
         diagrams.surgery_v2_diagram(blocks=1)
+
+
+def test_the_diagrams_are_vector_graphics_with_reproducible_bytes():
+    first, second = diagrams.svg_text(diagrams.surgery_diagram()), diagrams.svg_text(diagrams.surgery_diagram())
+    assert first == second and first.lstrip().startswith("<?xml") and "<svg" in first
+    assert "<image" not in first  # no embedded bitmap: sharp at any zoom
+    shown = diagrams.as_svg(diagrams.surgery_v2_diagram())
+    assert shown._repr_svg_().startswith("<svg")  # a notebook shows it as image/svg+xml
+
+
+def test_the_background_pages_include_the_current_drawings(tmp_path):
+    from pathlib import Path
+
+    book_figures = Path(__file__).resolve().parents[1] / "book" / "figures"
+    for written in diagrams.write_book_figures(tmp_path):
+        committed = (book_figures / written.name).read_text(encoding="utf-8")
+        drawn = written.read_text(encoding="utf-8")
+        version = re.search(r"Matplotlib v([\d.]+)", committed).group(1)
+        if version != matplotlib.__version__:
+            pytest.skip(f"book/figures was drawn with matplotlib {version}, this is {matplotlib.__version__}")
+        assert drawn == committed, f"rerun: python -m surgery_lib.diagrams book/figures ({written.name} changed)"
+    pages = {
+        name: (book_figures.parent / name).read_text(encoding="utf-8")
+        for name in ("background_surgery.md", "background_surgery_v2.md")
+    }
+    assert "figures/surgery.svg" in pages["background_surgery.md"]
+    assert "figures/surgery_v2.svg" in pages["background_surgery_v2.md"]
 
 
 def test_tsne_panels_share_one_embedding_of_the_expert():
