@@ -100,7 +100,7 @@ class ReadableTable:
         return f"{value:.{self.digits}f}"
 
     def _html(self, columns: Sequence[str], best: dict[str, object]) -> str:
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+        head = "".join(f"<th>{_breakable(c)}</th>" for c in columns)
         body = []
         shown = self.frame[list(columns)]
         for position, label in enumerate(shown.index):
@@ -111,7 +111,11 @@ class ReadableTable:
             # Row labels in normal weight, so that bold means "best" and nothing else.
             label_cell = f'<th style="font-weight: normal; text-align: left">{html.escape(str(label))}</th>'
             body.append(f"<tr>{label_cell}{''.join(cells)}</tr>")
-        return f'<table class="dataframe readable-table"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        # The wrapper scrolls sideways on a screen narrower than the table instead of cutting its last columns.
+        return (
+            '<div style="overflow-x: auto"><table class="dataframe readable-table">'
+            f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+        )
 
     def _repr_html_(self) -> str:
         best = self.best()
@@ -131,7 +135,7 @@ class ReadableTable:
         return (
             self._html(self.summary, best)
             + f'<details id="table-{digest}"><summary>{_fold_label(per_task)}</summary>'
-            + self._html(columns, best)
+            + self._html(per_task, best)  # the summary columns are right above: repeated they widened it past the page
             + "</details>"
             + (note if best else "")
         )
@@ -139,6 +143,12 @@ class ReadableTable:
     def __repr__(self) -> str:
         shown = self.frame[self.summary] if self.fold else self.frame
         return shown.to_string(float_format=lambda v: f"{v:.{self.digits}f}")
+
+
+def _breakable(name: object) -> str:
+    """A column name that may wrap after its underscores (``street_digits``), so that eight task columns fit the
+    page; the text and what a reader copies are unchanged."""
+    return html.escape(str(name)).replace("_", "_<wbr>")
 
 
 def _fold_label(columns: Sequence[str]) -> str:

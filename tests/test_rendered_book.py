@@ -2,7 +2,8 @@
 
 Run after the book is built (``make book``; ``make test`` does both): every chapter must load, show its
 figures decoded (``naturalWidth > 0``, not merely an ``<img>`` tag) and captioned, render its math offline, carry a
-Colab launch link, and fit its code to the page; the headline tables show their average without scrolling.
+Colab launch link, and fit its code and every table (folds open) to the page; the headline tables show their
+average without scrolling.
 Screenshots of the intro, the Surgery and SurgeryV2 chapters and the reproduce page (the top of the page and the
 whole page) are kept in ``_build/screenshots/`` for a look by eye.
 """
@@ -139,6 +140,28 @@ def test_prose_page_loads_and_renders_math_offline(browser, site, page_file):
     assert not [u for u in failed if u.startswith(site)], f"{page_file}: local requests failed: {failed}"
     assert not _uncaptioned_figures(page), f"{page_file}: figures without a caption: {_uncaptioned_figures(page)}"
     _screenshots(page, page_file)
+    page.close()
+
+
+@pytest.mark.parametrize("page_file", _pages())
+def test_every_table_fits_the_text_column_with_its_folds_open(browser, site, page_file):
+    """A table wider than the text column scrolls sideways or is cut: its last columns (a chapter's last tasks)
+    go unseen. Checked with every fold open, as a reader who opens them sees the tables."""
+    page, _ = _open(browser, f"{site}/{page_file}.html")
+    page.evaluate("document.querySelectorAll('article details').forEach(d => { d.open = true; })")
+    wide = page.evaluate(
+        """() => {
+            const article = document.querySelector('article');
+            const style = getComputedStyle(article);
+            const right = article.getBoundingClientRect().right - parseFloat(style.paddingRight);
+            return [...article.querySelectorAll('table')]
+                .filter(t => t.getClientRects().length > 0)
+                .filter(t => t.getBoundingClientRect().left + t.scrollWidth > right + 1)
+                .map(t => `${Math.round(t.getBoundingClientRect().left + t.scrollWidth - right)} px too wide: `
+                    + t.innerText.replace(/\\s+/g, ' ').slice(0, 70));
+        }"""
+    )
+    assert not wide, f"{page_file}: tables wider than the text column at 1280 px: {wide}"
     page.close()
 
 
