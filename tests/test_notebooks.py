@@ -245,3 +245,40 @@ def test_every_decimal_in_a_chapters_prose_comes_from_its_run_or_a_cited_source(
             if number not in outputs and number not in cited and number not in PROSE_CONSTANTS:
                 stale.append(number)
     assert not stale, f"{path.name}: numbers in prose that no output contains (glue them): {stale}"
+
+
+GLUE_ROLE = re.compile(r"\{glue(:\w+)?\}`([^`]+)`")
+
+
+def _glued_keys(notebook: Path) -> set[str]:
+    cells = json.loads(notebook.read_text())["cells"]
+    return {
+        output["metadata"]["scrapbook"]["name"]
+        for cell in cells
+        for output in cell.get("outputs", [])
+        if "scrapbook" in output.get("metadata", {})
+    }
+
+
+def test_every_glued_value_the_book_quotes_is_glued_by_its_notebook():
+    """A glue role whose key no committed output holds renders as nothing, silently (no build warning when it
+    names another notebook), and so does a ``{glue:md}`` role naming another notebook: every role of every
+    chapter and page must find its key."""
+    pages = [*NOTEBOOKS, *sorted((ROOT / "book").glob("*.md"))]
+    missing = []
+    for page in pages:
+        if page.suffix == ".ipynb":
+            cells = json.loads(page.read_text())["cells"]
+            text = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        else:
+            text = page.read_text()
+        for kind, reference in GLUE_ROLE.findall(text):
+            document, _, key = reference.rpartition("::")
+            if document and kind not in ("", ":text"):  # myst-nb's {glue:md} reads only its own page's values
+                missing.append(f"{page.name}: {{glue{kind}}} cannot read {reference} (use glue:text)")
+            if document and ":" not in key:  # myst-nb splits `doc::key` at its last colon: a format is needed
+                missing.append(f"{page.name}: {reference} needs a format (:d, :.1f) to render")
+            source = (page.parent / document).resolve() if document else page
+            if key.split(":")[0] not in _glued_keys(source):
+                missing.append(f"{page.name}: {reference}")
+    assert not missing, f"glue roles without a glued value (re-execute the notebook): {missing}"

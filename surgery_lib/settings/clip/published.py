@@ -24,3 +24,6 @@ VIT_B32_AVERAGES: dict[tuple[str, int], float] = {
     ("ties", 1): 83.2,
     ("adamerging_layer", 1): 86.1,
 }
+
+#: Layer-wise AdaMerging + Surgery *online* (every test image once, batch 1, one pass; official log), ViT-B/32.
+VIT_B32_ONLINE_SURGERY: float = 85.3
