@@ -107,6 +107,8 @@ def test_chapter_loads_with_decoded_figures_and_colab_link(browser, site, page_f
     )
     assert not wide, f"{page_file}: code wider than the page: {wide}"
     _screenshots(page, page_file)
+    tables = _tables_wider_than_the_column(page)
+    assert not tables, f"{page_file}: tables wider than the text column at 1280 px: {tables}"
     page.close()
 
 
@@ -117,6 +119,23 @@ def _uncaptioned_figures(page) -> list[str]:
         "els => els.filter(e => { const caption = e.closest('figure') && e.closest('figure')"
         ".querySelector('figcaption'); return !(caption && caption.innerText.trim().length > 20); })"
         ".map(e => e.src.slice(-40))",
+    )
+
+
+def _tables_wider_than_the_column(page) -> list[str]:
+    """The article's tables (every fold opened, as a reader who opens them sees them) that stick out of the text
+    column: a table that scrolls sideways or is cut hides its last columns (a chapter's last tasks)."""
+    page.evaluate("document.querySelectorAll('article details').forEach(d => { d.open = true; })")
+    return page.evaluate(
+        """() => {
+            const article = document.querySelector('article');
+            const right = article.getBoundingClientRect().right - parseFloat(getComputedStyle(article).paddingRight);
+            return [...article.querySelectorAll('table')]
+                .filter(t => t.getClientRects().length > 0)
+                .filter(t => t.getBoundingClientRect().left + t.scrollWidth > right + 1)
+                .map(t => `${Math.round(t.getBoundingClientRect().left + t.scrollWidth - right)} px too wide: `
+                    + t.innerText.replace(/\\s+/g, ' ').slice(0, 70));
+        }"""
     )
 
 
@@ -140,28 +159,8 @@ def test_prose_page_loads_and_renders_math_offline(browser, site, page_file):
     assert not [u for u in failed if u.startswith(site)], f"{page_file}: local requests failed: {failed}"
     assert not _uncaptioned_figures(page), f"{page_file}: figures without a caption: {_uncaptioned_figures(page)}"
     _screenshots(page, page_file)
-    page.close()
-
-
-@pytest.mark.parametrize("page_file", _pages())
-def test_every_table_fits_the_text_column_with_its_folds_open(browser, site, page_file):
-    """A table wider than the text column scrolls sideways or is cut: its last columns (a chapter's last tasks)
-    go unseen. Checked with every fold open, as a reader who opens them sees the tables."""
-    page, _ = _open(browser, f"{site}/{page_file}.html")
-    page.evaluate("document.querySelectorAll('article details').forEach(d => { d.open = true; })")
-    wide = page.evaluate(
-        """() => {
-            const article = document.querySelector('article');
-            const style = getComputedStyle(article);
-            const right = article.getBoundingClientRect().right - parseFloat(style.paddingRight);
-            return [...article.querySelectorAll('table')]
-                .filter(t => t.getClientRects().length > 0)
-                .filter(t => t.getBoundingClientRect().left + t.scrollWidth > right + 1)
-                .map(t => `${Math.round(t.getBoundingClientRect().left + t.scrollWidth - right)} px too wide: `
-                    + t.innerText.replace(/\\s+/g, ' ').slice(0, 70));
-        }"""
-    )
-    assert not wide, f"{page_file}: tables wider than the text column at 1280 px: {wide}"
+    tables = _tables_wider_than_the_column(page)
+    assert not tables, f"{page_file}: tables wider than the text column at 1280 px: {tables}"
     page.close()
 
 
