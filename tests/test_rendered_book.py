@@ -95,6 +95,11 @@ def test_chapter_loads_with_decoded_figures_and_colab_link(browser, site, page_f
     assert count >= 1, f"{page_file}: no figures on the page"
     assert not broken, f"{page_file}: figures not decoded: {broken}"
     assert page.locator("article h1").count() == 1
+    number = int(page_file.split("/")[-1][:2])
+    if number:  # chapter 00 is the unnumbered prelude; chapters 01-07 carry their files' numbers, figures n.1, n.2 ...
+        assert page.locator("article h1 .section-number").inner_text().strip() == f"{number}."
+        captions = page.eval_on_selector_all("article figcaption .caption-number", "els => els.map(e => e.innerText)")
+        assert all(c.strip().startswith(f"Fig. {number}.") for c in captions), f"{page_file}: {captions}"
     colab = page.eval_on_selector_all("a[href*='colab.research.google.com/github/']", "els => els.map(e => e.href)")
     assert any(page_file.split("/")[-1] + ".ipynb" in href for href in colab), f"{page_file}: no Colab link"
     assert not [u for u in failed if u.startswith(site)], f"{page_file}: local requests failed: {failed}"
