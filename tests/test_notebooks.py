@@ -282,3 +282,17 @@ def test_every_glued_value_the_book_quotes_is_glued_by_its_notebook():
             if key.split(":")[0] not in _glued_keys(source):
                 missing.append(f"{page.name}: {reference}")
     assert not missing, f"glue roles without a glued value (re-execute the notebook): {missing}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_chapter_asks_a_question_to_think_about_with_a_folded_answer(path):
+    """Besides exercises that look numbers up, every chapter asks why: a question in bold before the exercises
+    and an answer folded away (a dropdown the reader opens after trying)."""
+    markdown = "".join(
+        "".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"
+    )
+    assert "## Think about it" in markdown, f"{path.name}: no question to think about"
+    section = markdown.split("## Think about it", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"\*\*[^*]+\?\*\*", section), f"{path.name}: the section asks no question"
+    assert section.count(":::{dropdown} An answer") >= 1 and section.count("\n:::") >= 1
+    assert markdown.index("## Think about it") < markdown.index("## Exercises")
