@@ -21,9 +21,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-#: The drawings the background pages include, by file name under ``book/figures``.
-BOOK_FIGURES = {"surgery.svg": "surgery_diagram", "surgery_v2.svg": "surgery_v2_diagram"}
-
 _FROZEN = "#f4f4f4"
 
 
@@ -211,6 +208,10 @@ def as_svg(figure: Figure) -> SVG:
     return SVG(data=svg_text(figure))
 
 
+#: The drawings the background pages include, by file name under ``book/figures``.
+BOOK_FIGURES = {"surgery.svg": surgery_diagram, "surgery_v2.svg": surgery_v2_diagram}
+
+
 def write_book_figures(folder: str | Path) -> list[Path]:
     """Write the diagrams the background pages include (:data:`BOOK_FIGURES`) into ``folder``, atomically."""
     folder = Path(folder)
@@ -219,7 +220,7 @@ def write_book_figures(folder: str | Path) -> list[Path]:
     for name, drawing in BOOK_FIGURES.items():
         path = folder / name
         partial = path.with_name(f".{name}.partial")
-        partial.write_text(svg_text(globals()[drawing]()), encoding="utf-8")
+        partial.write_text(svg_text(drawing()), encoding="utf-8")
         partial.replace(path)
         written.append(path)
     return written
