@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from surgery_lib.core.storage import atomic_path
-from surgery_lib.merging import METHODS, VERSION_NAMES, Row, row_of  # noqa: F401  (VERSION_NAMES: plots.VERSION_NAMES)
+from surgery_lib.merging import METHODS, VERSION_NAMES, Row, row_of
 from surgery_lib.settings.base import EXPERT_ROW, ZERO_SHOT_ROW, ZOO_ROWS
 
 if TYPE_CHECKING:
@@ -69,6 +69,15 @@ _METHOD_CYCLE = (
 SPARE_COLOURS = ("#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000")
 
 
+#: The repaired greens by the versions' bare names, "+ Surgery" and "Surgery" alike.
+_VERSION_LABEL_COLOURS = {
+    name: VERSION_COLOURS[version]
+    for version, full in VERSION_NAMES.items()
+    if version
+    for name in (full, full.removeprefix("+ "))
+}
+
+
 def colour_of(row: Row | str) -> str | None:
     """The fixed colour of a row (a :class:`~surgery_lib.merging.rows.Row`, or a label :func:`row_of` reads
     back into one): a reference row's, a merging method's (merged red for task arithmetic, the papers' usual
@@ -79,14 +88,8 @@ def colour_of(row: Row | str) -> str | None:
         label = row
         if label in REFERENCE_COLOURS:
             return REFERENCE_COLOURS[label]
-        versions = {  # "+ Surgery" and "Surgery"
-            name: VERSION_COLOURS[version]
-            for version, full in VERSION_NAMES.items()
-            if version
-            for name in (full, full.removeprefix("+ "))
-        }
-        if label in versions:
-            return versions[label]
+        if label in _VERSION_LABEL_COLOURS:
+            return _VERSION_LABEL_COLOURS[label]
         row = row_of(label)
         if row is None and label.endswith(")") and " (" in label:
             return colour_of(label.rsplit(" (", 1)[0])

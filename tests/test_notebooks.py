@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tomllib
@@ -174,6 +175,14 @@ def test_a_chapter_reads_the_committed_grid_and_never_writes_into_it(path):
             )
 
 
+def _markdown(page: Path) -> str:
+    """A page's Markdown: a notebook's markdown cells joined, or a ``.md`` file's text."""
+    if page.suffix != ".ipynb":
+        return page.read_text()
+    cells = json.loads(page.read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+
+
 def _prose_lines(text: str):
     """The lines of Markdown ``text`` outside code fences and display math."""
     fenced = False
@@ -189,12 +198,7 @@ def _prose_lines(text: str):
 def test_no_wrapped_sentence_starts_a_bullet(path):
     """Markdown reads a line starting with "+ " as a list item: a sentence wrapped before "+ SurgeryV2" rendered a
     stray bullet in chapter 07. The book writes its lists with "- "."""
-    if path.suffix == ".ipynb":
-        cells = json.loads(path.read_text())["cells"]
-        text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    else:
-        text = path.read_text()
-    stray = [line for line in _prose_lines(text) if re.match(r"\s*\+\s", line)]
+    stray = [line for line in _prose_lines(_markdown(path)) if re.match(r"\s*\+\s", line)]
     assert not stray, f"{path.name}: lines that render as bullets: {stray}"
 
 
@@ -250,6 +254,7 @@ def test_every_decimal_in_a_chapters_prose_comes_from_its_run_or_a_cited_source(
 GLUE_ROLE = re.compile(r"\{glue(:\w+)?\}`([^`]+)`")
 
 
+@functools.cache
 def _glued_keys(notebook: Path) -> set[str]:
     cells = json.loads(notebook.read_text())["cells"]
     return {
@@ -267,12 +272,7 @@ def test_every_glued_value_the_book_quotes_is_glued_by_its_notebook():
     pages = [*NOTEBOOKS, *sorted((ROOT / "book").glob("*.md"))]
     missing = []
     for page in pages:
-        if page.suffix == ".ipynb":
-            cells = json.loads(page.read_text())["cells"]
-            text = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-        else:
-            text = page.read_text()
-        for kind, reference in GLUE_ROLE.findall(text):
+        for kind, reference in GLUE_ROLE.findall(_markdown(page)):
             document, _, key = reference.rpartition("::")
             if document and kind not in ("", ":text"):  # myst-nb's {glue:md} reads only its own page's values
                 missing.append(f"{page.name}: {{glue{kind}}} cannot read {reference} (use glue:text)")
@@ -288,9 +288,7 @@ def test_every_glued_value_the_book_quotes_is_glued_by_its_notebook():
 def test_a_chapter_asks_a_question_to_think_about_with_a_folded_answer(path):
     """Besides exercises that look numbers up, every chapter asks why: a question in bold before the exercises
     and an answer folded away (a dropdown the reader opens after trying)."""
-    markdown = "".join(
-        "".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"
-    )
+    markdown = _markdown(path)
     assert "## Think about it" in markdown, f"{path.name}: no question to think about"
     section = markdown.split("## Think about it", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"\*\*[^*]+\?\*\*", section), f"{path.name}: the section asks no question"
