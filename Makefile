@@ -44,8 +44,8 @@ $(STAMP): pyproject.toml requirements-local.txt
 # book build then reads (execute_notebooks: cache). `make test` checks on every run that one-thread outputs are
 # the committed ones. A notebook that fails in the cache is executed again by the build, which then stops on it.
 JUPYTER_CACHE := _build/.jupyter_cache
-RUN_ORDER := $(addprefix notebooks/,05_surgery_v2.ipynb 02_adamerging.ipynb 04_surgery.ipynb 06_reproduce_tables.ipynb \
-  01_merging_basics.ipynb 00_offline_benchmark.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb)
+RUN_ORDER := $(addprefix notebooks/,05_surgery_v2.ipynb 02_adamerging.ipynb 04_surgery_ablations.ipynb 04_surgery.ipynb \
+  06_reproduce_tables.ipynb 01_merging_basics.ipynb 00_offline_benchmark.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb)
 run:
 	@$(STAGES) reset run
 	@$(STAGES) run run venv -- $(MAKE) --no-print-directory venv
@@ -95,8 +95,8 @@ ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 LONGEST_FIRST := notebooks/05_surgery_v2.ipynb notebooks/02_adamerging.ipynb notebooks/04_surgery.ipynb \
   tests/test_clip_notebooks.py notebooks/06_reproduce_tables.ipynb tests/test_mini_zoo.py \
-  notebooks/01_merging_basics.ipynb tests/test_cluster.py notebooks/00_offline_benchmark.ipynb \
-  notebooks/03_representation_bias.ipynb tests/test_committed_grid.py notebooks/07_beyond_the_papers.ipynb
+  notebooks/01_merging_basics.ipynb tests/test_cluster.py notebooks/04_surgery_ablations.ipynb \
+  notebooks/00_offline_benchmark.ipynb   notebooks/03_representation_bias.ipynb tests/test_committed_grid.py notebooks/07_beyond_the_papers.ipynb
 TEST_ORDER := $(wildcard $(LONGEST_FIRST)) $(filter-out $(LONGEST_FIRST),$(NOTEBOOKS)) tests
 STAGES := $(PYTHON) bench/stages.py
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1200

@@ -72,6 +72,10 @@ def test_reproduce_refuses_bad_input(tmp_path):
     with pytest.raises(SurgeryBookError, match="unknown notebook"):
         find_notebooks(source, ["07"])
     assert [p.name for p in find_notebooks(source, ["01"])] == ["01_only.ipynb"]
+    # A chapter's continuation page shares its number: the number runs both, the name one.
+    _notebook(source / "01_only_more.ipynb", "x = 2")
+    assert [p.name for p in find_notebooks(source, ["01"])] == ["01_only.ipynb", "01_only_more.ipynb"]
+    assert [p.name for p in find_notebooks(source, ["01_only_more"])] == ["01_only_more.ipynb"]
     with pytest.raises(SurgeryBookError, match="unknown preset"):
         reproduce("nope", tmp_path / "out", source=source, progress=False)
     with pytest.raises(SurgeryBookError, match="over the sources"):
