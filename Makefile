@@ -45,7 +45,8 @@ $(STAMP): pyproject.toml requirements-local.txt
 # the committed ones. A notebook that fails in the cache is executed again by the build, which then stops on it.
 JUPYTER_CACHE := _build/.jupyter_cache
 RUN_ORDER := $(addprefix notebooks/,05_surgery_v2.ipynb 02_adamerging.ipynb 04_surgery_ablations.ipynb 04_surgery.ipynb \
-  06_reproduce_tables.ipynb 01_merging_basics.ipynb 00_offline_benchmark.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb)
+  06_reproduce_tables.ipynb 01_merging_basics.ipynb 00_offline_benchmark.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb \
+  07_grid_details.ipynb)
 run:
 	@$(STAGES) reset run
 	@$(STAGES) run run venv -- $(MAKE) --no-print-directory venv
