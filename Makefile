@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml requirements-local.txt
 JUPYTER_CACHE := _build/.jupyter_cache
 RUN_ORDER := $(addprefix notebooks/,05_surgery_v2.ipynb 02_adamerging.ipynb 04_surgery_ablations.ipynb 04_surgery.ipynb \
   06_reproduce_tables.ipynb 01_merging_basics.ipynb 00_offline_benchmark.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb \
-  07_grid_details.ipynb)
+  06_reproduce_variants.ipynb 07_grid_details.ipynb)
 run:
 	@$(STAGES) reset run
 	@$(STAGES) run run venv -- $(MAKE) --no-print-directory venv
@@ -94,10 +94,11 @@ chromium:
 #   browser    the rendered pages in headless chromium
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-LONGEST_FIRST := notebooks/05_surgery_v2.ipynb notebooks/02_adamerging.ipynb notebooks/04_surgery.ipynb \
-  tests/test_clip_notebooks.py notebooks/06_reproduce_tables.ipynb tests/test_mini_zoo.py \
-  notebooks/01_merging_basics.ipynb tests/test_cluster.py notebooks/04_surgery_ablations.ipynb \
-  notebooks/00_offline_benchmark.ipynb   notebooks/03_representation_bias.ipynb tests/test_committed_grid.py notebooks/07_beyond_the_papers.ipynb
+LONGEST_FIRST := notebooks/05_surgery_v2.ipynb notebooks/02_adamerging.ipynb tests/test_clip_notebooks.py \
+  notebooks/06_reproduce_variants.ipynb notebooks/04_surgery.ipynb tests/test_mini_zoo.py \
+  notebooks/01_merging_basics.ipynb tests/test_cluster.py notebooks/06_reproduce_tables.ipynb \
+  notebooks/04_surgery_ablations.ipynb notebooks/00_offline_benchmark.ipynb notebooks/03_representation_bias.ipynb \
+  tests/test_committed_grid.py notebooks/07_grid_details.ipynb notebooks/07_beyond_the_papers.ipynb
 TEST_ORDER := $(wildcard $(LONGEST_FIRST)) $(filter-out $(LONGEST_FIRST),$(NOTEBOOKS)) tests
 STAGES := $(PYTHON) bench/stages.py
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1200

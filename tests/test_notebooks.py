@@ -223,6 +223,7 @@ def test_tables_show_rounded_numbers_and_counts_as_integers(path):
 PROSE_CONSTANTS = {
     "0.02": "a ViT-B/32 module's share of the encoder's parameters, worked out in the text (chapter 04)",
     "0.50": "task arithmetic's share of the gain from the published CLIP numbers quoted beside it (chapter 00)",
+    "0.9": "Adam's first-moment decay, the default the official code used (chapter 06's second page)",
     "0.95": "RegMean's published scaling of the off-diagonal Gram terms (chapter 07)",
     "1.10": "the torch version the official code pinned (chapter 06)",
 }
