@@ -44,9 +44,9 @@ $(STAMP): pyproject.toml requirements-local.txt
 # book build then reads (execute_notebooks: cache). `make test` checks on every run that one-thread outputs are
 # the committed ones. A notebook that fails in the cache is executed again by the build, which then stops on it.
 JUPYTER_CACHE := _build/.jupyter_cache
-RUN_ORDER := $(addprefix notebooks/,05_surgery_v2.ipynb 02_adamerging.ipynb 04_surgery_ablations.ipynb 04_surgery.ipynb \
-  06_reproduce_tables.ipynb 01_merging_basics.ipynb 00_offline_benchmark.ipynb 03_representation_bias.ipynb 07_beyond_the_papers.ipynb \
-  06_reproduce_variants.ipynb 07_grid_details.ipynb)
+RUN_ORDER := $(addprefix notebooks/,05_surgery_v2.ipynb 02_adamerging.ipynb 06_reproduce_variants.ipynb 04_surgery.ipynb \
+  04_surgery_ablations.ipynb 06_reproduce_tables.ipynb 01_merging_basics.ipynb 00_offline_benchmark.ipynb \
+  03_representation_bias.ipynb 07_grid_details.ipynb 07_beyond_the_papers.ipynb)
 run:
 	@$(STAGES) reset run
 	@$(STAGES) run run venv -- $(MAKE) --no-print-directory venv
@@ -82,9 +82,9 @@ chromium:
 #   zoo        the mini zoo from scratch (two torch threads), alone: started at nice 19 beside the unit tests, its
 #              OpenMP threads slowed from 587 s to 821 s (measured), more than the 209 s the tests take alone
 #   tests      every test but the browser's, in one pool of two one-thread workers, file by file (a notebook's
-#              cells share one kernel): the eight notebooks under nbval, exercise solutions included, the mini
+#              cells share one kernel): the eleven notebooks under nbval, exercise solutions included, the mini
 #              acceptance checks (-m slow), and the unit tests with the heavy ones (subprocess grids, concurrent
-#              builds, all eight notebooks by papermill on a fabricated CLIP preset). Longest first (LONGEST_FIRST,
+#              builds, all eleven notebooks by papermill on a fabricated CLIP preset). Longest first (LONGEST_FIRST,
 #              measured one-thread seconds; the other test files follow, each under 40 s, and fill the tail);
 #              --no-loadscope-reorder keeps that order (pytest-xdist would otherwise order files by their number
 #              of tests). One pool instead of a unit stage before the zoo and a notebook stage after it: 640 s

@@ -112,7 +112,7 @@ def test_chapter_loads_with_decoded_figures_and_colab_link(browser, site, page_f
     number = int(page_file.split("/")[-1][:2])
     if number:  # chapter 00 is the unnumbered prelude; chapters 01-07 carry their files' numbers, figures n.1, n.2 ...
         heading = page.locator("article h1 .section-number").inner_text().strip()
-        # A chapter's continuation page (04_surgery_ablations) is one of its sections: 4.11, its figures Fig. 4.n.
+        # A chapter's continuation page (04_surgery_ablations) is one of its sections, n.k; its figures are Fig. n.m.
         assert heading == f"{number}." or (page_file in SECTIONS and re.fullmatch(rf"{number}\.\d+\.", heading))
         captions = page.eval_on_selector_all("article figcaption .caption-number", "els => els.map(e => e.innerText)")
         assert all(c.strip().startswith(f"Fig. {number}.") for c in captions), f"{page_file}: {captions}"
