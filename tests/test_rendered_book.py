@@ -39,22 +39,20 @@ FLAGS = [
 ]
 
 
+TOC = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+#: The chapters' continuation pages (04_surgery_ablations ...): sections of their chapter in the table of contents.
+SECTIONS = {
+    section["file"] for part in TOC["parts"] for chapter in part["chapters"] for section in chapter.get("sections", [])
+}
+
+
 def _pages() -> list[str]:
     """Every page of the table of contents in reading order: the root, each chapter, then its sections."""
-    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
 
     def walk(entries: list[dict]) -> list[str]:
         return [page for entry in entries for page in [entry["file"], *walk(entry.get("sections", []))]]
 
-    return [toc["root"]] + walk([chapter for part in toc["parts"] for chapter in part["chapters"]])
-
-
-SECTIONS = {
-    section["file"]
-    for part in yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())["parts"]
-    for chapter in part["chapters"]
-    for section in chapter.get("sections", [])
-}
+    return [TOC["root"]] + walk([chapter for part in TOC["parts"] for chapter in part["chapters"]])
 
 
 @pytest.fixture(scope="module")
