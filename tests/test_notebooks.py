@@ -240,9 +240,19 @@ def _output_text(notebook: Path) -> str:
 
 
 def _typed_decimals(prose: str) -> list[str]:
-    """The decimals typed into Markdown: glued values, code, maths and link targets left out."""
-    for pattern in (r"\{glue:[^}]*\}`[^`]*`", r"```.*?```", r"`[^`]*`", r"\$[^$]*\$", r"\]\([^)]*\)"):
-        prose = re.sub(pattern, " ", prose, flags=re.DOTALL)
+    """The decimals typed into Markdown: glued values, code, maths and link targets left out. Fenced code blocks
+    go; fenced directives (```{admonition} boxes, whose prose the reader reads) stay, without their fence lines."""
+    patterns = (
+        (r"\{glue:[^}]*\}`[^`]*`", 0),  # glued values
+        (r"^\s*```(?!\{).*?^\s*```", re.DOTALL | re.MULTILINE),  # code blocks
+        (r"^\s*```.*$", re.MULTILINE),  # a directive's fence lines
+        (r"\$\$.*?\$\$", re.DOTALL),  # display maths
+        (r"`[^`\n]*`", 0),  # inline code
+        (r"\$[^$\n]*\$", 0),  # inline maths
+        (r"\]\([^)]*\)", 0),  # link targets
+    )
+    for pattern, flags in patterns:
+        prose = re.sub(pattern, " ", prose, flags=flags)
     return re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", prose)
 
 
@@ -274,6 +284,10 @@ UNCOMMITTED_RUNS = {
     ("results.md", "## The main table"): "surgery-book table --preset mini --surgery none,1,2 --seeds 3 (37 min)",
     ("results.md", "### The optimiser's semantics across the grid"): "the same grid with --adam per-task --seeds 1",
     ("results.md", "## Speed of the surgery trainer"): "surgery-book bench --preset mini",
+    (
+        "intro.md",
+        "## The story in one figure",
+    ): "its caption quotes SurgeryV2 at 1,000 steps from the results page's grid",
 }
 #: Where each other section of the result pages takes its numbers from: the committed outputs of a chapter, or
 #: the README (the introduction's notes on reproducibility quote its tables).
