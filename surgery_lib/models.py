@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.openclip import import_open_clip
 from surgery_lib.core.taskdata import TaskData, normalize
 from surgery_lib.presets import EncoderConfig, encoder_parameters
 
@@ -48,6 +49,7 @@ def build_encoder(config: EncoderConfig) -> nn.Module:
 
     Input: float (N, 3, image_size, image_size), normalised. Output: float (N, output_dim).
     """
+    import_open_clip()  # first: skips transformers, freezes the imports (core/openclip.py)
     from open_clip.transformer import QuickGELU, VisionTransformer
 
     activations = {"gelu": nn.GELU, "quick_gelu": QuickGELU}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.openclip import import_open_clip
 from surgery_lib.core.state_dict import check_compatible
 from surgery_lib.core.storage import atomic_directory, load_tensors, read_json, save_tensors, write_json
 from surgery_lib.models import ClassificationHead
@@ -43,6 +44,7 @@ def build_clip_visual(state: Mapping[str, torch.Tensor]) -> nn.Module:
     Raises:
         SurgeryBookError: if any key or shape does not fit.
     """
+    import_open_clip()  # first: skips transformers, freezes the imports (core/openclip.py)
     from open_clip.transformer import QuickGELU, VisionTransformer
 
     try:

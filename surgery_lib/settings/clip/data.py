@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.openclip import import_open_clip
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
     CorruptFileError,
@@ -306,7 +307,7 @@ def hub_dataset(task: str | ClipTask, split: str, *, load: Callable[..., Any] | 
 def eval_resize(image_size: int) -> Callable[[Any], Any]:
     """The PIL part of open_clip's eval transform (RGB, bicubic resize of the short side, centre crop);
     ``ToTensor`` and ``Normalize`` are applied later, on the device."""
-    import open_clip
+    open_clip = import_open_clip()
     from torchvision import transforms
 
     pipeline = open_clip.image_transform(image_size, is_train=False)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.openclip import import_open_clip
 from surgery_lib.core.storage import (
     CorruptFileError,
     config_hash,
@@ -101,7 +102,7 @@ def openai_clip(
     model: str, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
     """open_clip's ``<model>-quickgelu`` with OpenAI's weights (downloaded once by open_clip) and its tokenizer."""
-    import open_clip
+    open_clip = import_open_clip()
 
     clip_model = open_clip.create_model(f"{model}-quickgelu", pretrained="openai", device=device)
     return clip_model, open_clip.get_tokenizer(f"{model}-quickgelu")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.openclip import import_open_clip
 from surgery_lib.core.project import __version__
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import (
@@ -85,7 +86,8 @@ def default_zoo_dir(preset: Preset, cache_dir: str | os.PathLike[str] | None = N
 def package_versions() -> dict[str, str]:
     """Versions recorded in the manifest."""
     import numpy
-    import open_clip
+
+    open_clip = import_open_clip()
 
     return {
         "surgery_lib": __version__,
