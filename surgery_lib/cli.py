@@ -289,13 +289,13 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from surgery_lib.evaluation import write_table
-    from surgery_lib.grid import format_grid, parse_versions, surgery_grid
+    from surgery_lib.grid import format_grid, parse_methods, parse_versions, surgery_grid
     from surgery_lib.merging import REPAIRED as MAIN_TABLE_REPAIRED
     from surgery_lib.merging import main_table
 
     started = time.perf_counter()
     versions = parse_versions(args.surgery)
-    methods = _table_methods(args.methods)
+    methods = parse_methods(args.methods)
     options, config = (
         _merge_options(args),
         _surgery_config(args, args.rank),
@@ -347,20 +347,9 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table_methods(text: str) -> tuple[str, ...]:
-    """``papers`` (the papers' main-table rows), ``all`` (every registered method) or a comma-separated list."""
-    from surgery_lib.merging import MAIN_TABLE, check_method
-
-    if text == "papers":
-        return MAIN_TABLE
-    if text == "all":
-        return tuple(MERGE_METHODS)
-    return tuple(check_method(name.strip()) for name in text.split(","))
-
-
 def _cmd_grid(args: argparse.Namespace) -> int:
     from surgery_lib.cluster import GridSpec, SubmitOptions, readable_grid, run_grid
-    from surgery_lib.grid import parse_versions
+    from surgery_lib.grid import parse_methods, parse_versions
 
     for flag in (
         "seeds",
@@ -379,7 +368,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     settings = {get_preset(p).setting for p in presets}  # unknown presets fail here, naming the known ones
     spec = GridSpec(
         presets=presets,
-        methods=_table_methods(args.methods),
+        methods=parse_methods(args.methods),
         versions=parse_versions(args.surgery),
         seeds=args.seeds,
         first_seed=args.seed,

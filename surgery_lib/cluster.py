@@ -43,7 +43,7 @@ from surgery_lib.core.storage import (
     write_json,
 )
 from surgery_lib.evaluation import write_table
-from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell, readable_grid
+from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell, parse_methods, parse_versions, readable_grid
 from surgery_lib.merging import get_method
 from surgery_lib.presets import get_preset, preset_hash
 from surgery_lib.settings import build_zoo
@@ -331,8 +331,12 @@ class ChapterGrid:
     #: difference, in points.
     sample: pd.DataFrame | None = None
 
-    def describe(self) -> str:
-        """Where the table's numbers come from, in two lines."""
+    def describe(self, *, threads: bool = False) -> str:
+        """Where the table's numbers come from, in two lines; with ``threads``, a third names the torch threads
+        and the device of the first cell."""
+        if threads:
+            first = self.cells[0]
+            return f"{self.describe()};\nwith torch {first['threads']} thread(s) on {first['device']}"
         total = len(self.cells)
         if self.reference is None:
             earlier = total - self.adopted - self.computed
@@ -380,6 +384,11 @@ def chapter_grid(
             "give each GridSpec presets=(zoo.preset.name,)",
         )
     committed, out = Path(committed), Path(out)
+    if out.resolve() == committed.resolve() or committed.resolve() in out.resolve().parents:
+        raise SurgeryBookError(
+            f"chapter_grid would write its cells into the committed grid {committed} (out={out})",
+            "give an output folder outside it: the committed cells are only read",
+        )
     zoos = {preset: zoo_identity(zoo)}
     inline = SubmitOptions(executor="inline")
 
@@ -419,6 +428,48 @@ def chapter_grid(
         reference,
         pd.DataFrame.from_dict(rows, orient="index"),
     )
+
+
+def beyond_the_papers_grid(
+    preset: str,
+    *,
+    output_dir: str | os.PathLike[str],
+    device: str = "cpu",
+    methods: str = "all",
+    surgery: str = "none,1,2",
+    seed: int = 0,
+    seeds: int = 3,
+    surgery_steps: int = 1000,
+    deep_surgery_steps: int = 100,
+    grid_dir: str | os.PathLike[str] | None = None,
+    another_zoo: str = "reference",
+    committed_root: str | os.PathLike[str] = "results",
+) -> tuple[Zoo, ChapterGrid]:
+    """Chapter 07's grid (both of its pages), from the chapter's parameters: every method of ``methods``
+    (:func:`~surgery_lib.grid.parse_methods`) alone and with the ``surgery`` versions, over ``seeds`` seeds.
+
+    The committed grid ``<committed_root>/grid-<preset>`` is only read (:func:`chapter_grid`): its cells computed
+    from this very zoo with these settings are copied into ``grid_dir`` (default
+    ``<output_dir>/grid/<zoo weights checksum>``, one folder per zoo, so that cells of an earlier run on another
+    zoo are never reused), and the missing ones are computed there.
+
+    Returns:
+        The zoo and the :class:`ChapterGrid`.
+    """
+    zoo = build_zoo(preset, device=device, progress=False)
+    folder = Path(grid_dir) if grid_dir else Path(output_dir) / "grid" / zoo.weights_fingerprint()
+    spec = GridSpec(
+        presets=(preset,),
+        methods=parse_methods(methods),
+        versions=parse_versions(surgery),
+        seeds=seeds,
+        first_seed=seed,
+        surgery_steps=surgery_steps,
+        deep_surgery_steps=deep_surgery_steps,
+        device=device,
+    )
+    committed = Path(committed_root) / f"grid-{preset}"
+    return zoo, chapter_grid(spec, committed, folder, zoo, another_zoo=another_zoo)
 
 
 def _sampled(spec: GridSpec, sample: Sequence[str]) -> tuple[str, ...]:

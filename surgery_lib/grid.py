@@ -25,6 +25,7 @@ from surgery_lib.merging import (
     REPAIRED,
     MergeOptions,
     cached_merge,
+    check_method,
     evaluate_merge,
     get_method,
     method_label,  # noqa: F401  (0.1 re-exported it here)
@@ -37,6 +38,20 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from surgery_lib.settings.base import Zoo
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``"papers"`` (the papers' main-table rows), ``"all"`` (every registered method) or a comma-separated list
+    of registered names (repeats dropped, order kept).
+
+    Raises:
+        SurgeryBookError: for a name that is not registered (the error lists the registered ones).
+    """
+    if text == "papers":
+        return MAIN_TABLE
+    if text == "all":
+        return tuple(MERGE_METHODS)
+    return tuple(dict.fromkeys(check_method(name.strip()) for name in text.split(",")))
 
 
 def parse_versions(text: str) -> tuple[int, ...]:

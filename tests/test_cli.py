@@ -165,6 +165,17 @@ def test_bad_surgery_versions_are_one_line_errors():
     assert result.returncode == 2 and "unknown surgery versions 'none,3'" in result.stderr
 
 
+def test_method_lists_name_the_papers_rows_every_method_or_each_registered_name_once():
+    from surgery_lib.core.errors import SurgeryBookError
+    from surgery_lib.grid import parse_methods
+    from surgery_lib.merging import MAIN_TABLE, MERGE_METHODS
+
+    assert parse_methods("papers") == MAIN_TABLE and parse_methods("all") == tuple(MERGE_METHODS)
+    assert parse_methods("tsv, task_arithmetic,tsv") == ("tsv", "task_arithmetic")
+    with pytest.raises(SurgeryBookError, match="unknown merging method 'dare'"):
+        parse_methods("tsv,dare")
+
+
 def test_a_registered_method_reaches_merge_and_table_without_touching_the_cli(smoke_zoo, cache_dir, capsys):
     common = ["--preset", "smoke", "--cache-dir", str(cache_dir), "--json", "--quiet"]
     assert main(["merge", "--method", "dare_task_arithmetic", "--drop-rate", "0.3", "--seed", "1", *common]) == 0

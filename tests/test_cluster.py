@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from surgery_lib.cli import main
 from surgery_lib.cluster import (
@@ -24,6 +25,7 @@ from surgery_lib.cluster import (
     SubmitOptions,
     adopt_cells,
     batches,
+    beyond_the_papers_grid,
     cell_identity,
     cell_path,
     chapter_grid,
@@ -414,6 +416,35 @@ def test_a_chapter_shows_a_reference_build_and_recomputes_only_its_sample(smoke_
     assert everything.reference is None and everything.computed == 4 and everything.sample is None
     with pytest.raises(SurgeryBookError, match="another_zoo='sometimes' is not a choice"):
         chapter_grid(spec, committed, tmp_path / "bad", smoke_zoo, another_zoo="sometimes")
+    for inside in (committed, committed / "cells" / "mine"):  # the committed cells are inputs only
+        with pytest.raises(SurgeryBookError, match="would write its cells into the committed grid"):
+            chapter_grid(spec, committed, inside, smoke_zoo, another_zoo="compute")
+    assert {path: path.read_bytes() for path in committed.rglob("*") if path.is_file()} == before
+
+
+def test_chapter_07s_grid_from_its_parameters_reads_the_committed_cells_into_a_folder_per_zoo(
+    smoke_zoo, cache_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SURGERY_BOOK_CACHE", str(cache_dir))  # where the chapter's build_zoo finds the smoke zoo
+    chapter = dict(methods="task_arithmetic,ties,task_arithmetic", surgery="none,1", seeds=1)
+    committed = tmp_path / "results" / "grid-smoke"
+    _, first = beyond_the_papers_grid(  # the committed grid, computed as chapter 07 would
+        "smoke", output_dir=tmp_path, grid_dir=committed, committed_root=tmp_path / "nowhere", **chapter
+    )
+    assert (first.adopted, first.computed) == (0, 4)
+
+    zoo, shown = beyond_the_papers_grid(
+        "smoke", output_dir=tmp_path / "out", committed_root=tmp_path / "results", **chapter
+    )
+    assert zoo.weights_fingerprint() == smoke_zoo.weights_fingerprint()
+    assert (shown.adopted, shown.computed, len(shown.cells)) == (4, 0, 4)  # the repeated name is one method
+    assert sorted(shown.table.loc["smoke"]["method"].unique()) == ["task_arithmetic", "ties"]
+    assert (tmp_path / "out" / "grid" / zoo.weights_fingerprint() / "cells").is_dir()
+    assert shown.describe(threads=True).endswith(f"with torch {torch.get_num_threads()} thread(s) on cpu")
+    _, more = beyond_the_papers_grid(
+        "smoke", output_dir=tmp_path / "out", committed_root=tmp_path / "nowhere", **{**chapter, "seeds": 2}
+    )
+    assert (more.adopted, more.computed, len(more.cells)) == (0, 2, 6)  # one more seed of each surgery cell
 
 
 def test_a_name_given_twice_is_one_grid_axis_entry_and_an_empty_axis_is_an_error():
