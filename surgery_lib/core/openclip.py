@@ -11,7 +11,8 @@ project's 2-core machine: a process that builds the mini encoder took 4.7 s, 3.2
 - torch, torchvision (which imports ``torch._dynamo`` and sympy) and open_clip leave about 400,000 Python objects
   that live as long as the process, and Python's full garbage collections and its exit walk all of them (0.9 s
   per process at exit). After one collection (so no garbage is kept), :func:`gc.freeze` moves them to the
-  permanent generation, which later collections skip. Objects created afterwards are collected as usual.
+  permanent generation, which later collections skip. Objects created afterwards are collected as usual, and a
+  frozen object is still freed when its last reference goes; only a reference cycle among frozen objects stays.
 """
 
 from __future__ import annotations
