@@ -255,19 +255,22 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from surgery_lib.evaluation import normalized_accuracy, results_table
     from surgery_lib.merging import METHODS, check_method, evaluate_merge, merge
 
-    options = _merge_options(args, check_method(args.method))  # bad values fail here, before the zoo is loaded
+    method = _tuned_method(args.method) if args.tune == "validation" else check_method(args.method)
+    options = _merge_options(args, method)  # bad values fail here, before the zoo is loaded
     zoo = _build_zoo(args)
-    result = merge(zoo, args.method, options, device=args.device, progress=not args.quiet)
+    result = merge(zoo, method, options, device=args.device, progress=not args.quiet)
     memory = peak_memory(args.device or zoo.preset.default_device)
     accuracy = evaluate_merge(zoo, result, args.device)
     experts = zoo.manifest["accuracy"]["expert"]
-    table = results_table({METHODS[args.method]: accuracy, "individual (expert)": experts})
+    table = results_table({METHODS[method]: accuracy, "individual (expert)": experts})
+    tuned = result.details.get("tuned")
     normalized = normalized_accuracy(table.iloc[:1], experts).rename(index=lambda n: f"{n} / expert")
     if args.json:
         print(
             to_json(
                 {
-                    "method": args.method,
+                    "method": method,
+                    **({"tuned": tuned} if tuned else {}),
                     "accuracy": table.round(2).to_dict(orient="index"),
                     "normalized": normalized.round(2).to_dict(orient="index"),
                     "seconds": round(result.seconds, 2),
@@ -282,7 +285,30 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         peaks = [f"{memory['rss_mib']:,.0f} MiB resident (whole process)"] if memory["rss_mib"] is not None else []
         peaks += [f"{memory['gpu_gib']:.2f} GiB on the GPU"] if memory["gpu_gib"] is not None else []
         print(f"\nmerged in {result.seconds:.1f} s" + (f"; peak memory {', '.join(peaks)}" if peaks else ""))
+        if tuned:
+            chosen = ", ".join(f"{name} {value}" for name, value in tuned["chosen"].items())
+            print(
+                f"chosen on the validation split ({tuned['metric']}): {chosen}; "
+                f"{tuned['merges_evaluated']} merges evaluated in {tuned['seconds']:.1f} s"
+            )
     return 0
+
+
+def _tuned_method(method: str) -> str:
+    """``--tune validation``: ``method``'s tuned twin, or a clear error when it has none."""
+    from surgery_lib.merging import MERGE_METHODS, check_method
+    from surgery_lib.merging.tuning import is_tuned, tuned_name
+
+    check_method(method)
+    if is_tuned(method):
+        return method
+    if tuned_name(method) not in MERGE_METHODS:
+        searched = ", ".join(name for name in MERGE_METHODS if tuned_name(name) in MERGE_METHODS)
+        raise SurgeryBookError(
+            f"{method} has no hyper-parameters its official code searches on validation data",
+            f"drop --tune, or pick one that has: {searched}",
+        )
+    return tuned_name(method)
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
@@ -295,7 +321,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     versions = parse_versions(args.surgery)
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods, args.tune)
     options, config = (
         _merge_options(args),
         _surgery_config(args, args.rank),
@@ -368,7 +394,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     settings = {get_preset(p).setting for p in presets}  # unknown presets fail here, naming the known ones
     spec = GridSpec(
         presets=presets,
-        methods=parse_methods(args.methods),
+        methods=parse_methods(args.methods, args.tune),
         versions=parse_versions(args.surgery),
         seeds=args.seeds,
         first_seed=args.seed,
@@ -649,6 +675,17 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_tune(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--tune",
+        choices=("none", "validation"),
+        default="none",
+        help=f"validation: {what}, over the grid its official code searches (task arithmetic, TSV-M, Iso-C/CTS, "
+        "consensus merging, DARE); the preset needs a validation split (offline: suite.validation_per_task; real "
+        "CLIP: --validation-images). Default none: the fixed values",
+    )
+
+
 def _add_surgery_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--surgery-steps", type=int, default=1000, help="steps per task (default 1000 = 500 official iterations x 2)"
@@ -705,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the merging method: " + ", ".join(f"{n} ({m.label})" for n, m in MERGE_METHODS.items()),
     )
     _add_merge_options(merge)
+    _add_tune(
+        merge, "merge the method's tuned twin (<method>_tuned): its hyper-parameters chosen on the validation split"
+    )
     merge.set_defaults(run=_cmd_merge)
 
     table = sub.add_parser("table", help="the papers' main table (every merging method) for a preset")
@@ -715,9 +755,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="papers",
         help="rows: 'papers' (the papers' main table, default), 'all' (every "
-        "registered method) or a comma-separated list of --method names",
+        "registered method but the tuned twins: see --tune) or a comma-separated list of --method names",
     )
     table.add_argument("--out", default=None, help="also write main_table_<preset>.csv and .md into this directory")
+    _add_tune(table, "add each method's tuned twin next to it (hyper-parameters chosen on the validation split)")
     table.add_argument(
         "--surgery",
         default="none",
@@ -749,13 +790,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid.add_argument("--presets", default="mini", help="comma-separated presets (default mini)")
     grid.add_argument(
-        "--methods", default="all", help="'all' (every registered method, default), 'papers' or a comma-separated list"
+        "--methods",
+        default="all",
+        help="'all' (every registered method but the tuned twins, default), 'papers' or a comma-separated list",
     )
     grid.add_argument(
         "--surgery",
         default="none,1,2",
         help="comma-separated: none (merge alone), 1 (+ Surgery), 2 (+ SurgeryV2); default all three",
     )
+    _add_tune(grid, "add each method's tuned twin next to it (hyper-parameters chosen on the validation split)")
     grid.add_argument("--seeds", type=int, default=3, help="surgery seeds per cell (default 3)")
     grid.add_argument("--seed", type=int, default=0, help="the first surgery seed; the others follow (default 0)")
     grid.add_argument(

@@ -444,9 +444,11 @@ def beyond_the_papers_grid(
     grid_dir: str | os.PathLike[str] | None = None,
     another_zoo: str = "reference",
     committed_root: str | os.PathLike[str] = "results",
+    tune: str = "none",
 ) -> tuple[Zoo, ChapterGrid]:
     """Chapter 07's grid (both of its pages), from the chapter's parameters: every method of ``methods``
-    (:func:`~surgery_lib.grid.parse_methods`) alone and with the ``surgery`` versions, over ``seeds`` seeds.
+    (:func:`~surgery_lib.grid.parse_methods`; with ``tune="validation"`` each followed by its tuned twin) alone
+    and with the ``surgery`` versions, over ``seeds`` seeds.
 
     The committed grid ``<committed_root>/grid-<preset>`` is only read (:func:`chapter_grid`): its cells computed
     from this very zoo with these settings are copied into ``grid_dir`` (default
@@ -460,7 +462,7 @@ def beyond_the_papers_grid(
     folder = Path(grid_dir) if grid_dir else Path(output_dir) / "grid" / zoo.weights_fingerprint()
     spec = GridSpec(
         presets=(preset,),
-        methods=parse_methods(methods),
+        methods=parse_methods(methods, tune),
         versions=parse_versions(surgery),
         seeds=seeds,
         first_seed=seed,

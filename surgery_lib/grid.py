@@ -31,6 +31,7 @@ from surgery_lib.merging import (
     method_label,  # noqa: F401  (0.1 re-exported it here)
 )
 from surgery_lib.merging.rows import VERSION_SUFFIX, Row  # noqa: F401  (VERSION_SUFFIX: grid.VERSION_SUFFIX in 0.1)
+from surgery_lib.merging.tuning import is_tuned, tuned_name
 from surgery_lib.surgery.run import SurgeryRun, bias_table, run_surgery
 from surgery_lib.surgery.v1 import SurgeryConfig
 
@@ -40,18 +41,32 @@ if TYPE_CHECKING:
     from surgery_lib.settings.base import Zoo
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-    """``"papers"`` (the papers' main-table rows), ``"all"`` (every registered method) or a comma-separated list
-    of registered names (repeats dropped, order kept).
+def parse_methods(text: str, tune: str = "none") -> tuple[str, ...]:
+    """``"papers"`` (the papers' main-table rows), ``"all"`` (every registered method but the tuned twins) or a
+    comma-separated list of registered names (repeats dropped, order kept). With ``tune="validation"`` each
+    method with a validation search is followed by its tuned twin (``tsv`` -> ``tsv, tsv_tuned``), so that
+    fixed and tuned rows sit side by side.
 
     Raises:
-        SurgeryBookError: for a name that is not registered (the error lists the registered ones).
+        SurgeryBookError: for a name that is not registered (the error lists the registered ones), or an
+            unknown ``tune``.
     """
+    if tune not in TUNE_CHOICES:
+        raise SurgeryBookError(f"--tune {tune!r}", f"use one of: {', '.join(TUNE_CHOICES)}")
     if text == "papers":
-        return MAIN_TABLE
-    if text == "all":
-        return tuple(MERGE_METHODS)
-    return tuple(dict.fromkeys(check_method(name.strip()) for name in text.split(",")))
+        methods: tuple[str, ...] = MAIN_TABLE
+    elif text == "all":
+        methods = tuple(name for name in MERGE_METHODS if not is_tuned(name))
+    else:
+        methods = tuple(dict.fromkeys(check_method(name.strip()) for name in text.split(",")))
+    if tune == "none":
+        return methods
+    twins = [[name, tuned_name(name)] if tuned_name(name) in MERGE_METHODS else [name] for name in methods]
+    return tuple(dict.fromkeys(name for pair in twins for name in pair))
+
+
+#: ``--tune`` values: ``none`` (the methods' fixed values) or ``validation`` (add the tuned twins).
+TUNE_CHOICES = ("none", "validation")
 
 
 def parse_versions(text: str) -> tuple[int, ...]:
@@ -182,8 +197,9 @@ def compute_cell(
     Returns:
         ``(record, run)``: the record holds ``method``, ``version``, ``seed``, ``label``, ``accuracy`` (% per
         task), ``average``, ``bias`` (after surgery on surgery cells), on surgery cells ``accuracy_before``,
-        ``bias_before``, ``steps`` and ``rank``, and ``seconds``, ``peak_rss_mib`` and ``peak_gpu_gib``; ``run``
-        is the :class:`SurgeryRun` (None for a merge alone).
+        ``bias_before``, ``steps`` and ``rank``, on cells of a tuned method ``tuned`` (the values its validation
+        search chose, the merges it evaluated and its seconds), and ``seconds``, ``peak_rss_mib`` and
+        ``peak_gpu_gib``; ``run`` is the :class:`SurgeryRun` (None for a merge alone).
     """
     import torch
 
@@ -201,6 +217,9 @@ def compute_cell(
         "seed": seed,
         "label": Row(method, version).label(zoo, options),
     }
+    if "tuned" in merged.details:  # what the validation search chose, and what it cost
+        search = merged.details["tuned"]
+        record["tuned"] = {key: search[key] for key in ("chosen", "merges_evaluated", "seconds")}
     run = None
     if version == 0:
         accuracy = evaluate_merge(zoo, merged, device)

@@ -16,6 +16,7 @@ import torch
 
 from surgery_lib.core.storage import atomic_path
 from surgery_lib.merging import METHODS, VERSION_NAMES, Row, row_of
+from surgery_lib.merging.tuning import is_tuned
 from surgery_lib.settings.base import EXPERT_ROW, ZERO_SHOT_ROW, ZOO_ROWS
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ _METHOD_CYCLE = (
     "#a6761d",
     "#800000",
 )
+# The tuned twins (``<method>_tuned``) take these, in their order, so that adding them moved no method's colour.
+_TUNED_CYCLE = ("#b22222", "#ff8c00", "#d2691e", "#db7093", "#808000", "#9932cc", "#bc8f8f", "#daa520")
 
 
 #: Colours for labels that name no row: matplotlib's cycle without its blue and green, which mean expert and
@@ -99,7 +102,10 @@ def colour_of(row: Row | str) -> str | None:
         return REFERENCE_COLOURS[row.label()]
     if row.version:
         return VERSION_COLOURS[row.version]
-    order = ["task_arithmetic"] + [name for name in METHODS if name != "task_arithmetic"]
+    if is_tuned(row.method):
+        twins = [name for name in METHODS if is_tuned(name)]
+        return _TUNED_CYCLE[twins.index(row.method) % len(_TUNED_CYCLE)]
+    order = ["task_arithmetic"] + [name for name in METHODS if name != "task_arithmetic" and not is_tuned(name)]
     return _METHOD_CYCLE[order.index(row.method) % len(_METHOD_CYCLE)]
 
 

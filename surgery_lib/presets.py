@@ -55,6 +55,9 @@ class SuiteConfig:
     test_per_task: int
     mix_per_class: int
     seed: int = 0
+    #: Labelled images per task held out for choosing merge hyper-parameters (``merge --tune validation``), never
+    #: trained on; 0: the suite has no validation split. MNIST's are taken from its training digits.
+    validation_per_task: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ UPPER_BOUNDS = {
     "train_per_task": 200_000,
     "adapt_per_task": 200_000,
     "test_per_task": 200_000,
+    "validation_per_task": 200_000,
     "mix_per_class": 10_000,
     "batch_size": 65_536,
     "mtl_batch_per_task": 65_536,
@@ -191,6 +195,7 @@ MAY_BE_ZERO = {
     "translate_px",
     "ties_text_entries",
     "adapt_per_task",
+    "validation_per_task",
     "pretrain_weight_decay",
     "probe_weight_decay",
     "expert_weight_decay",
@@ -333,7 +338,23 @@ def preset_hash(preset: Preset) -> str:
     """
     data = preset.to_dict()
     data["clip"] = data.pop("setting_config")
+    if data["suite"] is not None:
+        data["suite"] = suite_identity(preset.suite)
     return storage.config_hash(data)
+
+
+#: Suite fields added after zoos and grid cells were first hashed, with the value that means "as before".
+SUITE_FIELDS_ADDED = {"validation_per_task": 0}
+
+
+def suite_identity(suite: SuiteConfig) -> dict[str, Any]:
+    """``suite`` as the data its hashes cover: a field added later is left out while it has the value that
+    means "as before" (a suite without a validation split hashes as it did before the field existed)."""
+    data = dataclasses.asdict(suite)
+    for name, default in SUITE_FIELDS_ADDED.items():
+        if data.get(name) == default:
+            del data[name]
+    return data
 
 
 PRESETS: Registry[Preset] = Registry("preset", load=lambda: _load_presets())

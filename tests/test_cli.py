@@ -170,10 +170,33 @@ def test_method_lists_name_the_papers_rows_every_method_or_each_registered_name_
     from surgery_lib.grid import parse_methods
     from surgery_lib.merging import MAIN_TABLE, MERGE_METHODS
 
-    assert parse_methods("papers") == MAIN_TABLE and parse_methods("all") == tuple(MERGE_METHODS)
+    assert parse_methods("papers") == MAIN_TABLE
+    assert parse_methods("all") == tuple(name for name in MERGE_METHODS if not name.endswith("_tuned"))
+    assert len(parse_methods("all")) == 18  # the tuned twins come with --tune validation
     assert parse_methods("tsv, task_arithmetic,tsv") == ("tsv", "task_arithmetic")
+    assert parse_methods("tsv,ties,tsv_tuned", tune="validation") == ("tsv", "tsv_tuned", "ties")
+    assert parse_methods("papers", tune="validation")[3:5] == ("task_arithmetic", "task_arithmetic_tuned")
     with pytest.raises(SurgeryBookError, match="unknown merging method 'dare'"):
         parse_methods("tsv,dare")
+    with pytest.raises(SurgeryBookError, match="--tune 'test'"):
+        parse_methods("tsv", tune="test")
+
+
+def test_tune_validation_merges_the_tuned_twin_and_prints_what_it_chose(smoke_zoo, cache_dir, capsys):
+    from surgery_lib.cli import main
+
+    common = ["merge", "--preset", "smoke", "--cache-dir", str(cache_dir), "--quiet"]
+    assert main([*common, "--method", "iso_c", "--tune", "validation", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["method"] == "iso_c_tuned" and payload["tuned"]["merges_evaluated"] == 30
+    assert payload["tuned"]["chosen"]["scale"] in payload["tuned"]["grid"]["scale"]
+    assert "Iso-C (isotropic, common subspace), tuned" in payload["accuracy"]
+    assert main([*common, "--method", "task_arithmetic", "--tune", "validation"]) == 0
+    assert "chosen on the validation split" in capsys.readouterr().out
+    assert main([*common, "--method", "ties", "--tune", "validation"]) == 2  # a usage error, as every bad flag
+    assert "ties has no hyper-parameters its official code searches" in capsys.readouterr().err
+    assert main([*common, "--method", "tsv", "--tune", "validation", "--scale", "0.5"]) == 2
+    assert "tsv_tuned does not read --scale" in capsys.readouterr().err
 
 
 def test_a_registered_method_reaches_merge_and_table_without_touching_the_cli(smoke_zoo, cache_dir, capsys):

@@ -88,6 +88,50 @@ def test_real_image_crops_stay_inside_their_split_region(axis):
             assert crop.min() >= lo * 255 - 2 and crop.max() <= hi * 255 + 2, split
 
 
+def test_the_real_image_bands_a_suite_uses_are_disjoint():
+    for with_validation in (False, True):
+        splits = ("train", "adapt", "test") + (("validation",) if with_validation else ())
+        bands = sorted(gen.REAL_REGION[gen.render_split(split, with_validation)] for split in splits)
+        assert bands[0][0] == 0.0 and bands[-1][1] == 1.0
+        assert all(a[1] <= b[0] for a, b in zip(bands, bands[1:])), (with_validation, bands)
+
+
+def test_mnist_validation_digits_come_from_the_training_share():
+    counts = {"train": 3500, "adapt": 500, "test": 1000}
+    before = gen.mnist_split_indices(0, counts)
+    after = gen.mnist_split_indices(0, {**counts, "validation": 400})
+    sets = {k: set(v.tolist()) for k, v in after.items()}
+    assert len(sets["validation"]) == 400 and len(sets["train"]) == 3100
+    assert all(not sets[a] & sets[b] for a in sets for b in sets if a < b)
+    for split in ("adapt", "test"):  # the same digits (a validation split reorders them, as train shrank)
+        assert sets[split] == set(before[split].tolist())
+    assert sets["validation"] | sets["train"] == set(before["train"].tolist())
+    _, labels = gen.mnist_pool()
+    assert np.bincount(labels[after["validation"]]).tolist() == [40] * 10
+    config = SuiteConfig(("mnist",), 4000, 500, 1000, 1, validation_per_task=400)
+    assert split_sizes("mnist", config) == {"train": 3100, "adapt": 500, "test": 1000, "validation": 400}
+    with pytest.raises(SurgeryBookError, match="leave none to train on.*validation_per_task"):
+        split_sizes("mnist", SuiteConfig(("mnist",), 4000, 500, 1000, 1, validation_per_task=3500))
+
+
+def test_a_validation_split_adds_images_and_changes_no_other_split(tmp_path):
+    without = load_suite(TINY, cache_dir=tmp_path, workers=1, progress=False)
+    config = SuiteConfig(**{**TINY.__dict__, "validation_per_task": 24})
+    assert suite_module.task_file("textures", config, tmp_path) != suite_module.task_file("textures", TINY, tmp_path)
+    with_validation = load_suite(config, cache_dir=tmp_path, workers=1, progress=False)
+    for task in TINY.tasks:
+        old, new = without[task], with_validation[task]
+        assert "validation" not in old.splits and new.images["validation"].shape == (24, 3, 32, 32)
+        assert np.bincount(new.labels["validation"].numpy()).max() - np.bincount(new.labels["validation"]).min() <= 1
+        for split in ("train", "test"):
+            assert torch.equal(old.images[split], new.images[split]) and torch.equal(
+                old.labels[split], new.labels[split]
+            )
+        seen = {bytes(image.numpy()) for split in ("train", "adapt", "test") for image in new.images[split]}
+        assert not seen & {bytes(image.numpy()) for image in new.images["validation"]}
+    assert data_cards(config).loc["textures", "validation"] == 24 and "validation" not in data_cards(TINY)
+
+
 def test_suite_is_identical_with_one_or_two_workers(tmp_path):
     one = load_suite(TINY, cache_dir=tmp_path / "a", workers=1, progress=False)
     two = load_suite(TINY, cache_dir=tmp_path / "b", workers=2, progress=False)

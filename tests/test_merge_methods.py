@@ -23,6 +23,7 @@ from surgery_lib.merging import (
     register_option,
     task_arithmetic,
 )
+from surgery_lib.merging.base import DATA_KINDS
 from surgery_lib.merging.dare import dare_vectors, drop_and_rescale
 from surgery_lib.merging.options import SCALE
 
@@ -45,7 +46,7 @@ def test_every_registered_method_keeps_the_contract(method, smoke_zoo, tmp_path)
     loaded = cached_merge(zoo, method, FAST, device="cpu", progress=False)
     assert all(torch.equal(loaded.state[k], v) for k, v in stored.state.items())
     assert loaded.seconds == stored.seconds  # read back, not recomputed
-    assert MERGE_METHODS[method].data in ("free", "labeled", "unlabeled") and MERGE_METHODS[method].label
+    assert MERGE_METHODS[method].data in DATA_KINDS and MERGE_METHODS[method].label
 
 
 def test_the_cache_key_covers_exactly_the_options_a_method_reads(smoke_zoo):

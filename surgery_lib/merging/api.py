@@ -167,6 +167,8 @@ def _compute_and_cache(
         "tasks": json.dumps(names),
         "zoo": zoo.weights_fingerprint(),
     }
+    if "tuned" in result.details:  # what a search chose, and from what: kept with the weights
+        metadata["tuned"] = json.dumps(result.details["tuned"])
     if "adamerging" in result.details:
         found = result.details["adamerging"]
         tensors["adamerging/coefficients"] = found.coefficients
@@ -181,6 +183,8 @@ def _merge_from_cache(method: str, tensors: dict[str, torch.Tensor], metadata: d
     if metadata.get("method") != method or not state:
         raise ValueError("the file holds another merge")
     details: dict[str, Any] = {}
+    if "tuned" in metadata:
+        details["tuned"] = json.loads(metadata["tuned"])
     if "adamerging/coefficients" in tensors:
         details["adamerging"] = AdaMergingResult(
             tuple(json.loads(metadata["tasks"])),

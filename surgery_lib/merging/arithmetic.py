@@ -1,4 +1,8 @@
-"""Task arithmetic (Ilharco et al., ICLR 2023): add the scaled sum of the task vectors. Data-free."""
+"""Task arithmetic (Ilharco et al., ICLR 2023): add the scaled sum of the task vectors. Data-free.
+
+The papers' 0.3 came from a search on validation data; ``task_arithmetic_tuned`` runs that search (tall_masks'
+grid {0.1, ..., 1.0}) on the zoo's validation split.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 
 from surgery_lib.merging.base import MergeMethod, register_method
 from surgery_lib.merging.options import SCALE
+from surgery_lib.merging.tuning import SCALES_TO_ONE, register_tuned
 from surgery_lib.merging.vectors import StateDict, add_vectors, task_vectors
 
 
@@ -24,4 +29,9 @@ def _run(zoo, experts, options, device, progress):
     return task_arithmetic(zoo.pretrained, experts, scale), {"scale": scale}
 
 
-register_method(MergeMethod("task_arithmetic", "task arithmetic", _run, options=(SCALE,)))
+# tall_masks' search of task arithmetic's scale (its "sum" method), on validation data.
+register_tuned(
+    register_method(
+        MergeMethod("task_arithmetic", "task arithmetic", _run, options=(SCALE,), search=(("scale", SCALES_TO_ONE),))
+    )
+)

@@ -52,8 +52,11 @@ class MergeMethod:
         options: the options it reads (:class:`~surgery_lib.merging.options.Option`, declared once each); they,
             and only they, key its cache entry, and the command line offers exactly their flags for it.
         trims: it trims task vectors the TIES way (on real CLIP its label names the kept fraction).
-        data: ``"free"`` (weights only), ``"labeled"`` (training images and labels) or ``"unlabeled"``
-            (test-time images without labels).
+        data: ``"free"`` (weights only), ``"labeled"`` (training images and labels), ``"unlabeled"``
+            (test-time images without labels) or ``"validation"`` (labelled validation images: the tuned twins).
+        search: the grid its official code searches on validation data, ``((option, values), ...)`` with the
+            values in the order they are tried; a method with one gets a tuned twin
+            (:func:`~surgery_lib.merging.tuning.register_tuned`).
     """
 
     name: str
@@ -62,6 +65,7 @@ class MergeMethod:
     options: tuple[Option, ...] = ()
     trims: bool = False
     data: str = "free"
+    search: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         strays = [option for option in self.options if not isinstance(option, Option)]
@@ -70,10 +74,19 @@ class MergeMethod:
                 f"merging method {self.name!r} declares options {strays} that are not Option declarations",
                 "pass Option objects (surgery_lib.merging.options: SCALE, SEED, ... or your own Option(...))",
             )
-        if self.data not in ("free", "labeled", "unlabeled"):
+        if self.data not in DATA_KINDS:
             raise SurgeryBookError(
-                f"merging method {self.name!r} declares data={self.data!r}", "use 'free', 'labeled' or 'unlabeled'"
+                f"merging method {self.name!r} declares data={self.data!r}", f"use one of {', '.join(DATA_KINDS)}"
             )
+        unread = [name for name, values in self.search if name not in self.reads or not values]
+        if unread:
+            raise SurgeryBookError(
+                f"merging method {self.name!r} searches {unread}, which it does not read or gives no values",
+                "search only options in its options=(...), each with at least one value",
+            )
+        for name, values in self.search:
+            for value in values:
+                next(o for o in self.options if o.name == name).check(value)
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -84,6 +97,9 @@ class MergeMethod:
         """The options this method reads, by name: what its cache key covers."""
         return {option: getattr(options, option) for option in self.reads}
 
+
+#: What a method reads besides the experts' weights (:attr:`MergeMethod.data`).
+DATA_KINDS = ("free", "labeled", "unlabeled", "validation")
 
 #: Every registered merging method, in registration order.
 MERGE_METHODS: Registry[MergeMethod] = Registry("merging method")

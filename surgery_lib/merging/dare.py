@@ -1,7 +1,9 @@
 """DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): drop each task-vector entry with
 probability ``p`` and rescale the survivors by ``1 / (1 - p)``, so every entry keeps its expected value;
 then merge the sparse vectors with task arithmetic (``dare_task_arithmetic``) or TIES (``dare_ties``).
-Data-free; random, so seeded.
+Data-free; random, so seeded. MergeLM searches ``p`` over {0.1, 0.3, 0.5, 0.7, 0.9} and the scale over
+{0.1, ..., 1.0} on validation data, as the tuned twins ``dare_task_arithmetic_tuned`` and ``dare_ties_tuned`` do;
+without validation data ``p = 0.5`` and the scale 0.3.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
 from surgery_lib.merging.options import KEEP_FRACTION, SCALE, SEED, Option
 from surgery_lib.merging.ties import ties_vectors
+from surgery_lib.merging.tuning import SCALES_TO_ONE, register_tuned
 from surgery_lib.merging.vectors import add_vectors, task_vectors
 
 DROP_RATE = Option(
@@ -74,13 +77,29 @@ def _run_ties(zoo, experts, options, device, progress):
     return add_vectors(zoo.pretrained, disjoint, [scale] * len(disjoint)), details
 
 
-register_method(
-    MergeMethod(
-        "dare_task_arithmetic", "DARE + task arithmetic", _run_task_arithmetic, options=(SCALE, DROP_RATE, SEED)
+#: MergeLM's search on validation data: the drop rate, then the scale for each.
+DARE_SEARCH = (("drop_rate", (0.1, 0.3, 0.5, 0.7, 0.9)), ("scale", SCALES_TO_ONE))
+
+register_tuned(
+    register_method(
+        MergeMethod(
+            "dare_task_arithmetic",
+            "DARE + task arithmetic",
+            _run_task_arithmetic,
+            options=(SCALE, DROP_RATE, SEED),
+            search=DARE_SEARCH,
+        )
     )
 )
-register_method(
-    MergeMethod(
-        "dare_ties", "DARE + TIES-merging", _run_ties, options=(SCALE, DROP_RATE, SEED, KEEP_FRACTION), trims=True
+register_tuned(
+    register_method(
+        MergeMethod(
+            "dare_ties",
+            "DARE + TIES-merging",
+            _run_ties,
+            options=(SCALE, DROP_RATE, SEED, KEEP_FRACTION),
+            trims=True,
+            search=DARE_SEARCH,
+        )
     )
 )

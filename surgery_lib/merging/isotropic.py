@@ -13,8 +13,9 @@ singular directions, and tasks whose directions fall in the weak part of the spe
   orthonormalised (as TSV-M does) and scaled by the mean of the **kept** spectrum: the common subspace's
   singular values of the sum and each task's kept residual singular values.
 
-Then ``theta = theta_0 + alpha * update``. The paper selects ``alpha`` on validation data per backbone and
-task count; the default here is ``alpha = 1`` (pass ``--scale`` to sweep it). Non-matrix parameters get the
+Then ``theta = theta_0 + alpha * update``. The official code selects ``alpha`` from {0.1, ..., 3.0} on
+validation data, as the tuned twins ``iso_c_tuned`` and ``iso_cts_tuned`` do; without validation data it is 1
+(pass ``--scale`` to set it). Non-matrix parameters get the
 mean task vector, as in TSV-M (:func:`surgery_lib.merging.tsv.spectral_merge`).
 """
 
@@ -28,9 +29,11 @@ from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging.base import MergeMethod, register_method
 from surgery_lib.merging.options import SCALE
 from surgery_lib.merging.tsv import nearest_orthonormal, spectral_merge
+from surgery_lib.merging.tuning import SCALES_TO_THREE, register_tuned
 from surgery_lib.merging.vectors import StateDict, task_vectors
 
-#: The default scale of both isotropic merges (the paper tunes it on validation data).
+#: The scale of both isotropic merges without validation data (the official code searches it over
+#: {0.1, ..., 3.0} on validation data: ``iso_c_tuned``, ``iso_cts_tuned``).
 ISO_SCALE = 1.0
 #: Iso-CTS: the fraction of the layer's rank given to the common subspace (the paper's default).
 COMMON_FRACTION = 0.8
@@ -116,16 +119,26 @@ def _run(zoo, experts, options, device, progress, *, task_specific: bool):
     return state, {"scale": scale, **({"common_fraction": COMMON_FRACTION} if task_specific else {})}
 
 
-register_method(
-    MergeMethod(
-        "iso_c", "Iso-C (isotropic, common subspace)", lambda *a: _run(*a, task_specific=False), options=(SCALE,)
+# The official code searches alpha over {0.1, ..., 3.0} on validation data for both.
+register_tuned(
+    register_method(
+        MergeMethod(
+            "iso_c",
+            "Iso-C (isotropic, common subspace)",
+            lambda *a: _run(*a, task_specific=False),
+            options=(SCALE,),
+            search=(("scale", SCALES_TO_THREE),),
+        )
     )
 )
-register_method(
-    MergeMethod(
-        "iso_cts",
-        "Iso-CTS (isotropic, common + task subspaces)",
-        lambda *a: _run(*a, task_specific=True),
-        options=(SCALE,),
+register_tuned(
+    register_method(
+        MergeMethod(
+            "iso_cts",
+            "Iso-CTS (isotropic, common + task subspaces)",
+            lambda *a: _run(*a, task_specific=True),
+            options=(SCALE,),
+            search=(("scale", SCALES_TO_THREE),),
+        )
     )
 )

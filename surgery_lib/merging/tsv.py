@@ -6,7 +6,8 @@ tasks are concatenated, ``U = [U_1k ... U_Tk]`` (and likewise ``V`` and the sing
 overlap between tasks' directions, the paper's measure of interference, is removed by replacing ``U`` and
 ``V`` with their nearest matrices with orthonormal columns (``P Q^T`` from ``U = P S Q^T``, the orthogonal
 Procrustes solution, equal to whitening ``U (U^T U)^{-1/2}``). The merged update is ``U_perp S V_perp^T``
-and ``theta = theta_0 + alpha * update`` with the paper's ``alpha = 1``.
+and ``theta = theta_0 + alpha * update``. Without validation data ``alpha = 1`` (FusionBench's fixed value); the
+official code searches it over {0.1, ..., 3.0} on validation data, as the tuned twin ``tsv_tuned`` does.
 
 Parameters that are not matrices (biases, norms, class token, the patch convolution) get the mean of the
 task vectors, as in TSV's own treatment of non-matrix parameters (task arithmetic with ``1 / T``).
@@ -23,9 +24,10 @@ from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.merging.base import MergeMethod, register_method
 from surgery_lib.merging.options import SCALE
+from surgery_lib.merging.tuning import SCALES_TO_THREE, register_tuned
 from surgery_lib.merging.vectors import StateDict, task_vectors
 
-#: TSV-M's scale: the paper merges at alpha = 1 (no tuning).
+#: TSV-M's scale without validation data (FusionBench's; the official code searches it: ``tsv_tuned``).
 TSV_SCALE = 1.0
 
 
@@ -113,4 +115,11 @@ def _run(zoo, experts, options, device, progress):
     return tsv_merging(zoo.pretrained, experts, scale, device, progress), {"scale": scale}
 
 
-register_method(MergeMethod("tsv", "TSV-M (task singular vectors)", _run, options=(SCALE,)))
+# The official code searches alpha over {0.1, ..., 3.0} on validation data (FusionBench fixes 1).
+register_tuned(
+    register_method(
+        MergeMethod(
+            "tsv", "TSV-M (task singular vectors)", _run, options=(SCALE,), search=(("scale", SCALES_TO_THREE),)
+        )
+    )
+)

@@ -83,6 +83,15 @@ class ClipSetting(Setting):
             default=None,
             help="which DTD/SUN397 folder is the test split in the local layout (default val, as task_vectors)",
         )
+        group.add_argument(
+            "--validation-images",
+            type=int,
+            default=None,
+            metavar="N",
+            help="labelled images per task held out of its training split as task_vectors held them out (10 %%, at "
+            "most 5,000; EuroSAT: its val folder), at most N; the *_tuned merges choose their hyper-parameters on "
+            f"them (default 0: no validation split; ${VARIABLES['validation_images']})",
+        )
 
     def options_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
         return {field: getattr(args, field, None) for field in VARIABLES}

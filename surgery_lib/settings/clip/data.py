@@ -225,7 +225,12 @@ def local_dataset(
     from torchvision import datasets
 
     spec = get_clip_task(task) if isinstance(task, str) else task
-    if split not in ("train", "test"):
+    if split == "validation" and spec.name != "EuroSAT":
+        raise SurgeryBookError(
+            f"{spec.name} has no validation folder in task_vectors' layout",
+            "hold the validation images out of its train split (held_out_validation)",
+        )
+    if split not in ("train", "test", "validation"):
         raise SurgeryBookError(f"unknown split {split!r}", "use 'train' or 'test'")
     root = Path(root)
     folder_split = test_folder if split == "test" else "train"
@@ -234,8 +239,9 @@ def local_dataset(
             return _folder(root / "sun397" / folder_split, root)
         if spec.name == "DTD":
             return _folder(root / "dtd" / folder_split, root)
-        if spec.name == "EuroSAT":
-            return _folder(root / "EuroSAT_splits" / split, root, _eurosat_names)
+        if spec.name == "EuroSAT":  # task_vectors' EuroSATVal reads the val folder
+            folder = "val" if split == "validation" else split
+            return _folder(root / "EuroSAT_splits" / folder, root, _eurosat_names)
         if spec.name == "RESISC45":
             return _resisc45(root, split)
         if spec.name == "Cars":
@@ -441,6 +447,27 @@ def split_cache_path(
     return Path(cache_dir) / source / str(image_size) / f"{task}-{split}{'-' + tag if tag else ''}.npy"
 
 
+#: task_vectors' validation split: this fraction of each training split, at most this many images, drawn by
+#: ``random_split`` with this seed (its experts were fine-tuned on the rest).
+VALIDATION_FRACTION, VALIDATION_MAX, VALIDATION_SEED = 0.1, 5000, 0
+
+
+def held_out_validation(train_size: int, images: int | None = None) -> list[int]:
+    """The indices of task_vectors' validation split of a training split of ``train_size`` images, in its order
+    (``random_split(train, [n - v, v], generator=torch.Generator().manual_seed(0))`` with ``v = min(int(0.1 n),
+    5000)``: the last ``v`` entries of that seeded permutation); the first ``images`` of them if given.
+    """
+    size = min(int(train_size * VALIDATION_FRACTION), VALIDATION_MAX)
+    if size < 1:
+        raise SurgeryBookError(
+            f"a training split of {train_size} images holds out no validation images (10 % rounds down to 0)",
+            "use a dataset with at least 10 training images",
+        )
+    order = torch.randperm(train_size, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    held_out = order[train_size - size :].tolist()
+    return held_out if images is None else held_out[:images]
+
+
 def load_clip_task(
     task: str,
     *,
@@ -450,14 +477,18 @@ def load_clip_task(
     root: str | os.PathLike[str] | None = None,
     test_folder: str = "val",
     train_images: int = 1000,
+    validation_images: int = 0,
     seed: int = 0,
     workers: int | None = None,
     hub_load: Callable[..., Any] | None = None,
     progress: bool = True,
 ) -> TaskData:
     """One task as :class:`TaskData` (memory-mapped uint8 images, OpenAI CLIP normalisation), decoding
-    on first use. Splits: ``test`` (all of it), ``train`` = ``adapt`` (``train_images`` seeded picks);
-    ``files`` names the cache file of each.
+    on first use. Splits: ``test`` (all of it), ``train`` = ``adapt`` (``train_images`` seeded picks) and,
+    with ``validation_images``, ``validation``: at most that many of task_vectors' held-out validation images
+    (:func:`held_out_validation`; EuroSAT's from its own val folder in the local layout, as task_vectors reads
+    it), the labelled data the ``*_tuned`` merges choose their hyper-parameters on. ``files`` names the cache
+    file of each split.
 
     Raises:
         SurgeryBookError: unknown task or source, missing local folder, or a damaged cache (with its path).
@@ -474,14 +505,28 @@ def load_clip_task(
             return hub_dataset(spec, split, load=hub_load)
         return local_dataset(spec, root, split, test_folder)  # type: ignore[arg-type]
 
+    if validation_images < 0:
+        raise SurgeryBookError(f"validation_images {validation_images} is negative", "pass 0 (none) or more")
+
+    def validation() -> LabelledImages:
+        if source == "local" and spec.name == "EuroSAT":  # its own folder: a seeded sample where it is capped
+            data = local_dataset(spec, root, "validation")  # type: ignore[arg-type]
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+            return data.subset(order[: min(validation_images, len(data))].tolist())
+        data = reader("train")
+        return data.subset(held_out_validation(len(data), validation_images))
+
+    splits = [("test", tag), ("train", f"{train_images}-{seed}")]
+    if validation_images:
+        splits.append(("validation", f"{validation_images}"))
     images, labels, names, paths = {}, {}, None, {}
-    for split, count_tag in (("test", tag), ("train", f"{train_images}-{seed}")):
+    for split, count_tag in splits:
         path = paths[split] = split_cache_path(cache_dir, spec.name, split, source, image_size, count_tag)
         with entry_lock(
             path, f"the {spec.name} {split} image cache"
         ):  # a concurrent run decodes it once, the other waits
             if not (path.is_file() and path.with_suffix(".json").is_file()):
-                data = reader(split)
+                data = validation() if split == "validation" else reader(split)
                 if split == "train":
                     picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[
                         : min(train_images, len(data))

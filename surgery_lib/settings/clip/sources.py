@@ -4,12 +4,15 @@
 ``SURGERY_BOOK_FAMILY`` (``task_vectors`` or ``fusionbench``), ``SURGERY_BOOK_CHECKPOINTS`` (task_vectors'
 folder, a converted folder, or FusionBench snapshots; ``hub`` for FusionBench's default),
 ``SURGERY_BOOK_DATA_SOURCE`` (``hub`` or ``local``), ``SURGERY_BOOK_DATA_ROOT`` (task_vectors' dataset
-folders) and ``SURGERY_BOOK_TEST_FOLDER`` (``val`` or ``test``: which DTD/SUN397 folder is the test split).
+folders), ``SURGERY_BOOK_TEST_FOLDER`` (``val`` or ``test``: which DTD/SUN397 folder is the test split) and
+``SURGERY_BOOK_VALIDATION_IMAGES`` (labelled images per task held out of each training split as task_vectors
+held them out, for the ``*_tuned`` merges; 0, the default: none).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ VARIABLES = {
     "data_source": "SURGERY_BOOK_DATA_SOURCE",
     "data_root": "SURGERY_BOOK_DATA_ROOT",
     "test_folder": "SURGERY_BOOK_TEST_FOLDER",
+    "validation_images": "SURGERY_BOOK_VALIDATION_IMAGES",
 }
 
 
@@ -41,6 +45,7 @@ class ClipSources:
     data_root: str | None = None
     test_folder: str = "val"  # DTD and SUN397 in task_vectors' layout: "val" (task_vectors) or "test"
     train_images: int = 1000
+    validation_images: int = 0
 
     @classmethod
     def from_environment(cls, preset: Preset, **given: Any) -> ClipSources:
@@ -49,6 +54,20 @@ class ClipSources:
         defaults = {"family": config.family, "data_source": config.data_source, "test_folder": "val"}
         env = {field: os.environ.get(variable, defaults.get(field)) for field, variable in VARIABLES.items()}
         sources = cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
+        count = sources.validation_images
+        if isinstance(count, str):
+            if not count.strip().isdigit():
+                raise SurgeryBookError(
+                    f"{VARIABLES['validation_images']}={count!r} is not a number of images",
+                    "set it to a whole number such as 5000 (0: no validation split), or unset it",
+                )
+            sources = dataclasses.replace(sources, validation_images=int(count))
+        if sources.validation_images is None:
+            sources = dataclasses.replace(sources, validation_images=0)
+        if sources.validation_images < 0:
+            raise SurgeryBookError(
+                f"--validation-images {sources.validation_images} is negative", "pass 0 (none) or a number of images"
+            )
         if sources.family not in FAMILIES:
             raise SurgeryBookError(
                 f"unknown checkpoint family {sources.family!r}", f"use one of: {', '.join(FAMILIES)}"

@@ -124,6 +124,7 @@ def clip_suite(
         root=sources.data_root,
         test_folder=sources.test_folder,
         train_images=sources.train_images,
+        validation_images=sources.validation_images,
         workers=workers,
         hub_load=hub_load,
         progress=progress,

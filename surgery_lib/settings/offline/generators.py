@@ -26,10 +26,25 @@ from surgery_lib.core.errors import SurgeryBookError
 GENERATOR_VERSION = 1
 SIZE = 32
 CANVAS = 64
-SPLITS: tuple[str, ...] = ("train", "adapt", "test")
+SPLITS: tuple[str, ...] = ("train", "adapt", "test", "validation")
 
-#: Fraction of a real image's rows/columns each split may crop from: disjoint regions per split.
-REAL_REGION: dict[str, tuple[float, float]] = {"train": (0.0, 0.6), "adapt": (0.6, 0.7), "test": (0.7, 1.0)}
+#: Fraction of a real image's rows/columns each split may crop from: disjoint regions per split. A suite with a
+#: validation split cuts its band from the adaptation band (``"adapt_beside_validation"`` is what is left), so
+#: that training and test crops are the same with or without one.
+REAL_REGION: dict[str, tuple[float, float]] = {
+    "train": (0.0, 0.6),
+    "adapt": (0.6, 0.7),
+    "test": (0.7, 1.0),
+    "validation": (0.6, 0.65),
+    "adapt_beside_validation": (0.65, 0.7),
+}
+
+
+def render_split(split: str, with_validation: bool) -> str:
+    """The split name a renderer is given for ``split``: the adaptation split of a suite with a validation split
+    crops real images from what its band leaves (:data:`REAL_REGION`)."""
+    return "adapt_beside_validation" if split == "adapt" and with_validation else split
+
 
 Colour = tuple[int, int, int]
 Renderer = Callable[[np.random.Generator, int, str], np.ndarray]
@@ -490,8 +505,9 @@ PHOTO_SOURCES = (
 def render_photo_patch(rng: np.random.Generator, label: int, split: str) -> np.ndarray:
     """SUN397 stand-in: real crops of 10 bundled photos, class = photo.
 
-    Training crops come from the left 60 % of each photo, adaptation crops from the next 10 %, test
-    crops from the right 30 %: scene recognition from parts never seen in training.
+    Training crops come from the left 60 % of each photo, adaptation crops from the next 10 % (validation
+    crops, where the suite has them, from the first half of that band), test crops from the right 30 %:
+    scene recognition from parts never seen in training.
     """
     crop = _crop_resized(rng, real_image(PHOTO_SOURCES[label]), REAL_REGION[split], axis=1, size_range=(0.12, 0.3))
     return _finish(rng, crop, noise=2, brightness=(0.85, 1.15))
@@ -713,7 +729,7 @@ TASKS: dict[str, TaskSpec] = {
             "SUN397",
             tuple(p.split(":")[-1] for p in PHOTO_SOURCES),
             "crops of 10 photos shipped with scikit-image and scikit-learn, class = photo; train crops "
-            "from the left 60 %, adaptation crops from the next 10 %, test crops from the right 30 %",
+            "from the left 60 %, adaptation (and validation) crops from the next 10 %, test crops from the right 30 %",
             "scikit-image photos: CC0 / public domain (NASA); scikit-learn china.jpg and flower.jpg: CC BY 2.0",
             render_photo_patch,
         ),
@@ -757,8 +773,10 @@ def balanced_labels(num_classes: int, count: int, seed: Sequence[int]) -> np.nda
 def mnist_split_indices(seed: int, counts: dict[str, int]) -> dict[str, np.ndarray]:
     """Disjoint, class-stratified indices into :func:`mnist_pool` for each split.
 
-    ``counts`` are requested images per split; test and adapt are filled first and train gets at most
-    what remains (3,500 of the 5,000 images for the default 1,000 test and 500 adapt).
+    ``counts`` are requested images per split (a split not named gets none); test, adapt and validation are
+    filled first and train gets at most what remains (3,500 of the 5,000 images for 1,000 test and 500 adapt;
+    3,100 with 400 validation images as well). Without a validation split the draws are those of a suite
+    that never had one.
     """
     _, labels = mnist_pool()
     rng = np.random.default_rng([seed, 1_000_003])
@@ -766,14 +784,15 @@ def mnist_split_indices(seed: int, counts: dict[str, int]) -> dict[str, np.ndarr
     for digit in range(10):
         pool = rng.permutation(np.flatnonzero(labels == digit))
         start = 0
-        for split in ("test", "adapt", "train"):
-            take = min(math.ceil(counts[split] / 10), len(pool) - start)
+        for split in ("test", "adapt", "validation", "train"):
+            take = min(math.ceil(counts.get(split, 0) / 10), len(pool) - start)
             per_class[split].append(pool[start : start + take])
             start += take
     out = {}
     for split in SPLITS:
-        merged = np.concatenate(per_class[split])
-        out[split] = rng.permutation(merged)[: counts[split]]
+        if counts.get(split, 0):
+            merged = np.concatenate(per_class[split])
+            out[split] = rng.permutation(merged)[: counts[split]]
     return out
 
 

@@ -88,12 +88,21 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 
 def split_sizes(task: str, config: SuiteConfig) -> dict[str, int]:
-    """Images per split for ``task``; MNIST's train split is capped by the 5,000 real digits available."""
+    """Images per split for ``task`` (``validation`` only where the suite has one); MNIST's train split is
+    capped by the 5,000 real digits available, less those its other splits take."""
     if task == MIX_NAME:
         return {"train": config.mix_per_class * len(gen.MIX_CLASSES)}
     sizes = {"train": config.train_per_task, "adapt": config.adapt_per_task, "test": config.test_per_task}
+    if config.validation_per_task:
+        sizes["validation"] = config.validation_per_task
     if task == "mnist":
-        available = gen.MNIST_POOL_SIZE - sizes["adapt"] - sizes["test"]
+        available = gen.MNIST_POOL_SIZE - sum(count for split, count in sizes.items() if split != "train")
+        if available < 1:
+            raise SurgeryBookError(
+                f"the MNIST task's adapt, test and validation splits ask for {gen.MNIST_POOL_SIZE - available} of "
+                f"its {gen.MNIST_POOL_SIZE} real digits and leave none to train on",
+                "lower suite.adapt_per_task, suite.test_per_task or suite.validation_per_task",
+            )
         sizes["train"] = min(sizes["train"], available)
     return sizes
 
@@ -104,6 +113,8 @@ def _task_key(task: str, config: SuiteConfig) -> str:
         if task == MIX_NAME
         else {k: getattr(config, k) for k in ("train_per_task", "adapt_per_task", "test_per_task")}
     )
+    if task != MIX_NAME and config.validation_per_task:  # absent otherwise: the files of suites without one stay
+        sizes["validation_per_task"] = config.validation_per_task
     return config_hash({"generator": gen.GENERATOR_VERSION, "task": task, "seed": config.seed, **sizes})
 
 
@@ -120,9 +131,9 @@ def _render_job(task: str, split: str, labels: np.ndarray, seed: tuple[int, ...]
     return gen.render_batch(_spec(task), labels, split, seed)
 
 
-def _render_star(job: tuple[str, str, int, np.ndarray, tuple[int, ...]]) -> np.ndarray:
-    task, split, _, labels, seed = job
-    return _render_job(task, split, labels, seed)
+def _render_star(job: tuple[str, str, int, np.ndarray, tuple[int, ...], str]) -> np.ndarray:
+    task, _, _, labels, seed, render_as = job
+    return _render_job(task, render_as, labels, seed)
 
 
 def data_cards(config: SuiteConfig) -> pd.DataFrame:
@@ -141,6 +152,7 @@ def data_cards(config: SuiteConfig) -> pd.DataFrame:
                 "train": sizes.get("train", 0),
                 "adapt": sizes.get("adapt", 0),
                 "test": sizes.get("test", 0),
+                **({"validation": sizes.get("validation", 0)} if config.validation_per_task else {}),
                 "source": spec.source,
                 "licence": spec.licence,
             }
@@ -167,7 +179,7 @@ def _generate(
     """Render every split of ``tasks``; returns ``{task: {"<split>_images": ..., "<split>_labels": ...}}``."""
 
     arrays: dict[str, dict[str, np.ndarray]] = {}
-    jobs: list[tuple[str, str, int, np.ndarray, tuple[int, ...]]] = []
+    jobs: list[tuple[str, str, int, np.ndarray, tuple[int, ...], str]] = []
     for task in tasks:
         spec, sizes = _spec(task), split_sizes(task, config)
         arrays[task] = {}
@@ -177,23 +189,26 @@ def _generate(
                 arrays[task][f"{split}_images"] = np.stack([gen.render_mnist_digit(d) for d in pool_images[index]])
                 arrays[task][f"{split}_labels"] = pool_labels[index]
             continue
-        for split_id, (split, count) in enumerate(sizes.items()):
+        for split, count in sizes.items():
+            split_id = gen.SPLITS.index(split)  # seeds by the split's name, not its place: adding one moves none
             labels = gen.balanced_labels(spec.num_classes, count, (config.seed, _task_seed(task), split_id))
             arrays[task][f"{split}_labels"] = labels
             arrays[task][f"{split}_images"] = np.empty((count, gen.SIZE, gen.SIZE, 3), np.uint8)
             for start in range(0, count, CHUNK):
                 seed = (config.seed, _task_seed(task), split_id, start)
-                jobs.append((task, split, start, labels[start : start + CHUNK], seed))
+                render_as = gen.render_split(split, "validation" in sizes)
+                jobs.append((task, split, start, labels[start : start + CHUNK], seed, render_as))
 
     bar = tqdm(total=sum(len(j[3]) for j in jobs), desc="generating images", unit="img", disable=not progress)
     with bar:
         if workers <= 1 or len(jobs) <= 1:
-            for task, split, start, labels, seed in jobs:
-                arrays[task][f"{split}_images"][start : start + len(labels)] = _render_job(task, split, labels, seed)
+            for task, split, start, labels, seed, render_as in jobs:
+                images = _render_job(task, render_as, labels, seed)
+                arrays[task][f"{split}_images"][start : start + len(labels)] = images
                 bar.update(len(labels))
         else:
             with worker_pool(workers) as pool:
-                for (task, split, start, labels, _), images in zip(jobs, pool.imap(_render_star, jobs)):
+                for (task, split, start, labels, _, _), images in zip(jobs, pool.imap(_render_star, jobs)):
                     arrays[task][f"{split}_images"][start : start + len(labels)] = images
                     bar.update(len(labels))
     return arrays

@@ -47,7 +47,7 @@ from surgery_lib.models import (
     resolve_device,
     task_features,
 )
-from surgery_lib.presets import Preset, get_preset
+from surgery_lib.presets import Preset, get_preset, suite_identity
 from surgery_lib.settings.base import EMBEDDINGS_DIR, Zoo
 from surgery_lib.settings.offline.suite import check_image_size, check_tasks, load_suite, suite_fingerprint
 from surgery_lib.settings.offline.training import (
@@ -75,7 +75,8 @@ def zoo_config_hash(preset: Preset) -> str:
         for name, default in _RECIPE_FIELDS_ADDED.items():
             if recipe.get(name) == default:
                 del recipe[name]
-    return config_hash({"format": ZOO_FORMAT, "encoder": preset.encoder, "suite": preset.suite, "recipe": recipe})
+    suite = suite_identity(preset.suite) if preset.suite is not None else None
+    return config_hash({"format": ZOO_FORMAT, "encoder": preset.encoder, "suite": suite, "recipe": recipe})
 
 
 def default_zoo_dir(preset: Preset, cache_dir: str | os.PathLike[str] | None = None) -> Path:
