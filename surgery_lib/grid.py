@@ -288,6 +288,60 @@ def cell_table(cells: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return table.set_index(["preset", "row"]) if len(table) else table
 
 
+#: How :func:`fixed_and_tuned` names searched options.
+_SEARCHED_NAMES = {"scale": "scale", "drop_rate": "p", "lambda": "λ"}
+
+
+def _chosen_text(chosen: dict[str, Any]) -> str:
+    parts = []
+    for name, value in chosen.items():
+        short = _SEARCHED_NAMES.get(name, name)
+        if isinstance(value, dict):  # one value per task (consensus merging's lambdas)
+            low, high = min(value.values()), max(value.values())
+            parts.append(f"{short} {low:g}" if low == high else f"{short} {low:g}–{high:g} per task")
+        else:
+            parts.append(f"{short} {value:g}")
+    return ", ".join(parts)
+
+
+def fixed_and_tuned(table: pd.DataFrame, cells: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Every method of a one-preset grid that has its tuned twin there, side by side: the average accuracy of
+    the merge alone and of each surgery version at the method's fixed values and tuned on validation data, what
+    the search chose (on the first seed's cell), how many merges it evaluated and its minutes (merge-alone
+    cells, all seeds).
+
+    Args:
+        table: a :func:`cell_table` of one preset (indexed by row label, with ``method`` and ``version``).
+        cells: the grid's cell records (:func:`compute_cell`), whose tuned ones carry what was chosen.
+
+    Returns:
+        One row per method (its label), columns ``"<version>: fixed"`` / ``"<version>: tuned"`` for each version
+        present, ``chosen``, ``merges evaluated`` and ``tuning minutes``.
+    """
+    import pandas as pd
+
+    average = {(m, v): a for m, v, a in zip(table["method"], table["version"], table["average"])}
+    versions = sorted({v for _, v in average})
+    rows = {}
+    for method in dict.fromkeys(table["method"]):
+        twin = tuned_name(method)
+        if is_tuned(method) or (twin, 0) not in average:
+            continue
+        row: dict[str, Any] = {}
+        for version in versions:
+            name = "alone" if version == 0 else VERSION_SUFFIX[version].strip()
+            row[f"{name}: fixed"] = average.get((method, version), math.nan)
+            row[f"{name}: tuned"] = average.get((twin, version), math.nan)
+        searches = sorted(
+            (c for c in cells if c["method"] == twin and c["version"] == 0 and "tuned" in c), key=lambda c: c["seed"]
+        )
+        row["chosen"] = _chosen_text(searches[0]["tuned"]["chosen"]) if searches else ""
+        row["merges evaluated"] = sum(c["tuned"]["merges_evaluated"] for c in searches)
+        row["tuning minutes"] = sum(c["tuned"]["seconds"] for c in searches) / 60
+        rows[MERGE_METHODS[method].label] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def merge_bias(zoo: Zoo, state: Any, device: Any) -> float:
     """The representation bias of a merged state, averaged over the zoo's tasks (test split)."""
     return float(bias_table(zoo, {"merge": state}, device=device).loc["merge", "average"])

@@ -1,6 +1,6 @@
 """The committed mini grid (``notebooks/results/grid-mini``), which chapters 06 and 07 read instead of recomputing:
-a sample of its cells, one per surgery version, recomputed on this machine's mini zoo agrees with what is committed
-(slow: needs the mini zoo; ``make test`` runs it with the notebooks)."""
+a sample of its cells, one per surgery version and one tuned merge, recomputed on this machine's mini zoo agrees with
+what is committed (slow: needs the mini zoo; ``make test`` runs it with the notebooks)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from surgery_lib.core.storage import read_json
 
 pytestmark = pytest.mark.slow
 COMMITTED = Path(__file__).resolve().parents[1] / "notebooks" / "results" / "grid-mini"
-SAMPLE = (Cell("mini", "task_arithmetic", 0), Cell("mini", "ties", 1), Cell("mini", "adamerging_layer", 2))
+SAMPLE = (
+    Cell("mini", "task_arithmetic", 0),
+    Cell("mini", "ties", 1),
+    Cell("mini", "adamerging_layer", 2),
+    Cell("mini", "task_arithmetic_tuned", 0),  # the cheapest search: 10 merges on the validation split
+)
 #: The same zoo recomputed with another torch thread count (the committed cells used two, the tests one) differs in
 #: the last bits only; another processor's zoo differs within the README's reproducibility table (averages within 2
 #: points), and then the chapters show these cells as the reference build's and recompute a sample
@@ -62,3 +67,5 @@ def test_a_sample_of_the_committed_cells_is_what_this_zoo_computes(mini_zoo, tmp
         assert fresh["label"] == record["label"]
         assert abs(fresh["average"] - record["average"]) <= tolerance, cell.name
         assert abs(fresh["bias"] - record["bias"]) <= 0.1 * record["bias"], cell.name
+        if same_zoo and "tuned" in record:  # the search chose what the committed cell says it chose
+            assert fresh["tuned"]["chosen"] == record["tuned"]["chosen"], cell.name

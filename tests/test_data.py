@@ -68,11 +68,12 @@ def test_mnist_splits_are_sized_from_the_pool_without_reading_it(monkeypatch):
     config = get_preset("mini").suite
     sizes = split_sizes("mnist", config)
     assert len(gen.mnist_pool()[1]) == gen.MNIST_POOL_SIZE  # the constant is the bundled sample's real size
-    assert sizes["train"] == min(config.train_per_task, gen.MNIST_POOL_SIZE - sizes["adapt"] - sizes["test"])
+    held_out = sizes["adapt"] + sizes["test"] + sizes["validation"]
+    assert sizes["train"] == min(config.train_per_task, gen.MNIST_POOL_SIZE - held_out)
     monkeypatch.setattr(gen, "mnist_pool", lambda: pytest.fail("the digits were read to size the splits"))
     assert split_sizes("mnist", config) == sizes
     monkeypatch.setattr(gen, "MNIST_POOL_SIZE", 4000)
-    assert split_sizes("mnist", config)["train"] == 4000 - sizes["adapt"] - sizes["test"]
+    assert split_sizes("mnist", config)["train"] == 4000 - held_out
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -239,7 +240,8 @@ def test_unwritable_cache_dir_is_a_clear_error(tmp_path):
 def test_data_cards_name_source_and_licence_of_every_task():
     cards = data_cards(get_preset("mini").suite)
     assert list(cards.index) == [*get_preset("mini").suite.tasks, "pretraining_mix"]
-    assert cards.loc["mnist", "train"] == 3500 and cards.loc["signs", "classes"] == 14
+    assert cards.loc["mnist", "train"] == 3100 and cards.loc["signs", "classes"] == 14  # 400 held out to validate
+    assert cards.loc["mnist", "validation"] == cards.loc["signs", "validation"] == 400
     assert cards["licence"].str.len().min() > 5 and cards["source"].str.len().min() > 20
 
 

@@ -38,13 +38,18 @@ def test_every_setting_folder_keeps_the_contract():
 def test_the_preset_data_keeps_the_zoo_names_of_0_1():
     from surgery_lib.settings.offline.zoo import zoo_config_hash
 
-    # The hashes name the zoo folders built by 0.1: moving the presets into JSON changed nothing that counts, nor
-    # did the suite's validation split for the presets without one (smoke got one, so its zoo is new).
+    # The hashes name the zoo folders: moving the presets into JSON changed nothing that counts (base keeps its 0.1
+    # name), nor does the suite's validation split field where a preset has none; smoke and mini got one, so their
+    # zoos are new (0.1's: cfe2505fb7d9 and fef7eb5c96c1).
     assert [zoo_config_hash(PRESETS[n]) for n in ("smoke", "mini", "base")] == [
         "b5148f8ea641",
-        "fef7eb5c96c1",
+        "e691b4d7865f",
         "ed9f96fc2b13",
     ]
+    without = dataclasses.replace(
+        PRESETS["mini"], suite=dataclasses.replace(PRESETS["mini"].suite, validation_per_task=0)
+    )
+    assert zoo_config_hash(without) == "fef7eb5c96c1"
 
 
 def test_the_committed_grid_cells_keep_their_preset_hash_and_0_2_files_still_read():

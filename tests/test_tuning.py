@@ -210,3 +210,26 @@ def test_clip_tasks_get_their_validation_images_decoded_from_the_right_files(tmp
     assert "validation" not in load_clip_task("MNIST", train_images=40, **options).images  # none unless asked
     eurosat = load_clip_task("EuroSAT", train_images=4, validation_images=100, **options)
     assert sorted(eurosat.labels["validation"].tolist()) == list(range(10))  # all of its own val folder
+
+
+def test_fixed_and_tuned_puts_each_method_beside_its_twin(smoke_zoo):
+    from surgery_lib.grid import cell_table, compute_cell, fixed_and_tuned
+    from surgery_lib.surgery import SurgeryConfig
+
+    config = SurgeryConfig(steps=2, batch_size=4)
+    records = [
+        {"preset": "smoke", **compute_cell(smoke_zoo, method, version, config=config)[0]}
+        for method in ("tsv", "tsv_tuned", "consensus_ta_tuned", "ties")
+        for version in (0, 1)
+    ]
+    table = cell_table(records).loc["smoke"]
+    shown = fixed_and_tuned(table, records)
+    assert list(shown.index) == ["TSV-M (task singular vectors)"]  # ties has no twin; consensus_ta no fixed row
+    row = shown.iloc[0]
+    by_key = {(r["method"], r["version"]): r["average"] for r in records}
+    assert row["alone: fixed"] == by_key[("tsv", 0)] and row["alone: tuned"] == by_key[("tsv_tuned", 0)]
+    assert row["+ Surgery: tuned"] == by_key[("tsv_tuned", 1)]
+    tuned = next(r for r in records if r["method"] == "tsv_tuned" and r["version"] == 0)["tuned"]
+    assert row["chosen"] == f"scale {tuned['chosen']['scale']:g}" and row["merges evaluated"] == 30
+    consensus = next(r for r in records if r["method"] == "consensus_ta_tuned")["tuned"]["chosen"]
+    assert set(consensus) == {"lambda", "scale"} and set(consensus["lambda"]) == set(smoke_zoo.tasks)

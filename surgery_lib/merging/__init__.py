@@ -14,6 +14,8 @@
 - :mod:`~surgery_lib.merging.fisher`      Fisher merging                          (labeled training images)
 - :mod:`~surgery_lib.merging.regmean`     RegMean                                 (training images' features)
 - :mod:`~surgery_lib.merging.adamerging`  AdaMerging and AdaMerging++, task- and layer-wise (unlabeled test images)
+- :mod:`~surgery_lib.merging.tuning`      hyper-parameters chosen on validation data as the official code does: the
+  ``<method>_tuned`` twins of every method that declares its search
 - :mod:`~surgery_lib.merging.api`         any registered method on a zoo by name: merge, cache, evaluate, main table
 - :mod:`~surgery_lib.merging.rows`        table rows as (method, version) keys, and their labels
 

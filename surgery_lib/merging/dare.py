@@ -2,8 +2,9 @@
 probability ``p`` and rescale the survivors by ``1 / (1 - p)``, so every entry keeps its expected value;
 then merge the sparse vectors with task arithmetic (``dare_task_arithmetic``) or TIES (``dare_ties``).
 Data-free; random, so seeded. MergeLM searches ``p`` over {0.1, 0.3, 0.5, 0.7, 0.9} and the scale over
-{0.1, ..., 1.0} on validation data, as the tuned twins ``dare_task_arithmetic_tuned`` and ``dare_ties_tuned`` do;
-without validation data ``p = 0.5`` and the scale 0.3.
+{0.1, ..., 1.0} on validation data, as the tuned twins ``dare_task_arithmetic_tuned`` and ``dare_ties_tuned`` do
+(scored, as the vision methods' searches are, by the mean normalized validation accuracy: MergeLM's own scores
+are its language benchmarks'); without validation data ``p = 0.5`` and the scale 0.3.
 """
 
 from __future__ import annotations

@@ -133,8 +133,12 @@ def search_grid(
 
 
 def tuned_details(
-    chosen: Mapping[str, Any], grid: Sequence[tuple[str, Sequence[Any]]], records, started: float, **extra
-):
+    chosen: Mapping[str, Any],
+    grid: Sequence[tuple[str, Sequence[Any]]],
+    records: Sequence[dict[str, Any]],
+    started: float,
+    **extra: Any,
+) -> dict[str, Any]:
     """``details["tuned"]`` of a tuned merge: what was chosen, from which grid, how, and at what cost."""
     return {
         "split": TUNING_SPLIT,
