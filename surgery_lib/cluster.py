@@ -45,6 +45,7 @@ from surgery_lib.core.storage import (
 from surgery_lib.evaluation import write_table
 from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell, parse_methods, parse_versions, readable_grid
 from surgery_lib.merging import get_method
+from surgery_lib.merging.tuning import TUNING_SPLIT
 from surgery_lib.presets import get_preset, preset_hash
 from surgery_lib.settings import build_zoo
 from surgery_lib.surgery.schedule import check_adam
@@ -444,11 +445,12 @@ def beyond_the_papers_grid(
     grid_dir: str | os.PathLike[str] | None = None,
     another_zoo: str = "reference",
     committed_root: str | os.PathLike[str] = "results",
-    tune: str = "none",
+    tune: str = "auto",
 ) -> tuple[Zoo, ChapterGrid]:
     """Chapter 07's grid (both of its pages), from the chapter's parameters: every method of ``methods``
-    (:func:`~surgery_lib.grid.parse_methods`; with ``tune="validation"`` each followed by its tuned twin) alone
-    and with the ``surgery`` versions, over ``seeds`` seeds.
+    (:func:`~surgery_lib.grid.parse_methods`; with ``tune="validation"`` each followed by its tuned twin, and with
+    ``"auto"`` so where every task of the zoo has a validation split) alone and with the ``surgery`` versions,
+    over ``seeds`` seeds.
 
     The committed grid ``<committed_root>/grid-<preset>`` is only read (:func:`chapter_grid`): its cells computed
     from this very zoo with these settings are copied into ``grid_dir`` (default
@@ -459,6 +461,8 @@ def beyond_the_papers_grid(
         The zoo and the :class:`ChapterGrid`.
     """
     zoo = build_zoo(preset, device=device, progress=False)
+    if tune == "auto":  # a real-CLIP zoo has a validation split only when asked for one (--validation-images)
+        tune = "validation" if all(TUNING_SPLIT in zoo.suite[t].images for t in zoo.tasks) else "none"
     folder = Path(grid_dir) if grid_dir else Path(output_dir) / "grid" / zoo.weights_fingerprint()
     spec = GridSpec(
         presets=(preset,),

@@ -426,7 +426,7 @@ def test_chapter_07s_grid_from_its_parameters_reads_the_committed_cells_into_a_f
     smoke_zoo, cache_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("SURGERY_BOOK_CACHE", str(cache_dir))  # where the chapter's build_zoo finds the smoke zoo
-    chapter = dict(methods="task_arithmetic,ties,task_arithmetic", surgery="none,1", seeds=1)
+    chapter = dict(methods="task_arithmetic,ties,task_arithmetic", surgery="none,1", seeds=1, tune="none")
     committed = tmp_path / "results" / "grid-smoke"
     _, first = beyond_the_papers_grid(  # the committed grid, computed as chapter 07 would
         "smoke", output_dir=tmp_path, grid_dir=committed, committed_root=tmp_path / "nowhere", **chapter
@@ -445,6 +445,28 @@ def test_chapter_07s_grid_from_its_parameters_reads_the_committed_cells_into_a_f
         "smoke", output_dir=tmp_path / "out", committed_root=tmp_path / "nowhere", **{**chapter, "seeds": 2}
     )
     assert (more.adopted, more.computed, len(more.cells)) == (0, 2, 6)  # one more seed of each surgery cell
+
+
+def test_chapter_07_adds_the_tuned_twins_where_the_zoo_has_a_validation_split(
+    smoke_zoo, cache_dir, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    from surgery_lib import cluster
+    from surgery_lib.core.taskdata import Suite
+
+    monkeypatch.setenv("SURGERY_BOOK_CACHE", str(cache_dir))
+    chapter = dict(methods="task_arithmetic,ties", surgery="none", seeds=1, committed_root=tmp_path / "nowhere")
+    _, auto = beyond_the_papers_grid("smoke", output_dir=tmp_path / "auto", **chapter)
+    assert list(auto.table.loc["smoke"]["method"]) == ["task_arithmetic", "task_arithmetic_tuned", "ties"]
+    tasks = {
+        t: dataclasses.replace(d, images={s: x for s, x in d.images.items() if s != "validation"})
+        for t, d in smoke_zoo.suite.tasks.items()
+    }
+    without = dataclasses.replace(smoke_zoo, suite=Suite(smoke_zoo.suite.config, tasks, smoke_zoo.suite.mix))
+    monkeypatch.setattr(cluster, "build_zoo", lambda *args, **kwargs: without)  # a real-CLIP zoo without one
+    _, fixed = beyond_the_papers_grid("smoke", output_dir=tmp_path / "fixed", **chapter)
+    assert list(fixed.table.loc["smoke"]["method"]) == ["task_arithmetic", "ties"]
 
 
 def test_a_name_given_twice_is_one_grid_axis_entry_and_an_empty_axis_is_an_error():

@@ -233,3 +233,19 @@ def test_fixed_and_tuned_puts_each_method_beside_its_twin(smoke_zoo):
     assert row["chosen"] == f"scale {tuned['chosen']['scale']:g}" and row["merges evaluated"] == 30
     consensus = next(r for r in records if r["method"] == "consensus_ta_tuned")["tuned"]["chosen"]
     assert set(consensus) == {"lambda", "scale"} and set(consensus["lambda"]) == set(smoke_zoo.tasks)
+
+
+def test_a_search_must_name_options_the_method_reads_with_valid_values():
+    from surgery_lib.merging import MergeMethod
+    from surgery_lib.merging.options import SCALE
+    from surgery_lib.merging.tuning import register_tuned
+
+    def run(*args):
+        raise AssertionError("never run")
+
+    with pytest.raises(SurgeryBookError, match="searches \\['drop_rate'\\], which it does not read"):
+        MergeMethod("scaled", "scaled", run, options=(SCALE,), search=(("drop_rate", (0.1,)),))
+    with pytest.raises(SurgeryBookError, match="searches \\['scale'\\].*at least one value"):
+        MergeMethod("scaled", "scaled", run, options=(SCALE,), search=(("scale", ()),))
+    with pytest.raises(SurgeryBookError, match="declares no search grid"):
+        register_tuned(MergeMethod("scaled", "scaled", run, options=(SCALE,)))
