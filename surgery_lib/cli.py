@@ -335,6 +335,9 @@ def _cmd_table(args: argparse.Namespace) -> int:
             "accuracy": table.round(2).to_dict(orient="index"),
             "seconds": {m: round(r.seconds, 2) for m, r in results.items()},
         }
+        chosen = {m: r.details["tuned"]["chosen"] for m, r in results.items() if "tuned" in r.details}
+        if chosen:  # what each tuned twin's validation search chose
+            payload["tuned"] = chosen
         shown = table
     else:
         repaired = (

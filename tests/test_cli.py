@@ -193,6 +193,11 @@ def test_tune_validation_merges_the_tuned_twin_and_prints_what_it_chose(smoke_zo
     assert "Iso-C (isotropic, common subspace), tuned" in payload["accuracy"]
     assert main([*common, "--method", "task_arithmetic", "--tune", "validation"]) == 0
     assert "chosen on the validation split" in capsys.readouterr().out
+    table = ["table", "--preset", "smoke", "--cache-dir", str(cache_dir), "--quiet", "--json", "--methods", "iso_c"]
+    assert main([*table, "--tune", "validation"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows["accuracy"]) >= {"Iso-C (isotropic, common subspace)", "Iso-C (isotropic, common subspace), tuned"}
+    assert rows["tuned"] == {"iso_c_tuned": payload["tuned"]["chosen"]}  # the same search, read from the cache
     assert main([*common, "--method", "ties", "--tune", "validation"]) == 2  # a usage error, as every bad flag
     assert "ties has no hyper-parameters its official code searches" in capsys.readouterr().err
     assert main([*common, "--method", "tsv", "--tune", "validation", "--scale", "0.5"]) == 2
