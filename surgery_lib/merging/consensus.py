@@ -28,10 +28,19 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
-from surgery_lib.merging import tuning
 from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
 from surgery_lib.merging.options import KEEP_FRACTION, SCALE
 from surgery_lib.merging.ties import ties_vectors
+from surgery_lib.merging.tuning import (
+    SCALES_TO_ONE,
+    check_validation_split,
+    expert_validation_accuracy,
+    normalized_score,
+    register_tuned,
+    search_grid,
+    tuned_details,
+    validation_accuracy,
+)
 from surgery_lib.merging.vectors import StateDict, add_vectors, task_vectors
 
 #: Masks an entry must be in to survive (the paper's "general" weights: more than one task uses them).
@@ -121,7 +130,7 @@ def _run_tuned(zoo, experts, options, device, progress, *, base: str):
     """The official two-stage search: each task's lambda on its own validation images, then the scale."""
     tasks = list(experts)
     name = f"consensus_{'ta' if base == 'task_arithmetic' else 'ties'}_tuned"
-    tuning.check_validation_split(zoo, tasks, name)
+    check_validation_split(zoo, tasks, name)
     started = time.perf_counter()
     vectors = list(task_vectors(zoo.pretrained, experts).values())
     zeros = ties_zero_entries(zoo) if base == "ties" else 0
@@ -134,18 +143,18 @@ def _run_tuned(zoo, experts, options, device, progress, *, base: str):
         for task, mask in zip(tasks, masks):
             masked = {key: value * mask[key] for key, value in summed.items()}
             state = add_vectors(zoo.pretrained, [masked], [1.0])
-            lambda_accuracy[lam][task] = tuning.validation_accuracy(zoo, state, [task], device)[task]
+            lambda_accuracy[lam][task] = validation_accuracy(zoo, state, [task], device)[task]
     lams = [max(TALL_LAMBDAS, key=lambda lam: lambda_accuracy[lam][task]) for task in tasks]  # the first best
     # Stage 2: the consensus merge with those masks, at every scale.
     consensus = consensus_vector(vectors, summed, lams, CONSENSUS_K)
-    expert_accuracy = tuning.expert_validation_accuracy(zoo, tasks, device)
+    expert_accuracy = expert_validation_accuracy(zoo, tasks, device)
 
     def score(state):
-        accuracy = tuning.validation_accuracy(zoo, state, tasks, device)
-        return tuning.normalized_score(accuracy, expert_accuracy), accuracy
+        accuracy = validation_accuracy(zoo, state, tasks, device)
+        return normalized_score(accuracy, expert_accuracy), accuracy
 
-    grid = (("scale", tuning.SCALES_TO_ONE),)
-    chosen, state, _, records = tuning.search_grid(
+    grid = (("scale", SCALES_TO_ONE),)
+    chosen, state, _, records = search_grid(
         grid,
         lambda values: (add_vectors(zoo.pretrained, [consensus], [values["scale"]]), {}),
         score,
@@ -158,7 +167,7 @@ def _run_tuned(zoo, experts, options, device, progress, *, base: str):
         "k": CONSENSUS_K,
         **({"keep_fraction": options.keep_fraction} if base == "ties" else {}),
     }
-    details["tuned"] = tuning.tuned_details(
+    details["tuned"] = tuned_details(
         {"lambda": dict(zip(tasks, lams)), **chosen},
         (("lambda", TALL_LAMBDAS), *grid),
         records,
@@ -174,7 +183,7 @@ for _base, _name, _label, _options in (
     ("task_arithmetic", "consensus_ta", "consensus task arithmetic (TALL masks)", (SCALE,)),
     ("ties", "consensus_ties", "consensus TIES (TALL masks)", (SCALE, KEEP_FRACTION)),
 ):
-    tuning.register_tuned(
+    register_tuned(
         register_method(
             MergeMethod(
                 _name,
@@ -183,7 +192,7 @@ for _base, _name, _label, _options in (
                 options=_options,
                 trims=_base == "ties",
                 # lambda is chosen per task before the scale: the twin runs its own search (_run_tuned).
-                search=(("scale", tuning.SCALES_TO_ONE),),
+                search=(("scale", SCALES_TO_ONE),),
             )
         ),
         functools.partial(_run_tuned, base=_base),

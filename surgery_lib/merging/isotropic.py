@@ -21,6 +21,7 @@ mean task vector, as in TSV-M (:func:`surgery_lib.merging.tsv.spectral_merge`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -120,25 +121,18 @@ def _run(zoo, experts, options, device, progress, *, task_specific: bool):
 
 
 # The official code searches alpha over {0.1, ..., 3.0} on validation data for both.
-register_tuned(
-    register_method(
-        MergeMethod(
-            "iso_c",
-            "Iso-C (isotropic, common subspace)",
-            lambda *a: _run(*a, task_specific=False),
-            options=(SCALE,),
-            search=(("scale", SCALES_TO_THREE),),
+for _name, _label, _task_specific in (
+    ("iso_c", "Iso-C (isotropic, common subspace)", False),
+    ("iso_cts", "Iso-CTS (isotropic, common + task subspaces)", True),
+):
+    register_tuned(
+        register_method(
+            MergeMethod(
+                _name,
+                _label,
+                functools.partial(_run, task_specific=_task_specific),
+                options=(SCALE,),
+                search=(("scale", SCALES_TO_THREE),),
+            )
         )
     )
-)
-register_tuned(
-    register_method(
-        MergeMethod(
-            "iso_cts",
-            "Iso-CTS (isotropic, common + task subspaces)",
-            lambda *a: _run(*a, task_specific=True),
-            options=(SCALE,),
-            search=(("scale", SCALES_TO_THREE),),
-        )
-    )
-)
