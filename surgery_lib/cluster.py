@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import platform
+import re
 import shutil
 import threading
 import time
@@ -45,7 +46,7 @@ from surgery_lib.core.storage import (
 from surgery_lib.evaluation import write_table
 from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell, parse_methods, parse_versions, readable_grid
 from surgery_lib.merging import get_method
-from surgery_lib.merging.tuning import TUNING_SPLIT
+from surgery_lib.merging.tuning import TUNING_SPLIT, is_tuned, no_validation_split
 from surgery_lib.presets import get_preset, preset_hash
 from surgery_lib.settings import build_zoo
 from surgery_lib.surgery.schedule import check_adam
@@ -90,10 +91,13 @@ class GridSpec:
                 f"invalid grid: presets {list(self.presets)}, methods {list(self.methods)}",
                 "name at least one preset (--presets mini) and one method (--methods all)",
             )
-        for preset in self.presets:
-            get_preset(preset)
         for method in self.methods:
             get_method(method)
+        tuned = [m for m in self.methods if is_tuned(m)]
+        for preset in map(get_preset, self.presets):
+            # Known before any job starts where the preset's suite is data (real CLIP: from the zoo, in the job).
+            if tuned and preset.suite is not None and not preset.suite.validation_per_task:
+                raise no_validation_split(tuned[0], preset.name, preset.tasks)
         if (
             self.first_seed < 0
             or self.seeds < 1
@@ -770,7 +774,7 @@ def run_grid(
     if failures:
         names = ", ".join(cell.name for batch, _, _ in failures for cell in batch if not identities.done(out, cell))
         exc = failures[0][2]
-        first = f"{type(exc).__name__}: {exc}" if submit.executor == "inline" else str(exc).strip().splitlines()[-1]
+        first = f"{type(exc).__name__}: {exc}" if submit.executor == "inline" else job_error_line(str(exc))
         logs = "" if submit.executor == "inline" else f"read the job logs in {out / 'submitit'}, "
         raise SurgeryBookError(
             f"{len(failures)} grid job(s) failed; unfinished cells: {names}. First error: {first}",
@@ -789,6 +793,23 @@ def run_grid(
     table = grid_table(cells)
     files = write_grid_table(table, out / "table")
     return GridRun(table, cells, len(todo), time.perf_counter() - started, files)
+
+
+#: A traceback's exception line: an optional module path, then a name ending as exception names do.
+_EXCEPTION_LINE = re.compile(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit))(?:: (.*))?")
+
+
+def job_error_line(message: str) -> str:
+    """The error a failed job raised, in one line, from submitit's message for it (the job's traceback, then
+    the paths of its logs): the last exception line of the traceback, the project's own errors without their
+    class name; the message's last line if it holds none."""
+    lines = message.strip().splitlines() or ["(no message)"]
+    for line in reversed(lines):
+        match = _EXCEPTION_LINE.fullmatch(line.strip())
+        if match:
+            name, text = match.groups()
+            return text if name == SurgeryBookError.__name__ and text else f"{name}: {text}" if text else name
+    return lines[-1].strip()
 
 
 #: The table of a grid's cell records: one summariser for ``grid`` and ``table`` (:func:`~surgery_lib.grid.cell_table`).

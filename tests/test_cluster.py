@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import psutil
@@ -29,6 +30,7 @@ from surgery_lib.cluster import (
     cell_identity,
     cell_path,
     chapter_grid,
+    job_error_line,
     plan_cells,
     reference_build,
     run_grid,
@@ -39,6 +41,7 @@ from surgery_lib.cluster import (
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.storage import config_hash, read_json, write_json
 from surgery_lib.merging import MERGE_METHODS, MergeMethod
+from surgery_lib.presets import PRESETS, get_preset
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 #: Numbers only: where and how fast a cell ran differs between runs.
@@ -219,6 +222,40 @@ def test_failed_jobs_name_their_cells_and_keep_the_finished_ones(smoke_zoo, cach
     finally:
         del MERGE_METHODS["always_fails"]
     assert cell_path(tmp_path, Cell("smoke", "task_arithmetic", 0)).is_file()
+
+
+def _submitit_failure(error: BaseException) -> str:
+    """The message submitit's ``job.result()`` raises for a job that raised ``error``: its traceback, then the
+    paths of its logs (the layout of ``submitit.core.core.Job.exception``)."""
+    try:
+        raise error
+    except BaseException:
+        trace = traceback.format_exc()
+    return (
+        f"Job (task=0) failed during processing with trace:\n----------------------\n{trace}\n"
+        "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n"
+        "  - /grid/submitit/7/7_0_log.err\n  - /grid/submitit/7/7_0_log.out"
+    )
+
+
+def test_a_failed_local_job_is_reported_by_its_error_not_by_a_log_path():
+    ours = SurgeryBookError("tsv_tuned needs a validation split", "give the suite one")
+    assert job_error_line(_submitit_failure(ours)) == "tsv_tuned needs a validation split. Fix: give the suite one."
+    assert job_error_line(_submitit_failure(RuntimeError("out of memory"))) == "RuntimeError: out of memory"
+    assert job_error_line(_submitit_failure(KeyboardInterrupt())) == "KeyboardInterrupt"
+    assert job_error_line("killed by the scheduler\n") == "killed by the scheduler"
+
+
+def test_a_tuned_method_on_a_preset_without_a_validation_split_fails_before_any_job(tmp_path, monkeypatch):
+    smoke = get_preset("smoke")
+    bare = dataclasses.replace(smoke, name="smoke-bare", suite=dataclasses.replace(smoke.suite, validation_per_task=0))
+    monkeypatch.setitem(PRESETS, bare.name, bare)
+    GridSpec(presets=(bare.name,), methods=("tsv",))  # the fixed-value method needs none
+    with pytest.raises(SurgeryBookError, match="tsv_tuned chooses its hyper-parameters on labelled validation"):
+        GridSpec(presets=("smoke", bare.name), methods=("tsv", "tsv_tuned"))
+    out = tmp_path / "grid"
+    assert main(["grid", "--presets", bare.name, "--methods", "tsv", "--tune", "validation", "--out", str(out)]) == 2
+    assert not out.exists()
 
 
 def test_partial_rank_correlation_removes_what_the_control_explains():

@@ -61,13 +61,18 @@ def check_validation_split(zoo: Zoo, tasks: Sequence[str], method: str) -> None:
     """Raise a :class:`SurgeryBookError` with the fix when a task of ``zoo`` has no validation split."""
     missing = [t for t in tasks if TUNING_SPLIT not in zoo.suite[t].images]
     if missing:
-        raise SurgeryBookError(
-            f"{method} chooses its hyper-parameters on labelled validation images, and the {zoo.preset.name} "
-            f"preset's {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} none",
-            "offline presets: give the suite a validation split (suite.validation_per_task in a preset file, e.g. "
-            "400, 10 % of train); real CLIP: pass --validation-images 5000 (task_vectors' held-out 10 %, at most "
-            "5,000); or use the fixed-value method without the _tuned suffix",
-        )
+        raise no_validation_split(method, zoo.preset.name, missing)
+
+
+def no_validation_split(method: str, preset: str, missing: Sequence[str]) -> SurgeryBookError:
+    """The error of a tuned ``method`` on a ``preset`` whose tasks ``missing`` have no validation split."""
+    return SurgeryBookError(
+        f"{method} chooses its hyper-parameters on labelled validation images, and the {preset} "
+        f"preset's {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} none",
+        "offline presets: give the suite a validation split (suite.validation_per_task in a preset file, e.g. "
+        "400, 10 % of train); real CLIP: pass --validation-images 5000 (task_vectors' held-out 10 %, at most "
+        "5,000); or use the fixed-value method without the _tuned suffix",
+    )
 
 
 def validation_accuracy(
