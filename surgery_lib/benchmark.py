@@ -88,10 +88,28 @@ class BenchResult:
     ours_features_s: float
     steps_per_task: int
     adam: str = "shared"
+    #: The modules' rank (SurgeryV2 on ViT-L/14: the papers' 4).
+    rank: int = DEFAULT_RANK
+    #: Images the library's feature pass encoded (V1: every test image through the merged model and its expert;
+    #: V2: through the expert, every block's token means kept).
+    images_encoded: int = 0
+    #: Peak accelerator memory of each path in GiB (``torch.cuda.max_memory_allocated``; None off CUDA).
+    official_peak_gib: float | None = None
+    ours_peak_gib: float | None = None
 
     @property
     def speedup(self) -> float:
         return self.official_s / self.ours_s
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of the library's feature pass (images/s): the floor of Surgery end to end."""
+        return self.images_encoded / self.ours_features_s
+
+    @property
+    def of_floor(self) -> float:
+        """The library's whole run (features and training) in multiples of its feature pass."""
+        return self.ours_s / self.ours_features_s
 
 
 def official_style(
@@ -195,27 +213,56 @@ def run_benchmark(
     adams: tuple[str, ...] = ("shared",),
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    ranks: Mapping[int, int] | None = None,
 ) -> list[BenchResult]:
     """Time both paths for each surgery version and optimiser semantics on the official schedule
-    (``iterations`` x ``batches`` steps per task)."""
+    (``iterations`` x ``batches`` steps per task), with each path's peak accelerator memory.
+
+    Args:
+        ranks: surgery version -> the modules' rank (default 16 for both; the papers ran SurgeryV2 on ViT-L/14
+            at 4: ``{2: preset.surgery_rank(2)}``).
+    """
     device = torch.device(device)
     merged = merged.to(device).eval().requires_grad_(False)
     experts = {t: e.to(device).eval().requires_grad_(False) for t, e in experts.items()}
+    test_images = sum(len(d.labels["test"]) for d in data.values())
     results = []
     for adam in adams:
-        config = SurgeryConfig(
-            rank=DEFAULT_RANK,
-            steps=iterations * batches,
-            batch_size=batch_size,
-            eval_every=0,
-            adam=adam,
-            batches_per_iteration=batches,
-        )
         for version in versions:
+            config = SurgeryConfig(
+                rank=(ranks or {}).get(version, DEFAULT_RANK),
+                steps=iterations * batches,
+                batch_size=batch_size,
+                eval_every=0,
+                adam=adam,
+                batches_per_iteration=batches,
+            )
+            _reset_peak(device)
             official_s = official_style(version, merged, experts, data, config, batches, device, precision)
+            official_peak = peak_memory(device)["gpu_gib"]
+            _reset_peak(device)
             ours_s, features_s = ours(version, merged, experts, data, config, device, precision)
-            results.append(BenchResult(version, official_s, ours_s, features_s, config.steps, adam))
+            results.append(
+                BenchResult(
+                    version,
+                    official_s,
+                    ours_s,
+                    features_s,
+                    config.steps,
+                    adam,
+                    config.rank,
+                    test_images * (2 if version == 1 else 1),
+                    official_peak,
+                    peak_memory(device)["gpu_gib"],
+                )
+            )
     return results
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 @dataclass

@@ -535,16 +535,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         adams=adams,
         device=device,
         precision=args.precision or "fp32",
+        ranks={v: zoo.preset.surgery_rank(v) for v in versions},
     )
+    setting += f", {args.precision or 'fp32'}"
+    gib = device.type == "cuda"
     rows = [
         {
             "version": f"V{r.version}",
             "adam": r.adam,
+            "rank": r.rank,
             "steps per task": r.steps_per_task,
             "official-style loop (s)": round(r.official_s, 1),
             "this library (s)": round(r.ours_s, 1),
             "of which features (s)": round(r.ours_features_s, 1),
+            "features (images/s)": round(r.images_per_s),
+            "library / features": round(r.of_floor, 2),
             "speed-up": round(r.speedup, 1),
+            **(
+                {"official peak (GiB)": round(r.official_peak_gib, 2), "library peak (GiB)": round(r.ours_peak_gib, 2)}
+                if gib
+                else {}
+            ),
         }
         for r in results
     ]
@@ -564,12 +575,28 @@ def _print_bench(args: argparse.Namespace, setting: str, device: Any, key: str, 
 
 def _bench_zoo(args: argparse.Namespace, device: Any) -> tuple[Any, str]:
     """The benchmarks' zoo: ViT-B/32 with random weights at (``--scale`` x) the paper's test-set sizes, or a preset's."""
-    if args.vit_b32:
+    if args.vit_b32 and args.synthetic not in (None, "clip-vit-b-32"):
+        raise SurgeryBookError(
+            f"--vit-b32 and --synthetic {args.synthetic} name two towers",
+            "pass one of them (--vit-b32 is clip-vit-b-32)",
+        )
+    synthetic = "clip-vit-b-32" if args.vit_b32 else args.synthetic
+    if synthetic:
         from surgery_lib.benchmark import PAPER_TEST_SIZES, synthetic_clip_zoo
 
+        preset = get_preset(synthetic)
+        if preset.setting != "clip":
+            raise SurgeryBookError(
+                f"--synthetic {synthetic}: random weights stand in for a published CLIP tower only",
+                "name a real-CLIP preset (clip-vit-b-32, clip-vit-b-16, clip-vit-l-14), or --preset for an offline zoo",
+            )
         sizes = {t: max(16, round(n * args.scale)) for t, n in PAPER_TEST_SIZES.items()}
-        setting = f"ViT-B/32 (random weights), random 224x224 images: {sum(sizes.values()):,} test images in 8 tasks"
-        return synthetic_clip_zoo("clip-vit-b-32", sizes), setting
+        size = preset.encoder.image_size
+        setting = (
+            f"{synthetic} (random weights), random {size}x{size} images: {sum(sizes.values()):,} test images in "
+            f"{len(sizes)} tasks"
+        )
+        return synthetic_clip_zoo(synthetic, sizes), setting
 
     args.device = device
     zoo = _build_zoo(args)
@@ -966,13 +993,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="ViT-B/32 with random weights and 224x224 inputs at the paper's sizes (GPU)",
     )
     bench.add_argument(
+        "--synthetic",
+        default=None,
+        metavar="PRESET",
+        help="a real-CLIP preset's tower with random weights and random images at the paper's sizes, e.g. "
+        "clip-vit-l-14 (GPU; --vit-b32 is --synthetic clip-vit-b-32)",
+    )
+    bench.add_argument(
         "--pipeline",
         action="store_true",
         help="time merge -> layer-wise AdaMerging -> Surgery -> SurgeryV2 end to end, "
         "with peak GPU memory and feature-extraction images/s",
     )
     bench.add_argument(
-        "--scale", type=float, default=1.0, help="with --vit-b32: fraction of the paper's test-set sizes (default 1)"
+        "--scale",
+        type=float,
+        default=1.0,
+        help="with --vit-b32 or --synthetic: fraction of the paper's test-set sizes (default 1)",
     )
     bench.add_argument(
         "--adamerging-steps",

@@ -683,6 +683,36 @@ def test_pipeline_benchmark_times_every_stage(monkeypatch):
     )
 
 
+def test_bench_times_a_synthetic_tower_at_the_papers_sizes_with_its_surgery_v2_rank(monkeypatch, capsys):
+    import dataclasses
+
+    from surgery_lib.cli import main
+    from surgery_lib.presets import PRESETS
+
+    low_rank = dataclasses.replace(
+        TINY_CLIP, name="clip-tiny-rank-4", setting_config={**TINY_CLIP.setting_config, "surgery_v2_rank": 4}
+    )
+    monkeypatch.setitem(PRESETS, low_rank.name, low_rank)
+    argv = ["bench", "--synthetic", low_rank.name, "--scale", "0.0001", "--iterations", "1", "--json", "--quiet"]
+    assert main([*argv, "--versions", "1,2", "--adam", "shared,per-task"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["setting"].startswith(f"{low_rank.name} (random weights), random 32x32 images: 128 test images")
+    rows = report["results"]
+    assert [(r["version"], r["adam"], r["rank"]) for r in rows] == [
+        ("V1", "shared", 16),
+        ("V2", "shared", 4),
+        ("V1", "per-task", 16),
+        ("V2", "per-task", 4),
+    ]
+    for row in rows:
+        assert row["steps per task"] == 2 and row["features (images/s)"] > 0 and row["library / features"] >= 1
+        assert "library peak (GiB)" not in row  # peak memory is the accelerator's: none on a CPU
+    assert main([*argv, "--vit-b32"]) == 2
+    assert "name two towers" in capsys.readouterr().err
+    assert main(["bench", "--synthetic", "smoke", "--quiet"]) == 2
+    assert "random weights stand in for a published CLIP tower only" in capsys.readouterr().err
+
+
 def test_a_new_checkpoint_source_is_converted_again(tmp_path, datasets_root, published_classes, tiny_visual, clip_env):
     import copy
 
