@@ -86,8 +86,8 @@ def test_batched_trainer_equals_a_step_by_step_replay_of_the_official_loop(adam,
     assert len(history.loss) == (40 + 20 + 10 if online else 21)  # online: each task's pass in turn, one step per image
 
 
-@pytest.mark.parametrize("adam", ["shared", "per-task"])
-def test_surgery_v2_batched_trainer_equals_a_step_by_step_replay(smoke_zoo, merged_state, adam):
+@pytest.mark.parametrize(("adam", "tasks_per_pass"), [("shared", None), ("per-task", None), ("shared", 1)])
+def test_surgery_v2_batched_trainer_equals_a_step_by_step_replay(smoke_zoo, merged_state, adam, tasks_per_pass):
     from surgery_lib.models import embed_blocks, load_encoder
     from surgery_lib.surgery.v2 import train_deep_surgery
 
@@ -97,7 +97,9 @@ def test_surgery_v2_batched_trainer_equals_a_step_by_step_replay(smoke_zoo, merg
     data = {t: smoke_zoo.suite[t].with_split("few", "adapt", torch.arange(n)) for t, n in zip(tasks, (20, 12))}
     targets = {t: embed_blocks(smoke_zoo.encoder(t), data[t].images["few"], data[t].mean, data[t].std) for t in tasks}
     config = SurgeryConfig(rank=4, steps=5, batch_size=8, lr=1e-2, seed=2, eval_every=0, adam=adam)
-    batched, _ = train_deep_surgery(encoder, data, targets, config, split="few", progress=False)
+    batched, _ = train_deep_surgery(
+        encoder, data, targets, config, split="few", progress=False, tasks_per_pass=tasks_per_pass
+    )
 
     initial = DeepSurgery.for_encoder(encoder, tasks, config.rank, config.seed)
     modules = torch.nn.ModuleList([DeepSurgery.for_encoder(encoder, (t,), config.rank) for t in tasks])
@@ -120,6 +122,45 @@ def test_surgery_v2_batched_trainer_equals_a_step_by_step_replay(smoke_zoo, merg
         for name, value in module.state_dict().items():
             torch.testing.assert_close(batched.state_dict()[name][i : i + 1], value, atol=2e-5, rtol=1e-4, msg=name)
     assert batched.block_up.abs().sum() > 0
+
+
+def test_surgery_v2_out_of_gpu_memory_runs_fewer_tasks_per_pass_with_the_same_result(
+    smoke_zoo, merged_state, monkeypatch, caplog
+):
+    from surgery_lib.models import embed_blocks, load_encoder
+    from surgery_lib.surgery.v2 import train_deep_surgery
+
+    tasks = smoke_zoo.tasks
+    encoder = load_encoder(smoke_zoo.preset.encoder, merged_state).eval().requires_grad_(False)
+    data = {t: smoke_zoo.suite[t].with_split("few", "adapt", torch.arange(24)) for t in tasks}
+    targets = {t: embed_blocks(smoke_zoo.encoder(t), data[t].images["few"], data[t].mean, data[t].std) for t in tasks}
+    config = SurgeryConfig(rank=4, steps=4, batch_size=8, lr=1e-2, seed=1, eval_every=0)
+    together, together_history = train_deep_surgery(encoder, data, targets, config, split="few", progress=False)
+
+    passes = []
+    forward_tasks = DeepSurgery.forward_tasks
+
+    def small_gpu(self, encoder, images, rows=None, **kwargs):  # as if two tasks' activations did not fit
+        passes.append(len(images))
+        if len(images) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 44.00 GiB")
+        return forward_tasks(self, encoder, images, rows, **kwargs)
+
+    monkeypatch.setattr(DeepSurgery, "forward_tasks", small_gpu)
+    with caplog.at_level("WARNING"):
+        apart, apart_history = train_deep_surgery(encoder, data, targets, config, split="few", progress=False)
+    assert passes[:3] == [2, 1, 1] and set(passes[3:]) == {1}  # one failed pass, then one task per pass
+    assert "ran out of memory with 2 tasks per pass: 1 per pass from now on" in caplog.text
+    for name, value in together.state_dict().items():
+        torch.testing.assert_close(apart.state_dict()[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    assert apart_history.loss == pytest.approx(together_history.loss, rel=1e-5)
+
+    def no_gpu_memory(self, encoder, images, rows=None, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.50 GiB")
+
+    monkeypatch.setattr(DeepSurgery, "forward_tasks", no_gpu_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one task per pass does not fit: nothing is left to shrink
+        train_deep_surgery(encoder, data, targets, config, split="few", progress=False)
 
 
 def test_shared_adam_moves_idle_modules_and_per_task_does_not():

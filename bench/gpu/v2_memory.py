@@ -6,10 +6,13 @@ merged tower, every block's activations kept for the backward pass), where the o
 batch at a time; the peak therefore grows with the number of tasks. For 1, 2, 4 and 8 tasks and each precision,
 one short training run (random weights and images, the preset's SurgeryV2 rank, batch 16 per task) reports
 ``torch.cuda.max_memory_allocated`` over the training alone (the merged tower's weights included, the expert
-targets computed beforehand), or that it ran out of memory; one JSON object per line.
+targets computed beforehand), or that it ran out of memory; one JSON object per line. Where the stacked pass
+did not fit and the library ran fewer tasks per pass, ``shrunk`` says so (the peak is then that of the smaller
+passes).
 
     python3 bench/gpu/v2_memory.py --preset clip-vit-l-14 --device cuda
     python3 bench/gpu/v2_memory.py --preset clip-vit-b-32 --device cpu --tasks 1 --steps 2   # a dry run
+    python3 bench/gpu/v2_memory.py --preset clip-vit-l-14 --saved-only   # what autograd keeps, on any machine
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import time
 
 import torch
 
 from surgery_lib.benchmark import PAPER_TEST_SIZES, synthetic_clip_zoo
 from surgery_lib.merging import task_arithmetic
-from surgery_lib.models import embed_blocks, load_encoder
+from surgery_lib.models import build_encoder, embed_blocks, load_encoder
+from surgery_lib.presets import get_preset
 from surgery_lib.surgery.v1 import SurgeryConfig
-from surgery_lib.surgery.v2 import train_deep_surgery
+from surgery_lib.surgery.v2 import DeepSurgery, train_deep_surgery
 
 
 def probe(preset: str, tasks: int, precision: str, device: torch.device, steps: int, batch: int) -> dict:
@@ -46,6 +51,10 @@ def probe(preset: str, tasks: int, precision: str, device: torch.device, steps: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     config = SurgeryConfig(rank=row["rank"], steps=steps, batch_size=batch, eval_every=0)
+    shrunk: list[str] = []  # a pass that ran out of memory is run with fewer tasks: say so beside the peak
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: shrunk.append(record.getMessage())
+    logging.getLogger("surgery_lib.surgery.schedule").addHandler(handler)
     started = time.perf_counter()
     try:
         train_deep_surgery(
@@ -60,6 +69,10 @@ def probe(preset: str, tasks: int, precision: str, device: torch.device, steps: 
         )
     except torch.cuda.OutOfMemoryError as error:
         row["peak GiB"] = "out of memory: " + str(error).splitlines()[0]
+    finally:
+        logging.getLogger("surgery_lib.surgery.schedule").removeHandler(handler)
+    if shrunk:
+        row["shrunk"] = shrunk
     else:
         if cuda:
             torch.cuda.synchronize(device)
@@ -71,6 +84,25 @@ def probe(preset: str, tasks: int, precision: str, device: torch.device, steps: 
     return row
 
 
+def saved_by_autograd(preset: str, images: int) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of SurgeryV2's forward on ``images`` random
+    images (one task, fp32, on the CPU): the merged tower's frozen weights, which the input gradients need, and
+    every block's activations. Each storage is counted once."""
+    spec = get_preset(preset)
+    encoder = build_encoder(spec.encoder).eval().requires_grad_(False)
+    surgery = DeepSurgery.for_encoder(encoder, ("task",), spec.surgery_rank(2))
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    size = spec.encoder.image_size
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        surgery.forward_tasks(encoder, torch.randn(1, images, 3, size, size))
+    return sum(storages.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="clip-vit-l-14")
@@ -79,7 +111,19 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--steps", type=int, default=4, help="training steps per task (default 4)")
     parser.add_argument("--batch", type=int, default=16, help="images per task and step (the official 16)")
+    parser.add_argument(
+        "--saved-only",
+        action="store_true",
+        help="no training: the MiB autograd keeps per image and for the weights (any machine, a CPU too)",
+    )
     args = parser.parse_args()
+    if args.saved_only:
+        one, two = saved_by_autograd(args.preset, 1), saved_by_autograd(args.preset, 2)
+        per_image = (two - one) / 2**20
+        row = {"preset": args.preset, "saved per image (MiB)": round(per_image, 1)}
+        row["saved for any batch (MiB)"] = round(one / 2**20 - per_image, 1)
+        print(json.dumps(row))
+        return
     device = torch.device(args.device)
     for precision in args.precisions.split(","):
         for tasks in (int(t) for t in args.tasks.split(",")):

@@ -24,6 +24,7 @@ plain step-by-step replay with ``torch.optim.Adam``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 
 from surgery_lib.core.errors import SurgeryBookError
+
+log = logging.getLogger(__name__)
 
 #: The two optimiser semantics: the published runs (torch 1.10) and the same code under torch >= 2.
 ADAM_SEMANTICS = ("shared", "per-task")
@@ -317,11 +320,13 @@ def gather_batches(
 def train_on_schedule(
     iterations: Iterable[Iteration],
     optimizer: TaskAdam,
-    task_losses: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    task_losses: Callable[..., torch.Tensor],
     *,
     losses: list[float],
     checkpoint: Callable[[int], None] | None = None,
     bar: Any = None,
+    tasks_per_pass: int | None = None,
+    shrink_on_out_of_memory: bool = False,
 ) -> None:
     """Run the official schedule: every round, the batches of every task in one batched step.
 
@@ -330,17 +335,39 @@ def train_on_schedule(
     parameters. The mean loss of the tasks that stepped is appended to ``losses``; ``checkpoint(label, tasks)``
     runs after every iteration that carries one (``tasks``: the task indices to evaluate, ``None`` for all), with
     every owed coasting step applied.
+
+    ``tasks_per_pass`` (None: all) runs each round as passes over groups of that many tasks, each with its own
+    backward pass, through ``task_losses(index, weight, tasks)`` (``tasks`` a slice of the task axis; it returns
+    those tasks' losses): the same gradients, since task t's loss depends only on task t's parameters, in a
+    fraction of the activation memory. With ``shrink_on_out_of_memory``, a round that runs out of accelerator
+    memory is run again with half as many tasks per pass, down to one.
     """
+    tasks = None
     for iteration in iterations:
         optimizer.coast(iteration.before)
         for round_index in range(iteration.rounds):
             optimizer.flush()  # the owed coasting steps move the weights this batch's gradient is taken at
             index, weight, active = gather_batches(iteration.batches, round_index)
-            per_task = task_losses(index, weight)
-            optimizer.zero_grad()
-            per_task.sum().backward()  # task t's gradient is exactly that of its own loss
+            tasks = len(index) if tasks is None else tasks
+            while True:
+                optimizer.zero_grad()
+                try:
+                    per_task = _losses_and_gradients(task_losses, index, weight, tasks_per_pass)
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    per_pass = tasks_per_pass or tasks
+                    if not shrink_on_out_of_memory or per_pass == 1:
+                        raise
+                    tasks_per_pass = (per_pass + 1) // 2
+                    torch.cuda.empty_cache()
+                    log.warning(
+                        "the accelerator ran out of memory with %d tasks per pass: %d per pass from now on "
+                        "(the same gradients, more passes)",
+                        per_pass,
+                        tasks_per_pass,
+                    )
             optimizer.step(active)
-            losses.append(per_task.detach()[torch.tensor(active, device=per_task.device)].mean().item())
+            losses.append(per_task[torch.tensor(active, device=per_task.device)].mean().item())
             if not math.isfinite(losses[-1]):
                 raise SurgeryBookError(
                     f"the surgery loss became {losses[-1]} at step {len(losses)}: training diverged",
@@ -353,3 +380,21 @@ def train_on_schedule(
             optimizer.flush()
             checkpoint(iteration.checkpoint, iteration.checkpoint_tasks)
     optimizer.flush()
+
+
+def _losses_and_gradients(
+    task_losses: Callable[..., torch.Tensor], index: torch.Tensor, weight: torch.Tensor, tasks_per_pass: int | None
+) -> torch.Tensor:
+    """Every task's loss (T,), detached, with its gradient accumulated: in one pass, or in passes over groups of
+    ``tasks_per_pass`` tasks."""
+    count = len(index)
+    if tasks_per_pass is None or tasks_per_pass >= count:
+        per_task = task_losses(index, weight)
+        per_task.sum().backward()  # task t's gradient is exactly that of its own loss
+        return per_task.detach()
+    parts = []
+    for start in range(0, count, tasks_per_pass):
+        part = task_losses(index, weight, slice(start, start + tasks_per_pass))
+        part.sum().backward()
+        parts.append(part.detach())
+    return torch.cat(parts)

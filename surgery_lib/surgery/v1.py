@@ -100,11 +100,13 @@ class TaskSurgery(nn.Module):
     def dim(self) -> int:
         return self.down.shape[2]
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Correct ``z`` (T, ..., d); row t with task ``rows[t]``'s module (default: task t)."""
+        down, up = (self.down, self.up) if rows is None else (self.down[rows], self.up[rows])
         shape = z.shape
         flat = z.reshape(shape[0], -1, shape[-1])
-        hidden = F.relu(torch.bmm(flat, self.down.transpose(1, 2)))
-        return (flat - torch.bmm(hidden, self.up.transpose(1, 2))).reshape(shape)
+        hidden = F.relu(torch.bmm(flat, down.transpose(1, 2)))
+        return (flat - torch.bmm(hidden, up.transpose(1, 2))).reshape(shape)
 
     def apply_task(self, task: str, z: torch.Tensor) -> torch.Tensor:
         """Correct embeddings ``z`` (N, d) of a single ``task``."""

@@ -70,9 +70,13 @@ class DeepSurgery(nn.Module):
         return x - torch.einsum("tnlr,twr->tnlw", hidden, up.to(x.dtype))
 
     def forward_tasks(
-        self, encoder: nn.Module, images: torch.Tensor, rows: torch.Tensor | None = None
+        self, encoder: nn.Module, images: torch.Tensor, rows: torch.Tensor | None = None, *, stacked: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merged forward with surgery: images (T, n, 3, H, W) -> final (T, n, dim), block means (T, n, blocks, width)."""
+        """Merged forward with surgery: images (T, n, 3, H, W) -> final (T, n, dim), block means (T, n, blocks, width).
+
+        Row t of ``images`` uses task ``rows[t]``'s modules (default: task t). ``stacked`` corrects the final
+        embedding with the stacked product that training without ``rows`` uses (a pass over some tasks then
+        computes what the pass over all computes for them), else task by task."""
         groups, per_group = images.shape[:2]
 
         def after_block(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +87,8 @@ class DeepSurgery(nn.Module):
         final = final.float().reshape(groups, per_group, -1)
         if rows is None:
             final = self.final(final)
+        elif stacked:
+            final = self.final(final, rows)
         else:
             final = torch.stack([self.final.apply_task(self.tasks[r], f) for r, f in zip(rows.tolist(), final)])
         return final, means.reshape(groups, per_group, *means.shape[1:])
@@ -123,6 +129,7 @@ def train_deep_surgery(
     precision: str = "fp32",
     progress: bool = True,
     embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    tasks_per_pass: int | None = None,
 ) -> tuple[DeepSurgery, SurgeryHistory]:
     """Train SurgeryV2's modules on a frozen merged ``encoder``.
 
@@ -137,6 +144,11 @@ def train_deep_surgery(
         embeddings: a dict to fill with each evaluated task's corrected test embeddings after training
             (:meth:`DeepSurgery.embed`), taken from the last checkpoint when it is the end of training: a caller
             that needs them (accuracy and block bias after) then saves one pass over every test set.
+        tasks_per_pass: run each step as passes over this many tasks' batches (None: all tasks in one pass, as
+            their batches are stacked), each with its own backward pass: the same gradients in less memory (the
+            activations autograd keeps grow with the images of a pass: about 350 MiB per image on ViT-L/14 in
+            fp32, ``bench/gpu/v2_memory.py --saved-only``). A step that runs out of GPU memory is run again with half
+            as many tasks per pass, down to one, and training goes on so.
     """
     config = config or SurgeryConfig()
     if config.online:
@@ -169,13 +181,18 @@ def train_deep_surgery(
         checkpoint(0)
     data0 = unlabeled[tasks[0]]
 
-    def task_losses(index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        batch = normalize(torch.stack([x[i] for x, i in zip(images, index)]).to(device), data0.mean, data0.std)
+    def task_losses(index: torch.Tensor, weight: torch.Tensor, some: slice | None = None) -> torch.Tensor:
+        chosen = range(len(tasks)) if some is None else range(len(tasks))[some]
+        part = slice(None) if some is None else some
+        index, weight = index[part], weight[part]
+        batch = torch.stack([images[t][i] for t, i in zip(chosen, index)])
+        batch = normalize(batch.to(device), data0.mean, data0.std)
         index, weight = index.to(device), weight.to(device)
+        rows = None if some is None else torch.tensor(list(chosen), device=device)
         with autocast(device, precision):
-            final, means = surgery.forward_tasks(encoder, batch)
-        final_target = torch.stack([f[i] for f, i in zip(final_targets, index)])
-        block_target = torch.stack([b[i] for b, i in zip(block_targets, index)])
+            final, means = surgery.forward_tasks(encoder, batch, rows, stacked=True)
+        final_target = torch.stack([final_targets[t][i] for t, i in zip(chosen, index)])
+        block_target = torch.stack([block_targets[t][i] for t, i in zip(chosen, index)])
         block_losses = (
             (means.float() - block_target.float()).abs().mean(dim=-1).sum(dim=-1)
         )  # (T, n): every block's term
@@ -190,6 +207,8 @@ def train_deep_surgery(
             losses=history.loss,
             bar=bar,
             checkpoint=checkpoint if evaluate else None,
+            tasks_per_pass=tasks_per_pass,
+            shrink_on_out_of_memory=True,
         )
     if embeddings is not None:
         for task in evaluate or {}:
