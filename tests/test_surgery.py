@@ -158,6 +158,9 @@ def test_surgery_v2_out_of_gpu_memory_runs_fewer_tasks_per_pass_with_the_same_re
     def no_gpu_memory(self, encoder, images, rows=None, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.50 GiB")
 
+    for wrong in (0, -1, True):
+        with pytest.raises(SurgeryBookError, match="a pass takes at least one task"):
+            train_deep_surgery(encoder, data, targets, config, split="few", progress=False, tasks_per_pass=wrong)
     monkeypatch.setattr(DeepSurgery, "forward_tasks", no_gpu_memory)
     with pytest.raises(torch.cuda.OutOfMemoryError):  # one task per pass does not fit: nothing is left to shrink
         train_deep_surgery(encoder, data, targets, config, split="few", progress=False)

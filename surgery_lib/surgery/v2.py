@@ -153,6 +153,11 @@ def train_deep_surgery(
     config = config or SurgeryConfig()
     if config.online:
         raise SurgeryBookError("SurgeryV2 has no online variant here", "use --version 1 with --online")
+    if tasks_per_pass is not None and (isinstance(tasks_per_pass, bool) or tasks_per_pass < 1):
+        raise SurgeryBookError(
+            f"tasks_per_pass={tasks_per_pass!r}: a pass takes at least one task",
+            "pass 1 or more (None: every task in one pass)",
+        )
     device = torch.device(device)
     tasks = tuple(unlabeled)
     encoder = encoder.to(device).eval().requires_grad_(False)
