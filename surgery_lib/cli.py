@@ -742,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list the registered presets")
     presets.add_argument("--json", action="store_true", help="print every preset's full configuration as JSON")
-    presets.set_defaults(run=_cmd_presets)
+    presets.set_defaults(run=_cmd_presets, keeps_finished_work=False)
 
     data = sub.add_parser("data", help="generate (once) and describe a preset's offline task suite")
     _add_common(data)
@@ -969,7 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tasks", default=None, help="comma-separated task folder names (default: the papers' 8)")
     convert.add_argument("--json", action="store_true", help="print the manifest as JSON")
     convert.add_argument("--quiet", action="store_true", help="no progress bars")
-    convert.set_defaults(run=_cmd_convert)
+    convert.set_defaults(run=_cmd_convert, keeps_finished_work=False)
 
     bench = sub.add_parser("bench", help="time the official-style surgery loop against this library's (V1 and V2)")
     _add_common(bench)
@@ -1017,7 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --pipeline: AdaMerging steps (default: the preset's, 500)",
     )
-    bench.set_defaults(run=_cmd_bench)
+    bench.set_defaults(run=_cmd_bench, keeps_finished_work=False)
     return parser
 
 
@@ -1088,9 +1088,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {from_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished models are kept; run the same command again to resume", file=sys.stderr)
+        print(f"interrupted: {_what_is_kept(args)}", file=sys.stderr)
         return 130
     except SystemExit as exc:
         if exc.code == 128 + signal.SIGTERM:
-            print("terminated: finished models are kept; run the same command again to resume", file=sys.stderr)
+            print(f"terminated: {_what_is_kept(args)}", file=sys.stderr)
         raise
+
+
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: the finished models, merges and cells of a command that caches them,
+    nothing of one that writes its result only at the end (``bench``, ``convert``, ``presets``)."""
+    if getattr(args, "keeps_finished_work", True):
+        return "finished models are kept; run the same command again to resume"
+    return "nothing half-written is left (this command writes its result only when it ends); run it again"

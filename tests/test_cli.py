@@ -325,3 +325,21 @@ def test_kernels_see_the_cache_and_presets_as_absolute_paths(monkeypatch, tmp_pa
     assert os.environ[CACHE_ENV] == "relative-cache" and os.environ["SURGERY_BOOK_PRESETS"] == "mine.json"
     with exported_cache("other"):
         assert os.environ[CACHE_ENV] == str(tmp_path / "other")
+
+
+@pytest.mark.parametrize(
+    ("command", "kept"),
+    [("zoo", "finished models are kept"), ("bench", "nothing half-written is left"), ("convert", "nothing half")],
+)
+def test_an_interrupted_command_says_what_it_kept(monkeypatch, capsys, command, kept):
+    import surgery_lib.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_cmd_{command}", interrupted)
+    argv = {"convert": ["convert", "--model", "ViT-B-32", "--source", "unused", "--out", "unused"]}.get(
+        command, [command]
+    )
+    assert main(argv) == 130
+    assert capsys.readouterr().err.startswith(f"interrupted: {kept}")
