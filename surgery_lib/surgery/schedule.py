@@ -342,20 +342,18 @@ def train_on_schedule(
     fraction of the activation memory. With ``shrink_on_out_of_memory``, a round that runs out of accelerator
     memory is run again with half as many tasks per pass, down to one.
     """
-    tasks = None
     for iteration in iterations:
         optimizer.coast(iteration.before)
         for round_index in range(iteration.rounds):
             optimizer.flush()  # the owed coasting steps move the weights this batch's gradient is taken at
             index, weight, active = gather_batches(iteration.batches, round_index)
-            tasks = len(index) if tasks is None else tasks
             while True:
                 optimizer.zero_grad()
                 try:
                     per_task = _losses_and_gradients(task_losses, index, weight, tasks_per_pass)
                     break
                 except torch.cuda.OutOfMemoryError:
-                    per_pass = tasks_per_pass or tasks
+                    per_pass = tasks_per_pass or len(index)
                     if not shrink_on_out_of_memory or per_pass == 1:
                         raise
                     tasks_per_pass = (per_pass + 1) // 2
