@@ -16,7 +16,7 @@ PYTEST_WORKERS ?= 2
 BOOK := $(BIN)/jupyter-book build . --toc book/_toc.yml -W -n --keep-going
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: run test check format book venv chromium clean
+.PHONY: run test test-order check format book venv chromium clean
 
 venv: $(STAMP)
 
@@ -85,21 +85,26 @@ chromium:
 #              cells share one kernel): the eleven notebooks under nbval, exercise solutions included, the mini
 #              acceptance checks (-m slow), and the unit tests with the heavy ones (subprocess grids, concurrent
 #              builds, all eleven notebooks by papermill on a fabricated CLIP preset). Longest first (LONGEST_FIRST,
-#              measured one-thread seconds; the other test files follow, each under 40 s, and fill the tail);
+#              one-thread seconds measured with --durations=0; every other file takes under 8 s and fills the tail);
 #              --no-loadscope-reorder keeps that order (pytest-xdist would otherwise order files by their number
-#              of tests). One pool instead of a unit stage before the zoo and a notebook stage after it: 640 s
-#              instead of 162 + 535 s, because neither stage's tail leaves a core idle any more; about 500 s since
-#              a model's test embeddings are stored next to the zoo (1,011 s of one-thread work, balanced within 2 %)
+#              of tests), and every test file is named, not the folder: given the folder after some of its files,
+#              pytest collected all of them alphabetically after the notebooks (`make test-order` prints the order;
+#              tests/test_make.py checks that pytest collects it as given). One pool instead of a unit
+#              stage before the zoo and a notebook stage after it: 640 s instead of 162 + 535 s, because neither
+#              stage's tail leaves a core idle any more; 541 s for 1,065 s of one-thread work since a model's test
+#              embeddings are stored next to the zoo (AMD EPYC, 2 cores: the two workers ended 1 s apart)
 #   book       the strict book build
 #   browser    the rendered pages in headless chromium
 ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 LONGEST_FIRST := notebooks/05_surgery_v2.ipynb notebooks/02_adamerging.ipynb tests/test_clip_notebooks.py \
-  notebooks/06_reproduce_variants.ipynb notebooks/04_surgery.ipynb tests/test_mini_zoo.py \
-  notebooks/01_merging_basics.ipynb tests/test_cluster.py notebooks/06_reproduce_tables.ipynb \
-  notebooks/04_surgery_ablations.ipynb notebooks/00_offline_benchmark.ipynb notebooks/03_representation_bias.ipynb \
-  tests/test_committed_grid.py notebooks/07_grid_details.ipynb notebooks/07_beyond_the_papers.ipynb
-TEST_ORDER := $(wildcard $(LONGEST_FIRST)) $(filter-out $(LONGEST_FIRST),$(NOTEBOOKS)) tests
+  notebooks/06_reproduce_variants.ipynb tests/test_cluster.py notebooks/06_reproduce_tables.ipynb \
+  tests/test_committed_grid.py tests/test_cli.py notebooks/04_surgery_ablations.ipynb tests/test_mini_zoo.py \
+  tests/test_merge_methods.py notebooks/07_beyond_the_papers.ipynb tests/test_reproducibility.py \
+  notebooks/04_surgery.ipynb notebooks/07_grid_details.ipynb notebooks/00_offline_benchmark.ipynb \
+  notebooks/03_representation_bias.ipynb tests/test_tuning.py tests/test_clip_setting.py notebooks/01_merging_basics.ipynb
+TEST_FILES := $(sort $(wildcard tests/test_*.py))
+TEST_ORDER := $(wildcard $(LONGEST_FIRST)) $(filter-out $(LONGEST_FIRST),$(NOTEBOOKS) $(TEST_FILES))
 STAGES := $(PYTHON) bench/stages.py
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=1200
 
@@ -114,6 +119,10 @@ test:
 	@$(STAGES) wait test chromium
 	@$(STAGES) run test browser -- $(PYTEST) -m browser tests
 	@$(STAGES) report test
+
+# The files of the tests stage in the order it hands them to its workers, one per line.
+test-order:
+	@printf '%s\n' $(TEST_ORDER)
 
 # The quick check of the edit loop (about a minute): the unit tests without the heavy ones, no zoo, no notebooks.
 # It is not the test command: `make test` runs everything.
