@@ -31,8 +31,7 @@ def _collected_files(order: list[str]) -> list[str]:
     for line in result.stdout.splitlines():
         if "::" not in line:
             continue
-        # nbval names a notebook's cells "notebooks/05_surgery_v2::ipynb::Cell 0" in -q mode
-        path = line.split("::")[0] + (".ipynb" if "::ipynb::" in line else "")
+        path = line.split("::")[0]
         if path not in files:
             files.append(path)
     return files
