@@ -21,29 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from train_step import pretraining_setup  # bench/ is the script's folder, first on sys.path
 
-from surgery_lib.models import build_encoder
 from surgery_lib.presets import get_preset
-
-CLASSES = 66  # the pretraining mix's classes
-
-
-def _model_and_batch(preset: str, batch: int):
-    spec = get_preset(preset)
-    torch.manual_seed(0)
-    encoder = build_encoder(spec.encoder).train()
-    head = torch.nn.Linear(spec.encoder.output_dim, CLASSES)
-    parameters = [*encoder.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=spec.recipe.pretrain_lr)
-    size = spec.encoder.image_size
-    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, CLASSES, (batch,))
-    return encoder, head, parameters, optimizer, images, labels
 
 
 def one_process(preset: str, batch: int, steps: int, threads: int) -> float:
     """Steps/s of one process with ``threads`` threads."""
     torch.set_num_threads(threads)
-    encoder, head, _, optimizer, images, labels = _model_and_batch(preset, batch)
+    encoder, head, _, optimizer, images, labels = pretraining_setup(preset, batch)
     for step in range(steps + 5):  # five warm-up steps
         if step == 5:
             started = time.perf_counter()
@@ -57,7 +43,7 @@ def one_process(preset: str, batch: int, steps: int, threads: int) -> float:
 def _worker(rank: int, world: int, store: str, preset: str, batch: int, steps: int, result) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    encoder, head, parameters, optimizer, images, labels = _model_and_batch(preset, batch // world)
+    encoder, head, parameters, optimizer, images, labels = pretraining_setup(preset, batch // world)
     for step in range(steps + 5):
         if step == 5:
             dist.barrier()

@@ -37,17 +37,26 @@ def gemm_rate(seconds: float = 2.0, size: int = 1024) -> float:
     return 2 * size**3 * count / (time.perf_counter() - started)
 
 
-def measure(preset_name: str, steps: int) -> dict[str, float]:
+PRETRAINING_CLASSES = 66  # the pretraining mix's classes
+
+
+def pretraining_setup(preset_name: str, batch: int):
+    """A preset's encoder with the pretraining head, its AdamW and one random batch of ``batch`` images (seeded):
+    ``(encoder, head, parameters, optimizer, images, labels)``, images ``(batch, 3, size, size)``."""
     preset = get_preset(preset_name)
     torch.manual_seed(0)
     encoder = build_encoder(preset.encoder).train()
-    head = torch.nn.Linear(preset.encoder.output_dim, 66)
-    optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=1e-3)
+    head = torch.nn.Linear(preset.encoder.output_dim, PRETRAINING_CLASSES)
+    parameters = [*encoder.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=preset.recipe.pretrain_lr)
     size = preset.encoder.image_size
-    images, labels = (
-        torch.randn(preset.recipe.batch_size, 3, size, size),
-        torch.randint(0, 66, (preset.recipe.batch_size,)),
-    )
+    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, PRETRAINING_CLASSES, (batch,))
+    return encoder, head, parameters, optimizer, images, labels
+
+
+def measure(preset_name: str, steps: int) -> dict[str, float]:
+    batch = get_preset(preset_name).recipe.batch_size
+    encoder, head, _, optimizer, images, labels = pretraining_setup(preset_name, batch)
 
     def step() -> None:
         loss = F.cross_entropy(head(encoder(images)), labels)
