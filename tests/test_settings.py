@@ -66,6 +66,16 @@ def test_every_shipped_offline_preset_can_tune_its_merges_and_train_mnist():
         assert mnist["train"] >= min(preset.suite.train_per_task, 1500), (preset.name, mnist)
 
 
+def test_the_cpu_check_of_the_gpu_preset_keeps_its_encoder_and_tasks():
+    """bench/gpu/base-arch-cpu.json runs base's code paths on a CPU (README, GPU evidence): it checks the GPU preset
+    only while its encoder, tasks and split kinds are base's."""
+    [entry] = json.loads((ROOT / "bench" / "gpu" / "base-arch-cpu.json").read_text())
+    check, base = preset_from_dict(entry), PRESETS["base"]
+    assert check.encoder == base.encoder and check.setting == base.setting == "offline"
+    assert check.suite.tasks == base.suite.tasks and check.suite.validation_per_task > 0
+    assert check.default_device == "cpu" and check.recipe.pretrain_epochs == 1
+
+
 def test_the_committed_grid_cells_keep_their_preset_hash_and_0_2_files_still_read():
     """The setting section left the generic schema under a new name; the hash a grid cell records did not move
     (renaming a field changes no number), and a preset file written by 0.2, its section called ``clip``, reads."""
