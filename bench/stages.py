@@ -11,6 +11,7 @@ stage. Standard library only: the first stage installs the virtual environment.
     python3 bench/stages.py start test unit --cancel-on-failure -- CMD   # ... stopped if a foreground stage fails
     python3 bench/stages.py wait test chromium           # wait for a background stage (its exit status)
     python3 bench/stages.py report test                  # print the table
+    python3 bench/stages.py row test                     # the run as a row of bench/make-test-history.md
 """
 
 from __future__ import annotations
@@ -156,18 +157,57 @@ def wait(target: str, stage: str, timeout: float = 1800) -> int:
     return status
 
 
-def report(target: str) -> int:
+def _read(target: str) -> tuple[list[str], list[list[str]], dict[str, float], float] | None:
+    """The record's lines, its stage rows, the seconds a foreground step waited for each background stage, and
+    the total those make; None (and a message) where ``target`` has no record."""
     path = _record(target)
     if not path.exists():
         print(f"no stages recorded for {target} (run `bench/stages.py reset {target}` first)", file=sys.stderr)
-        return 1
+        return None
     lines = path.read_text().splitlines()
-    header = lines[0].lstrip("# ") if lines and lines[0].startswith("#") else target
-    epochs = [float(line.split()[1]) for line in lines if line.startswith("#epoch ")]
     rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
     # A background stage costs the wall clock only the time a foreground step waited for it.
     waited = {r[0]: float(r[3].split("waited ")[1].split(" s")[0]) for r in rows if "waited " in r[3]}
     total = sum(float(r[1]) for r in rows if "background" not in r[3]) + sum(waited.values())
+    return lines, rows, waited, total
+
+
+#: The stages of ``make test`` in the columns of bench/make-test-history.md.
+HISTORY_STAGES = ("venv", "zoo", "tests", "book", "browser")
+
+
+def history_row(target: str) -> int:
+    """Print the recorded run as a row of bench/make-test-history.md: the commit checked out here, the total in
+    seconds (and minutes), then each stage's seconds; the run number and the tests' count are left as ``?``."""
+    record = _read(target)
+    if record is None:
+        return 1
+    _, rows, _, total = record
+    seconds = {r[0]: float(r[1]) for r in rows}
+    failed = [r[0] for r in rows if r[2] != "0"]
+    missing = [s for s in HISTORY_STAGES if s not in seconds]
+    if failed or missing:
+        problem = f"stages {', '.join(failed)} failed" if failed else f"no stage {', '.join(missing)}"
+        print(
+            f"error: the recorded run is not a complete passing {target} ({problem}); the history lists those only",
+            file=sys.stderr,
+        )
+        return 1
+    commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cells = [f"{seconds[s]:.0f}" for s in HISTORY_STAGES]
+    print(
+        f"| ? | {commit or '?'} | {total:,.0f} ({total / 60:.1f}) | {' | '.join(cells[:3])} | ? | {' | '.join(cells[3:])} |  |"
+    )
+    return 0
+
+
+def report(target: str) -> int:
+    record = _read(target)
+    if record is None:
+        return 1
+    lines, rows, waited, total = record
+    header = lines[0].lstrip("# ") if lines and lines[0].startswith("#") else target
+    epochs = [float(line.split()[1]) for line in lines if line.startswith("#epoch ")]
     width = max([len(r[0]) for r in rows] + [5])
     print(f"\nstages of {header}")
     print(f"{'stage':<{width}}  {'seconds':>8}  {'share':>6}  status")
@@ -194,7 +234,7 @@ def main(argv: list[str]) -> int:
         argv, command = argv[:split], argv[split + 1 :]
     else:
         command = []
-    if len(argv) < 2 or argv[0] not in {"reset", "run", "start", "_child", "wait", "report"}:
+    if len(argv) < 2 or argv[0] not in {"reset", "run", "start", "_child", "wait", "report", "row"}:
         print(__doc__, file=sys.stderr)
         return 2
     verb, target, *rest = argv
@@ -211,6 +251,8 @@ def main(argv: list[str]) -> int:
         return _child(target, rest[0], command)
     if verb == "wait":
         return wait(target, rest[0]) if rest else 2
+    if verb == "row":
+        return history_row(target)
     return reset(target) if verb == "reset" else report(target)
 
 
