@@ -187,7 +187,7 @@ def history_row(target: str) -> int:
     failed = [r[0] for r in rows if r[2] != "0"]
     missing = [s for s in HISTORY_STAGES if s not in seconds]
     if failed or missing:
-        problem = f"stages {', '.join(failed)} failed" if failed else f"no stage {', '.join(missing)}"
+        problem = f"{', '.join(failed)} failed" if failed else f"no stage {', '.join(missing)}"
         print(
             f"error: the recorded run is not a complete passing {target} ({problem}); the history lists those only",
             file=sys.stderr,
