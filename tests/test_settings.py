@@ -35,7 +35,7 @@ def test_every_setting_folder_keeps_the_contract():
         get_setting("tpu")
 
 
-def test_the_preset_data_keeps_the_zoo_names_of_0_1():
+def test_the_zoo_folder_names_are_pinned_and_move_only_with_the_data_or_recipe():
     from surgery_lib.settings.offline.zoo import zoo_config_hash
 
     # The hashes name the zoo folders: moving the presets into JSON changed nothing that counts, nor does the suite's
