@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from train_step import pretraining_setup  # bench/ is the script's folder, first on sys.path
 
+from surgery_lib.core.errors import run_script
 from surgery_lib.presets import get_preset
 
 
@@ -71,12 +73,12 @@ def data_parallel(preset: str, batch: int, steps: int, world: int = 2) -> float:
     return result.value
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the measurements")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     batch = get_preset(args.preset).recipe.batch_size
     print(f"{args.preset}: pretraining steps of batch {batch}; steps/s")
     print("round  one process, 2 threads  two processes, 1 thread each  ratio")
@@ -87,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

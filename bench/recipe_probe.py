@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from surgery_lib.core.errors import run_script  # noqa: E402
 from surgery_lib.core.storage import load_tensors, save_tensors, write_json  # noqa: E402
 from surgery_lib.core.taskdata import TaskData  # noqa: E402
 from surgery_lib.disentanglement import kept_share_curve, summarize_curve  # noqa: E402
@@ -305,4 +306,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -136,8 +136,16 @@ def wait(target: str, stage: str, timeout: float = 1800) -> int:
             print(f"error: background stage {stage} did not finish within {timeout:.0f} s", file=sys.stderr)
             return 124
         time.sleep(0.5)
-    status_text, seconds_text = marker.read_text().split()
-    status = int(status_text)
+    fields = marker.read_text(errors="replace").split()
+    if len(fields) != 2 or not fields[0].lstrip("-").isdigit() or not _is_number(fields[1]):
+        print(
+            f"error: {marker} is damaged ({' '.join(fields)[:60]!r}). Fix: run the target again from the start "
+            f"(make {target}).",
+            file=sys.stderr,
+        )
+        marker.unlink()
+        return 2
+    status, seconds_text = int(fields[0]), fields[1]
     _append(
         target,
         stage,
@@ -164,12 +172,38 @@ def _read(target: str) -> tuple[list[str], list[list[str]], dict[str, float], fl
     if not path.exists():
         print(f"no stages recorded for {target} (run `bench/stages.py reset {target}` first)", file=sys.stderr)
         return None
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
     rows = [line.split("\t") for line in lines if line and not line.startswith("#")]
+    for number, line in enumerate(lines, 1):
+        if line and _damaged(line):
+            print(
+                f"error: {path} is damaged (line {number}: {line[:60]!r}). Fix: start a new record with "
+                f"`python3 bench/stages.py reset {target}` (make {target} does) and run the stages again.",
+                file=sys.stderr,
+            )
+            return None
     # A background stage costs the wall clock only the time a foreground step waited for it.
     waited = {r[0]: float(r[3].split("waited ")[1].split(" s")[0]) for r in rows if "waited " in r[3]}
     total = sum(float(r[1]) for r in rows if "background" not in r[3]) + sum(waited.values())
     return lines, rows, waited, total
+
+
+def _damaged(line: str) -> bool:
+    """Whether a line of a record is not one that this script writes (a hand edit, a disk that filled up)."""
+    if line.startswith("#epoch "):
+        return not _is_number(line.split(" ", 1)[1])
+    if line.startswith("#"):
+        return False
+    fields = line.split("\t")
+    return len(fields) != 4 or not _is_number(fields[1]) or not fields[2].lstrip("-").isdigit()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 #: The stages of ``make test`` in the columns of bench/make-test-history.md.

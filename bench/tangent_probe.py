@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from surgery_lib.core.errors import run_script  # noqa: E402
 from surgery_lib.core.storage import load_tensors  # noqa: E402
 from surgery_lib.disentanglement import task_subsets  # noqa: E402
 from surgery_lib.finetuning import LinearizedEncoder  # noqa: E402
@@ -179,4 +180,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from surgery_lib.core.errors import run_script  # noqa: E402
 from surgery_lib.disentanglement import task_subsets  # noqa: E402
 from surgery_lib.merging import MAIN_TABLE, METHODS, cached_merge, evaluate_merge  # noqa: E402
 from surgery_lib.presets import get_preset  # noqa: E402
@@ -105,4 +106,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from surgery_lib.core.errors import run_script
 from surgery_lib.models import build_encoder
 from surgery_lib.presets import get_preset
 
@@ -75,13 +76,13 @@ def measure(preset_name: str, steps: int) -> dict[str, float]:
     return {"flops": float(counter.get_total_flops()), "seconds": seconds, "gemm": gemm_rate()}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         torch.set_num_threads(args.child)
         result = measure(args.preset, args.steps)
@@ -111,4 +112,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.taskdata import Suite, TaskData
 from surgery_lib.merging import MergeOptions, merge
 from surgery_lib.models import (
@@ -41,7 +42,7 @@ from surgery_lib.models import (
     resolve_device,
     task_features,
 )
-from surgery_lib.presets import get_preset
+from surgery_lib.presets import Preset, encoder_parameters, get_preset
 from surgery_lib.settings.base import Zoo
 from surgery_lib.settings.clip.config import clip_config
 from surgery_lib.settings.clip.tasks import CLIP_TASKS
@@ -275,6 +276,23 @@ class PipelineStage:
     images_per_s: float | None = None
 
 
+def _check_synthetic_fits(spec: Preset, sizes: Mapping[str, int]) -> None:
+    """Refuse, before allocating, a synthetic zoo whose images (uint8) and weights (fp32: the pretrained tower,
+    one expert per task and the temporary of the expert being drawn) exceed this machine's free memory."""
+    import psutil
+
+    size = spec.encoder.image_size
+    needed = sum(sizes.values()) * 3 * size * size + (len(sizes) + 2) * encoder_parameters(spec.encoder) * 4
+    free = psutil.virtual_memory().available
+    if needed > free:
+        raise SurgeryBookError(
+            f"{sum(sizes.values()):,} random {size}x{size} test images and {len(sizes)} {spec.name} experts need "
+            f"{needed / 2**30:,.1f} GiB, this machine has {free / 2**30:.1f} GiB free",
+            "ask for fewer images (`surgery-book bench --scale`: 1 is the paper's 87,190 test images, 13 GB at "
+            "224x224), or use a machine with more memory",
+        )
+
+
 def synthetic_clip_zoo(
     preset: str = "clip-vit-b-32", sizes: Mapping[str, int] = PAPER_TEST_SIZES, seed: int = 0, adapt_images: int = 256
 ) -> Zoo:
@@ -285,6 +303,7 @@ def synthetic_clip_zoo(
     test sets are random 224x224 uint8 images of ``sizes`` (the paper's: 87,190 images, 13 GB).
     """
     spec = get_preset(preset)
+    _check_synthetic_fits(spec, sizes)
     torch.manual_seed(seed)
     pretrained = clone_state(build_encoder(spec.encoder))
     generator = torch.Generator().manual_seed(seed)

@@ -516,6 +516,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise SurgeryBookError(
             f"--versions {args.versions!r} names no surgery version this benchmark times", "use 1, 2 or 1,2"
         )
+    adams = tuple(a.strip() for a in args.adam.split(","))
+    for adam in adams:  # before the zoo, which takes minutes to build at the paper's sizes
+        check_adam(adam)
     zoo, setting = _bench_zoo(args, device)
     if args.pipeline:
         return _bench_pipeline(args, zoo, setting, device)
@@ -523,9 +526,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     experts = {t: zoo.encoder(t) for t in zoo.tasks}
     data = {t: zoo.suite[t] for t in zoo.tasks}
     setting += ", task arithmetic, test splits"
-    adams = tuple(a.strip() for a in args.adam.split(","))
-    for adam in adams:
-        check_adam(adam)
     results = run_benchmark(
         merged,
         experts,

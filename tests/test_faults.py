@@ -3,11 +3,14 @@ non-finite results, and JSON output stays standard JSON."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from surgery_lib.cli import main, to_json
 from surgery_lib.core.errors import SurgeryBookError
@@ -16,6 +19,8 @@ from surgery_lib.presets import PRESETS
 from surgery_lib.settings import build_zoo
 from surgery_lib.settings.clip.checkpoints import load_converted
 from surgery_lib.settings.offline.zoo import MANIFEST, clear_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_rebuild_refuses_a_folder_that_is_not_a_zoo(tmp_path):
@@ -96,6 +101,7 @@ def test_json_output_is_standard_json():
         (["surgery", "--merge", "weight_averaging", "--scale", "0.5"], "weight_averaging does not read --scale"),
         (["bench", "--versions", "3"], "--versions '3' names no surgery version"),
         (["bench", "--versions", "abc"], "--versions 'abc'"),
+        (["bench", "--adam", "shared,foo"], "unknown optimiser semantics 'foo'"),  # before the zoo is built
     ],
 )
 def test_out_of_range_options_are_one_line_errors_never_silent_substitutes(argv, flag, capsys, tmp_path):
@@ -103,6 +109,56 @@ def test_out_of_range_options_are_one_line_errors_never_silent_substitutes(argv,
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and flag in error
     assert not any(tmp_path.iterdir())
+
+
+def test_a_benchmark_larger_than_the_free_memory_is_refused_before_allocating(capsys):
+    assert main(["bench", "--vit-b32", "--scale", "1e9", "--device", "cpu", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.search(r"need [0-9,.]+ GiB, this machine has [0-9.]+ GiB free", error)
+    assert "bench --scale" in error
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (["--tasks", "9"], "--tasks '9' is not a list of task counts from 1 to 8"),
+        (["--tasks", "0,1"], "--tasks '0,1'"),
+        (["--tasks", "one"], "--tasks 'one'"),
+        (["--steps", "0", "--device", "cpu"], "--steps 0 is below 1"),
+        (["--precisions", "fp8", "--device", "cpu"], "unknown precision 'fp8'"),
+        (["--preset", "clip-vit-xl"], "unknown preset 'clip-vit-xl'"),
+        pytest.param(
+            ["--device", "cuda"],
+            "CUDA was requested but this torch build sees no GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+)
+def test_the_gpu_memory_script_checks_its_options_before_building_anything(argv, problem, capsys, monkeypatch):
+    from surgery_lib.core.errors import run_script
+
+    spec = importlib.util.spec_from_file_location("v2_memory", ROOT / "bench" / "gpu" / "v2_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "synthetic_clip_zoo", None)  # building a zoo would be a TypeError, not this error
+    assert run_script(lambda: script.main(argv)) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ") and problem in error and "Fix: " in error
+
+
+@pytest.mark.parametrize(
+    "script", ["train_step", "data_parallel_probe", "kept_share", "tangent_probe", "task_count", "gpu/v2_memory"]
+)
+def test_every_bench_script_reports_bad_input_in_one_line(script, capsys, monkeypatch):
+    path = ROOT / "bench" / f"{script}.py"
+    assert path.read_text().rstrip().endswith('if __name__ == "__main__":\n    sys.exit(run_script(main))')
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python bench/...py` puts the script's folder first
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.run_script(lambda: module.main(["--preset", "nope"])) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: unknown preset 'nope'. Fix: use one of: ")
 
 
 @pytest.mark.parametrize("device", ["tpu", "meta", "mps", "cdua", "cuda:x"])

@@ -56,3 +56,28 @@ def test_a_failed_or_incomplete_run_gets_no_history_row(stages, capsys):
     assert "no stage tests, book, browser" in capsys.readouterr().err
     (stages.BUILD / "stages-test.tsv").unlink()
     assert stages.history_row("test") == 1 and "no stages recorded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("damage", "line"),
+    [("venv\t5.0\n", 3), ("zoo\tfive\t0\t\n", 3), ("#epoch yesterday\n", 3), ("book\t5.0\tok\t\n", 3)],
+)
+def test_a_damaged_record_is_one_line_naming_the_line_and_the_fix(stages, capsys, damage, line):
+    _record(stages, PASSING[:1])
+    record = stages.BUILD / "stages-test.tsv"
+    lines = record.read_text().splitlines(keepends=True)
+    record.write_text("".join([*lines[:2], damage, *lines[2:]]))
+    for verb in (stages.report, stages.history_row):
+        assert verb("test") == 1
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"damaged (line {line}:" in error and "reset test" in error
+
+
+def test_a_damaged_background_marker_is_one_line_and_is_cleared(stages, capsys):
+    assert stages.reset("test") == 0
+    marker = stages.BUILD / "stages-test-chromium.background"
+    marker.write_text("killed\n")
+    assert stages.wait("test", "chromium") == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "damaged ('killed')" in error and "make test" in error
+    assert not marker.exists()

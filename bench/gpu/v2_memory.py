@@ -21,13 +21,15 @@ import argparse
 import gc
 import json
 import logging
+import sys
 import time
 
 import torch
 
 from surgery_lib.benchmark import PAPER_TEST_SIZES, synthetic_clip_zoo
+from surgery_lib.core.errors import SurgeryBookError, run_script
 from surgery_lib.merging import task_arithmetic
-from surgery_lib.models import build_encoder, embed_blocks, load_encoder
+from surgery_lib.models import build_encoder, embed_blocks, load_encoder, resolve_device, resolve_precision
 from surgery_lib.presets import get_preset
 from surgery_lib.surgery.v1 import SurgeryConfig
 from surgery_lib.surgery.v2 import DeepSurgery, train_deep_surgery
@@ -36,7 +38,8 @@ from surgery_lib.surgery.v2 import DeepSurgery, train_deep_surgery
 def probe(preset: str, tasks: int, precision: str, device: torch.device, steps: int, batch: int) -> dict:
     names = list(PAPER_TEST_SIZES)[:tasks]
     zoo = synthetic_clip_zoo(preset, dict.fromkeys(names, 2 * batch))
-    row = {"preset": preset, "tasks": tasks, "precision": precision, "batch per task": batch}
+    # The precision really run: a CPU dry run computes in fp32 whatever was asked.
+    row = {"preset": preset, "tasks": tasks, "precision": resolve_precision(precision, device), "batch per task": batch}
     row.update(rank=zoo.preset.surgery_rank(2), steps=steps)
     merged = load_encoder(zoo.preset.encoder, task_arithmetic(zoo.pretrained, zoo.experts, 0.3))
     targets = {}
@@ -103,11 +106,13 @@ def saved_by_autograd(preset: str, images: int) -> int:
     return sum(storages.values())
 
 
-def main() -> None:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The options, every one checked before anything is built (a task count past the eight tasks would be
+    measured with eight and labelled with the count asked for)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="clip-vit-l-14")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tasks", default="1,2,4,8", help="task counts, comma-separated")
+    parser.add_argument("--tasks", default="1,2,4,8", help="task counts, comma-separated (1 to 8)")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--steps", type=int, default=4, help="training steps per task (default 4)")
     parser.add_argument("--batch", type=int, default=16, help="images per task and step (the official 16)")
@@ -116,7 +121,28 @@ def main() -> None:
         action="store_true",
         help="no training: the MiB autograd keeps per image and for the weights (any machine, a CPU too)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    get_preset(args.preset)
+    most = len(PAPER_TEST_SIZES)
+    counts = [t.strip() for t in args.tasks.split(",")]
+    if not all(t.isdigit() and 1 <= int(t) <= most for t in counts):
+        raise SurgeryBookError(
+            f"--tasks {args.tasks!r} is not a list of task counts from 1 to {most}", "pass e.g. 1,2,4,8"
+        )
+    args.tasks = [int(t) for t in counts]
+    args.precisions = [p.strip() for p in args.precisions.split(",")]
+    for name, value in (("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            raise SurgeryBookError(f"{name} {value} is below 1", f"pass a positive {name}")
+    if not args.saved_only:  # which counts on the CPU, whatever --device says
+        args.device = resolve_device(args.device)
+        for precision in args.precisions:
+            resolve_precision(precision, args.device)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
     if args.saved_only:
         one, two = saved_by_autograd(args.preset, 1), saved_by_autograd(args.preset, 2)
         per_image = (two - one) / 2**20
@@ -124,11 +150,10 @@ def main() -> None:
         row["saved for any batch (MiB)"] = round(one / 2**20 - per_image, 1)
         print(json.dumps(row))
         return
-    device = torch.device(args.device)
-    for precision in args.precisions.split(","):
-        for tasks in (int(t) for t in args.tasks.split(",")):
-            print(json.dumps(probe(args.preset, tasks, precision, device, args.steps, args.batch)), flush=True)
+    for precision in args.precisions:
+        for tasks in args.tasks:
+            print(json.dumps(probe(args.preset, tasks, precision, args.device, args.steps, args.batch)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+
 
 class SurgeryBookError(Exception):
     """An error caused by the user's input or environment, not by a bug.
@@ -42,3 +46,21 @@ def from_os_error(exc: OSError) -> SurgeryBookError:
     return SurgeryBookError(
         f"{reason}{where}", _OS_FIXES.get(name, "check the path and its permissions, then run the same command again")
     )
+
+
+def run_script(main: Callable[[], int | None]) -> int:
+    """Run the ``main`` of a script under ``bench/`` as the command line runs its commands, and return the exit
+    status for ``sys.exit``: a :class:`SurgeryBookError` or an operating-system error on a path is one line on
+    stderr (``error: <problem> Fix: <fix>``) and status 2, and a reader that closed the pipe ends it quietly
+    (status 141, as the shell reports SIGPIPE). ``SURGERY_BOOK_DEBUG=1`` shows the traceback instead."""
+    try:
+        return int(main() or 0)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the final flush does not raise
+        return 141
+    except (SurgeryBookError, OSError) as exc:
+        if os.environ.get("SURGERY_BOOK_DEBUG"):
+            raise
+        error = exc if isinstance(exc, SurgeryBookError) else from_os_error(exc)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
