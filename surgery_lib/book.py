@@ -90,3 +90,13 @@ def preset_banner(zoo: Zoo | str, device: str = "cpu") -> PresetBanner:
     """A note naming the preset (of ``zoo``, or by name) and the device, for the top of a chapter (display it
     as a cell's result)."""
     return PresetBanner(get_preset(zoo) if isinstance(zoo, str) else zoo.preset, device)
+
+
+def shown_tasks(zoo: Zoo, requested: str, count: int = 2) -> list[str]:
+    """The tasks a chapter shows one figure each for: those of ``requested`` (comma-separated names, a notebook
+    parameter) that ``zoo`` has, in that order, then its other tasks in its order until there are ``count`` (or
+    as many as it has). A preset without the chapter's default tasks (smoke has mnist and shapes; CLIP's are
+    MNIST, GTSRB, ...) still gets its figures."""
+    names = list(zoo.tasks)
+    chosen = list(dict.fromkeys(t.strip() for t in requested.split(",") if t.strip() in names))
+    return (chosen + [t for t in names if t not in chosen])[: max(count, len(chosen))]

@@ -190,3 +190,22 @@ def test_glued_strings_become_markdown_without_quotes(monkeypatch):
     monkeypatch.setattr(myst_nb, "glue", lambda name, value, display: recorded.append(value))
     book.glue("task", "photo_patches")
     assert recorded[0]._repr_markdown_() == "photo_patches"
+
+
+@pytest.mark.parametrize(
+    ("tasks", "requested", "shown"),
+    [
+        (("photo_patches", "signs", "mnist"), "mnist,signs", ["mnist", "signs"]),
+        (("mnist", "shapes"), "mnist,signs", ["mnist", "shapes"]),  # the smoke preset
+        (("MNIST", "GTSRB", "SVHN"), "mnist,signs", ["MNIST", "GTSRB"]),  # a CLIP preset
+        (("a", "b", "c", "d"), " c , a ,c,b", ["c", "a", "b"]),
+        (("a",), "a,b", ["a"]),
+    ],
+)
+def test_a_chapter_shows_the_requested_tasks_it_has_then_fills_up_from_the_zoo(tasks, requested, shown):
+    class Zoo:
+        pass
+
+    zoo = Zoo()
+    zoo.tasks = tasks
+    assert book.shown_tasks(zoo, requested) == shown
