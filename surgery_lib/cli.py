@@ -945,7 +945,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar=("NAME", "VALUE"),
         type=str,
-        help="another notebook parameter, as papermill's -p (e.g. -p surgery_steps 200); repeatable",
+        help="another notebook parameter, as papermill's -p (e.g. -p surgery_steps 200); repeatable; a name that "
+        "no notebook run declares, or a value of another kind than its default, is refused before the first runs",
     )
     reproduce.set_defaults(run=_cmd_reproduce)
 

@@ -91,6 +91,80 @@ def check_kernel(kernel: str) -> None:
         )
 
 
+#: The parameters that reproduce sets itself, and the option a user sets each of them with.
+RESERVED_PARAMETERS = {"preset": "--preset", "device": "--device", "seed": "--seed", "output_dir": "--out"}
+
+
+def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """``parameters`` checked against the parameters cells of ``notebooks``, before any kernel starts: papermill
+    injects a name that no notebook declares without a word, so a typo (``surgery_stepz``) would run the whole
+    book with the default. Returns them with a number given for a text parameter as its text (``-p ranks 16``
+    means ``"16"``).
+
+    Raises:
+        SurgeryBookError: a name that reproduce sets itself (preset, device, seed, output_dir), a name that no
+            notebook declares (listing those they do), or a value of another kind than the declared default
+            (text for a whole number, a fraction for a whole number, ...).
+    """
+    import ast
+
+    import papermill
+
+    declared: dict[str, list[tuple[str, Any]]] = {}
+    for notebook in notebooks:
+        for name, entry in papermill.inspect_notebook(str(notebook)).items():
+            try:
+                default = ast.literal_eval(entry["default"])
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                default = None  # an expression: any value goes
+            declared.setdefault(name, []).append((notebook.stem, default))
+    checked = {}
+    for name, value in parameters.items():
+        if name in RESERVED_PARAMETERS:
+            raise SurgeryBookError(
+                f"-p {name} is set by reproduce itself", f"pass {RESERVED_PARAMETERS[name]} instead of -p {name}"
+            )
+        if name not in declared:
+            names = sorted(set(declared) - set(RESERVED_PARAMETERS))
+            raise SurgeryBookError(
+                f"no notebook run here has a parameter {name!r}",
+                f"use one of: {', '.join(names) or 'none (these notebooks take only --preset, --device, --seed)'}",
+            )
+        for stem, default in declared[name]:
+            if isinstance(default, str) and isinstance(value, (int, float)):
+                value = str(value)
+            expected = _kind(default)
+            if expected and not _is_kind(value, default):
+                raise SurgeryBookError(
+                    f"-p {name} {value!r} is not {expected}, as {stem}'s {name} is (default {default!r})",
+                    f"pass {expected} to -p {name}",
+                )
+        checked[name] = value
+    return checked
+
+
+def _kind(default: Any) -> str:
+    """What a parameter with ``default`` takes, in words; empty where any value goes."""
+    if isinstance(default, bool):
+        return "True or False"
+    if isinstance(default, int):
+        return "a whole number"
+    if isinstance(default, float):
+        return "a number"
+    return "text" if isinstance(default, str) else ""
+
+
+def _is_kind(value: Any, default: Any) -> bool:
+    """Whether ``value`` is of the kind :func:`_kind` names for ``default`` (True is not a whole number here)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, str)
+
+
 def reproduce(
     preset: str,
     out: str | os.PathLike[str],
@@ -107,12 +181,13 @@ def reproduce(
     """Execute the notebooks for ``preset`` into ``out``; see the module docstring for the layout.
 
     ``parameters`` are passed to every notebook on top of preset, device, seed and output_dir (e.g.
-    ``{"surgery_steps": 200}``); a notebook without such a parameter ignores it. ``cache_dir`` reaches
+    ``{"surgery_steps": 200}``); a notebook without such a parameter ignores it, and one that none of them
+    declares is refused (:func:`check_parameters`). ``cache_dir`` reaches
     the kernels as ``$SURGERY_BOOK_CACHE`` (:func:`~surgery_lib.core.storage.exported_cache`).
 
     Raises:
-        SurgeryBookError: for an unknown preset, an ``out`` that would overwrite the sources, or a
-            notebook that fails (naming the notebook and the cell; the partial copy stays for reading).
+        SurgeryBookError: for an unknown preset, a parameter that no notebook declares or of another kind,
+            an ``out`` that would overwrite the sources, or a notebook that fails (naming the notebook and the cell; the partial copy stays for reading).
     """
     try:
         import papermill
@@ -125,6 +200,7 @@ def reproduce(
     default_device = get_preset(preset).default_device  # an unknown preset fails here, before any kernel starts
     notebooks = find_notebooks(source, only)
     check_notebooks(notebooks)
+    parameters = check_parameters(notebooks, parameters or {})
     if kernel is not None:
         check_kernel(kernel)
     out = Path(out).resolve()

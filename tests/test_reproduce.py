@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import nbformat
 import pytest
 
 from surgery_lib.cli import main
 from surgery_lib.core.errors import SurgeryBookError
-from surgery_lib.reproduce import find_notebooks, reproduce
+from surgery_lib.reproduce import check_parameters, find_notebooks, reproduce
 
 
 def _notebook(path, body: str) -> None:
@@ -80,3 +81,35 @@ def test_reproduce_refuses_bad_input(tmp_path):
         reproduce("nope", tmp_path / "out", source=source, progress=False)
     with pytest.raises(SurgeryBookError, match="over the sources"):
         reproduce("smoke", tmp_path, source=tmp_path / "notebooks", progress=False)
+
+
+def test_parameters_are_checked_against_the_notebooks_before_any_kernel_starts(tmp_path):
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    _notebook(source / "01_first.ipynb", "x = 1")
+    declared = 'steps = 10\nnames = "a,b"\nrate = 0.5\nflag = False\nfolder = None'
+    notebook = nbformat.read(source / "01_first.ipynb", as_version=4)
+    notebook.cells[1].source += "\n" + declared
+    nbformat.write(notebook, source / "02_second.ipynb")
+    notebooks = find_notebooks(source)
+    given = {"steps": 3, "names": 16, "rate": 2, "flag": True, "folder": "/data"}
+    assert check_parameters(notebooks, given) == {**given, "names": "16"}  # a number for a text is its text
+    refused = [
+        (
+            {"stepz": 3},
+            "no notebook run here has a parameter 'stepz'. Fix: use one of: flag, folder, names, rate, steps",
+        ),
+        ({"seed": 3}, "-p seed is set by reproduce itself. Fix: pass --seed instead"),
+        ({"output_dir": "x"}, "pass --out instead"),
+        ({"steps": "ten"}, "-p steps 'ten' is not a whole number, as 02_second's steps is (default 10)"),
+        ({"steps": 2.5}, "is not a whole number"),
+        ({"steps": True}, "is not a whole number"),
+        ({"rate": "fast"}, "is not a number"),
+        ({"flag": 1}, "is not True or False"),
+    ]
+    for parameters, message in refused:
+        with pytest.raises(SurgeryBookError, match=re.escape(message)):
+            reproduce("smoke", tmp_path / "out", source=source, parameters=parameters, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before the first kernel, nothing written
+    with pytest.raises(SurgeryBookError, match="has a parameter 'steps'"):
+        check_parameters(notebooks[:1], {"steps": 3})  # only the notebooks that run count
