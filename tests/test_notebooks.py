@@ -32,6 +32,14 @@ def test_notebook_opens_with_badge_summary_install_and_parameters(path):
     install = cells[1]
     assert "nbval-skip" in install["metadata"].get("tags", []) and "google.colab" in "".join(install["source"])
     assert REPOSITORY_URL in "".join(install["source"])
+    # Valid IPython (the magics inside the Colab branch): cloned, installed from the clone, run from its notebooks/
+    # folder, where results/ holds the committed grids that chapters 06 and 07 read.
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    code = TransformerManager().transform_cell("".join(install["source"]))
+    compile(code, path.name, "exec")
+    assert "git clone" in code and "run_line_magic('pip', 'install --quiet /content/surgery-book')" in code
+    assert "run_line_magic('cd', '/content/surgery-book/notebooks')" in code
     parameters = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(parameters) == 1 and 'preset = "mini"' in "".join(parameters[0]["source"])
     names = {line.split("=")[0].strip() for line in "".join(parameters[0]["source"]).splitlines() if "=" in line}
