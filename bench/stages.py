@@ -195,7 +195,9 @@ def _damaged(line: str) -> bool:
     if line.startswith("#"):
         return False
     fields = line.split("\t")
-    return len(fields) != 4 or not _is_number(fields[1]) or not fields[2].lstrip("-").isdigit()
+    if len(fields) != 4 or not _is_number(fields[1]) or not fields[2].lstrip("-").isdigit():
+        return True
+    return "waited " in fields[3] and not _is_number(fields[3].split("waited ")[1].split(" s")[0])
 
 
 def _is_number(text: str) -> bool:

@@ -187,7 +187,8 @@ def reproduce(
 
     Raises:
         SurgeryBookError: for an unknown preset, a parameter that no notebook declares or of another kind,
-            an ``out`` that would overwrite the sources, or a notebook that fails (naming the notebook and the cell; the partial copy stays for reading).
+            an ``out`` that would overwrite the sources, or a notebook that fails (naming the notebook and the
+            cell; the partial copy stays for reading).
     """
     try:
         import papermill

@@ -60,7 +60,13 @@ def test_a_failed_or_incomplete_run_gets_no_history_row(stages, capsys):
 
 @pytest.mark.parametrize(
     ("damage", "line"),
-    [("venv\t5.0\n", 3), ("zoo\tfive\t0\t\n", 3), ("#epoch yesterday\n", 3), ("book\t5.0\tok\t\n", 3)],
+    [
+        ("venv\t5.0\n", 3),
+        ("zoo\tfive\t0\t\n", 3),
+        ("#epoch yesterday\n", 3),
+        ("book\t5.0\tok\t\n", 3),
+        ("chromium\t80.0\t0\tin the background; waited long s for it\n", 3),
+    ],
 )
 def test_a_damaged_record_is_one_line_naming_the_line_and_the_fix(stages, capsys, damage, line):
     _record(stages, PASSING[:1])
