@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -32,7 +31,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from surgery_lib.core.errors import SurgeryBookError, from_os_error
+from surgery_lib.core.errors import SurgeryBookError, run_script
 from surgery_lib.core.storage import to_json
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.finetuning import FINETUNING_MODES
@@ -1072,22 +1071,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*IProgress not found.*")
     exit_on_sigterm()  # timeout, Slurm and docker stop send SIGTERM: clean up as on Ctrl-C
     try:
-        return int(args.run(args))
-    except SurgeryBookError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        # The reader closed the pipe (`surgery-book presets --json | head`): stop quietly, and point stdout at
-        # /dev/null so the interpreter's final flush does not raise again; 141 is the shell's code for SIGPIPE.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
-    except OSError as exc:
-        # A path the user gave (too long, a link loop, a file where a folder belongs, no permission): one line.
-        # SURGERY_BOOK_DEBUG=1 shows the traceback instead, for a bug report.
-        if os.environ.get("SURGERY_BOOK_DEBUG"):
-            raise
-        print(f"error: {from_os_error(exc)}", file=sys.stderr)
-        return 2
+        # One-line errors, a closed pipe and path errors as every script of the project reports them.
+        return run_script(lambda: args.run(args))
     except KeyboardInterrupt:
         print(f"interrupted: {_what_is_kept(args)}", file=sys.stderr)
         return 130
