@@ -12,7 +12,6 @@ so adopting it would change the zoo's last bits and with them every number in th
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from train_step import pretraining_setup  # bench/ is the script's folder, first on sys.path
 
-from surgery_lib.core.errors import run_script
+from surgery_lib.core.errors import OneLineArgumentParser, run_script
 from surgery_lib.presets import get_preset
 
 
@@ -74,7 +73,7 @@ def data_parallel(preset: str, batch: int, steps: int, world: int = 2) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the measurements")

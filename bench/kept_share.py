@@ -13,7 +13,6 @@ at the same scale, and the disentanglement error (:mod:`surgery_lib.disentanglem
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.errors import run_script  # noqa: E402
+from surgery_lib.core.errors import OneLineArgumentParser, run_script  # noqa: E402
 from surgery_lib.core.storage import load_tensors, save_tensors  # noqa: E402
 from surgery_lib.disentanglement import kept_share_curve, summarize_curve  # noqa: E402
 from surgery_lib.models import load_encoder  # noqa: E402
@@ -32,7 +31,7 @@ from surgery_lib.settings.offline.training import derive_seed, finetune  # noqa:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--modes", default="full,attention,lora,tangent")
     parser.add_argument("--lr-scale", default="1", help="comma-separated multiples of the recipe's expert lr")

@@ -16,7 +16,6 @@ fine-tuned on, without the downstream labels, and this gives the encoder feature
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.errors import run_script  # noqa: E402
+from surgery_lib.core.errors import OneLineArgumentParser, run_script  # noqa: E402
 from surgery_lib.core.storage import load_tensors, save_tensors, write_json  # noqa: E402
 from surgery_lib.core.taskdata import TaskData  # noqa: E402
 from surgery_lib.disentanglement import kept_share_curve, summarize_curve  # noqa: E402
@@ -101,7 +100,7 @@ def domain_mix(mix: TaskData, tasks: dict[str, TaskData], per_task: int, seed: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True)
     parser.add_argument("--pretrain-domains", type=int, default=0)
     parser.add_argument(

@@ -17,7 +17,6 @@ and the scales where accuracy peaks and entropy is lowest. Writes the rows to
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.errors import run_script  # noqa: E402
+from surgery_lib.core.errors import OneLineArgumentParser, run_script  # noqa: E402
 from surgery_lib.core.storage import load_tensors  # noqa: E402
 from surgery_lib.disentanglement import task_subsets  # noqa: E402
 from surgery_lib.finetuning import LinearizedEncoder  # noqa: E402
@@ -153,7 +152,7 @@ def probe(name: str, zoo, base, f0, folder: Path, adamerging_steps: int) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--lr-scale", default="1")
     parser.add_argument("--steps", type=int, default=200)

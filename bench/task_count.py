@@ -20,7 +20,6 @@ AdaMergings take most of it, and their cost grows with the tasks merged).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.errors import run_script  # noqa: E402
+from surgery_lib.core.errors import OneLineArgumentParser, run_script  # noqa: E402
 from surgery_lib.disentanglement import task_subsets  # noqa: E402
 from surgery_lib.merging import MAIN_TABLE, METHODS, cached_merge, evaluate_merge  # noqa: E402
 from surgery_lib.presets import get_preset  # noqa: E402
@@ -39,7 +38,7 @@ DATA_FREE = ("weight_averaging", "task_arithmetic", "ties")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--sizes", default="2,3,4,8")
     parser.add_argument("--subsets", type=int, default=2)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgery_lib.core.errors import run_script
+from surgery_lib.core.errors import OneLineArgumentParser, run_script
 from surgery_lib.models import build_encoder
 from surgery_lib.presets import get_preset
 
@@ -77,7 +77,7 @@ def measure(preset_name: str, steps: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--steps", type=int, default=50)

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from surgery_lib.core.errors import SurgeryBookError, run_script
+from surgery_lib.core.errors import OneLineArgumentParser, SurgeryBookError, run_script
 from surgery_lib.core.storage import to_json
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.finetuning import FINETUNING_MODES
@@ -736,7 +736,7 @@ PRECISION_CHOICES = PRECISION.choices
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``surgery-book``."""
-    parser = argparse.ArgumentParser(prog="surgery-book", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="surgery-book", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     presets = sub.add_parser("presets", help="list the registered presets")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, use_one_of
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import atomic_path, exported_cache, write_json
 from surgery_lib.presets import USER_PRESETS_ENV, get_preset
@@ -128,7 +128,9 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any]) -
             names = sorted(set(declared) - set(RESERVED_PARAMETERS))
             raise SurgeryBookError(
                 f"no notebook run here has a parameter {name!r}",
-                f"use one of: {', '.join(names) or 'none (these notebooks take only --preset, --device, --seed)'}",
+                use_one_of(name, names)
+                if names
+                else "none exists (these notebooks take only --preset, --device, --seed)",
             )
         for stem, default in declared[name]:
             if isinstance(default, str) and isinstance(value, (int, float)):

@@ -31,6 +31,40 @@ def test_unknown_preset_prints_one_clear_line_and_exits_2():
     assert len(lines) == 1 and lines[0].startswith("error: unknown preset 'huge'") and "Fix:" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (  # given to a subcommand, an unknown option is that subcommand's error, with the option it resembles
+            ["surgery", "--method", "ties"],
+            "error: surgery-book surgery: unrecognized arguments: --method ties. Fix: did you mean '--merge'? "
+            "`surgery-book surgery --help` lists every option and what it takes.",
+        ),
+        (["presets", "--jsn"], "surgery-book presets: unrecognized arguments: --jsn. Fix: did you mean '--json'? "),
+        (["surgey"], "invalid choice: 'surgey' (choose from 'presets', "),
+        (["surgey"], "Fix: did you mean 'surgery'? `surgery-book --help` lists"),
+        (["merge", "--preset", "smoke"], "surgery-book merge: the following arguments are required: --method. Fix: "),
+        (["zoo", "extra"], "unrecognized arguments: extra. Fix: drop it; `surgery-book zoo --help` lists"),
+        (["surgery", "--rank", "abc"], "surgery-book surgery: argument --rank: invalid int value: 'abc'. Fix: "),
+        (["zoo", "--preset", "smokey"], "unknown preset 'smokey'. Fix: did you mean 'smoke'? Else use one of: smoke, "),
+        (["merge", "--method", "task_arithmetc"], "Fix: did you mean 'task_arithmetic'? Else use one of: "),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_closest_option_or_name(argv, expected, capsys):
+    try:
+        status = main(argv)  # a SurgeryBookError returns its status ...
+    except SystemExit as exc:  # ... and a usage error exits, as argparse does
+        status = exc.code
+    assert status == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("error: ") and expected in error
+
+
+def test_help_still_prints_the_whole_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["presets", "--help"])
+    assert exit_info.value.code == 0 and "usage: surgery-book presets [-h] [--json]" in capsys.readouterr().out
+
+
 def test_unwritable_cache_prints_one_clear_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

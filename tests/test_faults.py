@@ -161,6 +161,11 @@ def test_every_bench_script_reports_bad_input_in_one_line(script, capsys, monkey
     assert module.run_script(lambda: module.main(["--preset", "nope"])) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: unknown preset 'nope'. Fix: use one of: ")
+    with pytest.raises(SystemExit) as exit_info:  # a mistyped option: one line too, naming the option meant
+        module.main(["--presetz", "mini"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert "unrecognized arguments: --presetz mini. Fix: did you mean '--preset'? " in error
 
 
 @pytest.mark.parametrize("device", ["tpu", "meta", "mps", "cdua", "cuda:x"])

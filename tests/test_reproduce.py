@@ -97,7 +97,8 @@ def test_parameters_are_checked_against_the_notebooks_before_any_kernel_starts(t
     refused = [
         (
             {"stepz": 3},
-            "no notebook run here has a parameter 'stepz'. Fix: use one of: flag, folder, names, rate, steps",
+            "no notebook run here has a parameter 'stepz'. Fix: did you mean 'steps'? Else use one of: flag, folder, names, "
+            "rate, steps",
         ),
         ({"seed": 3}, "-p seed is set by reproduce itself. Fix: pass --seed instead"),
         ({"output_dir": "x"}, "pass --out instead"),

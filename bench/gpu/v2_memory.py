@@ -27,7 +27,7 @@ import time
 import torch
 
 from surgery_lib.benchmark import PAPER_TEST_SIZES, synthetic_clip_zoo
-from surgery_lib.core.errors import SurgeryBookError, run_script
+from surgery_lib.core.errors import OneLineArgumentParser, SurgeryBookError, run_script
 from surgery_lib.merging import task_arithmetic
 from surgery_lib.models import build_encoder, embed_blocks, load_encoder, resolve_device, resolve_precision
 from surgery_lib.presets import get_preset
@@ -109,7 +109,7 @@ def saved_by_autograd(preset: str, images: int) -> int:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The options, every one checked before anything is built (a task count past the eight tasks would be
     measured with eight and labelled with the count asked for)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="clip-vit-l-14")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tasks", default="1,2,4,8", help="task counts, comma-separated (1 to 8)")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
 
 
 class SurgeryBookError(Exception):
@@ -64,3 +68,75 @@ def run_script(main: Callable[[], int | None]) -> int:
         error = exc if isinstance(exc, SurgeryBookError) else from_os_error(exc)
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def did_you_mean(word: str, choices: Iterable[str] | dict[str, str]) -> str:
+    """``"did you mean 'x'? "`` for the choice closest to a mistyped ``word`` (difflib's ratio of at least 0.6),
+    or ``""`` when none is close: the start of a fix. ``choices`` may map names a user might type (aliases) to
+    the choice to suggest."""
+    names = choices if isinstance(choices, dict) else {choice: choice for choice in choices}
+    close = difflib.get_close_matches(word, list(names), n=1)
+    return f"did you mean {names[close[0]]!r}? " if close else ""
+
+
+def use_one_of(word: str, choices: Iterable[str]) -> str:
+    """The fix for an unknown name: ``"use one of: a, b, c"``, led by ``"did you mean 'x'? Else "`` where one
+    choice is close to ``word``."""
+    listed = list(choices)
+    guess = did_you_mean(word, listed)
+    return f"{guess}{'Else use' if guess else 'use'} one of: {', '.join(listed)}"
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` whose usage errors are one line, as every other error of this project:
+    ``error: <command>: <problem>. Fix: <fix>.`` with exit status 2, instead of the whole usage (for a command
+    with thirty options, forty lines above the one that matters). The fix names the closest option or choice
+    to a mistyped one, and an unknown option is reported by the subcommand it was given to (plain argparse
+    reports it at the top level, with the top level's usage). ``--help`` prints the full usage as before."""
+
+    _commands: argparse.Action | None = None
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        self._commands = super().add_subparsers(**kwargs)
+        return self._commands
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self._command_parser(parsed).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the subcommand ``parsed`` names (itself without subcommands), innermost first."""
+        if self._commands is None:
+            return self
+        chosen = self._commands.choices.get(getattr(parsed, self._commands.dest, None))  # type: ignore[union-attr]
+        if isinstance(chosen, OneLineArgumentParser):
+            return chosen._command_parser(parsed)
+        return chosen or self
+
+    def error(self, message: str) -> NoReturn:
+        problem = message.rstrip(".")
+        print(f"error: {SurgeryBookError(f'{self.prog}: {problem}', self._fix(problem))}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def _fix(self, problem: str) -> str:
+        listing = f"`{self.prog} --help` lists every option and what it takes"
+        if problem.startswith("unrecognized arguments:"):
+            options = [word.split("=")[0] for word in problem.split(":", 1)[1].split() if word.startswith("-")]
+            guesses = [did_you_mean(option, self._option_names()) for option in options]
+            return f"{''.join(guesses) or 'drop it; '}{listing}"
+        choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", problem)
+        if choice:
+            choices = re.findall(r"'(.*?)'", choice.group(2))
+            return f"{did_you_mean(choice.group(1), choices)}{listing}"
+        return listing
+
+    def _option_names(self) -> dict[str, str]:
+        """Every option string, and what a user might type for it: its metavar as an option (``--method`` for
+        ``--merge METHOD``), each mapped to the option to suggest."""
+        names = {}
+        for action in self._actions:
+            if action.option_strings and isinstance(action.metavar, str):
+                names[f"--{action.metavar.lower().replace('_', '-')}"] = action.option_strings[-1]
+        return names | {option: option for option in self._option_string_actions}

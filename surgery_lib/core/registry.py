@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Generic, TypeVar
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, use_one_of
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise SurgeryBookError(f"unknown {self.what} {name!r}", f"use one of: {', '.join(self._entries)}") from None
+            raise SurgeryBookError(f"unknown {self.what} {name!r}", use_one_of(name, self._entries)) from None
 
     def __setitem__(self, name: str, entry: T) -> None:
         self.register(name, entry, replace=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, use_one_of
 from surgery_lib.core.taskdata import Suite
 from surgery_lib.presets import Preset, SuiteConfig, get_preset
 from surgery_lib.settings.base import Setting, Zoo
@@ -38,7 +38,7 @@ def get_setting(name: str) -> Setting:
         SurgeryBookError: no such setting folder, listing the known ones.
     """
     if name not in available_settings():
-        raise SurgeryBookError(f"unknown setting {name!r}", f"use one of: {', '.join(available_settings())}")
+        raise SurgeryBookError(f"unknown setting {name!r}", use_one_of(name, available_settings()))
     setting = importlib.import_module(f"{__name__}.{name}").SETTING
     if not isinstance(setting, Setting):
         raise SurgeryBookError(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, use_one_of
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def get_clip_task(name: str) -> ClipTask:
     for task in CLIP_TASKS.values():
         if task.name.lower() == name.lower():
             return task
-    raise SurgeryBookError(f"unknown task {name!r} of the real setting", f"use one of: {', '.join(CLIP_TASK_NAMES)}")
+    raise SurgeryBookError(f"unknown task {name!r} of the real setting", use_one_of(name, CLIP_TASK_NAMES))
 
 
 def readable_class_name(raw: str) -> str:

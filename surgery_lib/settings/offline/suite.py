@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import surgery_lib.settings.offline.generators as gen
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, use_one_of
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
     CorruptFileError,
@@ -80,8 +80,7 @@ def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     """
     for task in tasks:
         if task not in gen.TASKS:
-            known = ", ".join(gen.TASKS)
-            raise SurgeryBookError(f"unknown task {task!r}", f"use one of: {known}")
+            raise SurgeryBookError(f"unknown task {task!r}", use_one_of(task, gen.TASKS))
     if len(set(tasks)) != len(tasks):
         raise SurgeryBookError(f"task list {list(tasks)} repeats a task", "name every task once")
     return tuple(tasks)
