@@ -673,3 +673,27 @@ def test_a_batch_larger_than_a_task_takes_the_task_once_per_batch():
     assert len(iterations) == 2  # 2 batches per iteration, 4 steps
     for iteration in iterations:
         assert [[len(batch) for batch in task] for task in iteration.batches] == [[3], [5]]
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "folder_mode"), [(0o002, 0o664, 0o775), (0o077, 0o600, 0o700)])
+def test_written_files_and_folders_get_the_permissions_the_umask_gives(umask, file_mode, folder_mode, tmp_path):
+    """A cache shared by a group (umask 002) must be readable by the next user; tempfile made every model,
+    merge, embedding and output private (0600 and 0700), whatever the umask."""
+    import os
+    import stat
+
+    from surgery_lib.core.storage import atomic_directory, process_umask, save_tensors, write_json
+
+    previous = os.umask(umask)
+    try:
+        assert process_umask() == umask
+        save_tensors({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+        write_json({"a": 1}, tmp_path / "manifest.json")
+        with atomic_directory(tmp_path / "outputs") as folder:
+            (folder / "table.csv").write_text("x\n")
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "manifest.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == file_mode, name
+    assert stat.S_IMODE((tmp_path / "outputs").stat().st_mode) == folder_mode
+    assert stat.S_IMODE((tmp_path / "outputs" / "table.csv").stat().st_mode) == file_mode

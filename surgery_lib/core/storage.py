@@ -111,6 +111,27 @@ def remove_stale_temporaries(target: Path, older_than_s: float = STALE_TEMPORARY
     return removed
 
 
+def process_umask() -> int:
+    """This process's file mode creation mask (Linux reports it in ``/proc``; elsewhere it is set and restored,
+    the only portable way to read it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, mode: int) -> None:
+    """Give a temporary the permissions ``open`` or ``mkdir`` would have given the final file or folder
+    (``mode`` less the umask). ``tempfile`` creates them private (0600, 0700), and a rename keeps that: in a
+    cache shared by a group (umask 002), the next user could not read the models, merges and embeddings, and
+    a collaborator could not read the outputs. A file system that refuses ``chmod`` keeps them private."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode & ~process_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``, on error delete it.
@@ -126,6 +147,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _as_if_created(tmp_path, 0o666)  # after writing: a writer may replace the temporary (safetensors does)
         os.replace(tmp_path, target)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -155,6 +177,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             if now - stale.stat().st_mtime > STALE_TEMPORARY_S:
                 shutil.rmtree(stale)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    _as_if_created(tmp, 0o777)
     try:
         yield tmp
         old = None
