@@ -738,12 +738,13 @@ def run_grid(
     todo = [cell for cell in plan_cells(spec) if not identities.done(out, cell)]
     jobs = batches(todo, submit)
     failures: list[tuple[list[Cell], Any, BaseException]] = []
+    computed = 0  # cells this command's jobs wrote: another run sharing the folder may write some of ``todo``
     if (
         jobs and submit.executor == "inline"
     ):  # this process, cell by cell (submitit's debug executor would open pdb on errors)
         for batch in tqdm(jobs, desc="grid (inline)", unit="job", disable=not progress):
             try:
-                run_cells(batch, spec, str(out))
+                computed += len(run_cells(batch, spec, str(out)))
             except Exception as exc:  # noqa: BLE001  (reported below with the cells it left unfinished)
                 failures.append((batch, None, exc))
     elif jobs:
@@ -761,7 +762,7 @@ def run_grid(
                 for job in submitit.helpers.as_completed(submitted):
                     batch = jobs[submitted.index(job)]
                     try:
-                        job.result()
+                        computed += len(job.result())
                     except Exception as exc:  # noqa: BLE001  (submitit re-raises the job's error with its traceback)
                         failures.append((batch, job, exc))
                     bar.update(len(batch))
@@ -792,7 +793,7 @@ def run_grid(
         cells.append(record)
     table = grid_table(cells)
     files = write_grid_table(table, out / "table")
-    return GridRun(table, cells, len(todo), time.perf_counter() - started, files)
+    return GridRun(table, cells, computed, time.perf_counter() - started, files)
 
 
 #: A traceback's exception line: an optional module path, then a name ending as exception names do.

@@ -182,6 +182,11 @@ def test_a_finished_grid_is_reused_and_other_settings_are_refused(smoke_zoo, cac
     first = run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False)
     again = run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False)
     assert (first.computed, again.computed) == (2, 0)
+    # Cells another run sharing the folder finished after this one planned them: its jobs skip them under
+    # their locks, and it reports them as reused, not as computed.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("surgery_lib.cluster._Identities.done", lambda self, out, cell: False)
+        assert run_grid(spec, tmp_path, SubmitOptions(executor="inline"), progress=False).computed == 0
     assert again.table.equals(first.table)
     assert {p.suffix for p in first.files} == {".csv", ".md", ".json"}
     other = [
