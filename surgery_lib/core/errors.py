@@ -126,9 +126,9 @@ class OneLineArgumentParser(argparse.ArgumentParser):
             options = [word.split("=")[0] for word in problem.split(":", 1)[1].split() if word.startswith("-")]
             guesses = [did_you_mean(option, self._option_names()) for option in options]
             return f"{''.join(guesses) or 'drop it; '}{listing}"
-        choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", problem)
-        if choice:
-            choices = re.findall(r"'(.*?)'", choice.group(2))
+        choice = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", problem)
+        if choice:  # Python 3.11 quotes the choices, 3.12.8 and later do not
+            choices = [name.strip("'") for name in choice.group(2).split(", ")]
             return f"{did_you_mean(choice.group(1), choices)}{listing}"
         return listing
 
