@@ -130,7 +130,7 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any]) -
                 f"no notebook run here has a parameter {name!r}",
                 use_one_of(name, names)
                 if names
-                else "none exists (these notebooks take only --preset, --device, --seed)",
+                else f"drop -p {name}: these notebooks take only --preset, --device and --seed",
             )
         for stem, default in declared[name]:
             if isinstance(default, str) and isinstance(value, (int, float)):

@@ -112,5 +112,7 @@ def test_parameters_are_checked_against_the_notebooks_before_any_kernel_starts(t
         with pytest.raises(SurgeryBookError, match=re.escape(message)):
             reproduce("smoke", tmp_path / "out", source=source, parameters=parameters, progress=False)
     assert not (tmp_path / "out").exists()  # refused before the first kernel, nothing written
-    with pytest.raises(SurgeryBookError, match="has a parameter 'steps'"):
+    with pytest.raises(
+        SurgeryBookError, match="has a parameter 'steps'. Fix: drop -p steps: these notebooks take only"
+    ):
         check_parameters(notebooks[:1], {"steps": 3})  # only the notebooks that run count
