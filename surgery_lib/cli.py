@@ -1086,5 +1086,8 @@ def _what_is_kept(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: the finished models, merges and cells of a command that caches them,
     nothing of one that writes its result only at the end (``bench``, ``convert``, ``presets``)."""
     if getattr(args, "keeps_finished_work", True):
-        return "finished models are kept; run the same command again to resume"
+        return (
+            "finished models, merges and grid cells are kept, and a zoo model in training up to its last "
+            "checkpoint (saved every minute); run the same command again to resume"
+        )
     return "nothing half-written is left (this command writes its result only when it ends); run it again"

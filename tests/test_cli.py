@@ -363,7 +363,11 @@ def test_kernels_see_the_cache_and_presets_as_absolute_paths(monkeypatch, tmp_pa
 
 @pytest.mark.parametrize(
     ("command", "kept"),
-    [("zoo", "finished models are kept"), ("bench", "nothing half-written is left"), ("convert", "nothing half")],
+    [
+        ("zoo", "finished models, merges and grid cells are kept, and a zoo model in training"),
+        ("bench", "nothing half-written is left"),
+        ("convert", "nothing half"),
+    ],
 )
 def test_an_interrupted_command_says_what_it_kept(monkeypatch, capsys, command, kept):
     import surgery_lib.cli as cli

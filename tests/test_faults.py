@@ -37,10 +37,13 @@ def test_rebuild_deletes_only_the_zoos_own_files(smoke_zoo, tmp_path):
     (zoo_dir / "notes.txt").write_text("mine")
     (zoo_dir / "merges").mkdir(exist_ok=True)
     (zoo_dir / "merges" / "task_arithmetic-0.safetensors").write_bytes(b"cached")
+    (zoo_dir / "checkpoints").mkdir()
+    (zoo_dir / "checkpoints" / "pretrained.pt").write_bytes(b"half-trained")
     models = [entry["file"] for entry in json.loads((zoo_dir / MANIFEST).read_text())["models"].values()]
     clear_zoo(zoo_dir)
     assert not (zoo_dir / MANIFEST).exists() and not any((zoo_dir / name).exists() for name in models)
     assert not list((zoo_dir / "merges").glob("*.safetensors"))
+    assert not list((zoo_dir / "checkpoints").iterdir())
     assert (zoo_dir / "notes.txt").read_text() == "mine"
 
 

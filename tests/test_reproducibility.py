@@ -185,7 +185,7 @@ def test_killing_data_generation_leaves_no_worker_behind(sig, tmp_path):
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"{len(alive)} worker(s) still running after {sig.name}"
     if sig == signal.SIGTERM:  # cleaned up on the way out: the message, and no temporary left half-written
-        assert "terminated: finished models are kept" in stderr
+        assert "terminated: finished models, merges and grid cells are kept" in stderr
         assert not list(tmp_path.rglob("*.tmp"))
 
 

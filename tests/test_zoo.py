@@ -248,16 +248,17 @@ def test_embeddings_are_stored_under_a_key_of_everything_that_decides_them(smoke
     assert sorted(store.directory.iterdir()) == files  # no data checksum (real CLIP): nothing is stored
 
 
-@pytest.mark.parametrize("folder", ["merges", "embeddings"])
+@pytest.mark.parametrize("folder", ["merges", "embeddings", "checkpoints"])
 def test_rebuild_never_deletes_through_a_linked_folder(tmp_path, folder):
-    """A merges or embeddings folder moved to another disk and linked back: clearing the zoo removes the zoo's
-    own files only; the other folder, a plain one, is emptied."""
+    """A merges, embeddings or checkpoints folder moved to another disk and linked back: clearing the zoo removes
+    the zoo's own files only; another folder, a plain one, is emptied."""
     zoo_dir, elsewhere = tmp_path / "zoo", tmp_path / "big-disk"
     zoo_dir.mkdir()
     elsewhere.mkdir()
     (elsewhere / "keep.safetensors").write_bytes(b"someone else's file")
+    (elsewhere / "keep.pt").write_bytes(b"someone else's checkpoint")
     (zoo_dir / folder).symlink_to(elsewhere, target_is_directory=True)
-    plain = zoo_dir / ({"merges", "embeddings"} - {folder}).pop()
+    plain = zoo_dir / ("embeddings" if folder == "merges" else "merges")
     plain.mkdir()
     (plain / "mine.safetensors").write_bytes(b"y")
     (zoo_dir / "pretrained.safetensors").write_bytes(b"x")
@@ -266,5 +267,6 @@ def test_rebuild_never_deletes_through_a_linked_folder(tmp_path, folder):
     )
     zoo_module.clear_zoo(zoo_dir)
     assert (elsewhere / "keep.safetensors").read_bytes() == b"someone else's file"
+    assert (elsewhere / "keep.pt").read_bytes() == b"someone else's checkpoint"
     assert not (zoo_dir / "pretrained.safetensors").exists() and not (zoo_dir / MANIFEST).exists()
     assert not (plain / "mine.safetensors").exists()

@@ -21,6 +21,7 @@ from surgery_lib.core.progress import tqdm
 from surgery_lib.core.taskdata import TaskData
 from surgery_lib.finetuning import prepare_finetuning
 from surgery_lib.models import ClassificationHead, StateDict, autocast
+from surgery_lib.settings.offline.checkpoint import TrainingCheckpoint, resume_loop, save_loop
 
 #: The zoo's own training (offline presets) runs in bf16 on a GPU; only reproduction paths follow the official fp32.
 TRAINING_PRECISION = "bf16"
@@ -90,8 +91,13 @@ def pretrain(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> TrainStats:
-    """Supervised pretraining on the label-disjoint mix through a throw-away linear head (AdamW)."""
+    """Supervised pretraining on the label-disjoint mix through a throw-away linear head (AdamW).
+
+    With ``checkpoint``, the loop's state is saved every ``checkpoint.every_s`` seconds and a saved state is
+    resumed: the result equals an uninterrupted run's (:mod:`surgery_lib.settings.offline.checkpoint`).
+    """
     torch.manual_seed(seed)
     head = nn.Linear(encoder.output_dim, mix.num_classes).to(device)
     encoder.to(device).train()
@@ -101,8 +107,8 @@ def pretrain(
     schedule = warmup_cosine(optimizer, steps, warmup_steps)
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(mix, "train", batch_size, seed)
-    losses = []
-    for _ in tqdm(range(steps), desc="pretraining", disable=not progress):
+    done, losses = resume_loop(checkpoint, params, optimizer, schedule, generator, [batches], device)
+    for step in tqdm(range(done, steps), desc="pretraining", disable=not progress, initial=done, total=steps):
         images, labels = next(batches)
         images = random_translate(images.to(device), translate_px, generator)
         with autocast(device, TRAINING_PRECISION):
@@ -112,6 +118,7 @@ def pretrain(
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        save_loop(checkpoint, step + 1, steps, params, optimizer, schedule, generator, losses, device)
     encoder.eval()
     tail = losses[-max(1, steps // 10) :]
     return TrainStats(steps=steps, final_loss=sum(tail) / len(tail), images=steps * batch_size)
@@ -156,6 +163,7 @@ def finetune(
     desc: str = "fine-tuning",
     mode: str = "full",
     lora_rank: int = 4,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> tuple[TrainStats, StateDict]:
     """Fine-tune ``encoder`` through frozen heads; the loss is the mean of the tasks' cross-entropies.
 
@@ -163,7 +171,7 @@ def finetune(
     heads never change (their ``requires_grad`` is switched off here and checked by the tests).
     ``mode`` chooses which weights move and how (:mod:`surgery_lib.finetuning`: ``full``, ``attention``,
     ``lora`` with ``lora_rank``, ``tangent``). Returns the statistics and the trained encoder's full
-    state dict (CPU), ``theta_0 + tau`` whatever the mode.
+    state dict (CPU), ``theta_0 + tau`` whatever the mode. ``checkpoint``: saved and resumed as in :func:`pretrain`.
     """
     torch.manual_seed(seed)
     encoder.to(device).train()
@@ -173,8 +181,8 @@ def finetune(
     schedule = warmup_cosine(optimizer, steps, int(warmup_fraction * steps))
     generator = torch.Generator().manual_seed(seed)
     streams = [_batches(task, "train", batch_per_task, derive_seed(seed, task.name)) for task, _ in tasks]
-    losses = []
-    for _ in tqdm(range(steps), desc=desc, disable=not progress):
+    done, losses = resume_loop(checkpoint, tuning.parameters, optimizer, schedule, generator, streams, device)
+    for step in tqdm(range(done, steps), desc=desc, disable=not progress, initial=done, total=steps):
         batch = [next(stream) for stream in streams]
         images = random_translate(torch.cat([x for x, _ in batch]).to(device), translate_px, generator)
         with autocast(device, TRAINING_PRECISION):
@@ -190,6 +198,7 @@ def finetune(
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        save_loop(checkpoint, step + 1, steps, tuning.parameters, optimizer, schedule, generator, losses, device)
     encoder.eval()
     tail = losses[-max(1, steps // 10) :]
     stats = TrainStats(steps=steps, final_loss=sum(tail) / len(tail), images=steps * batch_per_task * len(tasks))

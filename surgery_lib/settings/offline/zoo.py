@@ -4,8 +4,9 @@
 file next to a ``manifest.json`` that records, per model, its SHA-256, what it was trained from,
 its test accuracies and wall time, plus the preset, config hash, seeds and package versions. The
 manifest is rewritten (atomically) after every finished model, so an interrupted build resumes at the
-last finished model; a file whose checksum no longer matches is rebuilt with a warning; a model
-whose inputs changed is rebuilt.
+last finished model, and inside the model it was training from that loop's last checkpoint (saved every
+minute under ``checkpoints/``; :mod:`~surgery_lib.settings.offline.checkpoint`); a file whose checksum no
+longer matches is rebuilt with a warning; a model whose inputs changed is rebuilt.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from surgery_lib.models import (
 )
 from surgery_lib.presets import Preset, get_preset, suite_identity
 from surgery_lib.settings.base import EMBEDDINGS_DIR, Zoo
+from surgery_lib.settings.offline.checkpoint import TrainingCheckpoint
 from surgery_lib.settings.offline.suite import check_image_size, check_tasks, load_suite, suite_fingerprint
 from surgery_lib.settings.offline.training import (
     derive_seed,
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 
 ZOO_FORMAT = 1
 MANIFEST = "manifest.json"
+#: The zoo's folder of mid-training checkpoints (one file per model being trained; none once the build finished).
+CHECKPOINTS_DIR = "checkpoints"
 
 
 #: Recipe fields added after zoos were first built, with the value every earlier zoo was trained with: at that
@@ -160,10 +164,11 @@ def _inputs_unchanged(recorded: Any, inputs: dict[str, _Built | str]) -> bool:
 
 
 class _Builder:
-    """Runs the zoo's steps in order, reusing every step whose file and inputs are unchanged."""
+    """Runs the zoo's steps in order, reusing every step whose file and inputs are unchanged, and resuming a
+    step that a killed run left half-trained from its checkpoint."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any]):
-        self.directory, self.manifest = directory, manifest
+    def __init__(self, directory: Path, manifest: dict[str, Any], device: torch.device):
+        self.directory, self.manifest, self.device = directory, manifest, device
 
     def save_manifest(self) -> None:
         write_json(self.manifest, self.directory / MANIFEST)
@@ -172,21 +177,36 @@ class _Builder:
         self,
         name: str,
         inputs: dict[str, _Built | str],
-        train: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+        train: Callable[[TrainingCheckpoint], tuple[dict[str, torch.Tensor], dict[str, Any]]],
     ) -> _Built:
         """Load model ``name`` if its file and inputs are unchanged, otherwise train and save it.
 
-        ``inputs`` are the finished steps (and data checksums) the model is trained from; ``train``
-        returns ``(tensors, record)``, the record (metrics, wall time) going into the manifest.
+        ``inputs`` are the finished steps (and data checksums) the model is trained from; ``train(checkpoint)``
+        returns ``(tensors, record)``, the record (metrics, wall time) going into the manifest; its training
+        loop saves to and resumes from ``checkpoint``, which is deleted once the model is saved.
         """
         entry = self.manifest["models"].get(name)
-        path = self.directory / f"{name.replace('/', '-')}.safetensors"
+        file_name = name.replace("/", "-")
+        path = self.directory / f"{file_name}.safetensors"
         depends_on = {k: v.content if isinstance(v, _Built) else v for k, v in inputs.items()}
+        checkpoint = TrainingCheckpoint(
+            self.directory / CHECKPOINTS_DIR / f"{file_name}.pt",
+            key={
+                "model": name,
+                "config_hash": self.manifest["config_hash"],
+                "depends_on": depends_on,
+                "device": str(self.device),
+                "torch_threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "surgery_lib": __version__,
+            },
+        )
         if entry and _inputs_unchanged(entry.get("depends_on"), inputs) and path.exists():
             try:
                 tensors, _ = load_tensors(path, expected_sha256=entry["sha256"])
                 content = entry.get("content") or content_checksum(path) or state_fingerprint(tensors)
                 entry.update(depends_on=depends_on, content=content)
+                checkpoint.discard()  # left by a run killed between saving the model and deleting it
                 return _Built(tensors, entry["sha256"], content)
             except CorruptFileError as exc:
                 log.warning("zoo file %s; rebuilding it", exc.problem)
@@ -194,7 +214,7 @@ class _Builder:
             reason = "its file is missing" if not path.exists() else "the data or a model it was trained from changed"
             log.warning("rebuilding %s: %s", name, reason)
         started = time.perf_counter()
-        tensors, record = train()
+        tensors, record = train(checkpoint)
         sha = save_tensors(tensors, path, metadata={"model": name, "config_hash": self.manifest["config_hash"]})
         self.manifest["models"][name] = {
             "file": path.name,
@@ -206,11 +226,13 @@ class _Builder:
             **record,
         }
         self.save_manifest()
+        checkpoint.discard()
         return _Built(tensors, sha, self.manifest["models"][name]["content"])
 
 
 def clear_zoo(directory: Path) -> None:
-    """Delete what a zoo build wrote in ``directory`` (its models, manifest, merges and embeddings) and nothing else.
+    """Delete what a zoo build wrote in ``directory`` (its models, manifest, checkpoints, merges and embeddings) and
+    nothing else.
 
     Raises:
         SurgeryBookError: ``directory`` holds files but no zoo manifest: it is not ours to delete.
@@ -228,13 +250,18 @@ def clear_zoo(directory: Path) -> None:
     for name in files:
         path = directory / Path(name).name  # only plain file names inside the folder: a manifest never points out of it
         path.unlink(missing_ok=True)  # a link is removed, never what it points to
-    for folder in (directory / "merges", directory / EMBEDDINGS_DIR):
+    for folder, pattern in (
+        (directory / "merges", "*.safetensors"),
+        (directory / EMBEDDINGS_DIR, "*.safetensors"),
+        (directory / CHECKPOINTS_DIR, "*.pt"),
+    ):
         if folder.is_symlink():
             # A folder moved to another disk and linked back: deleting through the link would delete outside the
-            # zoo. Its files are keyed by the zoo's weights, so a rebuilt zoo never reuses them by mistake.
+            # zoo. Its files are keyed by the zoo's weights (a checkpoint by its model's inputs), so a rebuilt
+            # zoo never reuses them by mistake.
             log.warning("%s is a link; the files it points to are left in place", folder)
         elif folder.is_dir():
-            for path in folder.glob("*.safetensors"):
+            for path in folder.glob(pattern):
                 path.unlink()
     (directory / MANIFEST).unlink()
 
@@ -310,13 +337,13 @@ def _build_locked(
     data = suite_fingerprint(suite)  # every model depends on the data: changed images or labels retrain them
     manifest["suite_content"] = data
     recipe, encoder_cfg = preset.recipe, preset.encoder
-    builder = _Builder(directory, manifest)
+    builder = _Builder(directory, manifest, device)
     seeds: dict[str, int] = {}
 
     # 1. Pretraining on the label-disjoint mix.
     seeds["pretrained"] = derive_seed(recipe.seed, "pretrained")
 
-    def train_pretrained():
+    def train_pretrained(checkpoint: TrainingCheckpoint):
         torch.manual_seed(seeds["pretrained"])
         encoder = build_encoder(encoder_cfg)
         stats = pretrain(
@@ -331,6 +358,7 @@ def _build_locked(
             seed=seeds["pretrained"],
             device=device,
             progress=progress,
+            checkpoint=checkpoint,
         )
         return clone_state(encoder), {
             "steps": stats.steps,
@@ -348,7 +376,7 @@ def _build_locked(
     def features(task: str, split: str, index: torch.Tensor | None = None) -> torch.Tensor:
         return task_features(pretrained_encoder, suite[task], split, index=index, device=device)[0]
 
-    def train_heads():
+    def train_heads(checkpoint: TrainingCheckpoint):  # seconds of full-batch fitting: nothing worth checkpointing
         tensors, accuracy = {}, {}
         for task in suite.task_names:
             seed = derive_seed(seeds["heads"], task)
@@ -381,7 +409,7 @@ def _build_locked(
     for task in suite.task_names:
         seeds[f"expert/{task}"] = derive_seed(recipe.seed, "expert", task)
 
-        def train_expert(task: str = task):
+        def train_expert(checkpoint: TrainingCheckpoint, task: str = task):
             stats, state = finetune(
                 load_encoder(encoder_cfg, pretrained),
                 [(suite[task], heads[task])],
@@ -397,6 +425,7 @@ def _build_locked(
                 desc=f"expert {task}",
                 mode=recipe.expert_finetune,
                 lora_rank=recipe.expert_lora_rank,
+                checkpoint=checkpoint,
             )
             # Evaluated as every merge is: the plain encoder at the exported weights theta_0 + tau.
             accuracy = task_accuracy(load_encoder(encoder_cfg, state), heads[task], suite[task], device=device)
@@ -407,7 +436,7 @@ def _build_locked(
     # 4. Traditional multi-task learning: one encoder fine-tuned on all tasks jointly.
     seeds["mtl"] = derive_seed(recipe.seed, "mtl")
 
-    def train_mtl():
+    def train_mtl(checkpoint: TrainingCheckpoint):
         encoder = load_encoder(encoder_cfg, pretrained)
         stats, _ = finetune(
             encoder,
@@ -422,6 +451,7 @@ def _build_locked(
             device=device,
             progress=progress,
             desc="multi-task learning",
+            checkpoint=checkpoint,
         )
         accuracy = {t: task_accuracy(encoder, heads[t], suite[t], device=device) for t in suite.task_names}
         return clone_state(encoder), {

@@ -1,0 +1,166 @@
+"""Mid-training checkpoints: a killed zoo build resumes inside the model it was training, bit for bit.
+
+The zoo already resumes at the last finished model; at ``base`` scale one model (pretraining) is most of the
+build, so a killed or preempted job would lose it whole. A training loop therefore saves its entire state
+every :data:`CHECKPOINT_EVERY_S` seconds (the trained tensors, the optimiser, the schedule, the random
+generators, how many batches it consumed and the losses so far) into one file of the zoo's ``checkpoints/``
+folder. A rerun restores it, replays the data streams to the same batch, and trains on: the finished model is
+the one an uninterrupted run trains. That holds on the same device and thread count only (the kernels'
+reduction order depends on both), so a checkpoint written under others is discarded with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery_lib.core.storage import atomic_path, to_json
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two saves of a training loop's state: at most this much training is lost to a kill. One save
+#: of the mini encoder's state (weights and AdamW moments, about 10 MB) takes a few milliseconds.
+CHECKPOINT_EVERY_S = 60.0
+
+
+@dataclass
+class TrainingCheckpoint:
+    """Where one training loop keeps its state, and what a saved state must match to be resumed.
+
+    Args:
+        path: the checkpoint file (written atomically; deleted by the zoo once the model is saved).
+        key: JSON-able description of the run (model, inputs, config, device, threads); a saved state is
+            resumed only under an equal key.
+        every_s: seconds between saves (0: after every step, as the tests use).
+    """
+
+    path: Path
+    key: Mapping[str, Any]
+    every_s: float = CHECKPOINT_EVERY_S
+    _last_save: float = field(default_factory=time.monotonic, init=False, repr=False)
+
+    def restore(self) -> dict[str, Any] | None:
+        """The saved state if one exists for this key, else None (an unusable file is deleted with a warning)."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated, not torch's format, unsafe pickle: all mean start over
+            self._discard(f"it cannot be read ({type(exc).__name__})")
+            return None
+        saved = _recorded_key(state)
+        expected = json.loads(to_json(self.key))  # compared as data: the order of a key's fields does not matter
+        if saved != expected:
+            self._discard(_difference(saved, expected))
+            return None
+        log.info("resuming from %s at step %d", self.path, state["step"])
+        return state
+
+    def due(self) -> bool:
+        """Whether :attr:`every_s` have passed since the last save (or since this object was made)."""
+        return time.monotonic() - self._last_save >= self.every_s
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        """Write ``state`` with this checkpoint's key, atomically: a kill during the write keeps the last one."""
+        with atomic_path(self.path) as temporary:
+            torch.save({**state, "key": to_json(self.key)}, temporary)
+        self._last_save = time.monotonic()
+
+    def discard(self) -> None:
+        """Delete the file (the model it was for is finished)."""
+        self.path.unlink(missing_ok=True)
+
+    def _discard(self, why: str) -> None:
+        log.warning("training checkpoint %s is not resumed: %s; training this model from its start", self.path, why)
+        self.discard()
+
+
+def _recorded_key(state: Any) -> dict[str, Any] | None:
+    """The key a saved state records (stored as JSON text), or None if it records none."""
+    try:
+        recorded = json.loads(state["key"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _difference(recorded: dict[str, Any] | None, key: dict[str, Any]) -> str:
+    """Which fields of ``key`` a saved checkpoint's key differs in, for the warning."""
+    if recorded is None:
+        return "it records no key"
+    fields = sorted(name for name in {*recorded, *key} if recorded.get(name) != key.get(name))
+    return "it was saved for another " + ", ".join(
+        f"{name} ({recorded.get(name)!r}, now {key.get(name)!r})" for name in fields
+    )
+
+
+def resume_loop(
+    checkpoint: TrainingCheckpoint | None,
+    parameters: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    streams: Sequence[Iterator[Any]],
+    device: torch.device,
+) -> tuple[int, list[float]]:
+    """Restore a training loop from ``checkpoint``; returns ``(steps done, losses so far)``, ``(0, [])`` if none.
+
+    ``parameters`` are the tensors the optimiser updates, in its order; ``streams`` the loop's endless batch
+    iterators, replayed here to the batch the saved run would draw next (their shuffles are seeded per epoch).
+    The global random state is restored after the replay, because starting an epoch's loader draws from it.
+    """
+    state = checkpoint.restore() if checkpoint is not None else None
+    if state is None:
+        return 0, []
+    saved_shapes = [tuple(tensor.shape) for tensor in state["parameters"]]
+    if saved_shapes != [tuple(parameter.shape) for parameter in parameters]:
+        checkpoint._discard("its tensors do not fit this model")
+        return 0, []
+    with torch.no_grad():
+        for parameter, saved in zip(parameters, state["parameters"], strict=True):
+            parameter.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    for stream in streams:
+        for _ in range(state["step"]):
+            next(stream)
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["step"], state["losses"].tolist()
+
+
+def save_loop(
+    checkpoint: TrainingCheckpoint | None,
+    step: int,
+    total_steps: int,
+    parameters: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    losses: Sequence[float],
+    device: torch.device,
+) -> None:
+    """After ``step`` finished steps, save the loop's state if a save is due (never after the last step)."""
+    if checkpoint is None or step >= total_steps or not checkpoint.due():
+        return
+    state = {
+        "step": step,
+        "parameters": [parameter.detach().cpu() for parameter in parameters],
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "losses": torch.tensor(losses, dtype=torch.float64),  # loss.item() floats, kept exactly
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    checkpoint.save(state)
