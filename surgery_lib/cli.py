@@ -656,12 +656,28 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(
-            to_json([{"notebook": r.notebook, "seconds": round(r.seconds, 1), "artifacts": r.artifacts} for r in runs])
+            to_json(
+                [
+                    {
+                        "notebook": r.notebook,
+                        "status": r.status,
+                        "seconds": round(r.seconds, 1),
+                        "artifacts": r.artifacts,
+                    }
+                    for r in runs
+                ]
+            )
         )
     else:
         for run in runs:
-            print(f"{run.notebook:40s} {run.seconds:7.1f} s  {len(run.artifacts)} files")
+            reused = "  (reused: finished there by an earlier run)" if run.status == "reused" else ""
+            print(f"{run.notebook:40s} {run.seconds:7.1f} s  {len(run.artifacts)} files{reused}")
         print(f"executed notebooks, figures, tables and summary.md in {args.out}")
+        if any(run.status == "reused" for run in runs):
+            print(
+                "notebooks an earlier run into this folder finished, with the same sources, parameters, preset and "
+                "version, were reused; pass another --out to run them all again"
+            )
     return 0
 
 

@@ -4,10 +4,17 @@
 ``preset``, ``device``, ``seed`` and ``output_dir`` injected, writes the executed copies to
 ``out/notebooks/`` (never over the sources), each notebook's figures and tables to ``out/<stem>/``,
 and a summary (``out/summary.json`` and ``out/summary.md``) with wall time and artifacts per notebook.
+
+A run into a folder that an earlier run (killed, failed, or finished) left resumes: a notebook that finished
+there is reused, not executed again, if its source, the parameters, the kernel, the preset's definition, the
+library's code and the committed results it reads are all as now and its executed copy and files are still
+there; every other notebook runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -18,15 +25,28 @@ from typing import Any
 
 from surgery_lib.core.errors import SurgeryBookError, use_one_of
 from surgery_lib.core.progress import tqdm
-from surgery_lib.core.storage import atomic_path, exported_cache, write_json
+from surgery_lib.core.project import __version__
+from surgery_lib.core.storage import (
+    CorruptFileError,
+    atomic_path,
+    config_hash,
+    exported_cache,
+    read_json,
+    source_checksum,
+    write_json,
+)
 from surgery_lib.presets import USER_PRESETS_ENV, get_preset
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_SUFFIXES = (".png", ".pdf", ".csv", ".md")
 
 
 @dataclass
 class NotebookRun:
-    """One executed notebook: its status, wall time (s) and the files it wrote under its output folder."""
+    """One notebook of a run: its status (``ok``, ``failed``, or ``reused`` from an earlier run into the same
+    folder), the wall time (s) of its execution, the files it wrote under its output folder, and the
+    fingerprint of what decided them (:func:`run_fingerprint`)."""
 
     notebook: str
     status: str
@@ -34,6 +54,65 @@ class NotebookRun:
     executed: str
     artifacts: list[str] = field(default_factory=list)
     error: str = ""
+    fingerprint: str = ""
+
+
+def shared_inputs(source: str | os.PathLike[str]) -> dict[str, str]:
+    """What every notebook of ``source`` reads besides itself: the library's code (any edit counts, not only a
+    new version) and the committed results under ``source/results/`` (chapters 06 and 07 show them)."""
+    package = Path(__file__).parent
+    results = Path(source) / "results"
+    return {
+        "surgery_lib": __version__,
+        "library": source_checksum(p for p in package.rglob("*") if p.suffix in (".py", ".json")),
+        "results": source_checksum(p for p in results.rglob("*") if p.is_file()) if results.is_dir() else "",
+    }
+
+
+def run_fingerprint(
+    notebook: Path,
+    preset: str,
+    parameters: Mapping[str, Any],
+    kernel: str | None = None,
+    inputs: Mapping[str, str] | None = None,
+) -> str:
+    """What decides a notebook's outputs besides the machine: its source bytes, the injected parameters, the
+    preset's definition (a redefined user preset differs), the kernel and :func:`shared_inputs`."""
+    return config_hash(
+        {
+            "source": hashlib.sha256(notebook.read_bytes()).hexdigest(),
+            "parameters": dict(parameters),
+            "preset": get_preset(preset).to_dict(),
+            "kernel": kernel,
+            "inputs": dict(inputs if inputs is not None else shared_inputs(notebook.parent)),
+        }
+    )
+
+
+def finished_runs(out: Path) -> dict[str, dict[str, Any]]:
+    """The notebooks an earlier run into ``out`` finished (its ``summary.json``), by name; {} if none."""
+    path = out / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        records = read_json(path)["notebooks"]
+        return {r["notebook"]: r for r in records if r["status"] in ("ok", "reused") and r.get("fingerprint")}
+    except (CorruptFileError, KeyError, TypeError) as exc:
+        log.warning("%s cannot be read (%s); running every notebook again", path, exc)
+        return {}
+
+
+def _reusable(record: dict[str, Any] | None, fingerprint: str, out: Path, executed: Path) -> NotebookRun | None:
+    """The earlier run of a notebook as a ``reused`` run, if it ran as this one would and left its files."""
+    if record is None or record.get("fingerprint") != fingerprint:
+        return None
+    artifacts, seconds = record.get("artifacts"), record.get("seconds")
+    if not isinstance(artifacts, list) or not all(isinstance(a, str) for a in artifacts):
+        return None
+    if not executed.is_file() or not all((out / artifact).is_file() for artifact in artifacts):
+        return None  # deleted since: run it again
+    seconds = float(seconds) if isinstance(seconds, (int, float)) else 0.0
+    return NotebookRun(executed.name, "reused", seconds, str(executed), artifacts, "", fingerprint)
 
 
 def find_notebooks(source: str | os.PathLike[str], only: Sequence[str] | None = None) -> list[Path]:
@@ -219,6 +298,7 @@ def reproduce(
             f"cannot write into {out} ({exc.strerror or exc})", "pass --out a writable folder (not a file)"
         ) from None
     parameters = {**(parameters or {}), "preset": preset, "device": device or default_device, "seed": seed}
+    earlier, inputs = finished_runs(out), shared_inputs(source)
     runs: list[NotebookRun] = []
     with exported_cache(cache_dir, USER_PRESETS_ENV):  # the kernels read the cache and presets from their environment
         bar = tqdm(notebooks, desc=f"reproduce ({preset})", unit="notebook", disable=not progress)
@@ -226,6 +306,12 @@ def reproduce(
             bar.set_postfix_str(notebook.stem)
             artifacts_dir = out / notebook.stem
             target = executed_dir / notebook.name
+            fingerprint = run_fingerprint(notebook, preset, parameters, kernel, inputs)
+            reused = _reusable(earlier.get(notebook.name), fingerprint, out, target)
+            if reused is not None:
+                runs.append(reused)
+                write_summary(out, preset, runs)
+                continue
             started = time.perf_counter()
             try:
                 papermill.execute_notebook(
@@ -238,9 +324,8 @@ def reproduce(
                 )
             except PapermillExecutionError as exc:
                 message = f"{exc.ename}: {exc.evalue}".strip()
-                runs.append(
-                    NotebookRun(notebook.name, "failed", time.perf_counter() - started, str(target), error=message)
-                )
+                seconds = time.perf_counter() - started
+                runs.append(NotebookRun(notebook.name, "failed", seconds, str(target), error=message))
                 write_summary(out, preset, runs)
                 raise SurgeryBookError(
                     f"notebook {notebook.name} failed in cell {exc.exec_count} ({message})",
@@ -249,7 +334,8 @@ def reproduce(
             artifacts = sorted(
                 str(p.relative_to(out)) for p in artifacts_dir.rglob("*") if p.suffix in ARTIFACT_SUFFIXES
             )
-            runs.append(NotebookRun(notebook.name, "ok", time.perf_counter() - started, str(target), artifacts))
+            seconds = time.perf_counter() - started
+            runs.append(NotebookRun(notebook.name, "ok", seconds, str(target), artifacts, "", fingerprint))
             write_summary(out, preset, runs)
     return runs
 

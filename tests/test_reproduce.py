@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import nbformat
@@ -10,7 +11,14 @@ import pytest
 
 from surgery_lib.cli import main
 from surgery_lib.core.errors import SurgeryBookError
-from surgery_lib.reproduce import check_parameters, find_notebooks, reproduce
+from surgery_lib.reproduce import (
+    check_parameters,
+    find_notebooks,
+    finished_runs,
+    reproduce,
+    run_fingerprint,
+    shared_inputs,
+)
 
 
 def _notebook(path, body: str) -> None:
@@ -62,6 +70,57 @@ def test_reproduce_names_the_failing_notebook_and_cell(tmp_path, capsys):
     assert "02_broken.ipynb failed in cell" in error and "ValueError: deliberate" in error
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [n["status"] for n in summary["notebooks"]] == ["ok", "failed"]
+
+
+@pytest.mark.heavy  # five papermill runs
+def test_a_rerun_into_the_same_folder_reuses_what_finished_there_and_only_that(tmp_path, capsys, monkeypatch, caplog):
+    """A run killed or failed part-way resumes: finished notebooks are reused while their source, parameters,
+    library code and files are as they were; the rest, and anything that changed, runs again."""
+    source, out, log = tmp_path / "notebooks", tmp_path / "out", tmp_path / "executions.txt"
+    source.mkdir()
+    counted = f"{WRITE_TABLE}\nwith open({str(log)!r}, 'a') as f:\n    f.write(output_dir.split('/')[-1] + '\\n')"
+    _notebook(source / "01_first.ipynb", counted)
+    _notebook(source / "02_second.ipynb", "raise ValueError('deliberate')")
+    arguments = ["reproduce", "--preset", "smoke", "--out", str(out), "--source", str(source), "--quiet"]
+
+    def executed() -> list[str]:
+        names = log.read_text().split() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return names
+
+    assert main(arguments) == 2 and executed() == ["01_first"]
+    _notebook(source / "02_second.ipynb", counted)  # the failing notebook fixed
+    capsys.readouterr()
+    assert main(arguments) == 0 and executed() == ["02_second"]
+    printed = capsys.readouterr().out
+    assert "01_first.ipynb" in printed and "(reused: finished there by an earlier run)" in printed
+    assert "pass another --out to run them all again" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert [n["status"] for n in summary["notebooks"]] == ["reused", "ok"]
+    assert summary["notebooks"][0]["artifacts"] == ["01_first/table.csv"]
+
+    assert main(arguments) == 0 and executed() == []  # everything finished: nothing runs
+    assert main([*arguments, "--seed", "3"]) == 0 and executed() == ["01_first", "02_second"]  # other parameters
+    (out / "02_second" / "table.csv").unlink()  # an output deleted since
+    assert main([*arguments, "--seed", "3"]) == 0 and executed() == ["02_second"]
+    _notebook(source / "01_first.ipynb", counted + "\n# edited")  # the source edited
+    assert main([*arguments, "--seed", "3"]) == 0 and executed() == ["01_first"]
+    # What else a fingerprint covers, without a kernel each: the committed results and the library's version.
+    notebook, parameters = source / "01_first.ipynb", {"preset": "smoke", "seed": 3}
+    before = run_fingerprint(notebook, "smoke", parameters, None, shared_inputs(source))
+    (source / "results").mkdir()
+    (source / "results" / "grid.csv").write_text("committed results a chapter reads")
+    with_results = run_fingerprint(notebook, "smoke", parameters, None, shared_inputs(source))
+    monkeypatch.setattr("surgery_lib.reproduce.__version__", "9.9.9")
+    assert len({before, with_results, run_fingerprint(notebook, "smoke", parameters)}) == 3
+    assert run_fingerprint(notebook, "smoke", parameters, "other-kernel") != run_fingerprint(
+        notebook, "smoke", parameters
+    )
+
+    (out / "summary.json").write_text("{not json")  # a damaged summary: run everything, say why
+    with caplog.at_level(logging.WARNING):
+        assert finished_runs(out) == {}
+    assert "summary.json cannot be read" in caplog.text and "running every notebook again" in caplog.text
 
 
 def test_reproduce_refuses_bad_input(tmp_path):
