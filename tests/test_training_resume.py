@@ -109,6 +109,7 @@ def test_a_loop_killed_part_way_resumes_to_the_weights_of_an_uninterrupted_run(s
     state, stats = train(smoke_zoo, TrainingCheckpoint(path, KEY, every_s=0))
     assert len(calls) == steps - kill_at, "the rerun trained from the start instead of resuming"
     assert stats == reference_stats  # the losses of the saved steps were kept
+    assert stats.resumed_from_step == kill_at and reference_stats.resumed_from_step == 0
     assert state.keys() == reference_state.keys()
     for name, tensor in reference_state.items():
         assert torch.equal(state[name], tensor), name
@@ -149,6 +150,8 @@ def test_a_zoo_build_killed_during_pretraining_resumes_inside_it(smoke_zoo, tmp_
     manifest = json.loads((zoo_dir / MANIFEST).read_text())
     assert len(calls) == sum(entry.get("steps", 0) for entry in manifest["models"].values()) - kill_at
     assert manifest["models"]["pretrained"]["sha256"] == smoke_zoo.manifest["models"]["pretrained"]["sha256"]
+    assert manifest["models"]["pretrained"]["resumed_from_step"] == kill_at
+    assert not any("resumed_from_step" in entry for name, entry in manifest["models"].items() if name != "pretrained")
     for task, expert in smoke_zoo.experts.items():
         assert all(torch.equal(tensor, resumed.experts[task][name]) for name, tensor in expert.items())
     assert not list((zoo_dir / CHECKPOINTS_DIR).iterdir())  # each checkpoint deleted once its model was saved

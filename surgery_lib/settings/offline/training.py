@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +71,13 @@ def _batches(task: TaskData, split: str, batch_size: int, seed: int) -> Iterator
 
 @dataclass
 class TrainStats:
-    """What a training loop reports: steps run, mean loss of the last 10 % of steps, images seen."""
+    """What a training loop reports: steps run, mean loss of the last 10 % of steps, images seen, and the step
+    this process resumed at from a checkpoint (0: it ran from the start; the trained model is the same)."""
 
     steps: int
     final_loss: float
     images: int
+    resumed_from_step: int = field(default=0, compare=False)
 
 
 def pretrain(
@@ -121,7 +123,7 @@ def pretrain(
         save_loop(checkpoint, step + 1, steps, params, optimizer, schedule, generator, losses, device)
     encoder.eval()
     tail = losses[-max(1, steps // 10) :]
-    return TrainStats(steps=steps, final_loss=sum(tail) / len(tail), images=steps * batch_size)
+    return TrainStats(steps=steps, final_loss=sum(tail) / len(tail), images=steps * batch_size, resumed_from_step=done)
 
 
 def fit_probe(
@@ -201,5 +203,10 @@ def finetune(
         save_loop(checkpoint, step + 1, steps, tuning.parameters, optimizer, schedule, generator, losses, device)
     encoder.eval()
     tail = losses[-max(1, steps // 10) :]
-    stats = TrainStats(steps=steps, final_loss=sum(tail) / len(tail), images=steps * batch_per_task * len(tasks))
+    stats = TrainStats(
+        steps=steps,
+        final_loss=sum(tail) / len(tail),
+        images=steps * batch_per_task * len(tasks),
+        resumed_from_step=done,
+    )
     return stats, tuning.export()

@@ -53,6 +53,7 @@ from surgery_lib.settings.base import EMBEDDINGS_DIR, Zoo
 from surgery_lib.settings.offline.checkpoint import TrainingCheckpoint
 from surgery_lib.settings.offline.suite import check_image_size, check_tasks, load_suite, suite_fingerprint
 from surgery_lib.settings.offline.training import (
+    TrainStats,
     derive_seed,
     finetune,
     fit_probe,
@@ -230,6 +231,11 @@ class _Builder:
         return _Built(tensors, sha, self.manifest["models"][name]["content"])
 
 
+def _resumed(stats: TrainStats) -> dict[str, int]:
+    """The manifest's note that a model was finished from a checkpoint (its wall time counts this run only)."""
+    return {"resumed_from_step": stats.resumed_from_step} if stats.resumed_from_step else {}
+
+
 def clear_zoo(directory: Path) -> None:
     """Delete what a zoo build wrote in ``directory`` (its models, manifest, checkpoints, merges and embeddings) and
     nothing else.
@@ -364,6 +370,7 @@ def _build_locked(
             "steps": stats.steps,
             "images_seen": stats.images,
             "final_loss": round(stats.final_loss, 4),
+            **_resumed(stats),
         }
 
     pretrained_step = builder.step("pretrained", {"suite": data}, train_pretrained)
@@ -429,7 +436,8 @@ def _build_locked(
             )
             # Evaluated as every merge is: the plain encoder at the exported weights theta_0 + tau.
             accuracy = task_accuracy(load_encoder(encoder_cfg, state), heads[task], suite[task], device=device)
-            return state, {"steps": stats.steps, "final_loss": round(stats.final_loss, 4), "test_accuracy": accuracy}
+            record = {"steps": stats.steps, "final_loss": round(stats.final_loss, 4), "test_accuracy": accuracy}
+            return state, {**record, **_resumed(stats)}
 
         experts[task] = builder.step(f"expert/{task}", inputs, train_expert).tensors
 
@@ -458,6 +466,7 @@ def _build_locked(
             "steps": stats.steps,
             "final_loss": round(stats.final_loss, 4),
             "test_accuracy": accuracy,
+            **_resumed(stats),
         }
 
     mtl = builder.step("mtl", inputs, train_mtl).tensors
