@@ -3,7 +3,8 @@
 ``reproduce(preset, out)`` runs every ``notebooks/NN_*.ipynb`` in order with the parameters
 ``preset``, ``device``, ``seed`` and ``output_dir`` injected, writes the executed copies to
 ``out/notebooks/`` (never over the sources), each notebook's figures and tables to ``out/<stem>/``,
-and a summary (``out/summary.json`` and ``out/summary.md``) with wall time and artifacts per notebook.
+and a summary (``out/summary.json`` and ``out/summary.md``) with wall time and artifacts per notebook: every
+notebook run into the folder, including those earlier runs executed and this one left alone.
 
 A run into a folder that an earlier run (killed, failed, or finished) left resumes: a notebook that finished
 there is reused, not executed again, if its source, the parameters, the kernel, the preset's definition, the
@@ -19,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,30 +90,32 @@ def run_fingerprint(
     )
 
 
-def finished_runs(out: Path) -> dict[str, dict[str, Any]]:
-    """The notebooks an earlier run into ``out`` finished (its ``summary.json``), by name; {} if none."""
+def earlier_runs(out: Path) -> dict[str, NotebookRun]:
+    """The notebooks that earlier runs into ``out`` recorded in its ``summary.json``, by name; {} if none."""
     path = out / "summary.json"
     if not path.exists():
         return {}
     try:
         records = read_json(path)["notebooks"]
-        return {r["notebook"]: r for r in records if r["status"] in ("ok", "reused") and r.get("fingerprint")}
+        return {r["notebook"]: NotebookRun(**{k: v for k, v in r.items() if k in _RUN_FIELDS}) for r in records}
     except (CorruptFileError, KeyError, TypeError) as exc:
         log.warning("%s cannot be read (%s); running every notebook again", path, exc)
         return {}
 
 
-def _reusable(record: dict[str, Any] | None, fingerprint: str, out: Path, executed: Path) -> NotebookRun | None:
-    """The earlier run of a notebook as a ``reused`` run, if it ran as this one would and left its files."""
-    if record is None or record.get("fingerprint") != fingerprint:
+_RUN_FIELDS = {f.name for f in fields(NotebookRun)}
+
+
+def _reusable(run: NotebookRun | None, fingerprint: str, out: Path, executed: Path) -> NotebookRun | None:
+    """The earlier run of a notebook as a ``reused`` run, if it finished as this one would and left its files."""
+    if run is None or run.status not in ("ok", "reused") or run.fingerprint != fingerprint:
         return None
-    artifacts, seconds = record.get("artifacts"), record.get("seconds")
-    if not isinstance(artifacts, list) or not all(isinstance(a, str) for a in artifacts):
+    if not isinstance(run.artifacts, list) or not all(isinstance(a, str) for a in run.artifacts):
         return None
-    if not executed.is_file() or not all((out / artifact).is_file() for artifact in artifacts):
+    if not executed.is_file() or not all((out / artifact).is_file() for artifact in run.artifacts):
         return None  # deleted since: run it again
-    seconds = float(seconds) if isinstance(seconds, (int, float)) else 0.0
-    return NotebookRun(executed.name, "reused", seconds, str(executed), artifacts, "", fingerprint)
+    seconds = float(run.seconds) if isinstance(run.seconds, (int, float)) else 0.0
+    return NotebookRun(executed.name, "reused", seconds, str(executed), run.artifacts, "", fingerprint)
 
 
 def find_notebooks(source: str | os.PathLike[str], only: Sequence[str] | None = None) -> list[Path]:
@@ -298,8 +301,14 @@ def reproduce(
             f"cannot write into {out} ({exc.strerror or exc})", "pass --out a writable folder (not a file)"
         ) from None
     parameters = {**(parameters or {}), "preset": preset, "device": device or default_device, "seed": seed}
-    earlier, inputs = finished_runs(out), shared_inputs(source)
+    earlier, inputs = earlier_runs(out), shared_inputs(source)
     runs: list[NotebookRun] = []
+    # The summary describes the folder: notebooks that earlier runs wrote there and this one leaves alone stay in it.
+    others = [run for name, run in earlier.items() if name not in {notebook.name for notebook in notebooks}]
+
+    def summarize() -> None:
+        write_summary(out, preset, sorted([*runs, *others], key=lambda run: run.notebook))
+
     with exported_cache(cache_dir, USER_PRESETS_ENV):  # the kernels read the cache and presets from their environment
         bar = tqdm(notebooks, desc=f"reproduce ({preset})", unit="notebook", disable=not progress)
         for notebook in bar:
@@ -310,7 +319,7 @@ def reproduce(
             reused = _reusable(earlier.get(notebook.name), fingerprint, out, target)
             if reused is not None:
                 runs.append(reused)
-                write_summary(out, preset, runs)
+                summarize()
                 continue
             started = time.perf_counter()
             try:
@@ -326,7 +335,7 @@ def reproduce(
                 message = f"{exc.ename}: {exc.evalue}".strip()
                 seconds = time.perf_counter() - started
                 runs.append(NotebookRun(notebook.name, "failed", seconds, str(target), error=message))
-                write_summary(out, preset, runs)
+                summarize()
                 raise SurgeryBookError(
                     f"notebook {notebook.name} failed in cell {exc.exec_count} ({message})",
                     f"read the traceback in {target}; the summary is in {out / 'summary.md'}",
@@ -336,7 +345,7 @@ def reproduce(
             )
             seconds = time.perf_counter() - started
             runs.append(NotebookRun(notebook.name, "ok", seconds, str(target), artifacts, "", fingerprint))
-            write_summary(out, preset, runs)
+            summarize()
     return runs
 
 

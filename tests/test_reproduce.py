@@ -13,8 +13,8 @@ from surgery_lib.cli import main
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.reproduce import (
     check_parameters,
+    earlier_runs,
     find_notebooks,
-    finished_runs,
     reproduce,
     run_fingerprint,
     shared_inputs,
@@ -100,7 +100,13 @@ def test_a_rerun_into_the_same_folder_reuses_what_finished_there_and_only_that(t
     assert summary["notebooks"][0]["artifacts"] == ["01_first/table.csv"]
 
     assert main(arguments) == 0 and executed() == []  # everything finished: nothing runs
-    assert main([*arguments, "--seed", "3"]) == 0 and executed() == ["01_first", "02_second"]  # other parameters
+    assert main([*arguments, "--seed", "3", "--notebooks", "02"]) == 0 and executed() == ["02_second"]  # another seed
+    summary = json.loads((out / "summary.json").read_text())  # still the whole folder's: 01 is kept
+    assert [(n["notebook"], n["status"]) for n in summary["notebooks"]] == [
+        ("01_first.ipynb", "reused"),
+        ("02_second.ipynb", "ok"),
+    ]
+    assert main([*arguments, "--seed", "3"]) == 0 and executed() == ["01_first"]
     (out / "02_second" / "table.csv").unlink()  # an output deleted since
     assert main([*arguments, "--seed", "3"]) == 0 and executed() == ["02_second"]
     _notebook(source / "01_first.ipynb", counted + "\n# edited")  # the source edited
@@ -119,7 +125,7 @@ def test_a_rerun_into_the_same_folder_reuses_what_finished_there_and_only_that(t
 
     (out / "summary.json").write_text("{not json")  # a damaged summary: run everything, say why
     with caplog.at_level(logging.WARNING):
-        assert finished_runs(out) == {}
+        assert earlier_runs(out) == {}
     assert "summary.json cannot be read" in caplog.text and "running every notebook again" in caplog.text
 
 

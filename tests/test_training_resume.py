@@ -3,9 +3,11 @@ finishes equals, bit for bit, the one an uninterrupted run trains (smoke preset)
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from surgery_lib.models import build_encoder, load_encoder
 from surgery_lib.presets import get_preset
 from surgery_lib.settings import build_zoo
+from surgery_lib.settings.offline import checkpoint as checkpoint_module
 from surgery_lib.settings.offline import training
 from surgery_lib.settings.offline import zoo as zoo_module
 from surgery_lib.settings.offline.checkpoint import TrainingCheckpoint
@@ -155,3 +158,23 @@ def test_a_zoo_build_killed_during_pretraining_resumes_inside_it(smoke_zoo, tmp_
     for task, expert in smoke_zoo.experts.items():
         assert all(torch.equal(tensor, resumed.experts[task][name]) for name, tensor in expert.items())
     assert not list((zoo_dir / CHECKPOINTS_DIR).iterdir())  # each checkpoint deleted once its model was saved
+
+
+@pytest.mark.parametrize(
+    "failure", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError("file write failed")], ids=repr
+)
+def test_a_checkpoint_that_cannot_be_written_warns_once_and_training_goes_on(
+    smoke_zoo, tmp_path, monkeypatch, caplog, failure
+):
+    reference_state, reference_stats = LOOPS["expert (LoRA)"](smoke_zoo)
+
+    def full_disk(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a checkpoint")  # what a write cut short leaves
+        raise failure
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with caplog.at_level(logging.WARNING):
+        state, stats = LOOPS["expert (LoRA)"](smoke_zoo, TrainingCheckpoint(tmp_path / "loop.pt", KEY, every_s=0))
+    assert caplog.text.count("cannot save the training checkpoint") == 1 and "training goes on" in caplog.text
+    assert stats == reference_stats and all(torch.equal(state[k], v) for k, v in reference_state.items())
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary

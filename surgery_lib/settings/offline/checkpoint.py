@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.storage import atomic_path, to_json
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class TrainingCheckpoint:
     key: Mapping[str, Any]
     every_s: float = CHECKPOINT_EVERY_S
     _last_save: float = field(default_factory=time.monotonic, init=False, repr=False)
+    _warned: bool = field(default=False, init=False, repr=False)
 
     def restore(self) -> dict[str, Any] | None:
         """The saved state if one exists for this key, else None (an unusable file is deleted with a warning)."""
@@ -68,9 +70,27 @@ class TrainingCheckpoint:
         return time.monotonic() - self._last_save >= self.every_s
 
     def save(self, state: Mapping[str, Any]) -> None:
-        """Write ``state`` with this checkpoint's key, atomically: a kill during the write keeps the last one."""
-        with atomic_path(self.path) as temporary:
-            torch.save({**state, "key": to_json(self.key)}, temporary)
+        """Write ``state`` with this checkpoint's key, atomically: a kill during the write keeps the last one.
+
+        A failed write (a full disk, an unwritable folder) is a warning, once, not an error: a checkpoint only
+        saves time, so training goes on, and a lasting problem is reported when the finished model is saved.
+        """
+        try:
+            with atomic_path(self.path) as temporary:
+                torch.save({**state, "key": to_json(self.key)}, temporary)
+        except (
+            OSError,
+            RuntimeError,
+            SurgeryBookError,
+        ) as exc:  # torch's zip writer reports a failed write as RuntimeError
+            if not self._warned:
+                log.warning(
+                    "cannot save the training checkpoint %s (%s); training goes on, but a kill from now on loses "
+                    "the steps since the last checkpoint saved",
+                    self.path,
+                    exc,
+                )
+                self._warned = True
         self._last_save = time.monotonic()
 
     def discard(self) -> None:
