@@ -675,8 +675,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"executed notebooks, figures, tables and summary.md in {args.out}")
         if any(run.status == "reused" for run in runs):
             print(
-                "notebooks an earlier run into this folder finished, with the same sources, parameters, preset and "
-                "version, were reused; pass another --out to run them all again"
+                "the notebooks that an earlier run into this folder finished with the same sources, parameters, "
+                "kernel, preset, library code and committed results were reused; pass another --out to run them all "
+                "again"
             )
     return 0
 
