@@ -12,7 +12,8 @@
 #    sets, ITERATIONS official iterations), Surgery and SurgeryV2, shared and per-task Adam, fp32 then bf16.
 # 2. SurgeryV2's peak memory on ViT-L/14 (rank 4, batch 16 per task) for 1 and 8 tasks (bench/gpu/v2_memory.py).
 # 3. the base preset: its zoo, then its table with Surgery and SurgeryV2. The zoo resumes where a killed build
-#    stopped (its cache is .cache-gpu/ in the checkout), so a second call on the same warm machine continues it.
+#    stopped, inside the model it was training (from that loop's checkpoint, at most a minute old; its cache is
+#    .cache-gpu/ in the checkout), so a second call on the same warm machine continues it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/gpu-evidence}
