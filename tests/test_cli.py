@@ -281,13 +281,19 @@ def test_zoo_finetune_builds_another_zoo_whose_experts_move_attention_only(smoke
     assert moved and all(attention_parameter(k) for k in moved)
 
 
-def test_finetune_options_are_checked_before_anything_is_built():
-    result = run("zoo", "--preset", "clip-vit-b-32", "--finetune", "lora")
-    assert result.returncode == 2 and "reads published experts" in result.stderr
-    result = run("zoo", "--preset", "smoke", "--lora-rank", "8")
-    assert result.returncode == 2 and "add --finetune lora" in result.stderr
-    result = run("zoo", "--preset", "smoke", "--finetune", "lora", "--lora-rank", "0")
-    assert result.returncode == 2 and "recipe.expert_lora_rank = 0 is invalid" in result.stderr
+def test_finetune_options_are_checked_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    # In-process (a subprocess per case cost 2 s of `make check` each): the cache stays empty, so nothing was built.
+    monkeypatch.setenv("SURGERY_BOOK_CACHE", str(tmp_path))
+    refused = [
+        (["--preset", "clip-vit-b-32", "--finetune", "lora"], "reads published experts"),
+        (["--preset", "smoke", "--lora-rank", "8"], "add --finetune lora"),
+        (["--preset", "smoke", "--finetune", "lora", "--lora-rank", "0"], "recipe.expert_lora_rank = 0 is invalid"),
+    ]
+    for arguments, message in refused:
+        assert main(["zoo", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1 and message in error, error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_closed_pipe_ends_the_command_quietly():

@@ -126,9 +126,17 @@ def test_a_checkpoint_of_another_run_or_a_damaged_one_is_discarded_with_a_warnin
     assert "torch_threads (2, now 1)" in caplog.text and "from its start" in caplog.text
     assert not path.exists()
 
-    TrainingCheckpoint(path, {"torch_threads": 1, "model": "test"}).save({"step": 3})  # fields in another order
+    state = {name: 0 for name in ("parameters", "optimizer", "schedule", "generator", "torch_rng", "losses")}
+    TrainingCheckpoint(path, {"torch_threads": 1, "model": "test"}).save({**state, "step": 3})  # key in another order
     assert TrainingCheckpoint(path, KEY).restore()["step"] == 3
 
+    TrainingCheckpoint(path, KEY).save({"step": 3})  # the right key, not the state a loop saves
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert TrainingCheckpoint(path, KEY).restore() is None
+    assert "it lacks generator, losses, optimizer, parameters, schedule, torch_rng" in caplog.text
+
+    TrainingCheckpoint(path, KEY).save({"step": 3})
     path.write_bytes(path.read_bytes()[:100])  # a copy cut short
     caplog.clear()
     with caplog.at_level(logging.WARNING):

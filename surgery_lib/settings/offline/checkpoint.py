@@ -62,6 +62,10 @@ class TrainingCheckpoint:
         if saved != expected:
             self._discard(_difference(saved, expected))
             return None
+        missing = sorted(_STATE_FIELDS - set(state))
+        if missing:
+            self._discard(f"it lacks {', '.join(missing)}")
+            return None
         log.info("resuming from %s at step %d", self.path, state["step"])
         return state
 
@@ -100,6 +104,10 @@ class TrainingCheckpoint:
     def _discard(self, why: str) -> None:
         log.warning("training checkpoint %s is not resumed: %s; training this model from its start", self.path, why)
         self.discard()
+
+
+#: What :func:`save_loop` writes besides the key (and ``cuda_rng`` on a GPU).
+_STATE_FIELDS = {"step", "parameters", "optimizer", "schedule", "generator", "torch_rng", "losses"}
 
 
 def _recorded_key(state: Any) -> dict[str, Any] | None:
