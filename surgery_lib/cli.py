@@ -1103,8 +1103,11 @@ def _what_is_kept(args: argparse.Namespace) -> str:
     """What an interrupted command leaves: the finished models, merges and cells of a command that caches them,
     nothing of one that writes its result only at the end (``bench``, ``convert``, ``presets``)."""
     if getattr(args, "keeps_finished_work", True):
-        return (
+        kept = (
             "finished models, merges and grid cells are kept, and a zoo model in training up to its last "
-            "checkpoint (saved every minute); run the same command again to resume"
+            "checkpoint (saved every minute)"
         )
+        if getattr(args, "rebuild", False):  # again with --rebuild would delete what this run finished
+            return f"{kept}; run the command again without --rebuild to resume"
+        return f"{kept}; run the same command again to resume"
     return "nothing half-written is left (this command writes its result only when it ends); run it again"

@@ -98,7 +98,7 @@ def earlier_runs(out: Path) -> dict[str, NotebookRun]:
     try:
         records = read_json(path)["notebooks"]
         return {r["notebook"]: NotebookRun(**{k: v for k, v in r.items() if k in _RUN_FIELDS}) for r in records}
-    except (CorruptFileError, OSError, KeyError, TypeError) as exc:
+    except (CorruptFileError, OSError, KeyError, TypeError, AttributeError) as exc:  # any other shape of JSON
         log.warning("%s cannot be read (%s); running every notebook again", path, exc)
         return {}
 

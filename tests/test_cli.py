@@ -387,3 +387,14 @@ def test_an_interrupted_command_says_what_it_kept(monkeypatch, capsys, command, 
     )
     assert main(argv) == 130
     assert capsys.readouterr().err.startswith(f"interrupted: {kept}")
+
+
+def test_an_interrupted_rebuild_says_to_resume_without_rebuild(monkeypatch, capsys):
+    import surgery_lib.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_zoo", interrupted)
+    assert main(["zoo", "--preset", "smoke", "--rebuild"]) == 130
+    assert capsys.readouterr().err.rstrip().endswith("run the command again without --rebuild to resume")

@@ -127,6 +127,9 @@ def test_a_rerun_into_the_same_folder_reuses_what_finished_there_and_only_that(t
     with caplog.at_level(logging.WARNING):
         assert earlier_runs(out) == {}
     assert "summary.json cannot be read" in caplog.text and "running every notebook again" in caplog.text
+    for other_shape in ('{"notebooks": [1, 2]}', '{"notebooks": "01_first.ipynb"}', "[]", '{"notebooks": [{}]}'):
+        (out / "summary.json").write_text(other_shape)
+        assert earlier_runs(out) == {}, other_shape
     (out / "summary.json").unlink()
     (out / "summary.json").mkdir()  # not even a file
     assert earlier_runs(out) == {}
