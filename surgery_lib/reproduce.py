@@ -9,12 +9,14 @@ notebook run into the folder, including those earlier runs executed and this one
 A run into a folder that an earlier run (killed, failed, or finished) left resumes: a notebook that finished
 there is reused, not executed again, if its source, the parameters, the kernel, the preset's definition, the
 library's code and the committed results it reads are all as now and its executed copy and files are still
-there; every other notebook runs.
+there; every other notebook runs. Two runs into one folder at once take turns: the second waits, then reuses what
+the first finished, so neither overwrites the other's notebooks or summary (the lock is ``out/.summary.json.lock``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -31,6 +33,7 @@ from surgery_lib.core.storage import (
     CorruptFileError,
     atomic_path,
     config_hash,
+    entry_lock,
     exported_cache,
     read_json,
     source_checksum,
@@ -274,13 +277,10 @@ def reproduce(
             an ``out`` that would overwrite the sources, or a notebook that fails (naming the notebook and the
             cell; the partial copy stays for reading).
     """
-    try:
-        import papermill
-        from papermill.exceptions import PapermillExecutionError
-    except ImportError:
+    if importlib.util.find_spec("papermill") is None:
         raise SurgeryBookError(
             "papermill is not installed", "pip install 'surgery-book[book]' (or the repository's .venv)"
-        ) from None
+        )
 
     default_device = get_preset(preset).default_device  # an unknown preset fails here, before any kernel starts
     notebooks = find_notebooks(source, only)
@@ -301,6 +301,27 @@ def reproduce(
             f"cannot write into {out} ({exc.strerror or exc})", "pass --out a writable folder (not a file)"
         ) from None
     parameters = {**(parameters or {}), "preset": preset, "device": device or default_device, "seed": seed}
+    # Another run into this folder would write the same notebooks and replace this one's summary: wait for it,
+    # then read what it finished.
+    with entry_lock(out / "summary.json", f"the notebooks in {out}"):
+        return _run_notebooks(notebooks, out, executed_dir, preset, parameters, kernel, source, cache_dir, progress)
+
+
+def _run_notebooks(
+    notebooks: Sequence[Path],
+    out: Path,
+    executed_dir: Path,
+    preset: str,
+    parameters: dict[str, Any],
+    kernel: str | None,
+    source: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None,
+    progress: bool,
+) -> list[NotebookRun]:
+    """The body of :func:`reproduce`, run while it holds ``out``'s lock: reuse or execute each notebook in turn."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
     earlier, inputs = earlier_runs(out), shared_inputs(source)
     runs: list[NotebookRun] = []
     # The summary describes the folder: notebooks that earlier runs wrote there and this one leaves alone stay in it.

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -133,6 +136,27 @@ def test_a_rerun_into_the_same_folder_reuses_what_finished_there_and_only_that(t
     (out / "summary.json").unlink()
     (out / "summary.json").mkdir()  # not even a file
     assert earlier_runs(out) == {}
+
+
+@pytest.mark.heavy  # two processes, one papermill run
+def test_two_runs_into_one_folder_take_turns_and_the_second_reuses_the_first(tmp_path):
+    """Started together, the second waits for the first instead of executing the same notebook into the same
+    files and replacing its summary; then it reuses what the first finished."""
+    source, out, log = tmp_path / "notebooks", tmp_path / "out", tmp_path / "executions.txt"
+    source.mkdir()
+    slow = f"{WRITE_TABLE}\nimport time\nwith open({str(log)!r}, 'a') as f:\n    f.write('run\\n')\ntime.sleep(2)"
+    _notebook(source / "01_first.ipynb", slow)
+    command = [sys.executable, "-m", "surgery_lib", "reproduce", "--preset", "smoke", "--out", str(out)]
+    command += ["--source", str(source), "--quiet"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    printed = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert log.read_text() == "run\n"  # executed once
+    assert sum("(reused: finished there by an earlier run)" in text for text in printed) == 1
+    summary = json.loads((out / "summary.json").read_text())  # written last by the second run
+    assert [(n["notebook"], n["status"]) for n in summary["notebooks"]] == [("01_first.ipynb", "reused")]
+    assert (out / "01_first" / "table.csv").read_text() == "preset,seed\nsmoke,0\n"
 
 
 def test_reproduce_refuses_bad_input(tmp_path):
