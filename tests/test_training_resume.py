@@ -136,6 +136,13 @@ def test_a_checkpoint_of_another_run_or_a_damaged_one_is_discarded_with_a_warnin
         assert TrainingCheckpoint(path, KEY).restore() is None
     assert "it lacks generator, losses, optimizer, parameters, schedule, torch_rng" in caplog.text
 
+    earlier = TrainingCheckpoint(path, KEY)
+    earlier._started -= 100.0  # a run that trained 100 s before its save
+    earlier.save({**state, "step": 3})
+    resumed = TrainingCheckpoint(path, KEY)
+    assert resumed.earlier_s == 0.0 and resumed.restore() is not None
+    assert 100.0 <= resumed.earlier_s < 160.0 and resumed.seconds() >= resumed.earlier_s
+
     TrainingCheckpoint(path, KEY).save({"step": 3})
     path.write_bytes(path.read_bytes()[:100])  # a copy cut short
     caplog.clear()
@@ -153,6 +160,7 @@ def test_a_zoo_build_killed_during_pretraining_resumes_inside_it(smoke_zoo, tmp_
     with pytest.raises(KeyboardInterrupt):
         build_zoo("smoke", device="cpu", cache_dir=cache_dir, zoo_dir=zoo_dir, progress=False)
     assert [p.name for p in (zoo_dir / CHECKPOINTS_DIR).iterdir()] == ["pretrained.pt"]
+    seconds_before_kill = torch.load(zoo_dir / CHECKPOINTS_DIR / "pretrained.pt", weights_only=True)["seconds"]
     monkeypatch.undo()
     monkeypatch.setattr(zoo_module, "TrainingCheckpoint", functools.partial(TrainingCheckpoint, every_s=0))
 
@@ -162,6 +170,7 @@ def test_a_zoo_build_killed_during_pretraining_resumes_inside_it(smoke_zoo, tmp_
     assert len(calls) == sum(entry.get("steps", 0) for entry in manifest["models"].values()) - kill_at
     assert manifest["models"]["pretrained"]["sha256"] == smoke_zoo.manifest["models"]["pretrained"]["sha256"]
     assert manifest["models"]["pretrained"]["resumed_from_step"] == kill_at
+    assert manifest["models"]["pretrained"]["wall_time_s"] >= round(seconds_before_kill, 2)  # the earlier run's too
     assert not any("resumed_from_step" in entry for name, entry in manifest["models"].items() if name != "pretrained")
     for task, expert in smoke_zoo.experts.items():
         assert all(torch.equal(tensor, resumed.experts[task][name]) for name, tensor in expert.items())

@@ -222,7 +222,7 @@ class _Builder:
             "sha256": sha,
             "content": content_checksum(path) or state_fingerprint(tensors),  # save_tensors recorded it in the header
             "depends_on": depends_on,
-            "wall_time_s": round(time.perf_counter() - started, 2),
+            "wall_time_s": round(checkpoint.earlier_s + time.perf_counter() - started, 2),  # with earlier runs'
             "torch_threads": torch.get_num_threads(),
             **record,
         }
@@ -232,7 +232,8 @@ class _Builder:
 
 
 def _resumed(stats: TrainStats) -> dict[str, int]:
-    """The manifest's note that a model was finished from a checkpoint (its wall time counts this run only)."""
+    """The manifest's note that a model was finished from a checkpoint (its wall time adds the earlier runs'
+    seconds up to that checkpoint)."""
     return {"resumed_from_step": stats.resumed_from_step} if stats.resumed_from_step else {}
 
 
