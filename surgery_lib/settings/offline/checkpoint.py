@@ -76,7 +76,8 @@ class TrainingCheckpoint:
             self._discard(f"it lacks {', '.join(missing)}")
             return None
         log.info("resuming from %s at step %d", self.path, state["step"])
-        self.earlier_s = float(state.get("seconds", 0.0))
+        seconds = state.get("seconds")
+        self.earlier_s = float(seconds) if isinstance(seconds, int | float) else 0.0  # none before it was recorded
         return state
 
     def due(self) -> bool:
