@@ -29,6 +29,12 @@ from surgery_lib.surgery.schedule import TaskAdam, train_on_schedule
 from surgery_lib.surgery.v1 import DEFAULT_RANK, SurgeryConfig, SurgeryHistory, TaskSurgery
 
 
+def _loss_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 for the loss (from bf16/fp16 under autocast), or float64 if it is float64 (the tests'
+    exact comparisons with the official loop run there)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class DeepSurgery(nn.Module):
     """SurgeryV2's modules for T tasks: per block ``down`` (T, blocks, r, width), ``up`` (T, blocks, width, r),
     and a final :class:`TaskSurgery` on the output embedding. All start as the identity."""
@@ -84,7 +90,7 @@ class DeepSurgery(nn.Module):
             return self.correct_block(i, grouped, rows).reshape(x.shape)
 
         final, means = forward_blocks(encoder, images.flatten(0, 1), after_block)
-        final = final.float().reshape(groups, per_group, -1)
+        final = _loss_precision(final).reshape(groups, per_group, -1)
         if rows is None:
             final = self.final(final)
         elif stacked:
@@ -161,6 +167,7 @@ def train_deep_surgery(
     device = torch.device(device)
     tasks = tuple(unlabeled)
     encoder = encoder.to(device).eval().requires_grad_(False)
+    encoder_dtype = next(encoder.parameters()).dtype
     config = config.with_rank(DEFAULT_RANK)
     surgery = DeepSurgery.for_encoder(encoder, tasks, config.rank, config.seed).to(device)
     optimizer = TaskAdam(surgery.parameters(), len(tasks), lr=config.lr, semantics=config.adam)
@@ -191,7 +198,7 @@ def train_deep_surgery(
         part = slice(None) if some is None else some
         index, weight = index[part], weight[part]
         batch = torch.stack([images[t][i] for t, i in zip(chosen, index)])
-        batch = normalize(batch.to(device), data0.mean, data0.std)
+        batch = normalize(batch.to(device), data0.mean, data0.std).to(encoder_dtype)  # float32 unless a test's float64
         index, weight = index.to(device), weight.to(device)
         rows = None if some is None else torch.tensor(list(chosen), device=device)
         with autocast(device, precision):
@@ -199,9 +206,9 @@ def train_deep_surgery(
         final_target = torch.stack([final_targets[t][i] for t, i in zip(chosen, index)])
         block_target = torch.stack([block_targets[t][i] for t, i in zip(chosen, index)])
         block_losses = (
-            (means.float() - block_target.float()).abs().mean(dim=-1).sum(dim=-1)
+            (_loss_precision(means) - _loss_precision(block_target)).abs().mean(dim=-1).sum(dim=-1)
         )  # (T, n): every block's term
-        final_losses = (final.float() - final_target).abs().mean(dim=-1)
+        final_losses = (_loss_precision(final) - final_target).abs().mean(dim=-1)
         return ((block_losses + final_losses) * weight).sum(dim=1)
 
     with tqdm(total=total_rounds, desc="SurgeryV2", disable=not progress) as bar:
