@@ -189,6 +189,42 @@ def test_killing_data_generation_leaves_no_worker_behind(sig, tmp_path):
         assert not list(tmp_path.rglob("*.tmp"))
 
 
+SIGTERM_INSIDE_A_FORK_HOOK = """
+import os, signal, time
+from surgery_lib.core.workers import exit_on_sigterm
+
+exit_on_sigterm()
+
+
+def after_fork_in_parent():  # as filelock's hook: the handler runs in here, where Python drops exceptions
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+
+
+os.register_at_fork(after_in_parent=after_fork_in_parent)
+if os.fork() == 0:
+    os._exit(0)
+try:
+    for _ in range(200):
+        time.sleep(0.05)
+finally:
+    print("cleaned up", flush=True)
+print("finished", flush=True)
+"""
+
+
+def test_a_sigterm_that_lands_in_a_fork_hook_still_ends_the_run():
+    """A fresh make test once saw SIGTERM during the data generation's pool start end with exit status 0 after
+    the whole build: the handler had run inside filelock's after-fork hook, whose SystemExit Python prints and
+    drops. Such a SIGTERM is delivered again and ends the run, through its finally clauses."""
+    run = subprocess.run(
+        [sys.executable, "-c", SIGTERM_INSIDE_A_FORK_HOOK], env=ONE_THREAD, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert run.stdout == "cleaned up\n"
+    assert "Exception ignored" not in run.stderr
+
+
 def test_the_source_checksum_changes_with_any_edit_and_not_with_order(tmp_path):
     first, second = tmp_path / "a.py", tmp_path / "b.py"
     first.write_text("x = 1\n")

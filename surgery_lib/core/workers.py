@@ -14,6 +14,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -56,12 +57,42 @@ def worker_pool(processes: int) -> Iterator[multiprocessing.pool.Pool]:
         pool.join()
 
 
+#: The exit status a SIGTERM ends the run with (the shell's 128 + signal number).
+SIGTERM_EXIT = 128 + signal.SIGTERM
+#: Seconds after which a SIGTERM whose exit was dropped is sent again.
+REDELIVER_AFTER_S = 0.05
+
+
 def _raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _deliver_swallowed_sigterm_again(unraisable: sys.UnraisableHookArgs) -> None:
+    """``sys.unraisablehook``: a SIGTERM whose ``SystemExit`` was raised inside code whose exceptions Python only
+    prints (a fork hook, such as filelock's after each pool worker starts; a finaliser) is sent again, a moment
+    later from another thread, so that it lands in ordinary code and ends the run after all (sent at once, it
+    would land in this hook, which drops exceptions too); anything else is reported as before."""
+    if isinstance(unraisable.exc_value, SystemExit) and unraisable.exc_value.code == SIGTERM_EXIT:
+        again = threading.Timer(REDELIVER_AFTER_S, os.kill, args=(os.getpid(), signal.SIGTERM))
+        again.daemon = True
+        again.start()
+        return
+    _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 def exit_on_sigterm() -> None:
     """Make SIGTERM raise ``SystemExit(143)`` in the main thread, so ``with`` blocks and ``finally`` clauses
-    run (temporary files removed, worker pools terminated) before the process exits. Main thread only."""
+    run (temporary files removed, worker pools terminated) before the process exits. Main thread only.
+
+    Python runs the handler wherever the main thread is; where that is a fork hook or a finaliser, the
+    ``SystemExit`` is printed and dropped and the run would go on to its end (measured: SIGTERM during the data
+    generation's pool start, exit status 0 after the whole build), so such a SIGTERM is delivered again."""
+    global _previous_unraisablehook
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_system_exit)
+        if sys.unraisablehook is not _deliver_swallowed_sigterm_again:
+            _previous_unraisablehook = sys.unraisablehook
+            sys.unraisablehook = _deliver_swallowed_sigterm_again
