@@ -31,12 +31,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from surgery_lib.core.errors import OneLineArgumentParser, SurgeryBookError, run_script
+from surgery_lib.core.errors import OneLineArgumentParser, SurgeryBookError, interval_text, run_script
 from surgery_lib.core.storage import to_json
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.finetuning import FINETUNING_MODES
 from surgery_lib.merging import MERGE_METHODS, MERGE_OPTIONS, MergeOptions, get_method
-from surgery_lib.merging.options import PRECISION
+from surgery_lib.merging.options import MAX_SEED, PRECISION
 from surgery_lib.presets import PRESETS, Preset, check_preset, get_preset
 from surgery_lib.settings import available_settings, build_zoo, get_setting, load_suite
 
@@ -182,7 +182,7 @@ def _check_range(
     inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not inside:
         flag = "--" + option.replace("_", "-")
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        interval = interval_text(low, high, low_open, high_open)
         raise SurgeryBookError(f"{flag} {value} is outside {interval}", f"pass a value in {interval} to {flag}")
 
 
@@ -206,10 +206,6 @@ def _check_writable(path: str, *, folder: bool) -> None:
         raise SurgeryBookError(f"cannot write {path} ({exc.strerror or exc})", "pass a writable location") from None
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SurgeryBookError(f"cannot write {path} (no permission in {existing})", "pass a writable location")
-
-
-#: The largest --seed (numpy's and torch's generators take 32-bit seeds).
-MAX_SEED = 2**32 - 1
 
 
 def _merge_options(args: argparse.Namespace, method: str | None = None, shared: tuple[str, ...] = ()):
@@ -314,13 +310,14 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from surgery_lib.evaluation import write_table
-    from surgery_lib.grid import format_grid, parse_methods, parse_versions, surgery_grid
+    from surgery_lib.grid import check_seeds, format_grid, parse_methods, parse_versions, surgery_grid
     from surgery_lib.merging import REPAIRED as MAIN_TABLE_REPAIRED
     from surgery_lib.merging import main_table
 
     started = time.perf_counter()
     versions = parse_versions(args.surgery)
     methods = parse_methods(args.methods, args.tune)
+    check_seeds(args.seed or 0, args.seeds)
     options, config = (
         _merge_options(args),
         _surgery_config(args, args.rank),

@@ -44,7 +44,15 @@ from surgery_lib.core.storage import (
     write_json,
 )
 from surgery_lib.evaluation import write_table
-from surgery_lib.grid import VERSION_SUFFIX, cell_table, compute_cell, parse_methods, parse_versions, readable_grid
+from surgery_lib.grid import (
+    VERSION_SUFFIX,
+    cell_table,
+    check_seeds,
+    compute_cell,
+    parse_methods,
+    parse_versions,
+    readable_grid,
+)
 from surgery_lib.merging import get_method
 from surgery_lib.merging.tuning import TUNING_SPLIT, is_tuned, no_validation_split
 from surgery_lib.presets import get_preset, preset_hash
@@ -98,15 +106,11 @@ class GridSpec:
             # Known before any job starts where the preset's suite is data (real CLIP: from the zoo, in the job).
             if tuned and preset.suite is not None and not preset.suite.validation_per_task:
                 raise no_validation_split(tuned[0], preset.name, preset.tasks)
-        if (
-            self.first_seed < 0
-            or self.seeds < 1
-            or self.surgery_steps < 1
-            or (self.deep_surgery_steps is not None and self.deep_surgery_steps < 1)
-        ):
+        check_seeds(self.first_seed, self.seeds)
+        if self.surgery_steps < 1 or (self.deep_surgery_steps is not None and self.deep_surgery_steps < 1):
             raise SurgeryBookError(
-                f"invalid grid: {self.seeds} seeds, surgery steps {self.surgery_steps}/{self.deep_surgery_steps}",
-                "pass --seeds, --surgery-steps and --deep-surgery-steps of 1 or more",
+                f"invalid grid: surgery steps {self.surgery_steps}/{self.deep_surgery_steps}",
+                "pass --surgery-steps and --deep-surgery-steps of 1 or more",
             )
         if not self.versions or any(v not in VERSION_SUFFIX for v in self.versions):
             raise SurgeryBookError(f"invalid surgery versions {self.versions}", "use none, 1 and 2")

@@ -30,6 +30,7 @@ from surgery_lib.merging import (
     get_method,
     method_label,  # noqa: F401  (0.1 re-exported it here)
 )
+from surgery_lib.merging.options import MAX_SEED
 from surgery_lib.merging.rows import VERSION_SUFFIX, Row  # noqa: F401  (VERSION_SUFFIX: grid.VERSION_SUFFIX in 0.1)
 from surgery_lib.merging.tuning import is_tuned, tuned_name
 from surgery_lib.surgery.run import SurgeryRun, bias_table, run_surgery
@@ -39,6 +40,30 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from surgery_lib.settings.base import Zoo
+
+
+#: The most seeds per row: every seed is one more run of every surgery row (minutes each on the mini preset, hours
+#: on CLIP; the papers report 3), so a thousand is beyond any study and keeps a grid's plan and folder bounded
+#: (a mistyped --seeds 1000000000 would otherwise build a billion-cell plan until memory runs out).
+MAX_SEEDS = 1000
+
+
+def check_seeds(first_seed: int, seeds: int) -> None:
+    """A one-line :class:`SurgeryBookError` unless the seeds ``first_seed``, ..., ``first_seed + seeds - 1`` are
+    1 to :data:`MAX_SEEDS` valid seeds (0 to :data:`~surgery_lib.merging.options.MAX_SEED`), before any work."""
+    if seeds < 1:
+        raise SurgeryBookError(f"{seeds} seeds", "pass --seeds 1 or more")
+    if seeds > MAX_SEEDS:
+        raise SurgeryBookError(
+            f"--seeds {seeds} asks for {seeds:,} runs of every row that draws from a seed",
+            f"pass --seeds {MAX_SEEDS} or fewer (the papers report 3)",
+        )
+    if first_seed < 0 or first_seed + seeds - 1 > MAX_SEED:
+        last = first_seed + seeds - 1
+        raise SurgeryBookError(
+            f"--seed {first_seed} with --seeds {seeds} uses the seeds {first_seed} to {last}, outside [0, {MAX_SEED}]",
+            f"pass a --seed from 0 to {MAX_SEED - seeds + 1}, or fewer --seeds",
+        )
 
 
 def parse_methods(text: str, tune: str = "none") -> tuple[str, ...]:
@@ -132,7 +157,7 @@ def surgery_grid(
         repaired: the methods that get surgery rows (default: the papers' :data:`~surgery_lib.merging.api.REPAIRED`;
             ``None``: every method).
         first_seed: the cells' seeds are ``first_seed``, ..., ``first_seed + seeds - 1`` (surgery, and the
-            merge of a method that draws from its seed), as in ``surgery-book grid --first-seed``.
+            merge of a method that draws from its seed), as ``surgery-book grid --seed S --seeds N`` plans them.
         config: the surgery schedule (its seed is replaced by each cell's; a rank left at ``None`` is the
             preset's for each version, an explicit one is kept).
         options: merge options (merges are cached next to the zoo, so a second grid reuses them).
@@ -142,8 +167,7 @@ def surgery_grid(
     """
     import pandas as pd
 
-    if seeds < 1:
-        raise SurgeryBookError(f"{seeds} seeds", "pass --seeds 1 or more")
+    check_seeds(first_seed, seeds)
     started = time.perf_counter()
     rows: dict[str, dict[str, float]] = {}
     if reference_rows:

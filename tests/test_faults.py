@@ -95,6 +95,13 @@ def test_json_output_is_standard_json():
         (["merge", "--method", "ties", "--keep-fraction", "1.5"], "--keep-fraction 1.5 is outside (0, 1]"),
         (["merge", "--method", "dare_ties", "--drop-rate", "1"], "--drop-rate 1.0 is outside [0, 1)"),
         (["merge", "--method", "regmean", "--seed", str(2**70)], "--seed"),
+        (["surgery", "--seed", "-5"], "--seed -5 is outside [0, 4294967295]"),  # a bound one can type back
+        (["table", "--seeds", "1000000000"], "--seeds 1000000000 asks for 1,000,000,000 runs"),  # planned: OOM
+        (
+            ["table", "--methods", "dare_task_arithmetic", "--seed", "4294967295", "--seeds", "2"],
+            "uses the seeds 4294967295 to 4294967296, outside [0, 4294967295]",  # was: after the first seed's merge
+        ),
+        (["merge", "--method", "regmean", "--seed", "-1"], "--seed -1 is outside [0, 4294967295]"),
         (
             ["merge", "--method", "task_arithmetic", "--keep-fraction", "0.5"],
             "task_arithmetic does not read --keep-fraction",
@@ -700,3 +707,21 @@ def test_written_files_and_folders_get_the_permissions_the_umask_gives(umask, fi
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == file_mode, name
     assert stat.S_IMODE((tmp_path / "outputs").stat().st_mode) == folder_mode
     assert stat.S_IMODE((tmp_path / "outputs" / "table.csv").stat().st_mode) == file_mode
+
+
+@pytest.mark.parametrize(
+    "first_seed, seeds, problem",
+    [(0, 0, "0 seeds"), (0, 10**9, "asks for 1,000,000,000 runs"), (2**32 - 2, 3, "uses the seeds 4294967294 to")],
+)
+def test_a_grid_with_too_many_seeds_or_seeds_past_the_largest_is_refused_when_planned(first_seed, seeds, problem):
+    from surgery_lib.cluster import GridSpec
+    from surgery_lib.grid import MAX_SEEDS, check_seeds, surgery_grid
+
+    for plan in (
+        lambda: GridSpec(presets=("smoke",), methods=("task_arithmetic",), seeds=seeds, first_seed=first_seed),
+        lambda: surgery_grid(None, ("task_arithmetic",), (1,), seeds, first_seed=first_seed),  # before the zoo
+    ):
+        with pytest.raises(SurgeryBookError, match=re.escape(problem)):
+            plan()
+    check_seeds(0, MAX_SEEDS)
+    check_seeds(2**32 - 1 - (MAX_SEEDS - 1), MAX_SEEDS)  # the last valid seed is 2**32 - 1

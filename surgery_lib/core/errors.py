@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import re
 import sys
@@ -37,6 +38,18 @@ _OS_FIXES = {
     "ENOSPC": "free disk space, or pass a path on another disk; finished files are kept",
     "EDQUOT": "free space within your disk quota, or pass a path on another disk; finished files are kept",
 }
+
+
+def interval_text(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    """A valid interval as error messages show it, e.g. ``(0, 1]`` or ``[0, 4294967295]``: whole-number ends in full
+    (``%g`` would print a seed bound as ``4.29497e+09``, which no one can type back), ``None`` as an open infinity."""
+
+    def end(value: float | None, infinity: str) -> str:
+        if value is None:
+            return infinity
+        return str(int(value)) if math.isfinite(value) and float(value).is_integer() else f"{value:g}"
+
+    return f"{'(' if low_open else '['}{end(low, '-inf')}, {end(high, 'inf')}{')' if high_open else ']'}"
 
 
 def from_os_error(exc: OSError) -> SurgeryBookError:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, interval_text
 from surgery_lib.core.registry import Registry
 from surgery_lib.models import PRECISIONS
 
@@ -71,9 +71,7 @@ class Option:
         """The valid interval in words, e.g. ``(0, 1]``; empty for an unbounded or ``str`` option."""
         if self.low is None and self.high is None:
             return ""
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return interval_text(self.low, self.high, self.low_open, self.high_open)
 
     def check(self, value: Any) -> Any:
         """``value`` converted to :attr:`kind` when valid; a :class:`SurgeryBookError` naming the flag otherwise.
