@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from surgery_lib.core.errors import OneLineArgumentParser, SurgeryBookError, interval_text, run_script
+from surgery_lib.core.errors import OneLineArgumentParser, SurgeryBookError, interval_text, path_argument, run_script
 from surgery_lib.core.storage import to_json
 from surgery_lib.core.workers import exit_on_sigterm
 from surgery_lib.finetuning import FINETUNING_MODES
@@ -51,7 +51,10 @@ def format_table(table: Any, as_json: bool) -> str:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="mini", help="preset name (see 'surgery-book presets'); default: mini")
     parser.add_argument(
-        "--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)"
+        "--cache-dir",
+        type=path_argument,
+        default=None,
+        help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)",
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -766,7 +769,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(zoo)
     zoo.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     zoo.add_argument(
-        "--zoo-dir", default=None, help="explicit zoo directory (default: in the cache, named by config hash)"
+        "--zoo-dir",
+        type=path_argument,
+        default=None,
+        help="explicit zoo directory (default: in the cache, named by config hash)",
     )
     zoo.add_argument(
         "--rebuild",
@@ -800,7 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows: 'papers' (the papers' main table, default), 'all' (every "
         "registered method but the tuned twins: see --tune) or a comma-separated list of --method names",
     )
-    table.add_argument("--out", default=None, help="also write main_table_<preset>.csv and .md into this directory")
+    table.add_argument(
+        "--out", type=path_argument, default=None, help="also write main_table_<preset>.csv and .md into this directory"
+    )
     _add_tune(table, "add each method's tuned twin next to it (hyper-parameters chosen on the validation split)")
     table.add_argument(
         "--surgery",
@@ -858,7 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimiser semantics of the surgery cells: 'shared' (the published runs, default) or 'per-task' (torch >= 2)",
     )
     grid.add_argument(
-        "--out", required=True, help="the grid's folder: one JSON per cell, table.csv/.md/.json, job logs"
+        "--out",
+        type=path_argument,
+        required=True,
+        help="the grid's folder: one JSON per cell, table.csv/.md/.json, job logs",
     )
     grid.add_argument(
         "--executor",
@@ -891,7 +902,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--array-parallelism", type=int, default=64, help="Slurm: array jobs running at once (default 64)"
     )
     grid.add_argument(
-        "--cache-dir", default=None, help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)"
+        "--cache-dir",
+        type=path_argument,
+        default=None,
+        help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)",
     )
     grid.add_argument("--json", action="store_true", help="print the table as JSON")
     grid.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -932,7 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --online: 'official' (default; each task's whole pass in turn, as the official script) "
         "or 'interleaved' (the tasks take turns between accuracy checkpoints)",
     )
-    surgery.add_argument("--save", default=None, help="save the trained modules to this .safetensors file")
+    surgery.add_argument(
+        "--save", type=path_argument, default=None, help="save the trained modules to this .safetensors file"
+    )
     _add_merge_options(surgery)
     surgery.set_defaults(run=_cmd_surgery)
 
@@ -941,12 +957,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(reproduce)
     reproduce.add_argument(
-        "--out", required=True, help="output directory (executed notebooks, figures, tables, summary)"
+        "--out",
+        type=path_argument,
+        required=True,
+        help="output directory (executed notebooks, figures, tables, summary)",
     )
     reproduce.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
     reproduce.add_argument("--seed", type=int, default=0, help="the notebooks' seed parameter (default 0)")
     reproduce.add_argument(
-        "--source", default="notebooks", help="folder of the NN_*.ipynb notebooks (default: ./notebooks)"
+        "--source",
+        type=path_argument,
+        default="notebooks",
+        help="folder of the NN_*.ipynb notebooks (default: ./notebooks)",
     )
     reproduce.add_argument("--notebooks", default=None, help="comma-separated numbers or names to run (default: all)")
     reproduce.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks' own)")
@@ -975,11 +997,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--model", required=True, help="ViT-B-32, ViT-B-16 or ViT-L-14")
     convert.add_argument(
         "--source",
+        type=path_argument,
         required=True,
         help="task_vectors: folder holding <model>/zeroshot.pt, <model>/<Task>/finetuned.pt, "
         "<model>/head_<Task>.pt; fusionbench: 'hub', or a folder of save_pretrained snapshots named like the hub repositories",
     )
-    convert.add_argument("--out", required=True, help="output folder (writes <out>/<model>/...)")
+    convert.add_argument("--out", type=path_argument, required=True, help="output folder (writes <out>/<model>/...)")
     convert.add_argument("--tasks", default=None, help="comma-separated task folder names (default: the papers' 8)")
     convert.add_argument("--json", action="store_true", help="print the manifest as JSON")
     convert.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -725,3 +725,43 @@ def test_a_grid_with_too_many_seeds_or_seeds_past_the_largest_is_refused_when_pl
             plan()
     check_seeds(0, MAX_SEEDS)
     check_seeds(2**32 - 1 - (MAX_SEEDS - 1), MAX_SEEDS)  # the last valid seed is 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["zoo", "--preset", "smoke", "--zoo-dir", ""],
+        ["zoo", "--preset", "smoke", "--zoo-dir", "", "--rebuild"],
+        ["data", "--preset", "smoke", "--cache-dir", ""],
+        ["table", "--preset", "smoke", "--out", " "],
+        ["grid", "--presets", "smoke", "--out", ""],
+        ["surgery", "--preset", "smoke", "--save", ""],
+        ["reproduce", "--preset", "smoke", "--out", ""],
+        ["reproduce", "--preset", "smoke", "--out", "run", "--source", ""],
+        ["convert", "--model", "ViT-B-32", "--source", "", "--out", "converted"],
+        ["convert", "--model", "ViT-B-32", "--source", "checkpoints", "--out", ""],
+        ["zoo", "--preset", "clip-vit-b-32", "--checkpoints", ""],
+        ["zoo", "--preset", "clip-vit-b-32", "--data-source", "local", "--data-root", ""],
+    ],
+)
+def test_an_empty_path_is_refused_before_anything_is_written_in_the_current_folder(argv, capsys, monkeypatch, tmp_path):
+    # `--out "$OUT"` with OUT unset: Path("") is the current folder, where a zoo or a grid landed among the user's files
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SURGERY_BOOK_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    flag = next(word for word, value in zip(argv, argv[1:]) if not value.strip())
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert f"argument {flag}: an empty path. Fix: pass a path" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_lock_of_a_folder_given_as_dot_lies_beside_it_not_in_it(monkeypatch, tmp_path):
+    from surgery_lib.core.storage import entry_lock
+
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path / "mine")
+    with entry_lock("."):
+        assert (tmp_path / ".mine.lock").exists()
+    assert list((tmp_path / "mine").iterdir()) == []  # was: "..lock" inside the user's folder

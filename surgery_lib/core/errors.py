@@ -100,6 +100,19 @@ def use_one_of(word: str, choices: Iterable[str]) -> str:
     return f"{guess}{'Else use' if guess else 'use'} one of: {', '.join(listed)}"
 
 
+#: What :func:`path_argument` says of an empty path, and how :class:`OneLineArgumentParser` recognises it.
+EMPTY_PATH = "an empty path"
+
+
+def path_argument(text: str) -> str:
+    """The argparse ``type`` of a path option: the text as given, refused when empty. ``--out "$OUT"`` with
+    ``OUT`` unset passes an empty string, which ``Path`` reads as the current folder: a zoo or a grid would be
+    written among the user's own files."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
+    return text
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """An :class:`argparse.ArgumentParser` whose usage errors are one line, as every other error of this project:
     ``error: <command>: <problem>. Fix: <fix>.`` with exit status 2, instead of the whole usage (for a command
@@ -135,6 +148,10 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def _fix(self, problem: str) -> str:
         listing = f"`{self.prog} --help` lists every option and what it takes"
+        if problem.endswith(EMPTY_PATH):  # "argument --out: an empty path"
+            option = self._option_string_actions.get(problem.split(":")[0].removeprefix("argument "))
+            default = "" if option is None or option.required else ", or leave the option out for its default"
+            return f"pass a path{default} (a shell variable that is not set gives an empty one)"
         if problem.startswith("unrecognized arguments:"):
             options = [word.split("=")[0] for word in problem.split(":", 1)[1].split() if word.startswith("-")]
             guesses = [did_you_mean(option, self._option_names()) for option in options]

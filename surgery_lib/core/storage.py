@@ -334,7 +334,7 @@ def entry_lock(path: str | os.PathLike[str], what: str | None = None) -> Iterato
     entry finished and reuses it, instead of both writing and one manifest describing the other's files.
     The lock is the file ``.<name>.lock`` next to the entry (never inside a folder the user named).
     """
-    target = Path(path)
+    target = Path(os.path.abspath(path))  # "." or "x/..": the folder's own name, so the lock lands beside it
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
     lock = filelock.FileLock(str(lock_path))

@@ -22,7 +22,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, path_argument
 from surgery_lib.settings.base import Setting
 from surgery_lib.settings.clip.config import clip_config
 from surgery_lib.settings.clip.sources import FAMILIES, VARIABLES, ClipSources
@@ -64,6 +64,7 @@ class ClipSetting(Setting):
         )
         group.add_argument(
             "--checkpoints",
+            type=path_argument,
             default=None,
             help="task_vectors' folder, a converted folder, or FusionBench "
             f"snapshots; 'hub' for FusionBench from the hub (${VARIABLES['checkpoints']})",
@@ -75,7 +76,10 @@ class ClipSetting(Setting):
             help=f"datasets from the Hugging Face hub (default) or task_vectors' folders (${VARIABLES['data_source']})",
         )
         group.add_argument(
-            "--data-root", default=None, help=f"root of task_vectors' dataset folders (${VARIABLES['data_root']})"
+            "--data-root",
+            type=path_argument,
+            default=None,
+            help=f"root of task_vectors' dataset folders (${VARIABLES['data_root']})",
         )
         group.add_argument(
             "--test-folder",
