@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -765,3 +766,18 @@ def test_the_lock_of_a_folder_given_as_dot_lies_beside_it_not_in_it(monkeypatch,
     with entry_lock("."):
         assert (tmp_path / ".mine.lock").exists()
     assert list((tmp_path / "mine").iterdir()) == []  # was: "..lock" inside the user's folder
+
+
+def test_a_blank_cache_variable_means_the_default_and_a_blank_cache_dir_is_refused(monkeypatch, tmp_path):
+    from surgery_lib.core.storage import cache_root, exported_cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))  # where platformdirs puts the default
+    monkeypatch.setenv("SURGERY_BOOK_CACHE", " ")
+    assert cache_root() == tmp_path / "user-cache" / "surgery-book"  # was: a folder named " " here
+    for blank in ("", "  "):
+        with pytest.raises(SurgeryBookError, match="an empty cache directory"):
+            cache_root(blank)
+    assert [p.name for p in tmp_path.iterdir()] == ["user-cache"]
+    with exported_cache(None):  # what notebook kernels inherit: still blank, not the folder "<here>/ "
+        assert os.environ["SURGERY_BOOK_CACHE"] == " "

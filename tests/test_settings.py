@@ -200,3 +200,14 @@ def test_the_fusionbench_owner_of_a_preset_reaches_the_hub_ids():
     assert ids["expert/Cars"] == "mirror/clip-vit-base-patch32_stanford-cars"
     default = fusionbench_sources("ViT-B-32", "hub", ("Cars",), owner=clip_config(preset).fusionbench_owner)
     assert default["expert/Cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
+
+
+def test_a_blank_clip_variable_means_its_default_as_in_a_shell(monkeypatch):
+    preset = PRESETS["clip-vit-b-32"]
+    for variable in VARIABLES.values():
+        monkeypatch.setenv(variable, " ")  # `export SURGERY_BOOK_CHECKPOINTS=$UNSET`: was the current folder
+    sources = ClipSources.from_environment(preset)
+    assert (sources.checkpoints, sources.data_root, sources.validation_images) == (None, None, 0)
+    assert (sources.family, sources.test_folder) == ("task_vectors", "val")
+    monkeypatch.setenv("SURGERY_BOOK_CHECKPOINTS", "/data/my checkpoints ")  # a value is kept as given
+    assert ClipSources.from_environment(preset).checkpoints == "/data/my checkpoints "

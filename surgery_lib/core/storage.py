@@ -55,7 +55,7 @@ def exported_cache(cache_dir: str | os.PathLike[str] | None, *path_variables: st
     if cache_dir is not None:
         os.environ[CACHE_ENV] = str(cache_dir)
     for name in names:
-        if os.environ.get(name):
+        if os.environ.get(name, "").strip():  # a blank one means the default, and must stay blank
             os.environ[name] = os.path.abspath(os.path.expanduser(os.environ[name]))
     try:
         yield
@@ -76,8 +76,11 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     Raises:
         SurgeryBookError: if the directory cannot be created or written to.
     """
+    if cache_dir is not None and not str(cache_dir).strip():  # Path("") would be the current folder
+        raise SurgeryBookError("an empty cache directory", "pass a folder as cache_dir, or None for the default")
     if cache_dir is None:
-        cache_dir = os.environ.get(CACHE_ENV) or None
+        variable = os.environ.get(CACHE_ENV, "")
+        cache_dir = variable if variable.strip() else None  # set but blank: as if unset, as ${VAR:-default} does
     if cache_dir is None:
         import platformdirs
 

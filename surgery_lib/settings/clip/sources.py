@@ -49,10 +49,13 @@ class ClipSources:
 
     @classmethod
     def from_environment(cls, preset: Preset, **given: Any) -> ClipSources:
-        """Arguments that are not None, else ``SURGERY_BOOK_*`` variables, else the preset's defaults."""
+        """Arguments that are not None, else ``SURGERY_BOOK_*`` variables that are set and not blank (as a shell's
+        ``${VAR:-default}``: ``SURGERY_BOOK_CHECKPOINTS=`` looked for the checkpoints in the current folder), else
+        the preset's defaults."""
         config = clip_config(preset)
         defaults = {"family": config.family, "data_source": config.data_source, "test_folder": "val"}
-        env = {field: os.environ.get(variable, defaults.get(field)) for field, variable in VARIABLES.items()}
+        set_values = {field: os.environ.get(variable, "") for field, variable in VARIABLES.items()}
+        env = {field: value if value.strip() else defaults.get(field) for field, value in set_values.items()}
         sources = cls(**{**env, **{k: v for k, v in given.items() if v is not None}})
         count = sources.validation_images
         if isinstance(count, str):
