@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -104,3 +106,20 @@ def test_ties_threshold_is_global_over_all_tensors():
     )  # int(0.4 * 12) + 1 = 5 kept: 0.2 and the large ones
     with pytest.raises(SurgeryBookError, match="outside"):
         trim_threshold(vector, 0.0)
+
+
+@pytest.mark.parametrize(
+    "tasks, problem",
+    [(["nope"], "the smoke zoo has no task 'nope'. Fix: use one of: "), (["mnist", "mnist"], "more than once: mnist")],
+)
+def test_merges_and_their_evaluation_refuse_unknown_or_repeated_tasks(smoke_zoo, tasks, problem):
+    from surgery_lib.merging import cached_merge, evaluate_merge, merge
+
+    result = merge(smoke_zoo, "weight_averaging", progress=False)
+    for call in (  # merge: a KeyError for an unknown task; a repeat was merged once and cached under both names
+        lambda: merge(smoke_zoo, "weight_averaging", tasks=tasks, progress=False),
+        lambda: cached_merge(smoke_zoo, "weight_averaging", tasks=tasks, progress=False),
+        lambda: evaluate_merge(smoke_zoo, result, tasks=tasks),
+    ):
+        with pytest.raises(SurgeryBookError, match=re.escape(problem)):
+            call()
