@@ -638,7 +638,7 @@ def _literal(text: str) -> Any:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from surgery_lib.reproduce import reproduce
 
-    only = args.notebooks.split(",") if args.notebooks else None
+    only = None if args.notebooks is None else args.notebooks.split(",")  # "": an error, not every notebook
     args.param = [(name, _literal(value)) for name, value in args.param]
     setting = get_setting(get_preset(args.preset).setting)
     with setting.exported(_setting_options(args)):  # the kernels papermill starts read them from their environment

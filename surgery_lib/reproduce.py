@@ -122,10 +122,12 @@ def _reusable(run: NotebookRun | None, fingerprint: str, out: Path, executed: Pa
 
 
 def find_notebooks(source: str | os.PathLike[str], only: Sequence[str] | None = None) -> list[Path]:
-    """The numbered notebooks ``NN_*.ipynb`` in ``source``, in order; ``only`` filters by number or stem.
+    """The numbered notebooks ``NN_*.ipynb`` in ``source``, in order; ``only`` (``None``: all) filters by number
+    or stem.
 
     Raises:
-        SurgeryBookError: if ``source`` has no notebooks, or ``only`` names one that does not exist.
+        SurgeryBookError: if ``source`` has no notebooks, or ``only`` names one that does not exist or none at all
+            (``--notebooks "$CHAPTERS"`` with the variable unset ran every notebook: hours on a CLIP preset).
     """
     source = Path(source)
     notebooks = sorted(source.glob("[0-9][0-9]_*.ipynb"))
@@ -133,8 +135,12 @@ def find_notebooks(source: str | os.PathLike[str], only: Sequence[str] | None = 
         raise SurgeryBookError(
             f"no notebooks (NN_*.ipynb) in {source}", "run from a checkout of the repository or pass --source DIR"
         )
-    if only:
-        wanted = {name.removesuffix(".ipynb") for name in only}
+    if only is not None:
+        wanted = {name.strip().removesuffix(".ipynb") for name in only} - {""}
+        if not wanted:
+            raise SurgeryBookError(
+                "--notebooks names no notebook", "pass numbers or names such as 04,05, or leave the option out for all"
+            )
         chosen = [nb for nb in notebooks if nb.stem in wanted or nb.stem[:2] in wanted]
         unknown = wanted - {nb.stem for nb in chosen} - {nb.stem[:2] for nb in chosen}
         if unknown:

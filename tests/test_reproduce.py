@@ -172,6 +172,10 @@ def test_reproduce_refuses_bad_input(tmp_path):
     _notebook(source / "01_only_more.ipynb", "x = 2")
     assert [p.name for p in find_notebooks(source, ["01"])] == ["01_only.ipynb", "01_only_more.ipynb"]
     assert [p.name for p in find_notebooks(source, ["01_only_more"])] == ["01_only_more.ipynb"]
+    assert [p.name for p in find_notebooks(source, [" 01_only_more", ""])] == ["01_only_more.ipynb"]  # "a, b"
+    for nothing in ([], [""], ["", " "]):  # `--notebooks "$UNSET"` ran every notebook
+        with pytest.raises(SurgeryBookError, match="--notebooks names no notebook. Fix: pass numbers or names"):
+            find_notebooks(source, nothing)
     with pytest.raises(SurgeryBookError, match="unknown preset"):
         reproduce("nope", tmp_path / "out", source=source, progress=False)
     with pytest.raises(SurgeryBookError, match="over the sources"):

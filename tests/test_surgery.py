@@ -458,3 +458,13 @@ def test_an_explicit_rank_is_kept_and_a_rank_left_open_is_the_presets(smoke_zoo)
     assert SurgeryConfig().with_rank(4).rank == 4 and SurgeryConfig(rank=8).with_rank(4).rank == 8
     with pytest.raises(SurgeryBookError, match="rank >= 1"):
         SurgeryConfig(rank=0)
+
+
+def test_surgery_refuses_unknown_or_repeated_tasks_before_any_work(smoke_zoo):
+    from surgery_lib.core.errors import SurgeryBookError
+
+    merged = smoke_zoo.pretrained
+    for tasks, problem in ((["nope"], "the smoke zoo has no task 'nope'"), (["mnist", "mnist"], "more than once")):
+        for version in (1, 2):  # a repeat was given a second module of its own
+            with pytest.raises(SurgeryBookError, match=problem):
+                run_surgery(smoke_zoo, merged, version=version, config=SurgeryConfig(steps=1), tasks=tasks)

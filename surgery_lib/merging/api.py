@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgery_lib.core.errors import SurgeryBookError, use_one_of
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import (
@@ -62,25 +62,6 @@ def method_label(zoo: Zoo, method: str, options: MergeOptions | None = None) -> 
     )
 
 
-def chosen_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
-    """The tasks whose experts a merge combines: all of ``zoo``'s (``None``), or ``tasks`` checked against them.
-
-    Raises:
-        SurgeryBookError: for a task the zoo does not have (naming the closest one and all of them), or one named
-            twice (the merge would take its expert once while the cache key and the caller counted it twice).
-    """
-    if tasks is None:
-        return list(zoo.tasks)
-    names = list(tasks)
-    for name in names:
-        if name not in zoo.tasks:
-            raise SurgeryBookError(f"the {zoo.preset.name} zoo has no task {name!r}", use_one_of(name, zoo.tasks))
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise SurgeryBookError(f"tasks named more than once: {', '.join(repeated)}", "name each task once")
-    return names
-
-
 def merge(
     zoo: Zoo,
     method: str,
@@ -94,7 +75,7 @@ def merge(
     spec = get_method(method)
     options = options or MergeOptions()
     device = resolve_device(device, zoo.preset.default_device)
-    experts = {t: zoo.experts[t] for t in chosen_tasks(zoo, tasks)}
+    experts = {t: zoo.experts[t] for t in zoo.task_subset(tasks)}
     started = time.perf_counter()
     state, details = spec.run(zoo, experts, options, device, progress)
     broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
@@ -149,7 +130,7 @@ def cached_merge(
     """
     get_method(method)
     options = options or MergeOptions()
-    names = chosen_tasks(zoo, tasks)
+    names = zoo.task_subset(tasks)
     path = merge_cache_path(zoo, method, options, names)
     if path.exists():
         try:
@@ -252,7 +233,7 @@ def evaluate_merge(
 ) -> dict[str, float]:
     """Test accuracy (%) of a merged model on each of ``tasks`` (default: every task of the zoo; pass the
     subset a merge of fewer tasks was computed from)."""
-    names = chosen_tasks(zoo, tasks)
+    names = zoo.task_subset(tasks)
     device = resolve_device(device, zoo.preset.default_device)
     encoder, fingerprint = load_encoder(zoo.preset.encoder, result.state), state_fingerprint(result.state)
     return {

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, use_one_of
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import TensorStore, config_hash, source_checksum
 from surgery_lib.core.taskdata import Suite
@@ -237,6 +237,25 @@ class Zoo:
         """Free the embeddings :meth:`expert_features` and :meth:`features` kept."""
         self._expert_features.clear()
         self._merged_features = ("", {})
+
+    def task_subset(self, tasks: Sequence[str] | None) -> list[str]:
+        """The zoo's tasks (``None``), or ``tasks`` checked against them: what a merge, its evaluation or a surgery
+        run takes as its ``tasks``.
+
+        Raises:
+            SurgeryBookError: for a task the zoo does not have (naming the closest one and all of them), or one
+                named twice (a merge took its expert once while its cache key and the caller counted it twice).
+        """
+        if tasks is None:
+            return list(self.tasks)
+        names = list(tasks)
+        for name in names:
+            if name not in self.tasks:
+                raise SurgeryBookError(f"the {self.preset.name} zoo has no task {name!r}", use_one_of(name, self.tasks))
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise SurgeryBookError(f"tasks named more than once: {', '.join(repeated)}", "name each task once")
+        return names
 
     def encoder(self, which: str = "pretrained") -> nn.Module:
         """A fresh encoder loaded with ``"pretrained"``, ``"mtl"`` or a task's expert weights."""

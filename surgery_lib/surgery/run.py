@@ -111,7 +111,7 @@ def run_surgery(
     config = _checked_config(zoo, version, config, split, adapt_limit)
     device = resolve_device(device, zoo.preset.default_device)
     precision = precision or zoo.preset.precision
-    names = tuple(tasks) if tasks is not None else zoo.tasks
+    names = tuple(zoo.task_subset(tasks))
     encoder = load_encoder(zoo.preset.encoder, merged).to(device)
     with_blocks = version == 2 or block_bias_too
     started = time.perf_counter()
