@@ -116,7 +116,7 @@ def test_merges_and_their_evaluation_refuse_unknown_or_repeated_tasks(smoke_zoo,
     from surgery_lib.merging import cached_merge, evaluate_merge, merge
 
     result = merge(smoke_zoo, "weight_averaging", progress=False)
-    for call in (  # merge: a KeyError for an unknown task; a repeat was merged once and cached under both names
+    for call in (  # merge: a KeyError for an unknown task; a repeat was silently merged once
         lambda: merge(smoke_zoo, "weight_averaging", tasks=tasks, progress=False),
         lambda: cached_merge(smoke_zoo, "weight_averaging", tasks=tasks, progress=False),
         lambda: evaluate_merge(smoke_zoo, result, tasks=tasks),

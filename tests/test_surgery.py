@@ -465,6 +465,6 @@ def test_surgery_refuses_unknown_or_repeated_tasks_before_any_work(smoke_zoo):
 
     merged = smoke_zoo.pretrained
     for tasks, problem in ((["nope"], "the smoke zoo has no task 'nope'"), (["mnist", "mnist"], "more than once")):
-        for version in (1, 2):  # a repeat was given a second module of its own
+        for version in (1, 2):  # a repeat was trained once, silently; an unknown task "no model"
             with pytest.raises(SurgeryBookError, match=problem):
                 run_surgery(smoke_zoo, merged, version=version, config=SurgeryConfig(steps=1), tasks=tasks)
