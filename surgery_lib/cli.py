@@ -48,14 +48,18 @@ def format_table(table: Any, as_json: bool) -> str:
     return table.to_markdown(floatfmt=".2f")
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="mini", help="preset name (see 'surgery-book presets'); default: mini")
+def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir",
         type=path_argument,
         default=None,
         help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)",
     )
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="mini", help="preset name (see 'surgery-book presets'); default: mini")
+    _add_cache_dir(parser)
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     for name in available_settings():
@@ -901,12 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument(
         "--array-parallelism", type=int, default=64, help="Slurm: array jobs running at once (default 64)"
     )
-    grid.add_argument(
-        "--cache-dir",
-        type=path_argument,
-        default=None,
-        help="data and model cache (default: $SURGERY_BOOK_CACHE or ~/.cache/surgery-book)",
-    )
+    _add_cache_dir(grid)
     grid.add_argument("--json", action="store_true", help="print the table as JSON")
     grid.add_argument("--quiet", action="store_true", help="no progress bars")
     for name in available_settings():

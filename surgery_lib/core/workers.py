@@ -67,6 +67,10 @@ def _raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+#: The hook :func:`_deliver_swallowed_sigterm_again` passes every other unraisable exception to.
+_previous_unraisablehook = sys.unraisablehook
+
+
 def _deliver_swallowed_sigterm_again(unraisable: sys.UnraisableHookArgs) -> None:
     """``sys.unraisablehook``: a SIGTERM whose ``SystemExit`` was raised inside code whose exceptions Python only
     prints (a fork hook, such as filelock's after each pool worker starts; a finaliser) is sent again, a moment
@@ -78,9 +82,6 @@ def _deliver_swallowed_sigterm_again(unraisable: sys.UnraisableHookArgs) -> None
         again.start()
         return
     _previous_unraisablehook(unraisable)
-
-
-_previous_unraisablehook = sys.unraisablehook
 
 
 def exit_on_sigterm() -> None:

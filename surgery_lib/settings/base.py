@@ -244,7 +244,7 @@ class Zoo:
 
         Raises:
             SurgeryBookError: for a task the zoo does not have (naming the closest one and all of them), or one
-                named twice (a merge took its expert once while its cache key and the caller counted it twice).
+                named twice (it was used once, silently: a typo is more likely than a wish).
         """
         if tasks is None:
             return list(self.tasks)
