@@ -239,14 +239,22 @@ def _surgery_config(args: argparse.Namespace, rank: int | None):
     _check_range(args, "surgery_steps", 1, math.inf)
     _check_range(args, "surgery_batch_size", 1, math.inf)
     _check_range(args, "seed", 0, MAX_SEED)
+    online = getattr(args, "online", False)
+    for flag, given in (("--surgery-steps", args.surgery_steps), ("--surgery-batch-size", args.surgery_batch_size)):
+        if online and given is not None:  # the online run reported 1000 steps it never took
+            raise SurgeryBookError(
+                f"the online variant does not read {flag} (it takes one step per adaptation image, batch 1)",
+                f"drop {flag}, or drop --online",
+            )
+    default = SurgeryConfig()
     return SurgeryConfig(
         rank=rank,
-        steps=args.surgery_steps,
-        batch_size=args.surgery_batch_size,
+        steps=default.steps if args.surgery_steps is None else args.surgery_steps,
+        batch_size=default.batch_size if args.surgery_batch_size is None else args.surgery_batch_size,
         lr=args.lr,
         seed=args.seed or 0,
         eval_every=0,
-        online=getattr(args, "online", False),
+        online=online,
         adam=args.adam,
         online_order=getattr(args, "online_order", None) or "official",
     )
@@ -364,7 +372,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
             "seconds": round(grid.seconds, 1),
             "seeds": args.seeds,
             "adam": args.adam,
-            "surgery_steps": args.surgery_steps,
+            "surgery_steps": config.steps,
         }
         shown = format_grid(table, per_task=True)
     if args.out:
@@ -392,6 +400,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         "threads",
         "timeout_min",
         "array_parallelism",
+        "cpus_per_job",
+        "mem_gb",
     ):
         _check_range(args, flag, 1, math.inf)
     _check_range(args, "gpus_per_job", 0, math.inf)
@@ -447,7 +457,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 def _cmd_surgery(args: argparse.Namespace) -> int:
     from surgery_lib.merging import METHODS, check_method, merge
-    from surgery_lib.surgery.run import run_surgery, save_surgery
+    from surgery_lib.surgery.run import check_surgery_request, run_surgery, save_surgery
 
     # Bad values fail here, before the zoo is loaded; --seed, --data and --precision also drive the surgery itself.
     options = _merge_options(args, check_method(args.merge), shared=("seed", "data", "precision"))
@@ -455,6 +465,7 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
         raise SurgeryBookError(
             "--online-order is read only by the online variant", "add --online, or drop --online-order"
         )
+    check_surgery_request(args.version, args.data or "test", args.online)
     _surgery_config(args, args.rank)
     if args.save:
         _check_writable(args.save, folder=False)
@@ -484,7 +495,7 @@ def _cmd_surgery(args: argparse.Namespace) -> int:
                     "version": args.version,
                     "adapt_split": run.split,
                     "rank": config.rank,
-                    "steps": config.steps,
+                    "steps": None if config.online else config.steps,  # online: one per adaptation image
                     "adam": config.adam,
                     "online": config.online,
                     **({"online_order": config.online_order} if config.online else {}),
@@ -513,6 +524,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _check_finite(args, "scale", "lr")
     _check_range(args, "scale", 0, math.inf, low_open=True)
     _check_range(args, "iterations", 1, math.inf)
+    _check_range(args, "adamerging_steps", 1, math.inf)  # before the zoo, which takes minutes at the paper's sizes
+    _refuse_unread_bench_options(args)
+    args.versions = "1,2" if args.versions is None else args.versions
+    args.adam = "shared" if args.adam is None else args.adam
     device = resolve_device(args.device, "cpu")
     versions = tuple(int(v) for v in args.versions.split(",") if v.strip().isdigit())
     if not versions or len(versions) != len(args.versions.split(",")) or any(v not in (1, 2) for v in versions):
@@ -574,6 +589,21 @@ def _print_bench(args: argparse.Namespace, setting: str, device: Any, key: str, 
         print(f"{setting}, on {device}\n")
         print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
+
+
+def _refuse_unread_bench_options(args: argparse.Namespace) -> None:
+    """A one-line error for an option the chosen benchmark would ignore (a ``--scale 0.1`` without a synthetic
+    tower timed the preset's full zoo, with nothing said)."""
+    synthetic = args.vit_b32 or args.synthetic is not None
+    unread = [
+        ("--scale", args.scale != 1.0 and not synthetic, "it scales the test sets of --vit-b32 or --synthetic"),
+        ("--adamerging-steps", args.adamerging_steps is not None and not args.pipeline, "only --pipeline merges"),
+    ]
+    for flag, name in (("--versions", "versions"), ("--adam", "adam"), ("--precision", "precision")):
+        unread.append((flag, args.pipeline and getattr(args, name) is not None, "--pipeline times its fixed stages"))
+    for flag, given, why in unread:
+        if given:
+            raise SurgeryBookError(f"this benchmark does not read {flag} ({why})", f"drop {flag}")
 
 
 def _bench_zoo(args: argparse.Namespace, device: Any) -> tuple[Any, str]:
@@ -738,9 +768,9 @@ def _add_tune(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _add_surgery_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--surgery-steps", type=int, default=1000, help="steps per task (default 1000 = 500 official iterations x 2)"
+        "--surgery-steps", type=int, default=None, help="steps per task (default 1000 = 500 official iterations x 2)"
     )
-    parser.add_argument("--surgery-batch-size", type=int, default=16, help="batch size per task (default 16)")
+    parser.add_argument("--surgery-batch-size", type=int, default=None, help="batch size per task (default 16)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument(
         "--adam",
@@ -1014,10 +1044,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--iterations", type=int, default=500, help="official iterations (x 2 batches per task; default 500)"
     )
-    bench.add_argument("--versions", default="1,2", help="surgery versions to time (default 1,2)")
+    bench.add_argument("--versions", default=None, help="surgery versions to time (default 1,2)")
     bench.add_argument(
         "--adam",
-        default="shared",
+        default=None,
         help="optimiser semantics to time, comma-separated: shared, per-task (default shared)",
     )
     bench.add_argument(

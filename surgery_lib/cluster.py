@@ -591,6 +591,20 @@ class SubmitOptions:
             raise SurgeryBookError(
                 "--jobs, --cells-per-job and --timeout-min must be 1 or more", "pass positive numbers"
             )
+        # Checked here, not left to sbatch: a falsy 0 would be dropped silently and -5 sent as "--mem=-5GB".
+        slurm = {
+            "--cpus-per-job": self.cpus_per_job,
+            "--mem-gb": self.mem_gb,
+            "--array-parallelism": self.array_parallelism,
+        }
+        for flag, value in slurm.items():
+            if value is not None and value < 1:
+                raise SurgeryBookError(
+                    f"{flag} {value} is less than 1",
+                    f"pass {flag} 1 or more, or leave it out for the default",
+                )
+        if self.gpus_per_job < 0:
+            raise SurgeryBookError(f"--gpus-per-job {self.gpus_per_job} is negative", "pass 0 or more GPUs per job")
 
 
 def batches(cells: Sequence[Cell], submit: SubmitOptions) -> list[list[Cell]]:

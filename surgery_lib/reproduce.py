@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from surgery_lib.core.errors import SurgeryBookError, use_one_of
+from surgery_lib.core.errors import SurgeryBookError, interval_text, use_one_of
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.project import __version__
 from surgery_lib.core.storage import (
@@ -39,6 +39,7 @@ from surgery_lib.core.storage import (
     source_checksum,
     write_json,
 )
+from surgery_lib.merging.options import MAX_SEED
 from surgery_lib.presets import USER_PRESETS_ENV, get_preset
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,7 @@ def reproduce(
         )
 
     default_device = get_preset(preset).default_device  # an unknown preset fails here, before any kernel starts
+    _check_seed(seed)
     notebooks = find_notebooks(source, only)
     check_notebooks(notebooks)
     parameters = check_parameters(notebooks, parameters or {})
@@ -311,6 +313,14 @@ def reproduce(
     # then read what it finished.
     with entry_lock(out / "summary.json", f"the notebooks in {out}"):
         return _run_notebooks(notebooks, out, executed_dir, preset, parameters, kernel, source, cache_dir, progress)
+
+
+def _check_seed(seed: int) -> None:
+    """A one-line error for a seed no merge or surgery run accepts, before the first notebook (not in the first
+    cell that seeds something, after the earlier notebooks ran)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        interval = interval_text(0, MAX_SEED)
+        raise SurgeryBookError(f"--seed {seed!r} is outside {interval}", f"pass a --seed in {interval}")
 
 
 def _run_notebooks(

@@ -157,6 +157,11 @@ def test_surgery_reports_its_optimiser_semantics(smoke_zoo, cache_dir, capsys):
         results["shared"]["table"]["accuracy after"] != results["per-task"]["table"]["accuracy after"]
         or results["shared"]["table"]["bias after"] != results["per-task"]["table"]["bias after"]
     )
+    assert results["shared"]["steps"] == 4 and not results["shared"]["online"]
+    online = [*common[:6], "--rank", "4", "--online"]  # --surgery-steps is refused with --online
+    assert main(["surgery", "--merge", "task_arithmetic", *online]) == 0
+    streamed = _strict_json(capsys.readouterr().out)
+    assert streamed["online"] and streamed["steps"] is None  # was 1000: steps the online run never took
 
 
 @pytest.mark.heavy

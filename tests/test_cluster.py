@@ -67,6 +67,11 @@ def test_jobs_get_round_robin_shares_locally_and_one_cell_each_on_slurm():
     assert [len(b) for b in batches(cells, SubmitOptions(executor="slurm", cells_per_job=4))] == [4, 2]
     with pytest.raises(SurgeryBookError, match="unknown executor"):
         SubmitOptions(executor="kubernetes")
+    for resources in ({"cpus_per_job": 0}, {"mem_gb": -5}, {"array_parallelism": 0}):  # sbatch's "-5GB" before
+        with pytest.raises(SurgeryBookError, match="is less than 1"):
+            SubmitOptions(executor="slurm", **resources)
+    with pytest.raises(SurgeryBookError, match="--gpus-per-job -1 is negative"):
+        SubmitOptions(executor="slurm", gpus_per_job=-1)
 
 
 def _grid_command(out, cache_dir):

@@ -113,12 +113,31 @@ def test_json_output_is_standard_json():
         (["bench", "--versions", "3"], "--versions '3' names no surgery version"),
         (["bench", "--versions", "abc"], "--versions 'abc'"),
         (["bench", "--adam", "shared,foo"], "unknown optimiser semantics 'foo'"),  # before the zoo is built
+        (["bench", "--pipeline", "--adamerging-steps", "0"], "--adamerging-steps 0 is outside [1, inf]"),  # was: late
+        (["surgery", "--online", "--surgery-steps", "200"], "the online variant does not read --surgery-steps"),
+        (["surgery", "--online", "--version", "2"], "SurgeryV2 has no online variant here"),  # was: after the zoo
+        (["bench", "--scale", "0.1"], "does not read --scale (it scales the test sets of --vit-b32"),  # was: ignored
+        (["bench", "--adamerging-steps", "5"], "does not read --adamerging-steps (only --pipeline merges)"),
+        (["bench", "--pipeline", "--adam", "per-task"], "does not read --adam (--pipeline times its fixed stages)"),
     ],
 )
 def test_out_of_range_options_are_one_line_errors_never_silent_substitutes(argv, flag, capsys, tmp_path):
     assert main([*argv, "--preset", "smoke", "--quiet", "--cache-dir", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and flag in error
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--cpus-per-job", "0"), ("--mem-gb", "-5"), ("--gpus-per-job", "-1"), ("--array-parallelism", "0")],
+)
+def test_slurm_resources_below_one_are_refused_before_any_job(flag, value, capsys, tmp_path):
+    """A falsy --cpus-per-job 0 was dropped silently and --mem-gb -5 reached sbatch as "-5GB"."""
+    argv = ["grid", "--presets", "smoke", "--executor", "slurm", flag, value, "--out", str(tmp_path / "grid")]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{flag} {value} is outside" in error
     assert not any(tmp_path.iterdir())
 
 
@@ -766,6 +785,8 @@ def test_the_lock_of_a_folder_given_as_dot_lies_beside_it_not_in_it(monkeypatch,
     with entry_lock("."):
         assert (tmp_path / ".mine.lock").exists()
     assert list((tmp_path / "mine").iterdir()) == []  # was: "..lock" inside the user's folder
+    with pytest.raises(SurgeryBookError, match="root"), entry_lock("/"):  # was: "/..lock"
+        pass
 
 
 def test_a_blank_cache_variable_means_the_default_and_a_blank_cache_dir_is_refused(monkeypatch, tmp_path):

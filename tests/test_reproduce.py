@@ -180,6 +180,10 @@ def test_reproduce_refuses_bad_input(tmp_path):
         reproduce("nope", tmp_path / "out", source=source, progress=False)
     with pytest.raises(SurgeryBookError, match="over the sources"):
         reproduce("smoke", tmp_path, source=tmp_path / "notebooks", progress=False)
+    for seed in (-1, 2**32):  # reached the kernels: the first notebook that seeds a merge failed, the ones before ran
+        with pytest.raises(SurgeryBookError, match=rf"--seed {seed} is outside \[0, 4294967295\]"):
+            reproduce("smoke", tmp_path / "out", seed=seed, source=source, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_parameters_are_checked_against_the_notebooks_before_any_kernel_starts(tmp_path):

@@ -13,7 +13,14 @@ from surgery_lib.evaluation import accuracy_from_features
 from surgery_lib.merging import task_arithmetic
 from surgery_lib.models import forward_blocks, load_encoder
 from surgery_lib.settings import base as settings_base
-from surgery_lib.surgery.run import load_surgery, run_surgery, save_surgery
+from surgery_lib.surgery.run import (
+    bias_table,
+    block_bias_table,
+    load_surgery,
+    run_surgery,
+    save_surgery,
+    task_embeddings,
+)
 from surgery_lib.surgery.v1 import SurgeryConfig, TaskSurgery, train_surgery
 from surgery_lib.surgery.v2 import DeepSurgery
 
@@ -432,6 +439,8 @@ def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
         run_surgery(smoke_zoo, merged_state, split="train", progress=False)
     with pytest.raises(SurgeryBookError, match="invalid surgery schedule"):
         SurgeryConfig(lr=-1.0)
+    with pytest.raises(SurgeryBookError, match="eval every -200"):  # was accepted, and then no checkpoint was ever due
+        SurgeryConfig(eval_every=-200)
 
 
 def test_an_explicit_rank_is_kept_and_a_rank_left_open_is_the_presets(smoke_zoo):
@@ -468,3 +477,8 @@ def test_surgery_refuses_unknown_or_repeated_tasks_before_any_work(smoke_zoo):
         for version in (1, 2):  # a repeat was trained once, silently; an unknown task "no model"
             with pytest.raises(SurgeryBookError, match=problem):
                 run_surgery(smoke_zoo, merged, version=version, config=SurgeryConfig(steps=1), tasks=tasks)
+        for table in (bias_table, block_bias_table):  # were "no model 'nope'"; a repeat was used once, silently
+            with pytest.raises(SurgeryBookError, match=problem):
+                table(smoke_zoo, {"pretrained": merged}, tasks=tasks)
+        with pytest.raises(SurgeryBookError, match=problem):
+            task_embeddings(smoke_zoo, "pretrained", tasks)

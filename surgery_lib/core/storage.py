@@ -338,6 +338,10 @@ def entry_lock(path: str | os.PathLike[str], what: str | None = None) -> Iterato
     The lock is the file ``.<name>.lock`` next to the entry (never inside a folder the user named).
     """
     target = Path(os.path.abspath(path))  # "." or "x/..": the folder's own name, so the lock lands beside it
+    if not target.name:  # the root has nothing beside it: its lock would be "/..lock", inside it
+        raise SurgeryBookError(
+            f"{path} is the file system's root, which cannot hold a cache entry", "pass a folder below the root"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
     lock = filelock.FileLock(str(lock_path))

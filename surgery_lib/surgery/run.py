@@ -168,16 +168,22 @@ def _checked_config(
 ) -> SurgeryConfig:
     """``config`` (default: the official schedule) with the preset's rank where it leaves the rank open;
     one-line errors for a version, split or limit that does not exist."""
+    config = (config or SurgeryConfig()).with_rank(zoo.preset.surgery_rank(version))
+    check_surgery_request(version, split, config.online)
+    if adapt_limit is not None and adapt_limit < 1:
+        raise SurgeryBookError(f"adapt_limit={adapt_limit}", "limit the adaptation data to 1 image or more per task")
+    return config
+
+
+def check_surgery_request(version: int, split: str, online: bool) -> None:
+    """One-line errors for a surgery version, adaptation split or online request that does not exist (before a
+    zoo is built or a merge computed)."""
     if version not in (1, 2):
         raise SurgeryBookError(f"unknown surgery version {version!r}", "use 1 (Surgery) or 2 (SurgeryV2)")
     if split not in ("test", "adapt"):
         raise SurgeryBookError(f"unknown adaptation split {split!r}", "use 'test' (the paper) or 'adapt' (held out)")
-    config = (config or SurgeryConfig()).with_rank(zoo.preset.surgery_rank(version))
-    if adapt_limit is not None and adapt_limit < 1:
-        raise SurgeryBookError(f"adapt_limit={adapt_limit}", "limit the adaptation data to 1 image or more per task")
-    if version == 2 and config.online:
+    if version == 2 and online:
         raise SurgeryBookError("SurgeryV2 has no online variant here", "use --version 1 with --online")
-    return config
 
 
 @dataclass
@@ -276,7 +282,7 @@ def task_embeddings(
     own expert, the reference that representation bias is measured against).
     """
     device = resolve_device(device, zoo.preset.default_device)
-    names = tuple(tasks) if tasks is not None else zoo.tasks
+    names = tuple(zoo.task_subset(tasks))
     if model == "expert":
         return {task: zoo.expert_features(task, split, device=device)[0] for task in names}
     if isinstance(model, str):
@@ -314,7 +320,7 @@ def block_bias_table(
     import pandas as pd
 
     device = resolve_device(device, zoo.preset.default_device)
-    names = tuple(tasks) if tasks is not None else zoo.tasks
+    names = tuple(zoo.task_subset(tasks))
     experts = {task: zoo.expert_features(task, "test", blocks=True, device=device)[1] for task in names}
     rows = {}
     for label, state in merges.items():

@@ -167,14 +167,16 @@ class SurgeryConfig:
             self.steps < 0
             or self.batch_size < 1
             or self.batches_per_iteration < 1
+            or self.eval_every < 0
             or (self.rank is not None and self.rank < 1)
             or not math.isfinite(self.lr)
             or self.lr <= 0
         ):
             raise SurgeryBookError(
                 f"invalid surgery schedule (rank {self.rank}, steps {self.steps}, batch {self.batch_size}, "
-                f"batches per iteration {self.batches_per_iteration}, lr {self.lr})",
-                "use rank >= 1, steps >= 0, batch size >= 1, batches per iteration >= 1 and a positive finite learning rate",
+                f"batches per iteration {self.batches_per_iteration}, lr {self.lr}, eval every {self.eval_every})",
+                "use rank >= 1, steps >= 0, batch size >= 1, batches per iteration >= 1, a positive finite learning "
+                "rate and eval_every >= 0 (0: no accuracy checkpoints)",
             )
 
     def with_rank(self, rank: int) -> SurgeryConfig:
