@@ -55,6 +55,7 @@ from surgery_lib.grid import (
 )
 from surgery_lib.merging import get_method
 from surgery_lib.merging.tuning import TUNING_SPLIT, is_tuned, no_validation_split
+from surgery_lib.models import resolve_device
 from surgery_lib.presets import get_preset, preset_hash
 from surgery_lib.settings import build_zoo
 from surgery_lib.surgery.schedule import check_adam
@@ -749,6 +750,8 @@ def run_grid(
             "--executor slurm needs Slurm's sbatch, which is not on this machine's PATH",
             "run the command on a Slurm login node, or use --executor local",
         )
+    if spec.device is not None:  # a typo or a missing GPU failed every job; a Slurm node may have a GPU this one lacks
+        resolve_device(spec.device, here=submit.executor != "slurm")
     out = Path(out)
     started = time.perf_counter()
     _claim_folder(out, spec)

@@ -123,12 +123,13 @@ class ClassificationHead(nn.Module):
 DEVICE_TYPES = ("cpu", "cuda")
 
 
-def resolve_device(device: str | torch.device | None, default: str = "cpu") -> torch.device:
-    """``device`` (or ``default``) as a torch device, checking that CUDA is really there.
+def resolve_device(device: str | torch.device | None, default: str = "cpu", *, here: bool = True) -> torch.device:
+    """``device`` (or ``default``) as a torch device, checking that CUDA is really there (with ``here=False``,
+    only the name: for work that runs on another machine, such as a Slurm job).
 
     Raises:
         SurgeryBookError: a device type other than cpu and cuda (tpu, meta, mps, typos), or CUDA requested
-            but unavailable.
+            but unavailable (``here`` only).
     """
     try:
         resolved = torch.device(device if device is not None else default)
@@ -136,7 +137,7 @@ def resolve_device(device: str | torch.device | None, default: str = "cpu") -> t
         resolved = None
     if resolved is None or resolved.type not in DEVICE_TYPES:
         raise SurgeryBookError(f"unsupported device {device!r}", f"use one of: {', '.join(DEVICE_TYPES)} (e.g. cuda:1)")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if here and resolved.type == "cuda" and not torch.cuda.is_available():
         raise SurgeryBookError(
             "CUDA was requested but this torch build sees no GPU",
             "pass --device cpu (or device='cpu'), or install a CUDA build of torch on a GPU machine",

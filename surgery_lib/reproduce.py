@@ -40,6 +40,7 @@ from surgery_lib.core.storage import (
     write_json,
 )
 from surgery_lib.merging.options import MAX_SEED
+from surgery_lib.models import resolve_device
 from surgery_lib.presets import USER_PRESETS_ENV, get_preset
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,7 @@ def reproduce(
         )
 
     default_device = get_preset(preset).default_device  # an unknown preset fails here, before any kernel starts
+    resolve_device(device, default_device)  # as here, so in the kernels: "banana" or a missing GPU fails now
     _check_seed(seed)
     notebooks = find_notebooks(source, only)
     check_notebooks(notebooks)

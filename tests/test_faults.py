@@ -141,6 +141,28 @@ def test_slurm_resources_below_one_are_refused_before_any_job(flag, value, capsy
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("device, problem", [("banana", "unsupported device 'banana'"), ("cuda", "sees no GPU")])
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_a_grid_on_a_device_this_machine_lacks_is_refused_before_any_job(device, problem, executor, capsys, tmp_path):
+    """Every job failed on it, after the folder was claimed and the jobs started: a grid folder left behind."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = ["grid", "--presets", "smoke", "--methods", "task_arithmetic", "--surgery", "none", "--device", device]
+    argv += ["--executor", executor, "--out", str(tmp_path / "grid"), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and problem in error and not any(tmp_path.iterdir())
+
+
+def test_a_slurm_grid_checks_the_device_name_only():
+    """The jobs of a Slurm grid run on its nodes, which may have the GPU the login node lacks."""
+    from surgery_lib.models import resolve_device
+
+    assert resolve_device("cuda:1", here=False) == torch.device("cuda", 1)
+    with pytest.raises(SurgeryBookError, match="unsupported device 'banana'"):
+        resolve_device("banana", here=False)
+
+
 def test_a_benchmark_larger_than_the_free_memory_is_refused_before_allocating(capsys):
     assert main(["bench", "--vit-b32", "--scale", "1e9", "--device", "cpu", "--quiet"]) == 2
     error = capsys.readouterr().err

@@ -183,6 +183,8 @@ def test_reproduce_refuses_bad_input(tmp_path):
     for seed in (-1, 2**32):  # reached the kernels: the first notebook that seeds a merge failed, the ones before ran
         with pytest.raises(SurgeryBookError, match=rf"--seed {seed} is outside \[0, 4294967295\]"):
             reproduce("smoke", tmp_path / "out", seed=seed, source=source, progress=False)
+    with pytest.raises(SurgeryBookError, match="unsupported device 'banana'"):  # was: in the first notebook's kernel
+        reproduce("smoke", tmp_path / "out", device="banana", source=source, progress=False)
     assert not (tmp_path / "out").exists()
 
 
