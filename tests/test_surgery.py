@@ -473,7 +473,13 @@ def test_surgery_refuses_unknown_or_repeated_tasks_before_any_work(smoke_zoo):
     from surgery_lib.core.errors import SurgeryBookError
 
     merged = smoke_zoo.pretrained
-    for tasks, problem in ((["nope"], "the smoke zoo has no task 'nope'"), (["mnist", "mnist"], "more than once")):
+    refused = [
+        (["nope"], "the smoke zoo has no task 'nope'"),
+        (["mnist", "mnist"], "more than once"),
+        ([], "no task given"),  # was a StopIteration (V1) or an IndexError (V2), and a NaN average in bias_table
+        ("mnist", r"is a string, not a list of tasks. Fix: pass tasks=\['mnist'\]"),  # was: "no task 'm'"
+    ]
+    for tasks, problem in refused:
         for version in (1, 2):  # a repeat was trained once, silently; an unknown task "no model"
             with pytest.raises(SurgeryBookError, match=problem):
                 run_surgery(smoke_zoo, merged, version=version, config=SurgeryConfig(steps=1), tasks=tasks)

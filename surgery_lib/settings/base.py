@@ -243,12 +243,17 @@ class Zoo:
         run takes as its ``tasks``.
 
         Raises:
-            SurgeryBookError: for a task the zoo does not have (naming the closest one and all of them), or one
-                named twice (it was used once, silently: a typo is more likely than a wish).
+            SurgeryBookError: for a task the zoo does not have (naming the closest one and all of them), one
+                named twice (it was used once, silently: a typo is more likely than a wish), no task at all, or
+                one name given as a string (whose letters were read as task names).
         """
         if tasks is None:
             return list(self.tasks)
+        if isinstance(tasks, str):
+            raise SurgeryBookError(f"tasks={tasks!r} is a string, not a list of tasks", f"pass tasks=[{tasks!r}]")
         names = list(tasks)
+        if not names:
+            raise SurgeryBookError("no task given (tasks=[])", "name at least one task, or pass tasks=None for all")
         for name in names:
             if name not in self.tasks:
                 raise SurgeryBookError(f"the {self.preset.name} zoo has no task {name!r}", use_one_of(name, self.tasks))
