@@ -62,6 +62,20 @@ def test_experts_of_another_architecture_are_refused():
         weight_averaging(pretrained, experts)
 
 
+def test_experts_with_integer_weights_are_refused_and_float_precisions_may_mix():
+    from surgery_lib.merging import ties_merging
+
+    pretrained, experts = _models(2)
+    experts["task1"]["w"] = experts["task1"]["w"].round().to(torch.int64)  # was merged as truncated values
+    for merge_fn in (task_arithmetic, ties_merging):
+        with pytest.raises(SurgeryBookError, match=r"expert 'task1' has dtype torch.int64 for 'w'"):
+            merge_fn(pretrained, experts)
+    experts["task1"]["w"] = experts["task1"]["w"].to(torch.float16)
+    half = task_arithmetic(pretrained, experts, 0.3)
+    expected = pretrained["w"] + 0.3 * sum(e["w"].float() - pretrained["w"] for e in experts.values())
+    torch.testing.assert_close(half["w"].float(), expected)
+
+
 def test_ties_on_a_hand_computed_example():
     from surgery_lib.merging import ties_merging
 

@@ -441,6 +441,17 @@ def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
         SurgeryConfig(lr=-1.0)
     with pytest.raises(SurgeryBookError, match="eval every -200"):  # was accepted, and then no checkpoint was ever due
         SurgeryConfig(eval_every=-200)
+    config, z = SurgeryConfig(rank=4, steps=2), torch.randn(10, 64)
+    with pytest.raises(SurgeryBookError, match="no task to train surgery for"):  # was a StopIteration
+        train_surgery({}, {}, config, progress=False)
+    mismatched = [  # a RuntimeError from inside the first step, or an IndexError (1-D)
+        ({"a": z}, {"a": z[:, :32]}, r"task 'a': merged embeddings \(10, 64\), expert \(10, 32\)"),
+        ({"a": z, "b": z[:, :32]}, {"a": z, "b": z[:, :32]}, "task 'b'.*one width d for every task \\(here 64\\)"),
+        ({"a": z[0]}, {"a": z[0]}, "give \\(N_t, d\\) embeddings"),
+    ]
+    for merged, expert, problem in mismatched:
+        with pytest.raises(SurgeryBookError, match=problem):
+            train_surgery(merged, expert, config, progress=False)
 
 
 def test_an_explicit_rank_is_kept_and_a_rank_left_open_is_the_presets(smoke_zoo):

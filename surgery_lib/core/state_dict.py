@@ -13,7 +13,8 @@ StateDict = Mapping[str, torch.Tensor]
 
 
 def check_compatible(pretrained: StateDict, experts: Mapping[str, StateDict]) -> None:
-    """Raise a clear error unless every expert has exactly the pretrained model's keys and shapes."""
+    """Raise a clear error unless every expert has exactly the pretrained model's keys and shapes, and a
+    floating-point tensor wherever the pretrained model has one (float precisions may differ)."""
     if not experts:
         raise SurgeryBookError("no experts to merge", "pass at least one fine-tuned state dict")
     for name, expert in experts.items():
@@ -30,6 +31,14 @@ def check_compatible(pretrained: StateDict, experts: Mapping[str, StateDict]) ->
                     f"expert {name!r} has shape {tuple(expert[key].shape)} for {key!r}, the pretrained "
                     f"model {tuple(tensor.shape)}",
                     "merge only experts fine-tuned from the same pretrained architecture",
+                )
+            if expert[key].dtype != tensor.dtype and not (
+                expert[key].is_floating_point() and tensor.is_floating_point()
+            ):
+                # An integer expert would be merged as its truncated values, a bool one as 0/1: garbage, silently.
+                raise SurgeryBookError(
+                    f"expert {name!r} has dtype {expert[key].dtype} for {key!r}, the pretrained model {tensor.dtype}",
+                    "pass the experts' weights as floating-point tensors, as fine-tuning saved them",
                 )
 
 

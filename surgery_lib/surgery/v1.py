@@ -260,8 +260,16 @@ def train_surgery(
     tasks = tuple(merged)
     if set(expert) != set(tasks):
         raise SurgeryBookError("merged and expert embeddings name different tasks", "give both for the same tasks")
+    if not tasks:
+        raise SurgeryBookError("no task to train surgery for", "give at least one task's embeddings")
     device = torch.device(device)
-    dim = next(iter(merged.values())).shape[1]
+    dim = next(iter(merged.values())).shape[-1]
+    for task in tasks:  # a mismatch was a RuntimeError from inside the first step (1-D: an IndexError)
+        if merged[task].ndim != 2 or merged[task].shape != expert[task].shape or merged[task].shape[1] != dim:
+            raise SurgeryBookError(
+                f"task {task!r}: merged embeddings {tuple(merged[task].shape)}, expert {tuple(expert[task].shape)}",
+                f"give (N_t, d) embeddings of the same images for both, with one width d for every task (here {dim})",
+            )
     config = config.with_rank(DEFAULT_RANK)
     surgery = TaskSurgery(tasks, dim, config.rank, config.seed).to(device)
     optimizer = TaskAdam(surgery.parameters(), len(tasks), lr=config.lr, semantics=config.adam)
