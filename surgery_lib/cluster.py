@@ -45,10 +45,10 @@ from surgery_lib.core.storage import (
 )
 from surgery_lib.evaluation import write_table
 from surgery_lib.grid import (
-    VERSION_SUFFIX,
     cell_table,
     check_seeds,
     compute_cell,
+    grid_axes,
     parse_methods,
     parse_versions,
     readable_grid,
@@ -93,15 +93,12 @@ class GridSpec:
 
     def __post_init__(self) -> None:
         # A name given twice would run its cells twice and count them as more seeds (a smaller std): once each.
-        for name in ("presets", "methods", "versions"):
-            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
-        if not self.presets or not self.methods:
-            raise SurgeryBookError(
-                f"invalid grid: presets {list(self.presets)}, methods {list(self.methods)}",
-                "name at least one preset (--presets mini) and one method (--methods all)",
-            )
-        for method in self.methods:
-            get_method(method)
+        object.__setattr__(self, "presets", tuple(dict.fromkeys(self.presets)))
+        if not self.presets:
+            raise SurgeryBookError("invalid grid: presets []", "name at least one preset (--presets mini)")
+        methods, versions = grid_axes(self.methods, self.versions)
+        object.__setattr__(self, "methods", methods)
+        object.__setattr__(self, "versions", versions)
         tuned = [m for m in self.methods if is_tuned(m)]
         for preset in map(get_preset, self.presets):
             # Known before any job starts where the preset's suite is data (real CLIP: from the zoo, in the job).
@@ -113,8 +110,6 @@ class GridSpec:
                 f"invalid grid: surgery steps {self.surgery_steps}/{self.deep_surgery_steps}",
                 "pass --surgery-steps and --deep-surgery-steps of 1 or more",
             )
-        if not self.versions or any(v not in VERSION_SUFFIX for v in self.versions):
-            raise SurgeryBookError(f"invalid surgery versions {self.versions}", "use none, 1 and 2")
         check_adam(self.adam)
 
     def settings(self) -> dict[str, Any]:

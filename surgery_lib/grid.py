@@ -31,7 +31,7 @@ from surgery_lib.merging import (
     method_label,  # noqa: F401  (0.1 re-exported it here)
 )
 from surgery_lib.merging.options import MAX_SEED
-from surgery_lib.merging.rows import VERSION_SUFFIX, Row  # noqa: F401  (VERSION_SUFFIX: grid.VERSION_SUFFIX in 0.1)
+from surgery_lib.merging.rows import VERSION_SUFFIX, Row
 from surgery_lib.merging.tuning import is_tuned, tuned_name
 from surgery_lib.surgery.run import SurgeryRun, bias_table, run_surgery
 from surgery_lib.surgery.v1 import SurgeryConfig
@@ -109,6 +109,35 @@ def parse_versions(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(names[p] for p in parts))
 
 
+def grid_axes(methods: Sequence[str], versions: Sequence[int]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """A grid's ``methods`` and ``versions`` with each given once, in their order, after checking them.
+
+    A name given twice would compute its cells twice and count the copies as more seeds: a std of 0 where
+    there is one seed.
+
+    Raises:
+        SurgeryBookError: a string instead of a list (read letter by letter), no method or no version, an
+            unknown method, or a version other than 0 (alone), 1 (+ Surgery) and 2 (+ SurgeryV2).
+    """
+    for name, value in (("methods", methods), ("versions", versions)):
+        if isinstance(value, str):
+            raise SurgeryBookError(
+                f"{name}={value!r} is a string, not a list", f"pass a list, or parse the text with parse_{name}"
+            )
+    methods, versions = tuple(dict.fromkeys(methods)), tuple(dict.fromkeys(versions))
+    if not methods or not versions:
+        raise SurgeryBookError(
+            f"an empty grid: methods {list(methods)}, versions {list(versions)}",
+            "name at least one method (--methods all) and one version (--surgery none,1,2)",
+        )
+    for method in methods:
+        get_method(method)
+    unknown = [v for v in versions if v not in VERSION_SUFFIX]
+    if unknown:
+        raise SurgeryBookError(f"unknown surgery versions {unknown}", "use 0 (none: the merge alone), 1 and 2")
+    return methods, versions
+
+
 @dataclass
 class GridResult:
     """The grid's accuracy table and the runs behind it.
@@ -167,6 +196,7 @@ def surgery_grid(
     """
     import pandas as pd
 
+    methods, versions = grid_axes(methods, versions)
     check_seeds(first_seed, seeds)
     started = time.perf_counter()
     rows: dict[str, dict[str, float]] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -522,6 +523,25 @@ def test_a_name_given_twice_is_one_grid_axis_entry_and_an_empty_axis_is_an_error
     with pytest.raises(SurgeryBookError, match=r"invalid grid: presets \[\].*--presets mini"):
         GridSpec(presets=(), methods=("ties",))
     assert main(["grid", "--presets", ",", "--methods", "ties", "--out", "unused"]) == 2
+    with pytest.raises(SurgeryBookError, match=r"an empty grid: methods \[\], versions \[0\]"):
+        GridSpec(presets=("smoke",), methods=(), versions=(0,))
+
+
+def test_the_librarys_grid_counts_a_method_given_twice_once(smoke_zoo):
+    """surgery_grid computed a repeated method's cells twice and reported a std of 0 for its one seed."""
+    from surgery_lib.grid import surgery_grid
+
+    grid = surgery_grid(smoke_zoo, ["task_arithmetic", "task_arithmetic"], (0, 0), 1, progress=False)
+    assert list(grid.table.index[-1:]) == ["task arithmetic"] and math.isnan(grid.table.loc["task arithmetic", "std"])
+    refused = [
+        ([], (0,), r"an empty grid: methods \[\]"),  # was: the reference rows alone
+        (["ties"], (), r"versions \[\]"),
+        ("ties", (0,), r"methods='ties' is a string, not a list"),  # was: "unknown merging method 't'"
+        (["ties"], (3,), r"unknown surgery versions \[3\]"),
+    ]
+    for methods, versions, problem in refused:
+        with pytest.raises(SurgeryBookError, match=problem):
+            surgery_grid(smoke_zoo, methods, versions, 1, progress=False)
 
 
 def test_table_and_grid_compute_a_cell_with_one_engine(smoke_zoo, cache_dir, tmp_path):

@@ -6,7 +6,7 @@
 #   on the device:   run(command="bash bench/gpu/evidence.sh", carry=[".whl"], timeout_s=600)
 #   a dry run here:  PYTHON=.venv/bin/python DEVICE=cpu SCALE=0.0002 ITERATIONS=1 MEMORY_PRESET=clip-vit-b-32 \
 #                    MEMORY_TASKS=1 BASE_PRESET=smoke BUDGET=1800 CAP_SCALE=4 OUT=/tmp/evidence bash bench/gpu/evidence.sh
-#                    (561 s on 2 cores of AMD EPYC: each ViT-B/32 bench step about 190 s on a CPU)
+#                    (561 s on 2 cores of AMD EPYC, each ViT-B/32 bench step about 190 s; 342 s on the Intel Xeon, 112-124 s)
 #
 # 1. bench: the official-style loop against the library's on ViT-B/32 (random weights, SCALE x the paper's test
 #    sets, ITERATIONS official iterations), Surgery and SurgeryV2, shared and per-task Adam, fp32 then bf16.
