@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import torch
 
+from surgery_lib.core.errors import SurgeryBookError
+
 
 def representation_bias(merged: torch.Tensor, expert: torch.Tensor) -> float:
     """Mean absolute difference of two embedding matrices of the same images: (N, d), (N, d) -> scalar."""
     if merged.shape != expert.shape:
-        raise ValueError(f"embeddings of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}")
+        raise SurgeryBookError(
+            f"embeddings of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}",
+            "compare the two models' embeddings of the same images",
+        )
     return float((merged.float() - expert.float()).abs().mean())
 
 
 def block_bias(merged: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     """Per-block bias of token-means (N, blocks, width) x 2 -> (blocks,)."""
     if merged.shape != expert.shape:
-        raise ValueError(f"block means of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}")
+        raise SurgeryBookError(
+            f"block means of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}",
+            "compare the two models' block means of the same images, from encoders of one depth and width",
+        )
     return (merged.float() - expert.float()).abs().mean(dim=(0, 2))

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 @torch.inference_mode()
 def accuracy_from_features(features: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent of ``head`` on precomputed embeddings (N, D) with labels (N,)."""
+    if features.ndim != 2 or labels.shape != (len(features),):  # (1,) labels would broadcast: a wrong number
+        raise SurgeryBookError(
+            f"{tuple(labels.shape)} labels for embeddings of shape {tuple(features.shape)}",
+            "pass (N, D) embeddings and the N labels of the same images",
+        )
     head = head.to(features.device)
     predictions = head(features).argmax(dim=-1)
     return 100.0 * (predictions.cpu() == labels.cpu()).float().mean().item()

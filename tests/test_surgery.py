@@ -432,6 +432,22 @@ def test_saved_modules_load_only_for_their_base_merge(smoke_zoo, merged_state, t
         load_surgery(path, merged_state, wider)
 
 
+def test_bias_and_accuracy_refuse_embeddings_and_labels_of_other_images(smoke_zoo):
+    from surgery_lib.bias import block_bias, representation_bias
+    from surgery_lib.evaluation import accuracy_from_features
+
+    z, head = torch.randn(10, 64), smoke_zoo.heads["mnist"]
+    with pytest.raises(SurgeryBookError, match=r"embeddings of different shapes: \(10, 64\) vs \(9, 64\)"):
+        representation_bias(z, z[:9])  # a ValueError before, without a fix
+    with pytest.raises(SurgeryBookError, match="block means of different shapes"):
+        block_bias(torch.zeros(4, 2, 8), torch.zeros(4, 3, 8))
+    labels = head(z).argmax(dim=-1)
+    assert accuracy_from_features(z, head, labels) == 100.0
+    for wrong in (labels[:1], labels[:9], labels[:, None]):  # labels[:1] broadcast to a wrong accuracy, silently
+        with pytest.raises(SurgeryBookError, match="labels for embeddings of shape"):
+            accuracy_from_features(z, head, wrong)
+
+
 def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
     with pytest.raises(SurgeryBookError, match="unknown surgery version"):
         run_surgery(smoke_zoo, merged_state, version=3, progress=False)
