@@ -101,6 +101,7 @@ def kept_share_curve(
     if missing:
         raise SurgeryBookError(f"no head or test data for task(s) {missing}", "pass heads and tasks for every expert")
     vectors = task_vectors(pretrained, experts)
+    sizes = tuple(dict.fromkeys(sizes))  # a size given twice would count its subsets twice
     plan = [(size, subset) for size in sizes for subset in task_subsets(names, size, subsets, seed)]
     bar = tqdm(total=3 * len(names) + sum(size for size, _ in plan), desc="kept share", disable=not progress)
 
@@ -164,7 +165,13 @@ def summarize_curve(rows: pd.DataFrame) -> pd.DataFrame:
 def zoo_kept_share(zoo, **options) -> pd.DataFrame:
     """:func:`kept_share_curve` on a zoo's pretrained model, experts, heads and test splits (any setting);
     ``sizes`` larger than the zoo's task count are dropped. ``options`` go to :func:`kept_share_curve`."""
-    sizes = [size for size in options.pop("sizes", (2, 3, 4, 6, 8)) if size <= len(zoo.tasks)]
+    asked = options.pop("sizes", (2, 3, 4, 6, 8))
+    sizes = [size for size in asked if size <= len(zoo.tasks)]
+    if not sizes:  # an empty table came back
+        raise SurgeryBookError(
+            f"no size of {list(asked)} fits the {len(zoo.tasks)} tasks of the {zoo.preset.name} zoo",
+            f"pass sizes from 1 to {len(zoo.tasks)}",
+        )
     device = options.get("device", "cpu")
     loaded: dict[str, object] = {}
 

@@ -73,6 +73,11 @@ def normalized_accuracy(table: pd.DataFrame, experts: Mapping[str, float]) -> pd
     import pandas as pd
 
     tasks = [column for column in table.columns if column != "average"]
+    missing = [task for task in tasks if task not in experts]
+    if missing:  # a KeyError from pandas before
+        raise SurgeryBookError(
+            f"no expert accuracy for task(s) {missing}", "pass the experts' accuracy of every task in the table"
+        )
     normalized = table[tasks].div(pd.Series(dict(experts), dtype=float)[tasks], axis=1) * 100
     normalized["average"] = normalized.mean(axis=1)
     return normalized

@@ -254,6 +254,8 @@ def task_features(
         token means (N, blocks, width), else ``None``. :meth:`~surgery_lib.settings.base.Zoo.features` is the
         same for a zoo's task by name.
     """
+    if split not in data.images:
+        raise SurgeryBookError(f"task {data.name!r} has no split {split!r}", f"use one of: {', '.join(data.splits)}")
     images = data.images[split] if index is None else data.images[split][index]
     if blocks:
         return embed_blocks(encoder, images, data.mean, data.std, batch_size or 512, device=device, precision=precision)

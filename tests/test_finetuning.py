@@ -199,6 +199,18 @@ def test_kept_share_equals_a_step_by_step_evaluation(smoke_zoo):
     assert alone["merged"].tolist() == alone["alone"].tolist()
     summary = summarize_curve(rows)
     assert list(summary.index) == [1, 2] and summary.loc[1, "disentanglement_error"] == 0
+    twice = kept_share_curve(
+        smoke_zoo.pretrained,
+        smoke_zoo.experts,
+        smoke_zoo.heads,
+        tasks,
+        load,
+        sizes=(2, 2),
+        subsets=5,
+        scale=0.5,
+        progress=False,
+    )  # a size given twice counted its subsets twice
+    assert twice.equals(rows[rows["size"] == 2].reset_index(drop=True))
 
 
 def test_the_zoo_curve_reads_stored_embeddings_and_equals_the_plain_one(smoke_zoo, monkeypatch):
@@ -226,3 +238,5 @@ def test_the_zoo_curve_reads_stored_embeddings_and_equals_the_plain_one(smoke_zo
     again = zoo_kept_share(smoke_zoo, **options)
     assert computed == []  # every model's embeddings were stored by the first call
     assert first.equals(plain) and again.equals(plain)
+    with pytest.raises(SurgeryBookError, match=r"no size of \[3, 4\] fits the 2 tasks of the smoke zoo"):
+        zoo_kept_share(smoke_zoo, sizes=(3, 4), progress=False)  # an empty table came back

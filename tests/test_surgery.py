@@ -448,6 +448,23 @@ def test_bias_and_accuracy_refuse_embeddings_and_labels_of_other_images(smoke_zo
             accuracy_from_features(z, head, wrong)
 
 
+def test_a_split_or_an_expert_accuracy_that_is_not_there_is_named(smoke_zoo):
+    from surgery_lib.evaluation import normalized_accuracy, results_table
+
+    encoder = smoke_zoo.encoder("pretrained")
+    for features in (  # each was a bare KeyError: 'tset'
+        lambda: smoke_zoo.features(encoder, "mnist", "tset"),
+        lambda: smoke_zoo.features(encoder, "mnist", "tset", fingerprint=smoke_zoo.model_fingerprint()),
+        lambda: smoke_zoo.expert_features("mnist", "tset"),
+    ):
+        with pytest.raises(SurgeryBookError, match="task 'mnist' has no split 'tset'. Fix: use one of: .*test"):
+            features()
+    table = results_table({"merged": {"mnist": 50.0, "shapes": 40.0}})
+    assert normalized_accuracy(table, {"mnist": 100.0, "shapes": 80.0}).loc["merged", "average"] == 50.0
+    with pytest.raises(SurgeryBookError, match=r"no expert accuracy for task\(s\) \['shapes'\]"):
+        normalized_accuracy(table, {"mnist": 90.0})  # a KeyError from pandas
+
+
 def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
     with pytest.raises(SurgeryBookError, match="unknown surgery version"):
         run_surgery(smoke_zoo, merged_state, version=3, progress=False)
