@@ -251,11 +251,11 @@ def _surgery_config(args: argparse.Namespace, rank: int | None):
         rank=rank,
         steps=default.steps if args.surgery_steps is None else args.surgery_steps,
         batch_size=default.batch_size if args.surgery_batch_size is None else args.surgery_batch_size,
-        lr=args.lr,
+        lr=default.lr if args.lr is None else args.lr,
         seed=args.seed or 0,
         eval_every=0,
         online=online,
-        adam=args.adam,
+        adam=default.adam if args.adam is None else args.adam,
         online_order=getattr(args, "online_order", None) or "official",
     )
 
@@ -333,6 +333,14 @@ def _cmd_table(args: argparse.Namespace) -> int:
     versions = parse_versions(args.surgery)
     methods = parse_methods(args.methods, args.tune)
     check_seeds(args.seed or 0, args.seeds)
+    surgery_only = ("surgery_steps", "surgery_batch_size", "rank", "lr", "adam")
+    for dest in surgery_only if versions == (0,) else ():
+        if getattr(args, dest) is not None:  # the merge-only table came back, without a word
+            flag = "--" + dest.replace("_", "-")
+            raise SurgeryBookError(
+                f"--surgery {args.surgery} has no surgery rows to read {flag}",
+                f"add --surgery none,1,2 for the papers' surgery rows, or drop {flag}",
+            )
     options, config = (
         _merge_options(args),
         _surgery_config(args, args.rank),
@@ -371,7 +379,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
             "accuracy": grid.to_json(),
             "seconds": round(grid.seconds, 1),
             "seeds": args.seeds,
-            "adam": args.adam,
+            "adam": config.adam,
             "surgery_steps": config.steps,
         }
         shown = format_grid(table, per_task=True)
@@ -771,11 +779,11 @@ def _add_surgery_options(parser: argparse.ArgumentParser) -> None:
         "--surgery-steps", type=int, default=None, help="steps per task (default 1000 = 500 official iterations x 2)"
     )
     parser.add_argument("--surgery-batch-size", type=int, default=None, help="batch size per task (default 16)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     parser.add_argument(
         "--adam",
         choices=("shared", "per-task"),
-        default="shared",
+        default=None,
         help="optimiser semantics: 'shared' = the published runs (one Adam over all tasks, zero-filled "
         "gradients under torch 1.10, so idle modules keep moving; default); 'per-task' = the same code under torch >= 2",
     )

@@ -97,6 +97,8 @@ def test_json_output_is_standard_json():
         (["merge", "--method", "dare_ties", "--drop-rate", "1"], "--drop-rate 1.0 is outside [0, 1)"),
         (["merge", "--method", "regmean", "--seed", str(2**70)], "--seed"),
         (["surgery", "--seed", "-5"], "--seed -5 is outside [0, 4294967295]"),  # a bound one can type back
+        (["table", "--surgery-steps", "200"], "--surgery none has no surgery rows to read --surgery-steps"),  # ignored
+        (["table", "--adam", "per-task", "--seeds", "3"], "--surgery none has no surgery rows to read --adam"),
         (["table", "--seeds", "1000000000"], "--seeds 1000000000 asks for 1,000,000,000 runs"),  # planned: OOM
         (
             ["table", "--methods", "dare_task_arithmetic", "--seed", "4294967295", "--seeds", "2"],
