@@ -414,20 +414,22 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         _check_range(args, flag, 1, math.inf)
     _check_range(args, "gpus_per_job", 0, math.inf)
     _check_range(args, "seed", 0, MAX_SEED)
+    versions = parse_versions(args.surgery)
+    _refuse_unread_grid_options(args, versions)
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
     settings = {get_preset(p).setting for p in presets}  # unknown presets fail here, naming the known ones
     spec = GridSpec(
         presets=presets,
         methods=parse_methods(args.methods, args.tune),
-        versions=parse_versions(args.surgery),
+        versions=versions,
         seeds=args.seeds,
         first_seed=args.seed,
-        surgery_steps=args.surgery_steps,
+        surgery_steps=GridSpec.surgery_steps if args.surgery_steps is None else args.surgery_steps,
         deep_surgery_steps=args.deep_surgery_steps,
         device=args.device,
         cache_dir=args.cache_dir,
         threads=args.threads,
-        adam=args.adam,
+        adam=GridSpec.adam if args.adam is None else args.adam,
         setting_options={name: get_setting(name).options_from_args(args) for name in settings},
     )
     submit = SubmitOptions(
@@ -436,10 +438,10 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         cells_per_job=args.cells_per_job,
         timeout_min=args.timeout_min,
         partition=args.partition,
-        gpus_per_job=args.gpus_per_job,
+        gpus_per_job=args.gpus_per_job or 0,
         cpus_per_job=args.cpus_per_job,
         mem_gb=args.mem_gb,
-        array_parallelism=args.array_parallelism,
+        array_parallelism=SubmitOptions.array_parallelism if args.array_parallelism is None else args.array_parallelism,
     )
     _check_writable(args.out, folder=True)
     result = run_grid(spec, args.out, submit, progress=not args.quiet)
@@ -461,6 +463,25 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         for path in result.files:
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _refuse_unread_grid_options(args: argparse.Namespace, versions: tuple[int, ...]) -> None:
+    """A one-line error for a ``grid`` option that no cell or job of this grid reads (``--gpus-per-job 1`` with
+    the local executor, ``--deep-surgery-steps`` without SurgeryV2 cells), instead of a grid that ignores it."""
+    unread = [
+        (dest, f"--executor {args.executor} runs no Slurm job", "add --executor slurm")
+        for dest in ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "array_parallelism")
+        if args.executor != "slurm"
+    ]
+    if 2 not in versions:
+        unread.append(("deep_surgery_steps", f"--surgery {args.surgery} has no SurgeryV2 cells", "add 2 to --surgery"))
+    if not {1, 2} & set(versions):
+        for dest in ("surgery_steps", "adam"):
+            unread.append((dest, f"--surgery {args.surgery} has no surgery cells", "add 1 or 2 to --surgery"))
+    for dest, why, fix in unread:
+        if getattr(args, dest) is not None:
+            flag = "--" + dest.replace("_", "-")
+            raise SurgeryBookError(f"{why} to read {flag}", f"{fix}, or drop {flag}")
 
 
 def _cmd_surgery(args: argparse.Namespace) -> int:
@@ -896,7 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--seeds", type=int, default=3, help="surgery seeds per cell (default 3)")
     grid.add_argument("--seed", type=int, default=0, help="the first surgery seed; the others follow (default 0)")
     grid.add_argument(
-        "--surgery-steps", type=int, default=1000, help="Surgery steps per task (default 1000, the official)"
+        "--surgery-steps", type=int, default=None, help="Surgery steps per task (default 1000, the official)"
     )
     grid.add_argument(
         "--deep-surgery-steps", type=int, default=None, help="SurgeryV2 steps per task (default: --surgery-steps)"
@@ -904,7 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument(
         "--adam",
         choices=("shared", "per-task"),
-        default="shared",
+        default=None,
         help="optimiser semantics of the surgery cells: 'shared' (the published runs, default) or 'per-task' (torch >= 2)",
     )
     grid.add_argument(
@@ -936,12 +957,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid.add_argument("--device", default=None, help="cpu or cuda (default: each preset's)")
     grid.add_argument("--partition", default=None, help="Slurm partition")
-    grid.add_argument("--gpus-per-job", type=int, default=0, help="Slurm GPUs per job (default 0)")
+    grid.add_argument("--gpus-per-job", type=int, default=None, help="Slurm GPUs per job (default 0)")
     grid.add_argument("--cpus-per-job", type=int, default=None, help="Slurm CPUs per job")
     grid.add_argument("--mem-gb", type=int, default=None, help="Slurm memory per job in GB")
     grid.add_argument("--timeout-min", type=int, default=60, help="time limit per job in minutes (default 60)")
     grid.add_argument(
-        "--array-parallelism", type=int, default=64, help="Slurm: array jobs running at once (default 64)"
+        "--array-parallelism", type=int, default=None, help="Slurm: array jobs running at once (default 64)"
     )
     _add_cache_dir(grid)
     grid.add_argument("--json", action="store_true", help="print the table as JSON")

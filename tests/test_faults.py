@@ -143,6 +143,30 @@ def test_slurm_resources_below_one_are_refused_before_any_job(flag, value, capsy
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (
+            ["--gpus-per-job", "1"],
+            "--executor local runs no Slurm job to read --gpus-per-job. Fix: add --executor slurm",
+        ),
+        (["--executor", "inline", "--partition", "gpu"], "--executor inline runs no Slurm job to read --partition"),
+        (["--surgery", "none,1", "--deep-surgery-steps", "100"], "has no SurgeryV2 cells to read --deep-surgery-steps"),
+        (
+            ["--surgery", "none", "--surgery-steps", "100"],
+            "--surgery none has no surgery cells to read --surgery-steps",
+        ),
+        (["--surgery", "none", "--adam", "per-task"], "--surgery none has no surgery cells to read --adam"),
+    ],
+)
+def test_a_grid_option_no_cell_or_job_reads_is_refused(argv, problem, capsys, tmp_path):
+    """Each was ignored: a grid without the GPUs, the steps or the semantics the command line asked for."""
+    grid = ["grid", "--presets", "smoke", "--methods", "task_arithmetic", "--out", str(tmp_path / "grid")]
+    assert main([*grid, *argv, "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and problem in error and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("device, problem", [("banana", "unsupported device 'banana'"), ("cuda", "sees no GPU")])
 @pytest.mark.parametrize("executor", ["inline", "local"])
 def test_a_grid_on_a_device_this_machine_lacks_is_refused_before_any_job(device, problem, executor, capsys, tmp_path):
