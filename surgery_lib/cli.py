@@ -752,7 +752,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         convert_task_vectors,
     )
 
-    tasks = tuple(args.tasks.split(",")) if args.tasks else TASK_VECTORS_TASKS
+    tasks = TASK_VECTORS_TASKS
+    if args.tasks is not None:  # "" (an unset variable) converted all eight; "MNIST, DTD" looked for " DTD"
+        tasks = tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+        if not tasks:
+            raise SurgeryBookError(
+                f"--tasks {args.tasks!r} names no task",
+                "pass task folder names (e.g. --tasks MNIST,DTD), or leave --tasks out for the papers' eight",
+            )
     convert = convert_task_vectors if args.family == "task_vectors" else convert_fusionbench
     manifest = convert(args.source, args.model, args.out, tasks, progress=not args.quiet)
     if args.json:

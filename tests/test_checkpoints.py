@@ -9,6 +9,7 @@ raw pickles, and the tests read them back without those classes.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -141,6 +142,12 @@ def test_convert_a_task_vectors_folder_and_load_it_back(tmp_path, published_clas
     assert manifest["architecture"]["layers"] == 2 and manifest["tasks"] == ["MNIST", "DTD"]
     assert all(torch.equal(loaded["DTD"][k], experts["DTD"][k]) for k in experts["DTD"])
     assert heads["DTD"].num_classes == 47 and not torch.equal(pretrained["proj"], loaded["MNIST"]["proj"])
+
+    spaced = [*argv[:-2], " MNIST, DTD,MNIST", "--quiet", "--json"]  # spaces and a repeat: the same two experts
+    assert main(spaced) == 0 and json.loads(capsys.readouterr().out)["tasks"] == ["MNIST", "DTD"]
+    for nothing in ("", ","):  # "" converted all eight (and failed here on the six missing folders)
+        assert main([*argv[:-2], nothing, "--quiet"]) == 2
+        assert f"--tasks {nothing!r} names no task" in capsys.readouterr().err
 
     (root / "DTD" / "finetuned.pt").unlink()
     assert main(argv) == 2
