@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from train_step import pretraining_setup  # bench/ is the script's folder, first on sys.path
 
-from surgery_lib.core.errors import OneLineArgumentParser, run_script
+from surgery_lib.core.errors import OneLineArgumentParser, positive_int, run_script
 from surgery_lib.presets import get_preset
 
 
@@ -75,8 +75,8 @@ def data_parallel(preset: str, batch: int, steps: int, world: int = 2) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the measurements")
+    parser.add_argument("--steps", type=positive_int, default=150)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="alternations of the measurements")
     args = parser.parse_args(argv)
     batch = get_preset(args.preset).recipe.batch_size
     print(f"{args.preset}: pretraining steps of batch {batch}; steps/s")

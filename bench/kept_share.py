@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.errors import OneLineArgumentParser, run_script  # noqa: E402
+from surgery_lib.core.errors import OneLineArgumentParser, number_list, positive_int, run_script  # noqa: E402
 from surgery_lib.core.storage import load_tensors, save_tensors  # noqa: E402
 from surgery_lib.disentanglement import kept_share_curve, summarize_curve  # noqa: E402
 from surgery_lib.models import load_encoder  # noqa: E402
@@ -34,13 +34,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--modes", default="full,attention,lora,tangent")
-    parser.add_argument("--lr-scale", default="1", help="comma-separated multiples of the recipe's expert lr")
+    parser.add_argument(
+        "--lr-scale",
+        type=number_list(float, 0),
+        default=(1.0,),
+        help="comma-separated multiples of the recipe's expert lr",
+    )
     parser.add_argument("--steps", type=int, default=None, help="expert steps (default: the recipe's)")
     parser.add_argument("--lora-rank", type=int, default=4)
-    parser.add_argument("--sizes", default="2,3,4,6,8")
+    parser.add_argument("--sizes", type=number_list(int, 1), default=(2, 3, 4, 6, 8))
     parser.add_argument("--subsets", type=int, default=4)
     parser.add_argument("--scale", type=float, default=0.3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -50,13 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     recipe = preset.recipe
     steps = args.steps or recipe.expert_steps
-    sizes = [int(s) for s in args.sizes.split(",") if int(s) <= len(zoo.tasks)]
+    sizes = [s for s in args.sizes if s <= len(zoo.tasks)]
     load = lambda state: load_encoder(preset.encoder, state)  # noqa: E731
     import pandas as pd
 
     tables, summaries = [], []
     for mode in args.modes.split(","):
-        for lr_scale in (float(s) for s in args.lr_scale.split(",")):
+        for lr_scale in args.lr_scale:
             name = f"{mode}-lr{lr_scale:g}-s{steps}" + (f"-r{args.lora_rank}" if mode == "lora" else "")
             if mode == "full" and lr_scale == 1 and steps == recipe.expert_steps:
                 experts = dict(zoo.experts)

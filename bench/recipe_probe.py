@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.errors import OneLineArgumentParser, run_script  # noqa: E402
+from surgery_lib.core.errors import OneLineArgumentParser, number_list, positive_int, run_script  # noqa: E402
 from surgery_lib.core.storage import load_tensors, save_tensors, write_json  # noqa: E402
 from surgery_lib.core.taskdata import TaskData  # noqa: E402
 from surgery_lib.disentanglement import kept_share_curve, summarize_curve  # noqa: E402
@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe-shots", type=int, default=None)
     parser.add_argument("--finetune", default="full")
     parser.add_argument("--sam-rho", type=float, default=0.0, help="fine-tune experts with SAM at this radius")
-    parser.add_argument("--scales", default="0.1,0.2,0.3,0.4,0.5")
-    parser.add_argument("--sizes", default="2,4,8")
+    parser.add_argument("--scales", type=number_list(float), default=(0.1, 0.2, 0.3, 0.4, 0.5))
+    parser.add_argument("--sizes", type=number_list(int, 1), default=(2, 4, 8))
     parser.add_argument("--subsets", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--merges", default="", help="also run these registered merges (comma-separated, or 'main')")
     parser.add_argument("--adamerging-steps", type=int, default=None, help="AdaMerging steps (default: the preset's)")
     parser.add_argument("--skip-curve", action="store_true", help="skip the scale sweep and the kept-share curve")
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     vectors = task_vectors(pretrained, experts)
     average = add_vectors(pretrained, list(vectors.values()), [1 / len(vectors)] * len(vectors))
     rows["weight averaging"] = mean(accuracies(average))
-    for scale in (float(s) for s in args.scales.split(",")):
+    for scale in args.scales:
         merged = add_vectors(pretrained, list(vectors.values()), [scale] * len(vectors))
         rows[f"task arithmetic {scale:g}"] = mean(accuracies(merged))
     gain = rows["experts"] - rows["pretrained"]
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         heads,
         tasks,
         lambda s: load_encoder(encoder_cfg, s),
-        sizes=[int(s) for s in args.sizes.split(",")],
+        sizes=list(args.sizes),
         subsets=args.subsets,
         scale=0.3,
     )

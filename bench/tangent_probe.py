@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.errors import OneLineArgumentParser, run_script  # noqa: E402
+from surgery_lib.core.errors import OneLineArgumentParser, number_list, positive_int, run_script  # noqa: E402
 from surgery_lib.core.storage import load_tensors  # noqa: E402
 from surgery_lib.disentanglement import task_subsets  # noqa: E402
 from surgery_lib.finetuning import LinearizedEncoder  # noqa: E402
@@ -154,9 +154,9 @@ def probe(name: str, zoo, base, f0, folder: Path, adamerging_steps: int) -> list
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mini")
-    parser.add_argument("--lr-scale", default="1")
+    parser.add_argument("--lr-scale", type=number_list(float, 0), default=(1.0,))
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--adamerging-steps", type=int, default=500)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     base = load_encoder(preset.encoder, zoo.pretrained).eval()
     f0 = {(t, s): outputs(base, zoo.suite[t], s) for t in tasks for s in SPLITS}
     rows = []
-    for lr_scale in (float(s) for s in args.lr_scale.split(",")):
+    for lr_scale in args.lr_scale:
         rows += probe(f"tangent-lr{lr_scale:g}-s{args.steps}", zoo, base, f0, folder, args.adamerging_steps)
     table = pd.DataFrame(rows)
     table.to_csv(folder / "tangent-probe.csv", index=False)

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgery_lib.core.errors import OneLineArgumentParser, run_script  # noqa: E402
+from surgery_lib.core.errors import OneLineArgumentParser, number_list, positive_int, run_script  # noqa: E402
 from surgery_lib.disentanglement import task_subsets  # noqa: E402
 from surgery_lib.merging import MAIN_TABLE, METHODS, cached_merge, evaluate_merge  # noqa: E402
 from surgery_lib.presets import get_preset  # noqa: E402
@@ -40,10 +40,10 @@ DATA_FREE = ("weight_averaging", "task_arithmetic", "ties")
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="mini")
-    parser.add_argument("--sizes", default="2,3,4,8")
+    parser.add_argument("--sizes", type=number_list(int, 1), default=(2, 3, 4, 8))
     parser.add_argument("--subsets", type=int, default=2)
     parser.add_argument("--methods", default=",".join(MAIN_TABLE[:7]), help="default: the papers' seven merges")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import pandas as pd
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = zoo.manifest["accuracy"]
     methods = args.methods.split(",")
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in args.sizes:
         for subset in task_subsets(zoo.tasks, size, args.subsets):
             pretrained = sum(accuracy["pretrained"][t] for t in subset) / size
             expert = sum(accuracy["expert"][t] for t in subset) / size

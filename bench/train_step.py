@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgery_lib.core.errors import OneLineArgumentParser, run_script
+from surgery_lib.core.errors import OneLineArgumentParser, number_list, run_script
 from surgery_lib.models import build_encoder
 from surgery_lib.presets import get_preset
 
@@ -79,7 +79,9 @@ def measure(preset_name: str, steps: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mini")
-    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    parser.add_argument(
+        "--threads", type=number_list(int, 1), default=(1, 2), help="comma-separated torch thread counts"
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'threads':>7}  {'GFLOP/step':>10}  {'steps/s':>7}  {'images/s':>8}  {'GFLOP/s':>7}  {'GEMM GFLOP/s':>12}  {'floor steps/s':>13}  {'of floor':>8}"
     )
-    for threads in (int(t) for t in args.threads.split(",")):
+    for threads in args.threads:
         out = subprocess.run(
             [sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps), "--child", str(threads)],
             check=True,

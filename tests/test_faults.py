@@ -246,6 +246,36 @@ def test_every_bench_script_reports_bad_input_in_one_line(script, capsys, monkey
     assert "unrecognized arguments: --presetz mini. Fix: did you mean '--preset'? " in error
 
 
+@pytest.mark.parametrize(
+    "script, argv, problem",
+    [
+        (
+            "train_step",
+            ["--threads", "1,a"],
+            "argument --threads: '1,a' is not a comma-separated list of whole numbers",
+        ),
+        ("kept_share", ["--sizes", "2,x"], "argument --sizes: '2,x' is not a comma-separated list of whole numbers"),
+        ("kept_share", ["--lr-scale", "x"], "argument --lr-scale: 'x' is not a comma-separated list of numbers"),
+        ("kept_share", ["--threads", "0"], "argument --threads: '0' is not a whole number of at least 1"),
+        ("task_count", ["--sizes", "0,2"], "'0,2' is not a comma-separated list of whole numbers of at least 1"),
+        ("tangent_probe", ["--lr-scale", ","], "argument --lr-scale: ',' is not a comma-separated list of numbers"),
+        ("recipe_probe", ["--name", "x", "--scales", "0.3,y"], "argument --scales: '0.3,y' is not a comma-separated"),
+        ("data_parallel_probe", ["--rounds", "0"], "argument --rounds: '0' is not a whole number of at least 1"),
+    ],
+)
+def test_the_bench_scripts_list_options_are_checked_as_they_are_parsed(script, argv, problem, capsys):
+    """Each was a ValueError traceback from inside the script (kept_share's after its zoo was built), or for a
+    count of 0 a RuntimeError from torch.set_num_threads or a run that measured nothing."""
+    path = ROOT / "bench" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1 and problem in error and "Fix: " in error
+
+
 @pytest.mark.parametrize("device", ["tpu", "meta", "mps", "cdua", "cuda:x"])
 def test_unsupported_devices_are_one_line_errors(device, capsys, tmp_path):
     assert main(["zoo", "--preset", "smoke", "--device", device, "--quiet", "--cache-dir", str(tmp_path)]) == 2

@@ -113,6 +113,37 @@ def path_argument(text: str) -> str:
     return text
 
 
+def number_list(kind: Callable[[str], float], minimum: float | None = None) -> Callable[[str], tuple[Any, ...]]:
+    """The argparse ``type`` of a comma-separated list of numbers (``--sizes 2,3,4``): a tuple of ``kind``
+    (``int`` or ``float``), each at least ``minimum``; anything else is a one-line usage error naming the text,
+    where a bare ``int("x")`` inside the script was a traceback, after a zoo was built."""
+    what = "whole numbers" if kind is int else "numbers"
+    bound = "" if minimum is None else f" of at least {minimum:g}"
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            values = tuple(kind(item) for item in text.split(",") if item.strip())
+        except ValueError:
+            values = ()
+        if not values or (minimum is not None and min(values) < minimum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}{bound}")
+        return values
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """The argparse ``type`` of a count that must be 1 or more (``--threads``): ``torch.set_num_threads(0)``
+    and ``range(-1)`` fail late or do nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """An :class:`argparse.ArgumentParser` whose usage errors are one line, as every other error of this project:
     ``error: <command>: <problem>. Fix: <fix>.`` with exit status 2, instead of the whole usage (for a command
