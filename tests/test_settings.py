@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,9 @@ def test_a_blank_clip_variable_means_its_default_as_in_a_shell(monkeypatch):
     assert (sources.family, sources.test_folder) == ("task_vectors", "val")
     monkeypatch.setenv("SURGERY_BOOK_CHECKPOINTS", "/data/my checkpoints ")  # a value is kept as given
     assert ClipSources.from_environment(preset).checkpoints == "/data/my checkpoints "
+    monkeypatch.setenv("SURGERY_BOOK_TEST_FOLDER", "test")
+    assert ClipSources.from_environment(preset).test_folder == "test"
+    for folder in ("../../etc", "Val"):  # the option offers val and test; the variable was taken as any path
+        monkeypatch.setenv("SURGERY_BOOK_TEST_FOLDER", folder)
+        with pytest.raises(SurgeryBookError, match=f"SURGERY_BOOK_TEST_FOLDER='{re.escape(folder)}' names no DTD"):
+            ClipSources.from_environment(preset)

@@ -25,7 +25,7 @@ from typing import Any
 from surgery_lib.core.errors import SurgeryBookError, path_argument
 from surgery_lib.settings.base import Setting
 from surgery_lib.settings.clip.config import clip_config
-from surgery_lib.settings.clip.sources import FAMILIES, VARIABLES, ClipSources
+from surgery_lib.settings.clip.sources import FAMILIES, TEST_FOLDERS, VARIABLES, ClipSources
 from surgery_lib.settings.clip.zoo import clip_suite, load_clip_zoo
 
 
@@ -83,7 +83,7 @@ class ClipSetting(Setting):
         )
         group.add_argument(
             "--test-folder",
-            choices=("val", "test"),
+            choices=TEST_FOLDERS,
             default=None,
             help="which DTD/SUN397 folder is the test split in the local layout (default val, as task_vectors)",
         )

@@ -23,6 +23,8 @@ from surgery_lib.presets import Preset
 from surgery_lib.settings.clip.config import clip_config
 
 FAMILIES = ("task_vectors", "fusionbench")
+#: Which of DTD's and SUN397's folders in task_vectors' local layout is the test split ("val": task_vectors').
+TEST_FOLDERS = ("val", "test")
 
 #: Field of :class:`ClipSources` -> the environment variable that carries it to notebook kernels.
 VARIABLES = {
@@ -43,7 +45,7 @@ class ClipSources:
     checkpoints: str | None = None
     data_source: str = "hub"
     data_root: str | None = None
-    test_folder: str = "val"  # DTD and SUN397 in task_vectors' layout: "val" (task_vectors) or "test"
+    test_folder: str = "val"  # DTD and SUN397 in task_vectors' layout: one of TEST_FOLDERS
     train_images: int = 1000
     validation_images: int = 0
 
@@ -70,6 +72,11 @@ class ClipSources:
         if sources.validation_images < 0:
             raise SurgeryBookError(
                 f"--validation-images {sources.validation_images} is negative", "pass 0 (none) or a number of images"
+            )
+        if sources.test_folder not in TEST_FOLDERS:  # the variable's value: the option offers only these
+            raise SurgeryBookError(
+                f"{VARIABLES['test_folder']}={sources.test_folder!r} names no DTD/SUN397 test folder",
+                f"set it to one of: {', '.join(TEST_FOLDERS)} (task_vectors reads val), or unset it",
             )
         if sources.family not in FAMILIES:
             raise SurgeryBookError(
