@@ -416,6 +416,27 @@ def test_v2_runs_a_24_block_width_1024_encoder():
     assert deep.block_down.grad is not None and deep.final.down.grad is not None
 
 
+def test_a_file_save_surgery_did_not_write_is_named_as_such(smoke_zoo, merged_state, tmp_path):
+    from safetensors.torch import save_file
+
+    from surgery_lib.core.state_dict import state_fingerprint
+
+    encoder = load_encoder(smoke_zoo.preset.encoder, merged_state)
+    fingerprint = state_fingerprint(merged_state)
+    written = {
+        "none": None,  # was "trained on another merged model (fingerprint None, ...)"
+        "partial": {"base_fingerprint": fingerprint},  # was a KeyError: 'tasks'
+        "garbled": {"base_fingerprint": fingerprint, "tasks": "[mnist", "rank": "4", "version": "1"},  # JSONDecodeError
+        "version-3": {"base_fingerprint": fingerprint, "tasks": '["mnist"]', "rank": "4", "version": "3"},
+    }
+    for name, metadata in written.items():
+        save_file({"x": torch.zeros(2)}, tmp_path / f"{name}.safetensors", metadata=metadata)
+        with pytest.raises(SurgeryBookError, match="Fix: pass the file that `surgery --save`"):
+            load_surgery(tmp_path / f"{name}.safetensors", merged_state, encoder)
+    with pytest.raises(SurgeryBookError, match="no surgery modules at .*missing.safetensors"):  # was "is corrupt"
+        load_surgery(tmp_path / "missing.safetensors", merged_state, encoder)
+
+
 def test_saved_modules_load_only_for_their_base_merge(smoke_zoo, merged_state, tmp_path):
     run = run_surgery(smoke_zoo, merged_state, config=SurgeryConfig(rank=4, steps=5), progress=False)
     path = save_surgery(run, tmp_path / "surgery.safetensors")

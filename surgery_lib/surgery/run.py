@@ -356,15 +356,17 @@ def load_surgery(
     Raises:
         SurgeryBookError: if the modules were trained on another base merge or for another width or depth.
     """
+    if not Path(path).is_file():  # load_tensors would call it a damaged cache file, to be deleted and rebuilt
+        raise SurgeryBookError(f"no surgery modules at {path}", "pass the file that `surgery --save` wrote")
     tensors, metadata = load_tensors(path)
+    tasks, rank, version = _surgery_metadata(path, metadata)
     fingerprint = state_fingerprint(merged)
-    if metadata.get("base_fingerprint") != fingerprint:
+    if metadata["base_fingerprint"] != fingerprint:
         raise SurgeryBookError(
             f"the surgery modules in {path} were trained on another merged model "
-            f"(fingerprint {metadata.get('base_fingerprint')}, this one {fingerprint})",
+            f"(fingerprint {metadata['base_fingerprint']}, this one {fingerprint})",
             "train surgery for this merge, or load the merge the modules were trained on",
         )
-    tasks, rank, version = json.loads(metadata["tasks"]), int(metadata["rank"]), int(metadata["version"])
     if version == 1:
         modules: TaskSurgery | DeepSurgery = TaskSurgery(tasks, encoder.output_dim, rank)
     else:
@@ -377,3 +379,23 @@ def load_surgery(
             "load them on the architecture they were trained for",
         ) from None
     return modules
+
+
+def _surgery_metadata(path: str | os.PathLike[str], metadata: Mapping[str, str]) -> tuple[list[str], int, int]:
+    """``(tasks, rank, version)`` from what :func:`save_surgery` recorded, or a one-line error for a file it did
+    not write (a KeyError, a JSONDecodeError, or "trained on another merged model" for a file without metadata)."""
+    try:
+        tasks, rank, version = json.loads(metadata["tasks"]), int(metadata["rank"]), int(metadata["version"])
+        if "base_fingerprint" not in metadata:
+            raise KeyError("base_fingerprint")
+    except (KeyError, ValueError) as exc:
+        raise SurgeryBookError(
+            f"{path} holds no surgery modules save_surgery wrote (its metadata lacks or garbles {exc})",
+            "pass the file that `surgery --save` (or save_surgery) wrote",
+        ) from None
+    if version not in (1, 2) or rank < 1 or not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+        raise SurgeryBookError(
+            f"{path} records surgery version {version}, rank {rank} and tasks {tasks!r}",
+            "pass the file that `surgery --save` (or save_surgery) wrote",
+        )
+    return tasks, rank, version
