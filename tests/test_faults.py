@@ -56,6 +56,10 @@ def test_a_converted_manifest_may_not_name_files_outside_its_folder(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SurgeryBookError, match="outside its folder"):
         load_converted(folder)
+    manifest["files"]["pretrained"]["file"] = "pretrained.safetensors"  # inside, but not copied along
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SurgeryBookError, match="names 'pretrained.safetensors', which is not in the folder"):
+        load_converted(folder)
 
 
 def test_preset_names_cannot_leave_the_cache():

@@ -189,6 +189,11 @@ def load_converted(
                 f"{directory / 'manifest.json'} names {entry['file']!r}, outside its folder",
                 "convert the checkpoints again with `surgery-book convert`",
             )
+        if not path.is_file():  # a folder copied in part: a bare FileNotFoundError from the checksum before
+            raise SurgeryBookError(
+                f"{directory / 'manifest.json'} names {entry['file']!r}, which is not in the folder",
+                "copy the whole converted folder, or convert the checkpoints again with `surgery-book convert`",
+            )
         return load_tensors(path, expected_sha256=entry["sha256"])[0]
 
     pretrained = tensors("pretrained")
