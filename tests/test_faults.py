@@ -263,14 +263,16 @@ def test_every_bench_script_reports_bad_input_in_one_line(script, capsys, monkey
         ("kept_share", ["--threads", "0"], "argument --threads: '0' is not a whole number of at least 1"),
         ("task_count", ["--sizes", "0,2"], "'0,2' is not a comma-separated list of whole numbers of at least 1"),
         ("tangent_probe", ["--lr-scale", ","], "argument --lr-scale: ',' is not a comma-separated list of numbers"),
+        ("recipe_probe", ["--name", "x", "--scales", "0.3,nan"], "argument --scales: '0.3,nan' is not a comma"),
         ("recipe_probe", ["--name", "x", "--scales", "0.3,y"], "argument --scales: '0.3,y' is not a comma-separated"),
         ("data_parallel_probe", ["--rounds", "0"], "argument --rounds: '0' is not a whole number of at least 1"),
     ],
 )
-def test_the_bench_scripts_list_options_are_checked_as_they_are_parsed(script, argv, problem, capsys):
+def test_the_bench_scripts_list_options_are_checked_as_they_are_parsed(script, argv, problem, capsys, monkeypatch):
     """Each was a ValueError traceback from inside the script (kept_share's after its zoo was built), or for a
     count of 0 a RuntimeError from torch.set_num_threads or a run that measured nothing."""
     path = ROOT / "bench" / f"{script}.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python bench/...py` puts the script's folder first
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

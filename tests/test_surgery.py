@@ -424,7 +424,7 @@ def test_a_file_save_surgery_did_not_write_is_named_as_such(smoke_zoo, merged_st
     encoder = load_encoder(smoke_zoo.preset.encoder, merged_state)
     fingerprint = state_fingerprint(merged_state)
     written = {
-        "none": None,  # was "trained on another merged model (fingerprint None, ...)"
+        "none": None,  # was "trained on another merged model (fingerprint None, ...)": now "lacks 'tasks'"
         "partial": {"base_fingerprint": fingerprint},  # was a KeyError: 'tasks'
         "garbled": {"base_fingerprint": fingerprint, "tasks": "[mnist", "rank": "4", "version": "1"},  # JSONDecodeError
         "version-3": {"base_fingerprint": fingerprint, "tasks": '["mnist"]', "rank": "4", "version": "3"},

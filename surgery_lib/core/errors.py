@@ -115,7 +115,7 @@ def path_argument(text: str) -> str:
 
 def number_list(kind: Callable[[str], float], minimum: float | None = None) -> Callable[[str], tuple[Any, ...]]:
     """The argparse ``type`` of a comma-separated list of numbers (``--sizes 2,3,4``): a tuple of ``kind``
-    (``int`` or ``float``), each at least ``minimum``; anything else is a one-line usage error naming the text,
+    (``int`` or ``float``), each finite and at least ``minimum``; anything else is a one-line usage error naming the text,
     where a bare ``int("x")`` inside the script was a traceback, after a zoo was built."""
     what = "whole numbers" if kind is int else "numbers"
     bound = "" if minimum is None else f" of at least {minimum:g}"
@@ -125,7 +125,7 @@ def number_list(kind: Callable[[str], float], minimum: float | None = None) -> C
             values = tuple(kind(item) for item in text.split(",") if item.strip())
         except ValueError:
             values = ()
-        if not values or (minimum is not None and min(values) < minimum):
+        if not values or not all(map(math.isfinite, values)) or (minimum is not None and min(values) < minimum):
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}{bound}")
         return values
 

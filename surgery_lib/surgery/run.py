@@ -389,8 +389,9 @@ def _surgery_metadata(path: str | os.PathLike[str], metadata: Mapping[str, str])
         if "base_fingerprint" not in metadata:
             raise KeyError("base_fingerprint")
     except (KeyError, ValueError) as exc:
+        detail = f"lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else f"holds an unreadable value: {exc}"
         raise SurgeryBookError(
-            f"{path} holds no surgery modules save_surgery wrote (its metadata lacks or garbles {exc})",
+            f"{path} holds no surgery modules save_surgery wrote (its metadata {detail})",
             "pass the file that `surgery --save` (or save_surgery) wrote",
         ) from None
     if version not in (1, 2) or rank < 1 or not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
