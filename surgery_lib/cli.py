@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from surgery_lib.core.errors import OneLineArgumentParser, SurgeryBookError, interval_text, path_argument, run_script
@@ -193,6 +193,15 @@ def _check_range(
         raise SurgeryBookError(f"{flag} {value} is outside {interval}", f"pass a value in {interval} to {flag}")
 
 
+def _refuse_unread(args: argparse.Namespace, dests: Iterable[str], why: str, fix: str | None = None) -> None:
+    """A one-line error for the first option of ``dests`` given on the command line (not None) that nothing in
+    this run reads, instead of a run that ignores it: ``why`` says what lacks a reader, ``fix`` what would read it."""
+    for dest in dests:
+        if getattr(args, dest, None) is not None:
+            flag = "--" + dest.replace("_", "-")
+            raise SurgeryBookError(f"{why} to read {flag}", f"{fix}, or drop {flag}" if fix else f"drop {flag}")
+
+
 def _check_writable(path: str, *, folder: bool) -> None:
     """A one-line error, before any work, when an output ``path`` (a file, or with ``folder`` a directory) cannot be written."""
     import os
@@ -333,14 +342,10 @@ def _cmd_table(args: argparse.Namespace) -> int:
     versions = parse_versions(args.surgery)
     methods = parse_methods(args.methods, args.tune)
     check_seeds(args.seed or 0, args.seeds)
-    surgery_only = ("surgery_steps", "surgery_batch_size", "rank", "lr", "adam")
-    for dest in surgery_only if versions == (0,) else ():
-        if getattr(args, dest) is not None:  # the merge-only table came back, without a word
-            flag = "--" + dest.replace("_", "-")
-            raise SurgeryBookError(
-                f"--surgery {args.surgery} has no surgery rows to read {flag}",
-                f"add --surgery none,1,2 for the papers' surgery rows, or drop {flag}",
-            )
+    if versions == (0,):  # the merge-only table came back, without a word about the options it ignored
+        surgery_only = ("surgery_steps", "surgery_batch_size", "rank", "lr", "adam")
+        why = f"--surgery {args.surgery} has no surgery rows"
+        _refuse_unread(args, surgery_only, why, "add --surgery none,1,2 for the papers' surgery rows")
     options, config = (
         _merge_options(args),
         _surgery_config(args, args.rank),
@@ -468,20 +473,15 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 def _refuse_unread_grid_options(args: argparse.Namespace, versions: tuple[int, ...]) -> None:
     """A one-line error for a ``grid`` option that no cell or job of this grid reads (``--gpus-per-job 1`` with
     the local executor, ``--deep-surgery-steps`` without SurgeryV2 cells), instead of a grid that ignores it."""
-    unread = [
-        (dest, f"--executor {args.executor} runs no Slurm job", "add --executor slurm")
-        for dest in ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "array_parallelism")
-        if args.executor != "slurm"
-    ]
+    if args.executor != "slurm":
+        slurm = ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "array_parallelism")
+        _refuse_unread(args, slurm, f"--executor {args.executor} runs no Slurm job", "add --executor slurm")
     if 2 not in versions:
-        unread.append(("deep_surgery_steps", f"--surgery {args.surgery} has no SurgeryV2 cells", "add 2 to --surgery"))
+        why = f"--surgery {args.surgery} has no SurgeryV2 cells"
+        _refuse_unread(args, ("deep_surgery_steps",), why, "add 2 to --surgery")
     if not {1, 2} & set(versions):
-        for dest in ("surgery_steps", "adam"):
-            unread.append((dest, f"--surgery {args.surgery} has no surgery cells", "add 1 or 2 to --surgery"))
-    for dest, why, fix in unread:
-        if getattr(args, dest) is not None:
-            flag = "--" + dest.replace("_", "-")
-            raise SurgeryBookError(f"{why} to read {flag}", f"{fix}, or drop {flag}")
+        why = f"--surgery {args.surgery} has no surgery cells"
+        _refuse_unread(args, ("surgery_steps", "adam"), why, "add 1 or 2 to --surgery")
 
 
 def _cmd_surgery(args: argparse.Namespace) -> int:
@@ -555,6 +555,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _check_range(args, "iterations", 1, math.inf)
     _check_range(args, "adamerging_steps", 1, math.inf)  # before the zoo, which takes minutes at the paper's sizes
     _refuse_unread_bench_options(args)
+    args.scale = 1.0 if args.scale is None else args.scale
     args.versions = "1,2" if args.versions is None else args.versions
     args.adam = "shared" if args.adam is None else args.adam
     device = resolve_device(args.device, "cpu")
@@ -623,16 +624,15 @@ def _print_bench(args: argparse.Namespace, setting: str, device: Any, key: str, 
 def _refuse_unread_bench_options(args: argparse.Namespace) -> None:
     """A one-line error for an option the chosen benchmark would ignore (a ``--scale 0.1`` without a synthetic
     tower timed the preset's full zoo, with nothing said)."""
-    synthetic = args.vit_b32 or args.synthetic is not None
-    unread = [
-        ("--scale", args.scale != 1.0 and not synthetic, "it scales the test sets of --vit-b32 or --synthetic"),
-        ("--adamerging-steps", args.adamerging_steps is not None and not args.pipeline, "only --pipeline merges"),
-    ]
-    for flag, name in (("--versions", "versions"), ("--adam", "adam"), ("--precision", "precision")):
-        unread.append((flag, args.pipeline and getattr(args, name) is not None, "--pipeline times its fixed stages"))
-    for flag, given, why in unread:
-        if given:
-            raise SurgeryBookError(f"this benchmark does not read {flag} ({why})", f"drop {flag}")
+    if not (args.vit_b32 or args.synthetic is not None):
+        why = "a benchmark without --vit-b32 or --synthetic has no synthetic test sets"
+        _refuse_unread(args, ("scale",), why, "add --vit-b32 or --synthetic PRESET")
+    if args.pipeline:
+        _refuse_unread(args, ("versions", "adam", "precision"), "--pipeline times its fixed stages, with no stage")
+    else:
+        _refuse_unread(
+            args, ("adamerging_steps",), "a benchmark without --pipeline runs no AdaMerging", "add --pipeline"
+        )
 
 
 def _bench_zoo(args: argparse.Namespace, device: Any) -> tuple[Any, str]:
@@ -1110,7 +1110,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scale",
         type=float,
-        default=1.0,
+        default=None,
         help="with --vit-b32 or --synthetic: fraction of the paper's test-set sizes (default 1)",
     )
     bench.add_argument(

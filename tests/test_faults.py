@@ -122,9 +122,12 @@ def test_json_output_is_standard_json():
         (["bench", "--pipeline", "--adamerging-steps", "0"], "--adamerging-steps 0 is outside [1, inf]"),  # was: late
         (["surgery", "--online", "--surgery-steps", "200"], "the online variant does not read --surgery-steps"),
         (["surgery", "--online", "--version", "2"], "SurgeryV2 has no online variant here"),  # was: after the zoo
-        (["bench", "--scale", "0.1"], "does not read --scale (it scales the test sets of --vit-b32"),  # was: ignored
-        (["bench", "--adamerging-steps", "5"], "does not read --adamerging-steps (only --pipeline merges)"),
-        (["bench", "--pipeline", "--adam", "per-task"], "does not read --adam (--pipeline times its fixed stages)"),
+        (["bench", "--scale", "0.1"], "has no synthetic test sets to read --scale"),  # was: ignored
+        (["bench", "--adamerging-steps", "5"], "runs no AdaMerging to read --adamerging-steps"),
+        (
+            ["bench", "--pipeline", "--adam", "per-task"],
+            "--pipeline times its fixed stages, with no stage to read --adam",
+        ),
     ],
 )
 def test_out_of_range_options_are_one_line_errors_never_silent_substitutes(argv, flag, capsys, tmp_path):

@@ -172,17 +172,14 @@ def test_kept_share_equals_a_step_by_step_evaluation(smoke_zoo):
     """The curve's numbers replayed by hand: merge, evaluate, divide; one task alone has no interference."""
     load = lambda s: load_encoder(SMOKE.encoder, s)  # noqa: E731
     tasks = {t: smoke_zoo.suite[t] for t in smoke_zoo.tasks}
-    rows = kept_share_curve(
-        smoke_zoo.pretrained,
-        smoke_zoo.experts,
-        smoke_zoo.heads,
-        tasks,
-        load,
-        sizes=(1, 2),
-        subsets=5,
-        scale=0.5,
-        progress=False,
-    )
+
+    def curve(sizes):
+        zoo = smoke_zoo
+        return kept_share_curve(
+            zoo.pretrained, zoo.experts, zoo.heads, tasks, load, sizes=sizes, subsets=5, scale=0.5, progress=False
+        )
+
+    rows = curve((1, 2))
     assert sorted(rows["size"].tolist()) == [1, 1, 2, 2]
     vectors = task_vectors(smoke_zoo.pretrained, smoke_zoo.experts)
     merged = load(add_vectors(smoke_zoo.pretrained, list(vectors.values()), [0.5, 0.5]))
@@ -199,17 +196,7 @@ def test_kept_share_equals_a_step_by_step_evaluation(smoke_zoo):
     assert alone["merged"].tolist() == alone["alone"].tolist()
     summary = summarize_curve(rows)
     assert list(summary.index) == [1, 2] and summary.loc[1, "disentanglement_error"] == 0
-    twice = kept_share_curve(
-        smoke_zoo.pretrained,
-        smoke_zoo.experts,
-        smoke_zoo.heads,
-        tasks,
-        load,
-        sizes=(2, 2),
-        subsets=5,
-        scale=0.5,
-        progress=False,
-    )  # a size given twice counted its subsets twice
+    twice = curve((2, 2))  # a size given twice counted its subsets twice
     assert twice.equals(rows[rows["size"] == 2].reset_index(drop=True))
 
 
