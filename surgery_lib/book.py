@@ -1,4 +1,5 @@
-"""What the chapters need beyond the science: the preset banner, numbers glued into the prose, figure style.
+"""What the chapters need beyond the science: their parameters' checks, the preset banner, numbers glued into the
+prose, figure style.
 
 The notebooks run anywhere (Jupyter, Colab, papermill, the book build); nothing here is required for the
 results. :func:`glue` records a value for the rendered book's ``{glue:text}`` roles through myst-nb when it
@@ -8,9 +9,18 @@ run that produced its outputs, whatever the preset.
 
 from __future__ import annotations
 
+import argparse
 import html
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from surgery_lib.core.errors import SurgeryBookError, number_list
+from surgery_lib.grid import TUNE_CHOICES, parse_methods, parse_versions
+from surgery_lib.merging.options import MAX_SEED
 from surgery_lib.presets import get_preset
 
 if TYPE_CHECKING:
@@ -92,11 +102,193 @@ def preset_banner(zoo: Zoo | str, device: str = "cpu") -> PresetBanner:
     return PresetBanner(get_preset(zoo) if isinstance(zoo, str) else zoo.preset, device)
 
 
+def committed_results() -> Path:
+    """The folder of the committed results (the repository's ``notebooks/results``: the grids chapters 06 and 07
+    read) as seen from where the chapter runs: ``results`` in the notebooks' folder, where Colab, ``reproduce``,
+    nbval and the book build run the chapters, or ``notebooks/results`` from the repository's root (``papermill
+    notebooks/06_reproduce_tables.ipynb ...``), where the chapters found no committed grid and computed every
+    cell again (mini's chapter 07: about an hour of CPU). ``results`` when neither exists: nothing committed."""
+    from_root = Path("notebooks") / "results"
+    return from_root if not Path("results").is_dir() and from_root.is_dir() else Path("results")
+
+
 def shown_tasks(zoo: Zoo, requested: str, count: int = 2) -> list[str]:
     """The tasks a chapter shows one figure each for: those of ``requested`` (comma-separated names, a notebook
     parameter) that ``zoo`` has, in that order, then its other tasks in its order until there are ``count`` (or
     as many as it has). A preset without the chapter's default tasks (smoke has mnist and shapes; CLIP's are
-    MNIST, GTSRB, ...) still gets its figures."""
+    MNIST, GTSRB, ...) still gets its figures. A requested name the zoo lacks is said in a warning (a misspelt
+    ``-p tsne_tasks mnsit`` showed other tasks without a word)."""
     names = list(zoo.tasks)
-    chosen = list(dict.fromkeys(t.strip() for t in requested.split(",") if t.strip() in names))
-    return (chosen + [t for t in names if t not in chosen])[: max(count, len(chosen))]
+    requested_names = list(dict.fromkeys(t.strip() for t in requested.split(",") if t.strip()))
+    chosen = [t for t in requested_names if t in names]
+    shown = (chosen + [t for t in names if t not in chosen])[: max(count, len(chosen))]
+    missing = [t for t in requested_names if t not in names]
+    if missing:
+        warnings.warn(
+            f"no task {', '.join(missing)} in this zoo (its tasks: {', '.join(names)}); showing {', '.join(shown)}",
+            stacklevel=2,
+        )
+    return shown
+
+
+def whole_numbers(value: str | int) -> tuple[int, ...]:
+    """A chapter's list parameter, ``"50,200,1000"`` -> ``(50, 200, 1000)`` (ranks, unlabeled images per task):
+    whole numbers of at least 1, each kept once in the order given; a bare number is a list of one.
+
+    Raises:
+        SurgeryBookError: empty text, a fraction, a word, a number below 1.
+    """
+    problem = f"{value!r} is not a comma-separated list of whole numbers of at least 1"
+    fix = "give whole numbers of at least 1, comma-separated, e.g. 50,200,1000"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise SurgeryBookError(problem, fix)
+    try:
+        numbers = number_list(int, minimum=1)(str(value))
+    except argparse.ArgumentTypeError:
+        raise SurgeryBookError(problem, fix) from None
+    return tuple(dict.fromkeys(numbers))
+
+
+@dataclass(frozen=True)
+class ChapterParameter:
+    """What one chapter parameter takes, declared once: a chapter checks its values with it before its first
+    computation (:func:`check_parameters`), and ``reproduce`` checks every ``-p`` value with it before the first
+    kernel starts, so a mistyped value fails in a second instead of in the fifth notebook, an hour in.
+
+    Attributes:
+        valid: the valid values in words (completes "... is not").
+        example: a valid value as it is typed after ``-p NAME``.
+        accepts: whether a value is valid; it may raise :class:`SurgeryBookError` to say why not in its own words
+            (the parsers of method and version lists name the unknown entry).
+        is_path: a file or folder: ``reproduce`` makes a relative one absolute against the folder it is run from,
+            since its kernels run in the notebooks' folder.
+    """
+
+    valid: str
+    example: str
+    accepts: Callable[[Any], bool]
+    is_path: bool = False
+
+
+def _whole(low: int, high: int | None = None) -> ChapterParameter:
+    def accepts(value: Any) -> bool:
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and low <= value <= (math.inf if high is None else high)
+        )
+
+    valid = f"a whole number of at least {low}" if high is None else f"a whole number in [{low}, {high}]"
+    return ChapterParameter(valid, str(max(low, 1)), accepts)
+
+
+def _optional(parameter: ChapterParameter) -> ChapterParameter:
+    return ChapterParameter(
+        f"None or {parameter.valid}", parameter.example, lambda value: value is None or parameter.accepts(value)
+    )
+
+
+def _choice(*choices: str) -> ChapterParameter:
+    return ChapterParameter(f"one of {', '.join(choices)}", choices[0], lambda value: value in choices)
+
+
+def _parses(parse: Callable[[Any], Any], value: Any) -> bool:
+    try:
+        parse(value)
+    except SurgeryBookError:
+        return False
+    return True
+
+
+def _text(example: str) -> ChapterParameter:
+    return ChapterParameter("text", example, lambda value: isinstance(value, str))
+
+
+def _counts(example: str) -> ChapterParameter:
+    return ChapterParameter(
+        "a comma-separated list of whole numbers of at least 1", example, lambda value: _parses(whole_numbers, value)
+    )
+
+
+#: Every chapter parameter but preset, device and output_dir (which building the zoo and writing the outputs
+#: check), by name: a parameter of the same name means the same in every chapter that declares it.
+CHAPTER_PARAMETERS: dict[str, ChapterParameter] = {
+    "seed": _whole(0, MAX_SEED),
+    "seeds": _whole(1),
+    "samples_per_task": _whole(1, 50),  # images per row of one figure, 0.75 inch each
+    "kept_share_subsets": _whole(1),
+    "scale_max": ChapterParameter(
+        "a number above 0",
+        "1.0",
+        lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
+    ),
+    "scale_points": _whole(2),
+    "sweep_points": _whole(2),
+    "adamerging_steps": _whole(0),
+    "tsne_tasks": _text("mnist,signs"),
+    "tsne_points": _whole(2),
+    "tsne_task": _text("auto"),
+    "surgery_steps": _whole(1),
+    "deep_surgery_steps": _whole(1),
+    "rank": _whole(0),
+    "ranks": _counts("4,16,64"),
+    "adapt_counts": _counts("50,200,1000"),
+    "data_sizes": _counts("50,200,1000"),
+    "adam": _choice("shared", "per-task"),
+    "grid_dir": ChapterParameter(
+        "None or a folder path",
+        "grids/mini",
+        lambda value: value is None or (isinstance(value, str) and value != ""),
+        is_path=True,
+    ),
+    "another_zoo": _choice("reference", "compute"),
+    "methods": ChapterParameter(
+        "all, papers or a comma-separated list of merging methods",
+        "papers",
+        lambda value: isinstance(value, str) and bool(parse_methods(value)),
+    ),
+    "tune": _choice("auto", *TUNE_CHOICES),
+    "surgery": ChapterParameter(
+        "a comma-separated list of none, 1 and 2",
+        "none,1,2",
+        lambda value: isinstance(value, str) and bool(parse_versions(value)),
+    ),
+    "wudi_curve_layers": _optional(_whole(1)),
+}
+
+
+def check_parameter(name: str, value: Any, given_as: str | None = None) -> Any:
+    """``value`` if it is valid for the chapter parameter ``name`` (:data:`CHAPTER_PARAMETERS`).
+
+    Args:
+        given_as: how the error names the value (default ``"the parameter NAME"``; ``reproduce``: ``"-p NAME"``).
+
+    Raises:
+        SurgeryBookError: an invalid value (naming the valid ones and an example), or a name with no declaration.
+    """
+    parameter = CHAPTER_PARAMETERS.get(name)
+    if parameter is None:
+        raise SurgeryBookError(
+            f"no chapter parameter {name!r} is declared", "declare it in surgery_lib.book.CHAPTER_PARAMETERS"
+        )
+    named = given_as or f"the parameter {name}"
+    try:
+        valid = parameter.accepts(value)
+    except SurgeryBookError as exc:
+        raise SurgeryBookError(f"{named} {value!r}: {exc.problem}", exc.fix) from None
+    if not valid:
+        raise SurgeryBookError(
+            f"{named} {value!r} is not {parameter.valid}", f"give {name} {parameter.valid}, e.g. {parameter.example}"
+        )
+    return value
+
+
+def check_parameters(**values: Any) -> None:
+    """Check a chapter's parameters before it computes anything; its first code cell calls this with every
+    parameter it declares but preset, device and output_dir (``tests/test_notebooks.py`` checks that it does).
+
+    Raises:
+        SurgeryBookError: naming the first invalid value (:func:`check_parameter`).
+    """
+    for name, value in values.items():
+        check_parameter(name, value)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from surgery_lib.book import committed_results
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
@@ -448,7 +449,7 @@ def beyond_the_papers_grid(
     deep_surgery_steps: int = 100,
     grid_dir: str | os.PathLike[str] | None = None,
     another_zoo: str = "reference",
-    committed_root: str | os.PathLike[str] = "results",
+    committed_root: str | os.PathLike[str] | None = None,
     tune: str = "auto",
 ) -> tuple[Zoo, ChapterGrid]:
     """Chapter 07's grid (both of its pages), from the chapter's parameters: every method of ``methods``
@@ -456,7 +457,8 @@ def beyond_the_papers_grid(
     ``"auto"`` so where every task of the zoo has a validation split) alone and with the ``surgery`` versions,
     over ``seeds`` seeds.
 
-    The committed grid ``<committed_root>/grid-<preset>`` is only read (:func:`chapter_grid`): its cells computed
+    The committed grid ``<committed_root>/grid-<preset>`` (default: :func:`~surgery_lib.book.committed_results`,
+    found from the notebooks' folder or the repository's root) is only read (:func:`chapter_grid`): its cells computed
     from this very zoo with these settings are copied into ``grid_dir`` (default
     ``<output_dir>/grid/<zoo weights checksum>``, one folder per zoo, so that cells of an earlier run on another
     zoo are never reused), and the missing ones are computed there.
@@ -478,7 +480,7 @@ def beyond_the_papers_grid(
         deep_surgery_steps=deep_surgery_steps,
         device=device,
     )
-    committed = Path(committed_root) / f"grid-{preset}"
+    committed = Path(committed_root or committed_results()) / f"grid-{preset}"
     return zoo, chapter_grid(spec, committed, folder, zoo, another_zoo=another_zoo)
 
 

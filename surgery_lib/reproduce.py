@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from surgery_lib.book import CHAPTER_PARAMETERS, check_parameter
 from surgery_lib.core.errors import SurgeryBookError, interval_text, use_one_of
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.project import __version__
@@ -196,8 +197,12 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any]) -
 
     Raises:
         SurgeryBookError: a name that reproduce sets itself (preset, device, seed, output_dir), a name that no
-            notebook declares (listing those they do), or a value of another kind than the declared default
-            (text for a whole number, a fraction for a whole number, ...).
+            notebook declares (listing those they do), a value of another kind than the declared default
+            (text for a whole number, a fraction for a whole number, ...), or outside what the chapters take
+            (:data:`~surgery_lib.book.CHAPTER_PARAMETERS`: ``-p surgery_steps 0``, ``-p ranks 4,x``).
+
+    A relative path (``-p grid_dir results/grid-b32``) is made absolute against the current folder, as the
+    command's own ``--out`` is: the kernels run in the notebooks' folder.
     """
     import ast
 
@@ -234,6 +239,13 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any]) -
                     f"-p {name} {value!r} is not {expected}, as {stem}'s {name} is (default {default!r})",
                     f"pass {expected} to -p {name}",
                 )
+        if name in CHAPTER_PARAMETERS:  # the range or the choices, as the chapter would check them on its first line
+            check_parameter(name, value, f"-p {name}")
+            if CHAPTER_PARAMETERS[name].is_path and isinstance(value, str):
+                # The kernels run in the notebooks' folder: `-p grid_dir results/grid-b32` given from the
+                # repository's root meant ./results/grid-b32, and the chapter computed every cell into
+                # notebooks/results/grid-b32 instead of reading the grid there.
+                value = os.path.abspath(value)
         checked[name] = value
     return checked
 

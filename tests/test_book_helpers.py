@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import warnings
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from surgery_lib import book, diagrams, plots, tables
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging import METHODS
 from surgery_lib.settings.base import EXPERT_ROW
 
@@ -200,6 +203,7 @@ def test_glued_strings_become_markdown_without_quotes(monkeypatch):
         (("MNIST", "GTSRB", "SVHN"), "mnist,signs", ["MNIST", "GTSRB"]),  # a CLIP preset
         (("a", "b", "c", "d"), " c , a ,c,b", ["c", "a", "b"]),
         (("a",), "a,b", ["a"]),
+        (("mnist", "shapes", "signs"), "mnsit,signs", ["signs", "mnist"]),  # a typo: said, then filled up
     ],
 )
 def test_a_chapter_shows_the_requested_tasks_it_has_then_fills_up_from_the_zoo(tasks, requested, shown):
@@ -208,4 +212,67 @@ def test_a_chapter_shows_the_requested_tasks_it_has_then_fills_up_from_the_zoo(t
 
     zoo = Zoo()
     zoo.tasks = tasks
-    assert book.shown_tasks(zoo, requested) == shown
+    missing = [t.strip() for t in requested.split(",") if t.strip() not in tasks]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert book.shown_tasks(zoo, requested) == shown
+    assert [str(w.message) for w in caught] == (
+        [f"no task {', '.join(missing)} in this zoo (its tasks: {', '.join(tasks)}); showing {', '.join(shown)}"]
+        if missing
+        else []
+    )
+
+
+def test_a_chapter_parameter_outside_what_the_chapters_run_is_refused_naming_it():
+    refused = [
+        ("surgery_steps", 0, "the parameter surgery_steps 0 is not a whole number of at least 1"),
+        ("surgery_steps", True, "is not a whole number"),
+        ("surgery_steps", 2.5, "is not a whole number"),
+        ("seed", -1, "is not a whole number in [0, 4294967295]"),
+        ("rank", -1, "is not a whole number of at least 0"),
+        ("scale_points", 1, "of at least 2"),
+        ("scale_max", 0.0, "is not a number above 0"),
+        ("scale_max", float("nan"), "is not a number above 0"),
+        ("samples_per_task", 500, "is not a whole number in [1, 50]"),
+        ("ranks", "4,x", "ranks '4,x' is not a comma-separated list of whole numbers of at least 1. Fix: give ranks"),
+        ("adapt_counts", "50,0", "is not a comma-separated list"),
+        ("data_sizes", "", "is not a comma-separated list"),
+        ("data_sizes", "1.5", "is not a comma-separated list"),
+        ("adam", "per_task", "is not one of shared, per-task"),
+        ("tune", "yes", "is not one of auto, none, validation"),
+        ("another_zoo", "other", "is not one of reference, compute"),
+        ("methods", "task_arithmetic,tiez", "methods 'task_arithmetic,tiez': unknown merging method 'tiez'"),
+        ("methods", 3, "is not all, papers or a comma-separated list"),
+        ("surgery", "none,3", "unknown surgery versions"),
+        ("wudi_curve_layers", 0, "is not None or a whole number of at least 1"),
+        ("grid_dir", "", "is not None or a folder path"),
+        ("tsne_task", None, "is not text"),
+    ]
+    for name, value, message in refused:
+        with pytest.raises(SurgeryBookError, match=re.escape(message)):
+            book.check_parameters(**{name: value})
+    with pytest.raises(SurgeryBookError, match="no chapter parameter 'stepz' is declared"):
+        book.check_parameters(stepz=3)
+    book.check_parameters(
+        ranks="4,16,64", data_sizes=200, wudi_curve_layers=None, grid_dir="grids", methods="papers", tune="auto"
+    )
+
+
+def test_a_list_parameter_is_its_whole_numbers_each_once_in_order():
+    assert book.whole_numbers("64, 4,16,4") == (64, 4, 16)
+    assert book.whole_numbers(200) == (200,)
+    assert book.whole_numbers("4,") == (4,)  # a trailing comma is no entry
+    for value in ("", ",", "a", "4,-1", "0", True, 2.0, None):
+        with pytest.raises(SurgeryBookError, match="is not a comma-separated list of whole numbers of at least 1"):
+            book.whole_numbers(value)
+
+
+def test_a_chapter_finds_the_committed_results_from_the_notebooks_folder_or_the_repository_root(tmp_path, monkeypatch):
+    """Run from the repository's root (``papermill notebooks/06_reproduce_tables.ipynb ...``), chapters 06 and 07
+    looked for ./results, found nothing and computed every cell of their grids again."""
+    monkeypatch.chdir(tmp_path)
+    assert book.committed_results() == Path("results")  # nothing committed: the chapters compute their cells
+    (tmp_path / "notebooks" / "results").mkdir(parents=True)
+    assert book.committed_results() == Path("notebooks", "results")  # from the repository's root
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert book.committed_results() == Path("results")  # from the notebooks' folder (Colab, reproduce, nbval)

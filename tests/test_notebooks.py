@@ -168,8 +168,9 @@ def test_a_chapter_reads_the_committed_grid_and_never_writes_into_it(path):
         if isinstance(target, ast.Name)
     ]
     names_in = lambda expr: {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)}  # noqa: E731
-    literal = lambda expr: any(  # noqa: E731  (a path under notebooks/results, e.g. Path("results") / ...)
-        isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith("results")
+    literal = lambda expr: any(  # noqa: E731  (a path under notebooks/results: book.committed_results() / ...)
+        (isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith("results"))
+        or (isinstance(n, ast.Call) and ast.unparse(n.func).endswith("committed_results"))
         for n in ast.walk(expr)
     )
     committed = {name for name, value in assignments if literal(value)}
@@ -407,3 +408,38 @@ def test_a_chapter_asks_a_question_to_think_about_with_a_folded_answer(path):
     assert re.search(r"\*\*[^*]+\?\*\*", section), f"{path.name}: the section asks no question"
     assert section.count(":::{dropdown} An answer") >= 1 and section.count("\n:::") >= 1
     assert markdown.index("## Think about it") < markdown.index("## Exercises")
+
+
+#: The parameters a chapter does not check itself: building its zoo checks preset and device, writing checks output_dir.
+CHECKED_ELSEWHERE = {"preset", "device", "output_dir"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_chapter_checks_every_parameter_before_it_computes_anything(path):
+    """A mistyped value (``-p ranks 4,x``, ``surgery_steps = 0`` typed in Colab) fails on the chapter's first line
+    instead of after its merges and surgery runs: the setup cell calls ``book.check_parameters`` with every
+    parameter the chapter declares, before it builds the zoo, and every declared default passes the check."""
+    import ast
+
+    import papermill
+
+    from surgery_lib.book import check_parameter
+
+    declared = papermill.inspect_notebook(str(path))
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    setup = next(c for c in cells if "book.book_style()" in "".join(c["source"]))
+    source = "".join(setup["source"])
+    calls = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "book.check_parameters"
+    ]
+    assert len(calls) == 1, f"{path.name}: the setup cell calls book.check_parameters once"
+    call = calls[0]
+    assert {k.arg for k in call.keywords} == set(declared) - CHECKED_ELSEWHERE
+    assert all(ast.unparse(k.value) == k.arg for k in call.keywords), "each keyword passes its own parameter"
+    computes = [m.start() for m in re.finditer(r"build_zoo\(|beyond_the_papers_grid\(", source)]
+    assert computes and source.index("book.check_parameters(") < min(computes)
+    for name, entry in declared.items():
+        if name not in CHECKED_ELSEWHERE:
+            check_parameter(name, ast.literal_eval(entry["default"]))

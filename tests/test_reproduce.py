@@ -221,3 +221,35 @@ def test_parameters_are_checked_against_the_notebooks_before_any_kernel_starts(t
         SurgeryBookError, match="has a parameter 'steps'. Fix: drop -p steps: these notebooks take only"
     ):
         check_parameters(notebooks[:1], {"steps": 3})  # only the notebooks that run count
+
+
+def test_a_chapter_parameter_is_checked_against_what_the_chapters_run_before_any_kernel_starts(tmp_path, monkeypatch):
+    """Chapter 04's ranks are parsed in its sixth cell, chapter 06's data sizes in its sixteenth: a mistyped
+    value failed there, after every notebook before it had run (an hour on a GPU for a CLIP preset)."""
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    _notebook(source / "01_first.ipynb", "x = 1")
+    notebook = nbformat.read(source / "01_first.ipynb", as_version=4)
+    notebook.cells[1].source += '\nranks = "4,16,64"\nsurgery_steps = 1000\nmethods = "all"\ngrid_dir = None'
+    nbformat.write(notebook, source / "01_first.ipynb")
+    notebooks = find_notebooks(source)
+    monkeypatch.chdir(tmp_path)
+    given = {"ranks": 16, "surgery_steps": 10, "methods": "tsv", "grid_dir": "results/grid-b32"}
+    assert check_parameters(notebooks, given) == {
+        "ranks": "16",
+        "surgery_steps": 10,
+        "methods": "tsv",
+        # The kernels run in the notebooks' folder: a relative grid_dir meant notebooks/results/grid-b32 there,
+        # where the chapter computed every cell instead of reading the grid the user had computed.
+        "grid_dir": str(tmp_path / "results" / "grid-b32"),
+    }
+    refused = [
+        ({"ranks": "4,x"}, "-p ranks '4,x' is not a comma-separated list of whole numbers of at least 1"),
+        ({"surgery_steps": 0}, "-p surgery_steps 0 is not a whole number of at least 1"),
+        ({"methods": "tiez"}, "-p methods 'tiez': unknown merging method 'tiez'"),
+        ({"grid_dir": 2024}, "-p grid_dir 2024 is not None or a folder path"),
+    ]
+    for parameters, message in refused:
+        with pytest.raises(SurgeryBookError, match=re.escape(message)):
+            reproduce("smoke", tmp_path / "out", source=source, parameters=parameters, progress=False)
+    assert not (tmp_path / "out").exists()
