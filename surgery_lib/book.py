@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery_lib.core.errors import SurgeryBookError, number_list
-from surgery_lib.grid import TUNE_CHOICES, parse_methods, parse_versions
+from surgery_lib.grid import MAX_SEEDS, TUNE_CHOICES, parse_methods, parse_versions
 from surgery_lib.merging.options import MAX_SEED
 from surgery_lib.presets import get_preset
 
@@ -170,7 +170,7 @@ class ChapterParameter:
     is_path: bool = False
 
 
-def _whole(low: int, high: int | None = None) -> ChapterParameter:
+def _whole(low: int, *, example: int, high: int | None = None) -> ChapterParameter:
     def accepts(value: Any) -> bool:
         return (
             isinstance(value, int)
@@ -179,7 +179,7 @@ def _whole(low: int, high: int | None = None) -> ChapterParameter:
         )
 
     valid = f"a whole number of at least {low}" if high is None else f"a whole number in [{low}, {high}]"
-    return ChapterParameter(valid, str(max(low, 1)), accepts)
+    return ChapterParameter(valid, str(example), accepts)
 
 
 def _optional(parameter: ChapterParameter) -> ChapterParameter:
@@ -213,24 +213,24 @@ def _counts(example: str) -> ChapterParameter:
 #: Every chapter parameter but preset, device and output_dir (which building the zoo and writing the outputs
 #: check), by name: a parameter of the same name means the same in every chapter that declares it.
 CHAPTER_PARAMETERS: dict[str, ChapterParameter] = {
-    "seed": _whole(0, MAX_SEED),
-    "seeds": _whole(1),
-    "samples_per_task": _whole(1, 50),  # images per row of one figure, 0.75 inch each
-    "kept_share_subsets": _whole(1),
+    "seed": _whole(0, example=0, high=MAX_SEED),
+    "seeds": _whole(1, example=3, high=MAX_SEEDS),
+    "samples_per_task": _whole(1, example=10, high=50),  # images per row of one figure, 0.75 inch each
+    "kept_share_subsets": _whole(1, example=3),
     "scale_max": ChapterParameter(
         "a number above 0",
         "1.0",
         lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
     ),
-    "scale_points": _whole(2),
-    "sweep_points": _whole(2),
-    "adamerging_steps": _whole(0),
+    "scale_points": _whole(2, example=11),
+    "sweep_points": _whole(2, example=11),
+    "adamerging_steps": _whole(0, example=500),
     "tsne_tasks": _text("mnist,signs"),
-    "tsne_points": _whole(2),
+    "tsne_points": _whole(2, example=400),
     "tsne_task": _text("auto"),
-    "surgery_steps": _whole(1),
-    "deep_surgery_steps": _whole(1),
-    "rank": _whole(0),
+    "surgery_steps": _whole(1, example=1000),
+    "deep_surgery_steps": _whole(1, example=1000),
+    "rank": _whole(0, example=16),
     "ranks": _counts("4,16,64"),
     "adapt_counts": _counts("50,200,1000"),
     "data_sizes": _counts("50,200,1000"),
@@ -253,7 +253,7 @@ CHAPTER_PARAMETERS: dict[str, ChapterParameter] = {
         "none,1,2",
         lambda value: isinstance(value, str) and bool(parse_versions(value)),
     ),
-    "wudi_curve_layers": _optional(_whole(1)),
+    "wudi_curve_layers": _optional(_whole(1, example=16)),
 }
 
 
@@ -288,7 +288,16 @@ def check_parameters(**values: Any) -> None:
     parameter it declares but preset, device and output_dir (``tests/test_notebooks.py`` checks that it does).
 
     Raises:
-        SurgeryBookError: naming the first invalid value (:func:`check_parameter`).
+        SurgeryBookError: naming the first invalid value (:func:`check_parameter`), or a ``seed`` whose ``seeds``
+            run past the largest seed (seed, seed + 1, ..., seed + seeds - 1 must all be valid).
     """
     for name, value in values.items():
         check_parameter(name, value)
+    if "seed" in values and "seeds" in values:
+        seed, seeds = values["seed"], values["seeds"]
+        if seed + seeds - 1 > MAX_SEED:
+            raise SurgeryBookError(
+                f"the parameters seed {seed} and seeds {seeds} use the seeds {seed} to {seed + seeds - 1}, "
+                f"outside [0, {MAX_SEED}]",
+                f"give seed at most {MAX_SEED - seeds + 1}, or fewer seeds",
+            )

@@ -189,7 +189,7 @@ def check_kernel(kernel: str) -> None:
 RESERVED_PARAMETERS = {"preset": "--preset", "device": "--device", "seed": "--seed", "output_dir": "--out"}
 
 
-def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any]) -> dict[str, Any]:
+def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
     """``parameters`` checked against the parameters cells of ``notebooks``, before any kernel starts: papermill
     injects a name that no notebook declares without a word, so a typo (``surgery_stepz``) would run the whole
     book with the default. Returns them with a number given for a text parameter as its text (``-p ranks 16``
@@ -199,7 +199,8 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any]) -
         SurgeryBookError: a name that reproduce sets itself (preset, device, seed, output_dir), a name that no
             notebook declares (listing those they do), a value of another kind than the declared default
             (text for a whole number, a fraction for a whole number, ...), or outside what the chapters take
-            (:data:`~surgery_lib.book.CHAPTER_PARAMETERS`: ``-p surgery_steps 0``, ``-p ranks 4,x``).
+            (:data:`~surgery_lib.book.CHAPTER_PARAMETERS`: ``-p surgery_steps 0``, ``-p ranks 4,x``), or seeds
+            that run past the largest seed from ``seed`` (``--seed``) on (chapter 07's three from 4294967295).
 
     A relative path (``-p grid_dir results/grid-b32``) is made absolute against the current folder, as the
     command's own ``--out`` is: the kernels run in the notebooks' folder.
@@ -247,6 +248,14 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any]) -
                 # notebooks/results/grid-b32 instead of reading the grid there.
                 value = os.path.abspath(value)
         checked[name] = value
+    for stem, default in declared.get("seeds", []):  # a chapter's seeds are seed, ..., seed + seeds - 1
+        seeds = checked.get("seeds", default)
+        if isinstance(seeds, int) and seed + seeds - 1 > MAX_SEED:
+            raise SurgeryBookError(
+                f"--seed {seed} with {stem}'s {seeds} seeds uses the seeds {seed} to {seed + seeds - 1}, "
+                f"outside [0, {MAX_SEED}]",
+                f"pass a --seed from 0 to {MAX_SEED - seeds + 1}, or fewer seeds (-p seeds 1)",
+            )
     return checked
 
 
@@ -307,7 +316,7 @@ def reproduce(
     _check_seed(seed)
     notebooks = find_notebooks(source, only)
     check_notebooks(notebooks)
-    parameters = check_parameters(notebooks, parameters or {})
+    parameters = check_parameters(notebooks, parameters or {}, seed)
     if kernel is not None:
         check_kernel(kernel)
     out = Path(out).resolve()

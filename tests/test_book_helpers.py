@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from surgery_lib import book, diagrams, plots, tables
+from surgery_lib.cli import _literal  # how reproduce -p reads a value
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.merging import METHODS
 from surgery_lib.settings.base import EXPERT_ROW
@@ -229,6 +230,7 @@ def test_a_chapter_parameter_outside_what_the_chapters_run_is_refused_naming_it(
         ("surgery_steps", True, "is not a whole number"),
         ("surgery_steps", 2.5, "is not a whole number"),
         ("seed", -1, "is not a whole number in [0, 4294967295]"),
+        ("seeds", 1001, "is not a whole number in [1, 1000]"),
         ("rank", -1, "is not a whole number of at least 0"),
         ("scale_points", 1, "of at least 2"),
         ("scale_max", 0.0, "is not a number above 0"),
@@ -251,11 +253,16 @@ def test_a_chapter_parameter_outside_what_the_chapters_run_is_refused_naming_it(
     for name, value, message in refused:
         with pytest.raises(SurgeryBookError, match=re.escape(message)):
             book.check_parameters(**{name: value})
+    with pytest.raises(SurgeryBookError, match=r"seed 4294967294 and seeds 3 use the seeds 4294967294 to 4294967296"):
+        book.check_parameters(seed=4294967294, seeds=3)  # chapter 07's grid would refuse it after building its zoo
+    book.check_parameters(seed=4294967293, seeds=3)
     with pytest.raises(SurgeryBookError, match="no chapter parameter 'stepz' is declared"):
         book.check_parameters(stepz=3)
     book.check_parameters(
         ranks="4,16,64", data_sizes=200, wudi_curve_layers=None, grid_dir="grids", methods="papers", tune="auto"
     )
+    for name, parameter in book.CHAPTER_PARAMETERS.items():  # every error's "e.g." is a value the check takes
+        book.check_parameter(name, _literal(parameter.example))
 
 
 def test_a_list_parameter_is_its_whole_numbers_each_once_in_order():
