@@ -107,9 +107,10 @@ def committed_results() -> Path:
     read) as seen from where the chapter runs: ``results`` in the notebooks' folder, where Colab, ``reproduce``,
     nbval and the book build run the chapters, or ``notebooks/results`` from the repository's root (``papermill
     notebooks/06_reproduce_tables.ipynb ...``), where the chapters found no committed grid and computed every
-    cell again (mini's chapter 07: about an hour of CPU). ``results`` when neither exists: nothing committed."""
+    cell again (mini's chapter 07: about an hour of CPU). ``notebooks/results`` wins where both exist: the README's
+    checklist writes its own grids into a ``results`` folder at the root."""
     from_root = Path("notebooks") / "results"
-    return from_root if not Path("results").is_dir() and from_root.is_dir() else Path("results")
+    return from_root if from_root.is_dir() else Path("results")
 
 
 def shown_tasks(zoo: Zoo, requested: str, count: int = 2) -> list[str]:

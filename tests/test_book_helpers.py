@@ -281,5 +281,7 @@ def test_a_chapter_finds_the_committed_results_from_the_notebooks_folder_or_the_
     assert book.committed_results() == Path("results")  # nothing committed: the chapters compute their cells
     (tmp_path / "notebooks" / "results").mkdir(parents=True)
     assert book.committed_results() == Path("notebooks", "results")  # from the repository's root
+    (tmp_path / "results" / "grid-b32").mkdir(parents=True)  # the README's checklist: `grid --out results/grid-b32`
+    assert book.committed_results() == Path("notebooks", "results")
     monkeypatch.chdir(tmp_path / "notebooks")
     assert book.committed_results() == Path("results")  # from the notebooks' folder (Colab, reproduce, nbval)
