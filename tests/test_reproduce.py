@@ -224,8 +224,9 @@ def test_parameters_are_checked_against_the_notebooks_before_any_kernel_starts(t
 
 
 def test_a_chapter_parameter_is_checked_against_what_the_chapters_run_before_any_kernel_starts(tmp_path, monkeypatch):
-    """Chapter 04's ranks are parsed in its sixth cell, chapter 06's data sizes in its sixteenth: a mistyped
-    value failed there, after every notebook before it had run (an hour on a GPU for a CLIP preset)."""
+    """Chapter 04's ablation page parsed its ranks in its sixth cell, chapter 06's variants page its data sizes in
+    its sixteenth: a mistyped value failed there, after every notebook before it had run (an hour on a GPU for a
+    CLIP preset). A relative grid_dir and a seed whose seeds run past the largest are settled here too."""
     source = tmp_path / "notebooks"
     source.mkdir()
     _notebook(source / "01_first.ipynb", "x = 1")
