@@ -240,7 +240,7 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any], s
                     f"-p {name} {value!r} is not {expected}, as {stem}'s {name} is (default {default!r})",
                     f"pass {expected} to -p {name}",
                 )
-        if name in CHAPTER_PARAMETERS:  # the range or the choices, as the chapter would check them on its first line
+        if name in CHAPTER_PARAMETERS:  # the range or the choices, as the chapter checks them in its setup cell
             check_parameter(name, value, f"-p {name}")
             if CHAPTER_PARAMETERS[name].is_path and isinstance(value, str):
                 # The kernels run in the notebooks' folder: `-p grid_dir results/grid-b32` given from the

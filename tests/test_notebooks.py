@@ -416,7 +416,7 @@ CHECKED_ELSEWHERE = {"preset", "device", "output_dir"}
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_a_chapter_checks_every_parameter_before_it_computes_anything(path):
-    """A mistyped value (``-p ranks 4,x``, ``surgery_steps = 0`` typed in Colab) fails on the chapter's first line
+    """A mistyped value (``-p ranks 4,x``, ``surgery_steps = 0`` typed in Colab) fails in the chapter's setup cell
     instead of after its merges and surgery runs: the setup cell calls ``book.check_parameters`` with every
     parameter the chapter declares, before it builds the zoo, and every declared default passes the check."""
     import ast
