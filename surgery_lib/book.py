@@ -15,11 +15,10 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery_lib.core.errors import SurgeryBookError, number_list
-from surgery_lib.grid import MAX_SEEDS, TUNE_CHOICES, parse_methods, parse_versions
+from surgery_lib.grid import MAX_SEEDS, TUNE_CHOICES, check_seeds, parse_methods, parse_versions
 from surgery_lib.merging.options import MAX_SEED
 from surgery_lib.presets import get_preset
 
@@ -100,17 +99,6 @@ def preset_banner(zoo: Zoo | str, device: str = "cpu") -> PresetBanner:
     """A note naming the preset (of ``zoo``, or by name) and the device, for the top of a chapter (display it
     as a cell's result)."""
     return PresetBanner(get_preset(zoo) if isinstance(zoo, str) else zoo.preset, device)
-
-
-def committed_results() -> Path:
-    """The folder of the committed results (the repository's ``notebooks/results``: the grids chapters 06 and 07
-    read) as seen from where the chapter runs: ``results`` in the notebooks' folder, where Colab, ``reproduce``,
-    nbval and the book build run the chapters, or ``notebooks/results`` from the repository's root (``papermill
-    notebooks/06_reproduce_tables.ipynb ...``), where the chapters found no committed grid and computed every
-    cell again (mini's chapter 07: about an hour of CPU). ``notebooks/results`` wins where both exist: the README's
-    checklist writes its own grids into a ``results`` folder at the root."""
-    from_root = Path("notebooks") / "results"
-    return from_root if from_root.is_dir() else Path("results")
 
 
 def shown_tasks(zoo: Zoo, requested: str, count: int = 2) -> list[str]:
@@ -295,10 +283,4 @@ def check_parameters(**values: Any) -> None:
     for name, value in values.items():
         check_parameter(name, value)
     if "seed" in values and "seeds" in values:
-        seed, seeds = values["seed"], values["seeds"]
-        if seed + seeds - 1 > MAX_SEED:
-            raise SurgeryBookError(
-                f"the parameters seed {seed} and seeds {seeds} use the seeds {seed} to {seed + seeds - 1}, "
-                f"outside [0, {MAX_SEED}]",
-                f"give seed at most {MAX_SEED - seeds + 1}, or fewer seeds",
-            )
+        check_seeds(values["seed"], values["seeds"], names=("seed", "seeds"))

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery_lib.book import committed_results
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.storage import (
@@ -356,6 +355,17 @@ class ChapterGrid:
         )
 
 
+def committed_results() -> Path:
+    """The folder of the committed results (the repository's ``notebooks/results``: the grids chapters 06 and 07
+    read) as seen from where the chapter runs: ``results`` in the notebooks' folder, where Colab, ``reproduce``,
+    nbval and the book build run the chapters, or ``notebooks/results`` from the repository's root (``papermill
+    notebooks/06_reproduce_tables.ipynb ...``), where the chapters found no committed grid and computed every
+    cell again (mini's chapter 07: about an hour of CPU). ``notebooks/results`` wins where both exist: the README's
+    checklist writes its own grids into a ``results`` folder at the root."""
+    from_root = Path("notebooks") / "results"
+    return from_root if from_root.is_dir() else Path("results")
+
+
 def chapter_grid(
     specs: GridSpec | Sequence[GridSpec],
     committed: str | os.PathLike[str],
@@ -457,7 +467,7 @@ def beyond_the_papers_grid(
     ``"auto"`` so where every task of the zoo has a validation split) alone and with the ``surgery`` versions,
     over ``seeds`` seeds.
 
-    The committed grid ``<committed_root>/grid-<preset>`` (default: :func:`~surgery_lib.book.committed_results`,
+    The committed grid ``<committed_root>/grid-<preset>`` (default: :func:`committed_results`,
     found from the notebooks' folder or the repository's root) is only read (:func:`chapter_grid`): its cells computed
     from this very zoo with these settings are copied into ``grid_dir`` (default
     ``<output_dir>/grid/<zoo weights checksum>``, one folder per zoo, so that cells of an earlier run on another

@@ -48,21 +48,24 @@ if TYPE_CHECKING:
 MAX_SEEDS = 1000
 
 
-def check_seeds(first_seed: int, seeds: int) -> None:
+def check_seeds(first_seed: int, seeds: int, names: tuple[str, str] = ("--seed", "--seeds")) -> None:
     """A one-line :class:`SurgeryBookError` unless the seeds ``first_seed``, ..., ``first_seed + seeds - 1`` are
-    1 to :data:`MAX_SEEDS` valid seeds (0 to :data:`~surgery_lib.merging.options.MAX_SEED`), before any work."""
+    1 to :data:`MAX_SEEDS` valid seeds (0 to :data:`~surgery_lib.merging.options.MAX_SEED`), before any work.
+    ``names`` are what the error calls the two (a chapter's parameters: ``("seed", "seeds")``)."""
+    seed_name, seeds_name = names
     if seeds < 1:
-        raise SurgeryBookError(f"{seeds} seeds", "pass --seeds 1 or more")
+        raise SurgeryBookError(f"{seeds} seeds", f"pass {seeds_name} 1 or more")
     if seeds > MAX_SEEDS:
         raise SurgeryBookError(
-            f"--seeds {seeds} asks for {seeds:,} runs of every row that draws from a seed",
-            f"pass --seeds {MAX_SEEDS} or fewer (the papers report 3)",
+            f"{seeds_name} {seeds} asks for {seeds:,} runs of every row that draws from a seed",
+            f"pass {seeds_name} {MAX_SEEDS} or fewer (the papers report 3)",
         )
     if first_seed < 0 or first_seed + seeds - 1 > MAX_SEED:
         last = first_seed + seeds - 1
         raise SurgeryBookError(
-            f"--seed {first_seed} with --seeds {seeds} uses the seeds {first_seed} to {last}, outside [0, {MAX_SEED}]",
-            f"pass a --seed from 0 to {MAX_SEED - seeds + 1}, or fewer --seeds",
+            f"{seed_name} {first_seed} with {seeds_name} {seeds} uses the seeds {first_seed} to {last}, "
+            f"outside [0, {MAX_SEED}]",
+            f"pass a {seed_name} from 0 to {MAX_SEED - seeds + 1}, or fewer {seeds_name}",
         )
 
 

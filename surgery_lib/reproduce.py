@@ -40,6 +40,7 @@ from surgery_lib.core.storage import (
     source_checksum,
     write_json,
 )
+from surgery_lib.grid import check_seeds
 from surgery_lib.merging.options import MAX_SEED
 from surgery_lib.models import resolve_device
 from surgery_lib.presets import USER_PRESETS_ENV, get_preset
@@ -250,12 +251,11 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any], s
         checked[name] = value
     for stem, default in declared.get("seeds", []):  # a chapter's seeds are seed, ..., seed + seeds - 1
         seeds = checked.get("seeds", default)
-        if isinstance(seeds, int) and seed + seeds - 1 > MAX_SEED:
-            raise SurgeryBookError(
-                f"--seed {seed} with {stem}'s {seeds} seeds uses the seeds {seed} to {seed + seeds - 1}, "
-                f"outside [0, {MAX_SEED}]",
-                f"pass a --seed from 0 to {MAX_SEED - seeds + 1}, or fewer seeds (-p seeds 1)",
-            )
+        if isinstance(seeds, int):
+            try:
+                check_seeds(seed, seeds, names=("--seed", "-p seeds"))
+            except SurgeryBookError as exc:  # which notebook: its default seeds may be what runs past the end
+                raise SurgeryBookError(f"{stem}: {exc.problem}", exc.fix) from None
     return checked
 
 

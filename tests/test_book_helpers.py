@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -253,7 +252,10 @@ def test_a_chapter_parameter_outside_what_the_chapters_run_is_refused_naming_it(
     for name, value, message in refused:
         with pytest.raises(SurgeryBookError, match=re.escape(message)):
             book.check_parameters(**{name: value})
-    with pytest.raises(SurgeryBookError, match=r"seed 4294967294 and seeds 3 use the seeds 4294967294 to 4294967296"):
+    with pytest.raises(
+        SurgeryBookError,
+        match=r"^seed 4294967294 with seeds 3 uses the seeds 4294967294 to 4294967296.*Fix: pass a seed from 0 to 4294967293",
+    ):
         book.check_parameters(seed=4294967294, seeds=3)  # chapter 07's grid would refuse it after building its zoo
     book.check_parameters(seed=4294967293, seeds=3)
     with pytest.raises(SurgeryBookError, match="no chapter parameter 'stepz' is declared"):
@@ -272,16 +274,3 @@ def test_a_list_parameter_is_its_whole_numbers_each_once_in_order():
     for value in ("", ",", "a", "4,-1", "0", True, 2.0, None):
         with pytest.raises(SurgeryBookError, match="is not a comma-separated list of whole numbers of at least 1"):
             book.whole_numbers(value)
-
-
-def test_a_chapter_finds_the_committed_results_from_the_notebooks_folder_or_the_repository_root(tmp_path, monkeypatch):
-    """Run from the repository's root (``papermill notebooks/06_reproduce_tables.ipynb ...``), chapters 06 and 07
-    looked for ./results, found nothing and computed every cell of their grids again."""
-    monkeypatch.chdir(tmp_path)
-    assert book.committed_results() == Path("results")  # nothing committed: the chapters compute their cells
-    (tmp_path / "notebooks" / "results").mkdir(parents=True)
-    assert book.committed_results() == Path("notebooks", "results")  # from the repository's root
-    (tmp_path / "results" / "grid-b32").mkdir(parents=True)  # the README's checklist: `grid --out results/grid-b32`
-    assert book.committed_results() == Path("notebooks", "results")
-    monkeypatch.chdir(tmp_path / "notebooks")
-    assert book.committed_results() == Path("results")  # from the notebooks' folder (Colab, reproduce, nbval)

@@ -31,6 +31,7 @@ from surgery_lib.cluster import (
     cell_identity,
     cell_path,
     chapter_grid,
+    committed_results,
     job_error_line,
     plan_cells,
     reference_build,
@@ -578,3 +579,16 @@ def test_table_and_grid_compute_a_cell_with_one_engine(smoke_zoo, cache_dir, tmp
     columns = [*smoke_zoo.tasks, "average", "std", "bias"]
     assert table[columns].equals(grid[columns].astype(float)), (table[columns], grid[columns])
     assert grid.loc["DARE + task arithmetic", "seeds"] == 2  # one merge per seed, in both
+
+
+def test_a_chapter_finds_the_committed_results_from_the_notebooks_folder_or_the_repository_root(tmp_path, monkeypatch):
+    """Run from the repository's root (``papermill notebooks/06_reproduce_tables.ipynb ...``), chapters 06 and 07
+    looked for ./results, found nothing and computed every cell of their grids again."""
+    monkeypatch.chdir(tmp_path)
+    assert committed_results() == Path("results")  # nothing committed: the chapters compute their cells
+    (tmp_path / "notebooks" / "results").mkdir(parents=True)
+    assert committed_results() == Path("notebooks", "results")  # from the repository's root
+    (tmp_path / "results" / "grid-b32").mkdir(parents=True)  # the README's checklist: `grid --out results/grid-b32`
+    assert committed_results() == Path("notebooks", "results")
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert committed_results() == Path("results")  # from the notebooks' folder (Colab, reproduce, nbval)

@@ -168,7 +168,7 @@ def test_a_chapter_reads_the_committed_grid_and_never_writes_into_it(path):
         if isinstance(target, ast.Name)
     ]
     names_in = lambda expr: {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)}  # noqa: E731
-    literal = lambda expr: any(  # noqa: E731  (a path under notebooks/results: book.committed_results() / ...)
+    literal = lambda expr: any(  # noqa: E731  (a path under notebooks/results: committed_results() / ...)
         (isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith("results"))
         or (isinstance(n, ast.Call) and ast.unparse(n.func).endswith("committed_results"))
         for n in ast.walk(expr)

@@ -257,7 +257,9 @@ def test_a_chapter_parameter_is_checked_against_what_the_chapters_run_before_any
     seeds = nbformat.read(source / "01_first.ipynb", as_version=4)
     seeds.cells[1].source += "\nseeds = 3"  # chapter 07's: seed, seed + 1, seed + 2
     nbformat.write(seeds, source / "02_second.ipynb")
-    with pytest.raises(SurgeryBookError, match=re.escape("--seed 4294967295 with 02_second's 3 seeds uses the seeds")):
+    with pytest.raises(
+        SurgeryBookError, match=re.escape("02_second: --seed 4294967295 with -p seeds 3 uses the seeds")
+    ):
         reproduce("smoke", tmp_path / "out", seed=2**32 - 1, source=source, progress=False)
     assert not (tmp_path / "out").exists()
     assert check_parameters(find_notebooks(source), {"seeds": 1}, seed=2**32 - 1) == {"seeds": 1}
