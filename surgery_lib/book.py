@@ -13,11 +13,11 @@ import argparse
 import html
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from surgery_lib.core.errors import SurgeryBookError, number_list
+from surgery_lib.core.errors import SurgeryBookError, number_list, use_one_of
 from surgery_lib.grid import MAX_SEEDS, TUNE_CHOICES, check_seeds, parse_methods, parse_versions
 from surgery_lib.merging.options import MAX_SEED
 from surgery_lib.presets import get_preset
@@ -151,12 +151,15 @@ class ChapterParameter:
             (the parsers of method and version lists name the unknown entry).
         is_path: a file or folder: ``reproduce`` makes a relative one absolute against the folder it is run from,
             since its kernels run in the notebooks' folder.
+        names_tasks: ``"one"`` (a task, or ``auto``) or ``"several"`` (comma-separated tasks) where the value
+            names tasks, which only a preset or a zoo can check (:func:`check_task_parameter`); else ``""``.
     """
 
     valid: str
     example: str
     accepts: Callable[[Any], bool]
     is_path: bool = False
+    names_tasks: str = ""
 
 
 def _whole(low: int, *, example: int, high: int | None = None) -> ChapterParameter:
@@ -189,8 +192,12 @@ def _parses(parse: Callable[[Any], Any], value: Any) -> bool:
     return True
 
 
-def _text(example: str) -> ChapterParameter:
-    return ChapterParameter("text", example, lambda value: isinstance(value, str))
+def _task(*, several: bool, example: str) -> ChapterParameter:
+    if several:  # empty: the chapter's own choice of tasks
+        return ChapterParameter(
+            "comma-separated task names", example, lambda v: isinstance(v, str), names_tasks="several"
+        )
+    return ChapterParameter("auto or a task name", example, lambda v: isinstance(v, str) and v != "", names_tasks="one")
 
 
 def _counts(example: str) -> ChapterParameter:
@@ -214,9 +221,9 @@ CHAPTER_PARAMETERS: dict[str, ChapterParameter] = {
     "scale_points": _whole(2, example=11),
     "sweep_points": _whole(2, example=11),
     "adamerging_steps": _whole(0, example=500),
-    "tsne_tasks": _text("mnist,signs"),
+    "tsne_tasks": _task(several=True, example="mnist,signs"),
     "tsne_points": _whole(2, example=400),
-    "tsne_task": _text("auto"),
+    "tsne_task": _task(several=False, example="auto"),
     "surgery_steps": _whole(1, example=1000),
     "deep_surgery_steps": _whole(1, example=1000),
     "rank": _whole(0, example=16),
@@ -270,6 +277,37 @@ def check_parameter(name: str, value: Any, given_as: str | None = None) -> Any:
             f"{named} {value!r} is not {parameter.valid}", f"give {name} {parameter.valid}, e.g. {parameter.example}"
         )
     return value
+
+
+def check_task_parameter(name: str, value: Any, tasks: Sequence[str], given_as: str | None = None) -> Any:
+    """``value`` if every task the chapter parameter ``name`` names is one of ``tasks`` (a preset's or a zoo's);
+    a parameter that names no tasks passes as it is.
+
+    Raises:
+        SurgeryBookError: naming the unknown tasks and the valid ones (``-p tsne_task mnsit`` failed inside
+            chapter 04, after its merges, and on another preset's task names).
+    """
+    check_parameter(name, value, given_as)
+    parameter = CHAPTER_PARAMETERS[name]
+    if not parameter.names_tasks:
+        return value
+    names = [value] if parameter.names_tasks == "one" else [t.strip() for t in value.split(",") if t.strip()]
+    choices = ["auto", *tasks] if parameter.names_tasks == "one" else list(tasks)
+    unknown = [t for t in dict.fromkeys(names) if t not in choices]
+    if unknown:
+        raise SurgeryBookError(
+            f"{given_as or f'the parameter {name}'} {value!r} names no task {', '.join(unknown)} of this preset "
+            f"(its tasks: {', '.join(tasks)})",
+            f"for {name}, {use_one_of(unknown[0], choices)}",
+        )
+    return value
+
+
+def check_task_parameters(tasks: Sequence[str], **values: Any) -> None:
+    """Check a chapter's parameters that name tasks against its zoo's ``tasks``, right after it builds the zoo
+    (what :func:`check_parameters` cannot know before). Raises as :func:`check_task_parameter`."""
+    for name, value in values.items():
+        check_task_parameter(name, value, tasks)
 
 
 def check_parameters(**values: Any) -> None:

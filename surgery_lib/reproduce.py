@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from surgery_lib.book import CHAPTER_PARAMETERS, check_parameter
+from surgery_lib.book import CHAPTER_PARAMETERS, check_parameter, check_task_parameter
 from surgery_lib.core.errors import SurgeryBookError, interval_text, use_one_of
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.project import __version__
@@ -190,7 +190,9 @@ def check_kernel(kernel: str) -> None:
 RESERVED_PARAMETERS = {"preset": "--preset", "device": "--device", "seed": "--seed", "output_dir": "--out"}
 
 
-def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+def check_parameters(
+    notebooks: Sequence[Path], parameters: Mapping[str, Any], seed: int = 0, tasks: Sequence[str] | None = None
+) -> dict[str, Any]:
     """``parameters`` checked against the parameters cells of ``notebooks``, before any kernel starts: papermill
     injects a name that no notebook declares without a word, so a typo (``surgery_stepz``) would run the whole
     book with the default. Returns them with a number given for a text parameter as its text (``-p ranks 16``
@@ -200,8 +202,9 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any], s
         SurgeryBookError: a name that reproduce sets itself (preset, device, seed, output_dir), a name that no
             notebook declares (listing those they do), a value of another kind than the declared default
             (text for a whole number, a fraction for a whole number, ...), or outside what the chapters take
-            (:data:`~surgery_lib.book.CHAPTER_PARAMETERS`: ``-p surgery_steps 0``, ``-p ranks 4,x``), or seeds
-            that run past the largest seed from ``seed`` (``--seed``) on (chapter 07's three from 4294967295).
+            (:data:`~surgery_lib.book.CHAPTER_PARAMETERS`: ``-p surgery_steps 0``, ``-p ranks 4,x``), a task that
+            is not one of ``tasks`` (the preset's: ``-p tsne_task mnsit``), or seeds that run past the largest seed
+            from ``seed`` (``--seed``) on (chapter 07's three from 4294967295).
 
     A relative path (``-p grid_dir results/grid-b32``) is made absolute against the current folder, as the
     command's own ``--out`` is: the kernels run in the notebooks' folder.
@@ -242,7 +245,10 @@ def check_parameters(notebooks: Sequence[Path], parameters: Mapping[str, Any], s
                     f"pass {expected} to -p {name}",
                 )
         if name in CHAPTER_PARAMETERS:  # the range or the choices, as the chapter checks them in its setup cell
-            check_parameter(name, value, f"-p {name}")
+            if tasks is None:
+                check_parameter(name, value, f"-p {name}")
+            else:
+                check_task_parameter(name, value, tasks, f"-p {name}")
             if CHAPTER_PARAMETERS[name].is_path and isinstance(value, str):
                 # The kernels run in the notebooks' folder: `-p grid_dir results/grid-b32` given from the
                 # repository's root meant ./results/grid-b32, and the chapter computed every cell into
@@ -311,12 +317,13 @@ def reproduce(
             "papermill is not installed", "pip install 'surgery-book[book]' (or the repository's .venv)"
         )
 
-    default_device = get_preset(preset).default_device  # an unknown preset fails here, before any kernel starts
+    definition = get_preset(preset)  # an unknown preset fails here, before any kernel starts
+    default_device = definition.default_device
     resolve_device(device, default_device)  # as here, so in the kernels: "banana" or a missing GPU fails now
     _check_seed(seed)
     notebooks = find_notebooks(source, only)
     check_notebooks(notebooks)
-    parameters = check_parameters(notebooks, parameters or {}, seed)
+    parameters = check_parameters(notebooks, parameters or {}, seed, definition.tasks)
     if kernel is not None:
         check_kernel(kernel)
     out = Path(out).resolve()

@@ -247,7 +247,9 @@ def test_a_chapter_parameter_outside_what_the_chapters_run_is_refused_naming_it(
         ("surgery", "none,3", "unknown surgery versions"),
         ("wudi_curve_layers", 0, "is not None or a whole number of at least 1"),
         ("grid_dir", "", "is not None or a folder path"),
-        ("tsne_task", None, "is not text"),
+        ("tsne_task", None, "is not auto or a task name"),
+        ("tsne_task", "", "is not auto or a task name"),
+        ("tsne_tasks", 3, "is not comma-separated task names"),
     ]
     for name, value, message in refused:
         with pytest.raises(SurgeryBookError, match=re.escape(message)):
@@ -265,6 +267,36 @@ def test_a_chapter_parameter_outside_what_the_chapters_run_is_refused_naming_it(
     )
     for name, parameter in book.CHAPTER_PARAMETERS.items():  # every error's "e.g." is a value the check takes
         book.check_parameter(name, _literal(parameter.example))
+
+
+def test_a_task_parameter_names_tasks_of_the_preset_or_zoo_it_runs_on():
+    """``-p tsne_task mnsit`` failed inside chapter 04, after its merges; a value that names tasks is checked
+    against the preset's tasks by ``reproduce`` and against the zoo's by the chapter, right after building it."""
+    tasks = ("mnist", "signs", "shapes")
+    assert book.check_task_parameter("tsne_task", "auto", tasks) == "auto"
+    assert book.check_task_parameter("tsne_task", "signs", tasks) == "signs"
+    assert book.check_task_parameter("tsne_tasks", " shapes, mnist,", tasks) == " shapes, mnist,"
+    assert book.check_task_parameter("tsne_tasks", "", tasks) == ""  # empty: the chapter's own choice
+    assert book.check_task_parameter("surgery_steps", 10, tasks) == 10  # names no tasks
+    refused = [
+        (
+            "tsne_task",
+            "mnsit",
+            "-p tsne_task 'mnsit' names no task mnsit of this preset (its tasks: mnist, signs, "
+            "shapes). Fix: for tsne_task, did you mean 'mnist'? Else use one of: auto, mnist, signs, shapes",
+        ),
+        ("tsne_task", " mnist", "names no task  mnist"),  # the chapter uses the name as it is given
+        ("tsne_task", "mnist,signs", "names no task mnist,signs"),  # one task, not a list
+        ("tsne_tasks", "mnist,cars,cars,dtd", "names no task cars, dtd of this preset"),
+        ("tsne_tasks", "auto", "names no task auto"),  # no "auto" where the chapter shows several
+        ("tsne_task", 0, "is not auto or a task name"),  # the value's own check first
+    ]
+    for name, value, message in refused:
+        with pytest.raises(SurgeryBookError, match=re.escape(message)):
+            book.check_task_parameter(name, value, tasks, given_as=f"-p {name}")
+    book.check_task_parameters(tasks, tsne_task="shapes", tsne_tasks="signs")
+    with pytest.raises(SurgeryBookError, match=re.escape("the parameter tsne_task 'dtd' names no task dtd")):
+        book.check_task_parameters(tasks, tsne_tasks="signs", tsne_task="dtd")
 
 
 def test_a_list_parameter_is_its_whole_numbers_each_once_in_order():

@@ -746,6 +746,8 @@ def test_suite_cards_name_the_cache_files(datasets_root, tmp_path):
     assert all(path.is_file() for path in suite.files.values()) and suite.files["DTD"].name == "DTD-test-val.npy"
     cards = suite.cards()
     assert cards.loc["MNIST", "test"] == TEST_SIZES["MNIST"] and cards.loc["DTD", "adapt"] == 4
+    with pytest.raises(SurgeryBookError, match=r"the tasks 'DTD', 'mnist', 'MNIST' name MNIST more than once"):
+        load_clip_suite(("DTD", "mnist", "MNIST"), source="local", root=datasets_root, cache_dir=tmp_path)
 
 
 def _official_ties(folder, tasks, keep=0.2, scale=0.3):

@@ -423,7 +423,7 @@ def test_a_chapter_checks_every_parameter_before_it_computes_anything(path):
 
     import papermill
 
-    from surgery_lib.book import check_parameter
+    from surgery_lib.book import CHAPTER_PARAMETERS, check_parameter
 
     declared = papermill.inspect_notebook(str(path))
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
@@ -443,3 +443,10 @@ def test_a_chapter_checks_every_parameter_before_it_computes_anything(path):
     for name, entry in declared.items():
         if name not in CHECKED_ELSEWHERE:
             check_parameter(name, ast.literal_eval(entry["default"]))
+    # A parameter naming one task (chapter 04's tsne_task) is checked against the zoo's tasks right after the zoo
+    # is built, before the merges: a typo failed after them, where the chapter first used the name.
+    one_task = [n for n in declared if n in CHAPTER_PARAMETERS and CHAPTER_PARAMETERS[n].names_tasks == "one"]
+    if one_task:
+        task_check = f"book.check_task_parameters(zoo.tasks, {', '.join(f'{n}={n}' for n in one_task)})"
+        assert task_check in source, f"{path.name}: the setup cell runs {task_check}"
+        assert source.index("zoo = build_zoo(") < source.index(task_check) < source.index("merging.")

@@ -547,7 +547,18 @@ def load_clip_task(
 
 
 def load_clip_suite(tasks: Sequence[str], **options: Any) -> Suite:
-    """:func:`load_clip_task` for each of ``tasks`` (same options), as a :class:`Suite` without a mix."""
+    """:func:`load_clip_task` for each of ``tasks`` (same options), as a :class:`Suite` without a mix.
+
+    Raises:
+        SurgeryBookError: a task named twice (``MNIST`` and ``mnist`` too: the suite would hold it twice and
+            every average over tasks would count it twice), or as :func:`load_clip_task`.
+    """
+    names = [get_clip_task(t).name for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SurgeryBookError(
+            f"the tasks {', '.join(map(repr, tasks))} name {', '.join(repeated)} more than once", "name each task once"
+        )
     data = {t: load_clip_task(t, **options) for t in tasks}
     files = {t: d.files["test"] for t, d in data.items()}
     return Suite(config=None, tasks=data, mix=None, files=files)
