@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from surgery_lib.benchmark import peak_memory
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, given_or_default
 from surgery_lib.core.progress import tqdm
 from surgery_lib.merging import (
     MAIN_TABLE,
@@ -264,7 +264,7 @@ def compute_cell(
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    options = options or MergeOptions()
+    options = given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)")
     if "seed" in get_method(method).reads:
         options = options.replace(seed=seed)
     merged = cached_merge(zoo, method, options, device=device, progress=False)
@@ -282,7 +282,9 @@ def compute_cell(
         accuracy = evaluate_merge(zoo, merged, device)
         record.update(accuracy=accuracy, bias=merge_bias(zoo, merged.state, device))
     else:
-        schedule = dataclasses.replace(config or SurgeryConfig(), seed=seed, eval_every=0)
+        schedule = dataclasses.replace(
+            given_or_default(config, SurgeryConfig, "config", "SurgeryConfig(steps=1000)"), seed=seed, eval_every=0
+        )
         schedule = schedule.with_rank(zoo.preset.surgery_rank(version))
         run = run_surgery(zoo, merged.state, version=version, config=schedule, device=device, progress=False)
         accuracy = dict(run.accuracy_after)

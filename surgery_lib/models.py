@@ -72,9 +72,20 @@ def load_encoder(config: EncoderConfig, state: Mapping[str, torch.Tensor]) -> nn
     """Build an encoder for ``config`` and load ``state`` strictly (every key, every shape).
 
     Raises:
-        SurgeryBookError: if ``state`` belongs to another architecture.
+        SurgeryBookError: if ``state`` belongs to another architecture, or holds a value that is not a
+            floating-point tensor where the encoder has one (integer weights were cast to float and evaluated
+            without a word; an array failed inside torch).
     """
     encoder = build_encoder(config)
+    own = encoder.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].is_floating_point():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise SurgeryBookError(
+                    f"weight {key!r} is {kind}, not a floating-point tensor",
+                    "pass the state as float tensors (a state dict of the preset's encoder, e.g. a merge's .state)",
+                )
     try:
         encoder.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,6 +124,21 @@ def test_merge_options_check_their_values_by_the_declaration():
             MergeOptions(**bad)
     with pytest.raises(AttributeError, match="immutable"):
         MergeOptions().scale = 0.5
+    numpy_numbers = MergeOptions(seed=np.int64(3), scale=np.float32(0.5))  # was "--seed 3 is not a number"
+    assert numpy_numbers == MergeOptions(seed=3, scale=0.5)
+    assert type(MergeOptions(seed=np.int64(3)).seed) is int
+
+
+def test_merge_options_given_as_a_dict_are_refused_with_the_call_that_builds_them(smoke_zoo):
+    """``options={"keep_fraction": 0.2}`` failed with an AttributeError inside the merge."""
+    for run in (merge, cached_merge):
+        with pytest.raises(SurgeryBookError, match=re.escape("pass options=MergeOptions(**{'keep_fraction': 0.2})")):
+            run(smoke_zoo, "ties", {"keep_fraction": 0.2}, progress=False)
+    with pytest.raises(
+        SurgeryBookError,
+        match=r"options 0.2 is a float, not a MergeOptions. Fix: pass options=MergeOptions\(scale=0.3\)",
+    ):
+        merge(smoke_zoo, "task_arithmetic", 0.2, progress=False)
 
 
 def test_a_new_option_is_one_declaration_and_the_cli_offers_it(monkeypatch):

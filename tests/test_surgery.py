@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -495,6 +497,29 @@ def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
         SurgeryConfig(lr=-1.0)
     with pytest.raises(SurgeryBookError, match="eval every -200"):  # was accepted, and then no checkpoint was ever due
         SurgeryConfig(eval_every=-200)
+    # steps=1.5 failed inside the schedule, rank=2.5 inside torch.empty, steps="3" on a comparison; batch_size=True
+    # trained with batches of one, seed -1 and 2**40 ran where every command refuses them, online=1 ran online
+    for bad, message in (
+        (
+            {"steps": 1.5},
+            r"SurgeryConfig steps 1.5 is not a whole number. Fix: pass steps as a whole number, e.g. steps=1000",
+        ),
+        ({"steps": "3"}, "SurgeryConfig steps '3' is not a whole number"),
+        ({"rank": 2.5}, "SurgeryConfig rank 2.5 is not a whole number.*rank=16"),
+        ({"batch_size": True}, "SurgeryConfig batch_size True is not a whole number"),
+        ({"eval_every": float("inf")}, "SurgeryConfig eval_every inf is not a whole number"),
+        ({"seed": -1}, r"SurgeryConfig seed -1 is outside \[0, 4294967295\]"),
+        ({"seed": 2**40}, r"seed 1099511627776 is outside"),
+        ({"lr": True}, "SurgeryConfig lr True is not a number"),
+        ({"online": 1}, "SurgeryConfig online 1 is not True or False"),
+    ):
+        with pytest.raises(SurgeryBookError, match=message):
+            SurgeryConfig(**bad)
+    whole = SurgeryConfig(steps=np.int64(4), rank=2.0, batch_size=np.int32(8))  # an ablation's np.arange, a 2.0
+    assert (whole.steps, whole.rank, whole.batch_size) == (4, 2, 8)
+    assert all(type(v) is int for v in (whole.steps, whole.rank, whole.batch_size, whole.seed))
+    with pytest.raises(SurgeryBookError, match=re.escape("pass config=SurgeryConfig(**{'steps': 2})")):
+        run_surgery(smoke_zoo, merged_state, config={"steps": 2}, progress=False)  # an AttributeError inside
     config, z = SurgeryConfig(rank=4, steps=2), torch.randn(10, 64)
     with pytest.raises(SurgeryBookError, match="no task to train surgery for"):  # was a StopIteration
         train_surgery({}, {}, config, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -171,6 +172,16 @@ def test_weights_of_another_architecture_are_refused(smoke_zoo):
 
     with pytest.raises(SurgeryBookError, match="do not fit the encoder architecture"):
         load_encoder(get_preset("mini").encoder, smoke_zoo.pretrained)
+    # Integer weights were cast to float and evaluated without a word; an array failed inside torch.
+    key = next(k for k, v in smoke_zoo.pretrained.items() if v.ndim == 2)
+    for value, kind in (
+        (smoke_zoo.pretrained[key].to(torch.int64), "torch.int64"),
+        (smoke_zoo.pretrained[key].numpy(), "ndarray"),
+    ):
+        with pytest.raises(SurgeryBookError, match=f"weight '{re.escape(key)}' is {kind}, not a floating-point tensor"):
+            load_encoder(smoke_zoo.preset.encoder, {**smoke_zoo.pretrained, key: value})
+    half = {k: v.to(torch.bfloat16) for k, v in smoke_zoo.pretrained.items()}  # any float dtype loads (precision runs)
+    load_encoder(smoke_zoo.preset.encoder, half)
 
 
 def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, monkeypatch):

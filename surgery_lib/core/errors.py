@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import numbers
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
+
+_T = TypeVar("_T")
 
 
 class SurgeryBookError(Exception):
@@ -38,6 +41,45 @@ _OS_FIXES = {
     "ENOSPC": "free disk space, or pass a path on another disk; finished files are kept",
     "EDQUOT": "free space within your disk quota, or pass a path on another disk; finished files are kept",
 }
+
+
+#: The largest seed any merge, surgery run or grid takes (numpy's and torch's generators both take 32-bit seeds).
+MAX_SEED = 2**32 - 1
+
+
+def whole_number(value: Any, what: str, fix: str) -> int:
+    """``value`` as an ``int`` where it is a whole number (``3``, ``3.0``, ``numpy.int64(3)``); True and False are
+    not numbers here.
+
+    Raises:
+        SurgeryBookError: ``"<what> <value> is not a whole number"`` with ``fix`` (a fraction, text, None, NaN).
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
+        raise SurgeryBookError(f"{what} {value!r} is not a whole number", fix)
+    return int(value)
+
+
+def given_or_default(value: Any, kind: type[_T], name: str, example: str) -> _T:
+    """``value`` where it is a ``kind`` (a :class:`~surgery_lib.merging.MergeOptions`, a
+    :class:`~surgery_lib.surgery.SurgeryConfig`), ``kind()`` for None.
+
+    Raises:
+        SurgeryBookError: for another type, with the call that builds one (``options={"keep_fraction": 0.2}``
+            failed with an AttributeError inside the merge).
+    """
+    if value is None:
+        return kind()
+    if isinstance(value, kind):
+        return value
+    call = f"{kind.__name__}(**{value!r})" if isinstance(value, Mapping) else example
+    raise SurgeryBookError(
+        f"{name} {value!r} is a {type(value).__name__}, not a {kind.__name__}", f"pass {name}={call}"
+    )
 
 
 def interval_text(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:

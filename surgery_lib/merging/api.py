@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, given_or_default
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import (
@@ -54,7 +54,7 @@ def method_label(zoo: Zoo, method: str, options: MergeOptions | None = None) -> 
     extra = ties_zero_entries(zoo)
     if not (spec.trims and extra):
         return spec.label
-    keep = (options or MergeOptions()).keep_fraction
+    keep = given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)").keep_fraction
     entries = sum(v.numel() for v in zoo.pretrained.values() if v.is_floating_point())
     return (
         spec.label
@@ -73,7 +73,7 @@ def merge(
 ) -> MergeResult:
     """Merge ``zoo``'s experts (all, or ``tasks``) with the registered ``method`` (see :data:`~surgery_lib.merging.base.METHODS`)."""
     spec = get_method(method)
-    options = options or MergeOptions()
+    options = given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)")
     device = resolve_device(device, zoo.preset.default_device)
     experts = {t: zoo.experts[t] for t in zoo.task_subset(tasks)}
     started = time.perf_counter()
@@ -129,7 +129,7 @@ def cached_merge(
     merges through this cache. A damaged cache file is recomputed, never trusted; writes are atomic.
     """
     get_method(method)
-    options = options or MergeOptions()
+    options = given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)")
     names = zoo.task_subset(tasks)
     path = merge_cache_path(zoo, method, options, names)
     if path.exists():

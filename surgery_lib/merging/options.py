@@ -13,16 +13,14 @@ those families share one declaration; an option only one family reads lives in t
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from surgery_lib.core.errors import SurgeryBookError, interval_text
+from surgery_lib.core.errors import MAX_SEED, SurgeryBookError, interval_text
 from surgery_lib.core.registry import Registry
 from surgery_lib.models import PRECISIONS
-
-#: The largest seed (numpy's and torch's generators both take 32-bit seeds).
-MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -87,7 +85,7 @@ class Option:
                 choices = ", ".join(self.choices or ())
                 raise SurgeryBookError(f"{flag} {value!r} is not one of: {choices}", f"pass one of {choices} to {flag}")
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's numbers too
             raise SurgeryBookError(f"{flag} {value!r} is not a number", f"pass a {self.kind.__name__} to {flag}")
         if self.kind is int and value != int(value):
             raise SurgeryBookError(f"{flag} {value!r} is not a whole number", f"pass an integer to {flag}")

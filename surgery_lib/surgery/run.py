@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from surgery_lib.bias import block_bias, representation_bias
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import SurgeryBookError, given_or_default
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import load_tensors, save_tensors
 from surgery_lib.evaluation import accuracy_from_features, results_table
@@ -168,7 +168,9 @@ def _checked_config(
 ) -> SurgeryConfig:
     """``config`` (default: the official schedule) with the preset's rank where it leaves the rank open;
     one-line errors for a version, split or limit that does not exist."""
-    config = (config or SurgeryConfig()).with_rank(zoo.preset.surgery_rank(version))
+    config = given_or_default(config, SurgeryConfig, "config", "SurgeryConfig(steps=1000)").with_rank(
+        zoo.preset.surgery_rank(version)
+    )
     check_surgery_request(version, split, config.online)
     if adapt_limit is not None and adapt_limit < 1:
         raise SurgeryBookError(f"adapt_limit={adapt_limit}", "limit the adaptation data to 1 image or more per task")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.core.errors import SurgeryBookError
+from surgery_lib.core.errors import MAX_SEED, SurgeryBookError, given_or_default, interval_text, whole_number
 from surgery_lib.core.progress import tqdm
 from surgery_lib.evaluation import accuracy_from_features
 from surgery_lib.surgery.schedule import (
@@ -163,6 +164,23 @@ class SurgeryConfig:
     def __post_init__(self) -> None:
         check_adam(self.adam)
         check_online_order(self.online_order)
+        # Whole numbers as ints (numpy's from an ablation's np.arange too): steps=1.5 failed inside the schedule,
+        # rank=2.0 inside torch.empty, and batch_size=True trained with batches of one.
+        examples = {"steps": 1000, "batch_size": 16, "seed": 0, "eval_every": 200, "batches_per_iteration": 2}
+        for name, example in {**examples, "rank": DEFAULT_RANK}.items():
+            value = getattr(self, name)
+            if value is not None or name != "rank":
+                fix = f"pass {name} as a whole number, e.g. {name}={example}"
+                setattr(self, name, whole_number(value, f"SurgeryConfig {name}", fix))
+        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real):
+            raise SurgeryBookError(f"SurgeryConfig lr {self.lr!r} is not a number", "pass lr as a number, e.g. 1e-3")
+        if not isinstance(self.online, bool):
+            raise SurgeryBookError(f"SurgeryConfig online {self.online!r} is not True or False", "pass online=True")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise SurgeryBookError(
+                f"SurgeryConfig seed {self.seed} is outside {interval_text(0, MAX_SEED)}",
+                f"pass a seed in {interval_text(0, MAX_SEED)}",
+            )
         if (
             self.steps < 0
             or self.batch_size < 1
@@ -256,7 +274,7 @@ def train_surgery(
         The trained modules (on the CPU) as the last step left them, and the training history (for an
         online run with its ``end_of_pass`` modules, the ones the official log evaluates).
     """
-    config = config or SurgeryConfig()
+    config = given_or_default(config, SurgeryConfig, "config", "SurgeryConfig(steps=1000)")
     tasks = tuple(merged)
     if set(expert) != set(tasks):
         raise SurgeryBookError("merged and expert embeddings name different tasks", "give both for the same tasks")
