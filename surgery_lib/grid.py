@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from surgery_lib.benchmark import peak_memory
-from surgery_lib.core.errors import SurgeryBookError, given_or_default
+from surgery_lib.core.errors import SurgeryBookError, given_or_default, refuse_text
 from surgery_lib.core.progress import tqdm
 from surgery_lib.merging import (
     MAIN_TABLE,
@@ -123,10 +123,7 @@ def grid_axes(methods: Sequence[str], versions: Sequence[int]) -> tuple[tuple[st
             unknown method, or a version other than 0 (alone), 1 (+ Surgery) and 2 (+ SurgeryV2).
     """
     for name, value in (("methods", methods), ("versions", versions)):
-        if isinstance(value, str):
-            raise SurgeryBookError(
-                f"{name}={value!r} is a string, not a list", f"pass a list, or parse the text with parse_{name}"
-            )
+        refuse_text(name, value, f"pass a list, or parse the text with parse_{name}")
     methods, versions = tuple(dict.fromkeys(methods)), tuple(dict.fromkeys(versions))
     if not methods or not versions:
         raise SurgeryBookError(

@@ -80,6 +80,15 @@ def test_scale_sweep_starts_at_the_pretrained_model(smoke_zoo):
         assert sweep.loc[0.0, task] == pytest.approx(smoke_zoo.manifest["accuracy"]["pretrained"][task], abs=1e-6)
     ta = methods.evaluate_merge(smoke_zoo, methods.merge(smoke_zoo, "task_arithmetic", progress=False))
     assert sweep.loc[0.3, list(ta)].to_dict() == pytest.approx(ta)
+    with pytest.raises(SurgeryBookError, match=r"scales='0.3' is a string, not a list"):  # was "could not convert '.'"
+        methods.scale_sweep(smoke_zoo, "0.3", progress=False)
+
+
+def test_the_main_table_takes_a_list_of_methods_each_once(smoke_zoo):
+    with pytest.raises(SurgeryBookError, match=r"methods='ties' is a string, not a list. Fix: pass methods=\['ties'\]"):
+        methods.main_table(smoke_zoo, "ties", progress=False)  # was "unknown merging method 't'"
+    table, results = methods.main_table(smoke_zoo, ["task_arithmetic", "task_arithmetic"], progress=False)
+    assert list(results) == ["task_arithmetic"] and list(table.index).count(methods.row_label("task_arithmetic")) == 1
 
 
 def test_a_merge_of_some_tasks_is_evaluated_on_those_tasks(smoke_zoo):

@@ -567,7 +567,7 @@ def test_surgery_refuses_unknown_or_repeated_tasks_before_any_work(smoke_zoo):
         (["nope"], "the smoke zoo has no task 'nope'"),
         (["mnist", "mnist"], "more than once"),
         ([], "no task given"),  # was a StopIteration (V1) or an IndexError (V2), and a NaN average in bias_table
-        ("mnist", r"is a string, not a list of tasks. Fix: pass tasks=\['mnist'\]"),  # was: "no task 'm'"
+        ("mnist", r"is a string, not a list. Fix: pass tasks=\['mnist'\]"),  # was: "no task 'm'"
     ]
     for tasks, problem in refused:
         for version in (1, 2):  # a repeat was trained once, silently; an unknown task "no model"

@@ -64,6 +64,17 @@ def whole_number(value: Any, what: str, fix: str) -> int:
     return int(value)
 
 
+def refuse_text(name: str, value: Any, fix: str) -> None:
+    """Refuse one string where a list is expected: it would be read letter by letter (``methods="ties"`` as the
+    methods t, i, e and s; ``tasks="mnist"`` as five tasks).
+
+    Raises:
+        SurgeryBookError: ``"<name>='...' is a string, not a list"`` with ``fix``.
+    """
+    if isinstance(value, str):
+        raise SurgeryBookError(f"{name}={value!r} is a string, not a list", fix)
+
+
 def given_or_default(value: Any, kind: type[_T], name: str, example: str) -> _T:
     """``value`` where it is a ``kind`` (a :class:`~surgery_lib.merging.MergeOptions`, a
     :class:`~surgery_lib.surgery.SurgeryConfig`), ``kind()`` for None.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgery_lib.core.errors import SurgeryBookError, given_or_default
+from surgery_lib.core.errors import SurgeryBookError, given_or_default, refuse_text
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import (
@@ -208,6 +208,7 @@ def scale_sweep(
     With ``with_entropy`` also the mean prediction entropy (nats) of each task's test images through its
     head: the quantity AdaMerging minimises, to check whether lower entropy means higher accuracy.
     """
+    refuse_text("scales", scales, "pass a list of numbers, e.g. scales=[0.1, 0.3, 0.5]")
     device = resolve_device(device, zoo.preset.default_device)
     vectors = list(task_vectors(zoo.pretrained, zoo.experts).values())
     accuracy, entropy = {}, {}
@@ -259,9 +260,10 @@ def main_table(
 
     With ``cache`` the merges are reused from (and stored in) the zoo's merge cache (:func:`cached_merge`).
     """
+    refuse_text("methods", methods, f"pass methods=[{methods!r}]")
     rows = zoo.reference_rows()
     results = {}
-    for method in methods:
+    for method in dict.fromkeys(methods):  # a method named twice is one row
         run = cached_merge if cache else merge
         result = run(zoo, method, options, device=device, progress=progress)
         rows[method_label(zoo, method, options)] = evaluate_merge(zoo, result, device)

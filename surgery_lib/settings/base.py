@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from surgery_lib.core.errors import SurgeryBookError, use_one_of
+from surgery_lib.core.errors import SurgeryBookError, refuse_text, use_one_of
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import TensorStore, config_hash, source_checksum
 from surgery_lib.core.taskdata import Suite
@@ -249,8 +249,7 @@ class Zoo:
         """
         if tasks is None:
             return list(self.tasks)
-        if isinstance(tasks, str):
-            raise SurgeryBookError(f"tasks={tasks!r} is a string, not a list of tasks", f"pass tasks=[{tasks!r}]")
+        refuse_text("tasks", tasks, f"pass tasks=[{tasks!r}]")
         names = list(tasks)
         if not names:
             raise SurgeryBookError("no task given (tasks=[])", "name at least one task, or pass tasks=None for all")
