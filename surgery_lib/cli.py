@@ -439,7 +439,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     )
     submit = SubmitOptions(
         executor=args.executor,
-        jobs=args.jobs,
+        jobs=SubmitOptions.jobs if args.jobs is None else args.jobs,
         cells_per_job=args.cells_per_job,
         timeout_min=args.timeout_min,
         partition=args.partition,
@@ -476,6 +476,9 @@ def _refuse_unread_grid_options(args: argparse.Namespace, versions: tuple[int, .
     if args.executor != "slurm":
         slurm = ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "array_parallelism")
         _refuse_unread(args, slurm, f"--executor {args.executor} runs no Slurm job", "add --executor slurm")
+    if args.executor != "local":  # Slurm runs one job per cell (or --cells-per-job); inline runs in this process
+        why = f"--executor {args.executor} starts no local processes"
+        _refuse_unread(args, ("jobs",), why, "add --executor local")
     if 2 not in versions:
         why = f"--surgery {args.surgery} has no SurgeryV2 cells"
         _refuse_unread(args, ("deep_surgery_steps",), why, "add 2 to --surgery")
@@ -948,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: subprocesses on this machine; slurm: a job array; inline: this process (default local)",
     )
     grid.add_argument(
-        "--jobs", type=int, default=1, help="local: processes at once, each taking a share of the cells (default 1)"
+        "--jobs", type=int, default=None, help="local: processes at once, each taking a share of the cells (default 1)"
     )
     grid.add_argument(
         "--cells-per-job",

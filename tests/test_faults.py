@@ -158,6 +158,9 @@ def test_slurm_resources_below_one_are_refused_before_any_job(flag, value, capsy
             "--executor local runs no Slurm job to read --gpus-per-job. Fix: add --executor slurm",
         ),
         (["--executor", "inline", "--partition", "gpu"], "--executor inline runs no Slurm job to read --partition"),
+        # one process or one job per cell whatever --jobs said (the inline cells were split and run in turn)
+        (["--executor", "inline", "--jobs", "4"], "--executor inline starts no local processes to read --jobs"),
+        (["--executor", "slurm", "--jobs", "4"], "--executor slurm starts no local processes to read --jobs"),
         (["--surgery", "none,1", "--deep-surgery-steps", "100"], "has no SurgeryV2 cells to read --deep-surgery-steps"),
         (
             ["--surgery", "none", "--surgery-steps", "100"],
