@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from surgery_lib.benchmark import peak_memory
-from surgery_lib.core.errors import SurgeryBookError, given_or_default, refuse_text
+from surgery_lib.core.errors import SurgeryBookError, refuse_text
 from surgery_lib.core.progress import tqdm
 from surgery_lib.merging import (
     MAIN_TABLE,
@@ -30,11 +30,11 @@ from surgery_lib.merging import (
     get_method,
     method_label,  # noqa: F401  (0.1 re-exported it here)
 )
-from surgery_lib.merging.options import MAX_SEED
+from surgery_lib.merging.options import MAX_SEED, as_merge_options
 from surgery_lib.merging.rows import VERSION_SUFFIX, Row
 from surgery_lib.merging.tuning import is_tuned, tuned_name
 from surgery_lib.surgery.run import SurgeryRun, bias_table, run_surgery
-from surgery_lib.surgery.v1 import SurgeryConfig
+from surgery_lib.surgery.v1 import SurgeryConfig, as_surgery_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -261,7 +261,7 @@ def compute_cell(
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    options = given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)")
+    options = as_merge_options(options)
     if "seed" in get_method(method).reads:
         options = options.replace(seed=seed)
     merged = cached_merge(zoo, method, options, device=device, progress=False)
@@ -279,9 +279,7 @@ def compute_cell(
         accuracy = evaluate_merge(zoo, merged, device)
         record.update(accuracy=accuracy, bias=merge_bias(zoo, merged.state, device))
     else:
-        schedule = dataclasses.replace(
-            given_or_default(config, SurgeryConfig, "config", "SurgeryConfig(steps=1000)"), seed=seed, eval_every=0
-        )
+        schedule = dataclasses.replace(as_surgery_config(config), seed=seed, eval_every=0)
         schedule = schedule.with_rank(zoo.preset.surgery_rank(version))
         run = run_surgery(zoo, merged.state, version=version, config=schedule, device=device, progress=False)
         accuracy = dict(run.accuracy_after)

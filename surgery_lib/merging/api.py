@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgery_lib.core.errors import SurgeryBookError, given_or_default, refuse_text
+from surgery_lib.core.errors import SurgeryBookError, refuse_text
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import (
@@ -35,6 +35,7 @@ from surgery_lib.merging.base import (
     get_method,
     ties_zero_entries,
 )
+from surgery_lib.merging.options import as_merge_options
 from surgery_lib.merging.ties import kept_fraction
 from surgery_lib.merging.vectors import add_vectors, task_vectors
 from surgery_lib.models import load_encoder, resolve_device
@@ -54,7 +55,7 @@ def method_label(zoo: Zoo, method: str, options: MergeOptions | None = None) -> 
     extra = ties_zero_entries(zoo)
     if not (spec.trims and extra):
         return spec.label
-    keep = given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)").keep_fraction
+    keep = as_merge_options(options).keep_fraction
     entries = sum(v.numel() for v in zoo.pretrained.values() if v.is_floating_point())
     return (
         spec.label
@@ -73,7 +74,7 @@ def merge(
 ) -> MergeResult:
     """Merge ``zoo``'s experts (all, or ``tasks``) with the registered ``method`` (see :data:`~surgery_lib.merging.base.METHODS`)."""
     spec = get_method(method)
-    options = given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)")
+    options = as_merge_options(options)
     device = resolve_device(device, zoo.preset.default_device)
     experts = {t: zoo.experts[t] for t in zoo.task_subset(tasks)}
     started = time.perf_counter()
@@ -129,7 +130,7 @@ def cached_merge(
     merges through this cache. A damaged cache file is recomputed, never trusted; writes are atomic.
     """
     get_method(method)
-    options = given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)")
+    options = as_merge_options(options)
     names = zoo.task_subset(tasks)
     path = merge_cache_path(zoo, method, options, names)
     if path.exists():

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from surgery_lib.core.errors import MAX_SEED, SurgeryBookError, interval_text
+from surgery_lib.core.errors import MAX_SEED, SurgeryBookError, given_or_default, interval_text
 from surgery_lib.core.registry import Registry
 from surgery_lib.models import PRECISIONS
 
@@ -170,6 +170,15 @@ class MergeOptions:
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable for the grid's worker processes
         return (_rebuild, (self._values,))
+
+
+def as_merge_options(options: Any) -> MergeOptions:
+    """``options`` where it is a :class:`MergeOptions`, the defaults for None.
+
+    Raises:
+        SurgeryBookError: for anything else; for a dict, with the call that builds the options from it.
+    """
+    return given_or_default(options, MergeOptions, "options", "MergeOptions(scale=0.3)")
 
 
 def _rebuild(values: dict[str, Any]) -> MergeOptions:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from surgery_lib.bias import block_bias, representation_bias
-from surgery_lib.core.errors import SurgeryBookError, given_or_default
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.state_dict import state_fingerprint
 from surgery_lib.core.storage import load_tensors, save_tensors
 from surgery_lib.evaluation import accuracy_from_features, results_table
@@ -22,6 +22,7 @@ from surgery_lib.surgery.v1 import (
     SurgeryConfig,
     SurgeryHistory,
     TaskSurgery,
+    as_surgery_config,
     task_seed,
     train_surgery,
 )
@@ -168,9 +169,7 @@ def _checked_config(
 ) -> SurgeryConfig:
     """``config`` (default: the official schedule) with the preset's rank where it leaves the rank open;
     one-line errors for a version, split or limit that does not exist."""
-    config = given_or_default(config, SurgeryConfig, "config", "SurgeryConfig(steps=1000)").with_rank(
-        zoo.preset.surgery_rank(version)
-    )
+    config = as_surgery_config(config).with_rank(zoo.preset.surgery_rank(version))
     check_surgery_request(version, split, config.online)
     if adapt_limit is not None and adapt_limit < 1:
         raise SurgeryBookError(f"adapt_limit={adapt_limit}", "limit the adaptation data to 1 image or more per task")

@@ -21,6 +21,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,15 @@ def l1_loss_per_task(corrected: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (corrected - target).abs().flatten(1).mean(dim=1)
 
 
+def as_surgery_config(config: Any) -> SurgeryConfig:
+    """``config`` where it is a :class:`SurgeryConfig`, the official schedule for None.
+
+    Raises:
+        SurgeryBookError: for anything else; for a dict, with the call that builds the schedule from it.
+    """
+    return given_or_default(config, SurgeryConfig, "config", "SurgeryConfig(steps=1000)")
+
+
 def train_surgery(
     merged: Mapping[str, torch.Tensor],
     expert: Mapping[str, torch.Tensor],
@@ -274,7 +284,7 @@ def train_surgery(
         The trained modules (on the CPU) as the last step left them, and the training history (for an
         online run with its ``end_of_pass`` modules, the ones the official log evaluates).
     """
-    config = given_or_default(config, SurgeryConfig, "config", "SurgeryConfig(steps=1000)")
+    config = as_surgery_config(config)
     tasks = tuple(merged)
     if set(expert) != set(tasks):
         raise SurgeryBookError("merged and expert embeddings name different tasks", "give both for the same tasks")

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_lib.core.errors import SurgeryBookError, given_or_default
+from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
 from surgery_lib.core.taskdata import TaskData, normalize
 from surgery_lib.evaluation import accuracy_from_features
 from surgery_lib.models import autocast, forward_blocks
 from surgery_lib.surgery.schedule import TaskAdam, train_on_schedule
-from surgery_lib.surgery.v1 import DEFAULT_RANK, SurgeryConfig, SurgeryHistory, TaskSurgery
+from surgery_lib.surgery.v1 import DEFAULT_RANK, SurgeryConfig, SurgeryHistory, TaskSurgery, as_surgery_config
 
 
 def _loss_precision(x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ def train_deep_surgery(
             fp32, ``bench/gpu/v2_memory.py --saved-only``). A step that runs out of GPU memory is run again with half
             as many tasks per pass, down to one, and training goes on so.
     """
-    config = given_or_default(config, SurgeryConfig, "config", "SurgeryConfig(steps=1000)")
+    config = as_surgery_config(config)
     if config.online:
         raise SurgeryBookError("SurgeryV2 has no online variant here", "use --version 1 with --online")
     if tasks_per_pass is not None and (isinstance(tasks_per_pass, bool) or tasks_per_pass < 1):
