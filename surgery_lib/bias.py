@@ -19,6 +19,7 @@ def representation_bias(merged: torch.Tensor, expert: torch.Tensor) -> float:
             f"embeddings of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}",
             "compare the two models' embeddings of the same images",
         )
+    _check_some_images(merged)
     return float((merged.float() - expert.float()).abs().mean())
 
 
@@ -29,4 +30,14 @@ def block_bias(merged: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
             f"block means of different shapes: {tuple(merged.shape)} vs {tuple(expert.shape)}",
             "compare the two models' block means of the same images, from encoders of one depth and width",
         )
+    _check_some_images(merged)
     return (merged.float() - expert.float()).abs().mean(dim=(0, 2))
+
+
+def _check_some_images(embeddings: torch.Tensor) -> None:
+    """A mean over no images is NaN, which a table shows as a bias like any other."""
+    if embeddings.numel() == 0:
+        raise SurgeryBookError(
+            f"no images to compare (embeddings of shape {tuple(embeddings.shape)})",
+            "embed at least one image of the task with both models",
+        )

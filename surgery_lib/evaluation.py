@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,8 +79,22 @@ def normalized_accuracy(table: pd.DataFrame, experts: Mapping[str, float]) -> pd
         raise SurgeryBookError(
             f"no expert accuracy for task(s) {missing}", "pass the experts' accuracy of every task in the table"
         )
-    normalized = table[tasks].div(pd.Series(dict(experts), dtype=float)[tasks], axis=1) * 100
-    normalized["average"] = normalized.mean(axis=1)
+    reference = pd.Series(dict(experts), dtype=float)[tasks]
+    impossible = reference[(reference < 0) | (reference > 100)]
+    if len(impossible):
+        raise SurgeryBookError(
+            f"expert accuracy {impossible.iloc[0]} for task {impossible.index[0]!r} is outside [0, 100]",
+            "pass each expert's test accuracy in %",
+        )
+    undefined = list(reference.index[~(reference > 0)])  # 0 or NaN: a share of nothing (it was inf)
+    if undefined:
+        warnings.warn(
+            f"no normalised accuracy for {', '.join(undefined)}: its expert's accuracy is "
+            f"{', '.join(str(reference[t]) for t in undefined)}; those shares and the average are NaN",
+            stacklevel=2,
+        )
+    normalized = table[tasks].div(reference.where(reference > 0), axis=1) * 100
+    normalized["average"] = normalized.mean(axis=1, skipna=False)  # not an average over fewer tasks
     return normalized
 
 

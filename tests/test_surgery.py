@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -464,6 +465,10 @@ def test_bias_and_accuracy_refuse_embeddings_and_labels_of_other_images(smoke_zo
         representation_bias(z, z[:9])  # a ValueError before, without a fix
     with pytest.raises(SurgeryBookError, match="block means of different shapes"):
         block_bias(torch.zeros(4, 2, 8), torch.zeros(4, 3, 8))
+    with pytest.raises(SurgeryBookError, match=r"no images to compare \(embeddings of shape \(0, 64\)\)"):
+        representation_bias(z[:0], z[:0])  # NaN before
+    with pytest.raises(SurgeryBookError, match="no images to compare"):
+        block_bias(torch.zeros(0, 2, 8), torch.zeros(0, 2, 8))
     labels = head(z).argmax(dim=-1)
     assert accuracy_from_features(z, head, labels) == 100.0
     for wrong in (labels[:1], labels[:9], labels[:, None]):  # labels[:1] broadcast to a wrong accuracy, silently
@@ -486,6 +491,13 @@ def test_a_split_or_an_expert_accuracy_that_is_not_there_is_named(smoke_zoo):
     assert normalized_accuracy(table, {"mnist": 100.0, "shapes": 80.0}).loc["merged", "average"] == 50.0
     with pytest.raises(SurgeryBookError, match=r"no expert accuracy for task\(s\) \['shapes'\]"):
         normalized_accuracy(table, {"mnist": 90.0})  # a KeyError from pandas
+    for expert in (-5.0, 100.5):
+        with pytest.raises(SurgeryBookError, match=f"expert accuracy {expert} for task 'shapes' is outside"):
+            normalized_accuracy(table, {"mnist": 90.0, "shapes": expert})
+    for expert in (0.0, float("nan")):  # a share of nothing: it was inf, and so was the average
+        with pytest.warns(UserWarning, match=f"no normalised accuracy for shapes: its expert's accuracy is {expert}"):
+            shares = normalized_accuracy(table, {"mnist": 100.0, "shapes": expert}).loc["merged"]
+        assert shares["mnist"] == 50.0 and math.isnan(shares["shapes"]) and math.isnan(shares["average"])
 
 
 def test_bad_surgery_settings_are_clear_errors(smoke_zoo, merged_state):
