@@ -89,8 +89,9 @@ def normalized_accuracy(table: pd.DataFrame, experts: Mapping[str, float]) -> pd
     undefined = list(reference.index[~(reference > 0)])  # 0 or NaN: a share of nothing (it was inf)
     if undefined:
         warnings.warn(
-            f"no normalised accuracy for {', '.join(undefined)}: its expert's accuracy is "
-            f"{', '.join(str(reference[t]) for t in undefined)}; those shares and the average are NaN",
+            "no normalised accuracy where the expert's accuracy is 0 or NaN ("
+            + ", ".join(f"{t}: {reference[t]}" for t in undefined)
+            + "); those shares and the average are NaN",
             stacklevel=2,
         )
     normalized = table[tasks].div(reference.where(reference > 0), axis=1) * 100

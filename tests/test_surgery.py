@@ -495,7 +495,9 @@ def test_a_split_or_an_expert_accuracy_that_is_not_there_is_named(smoke_zoo):
         with pytest.raises(SurgeryBookError, match=f"expert accuracy {expert} for task 'shapes' is outside"):
             normalized_accuracy(table, {"mnist": 90.0, "shapes": expert})
     for expert in (0.0, float("nan")):  # a share of nothing: it was inf, and so was the average
-        with pytest.warns(UserWarning, match=f"no normalised accuracy for shapes: its expert's accuracy is {expert}"):
+        with pytest.warns(
+            UserWarning, match=f"no normalised accuracy where the expert's accuracy is 0 or NaN \\(shapes: {expert}\\)"
+        ):
             shares = normalized_accuracy(table, {"mnist": 100.0, "shapes": expert}).loc["merged"]
         assert shares["mnist"] == 50.0 and math.isnan(shares["shapes"]) and math.isnan(shares["average"])
 

@@ -166,7 +166,7 @@ class SurgeryConfig:
         check_adam(self.adam)
         check_online_order(self.online_order)
         # Whole numbers as ints (numpy's from an ablation's np.arange too): steps=1.5 failed inside the schedule,
-        # rank=2.0 inside torch.empty, and batch_size=True trained with batches of one.
+        # rank=2.5 inside torch.empty, and batch_size=True trained with batches of one.
         examples = {"steps": 1000, "batch_size": 16, "seed": 0, "eval_every": 200, "batches_per_iteration": 2}
         for name, example in {**examples, "rank": DEFAULT_RANK}.items():
             value = getattr(self, name)
