@@ -115,6 +115,8 @@ def test_merge_options_check_their_values_by_the_declaration():
         ({"keep_fraction": 1.5}, r"--keep-fraction 1.5 is outside \(0, 1\]"),
         ({"drop_rate": 1}, r"--drop-rate 1.0 is outside \[0, 1\)"),
         ({"steps": 2.5}, "--steps 2.5 is not a whole number"),
+        ({"steps": float("nan")}, "--steps nan is not a whole number"),  # a ValueError from int() before
+        ({"steps": float("inf")}, "--steps inf is not a whole number"),  # an OverflowError before
         ({"scale": float("nan")}, "--scale nan is not a finite number"),
         ({"split": "train"}, "--data 'train' is not one of: test, adapt"),
         ({"seed": None}, "--seed cannot be None"),

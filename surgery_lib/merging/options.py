@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from surgery_lib.core.errors import MAX_SEED, SurgeryBookError, given_or_default, interval_text
+from surgery_lib.core.errors import MAX_SEED, SurgeryBookError, given_or_default, interval_text, whole_number
 from surgery_lib.core.registry import Registry
 from surgery_lib.models import PRECISIONS
 
@@ -87,9 +87,9 @@ class Option:
             return value
         if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's numbers too
             raise SurgeryBookError(f"{flag} {value!r} is not a number", f"pass a {self.kind.__name__} to {flag}")
-        if self.kind is int and value != int(value):
-            raise SurgeryBookError(f"{flag} {value!r} is not a whole number", f"pass an integer to {flag}")
-        if not math.isfinite(value):
+        if self.kind is int:  # NaN and infinity too: int() raised a ValueError or an OverflowError on them
+            value = whole_number(value, flag, f"pass an integer to {flag}")
+        elif not math.isfinite(value):
             raise SurgeryBookError(f"{flag} {value} is not a finite number", f"pass a finite value to {flag}")
         value = self.kind(value)
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
