@@ -235,7 +235,16 @@ def test_the_gpu_memory_script_checks_its_options_before_building_anything(argv,
 
 
 @pytest.mark.parametrize(
-    "script", ["train_step", "data_parallel_probe", "kept_share", "tangent_probe", "task_count", "gpu/v2_memory"]
+    "script",
+    [
+        "train_step",
+        "data_parallel_probe",
+        "kept_share",
+        "tangent_probe",
+        "task_count",
+        "tuning_merges",
+        "gpu/v2_memory",
+    ],
 )
 def test_every_bench_script_reports_bad_input_in_one_line(script, capsys, monkeypatch):
     path = ROOT / "bench" / f"{script}.py"
@@ -272,6 +281,7 @@ def test_every_bench_script_reports_bad_input_in_one_line(script, capsys, monkey
         ("recipe_probe", ["--name", "x", "--scales", "0.3,nan"], "argument --scales: '0.3,nan' is not a comma"),
         ("recipe_probe", ["--name", "x", "--scales", "0.3,y"], "argument --scales: '0.3,y' is not a comma-separated"),
         ("data_parallel_probe", ["--rounds", "0"], "argument --rounds: '0' is not a whole number of at least 1"),
+        ("tuning_merges", ["--methods", "tsv,ties"], "argument --methods: 'ties' names no merge prepared at a scale"),
     ],
 )
 def test_the_bench_scripts_list_options_are_checked_as_they_are_parsed(script, argv, problem, capsys, monkeypatch):

@@ -4,6 +4,9 @@ the validation split as the only data they read, and the validation splits of bo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +252,56 @@ def test_a_search_must_name_options_the_method_reads_with_valid_values():
         MergeMethod("scaled", "scaled", run, options=(SCALE,), search=(("scale", ()),))
     with pytest.raises(SurgeryBookError, match="declares no search grid"):
         register_tuned(MergeMethod("scaled", "scaled", run, options=(SCALE,)))
+    with pytest.raises(SurgeryBookError, match="prepared for a scale it does not read.*SCALE"):
+        MergeMethod("scaled", "scaled", run, prepare=lambda *args: None)
+
+
+#: The methods whose merge is theta_0 + scale * update, given as a preparation finished at a scale.
+PREPARED = [name for name, method in MERGE_METHODS.items() if method.prepare is not None]
+
+
+def test_the_methods_of_the_form_theta_0_plus_scale_times_update_are_prepared_once_per_search():
+    assert set(PREPARED) == {"task_arithmetic", "dare_task_arithmetic", "dare_ties", "tsv", "iso_c", "iso_cts"}
+
+
+@pytest.mark.parametrize("method", PREPARED)
+def test_a_search_prepares_once_per_value_of_its_other_options_and_equals_the_plain_merge(smoke_zoo, method):
+    """Each candidate the search finishes from a held preparation is bit for bit the method's own merge at those
+    values, including after the other options moved on (DARE's drop rate: a new preparation, its own masks)."""
+    from surgery_lib.merging.tuning import candidate_merges
+
+    base = MERGE_METHODS[method]
+    experts = dict(smoke_zoo.experts)
+    options = MergeOptions(seed=4)
+    grid = dict(base.search)
+    others = {name: values[-2:] for name, values in grid.items() if name != "scale"}
+    candidates = [
+        {**dict(zip(others, combination)), "scale": scale}
+        for combination in itertools.product(*others.values())
+        for scale in (grid["scale"][0], 1.7, grid["scale"][-1])
+    ]
+    merge_at, counts = candidate_merges(base, smoke_zoo, experts, options, "cpu")
+    for values in candidates:
+        state, details = merge_at(values)
+        plain, plain_details = base.run(smoke_zoo, experts, options.replace(**values), "cpu", False)
+        assert details == plain_details and details["scale"] == values["scale"]
+        assert state.keys() == plain.keys() and all(torch.equal(state[k], v) for k, v in plain.items())
+    assert counts == {"preparations": len(list(itertools.product(*others.values())))}
+    default = base.run(smoke_zoo, experts, options, "cpu", False)[1]["scale"]
+    assert default in (0.3, 1.0)  # the fixed value of the method without validation data
+
+
+def test_the_tuning_bench_times_each_prepared_search(capsys):
+    """bench/tuning_merges.py on the smoke architecture: one row per method with its grid's candidates, and the
+    search's merges now (one preparation per drop rate) cheaper than before (one whole merge per candidate)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "tuning_merges.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--preset", "smoke", "--tasks", "2", "--methods", "tsv,dare_ties"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    table = {row.split()[0]: [float(x) for x in row.split()[1:]] for row in rows}
+    assert set(table) == {"tsv", "dare_ties"}
+    assert table["tsv"][2] == 30 and table["dare_ties"][2] == 50
+    for prepare, finish, candidates, before, now in table.values():
+        assert before == pytest.approx(candidates * (prepare + finish), abs=0.2) and now <= before

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.base import MergeMethod, register_method, run_at_scale
 from surgery_lib.merging.options import SCALE
 from surgery_lib.merging.tuning import SCALES_TO_ONE, register_tuned
 from surgery_lib.merging.vectors import StateDict, add_vectors, task_vectors
@@ -24,14 +24,21 @@ def task_arithmetic(
     return add_vectors(pretrained, vectors, [scale] * len(vectors))
 
 
-def _run(zoo, experts, options, device, progress):
-    scale = 0.3 if options.scale is None else options.scale
-    return task_arithmetic(zoo.pretrained, experts, scale), {"scale": scale}
+def _prepare(zoo, experts, options, device, progress):
+    vectors = list(task_vectors(zoo.pretrained, experts).values())
+    return lambda scale: (add_vectors(zoo.pretrained, vectors, [scale] * len(vectors)), {"scale": scale})
 
 
 # tall_masks' search of task arithmetic's scale (its "sum" method), on validation data.
 register_tuned(
     register_method(
-        MergeMethod("task_arithmetic", "task arithmetic", _run, options=(SCALE,), search=(("scale", SCALES_TO_ONE),))
+        MergeMethod(
+            "task_arithmetic",
+            "task arithmetic",
+            run_at_scale(_prepare, 0.3),
+            options=(SCALE,),
+            search=(("scale", SCALES_TO_ONE),),
+            prepare=_prepare,
+        )
     )
 )

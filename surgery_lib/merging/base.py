@@ -40,6 +40,29 @@ MergeFunction = Callable[
     tuple[dict[str, torch.Tensor], dict[str, Any]],
 ]
 
+#: ``prepare(zoo, experts, options, device, progress) -> at_scale`` for a merge of the form
+#: ``theta_0 + scale * update``: everything that does not depend on the scale (task vectors, SVDs, DARE's masks,
+#: TIES' election) computed once, and ``at_scale(scale) -> (merged state dict, details)`` finishing the merge at
+#: one scale. A search over the scale then prepares once per value of its other options, as the official searches
+#: do: tall_masks' evaluation loop, which the TSV-M and Iso-C code reuses, merges the task vectors once and applies
+#: the merged vector at every coefficient of its grid.
+PreparedMerge = Callable[
+    ["Zoo", dict[str, Mapping[str, torch.Tensor]], MergeOptions, torch.device, bool],
+    Callable[[float], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+]
+
+
+def run_at_scale(prepare: PreparedMerge, default_scale: float) -> MergeFunction:
+    """The :data:`MergeFunction` of a method given as :data:`PreparedMerge`: prepared, then finished at
+    ``options.scale`` (``default_scale`` when it is None). One code path, so a search's candidate at a scale is
+    bit for bit the method's merge at that scale."""
+
+    def run(zoo, experts, options, device, progress):
+        scale = default_scale if options.scale is None else options.scale
+        return prepare(zoo, experts, options, device, progress)(scale)
+
+    return run
+
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -57,6 +80,9 @@ class MergeMethod:
         search: the grid its official code searches on validation data, ``((option, values), ...)`` with the
             values in the order they are tried; a method with one gets a tuned twin
             (:func:`~surgery_lib.merging.tuning.register_tuned`).
+        prepare: the merge split at its scale (:data:`PreparedMerge`), for a method whose merge is
+            ``theta_0 + scale * update``; its tuned twin then computes the update once per value of the searched
+            options other than the scale. ``run`` must be ``run_at_scale(prepare, default)``.
     """
 
     name: str
@@ -66,6 +92,7 @@ class MergeMethod:
     trims: bool = False
     data: str = "free"
     search: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    prepare: PreparedMerge | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         strays = [option for option in self.options if not isinstance(option, Option)]
@@ -87,6 +114,11 @@ class MergeMethod:
         for name, values in self.search:
             for value in values:
                 next(o for o in self.options if o.name == name).check(value)
+        if self.prepare is not None and "scale" not in self.reads:
+            raise SurgeryBookError(
+                f"merging method {self.name!r} is prepared for a scale it does not read",
+                "declare the SCALE option (options=(SCALE, ...)) or leave prepare out",
+            )
 
     @property
     def reads(self) -> tuple[str, ...]:

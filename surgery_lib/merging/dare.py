@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from surgery_lib.core.errors import SurgeryBookError
-from surgery_lib.merging.base import MergeMethod, register_method, ties_zero_entries
+from surgery_lib.merging.base import MergeMethod, register_method, run_at_scale, ties_zero_entries
 from surgery_lib.merging.options import KEEP_FRACTION, SCALE, SEED, Option
 from surgery_lib.merging.ties import ties_vectors
 from surgery_lib.merging.tuning import SCALES_TO_ONE, register_tuned
@@ -62,22 +62,20 @@ def _sparse_vectors(zoo, experts, options):
     return dare_vectors(list(task_vectors(zoo.pretrained, experts).values()), options.drop_rate, options.seed)
 
 
-def _run_task_arithmetic(zoo, experts, options, device, progress):
-    scale = 0.3 if options.scale is None else options.scale
+def _prepare_task_arithmetic(zoo, experts, options, device, progress):
     vectors = _sparse_vectors(zoo, experts, options)
-    return add_vectors(zoo.pretrained, vectors, [scale] * len(vectors)), {
-        "scale": scale,
-        "drop_rate": options.drop_rate,
-    }
+    details = {"drop_rate": options.drop_rate}
+    return lambda scale: (add_vectors(zoo.pretrained, vectors, [scale] * len(vectors)), {"scale": scale, **details})
 
 
-def _run_ties(zoo, experts, options, device, progress):
-    scale = 0.3 if options.scale is None else options.scale
+def _prepare_ties(zoo, experts, options, device, progress):
     disjoint = ties_vectors(_sparse_vectors(zoo, experts, options), options.keep_fraction, ties_zero_entries(zoo))
-    details = {"scale": scale, "drop_rate": options.drop_rate, "keep_fraction": options.keep_fraction}
-    return add_vectors(zoo.pretrained, disjoint, [scale] * len(disjoint)), details
+    details = {"drop_rate": options.drop_rate, "keep_fraction": options.keep_fraction}
+    return lambda scale: (add_vectors(zoo.pretrained, disjoint, [scale] * len(disjoint)), {"scale": scale, **details})
 
 
+#: The scale of both DARE merges without validation data (task arithmetic's usual 0.3).
+DARE_SCALE = 0.3
 #: MergeLM's search on validation data: the drop rate, then the scale for each.
 DARE_SEARCH = (("drop_rate", (0.1, 0.3, 0.5, 0.7, 0.9)), ("scale", SCALES_TO_ONE))
 
@@ -86,9 +84,10 @@ register_tuned(
         MergeMethod(
             "dare_task_arithmetic",
             "DARE + task arithmetic",
-            _run_task_arithmetic,
+            run_at_scale(_prepare_task_arithmetic, DARE_SCALE),
             options=(SCALE, DROP_RATE, SEED),
             search=DARE_SEARCH,
+            prepare=_prepare_task_arithmetic,
         )
     )
 )
@@ -97,10 +96,11 @@ register_tuned(
         MergeMethod(
             "dare_ties",
             "DARE + TIES-merging",
-            _run_ties,
+            run_at_scale(_prepare_ties, DARE_SCALE),
             options=(SCALE, DROP_RATE, SEED, KEEP_FRACTION),
             trims=True,
             search=DARE_SEARCH,
+            prepare=_prepare_ties,
         )
     )
 )

@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from surgery_lib.core.errors import SurgeryBookError
-from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.base import MergeMethod, register_method, run_at_scale
 from surgery_lib.merging.options import SCALE
-from surgery_lib.merging.tsv import nearest_orthonormal, spectral_merge
+from surgery_lib.merging.tsv import apply_updates, nearest_orthonormal, spectral_merge, spectral_updates
 from surgery_lib.merging.tuning import SCALES_TO_THREE, register_tuned
 from surgery_lib.merging.vectors import StateDict, task_vectors
 
@@ -112,12 +112,18 @@ def iso_merging(
     return spectral_merge(pretrained, task_vectors(pretrained, experts), iso_c_matrix, scale, device, progress, "Iso-C")
 
 
-def _run(zoo, experts, options, device, progress, *, task_specific: bool):
-    scale = ISO_SCALE if options.scale is None else options.scale
-    state = iso_merging(
-        zoo.pretrained, experts, task_specific=task_specific, scale=scale, device=device, progress=progress
-    )
-    return state, {"scale": scale, **({"common_fraction": COMMON_FRACTION} if task_specific else {})}
+def _prepare(zoo, experts, options, device, progress, *, task_specific: bool):
+    vectors = task_vectors(zoo.pretrained, experts)
+    if task_specific:
+        matrix, desc, details = (
+            (lambda d: iso_cts_matrix(d, COMMON_FRACTION)),
+            "Iso-CTS",
+            {"common_fraction": COMMON_FRACTION},
+        )
+    else:
+        matrix, desc, details = iso_c_matrix, "Iso-C", {}
+    updates = spectral_updates(zoo.pretrained, vectors, matrix, device, progress, desc)
+    return lambda scale: (apply_updates(zoo.pretrained, updates, scale), {"scale": scale, **details})
 
 
 # The official code searches alpha over {0.1, ..., 3.0} on validation data for both.
@@ -125,14 +131,16 @@ for _name, _label, _task_specific in (
     ("iso_c", "Iso-C (isotropic, common subspace)", False),
     ("iso_cts", "Iso-CTS (isotropic, common + task subspaces)", True),
 ):
+    _prepared = functools.partial(_prepare, task_specific=_task_specific)
     register_tuned(
         register_method(
             MergeMethod(
                 _name,
                 _label,
-                functools.partial(_run, task_specific=_task_specific),
+                run_at_scale(_prepared, ISO_SCALE),
                 options=(SCALE,),
                 search=(("scale", SCALES_TO_THREE),),
+                prepare=_prepared,
             )
         )
     )

@@ -22,7 +22,7 @@ import torch
 
 from surgery_lib.core.errors import SurgeryBookError
 from surgery_lib.core.progress import tqdm
-from surgery_lib.merging.base import MergeMethod, register_method
+from surgery_lib.merging.base import MergeMethod, register_method, run_at_scale
 from surgery_lib.merging.options import SCALE
 from surgery_lib.merging.tuning import SCALES_TO_THREE, register_tuned
 from surgery_lib.merging.vectors import StateDict, task_vectors
@@ -72,6 +72,41 @@ def is_matrix(tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and min(tensor.shape) > 1
 
 
+def spectral_updates(
+    pretrained: StateDict,
+    vectors: Mapping[str, Mapping[str, torch.Tensor]],
+    merge_matrix,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "merging",
+) -> dict[str, torch.Tensor | None]:
+    """Each parameter's unscaled update: ``merge_matrix([Delta_t])`` for a matrix (computed on ``device``), the
+    mean of the task vectors for any other parameter, None for a key absent from the vectors (kept as it is)."""
+    tasks = list(vectors.values())
+    updates: dict[str, torch.Tensor | None] = {}
+    for key, value in tqdm(pretrained.items(), desc=desc, disable=not progress, leave=False):
+        if not tasks or key not in tasks[0]:
+            updates[key] = None
+            continue
+        deltas = [vector[key] for vector in tasks]
+        if is_matrix(value):
+            updates[key] = merge_matrix([d.to(device) for d in deltas]).to(value.device)
+        else:
+            updates[key] = torch.stack([d.float() for d in deltas]).mean(0)
+    return updates
+
+
+def apply_updates(
+    pretrained: StateDict, updates: Mapping[str, torch.Tensor | None], scale: float
+) -> dict[str, torch.Tensor]:
+    """``theta_0 + scale * update`` per parameter, in the parameter's dtype; a parameter without an update is
+    copied."""
+    return {
+        key: value.clone() if updates[key] is None else value + (scale * updates[key]).to(value.dtype)
+        for key, value in pretrained.items()
+    }
+
+
 def spectral_merge(
     pretrained: StateDict,
     vectors: Mapping[str, Mapping[str, torch.Tensor]],
@@ -83,20 +118,9 @@ def spectral_merge(
 ) -> dict[str, torch.Tensor]:
     """``theta_0 + scale * update`` where each matrix's update is ``merge_matrix([Delta_t])`` (computed on
     ``device``) and every other parameter's is the mean of the task vectors; keys absent from the vectors
-    are copied. The shared frame of TSV-M and the isotropic merges."""
-    tasks = list(vectors.values())
-    merged = {}
-    for key, value in tqdm(pretrained.items(), desc=desc, disable=not progress, leave=False):
-        if not tasks or key not in tasks[0]:
-            merged[key] = value.clone()
-            continue
-        deltas = [vector[key] for vector in tasks]
-        if is_matrix(value):
-            update = merge_matrix([d.to(device) for d in deltas]).to(value.device)
-        else:
-            update = torch.stack([d.float() for d in deltas]).mean(0)
-        merged[key] = value + (scale * update).to(value.dtype)
-    return merged
+    are copied. The shared frame of TSV-M and the isotropic merges (:func:`spectral_updates`, then
+    :func:`apply_updates`)."""
+    return apply_updates(pretrained, spectral_updates(pretrained, vectors, merge_matrix, device, progress, desc), scale)
 
 
 def tsv_merging(
@@ -110,16 +134,22 @@ def tsv_merging(
     return spectral_merge(pretrained, task_vectors(pretrained, experts), tsv_matrix, scale, device, progress, "TSV-M")
 
 
-def _run(zoo, experts, options, device, progress):
-    scale = TSV_SCALE if options.scale is None else options.scale
-    return tsv_merging(zoo.pretrained, experts, scale, device, progress), {"scale": scale}
+def _prepare(zoo, experts, options, device, progress):
+    vectors = task_vectors(zoo.pretrained, experts)
+    updates = spectral_updates(zoo.pretrained, vectors, tsv_matrix, device, progress, "TSV-M")
+    return lambda scale: (apply_updates(zoo.pretrained, updates, scale), {"scale": scale})
 
 
 # The official code searches alpha over {0.1, ..., 3.0} on validation data (FusionBench fixes 1).
 register_tuned(
     register_method(
         MergeMethod(
-            "tsv", "TSV-M (task singular vectors)", _run, options=(SCALE,), search=(("scale", SCALES_TO_THREE),)
+            "tsv",
+            "TSV-M (task singular vectors)",
+            run_at_scale(_prepare, TSV_SCALE),
+            options=(SCALE,),
+            search=(("scale", SCALES_TO_THREE),),
+            prepare=_prepare,
         )
     )
 )

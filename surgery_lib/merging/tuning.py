@@ -169,18 +169,49 @@ def _tuned_run(base: str) -> MergeFunction:
             accuracy = validation_accuracy(zoo, state, tasks, device)
             return normalized_score(accuracy, expert_accuracy), accuracy
 
+        merge_at, prepared = candidate_merges(method, zoo, experts, options, device)
         chosen, state, details, records = search_grid(
-            method.search,
-            lambda values: method.run(zoo, experts, options.replace(**values), device, False),
-            score,
-            desc=f"tuning {base} on validation",
-            progress=progress,
+            method.search, merge_at, score, desc=f"tuning {base} on validation", progress=progress
         )
         details = dict(details)
-        details["tuned"] = tuned_details(chosen, method.search, records, started, expert_accuracy=expert_accuracy)
+        details["tuned"] = tuned_details(
+            chosen, method.search, records, started, expert_accuracy=expert_accuracy, **prepared
+        )
         return state, details
 
     return run
+
+
+def candidate_merges(
+    method: MergeMethod,
+    zoo: Zoo,
+    experts: dict[str, Mapping[str, torch.Tensor]],
+    options: MergeOptions,
+    device: torch.device | str,
+) -> tuple[Callable[[dict[str, Any]], tuple[dict[str, torch.Tensor], dict[str, Any]]], dict[str, int]]:
+    """``(merge_at, counts)``: ``merge_at(values)`` is ``method``'s merge with the searched ``values``.
+
+    For a method with :attr:`~surgery_lib.merging.base.MergeMethod.prepare`, the scale-free part is computed once
+    per value of the other searched options and kept while the scale varies (the grids vary it fastest, so one
+    preparation is held at a time); ``counts["preparations"]`` then counts them as the search goes. Every
+    candidate equals ``method.run`` at its values bit for bit: ``run`` is the same preparation finished at one
+    scale.
+    """
+    if method.prepare is None or "scale" not in dict(method.search):
+        return lambda values: method.run(zoo, experts, options.replace(**values), device, False), {}
+    counts = {"preparations": 0}
+    held: dict[tuple[tuple[str, Any], ...], Callable[[float], Any]] = {}
+
+    def merge_at(values: dict[str, Any]):
+        others = {name: value for name, value in values.items() if name != "scale"}
+        key = tuple(sorted(others.items()))
+        if key not in held:
+            held.clear()  # release the last preparation (a model's worth of updates) before the next
+            held[key] = method.prepare(zoo, experts, options.replace(**others), device, False)
+            counts["preparations"] += 1
+        return held[key](values["scale"])
+
+    return merge_at, counts
 
 
 def tuned_name(method: str) -> str:
