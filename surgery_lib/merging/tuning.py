@@ -195,7 +195,8 @@ def candidate_merges(
     per value of the other searched options and kept while the scale varies (the grids vary it fastest, so one
     preparation is held at a time); ``counts["preparations"]`` then counts them as the search goes. Every
     candidate equals ``method.run`` at its values bit for bit: ``run`` is the same preparation finished at one
-    scale.
+    scale. The held preparation (TSV-M's updates: one model's worth; DARE's sparse vectors: one per task) stays
+    below the peak of preparing it (DARE draws its masks with every task vector alive: two per task).
     """
     if method.prepare is None or "scale" not in dict(method.search):
         return lambda values: method.run(zoo, experts, options.replace(**values), device, False), {}
