@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from surgery_lib.core.errors import SurgeryBookError
-from surgery_lib.core.storage import atomic_path, to_json
+from surgery_lib.core.storage import atomic_path, stem_files, to_json
 from surgery_lib.core.taskdata import TaskData
 from surgery_lib.models import embed, task_features  # noqa: F401  (embed: 0.1 re-exported it here)
 
@@ -117,8 +117,7 @@ def write_table(
     Returns:
         the paths written: CSV, Markdown (and JSON).
     """
-    stem = Path(stem)
-    paths = [stem.with_suffix(".csv"), stem.with_suffix(".md")] + ([stem.with_suffix(".json")] if records else [])
+    paths = stem_files(stem, [".csv", ".md"] + ([".json"] if records else []))
     with atomic_path(paths[0]) as tmp:
         table.round(decimals).to_csv(tmp, float_format=f"%.{decimals}f")
     with atomic_path(paths[1]) as tmp:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from surgery_lib.core.storage import atomic_path
+from surgery_lib.core.storage import atomic_path, stem_files
 from surgery_lib.merging import METHODS, VERSION_NAMES, Row, row_of
 from surgery_lib.merging.tuning import is_tuned
 from surgery_lib.settings.base import EXPERT_ROW, ZERO_SHOT_ROW, ZOO_ROWS
@@ -135,14 +135,11 @@ def _pyplot():
 
 def save_figure(figure: Figure, stem: str | os.PathLike[str], dpi: int = 150) -> tuple[Path, Path]:
     """Write ``figure`` to ``<stem>.png`` and ``<stem>.pdf`` atomically; returns both paths."""
-    stem = Path(stem)
-    paths = []
-    for suffix in (".png", ".pdf"):
-        path = stem.with_suffix(suffix)
+    png, pdf = stem_files(stem, (".png", ".pdf"))
+    for path in (png, pdf):
         with atomic_path(path) as tmp:
-            figure.savefig(tmp, format=suffix[1:], dpi=dpi, bbox_inches="tight")
-        paths.append(path)
-    return paths[0], paths[1]
+            figure.savefig(tmp, format=path.suffix[1:], dpi=dpi, bbox_inches="tight")
+    return png, pdf
 
 
 def bias_bars(table: pd.DataFrame, title: str = "Representation bias per task", ylabel: str = "L1 bias") -> Figure:

@@ -129,3 +129,24 @@ def test_a_log_axis_is_labelled_with_the_values_themselves():
     )
     labels = [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
     assert labels == ["50", "200", "1000"]
+
+
+def test_a_stem_with_a_dot_keeps_its_whole_name(tmp_path):
+    """Path.with_suffix cut ``main_table_mini-v0.2`` to ``main_table_mini-v0.csv``: the tables of presets
+    ``mini-v0.2`` and ``mini-v0.3`` (dots are allowed in preset names) overwrote each other in one --out folder."""
+    from surgery_lib.evaluation import write_table
+
+    table = pd.DataFrame({"mnist": [90.0]}, index=["merged"])
+    for version in ("0.2", "0.3"):
+        written = write_table(table.assign(mnist=float(version)), tmp_path / f"main_table_mini-v{version}")
+        assert [p.name for p in written] == [f"main_table_mini-v{version}.csv", f"main_table_mini-v{version}.md"]
+    assert pd.read_csv(tmp_path / "main_table_mini-v0.2.csv")["mnist"].tolist() == [0.2]
+    written = write_table(table, tmp_path / "named.csv", records=True)  # a stem given with a suffix it writes
+    assert [p.name for p in written] == ["named.csv", "named.md", "named.json"]
+    figure = plots.bias_bars(table)
+    png, pdf = plots.save_figure(figure, tmp_path / "tsne_v1.5")
+    assert (png.name, pdf.name) == ("tsne_v1.5.png", "tsne_v1.5.pdf") and png.is_file() and pdf.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"main_table_mini-v{v}.{ext}" for v in ("0.2", "0.3") for ext in ("csv", "md")]
+        + ["named.csv", "named.md", "named.json", "tsne_v1.5.png", "tsne_v1.5.pdf"]
+    )

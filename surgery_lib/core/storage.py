@@ -135,6 +135,17 @@ def _as_if_created(path: Path, mode: int) -> None:
         os.chmod(path, mode & ~process_umask())
 
 
+def stem_files(stem: str | os.PathLike[str], suffixes: Iterable[str]) -> list[Path]:
+    """``<stem><suffix>`` for each of ``suffixes`` (``".csv"``, ...): the suffix is added to the stem's name, so
+    ``main_table_mini-v0.2`` gives ``main_table_mini-v0.2.csv`` where ``Path.with_suffix`` gave
+    ``main_table_mini-v0.csv`` (and a preset ``mini-v0.3`` the same file). A stem given with one of ``suffixes``
+    (``table.csv``) is taken without it."""
+    stem, suffixes = Path(stem), list(suffixes)
+    if stem.suffix in suffixes:
+        stem = stem.with_suffix("")
+    return [stem.with_name(stem.name + suffix) for suffix in suffixes]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``, on error delete it.
