@@ -5,8 +5,9 @@ A tuned twin (``tsv_tuned``, ``iso_cts_tuned``, ``dare_ties_tuned``, ...) merges
 evaluates each candidate on the validation split. The methods of the form ``theta_0 + scale * update`` prepare
 the update once per value of the other searched options (DARE's drop rate) and finish it at each scale
 (``MergeMethod.prepare``); before, every candidate ran the whole merge. This times, on a preset's architecture
-with random experts (no data, no evaluation: the evaluation is unchanged), one preparation, one finishing step,
-and what the search's merges cost both ways.
+with random experts (no data, no evaluation: the evaluation is unchanged), one preparation and one finishing
+step; the search's merging before is derived from them (every candidate prepared and finished), and now (one
+preparation per value of the other searched options, every candidate finished).
 
     .venv/bin/python bench/tuning_merges.py --preset clip-vit-b-32 --methods tsv,iso_cts,dare_ties
 """

@@ -11,7 +11,9 @@ official code searches it over {0.1, ..., 3.0} on validation data, as the tuned 
 
 Parameters that are not matrices (biases, norms, class token, the patch convolution) get the mean of the
 task vectors, as in TSV's own treatment of non-matrix parameters (task arithmetic with ``1 / T``).
-Memory: one layer's T task matrices and their SVDs at a time (ViT-L/14: 8 x 4096 x 1024 floats).
+Memory: the T task vectors, one layer's T task matrices and their SVDs at a time (ViT-L/14: 8 x 4096 x 1024
+floats), and the merged update of every parameter in float32 (one model's worth), which the tuned twin finishes
+at each of its 30 scales instead of repeating the SVDs.
 """
 
 from __future__ import annotations
