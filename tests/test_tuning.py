@@ -304,4 +304,6 @@ def test_the_tuning_bench_times_each_prepared_search(capsys):
     assert set(table) == {"tsv", "dare_ties"}
     assert table["tsv"][2] == 30 and table["dare_ties"][2] == 50
     for prepare, finish, candidates, before, now in table.values():
-        assert before == pytest.approx(candidates * (prepare + finish), abs=0.2) and now <= before
+        # The columns are printed rounded (seconds to 0.01, the search's to 0.1): allow that, no more.
+        assert before == pytest.approx(candidates * (prepare + finish), abs=candidates * 0.01 + 0.05)
+        assert now <= before
