@@ -15,6 +15,7 @@ preparation per value of the other searched options, every candidate finished).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -44,9 +45,7 @@ def time_search(zoo, name: str, device: torch.device) -> dict[str, float]:
     method = get_method(name)
     grid = dict(method.search)
     scales = grid.pop("scale")
-    others = 1
-    for values in grid.values():
-        others *= len(values)
+    others = math.prod(len(values) for values in grid.values())
     experts = dict(zoo.experts)
     started = time.perf_counter()
     at_scale = method.prepare(zoo, experts, MergeOptions(), device, False)

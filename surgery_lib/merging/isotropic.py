@@ -99,30 +99,21 @@ def iso_merging(
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Iso-C (``task_specific=False``) or Iso-CTS: ``theta_0 + scale * update``."""
+    matrix, desc = _layer_merge(task_specific, common_fraction)
+    return spectral_merge(pretrained, task_vectors(pretrained, experts), matrix, scale, device, progress, desc)
+
+
+def _layer_merge(task_specific: bool, common_fraction: float):
+    """``(update of one layer from its task matrices, progress label)`` of Iso-CTS or Iso-C."""
     if task_specific:
-        return spectral_merge(
-            pretrained,
-            task_vectors(pretrained, experts),
-            lambda d: iso_cts_matrix(d, common_fraction),
-            scale,
-            device,
-            progress,
-            "Iso-CTS",
-        )
-    return spectral_merge(pretrained, task_vectors(pretrained, experts), iso_c_matrix, scale, device, progress, "Iso-C")
+        return (lambda deltas: iso_cts_matrix(deltas, common_fraction)), "Iso-CTS"
+    return iso_c_matrix, "Iso-C"
 
 
 def _prepare(zoo, experts, options, device, progress, *, task_specific: bool):
-    vectors = task_vectors(zoo.pretrained, experts)
-    if task_specific:
-        matrix, desc, details = (
-            (lambda d: iso_cts_matrix(d, COMMON_FRACTION)),
-            "Iso-CTS",
-            {"common_fraction": COMMON_FRACTION},
-        )
-    else:
-        matrix, desc, details = iso_c_matrix, "Iso-C", {}
-    updates = spectral_updates(zoo.pretrained, vectors, matrix, device, progress, desc)
+    matrix, desc = _layer_merge(task_specific, COMMON_FRACTION)
+    updates = spectral_updates(zoo.pretrained, task_vectors(zoo.pretrained, experts), matrix, device, progress, desc)
+    details = {"common_fraction": COMMON_FRACTION} if task_specific else {}
     return lambda scale: (apply_updates(zoo.pretrained, updates, scale), {"scale": scale, **details})
 
 
