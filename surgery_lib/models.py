@@ -71,12 +71,16 @@ def build_encoder(config: EncoderConfig) -> nn.Module:
 def load_encoder(config: EncoderConfig, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """Build an encoder for ``config`` and load ``state`` strictly (every key, every shape).
 
+    The encoder is allocated without its random initialisation (every weight is overwritten by ``state``): a
+    ViT-L/14 loads in about 0.2 s instead of 1.5-2 s, which a search evaluating 30 merges pays 30 times, and
+    loading draws nothing from torch's global random generator.
+
     Raises:
         SurgeryBookError: if ``state`` belongs to another architecture, or holds a value that is not a
             floating-point tensor where the encoder has one (integer weights were cast to float and evaluated
             without a word; an array failed inside torch).
     """
-    encoder = build_encoder(config)
+    encoder = _uninitialised_encoder(config)
     own = encoder.state_dict()
     for key, value in state.items():
         if key in own and own[key].is_floating_point():
@@ -95,6 +99,18 @@ def load_encoder(config: EncoderConfig, state: Mapping[str, torch.Tensor]) -> nn
             "load them with the preset they were trained for",
         ) from None
     return encoder
+
+
+def _uninitialised_encoder(config: EncoderConfig) -> nn.Module:
+    """:func:`build_encoder`'s module with its tensors allocated on the CPU but not initialised, for a caller that
+    overwrites every one of them (a strict ``load_state_dict``). A module with a non-persistent buffer, which
+    a state dict does not hold, is built and initialised as usual."""
+    import_open_clip()  # outside the meta context: a tensor made at import time must be a real one
+    with torch.device("meta"):  # the module's structure without its tensors, so no random initialisation
+        encoder = build_encoder(config)
+    if {name for name, _ in encoder.named_buffers()} - set(encoder.state_dict()):
+        return build_encoder(config)
+    return encoder.to_empty(device="cpu")
 
 
 def clone_state(module: nn.Module) -> StateDict:

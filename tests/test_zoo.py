@@ -184,6 +184,43 @@ def test_weights_of_another_architecture_are_refused(smoke_zoo):
     load_encoder(smoke_zoo.preset.encoder, half)
 
 
+def test_a_loaded_encoder_is_the_initialised_one_with_the_weights_and_draws_no_random_numbers(smoke_zoo):
+    """``load_encoder`` skips the random initialisation that every weight overwrites: the module, its weights and
+    its embeddings are those of a built-then-loaded encoder, and torch's global generator is left where it was."""
+    from surgery_lib.models import build_encoder, embed, load_encoder
+
+    state = smoke_zoo.experts[smoke_zoo.tasks[0]]
+    reference = build_encoder(smoke_zoo.preset.encoder)
+    reference.load_state_dict(state)
+    generator = torch.get_rng_state()
+    encoder = load_encoder(smoke_zoo.preset.encoder, state)
+    assert torch.equal(torch.get_rng_state(), generator)
+    assert str(encoder) == str(reference)
+    loaded = encoder.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert all(t.device.type == "cpu" for t in [*encoder.parameters(), *encoder.buffers()])
+    data = smoke_zoo.suite[smoke_zoo.tasks[0]]
+    images = data.images["test"][:16]
+    assert torch.equal(embed(encoder, images, data.mean, data.std), embed(reference, images, data.mean, data.std))
+
+
+def test_an_encoder_with_a_buffer_no_state_holds_is_initialised_when_loaded(smoke_zoo, monkeypatch):
+    """A non-persistent buffer is not in a state dict, so skipping the initialisation would leave it uninitialised
+    memory: such an encoder is built as usual."""
+    from surgery_lib import models
+
+    build = models.build_encoder
+
+    def with_a_buffer(config):
+        encoder = build(config)
+        encoder.register_buffer("scale_table", torch.arange(4.0) + 0.5, persistent=False)
+        return encoder
+
+    monkeypatch.setattr(models, "build_encoder", with_a_buffer)
+    encoder = models.load_encoder(smoke_zoo.preset.encoder, smoke_zoo.pretrained)
+    assert torch.equal(encoder.scale_table, torch.arange(4.0) + 0.5)
+
+
 def test_expert_features_are_each_experts_embeddings_computed_once(smoke_zoo, monkeypatch):
     from surgery_lib.models import embed, embed_blocks
 
