@@ -282,14 +282,19 @@ def _check_synthetic_fits(spec: Preset, sizes: Mapping[str, int]) -> None:
     import psutil
 
     size = spec.encoder.image_size
-    needed = sum(sizes.values()) * 3 * size * size + (len(sizes) + 2) * encoder_parameters(spec.encoder) * 4
+    images = sum(sizes.values()) * 3 * size * size
+    weights = (len(sizes) + 2) * encoder_parameters(spec.encoder) * 4
     free = psutil.virtual_memory().available
-    if needed > free:
+    if images + weights > free:
+        fewer = (  # the larger of the two is what a smaller request must cut
+            "ask for fewer images (`surgery-book bench --scale`: 1 is the paper's 87,190 test images, 13 GB at 224x224)"
+            if images >= weights
+            else f"ask for fewer tasks (each {spec.name} expert holds {encoder_parameters(spec.encoder) * 4 / 2**30:.2f} GiB)"
+        )
         raise SurgeryBookError(
             f"{sum(sizes.values()):,} random {size}x{size} test images and {len(sizes)} {spec.name} experts need "
-            f"{needed / 2**30:,.1f} GiB, this machine has {free / 2**30:.1f} GiB free",
-            "ask for fewer images (`surgery-book bench --scale`: 1 is the paper's 87,190 test images, 13 GB at "
-            "224x224), or use a machine with more memory",
+            f"{(images + weights) / 2**30:,.1f} GiB, this machine has {free / 2**30:.1f} GiB free",
+            f"{fewer}, or use a machine with more memory",
         )
 
 

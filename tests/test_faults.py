@@ -204,6 +204,13 @@ def test_a_benchmark_larger_than_the_free_memory_is_refused_before_allocating(ca
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and re.search(r"need [0-9,.]+ GiB, this machine has [0-9.]+ GiB free", error)
     assert "bench --scale" in error
+    # Where the experts, not the images, exceed the memory, the fix asks for fewer tasks.
+    from surgery_lib.benchmark import synthetic_clip_zoo
+
+    with pytest.raises(
+        SurgeryBookError, match=r"Fix: ask for fewer tasks \(each clip-vit-l-14 expert holds 1\.13 GiB\)"
+    ):
+        synthetic_clip_zoo("clip-vit-l-14", {f"task{i}": 2 for i in range(100_000)})
 
 
 @pytest.mark.parametrize(
