@@ -65,13 +65,23 @@ def test_help_still_prints_the_whole_usage(capsys):
     assert exit_info.value.code == 0 and "usage: surgery-book presets [-h] [--json]" in capsys.readouterr().out
 
 
-def test_unwritable_cache_prints_one_clear_line(tmp_path):
+def exit_status_and_error(argv, capsys):
+    """``main(argv)``'s exit status, whether returned or raised as argparse raises it, and what it wrote to stderr
+    (in-process: a subprocess per case cost 2 s of `make check` each; the process level is checked above)."""
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    return status, capsys.readouterr().err
+
+
+def test_unwritable_cache_prints_one_clear_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = run("data", "--preset", "smoke", "--cache-dir", str(blocker / "sub"))
-    assert result.returncode == 2
-    assert "is not writable" in result.stderr and "--cache-dir" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    status, error = exit_status_and_error(["data", "--preset", "smoke", "--cache-dir", str(blocker / "sub")], capsys)
+    assert status == 2
+    assert "is not writable" in error and "--cache-dir" in error
+    assert error.count("\n") == 1 and list(tmp_path.iterdir()) == [blocker]
 
 
 def test_zoo_json_matches_the_manifest(smoke_zoo, cache_dir, capsys):
@@ -123,9 +133,9 @@ def test_merge_surgery_and_bench_commands(smoke_zoo, cache_dir, capsys):
     assert [r["version"] for r in bench["results"]] == ["V1", "V2"]
 
 
-def test_unknown_method_exits_2():
-    result = run("merge", "--preset", "smoke", "--method", "dare")
-    assert result.returncode == 2 and "unknown merging method 'dare'" in result.stderr
+def test_unknown_method_exits_2(capsys):
+    status, error = exit_status_and_error(["merge", "--preset", "smoke", "--method", "dare"], capsys)
+    assert status == 2 and error.count("\n") == 1 and "unknown merging method 'dare'" in error
 
 
 def _strict_json(text):
@@ -199,9 +209,9 @@ def test_table_prints_the_surgery_grid_with_seeds(smoke_zoo, cache_dir, capsys):
     assert "± " in capsys.readouterr().out
 
 
-def test_bad_surgery_versions_are_one_line_errors():
-    result = run("table", "--preset", "smoke", "--surgery", "none,3")
-    assert result.returncode == 2 and "unknown surgery versions 'none,3'" in result.stderr
+def test_bad_surgery_versions_are_one_line_errors(capsys):
+    status, error = exit_status_and_error(["table", "--preset", "smoke", "--surgery", "none,3"], capsys)
+    assert status == 2 and error.count("\n") == 1 and "unknown surgery versions 'none,3'" in error
 
 
 def test_method_lists_name_the_papers_rows_every_method_or_each_registered_name_once():
