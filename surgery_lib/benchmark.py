@@ -283,13 +283,14 @@ def _check_synthetic_fits(spec: Preset, sizes: Mapping[str, int]) -> None:
 
     size = spec.encoder.image_size
     images = sum(sizes.values()) * 3 * size * size
-    weights = (len(sizes) + 2) * encoder_parameters(spec.encoder) * 4
+    expert = encoder_parameters(spec.encoder) * 4
+    weights = (len(sizes) + 2) * expert
     free = psutil.virtual_memory().available
     if images + weights > free:
         fewer = (  # the larger of the two is what a smaller request must cut
             "ask for fewer images (`surgery-book bench --scale`: 1 is the paper's 87,190 test images, 13 GB at 224x224)"
             if images >= weights
-            else f"ask for fewer tasks (each {spec.name} expert holds {encoder_parameters(spec.encoder) * 4 / 2**30:.2f} GiB)"
+            else f"ask for fewer tasks (each {spec.name} expert holds {expert / 2**30:.2f} GiB)"
         )
         raise SurgeryBookError(
             f"{sum(sizes.values()):,} random {size}x{size} test images and {len(sizes)} {spec.name} experts need "

@@ -31,6 +31,17 @@ def test_unknown_preset_prints_one_clear_line_and_exits_2():
     assert len(lines) == 1 and lines[0].startswith("error: unknown preset 'huge'") and "Fix:" in lines[0]
 
 
+def exit_status_and_error(argv, capsys):
+    """``main(argv)``'s exit status and what it wrote to stderr, in-process (a subprocess per case cost 2 s of
+    `make check` each; the process level is checked above): a SurgeryBookError returns its status, and a usage
+    error exits, as argparse does."""
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    return status, capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -50,12 +61,8 @@ def test_unknown_preset_prints_one_clear_line_and_exits_2():
     ],
 )
 def test_usage_errors_are_one_line_naming_the_closest_option_or_name(argv, expected, capsys):
-    try:
-        status = main(argv)  # a SurgeryBookError returns its status ...
-    except SystemExit as exc:  # ... and a usage error exits, as argparse does
-        status = exc.code
+    status, error = exit_status_and_error(argv, capsys)
     assert status == 2
-    error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: ") and expected in error
 
 
@@ -63,16 +70,6 @@ def test_help_still_prints_the_whole_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["presets", "--help"])
     assert exit_info.value.code == 0 and "usage: surgery-book presets [-h] [--json]" in capsys.readouterr().out
-
-
-def exit_status_and_error(argv, capsys):
-    """``main(argv)``'s exit status, whether returned or raised as argparse raises it, and what it wrote to stderr
-    (in-process: a subprocess per case cost 2 s of `make check` each; the process level is checked above)."""
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    return status, capsys.readouterr().err
 
 
 def test_unwritable_cache_prints_one_clear_line(tmp_path, capsys):
