@@ -148,7 +148,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    zoo = _build_zoo(args, zoo_dir=args.zoo_dir, rebuild=args.rebuild)
+    # The command that builds: a cache restored from another machine is retrained into this machine's bits.
+    zoo = _build_zoo(args, zoo_dir=args.zoo_dir, rebuild=args.rebuild, exact=True)
     table = zoo.accuracy_table()
     elapsed = time.perf_counter() - started
     if args.json:
@@ -837,7 +838,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(data)
     data.set_defaults(run=_cmd_data)
 
-    zoo = sub.add_parser("zoo", help="build or load a preset's model zoo and print its accuracy table")
+    zoo = sub.add_parser(
+        "zoo",
+        help="build or load a preset's model zoo and print its accuracy table",
+        description="Build or load a preset's model zoo and print its accuracy table. A finished model is reused "
+        "only if the same data, models, training code and torch and open_clip versions trained it on a machine "
+        "with this device, thread count and CPU instruction set (builds on others agree only to a tolerance); "
+        "otherwise it is trained again, and everything trained from it if its weights changed.",
+    )
     _add_common(zoo)
     _add_finetune(zoo)
     zoo.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")

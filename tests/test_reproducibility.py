@@ -1,6 +1,6 @@
 """Caches under faults and concurrency: equal tensors give equal files, a rebuilt but identical model
-does not cascade, changed data retrains what was trained on it, concurrent builds take turns, and
-worker processes never outlive a killed run."""
+does not cascade, changed data or training code retrains what was trained on it, the zoo command retrains what
+another machine trained, concurrent builds take turns, and worker processes never outlive a killed run."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from surgery_lib.core.storage import load_tensors, save_tensors, sha256_file, source_checksum
+from surgery_lib.cli import main
+from surgery_lib.core.storage import load_tensors, save_tensors, sha256_file, source_checksum, write_json
 from surgery_lib.merging import MergeOptions, cached_merge
 from surgery_lib.settings import build_zoo
 from surgery_lib.settings.offline import zoo as zoo_module
@@ -57,8 +59,9 @@ def test_the_manifest_records_what_decides_the_last_bits(smoke_zoo):
     machine = smoke_zoo.manifest["machine"]
     assert machine["torch_threads"] == torch.get_num_threads() and machine["cpu_count"] == os.cpu_count()
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    built_on = {"device": "cpu", "torch_threads": torch.get_num_threads(), "cpu_capability": machine["cpu_capability"]}
     assert all(
-        entry["torch_threads"] >= 1 and len(entry["content"]) == 16 for entry in smoke_zoo.manifest["models"].values()
+        entry["built_on"] == built_on and len(entry["content"]) == 16 for entry in smoke_zoo.manifest["models"].values()
     )
 
 
@@ -125,6 +128,92 @@ def test_a_cached_merge_of_since_rebuilt_experts_is_recomputed(smoke_zoo, tmp_pa
     assert "merged from other weights" in caplog.text
     key = next(k for k in first.state if first.state[k].is_floating_point())
     assert not torch.equal(again.state[key], first.state[key])
+
+
+def _edit_models(directory, edit):
+    manifest = json.loads((directory / MANIFEST).read_text())
+    for entry in manifest["models"].values():
+        edit(entry)
+    write_json(manifest, directory / MANIFEST)
+
+
+@pytest.mark.parametrize("older", ["other code", "no code recorded"])
+def test_a_zoo_trained_by_other_training_code_or_versions_is_retrained_by_every_caller(
+    smoke_zoo, tmp_path, monkeypatch, caplog, older
+):
+    cache, directory = _copy_zoo(smoke_zoo, tmp_path)
+    if older == "other code":  # a cache that outlived an edit of the training code, or a torch upgrade
+        _edit_models(directory, lambda entry: entry["depends_on"].update(code="0123abcd4567/torch 2.0.0/open_clip 2.0"))
+    else:  # a zoo built before the code was recorded
+        _edit_models(directory, lambda entry: entry["depends_on"].pop("code"))
+    _forbid(monkeypatch, "pretrain")
+    with pytest.raises(Retraining):
+        build_zoo("smoke", cache_dir=cache, progress=False)
+    assert "rebuilding pretrained: it was trained by other training code or under other versions" in caplog.text
+
+
+def test_the_zoo_command_retrains_what_another_machine_trained_and_other_callers_reuse_it(
+    smoke_zoo, tmp_path, monkeypatch, caplog
+):
+    cache, directory = _copy_zoo(smoke_zoo, tmp_path)
+    elsewhere = {"device": "cpu", "torch_threads": 64, "cpu_capability": "AVX2"}  # a cache restored on another machine
+    _edit_models(directory, lambda entry: entry.update(built_on=elsewhere))
+    _forbid(monkeypatch, "pretrain", "fit_probe", "finetune")
+    reused = build_zoo("smoke", cache_dir=cache, progress=False)  # notebooks, tests and grid jobs: one thread
+    assert reused.weights_fingerprint() == smoke_zoo.weights_fingerprint() and not caplog.text
+    with pytest.raises(Retraining):
+        main(["zoo", "--preset", "smoke", "--cache-dir", str(cache), "--quiet"])
+    assert "rebuilding pretrained: it was trained on cpu, 64 threads, AVX2 and this build runs on cpu, " in caplog.text
+
+
+def test_the_training_code_checksum_covers_every_module_that_trains_the_zoo(smoke_zoo, tmp_path):
+    """Every library module that runs while the zoo trains is in the checksum, except those whose result is
+    checked otherwise: the data (by content), the preset (by the zoo's config hash) and bookkeeping that
+    decides no number (files, locks, progress bars, errors)."""
+    import surgery_lib
+
+    package = Path(surgery_lib.__file__).parent
+    checked_otherwise = {
+        "settings/offline/suite.py",  # data: by content (suite_fingerprint)
+        "settings/offline/generators.py",
+        "presets.py",  # the preset: by the zoo's config hash
+        "core/registry.py",  # the preset looked up by name
+        "settings/__init__.py",  # the setting's dispatch
+        "settings/offline/__init__.py",
+        "settings/base.py",  # the Zoo that is returned
+        "core/storage.py",  # files, checksums, locks
+        "core/progress.py",
+        "core/errors.py",
+        "core/workers.py",
+        "core/openclip.py",  # imports open_clip, whose version is in the checksum
+    }
+    ran = set()
+
+    def record(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(str(package)):
+            ran.add(Path(frame.f_code.co_filename).relative_to(package).as_posix())
+
+    previous = sys.getprofile()
+    sys.setprofile(record)
+    try:
+        build_zoo("smoke", cache_dir=smoke_zoo.directory.parent.parent, zoo_dir=tmp_path / "zoo", progress=False)
+    finally:
+        sys.setprofile(previous)
+    covered = {path.relative_to(package).as_posix() for path in zoo_module.training_sources()}
+    assert {"settings/offline/training.py", "settings/offline/zoo.py", "models.py"} <= ran  # the tracer saw training
+    assert ran - checked_otherwise <= covered, f"add to training_sources: {sorted(ran - checked_otherwise - covered)}"
+
+
+def test_an_edit_of_the_training_code_or_another_torch_changes_the_code_checksum(tmp_path, monkeypatch):
+    source = tmp_path / "training.py"
+    source.write_text("lr = 1e-3\n")
+    monkeypatch.setattr(zoo_module, "training_sources", lambda: [source])
+    original = zoo_module._training_code.__wrapped__()
+    source.write_text("lr = 2e-3\n")
+    edited = zoo_module._training_code.__wrapped__()
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    upgraded = zoo_module._training_code.__wrapped__()
+    assert len({original, edited, upgraded}) == 3 and "torch 2.99.0" in upgraded
 
 
 BUILD_COUNTING_TRAINING = textwrap.dedent("""

@@ -56,6 +56,7 @@ def build_zoo(
     rebuild: bool = False,
     progress: bool = True,
     options: Any = None,
+    exact: bool = False,
 ) -> Zoo:
     """Build (or load) ``preset``'s zoo through its setting: pretrained model, heads, experts (and MTL offline).
 
@@ -67,6 +68,9 @@ def build_zoo(
         progress: show progress bars.
         options: the setting's own options (for real CLIP a dict of
             :class:`~surgery_lib.settings.clip.sources.ClipSources` fields; None: its defaults).
+        exact: also retrain a model that another machine (device, thread count, CPU instruction set) trained,
+            as the ``zoo`` command does; by default such a model is reused (offline setting; the real-CLIP
+            setting trains nothing). A model trained by other code or torch is retrained either way.
 
     Raises:
         SurgeryBookError: for an unknown preset, an unwritable cache, CUDA requested without a GPU, or
@@ -76,7 +80,14 @@ def build_zoo(
     setting = get_setting(preset.setting)
     setting.check_preset(preset)
     return setting.build_zoo(
-        preset, device=device, cache_dir=cache_dir, zoo_dir=zoo_dir, rebuild=rebuild, progress=progress, options=options
+        preset,
+        device=device,
+        cache_dir=cache_dir,
+        zoo_dir=zoo_dir,
+        rebuild=rebuild,
+        progress=progress,
+        options=options,
+        exact=exact,
     )
 
 

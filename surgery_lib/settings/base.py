@@ -311,8 +311,10 @@ class Setting(ABC):
         rebuild: bool = False,
         progress: bool = True,
         options: Any = None,
+        exact: bool = False,
     ) -> Zoo:
-        """The preset's zoo: built (or downloaded and converted) once, then loaded from the cache."""
+        """The preset's zoo: built (or downloaded and converted) once, then loaded from the cache; with ``exact``,
+        a model another machine trained is trained again here (:func:`surgery_lib.settings.build_zoo`)."""
 
     @abstractmethod
     def load_suite(

@@ -37,7 +37,16 @@ class ClipSetting(Setting):
         clip_config(preset)
 
     def build_zoo(
-        self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None
+        self,
+        preset,
+        *,
+        device=None,
+        cache_dir=None,
+        zoo_dir=None,
+        rebuild=False,
+        progress=True,
+        options=None,
+        exact=False,  # met as it is: nothing here is trained, the published checkpoints are converted as they are
     ):
         if zoo_dir is not None or rebuild:
             raise SurgeryBookError(

@@ -28,10 +28,25 @@ class OfflineSetting(Setting):
             )
 
     def build_zoo(
-        self, preset, *, device=None, cache_dir=None, zoo_dir=None, rebuild=False, progress=True, options=None
+        self,
+        preset,
+        *,
+        device=None,
+        cache_dir=None,
+        zoo_dir=None,
+        rebuild=False,
+        progress=True,
+        options=None,
+        exact=False,
     ):
         return build_offline_zoo(
-            preset, device=device, cache_dir=cache_dir, zoo_dir=zoo_dir, rebuild=rebuild, progress=progress
+            preset,
+            device=device,
+            cache_dir=cache_dir,
+            zoo_dir=zoo_dir,
+            rebuild=rebuild,
+            progress=progress,
+            exact=exact,
         )
 
     def load_suite(self, preset, *, tasks=None, cache_dir=None, workers=None, progress=True, options=None):

@@ -6,12 +6,19 @@ its test accuracies and wall time, plus the preset, config hash, seeds and packa
 manifest is rewritten (atomically) after every finished model, so an interrupted build resumes at the
 last finished model, and inside the model it was training from that loop's last checkpoint (saved every
 minute under ``checkpoints/``; :mod:`~surgery_lib.settings.offline.checkpoint`); a file whose checksum no
-longer matches is rebuilt with a warning; a model whose inputs changed is rebuilt.
+longer matches is rebuilt with a warning; a model whose inputs changed is rebuilt. Its inputs are the data, the
+models it was trained from and the code that trains it (with the torch and open_clip versions), so a zoo in a
+cache that outlived an edit of the training code, or an upgrade, is retrained rather than reused; the ``zoo``
+command also retrains a model that another machine (device, thread count, CPU instruction set) trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import importlib.metadata
+import inspect
 import logging
 import os
 import platform
@@ -36,6 +43,7 @@ from surgery_lib.core.storage import (
     load_tensors,
     read_json,
     save_tensors,
+    source_checksum,
     write_json,
 )
 from surgery_lib.evaluation import accuracy_from_features, task_accuracy
@@ -145,31 +153,62 @@ class _Built:
     content: str
 
 
-def _inputs_unchanged(recorded: Any, inputs: dict[str, _Built | str]) -> bool:
-    """Whether a manifest entry's ``depends_on`` names the same inputs as ``inputs`` (steps or checksums).
+#: The modules whose code decides a zoo model's weights and recorded accuracies: the encoder, the pretraining,
+#: probing and fine-tuning loops and their checkpoints, evaluation, batching, state handling and this module (the
+#: data is an input of its own, checked by content; the preset decides the zoo's folder).
+TRAINING_MODULES = (
+    "surgery_lib.models",
+    "surgery_lib.settings.offline.training",
+    "surgery_lib.settings.offline.checkpoint",
+    "surgery_lib.finetuning",
+    "surgery_lib.evaluation",
+    "surgery_lib.core.taskdata",
+    "surgery_lib.core.state_dict",
+    __name__,
+)
 
-    Inputs are compared by content, so a model rebuilt into identical tensors does not rebuild everything
-    trained from it. Zoos written by 0.1 recorded file SHA-256s and no suite checksum; both still count.
-    """
-    if not isinstance(recorded, dict) or not set(recorded) <= set(inputs):
-        return False
-    for name, value in inputs.items():
-        accepted = {value.content, value.sha256} if isinstance(value, _Built) else {value}
-        if name not in recorded:
-            if name == "suite":  # a 0.1 zoo: its suite was not recorded
-                continue
-            return False
-        if recorded[name] not in accepted:
-            return False
-    return True
+
+def training_sources() -> list[Path]:
+    """The source files of :data:`TRAINING_MODULES`, in sorted order."""
+    return sorted(Path(inspect.getfile(importlib.import_module(name))) for name in TRAINING_MODULES)
+
+
+@functools.cache
+def _training_code() -> str:
+    """A checksum of :func:`training_sources` with the torch and open_clip versions: a model trained by other
+    code, or under other versions, is retrained instead of reused (as a merge computed by other code is)."""
+    versions = f"torch {torch.__version__}/open_clip {importlib.metadata.version('open_clip_torch')}"
+    return f"{source_checksum(training_sources())}/{versions}"
+
+
+def _built_on(device: torch.device) -> dict[str, Any]:
+    """What besides the code decides the last bits of a trained model: kernels sum in an order that depends on
+    the device, the thread count and the CPU instruction set."""
+    machine = {
+        "device": device.type,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+def _described(machine: Any) -> str:
+    if not isinstance(machine, dict):
+        return "an unrecorded machine"
+    parts = [str(machine.get("gpu") or machine.get("device"))]
+    parts += [f"{machine.get('torch_threads')} threads", str(machine.get("cpu_capability"))]
+    return ", ".join(parts)
 
 
 class _Builder:
     """Runs the zoo's steps in order, reusing every step whose file and inputs are unchanged, and resuming a
     step that a killed run left half-trained from its checkpoint."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], device: torch.device):
-        self.directory, self.manifest, self.device = directory, manifest, device
+    def __init__(self, directory: Path, manifest: dict[str, Any], device: torch.device, exact: bool):
+        self.directory, self.manifest, self.device, self.exact = directory, manifest, device, exact
+        self.built_on = _built_on(device)
 
     def save_manifest(self) -> None:
         write_json(self.manifest, self.directory / MANIFEST)
@@ -182,14 +221,16 @@ class _Builder:
     ) -> _Built:
         """Load model ``name`` if its file and inputs are unchanged, otherwise train and save it.
 
-        ``inputs`` are the finished steps (and data checksums) the model is trained from; ``train(checkpoint)``
-        returns ``(tensors, record)``, the record (metrics, wall time) going into the manifest; its training
-        loop saves to and resumes from ``checkpoint``, which is deleted once the model is saved.
+        ``inputs`` are the finished steps (and data checksums) the model is trained from, to which the training
+        code's checksum is added; ``train(checkpoint)`` returns ``(tensors, record)``, the record (metrics, wall
+        time) going into the manifest; its training loop saves to and resumes from ``checkpoint``, which is
+        deleted once the model is saved.
         """
         entry = self.manifest["models"].get(name)
         file_name = name.replace("/", "-")
         path = self.directory / f"{file_name}.safetensors"
         depends_on = {k: v.content if isinstance(v, _Built) else v for k, v in inputs.items()}
+        depends_on["code"] = _training_code()
         checkpoint = TrainingCheckpoint(
             self.directory / CHECKPOINTS_DIR / f"{file_name}.pt",
             key={
@@ -202,17 +243,15 @@ class _Builder:
                 "surgery_lib": __version__,
             },
         )
-        if entry and _inputs_unchanged(entry.get("depends_on"), inputs) and path.exists():
+        reason = self._not_reusable_because(entry, depends_on, path) if entry else None
+        if entry and reason is None:
             try:
                 tensors, _ = load_tensors(path, expected_sha256=entry["sha256"])
-                content = entry.get("content") or content_checksum(path) or state_fingerprint(tensors)
-                entry.update(depends_on=depends_on, content=content)
                 checkpoint.discard()  # left by a run killed between saving the model and deleting it
-                return _Built(tensors, entry["sha256"], content)
+                return _Built(tensors, entry["sha256"], entry["content"])
             except CorruptFileError as exc:
                 log.warning("zoo file %s; rebuilding it", exc.problem)
         elif entry:
-            reason = "its file is missing" if not path.exists() else "the data or a model it was trained from changed"
             log.warning("rebuilding %s: %s", name, reason)
         started = time.perf_counter()
         tensors, record = train(checkpoint)
@@ -223,12 +262,29 @@ class _Builder:
             "content": content_checksum(path) or state_fingerprint(tensors),  # save_tensors recorded it in the header
             "depends_on": depends_on,
             "wall_time_s": round(checkpoint.earlier_s + time.perf_counter() - started, 2),  # with earlier runs'
-            "torch_threads": torch.get_num_threads(),
+            "built_on": self.built_on,
             **record,
         }
         self.save_manifest()
         checkpoint.discard()
         return _Built(tensors, sha, self.manifest["models"][name]["content"])
+
+    def _not_reusable_because(self, entry: dict[str, Any], depends_on: dict[str, str], path: Path) -> str | None:
+        """Why the finished model ``entry`` cannot be loaded as it is, or None when it can."""
+        recorded = entry.get("depends_on")
+        if not path.exists():
+            return "its file is missing"
+        if not isinstance(recorded, dict) or recorded.get("code") != depends_on["code"]:
+            return f"it was trained by other training code or under other versions than these ({depends_on['code']})"
+        if recorded != depends_on or not isinstance(entry.get("content"), str):
+            return "the data or a model it was trained from changed"
+        if self.exact and entry.get("built_on") != self.built_on:
+            return (
+                f"it was trained on {_described(entry.get('built_on'))} and this build runs on "
+                f"{_described(self.built_on)}, where training sums in another order (exact=True, as the zoo command "
+                "asks: other callers reuse it)"
+            )
+        return None
 
 
 def _resumed(stats: TrainStats) -> dict[str, int]:
@@ -281,6 +337,7 @@ def build_offline_zoo(
     zoo_dir: str | os.PathLike[str] | None = None,
     rebuild: bool = False,
     progress: bool = True,
+    exact: bool = False,
 ) -> Zoo:
     """Build (or load) the zoo of ``preset``: pretrained encoder, heads, experts and the MTL baseline.
 
@@ -291,6 +348,12 @@ def build_offline_zoo(
         zoo_dir: an explicit zoo directory (default ``<cache>/zoo/<preset>-<hash>``).
         rebuild: delete the zoo's own files in the directory (:func:`clear_zoo`) and train everything again.
         progress: show progress bars.
+        exact: also retrain a model that another machine trained (another device, thread count or CPU
+            instruction set: builds there agree with this machine's only to a tolerance, README), so that a cache
+            restored on another machine ends up holding this machine's build. The ``zoo`` command asks for it;
+            other callers (notebooks, tests, grid jobs, which run with one thread) reuse such a model. Either way a
+            model trained from other data, other models, other training code or other torch and open_clip
+            versions is retrained.
 
     Raises:
         SurgeryBookError: for an unknown preset, an unwritable cache, CUDA requested without a GPU, or
@@ -307,11 +370,11 @@ def build_offline_zoo(
     directory = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir(preset, cache_dir)
     # One build per zoo at a time: a second run sharing the cache waits, then reuses what the first trained.
     with entry_lock(directory, f"the {preset.name} zoo in {directory}"):
-        return _build_locked(preset, directory, device, cache_dir, rebuild, progress)
+        return _build_locked(preset, directory, device, cache_dir, rebuild, progress, exact)
 
 
 def _build_locked(
-    preset: Preset, directory: Path, device: torch.device, cache_dir: Any, rebuild: bool, progress: bool
+    preset: Preset, directory: Path, device: torch.device, cache_dir: Any, rebuild: bool, progress: bool, exact: bool
 ) -> Zoo:
     if rebuild:
         clear_zoo(directory)
@@ -344,7 +407,7 @@ def _build_locked(
     data = suite_fingerprint(suite)  # every model depends on the data: changed images or labels retrain them
     manifest["suite_content"] = data
     recipe, encoder_cfg = preset.recipe, preset.encoder
-    builder = _Builder(directory, manifest, device)
+    builder = _Builder(directory, manifest, device, exact)
     seeds: dict[str, int] = {}
 
     # 1. Pretraining on the label-disjoint mix.
