@@ -159,8 +159,10 @@ def test_the_zoo_command_retrains_what_another_machine_trained_and_other_callers
     elsewhere = {"device": "cpu", "torch_threads": 64, "cpu_capability": "AVX2"}  # a cache restored on another machine
     _edit_models(directory, lambda entry: entry.update(built_on=elsewhere))
     _forbid(monkeypatch, "pretrain", "fit_probe", "finetune")
+    monkeypatch.setattr(zoo_module, "machine_record", lambda: {"torch_threads": 64})  # a reader elsewhere
     reused = build_zoo("smoke", cache_dir=cache, progress=False)  # notebooks, tests and grid jobs: one thread
     assert reused.weights_fingerprint() == smoke_zoo.weights_fingerprint() and not caplog.text
+    assert reused.manifest["machine"] == smoke_zoo.manifest["machine"]  # the build's record, not the reader's
     with pytest.raises(Retraining):
         main(["zoo", "--preset", "smoke", "--cache-dir", str(cache), "--quiet"])
     assert "rebuilding pretrained: it was trained on cpu, 64 threads, AVX2 and this build runs on cpu, " in caplog.text

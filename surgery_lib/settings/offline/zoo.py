@@ -113,8 +113,9 @@ def package_versions() -> dict[str, str]:
 
 
 def machine_record() -> dict[str, Any]:
-    """What decides the last bits of a CPU build, recorded in the manifest: CPU kernels reduce in an order
-    that depends on the thread count and the instruction set, so builds agree only to a tolerance (README)."""
+    """What decides the last bits of a CPU build, recorded in the manifest by the build that last trained a model
+    (each model records its own in ``built_on``): CPU kernels reduce in an order that depends on the thread count
+    and the instruction set, so builds agree only to a tolerance (README)."""
     return {
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -146,10 +147,9 @@ def _well_formed(manifest: Any) -> bool:
 
 @dataclass(frozen=True)
 class _Built:
-    """A finished step: its tensors, its file's SHA-256 and the checksum of its tensors (what later steps depend on)."""
+    """A finished step: its tensors and the checksum of its tensors (what later steps depend on)."""
 
     tensors: dict[str, torch.Tensor]
-    sha256: str
     content: str
 
 
@@ -195,10 +195,12 @@ def _built_on(device: torch.device) -> dict[str, Any]:
 
 
 def _described(machine: Any) -> str:
+    """A recorded :func:`_built_on` in words: ``"cpu, 2 threads, AVX512"``."""
     if not isinstance(machine, dict):
         return "an unrecorded machine"
     parts = [str(machine.get("gpu") or machine.get("device"))]
-    parts += [f"{machine.get('torch_threads')} threads", str(machine.get("cpu_capability"))]
+    threads = machine.get("torch_threads")
+    parts += [f"{threads} thread{'' if threads == 1 else 's'}", str(machine.get("cpu_capability"))]
     return ", ".join(parts)
 
 
@@ -248,7 +250,7 @@ class _Builder:
             try:
                 tensors, _ = load_tensors(path, expected_sha256=entry["sha256"])
                 checkpoint.discard()  # left by a run killed between saving the model and deleting it
-                return _Built(tensors, entry["sha256"], entry["content"])
+                return _Built(tensors, entry["content"])
             except CorruptFileError as exc:
                 log.warning("zoo file %s; rebuilding it", exc.problem)
         elif entry:
@@ -265,9 +267,10 @@ class _Builder:
             "built_on": self.built_on,
             **record,
         }
+        self.manifest.update(machine=machine_record(), device=str(self.device))  # of the build, not of a later reader
         self.save_manifest()
         checkpoint.discard()
-        return _Built(tensors, sha, self.manifest["models"][name]["content"])
+        return _Built(tensors, self.manifest["models"][name]["content"])
 
     def _not_reusable_because(self, entry: dict[str, Any], depends_on: dict[str, str], path: Path) -> str | None:
         """Why the finished model ``entry`` cannot be loaded as it is, or None when it can."""
@@ -399,8 +402,6 @@ def _build_locked(
         config=preset.to_dict(),
         recipe_notes=list(preset.notes),
         versions=package_versions(),
-        machine=machine_record(),
-        device=str(device),
     )
     started = time.perf_counter()
     suite = load_suite(preset, cache_dir=cache_dir, progress=progress)
