@@ -27,27 +27,9 @@ class OfflineSetting(Setting):
                 "give it a suite and a recipe section (see `surgery-book presets --json` for the mini preset's)",
             )
 
-    def build_zoo(
-        self,
-        preset,
-        *,
-        device=None,
-        cache_dir=None,
-        zoo_dir=None,
-        rebuild=False,
-        progress=True,
-        options=None,
-        exact=False,
-    ):
-        return build_offline_zoo(
-            preset,
-            device=device,
-            cache_dir=cache_dir,
-            zoo_dir=zoo_dir,
-            rebuild=rebuild,
-            progress=progress,
-            exact=exact,
-        )
+    def build_zoo(self, preset, *, options=None, **zoo_options):
+        # The offline setting has no options of its own; the rest (device, cache_dir, ...) are build_offline_zoo's.
+        return build_offline_zoo(preset, **zoo_options)
 
     def load_suite(self, preset, *, tasks=None, cache_dir=None, workers=None, progress=True, options=None):
         return load_suite(preset, tasks=tasks, cache_dir=cache_dir, workers=workers, progress=progress)
